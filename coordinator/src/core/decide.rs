@@ -1,0 +1,410 @@
+//! The decisions: from (account read under the lease, operation) to the account's next state,
+//! or a typed refusal. Pure and total; the caller turns a `Decision` into one atomic commit.
+
+use rust_decimal::Decimal;
+
+use super::account::Account;
+use super::ids::AssetSymbol;
+use super::limits::Limits;
+use super::money::{ORDER_VALUE_USD_MAX, Price, Quantity, Usd};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TradeSide {
+    Buy,
+    Sell,
+}
+
+impl TradeSide {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TradeSide::Buy => "BUY",
+            TradeSide::Sell => "SELL",
+        }
+    }
+}
+
+/// A buy or sell as requested, with the catalog entry it would execute against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trade {
+    pub side: TradeSide,
+    pub asset: AssetSymbol,
+    pub quantity: Quantity,
+    pub limit_price: Option<Price>,
+    /// The catalog price the commit will be conditioned on.
+    pub price: Price,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Deposit(Usd),
+    Withdraw(Usd),
+    Trade(Trade),
+}
+
+impl Operation {
+    /// The name used in leases, logs and ledger entries.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Deposit(_) => "DEPOSIT",
+            Operation::Withdraw(_) => "WITHDRAWAL",
+            Operation::Trade(trade) => trade.side.as_str(),
+        }
+    }
+}
+
+/// What a committed operation changes. Every field is the new absolute value, so the commit
+/// writes exactly what was decided on the account version it read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub cash: Usd,
+    /// Signed change of cash: the ledger entry's amount.
+    pub cash_delta: Decimal,
+    pub limit_day: String,
+    pub deposited_today: Usd,
+    pub withdrawn_today: Usd,
+    /// For trades: the traded asset, its new holding, the signed change and the cash total.
+    pub trade: Option<TradeEffect>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TradeEffect {
+    pub asset: AssetSymbol,
+    pub holding: Quantity,
+    pub quantity_delta: Decimal,
+    pub price: Price,
+    pub total: Usd,
+}
+
+/// Why a well-formed operation is refused. Each is FAILED_PRECONDITION on the wire, except
+/// `AccountNotFound`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("Account not found")]
+    AccountNotFound,
+    #[error("Insufficient balance. Current: ${current}, Required: ${required}")]
+    InsufficientBalance { current: Usd, required: Usd },
+    #[error("Insufficient holdings of {asset}. Current: {current}, Required: {required}")]
+    InsufficientHoldings {
+        asset: AssetSymbol,
+        current: Quantity,
+        required: Quantity,
+    },
+    #[error("Daily {kind} limit exceeded. Limit: ${limit}, Used today: ${used}, Requested: ${requested}")]
+    DailyLimitExceeded {
+        kind: &'static str,
+        limit: Usd,
+        used: Usd,
+        requested: Usd,
+    },
+    #[error("Asset {0} is not active")]
+    AssetInactive(AssetSymbol),
+    #[error("Price ${price} is above the limit price ${limit}")]
+    PriceAboveLimit { price: Price, limit: Price },
+    #[error("Price ${price} is below the limit price ${limit}")]
+    PriceBelowLimit { price: Price, limit: Price },
+    #[error("Order total ${total} exceeds the maximum of ${maximum}")]
+    OrderValueTooLarge { total: Usd, maximum: Usd },
+    #[error("Order total rounds to $0.00; the minimum is $0.01")]
+    OrderValueTooSmall,
+    #[error("Resulting balance is out of range")]
+    OutOfRange,
+}
+
+/// Decides `operation` on `account` as of the UTC day `today`.
+pub fn decide(account: &Account, operation: &Operation, today: &str, limits: &Limits) -> Result<Decision, Rejection> {
+    if !account.exists && !matches!(operation, Operation::Deposit(_)) {
+        return Err(Rejection::AccountNotFound);
+    }
+    let (deposited_today, withdrawn_today) = account.daily_totals(today);
+    let unchanged = Decision {
+        cash: account.cash,
+        cash_delta: Decimal::ZERO,
+        limit_day: today.to_owned(),
+        deposited_today,
+        withdrawn_today,
+        trade: None,
+    };
+    match operation {
+        Operation::Deposit(amount) => {
+            let used = deposited_today.checked_add(*amount).ok_or(Rejection::OutOfRange)?;
+            if used > limits.daily_deposit {
+                return Err(Rejection::DailyLimitExceeded {
+                    kind: "deposit",
+                    limit: limits.daily_deposit,
+                    used: deposited_today,
+                    requested: *amount,
+                });
+            }
+            Ok(Decision {
+                cash: account.cash.checked_add(*amount).ok_or(Rejection::OutOfRange)?,
+                cash_delta: amount.decimal(),
+                deposited_today: used,
+                ..unchanged
+            })
+        }
+        Operation::Withdraw(amount) => {
+            let used = withdrawn_today.checked_add(*amount).ok_or(Rejection::OutOfRange)?;
+            if used > limits.daily_withdrawal {
+                return Err(Rejection::DailyLimitExceeded {
+                    kind: "withdrawal",
+                    limit: limits.daily_withdrawal,
+                    used: withdrawn_today,
+                    requested: *amount,
+                });
+            }
+            if account.cash < *amount {
+                return Err(Rejection::InsufficientBalance {
+                    current: account.cash,
+                    required: *amount,
+                });
+            }
+            Ok(Decision {
+                cash: account.cash.checked_sub(*amount).ok_or(Rejection::OutOfRange)?,
+                cash_delta: -amount.decimal(),
+                withdrawn_today: used,
+                ..unchanged
+            })
+        }
+        Operation::Trade(trade) => {
+            let effect = decide_trade(account, trade)?;
+            let (cash, cash_delta) = match trade.side {
+                TradeSide::Buy => (account.cash.checked_sub(effect.total), -effect.total.decimal()),
+                TradeSide::Sell => (account.cash.checked_add(effect.total), effect.total.decimal()),
+            };
+            Ok(Decision {
+                cash: cash.ok_or(Rejection::OutOfRange)?,
+                cash_delta,
+                trade: Some(effect),
+                ..unchanged
+            })
+        }
+    }
+}
+
+fn decide_trade(account: &Account, trade: &Trade) -> Result<TradeEffect, Rejection> {
+    if !trade.active {
+        return Err(Rejection::AssetInactive(trade.asset.clone()));
+    }
+    match (trade.side, trade.limit_price) {
+        (TradeSide::Buy, Some(limit)) if trade.price > limit => {
+            return Err(Rejection::PriceAboveLimit {
+                price: trade.price,
+                limit,
+            });
+        }
+        (TradeSide::Sell, Some(limit)) if trade.price < limit => {
+            return Err(Rejection::PriceBelowLimit {
+                price: trade.price,
+                limit,
+            });
+        }
+        _ => {}
+    }
+    let total = trade.price.total(trade.quantity).ok_or(Rejection::OutOfRange)?;
+    let maximum = Usd::from_decimal(ORDER_VALUE_USD_MAX);
+    if total > maximum {
+        return Err(Rejection::OrderValueTooLarge { total, maximum });
+    }
+    if total == Usd::ZERO {
+        return Err(Rejection::OrderValueTooSmall);
+    }
+    let current = account.holding(&trade.asset);
+    let (holding, quantity_delta) = match trade.side {
+        TradeSide::Buy => {
+            if account.cash < total {
+                return Err(Rejection::InsufficientBalance {
+                    current: account.cash,
+                    required: total,
+                });
+            }
+            (current.checked_add(trade.quantity), trade.quantity.decimal())
+        }
+        TradeSide::Sell => {
+            if current < trade.quantity {
+                return Err(Rejection::InsufficientHoldings {
+                    asset: trade.asset.clone(),
+                    current,
+                    required: trade.quantity,
+                });
+            }
+            (current.checked_sub(trade.quantity), -trade.quantity.decimal())
+        }
+    };
+    Ok(TradeEffect {
+        asset: trade.asset.clone(),
+        holding: holding.ok_or(Rejection::OutOfRange)?,
+        quantity_delta,
+        price: trade.price,
+        total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TODAY: &str = "2026-11-26";
+
+    fn usd(raw: &str) -> Usd {
+        Usd::parse_amount("amount", raw).unwrap()
+    }
+
+    fn account_with(cash: &str, holdings: &[(&str, &str)]) -> Account {
+        Account {
+            exists: true,
+            cash: usd(cash),
+            holdings: holdings
+                .iter()
+                .map(|(asset, quantity)| {
+                    (
+                        AssetSymbol::parse("asset", asset).unwrap(),
+                        Quantity::parse_trade("q", quantity).unwrap(),
+                    )
+                })
+                .collect(),
+            limit_day: TODAY.to_owned(),
+            ..Account::default()
+        }
+    }
+
+    fn trade(side: TradeSide, quantity: &str, price: &str, limit: Option<&str>) -> Operation {
+        Operation::Trade(Trade {
+            side,
+            asset: AssetSymbol::parse("asset", "BTC").unwrap(),
+            quantity: Quantity::parse_trade("quantity", quantity).unwrap(),
+            limit_price: limit.map(|raw| Price::parse("limit_price", raw).unwrap()),
+            price: Price::parse("price", price).unwrap(),
+            active: true,
+        })
+    }
+
+    #[test]
+    fn first_deposit_creates_the_account() {
+        let decision = decide(
+            &Account::default(),
+            &Operation::Deposit(usd("100")),
+            TODAY,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(decision.cash, usd("100"));
+        assert_eq!(decision.deposited_today, usd("100"));
+    }
+
+    #[test]
+    fn other_operations_need_an_account() {
+        let result = decide(
+            &Account::default(),
+            &Operation::Withdraw(usd("1")),
+            TODAY,
+            &Limits::default(),
+        );
+        assert_eq!(result, Err(Rejection::AccountNotFound));
+    }
+
+    #[test]
+    fn withdraw_checks_balance_with_the_designs_message() {
+        let error = decide(
+            &account_with("50", &[]),
+            &Operation::Withdraw(usd("100")),
+            TODAY,
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "Insufficient balance. Current: $50.00, Required: $100.00"
+        );
+    }
+
+    #[test]
+    fn daily_limits_count_per_utc_day() {
+        let mut account = account_with("20000", &[]);
+        account.withdrawn_today = usd("4990");
+        let limits = Limits::default();
+        assert!(matches!(
+            decide(&account, &Operation::Withdraw(usd("20")), TODAY, &limits),
+            Err(Rejection::DailyLimitExceeded { kind: "withdrawal", .. })
+        ));
+        let tomorrow = decide(&account, &Operation::Withdraw(usd("20")), "2026-11-27", &limits).unwrap();
+        assert_eq!(tomorrow.withdrawn_today, usd("20"));
+        account.deposited_today = usd("9999.99");
+        assert!(decide(&account, &Operation::Deposit(usd("0.01")), TODAY, &limits).is_ok());
+        assert!(decide(&account, &Operation::Deposit(usd("0.02")), TODAY, &limits).is_err());
+    }
+
+    #[test]
+    fn buy_moves_cash_into_the_holding() {
+        let decision = decide(
+            &account_with("100", &[]),
+            &trade(TradeSide::Buy, "2", "45", None),
+            TODAY,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(decision.cash, usd("10"));
+        let effect = decision.trade.unwrap();
+        assert_eq!(effect.total, usd("90"));
+        assert_eq!(effect.holding.to_string(), "2");
+    }
+
+    #[test]
+    fn sell_needs_the_holding() {
+        let account = account_with("0.01", &[("BTC", "1")]);
+        let error = decide(
+            &account,
+            &trade(TradeSide::Sell, "1.5", "10", None),
+            TODAY,
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "Insufficient holdings of BTC. Current: 1, Required: 1.5"
+        );
+        let decision = decide(
+            &account,
+            &trade(TradeSide::Sell, "1", "10", None),
+            TODAY,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(decision.cash, usd("10.01"));
+        assert!(decision.trade.unwrap().holding.is_zero());
+    }
+
+    #[test]
+    fn limit_prices_and_order_value_bounds() {
+        let account = account_with("100000", &[("BTC", "10")]);
+        let limits = Limits::default();
+        assert!(matches!(
+            decide(
+                &account,
+                &trade(TradeSide::Buy, "1", "10", Some("9.99")),
+                TODAY,
+                &limits
+            ),
+            Err(Rejection::PriceAboveLimit { .. })
+        ));
+        assert!(decide(&account, &trade(TradeSide::Buy, "1", "10", Some("10")), TODAY, &limits).is_ok());
+        assert!(matches!(
+            decide(
+                &account,
+                &trade(TradeSide::Sell, "1", "10", Some("10.01")),
+                TODAY,
+                &limits
+            ),
+            Err(Rejection::PriceBelowLimit { .. })
+        ));
+        assert!(matches!(
+            decide(&account, &trade(TradeSide::Buy, "2", "5000.01", None), TODAY, &limits),
+            Err(Rejection::OrderValueTooLarge { .. })
+        ));
+        assert!(decide(&account, &trade(TradeSide::Buy, "2", "5000", None), TODAY, &limits).is_ok());
+        assert_eq!(
+            decide(&account, &trade(TradeSide::Buy, "0.001", "1", None), TODAY, &limits),
+            Err(Rejection::OrderValueTooSmall)
+        );
+    }
+}

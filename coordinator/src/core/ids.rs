@@ -1,0 +1,146 @@
+//! Identifier types. Each has a `parse` constructor that is the only way to make one.
+
+use std::fmt;
+
+/// A rejected input field: which field and why, for INVALID_ARGUMENT replies.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Longest user id, in characters: long enough for an e-mail address or a UUID with a prefix.
+pub const USER_ID_LENGTH_MAX: usize = 64;
+/// Longest asset symbol, in characters.
+pub const ASSET_SYMBOL_LENGTH_MAX: usize = 10;
+
+/// A user id: 1-64 characters from `[A-Za-z0-9._@-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldError> {
+        if raw.is_empty() {
+            return Err(FieldError::new(field, "must not be empty"));
+        }
+        if raw.chars().count() > USER_ID_LENGTH_MAX {
+            return Err(FieldError::new(
+                field,
+                format!("must be at most {USER_ID_LENGTH_MAX} characters"),
+            ));
+        }
+        if let Some(bad) = raw
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-')))
+        {
+            return Err(FieldError::new(
+                field,
+                format!("must use only A-Z a-z 0-9 . _ @ - (found {bad:?})"),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An asset symbol: 1-10 uppercase ASCII letters or digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AssetSymbol(String);
+
+impl AssetSymbol {
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldError> {
+        if raw.is_empty() {
+            return Err(FieldError::new(field, "must not be empty"));
+        }
+        if raw.len() > ASSET_SYMBOL_LENGTH_MAX || !raw.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()) {
+            return Err(FieldError::new(
+                field,
+                format!("must be 1-{ASSET_SYMBOL_LENGTH_MAX} uppercase letters or digits"),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AssetSymbol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The id of one lease acquisition. A commit is fenced on it: only the holder of this exact id,
+/// before its expiry, can write the account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LockId(String);
+
+impl LockId {
+    pub fn new_random() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Rebuilds a lock id read back from storage.
+    pub fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_id_accepts_the_documented_alphabet() {
+        assert!(UserId::parse("user_id", "alice.b_c@d-e09").is_ok());
+        assert!(UserId::parse("user_id", &"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn user_id_rejects_bad_shapes() {
+        for bad in ["", " alice", "al ice", "ålice", "a/b", &"a".repeat(65)] {
+            let error = UserId::parse("user_id", bad).unwrap_err();
+            assert_eq!(error.field, "user_id", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn asset_symbol_rules() {
+        assert!(AssetSymbol::parse("asset", "BTC").is_ok());
+        assert!(AssetSymbol::parse("asset", "ABCDEFGHI0").is_ok());
+        for bad in ["", "btc", "BTC-USD", "ABCDEFGHIJK", "₿"] {
+            assert!(AssetSymbol::parse("asset", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The money path's pure part: value types that can only be made valid, and the decisions that
+//! turn (account read under the lease, request) into the exact new account state, or a refusal.
+//!
+//! Nothing here does I/O or knows about tokio, tonic or DynamoDB; `service` feeds it what storage
+//! returned and hands its result to `storage::model`, which turns it into conditional writes.
+
+pub mod account;
+pub mod decide;
+pub mod ids;
+pub mod limits;
+pub mod money;
+pub mod records;
+pub mod time;
+
+pub use account::{Account, Holdings};
+pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
+pub use ids::{AssetSymbol, FieldError, LockId, UserId};
+pub use limits::Limits;
+pub use money::{Price, Quantity, Usd};
+pub use time::{Clock, Millis, SystemClock};

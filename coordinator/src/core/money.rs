@@ -1,0 +1,273 @@
+//! Exact money and quantity types. Parsing is strict: plain ASCII decimal notation only, so
+//! "1e3", "NaN", " 1", "+1", "١٠" and the like are refused before anything else happens.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use super::ids::FieldError;
+
+/// Cents: USD amounts carry at most 2 decimals.
+pub const USD_SCALE: u32 = 2;
+/// Quantities and prices carry at most 8 decimals (satoshi precision).
+pub const QUANTITY_SCALE_MAX: u32 = 8;
+pub const PRICE_SCALE_MAX: u32 = 8;
+/// Longest decimal string accepted on the wire; far above any valid value, and keeps parsing
+/// inside `Decimal`'s 28 significant digits.
+pub const DECIMAL_TEXT_LENGTH_MAX: usize = 24;
+/// One Deposit or Withdraw moves at most this much, in USD (the original system's rule).
+pub const CASH_AMOUNT_USD_MAX: Decimal = Decimal::from_parts(100_000_000, 0, 0, false, 2);
+/// One order is worth at most this much, in USD.
+pub const ORDER_VALUE_USD_MAX: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 2);
+/// Smallest tradable quantity.
+pub const QUANTITY_MIN: Decimal = Decimal::from_parts(1, 0, 0, false, 3);
+
+const _: () = assert!(USD_SCALE <= QUANTITY_SCALE_MAX);
+
+/// Parses plain decimal notation (`123`, `0.5`, `10.25`) with at most `scale_max` decimals.
+fn parse_plain_decimal(field: &'static str, raw: &str, scale_max: u32) -> Result<Decimal, FieldError> {
+    let shape = "must be a plain decimal number such as 100.00";
+    if raw.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if raw.len() > DECIMAL_TEXT_LENGTH_MAX {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {DECIMAL_TEXT_LENGTH_MAX} characters"),
+        ));
+    }
+    if raw.starts_with('-') {
+        return Err(FieldError::new(field, "must be greater than 0"));
+    }
+    let (whole, fraction) = match raw.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (raw, None),
+    };
+    let digits_only = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    if !digits_only(whole) || fraction.is_some_and(|f| !digits_only(f)) {
+        return Err(FieldError::new(field, shape));
+    }
+    let scale = fraction.map_or(0, str::len);
+    if scale > scale_max as usize {
+        return Err(FieldError::new(
+            field,
+            format!("must have at most {scale_max} decimal places"),
+        ));
+    }
+    Decimal::from_str_exact(raw).map_err(|_| FieldError::new(field, shape))
+}
+
+/// A non-negative USD amount with exactly 2 decimals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Usd(Decimal);
+
+impl Usd {
+    pub const ZERO: Usd = Usd(Decimal::ZERO);
+
+    /// A Deposit or Withdraw amount: > 0, at most 2 decimals, at most `CASH_AMOUNT_USD_MAX`.
+    pub fn parse_amount(field: &'static str, raw: &str) -> Result<Self, FieldError> {
+        let value = parse_plain_decimal(field, raw, USD_SCALE)?;
+        if value <= Decimal::ZERO {
+            return Err(FieldError::new(field, "must be greater than 0"));
+        }
+        if value > CASH_AMOUNT_USD_MAX {
+            return Err(FieldError::new(
+                field,
+                format!("must be at most {}", Usd(CASH_AMOUNT_USD_MAX)),
+            ));
+        }
+        Ok(Self::from_decimal(value))
+    }
+
+    /// Wraps a value computed or stored by Lockstep itself; rounds to cents half-even.
+    pub fn from_decimal(value: Decimal) -> Self {
+        let mut rounded = value.round_dp_with_strategy(USD_SCALE, RoundingStrategy::MidpointNearestEven);
+        rounded.rescale(USD_SCALE);
+        Self(rounded)
+    }
+
+    pub fn from_stored(raw: &str) -> Option<Self> {
+        Decimal::from_str(raw).ok().map(Self::from_decimal)
+    }
+
+    pub fn decimal(self) -> Decimal {
+        self.0
+    }
+
+    pub fn checked_add(self, other: Usd) -> Option<Usd> {
+        self.0.checked_add(other.0).map(Usd)
+    }
+
+    pub fn checked_sub(self, other: Usd) -> Option<Usd> {
+        self.0.checked_sub(other.0).map(Usd)
+    }
+}
+
+impl fmt::Display for Usd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A quantity of an asset: at most 8 decimals. Trade quantities are also >= `QUANTITY_MIN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Quantity(Decimal);
+
+impl Quantity {
+    pub const ZERO: Quantity = Quantity(Decimal::ZERO);
+
+    pub fn parse_trade(field: &'static str, raw: &str) -> Result<Self, FieldError> {
+        let value = parse_plain_decimal(field, raw, QUANTITY_SCALE_MAX)?;
+        if value < QUANTITY_MIN {
+            return Err(FieldError::new(field, format!("must be at least {QUANTITY_MIN}")));
+        }
+        Ok(Self(value.normalize()))
+    }
+
+    pub fn from_stored(raw: &str) -> Option<Self> {
+        Decimal::from_str(raw).ok().map(|value| Self(value.normalize()))
+    }
+
+    pub fn decimal(self) -> Decimal {
+        self.0
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0.is_zero()
+    }
+
+    pub fn checked_add(self, other: Quantity) -> Option<Quantity> {
+        self.0.checked_add(other.0).map(|value| Quantity(value.normalize()))
+    }
+
+    pub fn checked_sub(self, other: Quantity) -> Option<Quantity> {
+        self.0.checked_sub(other.0).map(|value| Quantity(value.normalize()))
+    }
+}
+
+impl fmt::Display for Quantity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A unit price in USD: > 0, at most 8 decimals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Price(Decimal);
+
+impl Price {
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldError> {
+        let value = parse_plain_decimal(field, raw, PRICE_SCALE_MAX)?;
+        if value <= Decimal::ZERO {
+            return Err(FieldError::new(field, "must be greater than 0"));
+        }
+        Ok(Self(value.normalize()))
+    }
+
+    pub fn from_stored(raw: &str) -> Option<Self> {
+        Decimal::from_str(raw)
+            .ok()
+            .filter(|value| *value > Decimal::ZERO)
+            .map(|value| Self(value.normalize()))
+    }
+
+    pub fn decimal(self) -> Decimal {
+        self.0
+    }
+
+    /// The cash value of `quantity` at this price: rounded half-even ("banker's rounding") to
+    /// cents, so rounding errors do not drift in either party's favour over many trades.
+    pub fn total(self, quantity: Quantity) -> Option<Usd> {
+        self.0.checked_mul(quantity.0).map(Usd::from_decimal)
+    }
+}
+
+impl fmt::Display for Price {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_exactly() {
+        assert_eq!(Usd::parse_amount("amount", "100").unwrap().to_string(), "100.00");
+        assert_eq!(Usd::parse_amount("amount", "0.01").unwrap().to_string(), "0.01");
+        assert_eq!(
+            Usd::parse_amount("amount", "1000000.00").unwrap().to_string(),
+            "1000000.00"
+        );
+    }
+
+    #[test]
+    fn amounts_refuse_every_bad_shape() {
+        for bad in [
+            "",
+            "0",
+            "0.00",
+            "-1",
+            "-0.01",
+            "1e3",
+            "NaN",
+            "inf",
+            " 1",
+            "1 ",
+            "+1",
+            "1.",
+            ".5",
+            "0.001",
+            "1,000",
+            "١٠",
+            "1000000.01",
+            "12.345",
+            "0x10",
+        ] {
+            assert!(Usd::parse_amount("amount", bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn totals_round_half_even_to_cents() {
+        let price = Price::parse("price", "0.5").unwrap();
+        assert_eq!(
+            price
+                .total(Quantity::parse_trade("q", "0.01").unwrap())
+                .unwrap()
+                .to_string(),
+            "0.00"
+        );
+        assert_eq!(
+            price
+                .total(Quantity::parse_trade("q", "0.03").unwrap())
+                .unwrap()
+                .to_string(),
+            "0.02"
+        );
+        assert_eq!(
+            price
+                .total(Quantity::parse_trade("q", "0.05").unwrap())
+                .unwrap()
+                .to_string(),
+            "0.02"
+        );
+        assert_eq!(
+            price
+                .total(Quantity::parse_trade("q", "0.07").unwrap())
+                .unwrap()
+                .to_string(),
+            "0.04"
+        );
+    }
+
+    #[test]
+    fn quantities_have_a_floor_and_a_scale() {
+        assert!(Quantity::parse_trade("quantity", "0.001").is_ok());
+        assert!(Quantity::parse_trade("quantity", "0.0009").is_err());
+        assert!(Quantity::parse_trade("quantity", "1.123456789").is_err());
+        assert_eq!(Quantity::parse_trade("quantity", "2.50").unwrap().to_string(), "2.5");
+    }
+}

@@ -1,0 +1,115 @@
+//! What Lockstep stores besides the account: leases, ledger entries, orders and assets.
+
+use rust_decimal::Decimal;
+
+use super::decide::TradeSide;
+use super::ids::{AssetSymbol, LockId, UserId};
+use super::money::{Price, Quantity, Usd};
+use super::time::Millis;
+
+/// A user's lease as stored on the account item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub lock_id: LockId,
+    /// The coordinator instance that took it.
+    pub owner: String,
+    pub operation: String,
+    pub expires_at: Millis,
+}
+
+impl Lease {
+    /// A lease is live until its expiry instant, exclusive.
+    pub fn is_live(&self, now: Millis) -> bool {
+        now < self.expires_at
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Deposit,
+    Withdrawal,
+    Buy,
+    Sell,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Deposit => "DEPOSIT",
+            EntryKind::Withdrawal => "WITHDRAWAL",
+            EntryKind::Buy => "BUY",
+            EntryKind::Sell => "SELL",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "DEPOSIT" => EntryKind::Deposit,
+            "WITHDRAWAL" => EntryKind::Withdrawal,
+            "BUY" => EntryKind::Buy,
+            "SELL" => EntryKind::Sell,
+            _ => return None,
+        })
+    }
+}
+
+/// One committed mutation. Cash equals the sum of `cash_delta`; each holding the sum of its
+/// `quantity_delta`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// UUID v7: sorts by creation time, so the newest-first page is a reverse key scan.
+    pub entry_id: String,
+    pub user_id: UserId,
+    pub kind: EntryKind,
+    pub cash_delta: Decimal,
+    pub cash_after: Usd,
+    pub trade: Option<LedgerTrade>,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerTrade {
+    pub asset: AssetSymbol,
+    pub quantity_delta: Decimal,
+    pub order_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStatus {
+    Confirmed,
+    Failed,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Confirmed => "CONFIRMED",
+            OrderStatus::Failed => "FAILED",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// UUID v7.
+    pub order_id: String,
+    pub user_id: UserId,
+    pub side: TradeSide,
+    pub asset: AssetSymbol,
+    pub quantity: Quantity,
+    pub limit_price: Option<Price>,
+    pub status: OrderStatus,
+    /// The catalog price used (or seen, for a refused order).
+    pub price: Price,
+    /// quantity x price, rounded half-even to cents.
+    pub total: Usd,
+    pub failure_reason: Option<String>,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asset {
+    pub symbol: AssetSymbol,
+    pub price: Price,
+    pub active: bool,
+}

@@ -1,0 +1,24 @@
+//! Lockstep's coordinator: Deposit, Withdraw, PlaceBuy and PlaceSell behind a fenced per-user
+//! lease on DynamoDB, each committed atomically.
+//!
+//! # Layout
+//! A request flows inward through these modules, and dependencies point only inward:
+//!
+//! - [`transport`]: gRPC in and out. Parses requests into validated types and maps every
+//!   [`service::ServiceError`] to one gRPC status.
+//! - [`service`]: one function per RPC: take the lease (reading the account in the same
+//!   write), decide, commit-and-release in one transaction, or roll back.
+//! - [`core`]: pure decisions and value types (`UserId`, `Usd`, `Quantity`, `Price`); no I/O,
+//!   no tokio, tonic or AWS SDK.
+//! - [`storage`]: the DynamoDB data model ([`storage::model`]) built once, and one thin adapter
+//!   per engine: [`storage::embedded`] (dynoxide in-process) and [`storage::dynamodb`]
+//!   (aws-sdk-dynamodb to any endpoint).
+//! - [`server`]: wiring (storage, catalog seed, health, reflection) and `run`, which the
+//!   binary and the tests call alike. [`settings`]: flags with environment fallbacks.
+
+pub mod core;
+pub mod server;
+pub mod service;
+pub mod settings;
+pub mod storage;
+pub mod transport;

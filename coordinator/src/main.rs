@@ -1,0 +1,49 @@
+//! The `coordinator` binary: parse settings, start telemetry, open storage, bind, run.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use lockstep_coordinator::core::SystemClock;
+use lockstep_coordinator::server;
+use lockstep_coordinator::settings::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let settings = cli.settings;
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::CreateTables => server::create_tables(&settings).await.map(|()| {
+            tracing::info!(table = %settings.table, "table ready");
+        }),
+        Command::Serve => serve(&settings).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "coordinator failed");
+            eprintln!("coordinator: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: &lockstep_coordinator::settings::Settings) -> Result<(), server::StartError> {
+    let storage = server::open_storage(settings).await?;
+    let coordinator =
+        server::build_coordinator(storage, Arc::new(SystemClock), settings, settings.catalog.as_deref()).await?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|error| server::StartError::Serve(format!("cannot listen on {}: {error}", settings.listen)))?;
+    server::run(
+        listener,
+        coordinator,
+        settings.drain_timeout(),
+        server::shutdown_signal(),
+    )
+    .await
+}

@@ -1,0 +1,231 @@
+//! Wiring: open storage, seed the catalog, and serve gRPC (coordinator, health, reflection) on a
+//! listener until shutdown. `run` is what the binary and the tests both call.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep::coordinator::v1::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::core::records::Asset;
+use crate::core::{AssetSymbol, Clock, Price};
+use crate::service::Coordinator;
+use crate::settings::{Settings, StorageKind};
+use crate::storage::dynamodb::DynamoDbEngine;
+use crate::storage::embedded::EmbeddedEngine;
+use crate::storage::{Storage, StorageError};
+use crate::transport::CoordinatorService;
+
+/// The catalog seeded on first start when no --catalog is given: fixed prices, no price feed.
+pub const DEFAULT_CATALOG: &str = include_str!("../catalog.json");
+/// How often the health probe asks storage whether it answers.
+pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// The name the coordinator's health is reported under, besides "" (the whole server).
+pub const SERVICE_NAME: &str = "lockstep.coordinator.v1.Coordinator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("settings: {0}")]
+    Settings(String),
+    #[error("catalog: {0}")]
+    Catalog(String),
+    #[error("serve: {0}")]
+    Serve(String),
+}
+
+#[derive(serde::Deserialize)]
+struct CatalogEntry {
+    symbol: String,
+    price: String,
+    active: bool,
+}
+
+/// Parses a catalog file: a JSON list of `{"symbol", "price", "active"}`.
+pub fn parse_catalog(json: &str) -> Result<Vec<Asset>, StartError> {
+    let entries: Vec<CatalogEntry> =
+        serde_json::from_str(json).map_err(|error| StartError::Catalog(error.to_string()))?;
+    entries
+        .into_iter()
+        .map(|entry| {
+            Ok(Asset {
+                symbol: AssetSymbol::parse("symbol", &entry.symbol)
+                    .map_err(|error| StartError::Catalog(error.to_string()))?,
+                price: Price::parse("price", &entry.price).map_err(|error| StartError::Catalog(error.to_string()))?,
+                active: entry.active,
+            })
+        })
+        .collect()
+}
+
+/// Opens the configured storage. The embedded engine creates its table on first start; on an
+/// endpoint the table must exist (`coordinator create-tables`).
+pub async fn open_storage(settings: &Settings) -> Result<Storage, StartError> {
+    let storage = match settings.storage_kind() {
+        StorageKind::Embedded => {
+            let storage = Storage::new(
+                Arc::new(EmbeddedEngine::open(&settings.data_dir)?),
+                settings.table.as_str(),
+            );
+            storage.ensure_table().await?;
+            storage
+        }
+        StorageKind::Dynamodb => {
+            let engine =
+                DynamoDbEngine::from_environment(settings.dynamodb_endpoint.as_deref(), settings.region.as_deref())
+                    .await;
+            let storage = Storage::new(Arc::new(engine), settings.table.as_str());
+            if !storage.table_exists().await? {
+                return Err(StartError::Settings(format!(
+                    "table {} does not exist; create it with `coordinator create-tables`",
+                    settings.table
+                )));
+            }
+            storage
+        }
+    };
+    Ok(storage)
+}
+
+/// Creates the table on the configured storage (the `create-tables` command).
+pub async fn create_tables(settings: &Settings) -> Result<(), StartError> {
+    let storage = match settings.storage_kind() {
+        StorageKind::Embedded => Storage::new(
+            Arc::new(EmbeddedEngine::open(&settings.data_dir)?),
+            settings.table.as_str(),
+        ),
+        StorageKind::Dynamodb => {
+            let engine =
+                DynamoDbEngine::from_environment(settings.dynamodb_endpoint.as_deref(), settings.region.as_deref())
+                    .await;
+            Storage::new(Arc::new(engine), settings.table.as_str())
+        }
+    };
+    storage.ensure_table().await?;
+    Ok(())
+}
+
+/// A coordinator on `storage` with its catalog seeded from `catalog_file` (or the default).
+pub async fn build_coordinator(
+    storage: Storage,
+    clock: Arc<dyn Clock>,
+    settings: &Settings,
+    catalog_file: Option<&Path>,
+) -> Result<Arc<Coordinator>, StartError> {
+    let config = settings
+        .coordinator_config()
+        .map_err(|error| StartError::Settings(error.to_string()))?;
+    let catalog = match catalog_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|error| StartError::Catalog(format!("{}: {error}", path.display())))?,
+        None => DEFAULT_CATALOG.to_owned(),
+    };
+    let coordinator = Arc::new(Coordinator::new(storage, clock, config));
+    coordinator
+        .seed_catalog(&parse_catalog(&catalog)?)
+        .await
+        .map_err(|error| StartError::Catalog(format!("seeding failed: {error}")))?;
+    Ok(coordinator)
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, waits up to `drain_timeout` for
+/// in-flight RPCs, and releases any lease still held.
+pub async fn run(
+    listener: TcpListener,
+    coordinator: Arc<Coordinator>,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let probe = tokio::spawn(probe_health(coordinator.storage().clone(), health));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lockstep::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| StartError::Serve(error.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lockstep::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| StartError::Serve(error.to_string()))?;
+    tracing::info!(address = %listener.local_addr().map_err(|error| StartError::Serve(error.to_string()))?, "serving gRPC");
+
+    let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(
+            &coordinator,
+        ))))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
+            stopped.await.ok();
+        });
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            probe.abort();
+            return result.map_err(|error| StartError::Serve(error.to_string()));
+        }
+        () = shutdown => {}
+    }
+    tracing::info!(
+        drain_ms = drain_timeout.as_millis() as u64,
+        "shutting down: no new connections, draining in-flight RPCs"
+    );
+    stop_accepting.send(()).ok();
+    if tokio::time::timeout(drain_timeout, &mut server).await.is_err() {
+        tracing::warn!("in-flight RPCs did not finish within the drain timeout");
+    }
+    probe.abort();
+    let released = coordinator.release_held_leases().await;
+    tracing::info!(released, "stopped");
+    Ok(())
+}
+
+/// Reports SERVING while storage answers and NOT_SERVING while it does not.
+async fn probe_health(storage: Storage, health: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    loop {
+        let status = match storage.probe().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(error) => {
+                tracing::warn!(%error, "health probe: storage does not answer");
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            health.set_service_status("", status).await;
+            health.set_service_status(SERVICE_NAME, status).await;
+            last = Some(status);
+        }
+        tokio::time::sleep(HEALTH_PROBE_INTERVAL).await;
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        tokio::signal::ctrl_c().await.ok();
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

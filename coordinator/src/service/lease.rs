@@ -1,0 +1,144 @@
+//! Taking a user's lease: one conditional write, retried with jittered backoff while another
+//! caller holds it, bounded by the configured wait and the caller's deadline.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::time::Instant;
+
+use super::{Coordinator, ServiceError};
+use crate::core::records::Lease;
+use crate::core::{Account, LockId, UserId};
+use crate::storage::{StorageError, model};
+
+/// First pause after finding the lease busy. A commit takes a few milliseconds, so the first
+/// retries come quickly; later ones spread out so waiters do not hammer storage.
+pub const LOCK_RETRY_DELAY_MIN: Duration = Duration::from_millis(2);
+/// Longest pause between two attempts.
+pub const LOCK_RETRY_DELAY_MAX: Duration = Duration::from_millis(50);
+/// Attempts are bounded by time (the wait limit), but the loop has a hard cap too.
+pub const LOCK_ATTEMPTS_MAX: usize = 10_000;
+
+const _: () = assert!(LOCK_RETRY_DELAY_MIN.as_millis() < LOCK_RETRY_DELAY_MAX.as_millis());
+
+/// A lease this coordinator holds, with the account state read in the same write.
+#[derive(Debug, Clone)]
+pub struct HeldLease {
+    pub user: UserId,
+    pub lock_id: LockId,
+    pub expires_at: crate::core::Millis,
+    pub account: Account,
+}
+
+impl Coordinator {
+    /// Takes `user`'s lease for `operation`, waiting while someone else holds it.
+    pub(super) async fn acquire(
+        &self,
+        user: &UserId,
+        operation: &str,
+        lease_duration: Duration,
+        require_account: bool,
+        deadline: Option<Instant>,
+    ) -> Result<HeldLease, ServiceError> {
+        let lock_id = LockId::new_random();
+        let started = Instant::now();
+        let wait_limit = Instant::now() + self.config.lock_wait_max;
+        let wait_until = deadline.map_or(wait_limit, |deadline| deadline.min(wait_limit));
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(LOCK_RETRY_DELAY_MIN)
+            .with_max_delay(LOCK_RETRY_DELAY_MAX)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(LOCK_ATTEMPTS_MAX)
+            .build();
+        let mut waited_on: Option<Lease> = None;
+        loop {
+            let now = self.clock.now();
+            let lease = Lease {
+                lock_id: lock_id.clone(),
+                owner: self.config.owner.clone(),
+                operation: operation.to_owned(),
+                expires_at: now + lease_duration.as_millis() as u64,
+            };
+            let current = match self
+                .storage
+                .update(model::acquire_lease(user, &lease, now, require_account))
+                .await
+            {
+                Ok(Some(item)) => {
+                    if let Some(previous) = waited_on.filter(|previous| !previous.is_live(now)) {
+                        tracing::info!(lock_state = "EXPIRED", previous_lock_id = %previous.lock_id, previous_owner = %previous.owner, "took over an expired lease");
+                    }
+                    return self.held(user, lease, &item);
+                }
+                Ok(None) => return Err(ServiceError::Internal("lease write returned no item".to_owned())),
+                Err(StorageError::ConditionFailed { current }) => current,
+                Err(error) => return Err(error.into()),
+            };
+            let Some(item) = current else {
+                // Only operations that need an account have a condition a missing item can fail.
+                return Err(ServiceError::NotFound(format!("Account {user} not found")));
+            };
+            let account_exists = model::account_from_item(&item)
+                .map(|account| account.exists)
+                .unwrap_or(false);
+            let holder = model::lease_from_item(&item).filter(|holder| holder.is_live(now));
+            match holder {
+                // Our own earlier attempt did land (its reply was lost and the write retried).
+                Some(holder) if holder.lock_id == lock_id => return self.held(user, holder, &item),
+                Some(holder) => {
+                    if waited_on.is_none() {
+                        tracing::info!(lock_state = "WAITING", holder_lock_id = %holder.lock_id, holder_owner = %holder.owner, holder_operation = %holder.operation, "lease busy");
+                    }
+                    waited_on = Some(holder);
+                }
+                None if require_account && !account_exists => {
+                    return Err(ServiceError::NotFound(format!("Account {user} not found")));
+                }
+                // The lease was released or expired between our read and write: try again now.
+                None => continue,
+            }
+            let delay = delays.next().unwrap_or(LOCK_RETRY_DELAY_MAX);
+            if Instant::now() + delay > wait_until {
+                tracing::warn!(
+                    lock_state = "TIMEOUT",
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "gave up waiting for the lease"
+                );
+                return Err(match deadline {
+                    Some(deadline) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
+                    _ => ServiceError::Busy,
+                });
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn held(&self, user: &UserId, lease: Lease, item: &crate::storage::Item) -> Result<HeldLease, ServiceError> {
+        let account = model::account_from_item(item).map_err(|error| ServiceError::Internal(error.to_string()))?;
+        tracing::Span::current().record("lock_id", tracing::field::display(&lease.lock_id));
+        tracing::debug!(lock_state = "ACQUIRED", expires_at = lease.expires_at, "lease acquired");
+        let held = HeldLease {
+            user: user.clone(),
+            lock_id: lease.lock_id,
+            expires_at: lease.expires_at,
+            account,
+        };
+        self.held_leases.insert(&held);
+        Ok(held)
+    }
+
+    /// Gives the lease back without writing anything else. Failure is logged, not returned:
+    /// the lease expires by itself, and every later write checks the expiry.
+    pub(super) async fn release(&self, held: &HeldLease) {
+        self.held_leases.remove(&held.lock_id);
+        let release = model::release_lease(&held.user, &held.lock_id, held.account.exists);
+        match self.storage.write(release).await {
+            Ok(()) => tracing::debug!(lock_state = "RELEASED", "lease released"),
+            Err(StorageError::ConditionFailed { .. }) => {
+                tracing::warn!(lock_state = "EXPIRED", "lease was no longer ours at release")
+            }
+            Err(error) => tracing::warn!(%error, "lease release failed; it will expire by itself"),
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! One function per RPC. A mutation is: take the lease (reading the account in the same write),
+//! decide with `core`, then commit every write and the release in one fenced transaction, or on
+//! refusal roll back (release, and record a FAILED order for trades).
+
+mod catalog;
+mod lease;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::time::Instant;
+
+pub use catalog::Catalog;
+pub use lease::HeldLease;
+
+use crate::core::decide::{Rejection, decide};
+use crate::core::records::{Asset, EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus};
+use crate::core::time::utc_day;
+use crate::core::{
+    Account, AssetSymbol, Clock, Decision, FieldError, Limits, LockId, Operation, Price, Quantity, Trade, TradeSide,
+    Usd, UserId,
+};
+use crate::storage::model::{self, UserCollection};
+use crate::storage::{Storage, StorageError};
+
+/// Lease of a deposit, from the design: a single balance update.
+pub const LOCK_LEASE_DEPOSIT: Duration = Duration::from_secs(10);
+/// Lease of a withdrawal: includes balance and limit validation.
+pub const LOCK_LEASE_WITHDRAW: Duration = Duration::from_secs(15);
+/// Lease of a buy or sell: catalog check, order and ledger writes.
+pub const LOCK_LEASE_TRADE: Duration = Duration::from_secs(25);
+/// Longest a request waits for a busy lease before ABORTED. Under the original system's load
+/// test most requests on one user failed "busy" at once; waiting a few seconds serialises them.
+pub const LOCK_WAIT_MAX: Duration = Duration::from_secs(5);
+/// A commit is not started with less than this left on the lease: the fence would refuse it.
+pub const COMMIT_LEASE_MARGIN: Duration = Duration::from_millis(250);
+/// Commits retried under one lease when nothing was written (the catalog price moved, or a
+/// transaction conflict): bounded so a flapping price cannot hold the lease forever.
+pub const COMMIT_ATTEMPTS_MAX: usize = 3;
+/// Default and largest page of ListOrders / ListLedger.
+pub const PAGE_SIZE_DEFAULT: u32 = 20;
+pub const PAGE_SIZE_MAX: u32 = 100;
+
+const _: () = assert!(LOCK_LEASE_DEPOSIT.as_millis() <= LOCK_LEASE_WITHDRAW.as_millis());
+const _: () = assert!(LOCK_LEASE_WITHDRAW.as_millis() <= LOCK_LEASE_TRADE.as_millis());
+const _: () = assert!(COMMIT_LEASE_MARGIN.as_millis() < LOCK_LEASE_DEPOSIT.as_millis());
+const _: () = assert!(PAGE_SIZE_DEFAULT <= PAGE_SIZE_MAX);
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// This coordinator instance, recorded on every lease it takes.
+    pub owner: String,
+    pub lease_deposit: Duration,
+    pub lease_withdraw: Duration,
+    pub lease_trade: Duration,
+    pub lock_wait_max: Duration,
+    pub limits: Limits,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!("coordinator-{}", uuid::Uuid::new_v4()),
+            lease_deposit: LOCK_LEASE_DEPOSIT,
+            lease_withdraw: LOCK_LEASE_WITHDRAW,
+            lease_trade: LOCK_LEASE_TRADE,
+            lock_wait_max: LOCK_WAIT_MAX,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Every way an RPC can fail; `transport` maps each to one gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidArgument(FieldError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Rejected(Rejection),
+    #[error("Operation in progress, please try again")]
+    Busy,
+    #[error("Deadline exceeded while waiting for the account lease")]
+    DeadlineExceeded,
+    /// The lease expired before the commit, which the fence refused: nothing was written.
+    #[error("The operation took longer than its lease and was not applied; please try again")]
+    LeaseLost,
+    #[error("Service temporarily unavailable")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StorageError> for ServiceError {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::Unavailable(detail) => ServiceError::Unavailable(detail),
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<FieldError> for ServiceError {
+    fn from(error: FieldError) -> Self {
+        ServiceError::InvalidArgument(error)
+    }
+}
+
+/// What a committed mutation did.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub entry: LedgerEntry,
+    pub decision: Decision,
+    pub order: Option<Order>,
+}
+
+/// A validated trade request, before the catalog price is known.
+#[derive(Debug, Clone)]
+pub struct TradeRequest {
+    pub side: TradeSide,
+    pub asset: AssetSymbol,
+    pub quantity: Quantity,
+    pub limit_price: Option<Price>,
+}
+
+/// A page of results and the cursor of the next one (None on the last page).
+#[derive(Debug, Clone)]
+pub struct PageOf<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Leases this process holds right now, released on graceful shutdown.
+#[derive(Debug, Default)]
+struct HeldLeases(Mutex<HashMap<LockId, (UserId, bool)>>);
+
+impl HeldLeases {
+    fn insert(&self, held: &HeldLease) {
+        self.0
+            .lock()
+            .expect("held-lease registry poisoned")
+            .insert(held.lock_id.clone(), (held.user.clone(), held.account.exists));
+    }
+
+    fn remove(&self, lock_id: &LockId) {
+        self.0.lock().expect("held-lease registry poisoned").remove(lock_id);
+    }
+
+    fn drain(&self) -> Vec<(LockId, UserId, bool)> {
+        self.0
+            .lock()
+            .expect("held-lease registry poisoned")
+            .drain()
+            .map(|(lock_id, (user, exists))| (lock_id, user, exists))
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+pub struct Coordinator {
+    storage: Storage,
+    clock: Arc<dyn Clock>,
+    config: CoordinatorConfig,
+    catalog: Catalog,
+    held_leases: HeldLeases,
+}
+
+impl Coordinator {
+    pub fn new(storage: Storage, clock: Arc<dyn Clock>, config: CoordinatorConfig) -> Self {
+        Self {
+            storage,
+            clock,
+            config,
+            catalog: Catalog::default(),
+            held_leases: HeldLeases::default(),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The UTC day the daily limits count, by this coordinator's clock.
+    pub fn today(&self) -> String {
+        utc_day(self.clock.now())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Mutations
+
+    #[tracing::instrument(skip_all, fields(user = %user, operation = "DEPOSIT", amount = %amount, lock_id = tracing::field::Empty))]
+    pub async fn deposit(
+        &self,
+        user: &UserId,
+        amount: Usd,
+        deadline: Option<Instant>,
+    ) -> Result<Committed, ServiceError> {
+        let held = self
+            .acquire(user, "DEPOSIT", self.config.lease_deposit, false, deadline)
+            .await?;
+        self.decide_and_commit(held, |_| Ok(Operation::Deposit(amount))).await
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %user, operation = "WITHDRAWAL", amount = %amount, lock_id = tracing::field::Empty))]
+    pub async fn withdraw(
+        &self,
+        user: &UserId,
+        amount: Usd,
+        deadline: Option<Instant>,
+    ) -> Result<Committed, ServiceError> {
+        let held = self
+            .acquire(user, "WITHDRAWAL", self.config.lease_withdraw, true, deadline)
+            .await?;
+        self.decide_and_commit(held, |_| Ok(Operation::Withdraw(amount))).await
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %user, operation = request.side.as_str(), asset = %request.asset, quantity = %request.quantity, lock_id = tracing::field::Empty))]
+    pub async fn trade(
+        &self,
+        user: &UserId,
+        request: TradeRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Committed, ServiceError> {
+        // Unknown and inactive assets are refused before the lease: nothing to write, no wait.
+        let asset = self.catalog.asset(&self.storage, &request.asset).await?;
+        if !asset.active {
+            return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
+        }
+        let held = self
+            .acquire(user, request.side.as_str(), self.config.lease_trade, true, deadline)
+            .await?;
+        self.decide_and_commit(held, |catalog| {
+            let asset = catalog
+                .cached(&request.asset)
+                .ok_or_else(|| ServiceError::NotFound(format!("Asset {} not found", request.asset)))?;
+            Ok(Operation::Trade(Trade {
+                side: request.side,
+                asset: request.asset.clone(),
+                quantity: request.quantity,
+                limit_price: request.limit_price,
+                price: asset.price,
+                active: asset.active,
+            }))
+        })
+        .await
+    }
+
+    /// Decides on the account read with the lease and commits, retrying under the same lease
+    /// while nothing was written; on refusal rolls back. The lease is always given back.
+    async fn decide_and_commit(
+        &self,
+        held: HeldLease,
+        operation: impl Fn(&Catalog) -> Result<Operation, ServiceError>,
+    ) -> Result<Committed, ServiceError> {
+        let mut last_error = ServiceError::Internal("no commit attempted".to_owned());
+        for _attempt in 0..COMMIT_ATTEMPTS_MAX {
+            let now = self.clock.now();
+            if now + COMMIT_LEASE_MARGIN.as_millis() as u64 >= held.expires_at {
+                self.release(&held).await;
+                return Err(ServiceError::LeaseLost);
+            }
+            let operation = match operation(&self.catalog) {
+                Ok(operation) => operation,
+                Err(error) => {
+                    self.release(&held).await;
+                    return Err(error);
+                }
+            };
+            let decision = match decide(&held.account, &operation, &utc_day(now), &self.config.limits) {
+                Ok(decision) => decision,
+                Err(rejection) => return Err(self.roll_back(&held, &operation, rejection, now).await),
+            };
+            let (entry, order) = records_of(&held, &operation, &decision, now);
+            let items = model::commit(
+                &held.user,
+                &held.lock_id,
+                &held.account,
+                &decision,
+                &entry,
+                order.as_ref(),
+                now,
+            );
+            let account_index = model::commit_account_index(&decision);
+            // The ledger entry's id doubles as the idempotency token where the engine honours
+            // one; correctness never depends on it (see resolve_unknown_commit).
+            match self.storage.transact(items, Some(entry.entry_id.clone())).await {
+                Ok(()) => {
+                    self.held_leases.remove(&held.lock_id);
+                    tracing::info!(lock_state = "RELEASED", transaction_id = %entry.entry_id, cash = %decision.cash, "committed");
+                    return Ok(Committed { entry, decision, order });
+                }
+                Err(StorageError::TransactionCanceled { reasons }) => {
+                    let account_refused = reasons
+                        .get(account_index)
+                        .is_some_and(|reason| reason.condition_failed());
+                    if account_refused {
+                        // Fenced, or our own commit already landed and a retry of it was refused.
+                        return self.resolve_refused_commit(&held, entry, decision, order).await;
+                    }
+                    if account_index == 1 && reasons.first().is_some_and(|reason| reason.condition_failed()) {
+                        tracing::info!(asset = ?decision.trade.as_ref().map(|trade| &trade.asset), "catalog changed since it was cached; re-reading it");
+                        self.catalog.refresh(&self.storage).await?;
+                    }
+                    last_error = ServiceError::Unavailable(format!("transaction cancelled: {reasons:?}"));
+                }
+                Err(StorageError::Unavailable(detail)) => {
+                    return self.resolve_unknown_commit(&held, entry, decision, order, detail).await;
+                }
+                Err(other) => {
+                    self.release(&held).await;
+                    return Err(other.into());
+                }
+            }
+        }
+        self.release(&held).await;
+        Err(last_error)
+    }
+
+    /// The account's condition refused the commit. Either the lease was lost (expired and maybe
+    /// taken over), or an earlier attempt of this very commit landed and its reply was lost. The
+    /// ledger entry tells which: it exists exactly when the commit applied.
+    async fn resolve_refused_commit(
+        &self,
+        held: &HeldLease,
+        entry: LedgerEntry,
+        decision: Decision,
+        order: Option<Order>,
+    ) -> Result<Committed, ServiceError> {
+        self.held_leases.remove(&held.lock_id);
+        if self
+            .storage
+            .get(model::ledger_key(&held.user, &entry.entry_id))
+            .await?
+            .is_some()
+        {
+            return Ok(Committed { entry, decision, order });
+        }
+        tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
+        Err(ServiceError::LeaseLost)
+    }
+
+    /// The commit's outcome is unknown (timeout or connection lost after sending). First fence
+    /// it: releasing the lease by its id makes the commit impossible from then on, since it is
+    /// conditioned on that id. Then the ledger entry says whether it applied before.
+    async fn resolve_unknown_commit(
+        &self,
+        held: &HeldLease,
+        entry: LedgerEntry,
+        decision: Decision,
+        order: Option<Order>,
+        detail: String,
+    ) -> Result<Committed, ServiceError> {
+        tracing::warn!(%detail, "commit outcome unknown; resolving");
+        let release = model::release_lease(&held.user, &held.lock_id, held.account.exists);
+        match self.storage.write(release).await {
+            // The lease was still ours, so the commit did not apply, and now never will.
+            Ok(()) => {
+                self.held_leases.remove(&held.lock_id);
+                Err(ServiceError::Unavailable(detail))
+            }
+            Err(StorageError::ConditionFailed { .. }) => {
+                self.resolve_refused_commit(held, entry, decision, order).await
+            }
+            Err(error) => {
+                tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
+                Err(ServiceError::Unavailable(detail))
+            }
+        }
+    }
+
+    /// A refusal under the lease: nothing changes except a FAILED order for trades; the lease
+    /// is given back in the same write.
+    async fn roll_back(&self, held: &HeldLease, operation: &Operation, rejection: Rejection, now: u64) -> ServiceError {
+        tracing::info!(reason = %rejection, "refused under the lease");
+        let Operation::Trade(trade) = operation else {
+            self.release(held).await;
+            return rejection_error(rejection);
+        };
+        let order = Order {
+            order_id: uuid::Uuid::now_v7().to_string(),
+            user_id: held.user.clone(),
+            side: trade.side,
+            asset: trade.asset.clone(),
+            quantity: trade.quantity,
+            limit_price: trade.limit_price,
+            status: OrderStatus::Failed,
+            price: trade.price,
+            total: trade.price.total(trade.quantity).unwrap_or(Usd::ZERO),
+            failure_reason: Some(rejection.to_string()),
+            created_at: now,
+        };
+        self.held_leases.remove(&held.lock_id);
+        let items = model::record_failed_order(&held.user, &held.lock_id, held.account.exists, &order);
+        if let Err(error) = self.storage.transact(items, None).await {
+            tracing::warn!(%error, order_id = %order.order_id, "could not record the FAILED order; releasing the lease alone");
+            self.release(held).await;
+        }
+        rejection_error(rejection)
+    }
+
+    /// Releases every lease this process still holds; called on shutdown after draining.
+    pub async fn release_held_leases(&self) -> usize {
+        let leases = self.held_leases.drain();
+        let count = leases.len();
+        for (lock_id, user, exists) in leases {
+            if let Err(error) = self.storage.write(model::release_lease(&user, &lock_id, exists)).await {
+                tracing::warn!(%error, %user, %lock_id, "could not release a lease at shutdown; it will expire");
+            }
+        }
+        count
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reads
+
+    pub async fn account(&self, user: &UserId) -> Result<Account, ServiceError> {
+        let item = self.storage.get(model::account_key(user)).await?;
+        let account = item
+            .as_ref()
+            .map(model::account_from_item)
+            .transpose()
+            .map_err(|error| ServiceError::Internal(error.to_string()))?
+            .filter(|account| account.exists);
+        account.ok_or_else(|| ServiceError::NotFound(format!("Account {user} not found")))
+    }
+
+    pub async fn order(&self, order_id: &str) -> Result<Order, ServiceError> {
+        if uuid::Uuid::try_parse(order_id).is_err() {
+            return Err(FieldError::new("order_id", "must be a UUID").into());
+        }
+        let item = self.storage.get(model::order_key(order_id)).await?;
+        let item = item.ok_or_else(|| ServiceError::NotFound(format!("Order {order_id} not found")))?;
+        model::order_from_item(&item).map_err(|error| ServiceError::Internal(error.to_string()))
+    }
+
+    pub async fn orders(&self, user: &UserId, page_size: u32, cursor: &str) -> Result<PageOf<Order>, ServiceError> {
+        self.user_page(user, UserCollection::Orders, page_size, cursor, model::order_from_item)
+            .await
+    }
+
+    pub async fn ledger(
+        &self,
+        user: &UserId,
+        page_size: u32,
+        cursor: &str,
+    ) -> Result<PageOf<LedgerEntry>, ServiceError> {
+        self.user_page(user, UserCollection::Ledger, page_size, cursor, model::ledger_from_item)
+            .await
+    }
+
+    async fn user_page<T>(
+        &self,
+        user: &UserId,
+        collection: UserCollection,
+        page_size: u32,
+        cursor: &str,
+        parse: fn(&crate::storage::Item) -> Result<T, model::MalformedItem>,
+    ) -> Result<PageOf<T>, ServiceError> {
+        let limit = match page_size {
+            0 => PAGE_SIZE_DEFAULT,
+            1..=PAGE_SIZE_MAX => page_size,
+            _ => return Err(FieldError::new("page_size", format!("must be at most {PAGE_SIZE_MAX}")).into()),
+        };
+        let invalid_cursor =
+            || ServiceError::from(FieldError::new("page_token", "is not a cursor this service issued"));
+        let after = match cursor {
+            "" => None,
+            cursor => Some(
+                URL_SAFE_NO_PAD
+                    .decode(cursor)
+                    .ok()
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+                    .ok_or_else(invalid_cursor)?,
+            ),
+        };
+        let query = model::user_page_query(user, collection, limit, after).ok_or_else(invalid_cursor)?;
+        self.account(user).await?;
+        let page = self.storage.query(query).await?;
+        let items = page
+            .items
+            .iter()
+            .map(parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| ServiceError::Internal(error.to_string()))?;
+        // Some engines return a last key after a full final page; the next (empty) page ends it.
+        let next_cursor = page
+            .last_key
+            .filter(|_| items.len() == limit as usize)
+            .map(|key| URL_SAFE_NO_PAD.encode(key.sk.as_bytes()));
+        Ok(PageOf { items, next_cursor })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Asset catalog
+
+    pub async fn assets(&self) -> Result<Vec<Asset>, ServiceError> {
+        self.catalog.refresh(&self.storage).await?;
+        Ok(self.catalog.all())
+    }
+
+    pub async fn upsert_asset(&self, asset: Asset) -> Result<Asset, ServiceError> {
+        self.storage.put(model::put_asset(&asset, false)).await?;
+        self.catalog.remember(asset.clone());
+        Ok(asset)
+    }
+
+    /// Writes each asset that does not exist yet, then loads the catalog.
+    pub async fn seed_catalog(&self, assets: &[Asset]) -> Result<(), ServiceError> {
+        for asset in assets {
+            match self.storage.put(model::put_asset(asset, true)).await {
+                Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        self.catalog.refresh(&self.storage).await
+    }
+}
+
+fn rejection_error(rejection: Rejection) -> ServiceError {
+    match rejection {
+        Rejection::AccountNotFound => ServiceError::NotFound("Account not found".to_owned()),
+        other => ServiceError::Rejected(other),
+    }
+}
+
+/// The ledger entry, and for trades the CONFIRMED order, that a decision commits.
+fn records_of(held: &HeldLease, operation: &Operation, decision: &Decision, now: u64) -> (LedgerEntry, Option<Order>) {
+    let entry_id = uuid::Uuid::now_v7().to_string();
+    let (kind, trade_records) = match (operation, &decision.trade) {
+        (Operation::Deposit(_), _) => (EntryKind::Deposit, None),
+        (Operation::Withdraw(_), _) => (EntryKind::Withdrawal, None),
+        (Operation::Trade(trade), Some(effect)) => {
+            let order = Order {
+                order_id: uuid::Uuid::now_v7().to_string(),
+                user_id: held.user.clone(),
+                side: trade.side,
+                asset: trade.asset.clone(),
+                quantity: trade.quantity,
+                limit_price: trade.limit_price,
+                status: OrderStatus::Confirmed,
+                price: effect.price,
+                total: effect.total,
+                failure_reason: None,
+                created_at: now,
+            };
+            let ledger_trade = LedgerTrade {
+                asset: effect.asset.clone(),
+                quantity_delta: effect.quantity_delta,
+                order_id: order.order_id.clone(),
+            };
+            let kind = match trade.side {
+                TradeSide::Buy => EntryKind::Buy,
+                TradeSide::Sell => EntryKind::Sell,
+            };
+            (kind, Some((order, ledger_trade)))
+        }
+        (Operation::Trade(_), None) => unreachable!("a trade decision always carries its effect"),
+    };
+    let (order, ledger_trade) = trade_records.unzip();
+    let entry = LedgerEntry {
+        entry_id,
+        user_id: held.user.clone(),
+        kind,
+        cash_delta: decision.cash_delta,
+        cash_after: decision.cash,
+        trade: ledger_trade,
+        created_at: now,
+    };
+    (entry, order)
+}

@@ -1,0 +1,134 @@
+//! Settings: command-line flags, each with an environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::core::{FieldError, Limits, Usd};
+use crate::service::{CoordinatorConfig, LOCK_LEASE_DEPOSIT, LOCK_LEASE_TRADE, LOCK_LEASE_WITHDRAW, LOCK_WAIT_MAX};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Lockstep: a gRPC transaction coordinator with fenced per-user leases on DynamoDB"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Create the table on the configured storage, then exit.
+    CreateTables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StorageKind {
+    /// dynoxide in-process on a SQLite file under --data-dir: no setup, durable.
+    Embedded,
+    /// aws-sdk-dynamodb: AWS DynamoDB, or any compatible server with --dynamodb-endpoint.
+    Dynamodb,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "LOCKSTEP_LISTEN", default_value = "127.0.0.1:50051", global = true)]
+    pub listen: SocketAddr,
+    /// Storage engine. Giving --dynamodb-endpoint implies dynamodb.
+    #[arg(long, env = "LOCKSTEP_STORAGE", value_enum, default_value_t = StorageKind::Embedded, global = true)]
+    pub storage: StorageKind,
+    /// Directory of the embedded engine's database file.
+    #[arg(long, env = "LOCKSTEP_DATA_DIR", default_value = "lockstep-data", global = true)]
+    pub data_dir: PathBuf,
+    /// DynamoDB-compatible endpoint URL, e.g. http://127.0.0.1:8000.
+    #[arg(long, env = "LOCKSTEP_DYNAMODB_ENDPOINT", global = true)]
+    pub dynamodb_endpoint: Option<String>,
+    /// AWS region (otherwise the SDK's AWS_REGION / profile chain).
+    #[arg(long, env = "LOCKSTEP_REGION", global = true)]
+    pub region: Option<String>,
+    /// Name of the DynamoDB table.
+    #[arg(long, env = "LOCKSTEP_TABLE", default_value = "lockstep", global = true)]
+    pub table: String,
+    /// Asset catalog to seed on first start (JSON list of {symbol, price, active}); the
+    /// built-in coordinator/catalog.json when absent.
+    #[arg(long, env = "LOCKSTEP_CATALOG", global = true)]
+    pub catalog: Option<PathBuf>,
+    /// Lease of a deposit, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_LEASE_DEPOSIT_MS", default_value_t = LOCK_LEASE_DEPOSIT.as_millis() as u64, global = true)]
+    pub lease_deposit_ms: u64,
+    /// Lease of a withdrawal, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_LEASE_WITHDRAW_MS", default_value_t = LOCK_LEASE_WITHDRAW.as_millis() as u64, global = true)]
+    pub lease_withdraw_ms: u64,
+    /// Lease of a buy or sell, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_LEASE_TRADE_MS", default_value_t = LOCK_LEASE_TRADE.as_millis() as u64, global = true)]
+    pub lease_trade_ms: u64,
+    /// Longest wait for a busy lease before ABORTED, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_LOCK_WAIT_MS", default_value_t = LOCK_WAIT_MAX.as_millis() as u64, global = true)]
+    pub lock_wait_ms: u64,
+    /// Deposits per user per UTC day, USD.
+    #[arg(
+        long,
+        env = "LOCKSTEP_DAILY_DEPOSIT_LIMIT",
+        default_value = "10000.00",
+        global = true
+    )]
+    pub daily_deposit_limit: String,
+    /// Withdrawals per user per UTC day, USD.
+    #[arg(
+        long,
+        env = "LOCKSTEP_DAILY_WITHDRAWAL_LIMIT",
+        default_value = "5000.00",
+        global = true
+    )]
+    pub daily_withdrawal_limit: String,
+    /// Name of this coordinator instance, recorded on its leases (a random one by default).
+    #[arg(long, env = "LOCKSTEP_INSTANCE", global = true)]
+    pub instance: Option<String>,
+    /// Longest wait for in-flight RPCs at shutdown, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_DRAIN_MS", default_value_t = 10_000, global = true)]
+    pub drain_ms: u64,
+}
+
+impl Settings {
+    pub fn storage_kind(&self) -> StorageKind {
+        if self.dynamodb_endpoint.is_some() {
+            StorageKind::Dynamodb
+        } else {
+            self.storage
+        }
+    }
+
+    pub fn coordinator_config(&self) -> Result<CoordinatorConfig, FieldError> {
+        let leases = [self.lease_deposit_ms, self.lease_withdraw_ms, self.lease_trade_ms];
+        if leases.iter().any(|lease| *lease < 1000) {
+            return Err(FieldError::new("--lease-*-ms", "leases must be at least 1000 ms"));
+        }
+        Ok(CoordinatorConfig {
+            owner: self
+                .instance
+                .clone()
+                .unwrap_or_else(|| CoordinatorConfig::default().owner),
+            lease_deposit: Duration::from_millis(self.lease_deposit_ms),
+            lease_withdraw: Duration::from_millis(self.lease_withdraw_ms),
+            lease_trade: Duration::from_millis(self.lease_trade_ms),
+            lock_wait_max: Duration::from_millis(self.lock_wait_ms),
+            limits: Limits {
+                daily_deposit: Usd::parse_amount("--daily-deposit-limit", &self.daily_deposit_limit)?,
+                daily_withdrawal: Usd::parse_amount("--daily-withdrawal-limit", &self.daily_withdrawal_limit)?,
+            },
+        })
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_ms)
+    }
+}

@@ -1,0 +1,397 @@
+//! The endpoint engine: aws-sdk-dynamodb against AWS DynamoDB or any compatible server
+//! (dynoxide's HTTP server, moto, DynamoDB Local), configured from the usual AWS_* environment.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::retry::RetryConfig;
+use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TransactWriteItem,
+};
+
+use super::{
+    Bindings, CancellationReason, Delete, Engine, Item, Key, Page, Put, Query, StorageError, StorageResult,
+    TransactItem, Update, Value,
+};
+
+/// One attempt of one request may take this long before it counts as failed; DynamoDB answers
+/// in milliseconds, and a lease is at least 10 s, so a stuck attempt must give up well before.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// All attempts of one request together, SDK retries included.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The SDK retries throttling and transient errors itself; conditional writes stay safe under
+/// retry because every condition names the lease id (see docs/flow.md).
+pub const SDK_ATTEMPTS_MAX: u32 = 3;
+
+const _: () = assert!(ATTEMPT_TIMEOUT.as_millis() * SDK_ATTEMPTS_MAX as u128 >= OPERATION_TIMEOUT.as_millis());
+
+#[derive(Debug, Clone)]
+pub struct DynamoDbEngine {
+    client: Client,
+}
+
+impl DynamoDbEngine {
+    /// An engine from the usual AWS configuration chain (AWS_* environment, profile, instance
+    /// role), with an optional endpoint and region override.
+    pub async fn from_environment(endpoint: Option<&str>, region: Option<&str>) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(endpoint) = endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(region) = region {
+            loader = loader.region(aws_config::Region::new(region.to_owned()));
+        }
+        let shared = loader.load().await;
+        Self::from_config(aws_sdk_dynamodb::config::Builder::from(&shared))
+    }
+
+    /// An engine from an explicit SDK configuration; Lockstep's timeouts and retries are applied.
+    pub fn from_config(builder: aws_sdk_dynamodb::config::Builder) -> Self {
+        let config = builder
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .operation_timeout(OPERATION_TIMEOUT)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(SDK_ATTEMPTS_MAX))
+            .build();
+        Self {
+            client: Client::from_conf(config),
+        }
+    }
+}
+
+/// Error codes that mean "not now" rather than "no": throttling and server-side failures.
+const TRANSIENT_CODES: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "TransactionInProgressException",
+];
+
+fn map_error<E, R>(error: SdkError<E, R>, old_item: impl FnOnce(&E) -> Option<Item>) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match &error {
+        SdkError::ServiceError(service) => {
+            let inner = service.err();
+            match inner.code() {
+                Some("ConditionalCheckFailedException") => StorageError::ConditionFailed {
+                    current: old_item(inner),
+                },
+                Some(code) if TRANSIENT_CODES.contains(&code) => {
+                    StorageError::Unavailable(format!("{code}: {}", inner.message().unwrap_or_default()))
+                }
+                Some(code) => StorageError::Other(format!("{code}: {}", inner.message().unwrap_or_default())),
+                None => StorageError::Unavailable(format!("unrecognised error response: {:?}", service.raw())),
+            }
+        }
+        SdkError::ConstructionFailure(_) => {
+            StorageError::Other(format!("{}", aws_sdk_dynamodb::error::DisplayErrorContext(&error)))
+        }
+        _ => StorageError::Unavailable(format!("{}", aws_sdk_dynamodb::error::DisplayErrorContext(&error))),
+    }
+}
+
+fn to_value(value: &Value) -> AttributeValue {
+    match value {
+        Value::S(text) => AttributeValue::S(text.clone()),
+        Value::N(number) => AttributeValue::N(number.clone()),
+        Value::Bool(flag) => AttributeValue::Bool(*flag),
+        Value::M(map) => AttributeValue::M(map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()),
+    }
+}
+
+fn from_value(value: &AttributeValue) -> Option<Value> {
+    Some(match value {
+        AttributeValue::S(text) => Value::S(text.clone()),
+        AttributeValue::N(number) => Value::N(number.clone()),
+        AttributeValue::Bool(flag) => Value::Bool(*flag),
+        AttributeValue::M(map) => Value::M(
+            map.iter()
+                .filter_map(|(k, v)| Some((k.clone(), from_value(v)?)))
+                .collect(),
+        ),
+        _ => return None,
+    })
+}
+
+fn to_item(item: &Item) -> HashMap<String, AttributeValue> {
+    item.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()
+}
+
+fn from_item(item: &HashMap<String, AttributeValue>) -> Item {
+    item.iter()
+        .filter_map(|(k, v)| Some((k.clone(), from_value(v)?)))
+        .collect()
+}
+
+fn to_key(key: &Key) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        ("pk".to_owned(), AttributeValue::S(key.pk.clone())),
+        ("sk".to_owned(), AttributeValue::S(key.sk.clone())),
+    ])
+}
+
+fn from_key(item: &HashMap<String, AttributeValue>) -> Option<Key> {
+    match (item.get("pk"), item.get("sk")) {
+        (Some(AttributeValue::S(pk)), Some(AttributeValue::S(sk))) => Some(Key {
+            pk: pk.clone(),
+            sk: sk.clone(),
+        }),
+        _ => None,
+    }
+}
+
+type Names = Option<HashMap<String, String>>;
+type Values = Option<HashMap<String, AttributeValue>>;
+
+fn to_bindings(bindings: &Bindings) -> (Names, Values) {
+    let names = (!bindings.names.is_empty()).then(|| bindings.names.clone().into_iter().collect());
+    let values =
+        (!bindings.values.is_empty()).then(|| bindings.values.iter().map(|(k, v)| (k.clone(), to_value(v))).collect());
+    (names, values)
+}
+
+fn transact_item(table: &str, item: TransactItem) -> StorageResult<TransactWriteItem> {
+    let invalid = |error: aws_sdk_dynamodb::error::BuildError| StorageError::Other(error.to_string());
+    let builder = TransactWriteItem::builder();
+    let builder = match item {
+        TransactItem::Put(put) => {
+            let (names, values) = to_bindings(&put.bindings);
+            builder.put(
+                aws_sdk_dynamodb::types::Put::builder()
+                    .table_name(table)
+                    .set_item(Some(to_item(&put.item)))
+                    .set_condition_expression(put.condition)
+                    .set_expression_attribute_names(names)
+                    .set_expression_attribute_values(values)
+                    .build()
+                    .map_err(invalid)?,
+            )
+        }
+        TransactItem::Update(update) => {
+            let (names, values) = to_bindings(&update.bindings);
+            builder.update(
+                aws_sdk_dynamodb::types::Update::builder()
+                    .table_name(table)
+                    .set_key(Some(to_key(&update.key)))
+                    .update_expression(update.update)
+                    .set_condition_expression(update.condition)
+                    .set_expression_attribute_names(names)
+                    .set_expression_attribute_values(values)
+                    .build()
+                    .map_err(invalid)?,
+            )
+        }
+        TransactItem::Delete(delete) => {
+            let (names, values) = to_bindings(&delete.bindings);
+            builder.delete(
+                aws_sdk_dynamodb::types::Delete::builder()
+                    .table_name(table)
+                    .set_key(Some(to_key(&delete.key)))
+                    .set_condition_expression(delete.condition)
+                    .set_expression_attribute_names(names)
+                    .set_expression_attribute_values(values)
+                    .build()
+                    .map_err(invalid)?,
+            )
+        }
+        TransactItem::ConditionCheck(check) => {
+            let (names, values) = to_bindings(&check.bindings);
+            builder.condition_check(
+                aws_sdk_dynamodb::types::ConditionCheck::builder()
+                    .table_name(table)
+                    .set_key(Some(to_key(&check.key)))
+                    .condition_expression(check.condition)
+                    .set_expression_attribute_names(names)
+                    .set_expression_attribute_values(values)
+                    .build()
+                    .map_err(invalid)?,
+            )
+        }
+    };
+    Ok(builder.build())
+}
+
+#[async_trait::async_trait]
+impl Engine for DynamoDbEngine {
+    async fn create_table(&self, table: &str) -> StorageResult<()> {
+        let invalid = |error: aws_sdk_dynamodb::error::BuildError| StorageError::Other(error.to_string());
+        let mut request = self
+            .client
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest);
+        for (name, key_type) in [("pk", KeyType::Hash), ("sk", KeyType::Range)] {
+            request = request
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(name)
+                        .key_type(key_type)
+                        .build()
+                        .map_err(invalid)?,
+                )
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(name)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(invalid)?,
+                );
+        }
+        request.send().await.map_err(|error| map_error(error, |_| None))?;
+        Ok(())
+    }
+
+    async fn table_exists(&self, table: &str) -> StorageResult<bool> {
+        match self.client.describe_table().table_name(table).send().await {
+            Ok(_) => Ok(true),
+            Err(error) => match map_error(error, |_| None) {
+                StorageError::Other(message) if message.starts_with("ResourceNotFoundException") => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn get(&self, table: &str, key: Key) -> StorageResult<Option<Item>> {
+        let response = self
+            .client
+            .get_item()
+            .table_name(table)
+            .set_key(Some(to_key(&key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|error| map_error(error, |_| None))?;
+        Ok(response.item().map(from_item))
+    }
+
+    async fn update(&self, table: &str, update: Update) -> StorageResult<Option<Item>> {
+        let (names, values) = to_bindings(&update.bindings);
+        let response = self
+            .client
+            .update_item()
+            .table_name(table)
+            .set_key(Some(to_key(&update.key)))
+            .update_expression(update.update)
+            .set_condition_expression(update.condition)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .set_return_values(update.return_new.then_some(ReturnValue::AllNew))
+            .set_return_values_on_condition_check_failure(
+                update
+                    .return_old_on_condition_failure
+                    .then_some(ReturnValuesOnConditionCheckFailure::AllOld),
+            )
+            .send()
+            .await
+            .map_err(|error| {
+                map_error(error, |inner| match inner {
+                    aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(
+                        failed,
+                    ) => failed.item().map(from_item),
+                    _ => None,
+                })
+            })?;
+        Ok(response.attributes().map(from_item))
+    }
+
+    async fn put(&self, table: &str, put: Put) -> StorageResult<()> {
+        let (names, values) = to_bindings(&put.bindings);
+        self.client
+            .put_item()
+            .table_name(table)
+            .set_item(Some(to_item(&put.item)))
+            .set_condition_expression(put.condition)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .send()
+            .await
+            .map_err(|error| map_error(error, |_| None))?;
+        Ok(())
+    }
+
+    async fn delete(&self, table: &str, delete: Delete) -> StorageResult<()> {
+        let (names, values) = to_bindings(&delete.bindings);
+        self.client
+            .delete_item()
+            .table_name(table)
+            .set_key(Some(to_key(&delete.key)))
+            .set_condition_expression(delete.condition)
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(values)
+            .send()
+            .await
+            .map_err(|error| map_error(error, |_| None))?;
+        Ok(())
+    }
+
+    async fn query(&self, table: &str, query: Query) -> StorageResult<Page> {
+        let mut request = self
+            .client
+            .query()
+            .table_name(table)
+            .expression_attribute_values(":pk", AttributeValue::S(query.pk.clone()))
+            .scan_index_forward(!query.newest_first)
+            .limit(query.limit as i32)
+            .consistent_read(true)
+            .set_exclusive_start_key(query.start_after.as_ref().map(to_key));
+        request = if query.sk_prefix.is_empty() {
+            request.key_condition_expression("pk = :pk")
+        } else {
+            request
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":prefix", AttributeValue::S(query.sk_prefix.clone()))
+        };
+        let response = request.send().await.map_err(|error| map_error(error, |_| None))?;
+        Ok(Page {
+            items: response.items().iter().map(from_item).collect(),
+            last_key: response.last_evaluated_key().and_then(from_key),
+        })
+    }
+
+    async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+        let items = items
+            .into_iter()
+            .map(|item| transact_item(table, item))
+            .collect::<StorageResult<Vec<_>>>()?;
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .set_client_request_token(token)
+            .send()
+            .await;
+        let error = match result {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        if let SdkError::ServiceError(service) = &error
+            && let TransactWriteItemsError::TransactionCanceledException(canceled) = service.err()
+        {
+            return Err(StorageError::TransactionCanceled {
+                reasons: canceled
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|reason| CancellationReason {
+                        code: reason.code().unwrap_or("None").to_owned(),
+                    })
+                    .collect(),
+            });
+        }
+        Err(map_error(error, |_| None))
+    }
+}

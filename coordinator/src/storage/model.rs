@@ -1,0 +1,596 @@
+//! The data model: every key, item shape, condition and update expression Lockstep sends to
+//! DynamoDB, built here and nowhere else. See `docs/storage.md` for the table design.
+//!
+//! One table, keys `pk` (S) and `sk` (S):
+//!
+//! | item          | pk               | sk                 |
+//! |---------------|------------------|--------------------|
+//! | account+lease | `USER#{user}`    | `ACCOUNT`          |
+//! | ledger entry  | `USER#{user}`    | `LEDGER#{uuid v7}` |
+//! | order (user)  | `USER#{user}`    | `ORDER#{uuid v7}`  |
+//! | order (by id) | `ORDER#{uuid v7}`| `ORDER`            |
+//! | asset         | `ASSET`          | `{symbol}`         |
+//!
+//! The lease lives on the account item, so taking it (one conditional UpdateItem with
+//! ReturnValues = ALL_NEW) also reads the account consistently: a successful mutation costs
+//! exactly two requests, acquire and commit-and-release.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+
+use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactItem, Update, Value};
+use crate::core::records::{Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus};
+use crate::core::time::rfc3339;
+use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, TradeSide, Usd, UserId};
+
+const ACCOUNT_SK: &str = "ACCOUNT";
+const LEDGER_PREFIX: &str = "LEDGER#";
+const ORDER_PREFIX: &str = "ORDER#";
+const ORDER_SK: &str = "ORDER";
+const ASSET_PK: &str = "ASSET";
+
+/// The lease's attributes on the account item, removed together on release.
+const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_operation, lock_expires_at";
+
+fn s(text: impl Into<String>) -> Value {
+    Value::S(text.into())
+}
+
+fn n(number: impl ToString) -> Value {
+    Value::N(number.to_string())
+}
+
+fn bindings<const N: usize, const V: usize>(names: [(&str, &str); N], values: [(&str, Value); V]) -> Bindings {
+    Bindings {
+        names: names.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+        values: values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+    }
+}
+
+fn user_pk(user: &UserId) -> String {
+    format!("USER#{user}")
+}
+
+pub fn account_key(user: &UserId) -> Key {
+    Key {
+        pk: user_pk(user),
+        sk: ACCOUNT_SK.to_owned(),
+    }
+}
+
+pub fn ledger_key(user: &UserId, entry_id: &str) -> Key {
+    Key {
+        pk: user_pk(user),
+        sk: format!("{LEDGER_PREFIX}{entry_id}"),
+    }
+}
+
+pub fn order_key(order_id: &str) -> Key {
+    Key {
+        pk: format!("{ORDER_PREFIX}{order_id}"),
+        sk: ORDER_SK.to_owned(),
+    }
+}
+
+fn asset_key(symbol: &AssetSymbol) -> Key {
+    Key {
+        pk: ASSET_PK.to_owned(),
+        sk: symbol.as_str().to_owned(),
+    }
+}
+
+fn key_attributes(key: &Key) -> Item {
+    BTreeMap::from([("pk".to_owned(), s(&key.pk)), ("sk".to_owned(), s(&key.sk))])
+}
+
+/// Puts a new item, refusing to overwrite one: ids are fresh, so an existing item means a bug
+/// or a replayed request, never something to clobber.
+fn put_new(item: Item) -> Put {
+    Put {
+        item,
+        condition: Some("attribute_not_exists(pk)".to_owned()),
+        bindings: Bindings::default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lease
+
+/// Takes the user's lease if it is absent or expired, in one conditional write, and returns the
+/// whole account item as written. Operations other than deposit also require the account to
+/// exist. On failure the item is returned as it was (ALL_OLD), so the caller can tell a busy
+/// lease from a missing account, or find that the lease is already its own (a retried request).
+pub fn acquire_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool) -> Update {
+    let free = "(attribute_not_exists(lock_id) OR lock_expires_at <= :now)";
+    let condition = if require_account {
+        format!("attribute_exists(cash) AND {free}")
+    } else {
+        free.to_owned()
+    };
+    Update {
+        key: account_key(user),
+        update: "SET user_id = :user, lock_id = :lock, lock_owner = :owner, lock_operation = :operation, \
+                 lock_expires_at = :expires, version = if_not_exists(version, :zero), \
+                 holdings = if_not_exists(holdings, :empty)"
+            .to_owned(),
+        condition: Some(condition),
+        bindings: bindings(
+            [],
+            [
+                (":user", s(user.as_str())),
+                (":lock", s(lease.lock_id.as_str())),
+                (":owner", s(&lease.owner)),
+                (":operation", s(&lease.operation)),
+                (":expires", n(lease.expires_at)),
+                (":now", n(now)),
+                (":zero", n(0)),
+                (":empty", Value::M(BTreeMap::new())),
+            ],
+        ),
+        return_new: true,
+        return_old_on_condition_failure: true,
+    }
+}
+
+/// Gives the lease back without changing the account, if it is still ours. An item that holds
+/// only a lease (a first deposit that was refused) is deleted instead.
+pub fn release_lease(user: &UserId, lock_id: &LockId, account_exists: bool) -> TransactItem {
+    let values = bindings([], [(":lock", s(lock_id.as_str()))]);
+    if account_exists {
+        TransactItem::Update(Update {
+            key: account_key(user),
+            update: format!("REMOVE {LEASE_ATTRIBUTES}"),
+            condition: Some("lock_id = :lock".to_owned()),
+            bindings: values,
+            return_new: false,
+            return_old_on_condition_failure: false,
+        })
+    } else {
+        TransactItem::Delete(Delete {
+            key: account_key(user),
+            condition: Some("lock_id = :lock AND attribute_not_exists(cash)".to_owned()),
+            bindings: values,
+        })
+    }
+}
+
+pub fn lease_from_item(item: &Item) -> Option<Lease> {
+    Some(Lease {
+        lock_id: LockId::from_stored(string(item, "lock_id")?.to_owned()),
+        owner: string(item, "lock_owner").unwrap_or_default().to_owned(),
+        operation: string(item, "lock_operation").unwrap_or_default().to_owned(),
+        expires_at: number(item, "lock_expires_at")?.parse().ok()?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commit
+
+/// Everything one successful mutation writes, as one transaction: the account's new state with
+/// the lease released, the ledger entry, and for trades both order items and a check that the
+/// catalog still has the price the trade executed at.
+///
+/// The account update is fenced: it applies only if the lease is still this caller's, unexpired
+/// at `now`, and the account is at the version the decision read. The balance and holding
+/// constraints are restated as conditions too, so no commit can ever make either negative.
+pub fn commit(
+    user: &UserId,
+    lock_id: &LockId,
+    read: &Account,
+    decision: &Decision,
+    entry: &LedgerEntry,
+    order: Option<&Order>,
+    now: Millis,
+) -> Vec<TransactItem> {
+    let mut set = vec![
+        "cash = :cash",
+        "limit_day = :day",
+        "deposited_today = :deposited",
+        "withdrawn_today = :withdrawn",
+        "version = :next_version",
+        "created_at = if_not_exists(created_at, :now_text)",
+    ];
+    let mut condition = vec!["lock_id = :lock", "lock_expires_at > :now", "version = :version"];
+    let mut update_bindings = bindings(
+        [],
+        [
+            (":cash", n(decision.cash)),
+            (":day", s(&decision.limit_day)),
+            (":deposited", n(decision.deposited_today)),
+            (":withdrawn", n(decision.withdrawn_today)),
+            (":next_version", n(read.version + 1)),
+            (":now_text", s(rfc3339(now))),
+            (":lock", s(lock_id.as_str())),
+            (":now", n(now)),
+            (":version", n(read.version)),
+        ],
+    );
+    if decision.cash_delta < Decimal::ZERO {
+        condition.push("cash >= :debit");
+        update_bindings
+            .values
+            .insert(":debit".to_owned(), n(-decision.cash_delta));
+    }
+    let mut items = Vec::with_capacity(5);
+    if let Some(trade) = &decision.trade {
+        set.push("holdings.#asset = :holding");
+        update_bindings
+            .names
+            .insert("#asset".to_owned(), trade.asset.as_str().to_owned());
+        update_bindings.values.insert(":holding".to_owned(), n(trade.holding));
+        if trade.quantity_delta < Decimal::ZERO {
+            condition.push("holdings.#asset >= :sold");
+            update_bindings
+                .values
+                .insert(":sold".to_owned(), n(-trade.quantity_delta));
+        }
+        items.push(TransactItem::ConditionCheck(ConditionCheck {
+            key: asset_key(&trade.asset),
+            condition: "price = :price AND active = :active".to_owned(),
+            bindings: bindings([], [(":price", n(trade.price)), (":active", Value::Bool(true))]),
+        }));
+    }
+    items.push(TransactItem::Update(Update {
+        key: account_key(user),
+        update: format!("SET {} REMOVE {LEASE_ATTRIBUTES}", set.join(", ")),
+        condition: Some(condition.join(" AND ")),
+        bindings: update_bindings,
+        return_new: false,
+        return_old_on_condition_failure: false,
+    }));
+    items.push(TransactItem::Put(put_new(ledger_item(entry))));
+    if let Some(order) = order {
+        items.extend(order_puts(order));
+    }
+    items
+}
+
+/// Index of the account update in `commit`'s items, to read its cancellation reason.
+pub fn commit_account_index(decision: &Decision) -> usize {
+    usize::from(decision.trade.is_some())
+}
+
+/// A refused trade: both order items as FAILED and the lease released, in one transaction.
+pub fn record_failed_order(user: &UserId, lock_id: &LockId, account_exists: bool, order: &Order) -> Vec<TransactItem> {
+    let mut items = order_puts(order);
+    items.push(release_lease(user, lock_id, account_exists));
+    items
+}
+
+pub fn order_puts(order: &Order) -> Vec<TransactItem> {
+    let by_user = order_item(
+        order,
+        Key {
+            pk: user_pk(&order.user_id),
+            sk: format!("{ORDER_PREFIX}{}", order.order_id),
+        },
+    );
+    let by_id = order_item(order, order_key(&order.order_id));
+    vec![TransactItem::Put(put_new(by_user)), TransactItem::Put(put_new(by_id))]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Items <-> records
+
+fn string<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    match item.get(name) {
+        Some(Value::S(text)) => Some(text),
+        _ => None,
+    }
+}
+
+fn number<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    match item.get(name) {
+        Some(Value::N(text)) => Some(text),
+        _ => None,
+    }
+}
+
+/// A stored item that does not have the shape Lockstep writes: a bug or foreign data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {kind} item: attribute {attribute}")]
+pub struct MalformedItem {
+    pub kind: &'static str,
+    pub attribute: &'static str,
+}
+
+fn required<T>(kind: &'static str, attribute: &'static str, value: Option<T>) -> Result<T, MalformedItem> {
+    value.ok_or(MalformedItem { kind, attribute })
+}
+
+pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
+    const KIND: &str = "account";
+    let Some(cash) = number(item, "cash") else {
+        // Only a lease so far: the first deposit has not committed.
+        let version = number(item, "version").and_then(|raw| raw.parse().ok()).unwrap_or(0);
+        return Ok(Account {
+            version,
+            ..Account::default()
+        });
+    };
+    let usd = |attribute: &'static str| -> Result<Usd, MalformedItem> {
+        required(KIND, attribute, number(item, attribute).and_then(Usd::from_stored))
+    };
+    let mut holdings = BTreeMap::new();
+    if let Some(Value::M(stored)) = item.get("holdings") {
+        for (symbol, quantity) in stored {
+            let Value::N(quantity) = quantity else {
+                return Err(MalformedItem {
+                    kind: KIND,
+                    attribute: "holdings",
+                });
+            };
+            let symbol = required(KIND, "holdings", AssetSymbol::parse("holdings", symbol).ok())?;
+            let quantity = required(KIND, "holdings", Quantity::from_stored(quantity))?;
+            holdings.insert(symbol, quantity);
+        }
+    }
+    Ok(Account {
+        exists: true,
+        cash: required(KIND, "cash", Usd::from_stored(cash))?,
+        holdings,
+        limit_day: string(item, "limit_day").unwrap_or_default().to_owned(),
+        deposited_today: usd("deposited_today")?,
+        withdrawn_today: usd("withdrawn_today")?,
+        version: required(
+            KIND,
+            "version",
+            number(item, "version").and_then(|raw| raw.parse().ok()),
+        )?,
+    })
+}
+
+fn ledger_item(entry: &LedgerEntry) -> Item {
+    let mut item = key_attributes(&ledger_key(&entry.user_id, &entry.entry_id));
+    item.insert("entry_id".to_owned(), s(&entry.entry_id));
+    item.insert("user_id".to_owned(), s(entry.user_id.as_str()));
+    item.insert("kind".to_owned(), s(entry.kind.as_str()));
+    item.insert("cash_delta".to_owned(), n(entry.cash_delta));
+    item.insert("cash_after".to_owned(), n(entry.cash_after));
+    item.insert("created_at".to_owned(), n(entry.created_at));
+    if let Some(trade) = &entry.trade {
+        item.insert("asset".to_owned(), s(trade.asset.as_str()));
+        item.insert("quantity_delta".to_owned(), n(trade.quantity_delta));
+        item.insert("order_id".to_owned(), s(&trade.order_id));
+    }
+    item
+}
+
+pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
+    const KIND: &str = "ledger";
+    let decimal = |attribute: &'static str| -> Result<Decimal, MalformedItem> {
+        required(
+            KIND,
+            attribute,
+            number(item, attribute).and_then(|raw| raw.parse().ok()),
+        )
+    };
+    let trade = match string(item, "asset") {
+        Some(asset) => Some(LedgerTrade {
+            asset: required(KIND, "asset", AssetSymbol::parse("asset", asset).ok())?,
+            quantity_delta: decimal("quantity_delta")?,
+            order_id: string(item, "order_id").unwrap_or_default().to_owned(),
+        }),
+        None => None,
+    };
+    Ok(LedgerEntry {
+        entry_id: required(KIND, "entry_id", string(item, "entry_id"))?.to_owned(),
+        user_id: required(
+            KIND,
+            "user_id",
+            string(item, "user_id").and_then(|raw| UserId::parse("user_id", raw).ok()),
+        )?,
+        kind: required(KIND, "kind", string(item, "kind").and_then(EntryKind::parse))?,
+        cash_delta: decimal("cash_delta")?,
+        cash_after: Usd::from_decimal(decimal("cash_after")?),
+        trade,
+        created_at: required(
+            KIND,
+            "created_at",
+            number(item, "created_at").and_then(|raw| raw.parse().ok()),
+        )?,
+    })
+}
+
+fn order_item(order: &Order, key: Key) -> Item {
+    let mut item = key_attributes(&key);
+    item.insert("order_id".to_owned(), s(&order.order_id));
+    item.insert("user_id".to_owned(), s(order.user_id.as_str()));
+    item.insert("side".to_owned(), s(order.side.as_str()));
+    item.insert("asset".to_owned(), s(order.asset.as_str()));
+    item.insert("quantity".to_owned(), n(order.quantity));
+    item.insert("status".to_owned(), s(order.status.as_str()));
+    item.insert("price".to_owned(), n(order.price));
+    item.insert("total".to_owned(), n(order.total));
+    item.insert("created_at".to_owned(), n(order.created_at));
+    if let Some(limit) = order.limit_price {
+        item.insert("limit_price".to_owned(), n(limit));
+    }
+    if let Some(reason) = &order.failure_reason {
+        item.insert("failure_reason".to_owned(), s(reason));
+    }
+    item
+}
+
+pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
+    const KIND: &str = "order";
+    Ok(Order {
+        order_id: required(KIND, "order_id", string(item, "order_id"))?.to_owned(),
+        user_id: required(
+            KIND,
+            "user_id",
+            string(item, "user_id").and_then(|raw| UserId::parse("user_id", raw).ok()),
+        )?,
+        side: match string(item, "side") {
+            Some("BUY") => TradeSide::Buy,
+            Some("SELL") => TradeSide::Sell,
+            _ => {
+                return Err(MalformedItem {
+                    kind: KIND,
+                    attribute: "side",
+                });
+            }
+        },
+        asset: required(
+            KIND,
+            "asset",
+            string(item, "asset").and_then(|raw| AssetSymbol::parse("asset", raw).ok()),
+        )?,
+        quantity: required(
+            KIND,
+            "quantity",
+            number(item, "quantity").and_then(Quantity::from_stored),
+        )?,
+        limit_price: number(item, "limit_price").and_then(Price::from_stored),
+        status: match string(item, "status") {
+            Some("CONFIRMED") => OrderStatus::Confirmed,
+            Some("FAILED") => OrderStatus::Failed,
+            _ => {
+                return Err(MalformedItem {
+                    kind: KIND,
+                    attribute: "status",
+                });
+            }
+        },
+        price: required(KIND, "price", number(item, "price").and_then(Price::from_stored))?,
+        total: required(KIND, "total", number(item, "total").and_then(Usd::from_stored))?,
+        failure_reason: string(item, "failure_reason").map(str::to_owned),
+        created_at: required(
+            KIND,
+            "created_at",
+            number(item, "created_at").and_then(|raw| raw.parse().ok()),
+        )?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asset catalog
+
+/// Writes an asset. With `only_if_new`, an existing asset is left as it is: seeding the
+/// catalog at start never overwrites what an admin changed.
+pub fn put_asset(asset: &Asset, only_if_new: bool) -> Put {
+    let mut item = key_attributes(&asset_key(&asset.symbol));
+    item.insert("symbol".to_owned(), s(asset.symbol.as_str()));
+    item.insert("price".to_owned(), n(asset.price));
+    item.insert("active".to_owned(), Value::Bool(asset.active));
+    if only_if_new {
+        put_new(item)
+    } else {
+        Put {
+            item,
+            condition: None,
+            bindings: Bindings::default(),
+        }
+    }
+}
+
+pub fn asset_from_item(item: &Item) -> Result<Asset, MalformedItem> {
+    const KIND: &str = "asset";
+    Ok(Asset {
+        symbol: required(
+            KIND,
+            "symbol",
+            string(item, "symbol").and_then(|raw| AssetSymbol::parse("symbol", raw).ok()),
+        )?,
+        price: required(KIND, "price", number(item, "price").and_then(Price::from_stored))?,
+        active: matches!(item.get("active"), Some(Value::Bool(true))),
+    })
+}
+
+/// Largest page of the asset catalog read at once; the catalog is a handful of assets.
+pub const ASSET_PAGE_SIZE: u32 = 100;
+
+pub fn assets_query(start_after: Option<Key>) -> Query {
+    Query {
+        pk: ASSET_PK.to_owned(),
+        sk_prefix: String::new(),
+        newest_first: false,
+        limit: ASSET_PAGE_SIZE,
+        start_after,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pages of a user's ledger and orders
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserCollection {
+    Ledger,
+    Orders,
+}
+
+impl UserCollection {
+    fn prefix(self) -> &'static str {
+        match self {
+            UserCollection::Ledger => LEDGER_PREFIX,
+            UserCollection::Orders => ORDER_PREFIX,
+        }
+    }
+}
+
+/// Newest first. `after_sort_key` is the sort key of the last item of the previous page, taken
+/// from the caller's cursor; it must belong to the same collection.
+pub fn user_page_query(
+    user: &UserId,
+    collection: UserCollection,
+    limit: u32,
+    after_sort_key: Option<String>,
+) -> Option<Query> {
+    let prefix = collection.prefix();
+    if after_sort_key
+        .as_ref()
+        .is_some_and(|sort_key| !sort_key.starts_with(prefix))
+    {
+        return None;
+    }
+    Some(Query {
+        pk: user_pk(user),
+        sk_prefix: prefix.to_owned(),
+        newest_first: true,
+        limit,
+        start_after: after_sort_key.map(|sk| Key { pk: user_pk(user), sk }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_round_trips_through_an_item() {
+        let mut item = key_attributes(&account_key(&UserId::parse("u", "alice").unwrap()));
+        item.insert("cash".to_owned(), n("100.5"));
+        item.insert("deposited_today".to_owned(), n("100.5"));
+        item.insert("withdrawn_today".to_owned(), n("0"));
+        item.insert("limit_day".to_owned(), s("2026-11-26"));
+        item.insert("version".to_owned(), n(3));
+        item.insert(
+            "holdings".to_owned(),
+            Value::M(BTreeMap::from([("BTC".to_owned(), n("0.25"))])),
+        );
+        let account = account_from_item(&item).unwrap();
+        assert!(account.exists);
+        assert_eq!(account.cash.to_string(), "100.50");
+        assert_eq!(account.version, 3);
+        assert_eq!(
+            account.holding(&AssetSymbol::parse("a", "BTC").unwrap()).to_string(),
+            "0.25"
+        );
+    }
+
+    #[test]
+    fn a_lease_only_item_is_not_an_account() {
+        let mut item = Item::new();
+        item.insert("lock_id".to_owned(), s("x"));
+        item.insert("version".to_owned(), n(0));
+        assert!(!account_from_item(&item).unwrap().exists);
+    }
+
+    #[test]
+    fn cursors_cannot_cross_collections() {
+        let user = UserId::parse("u", "alice").unwrap();
+        assert!(user_page_query(&user, UserCollection::Ledger, 10, Some("ORDER#x".to_owned())).is_none());
+        assert!(user_page_query(&user, UserCollection::Ledger, 10, Some("LEDGER#x".to_owned())).is_some());
+    }
+}

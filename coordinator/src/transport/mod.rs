@@ -1,0 +1,310 @@
+//! gRPC in and out: parses each request into validated core types (bad input never reaches the
+//! service), calls the service, and maps its result to a reply or to exactly one status code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep::coordinator::v1 as pb;
+use tokio::time::Instant;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::core::decide::Rejection;
+use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
+use crate::core::time::rfc3339;
+use crate::core::{AssetSymbol, FieldError, Price, Quantity, TradeSide, Usd, UserId};
+use crate::service::{Committed, Coordinator, ServiceError, TradeRequest};
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    coordinator: Arc<Coordinator>,
+}
+
+impl CoordinatorService {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+}
+
+/// The one place a service error becomes a gRPC status.
+pub fn status_of(error: ServiceError) -> Status {
+    match error {
+        ServiceError::InvalidArgument(field) => Status::with_error_details(
+            Code::InvalidArgument,
+            format!("{}: {}", field.field, field.reason),
+            ErrorDetails::with_bad_request_violation(field.field, field.reason),
+        ),
+        ServiceError::NotFound(message) => Status::not_found(message),
+        ServiceError::Rejected(Rejection::AccountNotFound) => Status::not_found("Account not found"),
+        ServiceError::Rejected(rejection) => Status::failed_precondition(rejection.to_string()),
+        error @ (ServiceError::Busy | ServiceError::LeaseLost) => Status::aborted(error.to_string()),
+        error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
+        error @ ServiceError::Unavailable(_) => {
+            tracing::warn!(%error, detail = ?error, "storage unavailable");
+            Status::unavailable(error.to_string())
+        }
+        ServiceError::Internal(detail) => {
+            tracing::error!(%detail, "internal error");
+            Status::internal("Internal error")
+        }
+    }
+}
+
+fn invalid(error: FieldError) -> Status {
+    status_of(ServiceError::InvalidArgument(error))
+}
+
+/// The caller's deadline, from the `grpc-timeout` header (`<digits><unit>`, unit one of
+/// H M S m u n). A malformed header is ignored, as gRPC servers do.
+pub fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
+fn cash_reply(user: &UserId, amount: Usd, committed: Committed) -> pb::CashReply {
+    pb::CashReply {
+        transaction_id: committed.entry.entry_id,
+        user_id: user.to_string(),
+        amount: amount.to_string(),
+        cash_balance: committed.decision.cash.to_string(),
+    }
+}
+
+fn order_message(order: Order) -> pb::Order {
+    pb::Order {
+        order_id: order.order_id,
+        user_id: order.user_id.to_string(),
+        side: match order.side {
+            TradeSide::Buy => pb::OrderSide::Buy,
+            TradeSide::Sell => pb::OrderSide::Sell,
+        } as i32,
+        asset: order.asset.to_string(),
+        quantity: order.quantity.to_string(),
+        limit_price: order.limit_price.map(|price| price.to_string()),
+        status: match order.status {
+            OrderStatus::Confirmed => pb::OrderStatus::Confirmed,
+            OrderStatus::Failed => pb::OrderStatus::Failed,
+        } as i32,
+        price: order.price.to_string(),
+        total: order.total.to_string(),
+        failure_reason: order.failure_reason.unwrap_or_default(),
+        created_at: rfc3339(order.created_at),
+    }
+}
+
+fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
+    let (asset, quantity_delta, order_id) = match entry.trade {
+        Some(trade) => (
+            trade.asset.to_string(),
+            trade.quantity_delta.to_string(),
+            trade.order_id,
+        ),
+        None => (String::new(), String::new(), String::new()),
+    };
+    pb::LedgerEntry {
+        transaction_id: entry.entry_id,
+        user_id: entry.user_id.to_string(),
+        kind: match entry.kind {
+            EntryKind::Deposit => pb::EntryKind::Deposit,
+            EntryKind::Withdrawal => pb::EntryKind::Withdrawal,
+            EntryKind::Buy => pb::EntryKind::Buy,
+            EntryKind::Sell => pb::EntryKind::Sell,
+        } as i32,
+        cash_delta: signed_usd(entry.cash_delta),
+        asset,
+        quantity_delta,
+        order_id,
+        cash_balance: entry.cash_after.to_string(),
+        created_at: rfc3339(entry.created_at),
+    }
+}
+
+/// A signed USD amount with exactly 2 decimals, e.g. "-72.62".
+fn signed_usd(amount: rust_decimal::Decimal) -> String {
+    let mut amount = amount;
+    amount.rescale(crate::core::money::USD_SCALE);
+    amount.to_string()
+}
+
+fn asset_message(asset: Asset) -> pb::Asset {
+    pb::Asset {
+        symbol: asset.symbol.to_string(),
+        price: asset.price.to_string(),
+        active: asset.active,
+    }
+}
+
+impl CoordinatorService {
+    async fn place(
+        &self,
+        request: Request<pb::PlaceOrderRequest>,
+        side: TradeSide,
+    ) -> Result<Response<pb::OrderReply>, Status> {
+        let deadline = deadline_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let trade = TradeRequest {
+            side,
+            asset: AssetSymbol::parse("asset", &message.asset).map_err(invalid)?,
+            quantity: Quantity::parse_trade("quantity", &message.quantity).map_err(invalid)?,
+            limit_price: message
+                .limit_price
+                .as_deref()
+                .map(|raw| Price::parse("limit_price", raw))
+                .transpose()
+                .map_err(invalid)?,
+        };
+        let committed = self
+            .coordinator
+            .trade(&user, trade, deadline)
+            .await
+            .map_err(status_of)?;
+        let effect = committed
+            .decision
+            .trade
+            .clone()
+            .expect("a committed trade has its effect");
+        Ok(Response::new(pb::OrderReply {
+            cash_balance: committed.decision.cash.to_string(),
+            holding: effect.holding.to_string(),
+            transaction_id: committed.entry.entry_id.clone(),
+            order: committed.order.map(order_message),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::CashReply>, Status> {
+        let deadline = deadline_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
+        let committed = self
+            .coordinator
+            .deposit(&user, amount, deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(cash_reply(&user, amount, committed)))
+    }
+
+    async fn withdraw(&self, request: Request<pb::WithdrawRequest>) -> Result<Response<pb::CashReply>, Status> {
+        let deadline = deadline_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
+        let committed = self
+            .coordinator
+            .withdraw(&user, amount, deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(cash_reply(&user, amount, committed)))
+    }
+
+    async fn place_buy(&self, request: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
+        self.place(request, TradeSide::Buy).await
+    }
+
+    async fn place_sell(&self, request: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
+        self.place(request, TradeSide::Sell).await
+    }
+
+    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
+        let user = UserId::parse("user_id", &request.get_ref().user_id).map_err(invalid)?;
+        let account = self.coordinator.account(&user).await.map_err(status_of)?;
+        let (deposited_today, withdrawn_today) = account.daily_totals(&self.coordinator.today());
+        Ok(Response::new(pb::Account {
+            user_id: user.to_string(),
+            cash_balance: account.cash.to_string(),
+            holdings: account
+                .holdings
+                .iter()
+                .filter(|(_, quantity)| !quantity.is_zero())
+                .map(|(asset, quantity)| pb::Holding {
+                    asset: asset.to_string(),
+                    quantity: quantity.to_string(),
+                })
+                .collect(),
+            deposited_today: deposited_today.to_string(),
+            withdrawn_today: withdrawn_today.to_string(),
+        }))
+    }
+
+    async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
+        let order = self
+            .coordinator
+            .order(&request.get_ref().order_id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(order_message(order)))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersReply>, Status> {
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let page = self
+            .coordinator
+            .orders(&user, message.page_size, &message.page_token)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ListOrdersReply {
+            orders: page.items.into_iter().map(order_message).collect(),
+            next_page_token: page.next_cursor.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_ledger(
+        &self,
+        request: Request<pb::ListLedgerRequest>,
+    ) -> Result<Response<pb::ListLedgerReply>, Status> {
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let page = self
+            .coordinator
+            .ledger(&user, message.page_size, &message.page_token)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ListLedgerReply {
+            entries: page.items.into_iter().map(ledger_message).collect(),
+            next_page_token: page.next_cursor.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_assets(
+        &self,
+        _request: Request<pb::ListAssetsRequest>,
+    ) -> Result<Response<pb::ListAssetsReply>, Status> {
+        let assets = self.coordinator.assets().await.map_err(status_of)?;
+        Ok(Response::new(pb::ListAssetsReply {
+            assets: assets.into_iter().map(asset_message).collect(),
+        }))
+    }
+
+    async fn upsert_asset(&self, request: Request<pb::UpsertAssetRequest>) -> Result<Response<pb::Asset>, Status> {
+        let asset = request
+            .into_inner()
+            .asset
+            .ok_or_else(|| invalid(FieldError::new("asset", "is required")))?;
+        let asset = Asset {
+            symbol: AssetSymbol::parse("asset.symbol", &asset.symbol).map_err(invalid)?,
+            price: Price::parse("asset.price", &asset.price).map_err(invalid)?,
+            active: asset.active,
+        };
+        let asset = self.coordinator.upsert_asset(asset).await.map_err(status_of)?;
+        Ok(Response::new(asset_message(asset)))
+    }
+}
