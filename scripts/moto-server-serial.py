@@ -10,8 +10,25 @@ picks a free port, printed to stderr as ' * Running on http://HOST:PORT').
 Run with the venv's python: .venv/bin/python scripts/moto-server-serial.py
 """
 import functools
+import os
+import threading
+import time
 
 import moto.server
+
+
+def _exit_with_parent():
+    """Test harnesses cannot always kill what they start (a panicking test binary, kill -9):
+    when LOCKSTEP_EXIT_WITH_PARENT is set, exit as soon as the parent process is gone."""
+    parent = os.getppid()
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+if os.environ.get("LOCKSTEP_EXIT_WITH_PARENT"):
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
 
 _orig_run_simple = moto.server.run_simple
 

@@ -1,1 +1,10 @@
+//! End-to-end tests: the real coordinator on a loopback port, over real storage engines
+//! (embedded dynoxide, dynoxide's HTTP server, moto's server), compiled into one binary.
 
+mod durability;
+mod grpcurl;
+mod health;
+mod helpers;
+mod leases;
+mod money;
+mod validation;

@@ -1,0 +1,400 @@
+//! The money is safe under concurrency: the design's race scenarios, a random bank workload and
+//! the request budget, through the real gRPC server on every engine.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lockstep::coordinator::v1 as pb;
+use rust_decimal::Decimal;
+use tonic::Code;
+
+use crate::helpers::{AppOptions, EngineKind, TestApp, order_request, spawn_app, spawn_app_with, spawn_peer};
+
+fn decimal(raw: &str) -> Decimal {
+    Decimal::from_str(raw).unwrap_or_else(|_| panic!("not a decimal: {raw:?}"))
+}
+
+/// Fails the test on any status a correct coordinator never returns for these requests.
+fn expect_business_outcome<T>(result: &Result<T, tonic::Status>) {
+    if let Err(status) = result {
+        assert!(
+            matches!(status.code(), Code::FailedPrecondition | Code::Aborted),
+            "unexpected status {:?}: {}",
+            status.code(),
+            status.message()
+        );
+    }
+}
+
+/// Design Scenario 1: balance 100, Withdraw 80 and Withdraw 30 at once through two coordinators:
+/// exactly one succeeds and the balance matches the winner.
+async fn scenario_1_concurrent_withdrawals(engine: EngineKind) {
+    let app = spawn_app(engine).await;
+    let peer = spawn_peer(&app, AppOptions::default()).await;
+    let (mut first, mut second) = (app.client().await, peer.client().await);
+    for round in 0..50 {
+        let user = format!("scenario1-{round}");
+        app.deposit(&user, "100.00").await.expect("deposit");
+        let withdraw = |amount: &str| pb::WithdrawRequest {
+            user_id: user.clone(),
+            amount: amount.to_owned(),
+        };
+        let (eighty, thirty) = tokio::join!(first.withdraw(withdraw("80.00")), second.withdraw(withdraw("30.00")));
+        expect_business_outcome(&eighty);
+        expect_business_outcome(&thirty);
+        let expected = match (eighty.is_ok(), thirty.is_ok()) {
+            (true, false) => "20.00",
+            (false, true) => "70.00",
+            outcome => panic!("round {round}: exactly one withdrawal must succeed, got {outcome:?}"),
+        };
+        assert_eq!(app.cash(&user).await, expected, "round {round}");
+        let loser = eighty.err().or(thirty.err()).expect("one failed");
+        assert_eq!(
+            loser.code(),
+            Code::FailedPrecondition,
+            "round {round}: {}",
+            loser.message()
+        );
+        assert!(
+            loser.message().starts_with("Insufficient balance. Current: $"),
+            "{}",
+            loser.message()
+        );
+    }
+}
+
+/// Design Scenario 2: balance 100, a buy of total 90 and Withdraw 20 at once: exactly one succeeds.
+async fn scenario_2_buy_and_withdraw(engine: EngineKind) {
+    let app = spawn_app(engine).await;
+    app.set_asset("TEST", "45", true).await;
+    let peer = spawn_peer(&app, AppOptions::default()).await;
+    let (mut first, mut second) = (app.client().await, peer.client().await);
+    for round in 0..engine.scale(30, 15) {
+        let user = format!("scenario2-{round}");
+        app.deposit(&user, "100.00").await.expect("deposit");
+        let withdraw = pb::WithdrawRequest {
+            user_id: user.clone(),
+            amount: "20.00".to_owned(),
+        };
+        let (buy, withdrawal) = tokio::join!(
+            first.place_buy(order_request(&user, "TEST", "2")),
+            second.withdraw(withdraw)
+        );
+        expect_business_outcome(&buy);
+        expect_business_outcome(&withdrawal);
+        let account = app.account(&user).await.expect("account");
+        match (buy.is_ok(), withdrawal.is_ok()) {
+            (true, false) => {
+                assert_eq!(account.cash_balance, "10.00");
+                assert_eq!(
+                    account.holdings,
+                    vec![pb::Holding {
+                        asset: "TEST".into(),
+                        quantity: "2".into()
+                    }]
+                );
+            }
+            (false, true) => {
+                assert_eq!(account.cash_balance, "80.00");
+                assert!(account.holdings.is_empty());
+            }
+            outcome => panic!("round {round}: exactly one must succeed, got {outcome:?}"),
+        }
+    }
+}
+
+/// Per-user tally of what clients saw succeed.
+#[derive(Default)]
+struct Tally {
+    successes: AtomicUsize,
+}
+
+/// 16 concurrent clients x random operations on 4 users, through two coordinators: no negative
+/// cash or holding; cash and holdings equal the sums of the ledger; one entry per success.
+async fn random_workload_keeps_the_books(engine: EngineKind) {
+    const USERS: usize = 4;
+    const CLIENTS: usize = 16;
+    let operations_per_client = engine.scale(200, 20);
+    let options = AppOptions::default()
+        .flag("--daily-deposit-limit", "1000000")
+        .flag("--daily-withdrawal-limit", "1000000")
+        .flag("--lock-wait-ms", "20000");
+    let app = spawn_app_with(engine, options.clone()).await;
+    app.set_asset("AAA", "10", true).await;
+    app.set_asset("BBB", "2.5", true).await;
+    let peer = spawn_peer(&app, options).await;
+    let users: Vec<String> = (0..USERS).map(|index| format!("bank-{index}")).collect();
+    let tallies: Arc<BTreeMap<String, Tally>> =
+        Arc::new(users.iter().map(|user| (user.clone(), Tally::default())).collect());
+    for user in &users {
+        app.deposit(user, "1000.00").await.expect("opening deposit");
+        tallies[user].successes.fetch_add(1, Ordering::Relaxed);
+    }
+    let seed = fastrand::u64(..);
+    println!("random workload seed {seed}");
+    let mut clients = Vec::new();
+    for index in 0..CLIENTS {
+        let mut client = if index % 2 == 0 {
+            app.client().await
+        } else {
+            peer.client().await
+        };
+        let users = users.clone();
+        let tallies = Arc::clone(&tallies);
+        clients.push(tokio::spawn(async move {
+            let mut random = fastrand::Rng::with_seed(seed.wrapping_add(index as u64));
+            for _ in 0..operations_per_client {
+                let user = users[random.usize(..users.len())].clone();
+                let cents =
+                    |random: &mut fastrand::Rng, max: u32| format!("{}.{:02}", random.u32(1..max), random.u32(0..100));
+                let quantity = format!("{}.{}", random.u32(0..5), random.u32(1..10));
+                let asset = if random.bool() { "AAA" } else { "BBB" };
+                let ok = match random.u32(0..4) {
+                    0 => {
+                        let request = pb::DepositRequest {
+                            user_id: user.clone(),
+                            amount: cents(&mut random, 500),
+                        };
+                        let result = client.deposit(request).await;
+                        expect_business_outcome(&result);
+                        result.is_ok()
+                    }
+                    1 => {
+                        let request = pb::WithdrawRequest {
+                            user_id: user.clone(),
+                            amount: cents(&mut random, 400),
+                        };
+                        let result = client.withdraw(request).await;
+                        expect_business_outcome(&result);
+                        result.is_ok()
+                    }
+                    2 => {
+                        let result = client.place_buy(order_request(&user, asset, &quantity)).await;
+                        expect_business_outcome(&result);
+                        result.is_ok()
+                    }
+                    _ => {
+                        let result = client.place_sell(order_request(&user, asset, &quantity)).await;
+                        expect_business_outcome(&result);
+                        result.is_ok()
+                    }
+                };
+                if ok {
+                    tallies[&user].successes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for client in clients {
+        client.await.expect("client task");
+    }
+    for user in &users {
+        assert_books_balance(&app, user, tallies[user].successes.load(Ordering::Relaxed)).await;
+    }
+}
+
+/// Cash and holdings are non-negative and equal the sums of the ledger, which has one entry per
+/// acknowledged mutation.
+async fn assert_books_balance(app: &TestApp, user: &str, successes: usize) {
+    let account = app.account(user).await.expect("account");
+    let ledger = app.full_ledger(user).await;
+    assert_eq!(
+        ledger.len(),
+        successes,
+        "{user}: one ledger entry per acknowledged mutation"
+    );
+    let cash = decimal(&account.cash_balance);
+    assert!(cash >= Decimal::ZERO, "{user}: negative cash {cash}");
+    let ledger_cash: Decimal = ledger.iter().map(|entry| decimal(&entry.cash_delta)).sum();
+    assert_eq!(cash, ledger_cash, "{user}: cash equals the sum of the ledger");
+    let mut ledger_holdings: BTreeMap<String, Decimal> = BTreeMap::new();
+    for entry in ledger.iter().filter(|entry| !entry.asset.is_empty()) {
+        *ledger_holdings.entry(entry.asset.clone()).or_default() += decimal(&entry.quantity_delta);
+    }
+    ledger_holdings.retain(|_, quantity| !quantity.is_zero());
+    let holdings: BTreeMap<String, Decimal> = account
+        .holdings
+        .iter()
+        .map(|holding| (holding.asset.clone(), decimal(&holding.quantity)))
+        .collect();
+    assert!(
+        holdings.values().all(|quantity| *quantity > Decimal::ZERO),
+        "{user}: negative holding {holdings:?}"
+    );
+    assert_eq!(
+        holdings, ledger_holdings,
+        "{user}: holdings equal the sums of the ledger"
+    );
+    // Newest first, and each entry's balance follows from the one before it.
+    for pair in ledger.windows(2) {
+        let (newer, older) = (&pair[0], &pair[1]);
+        assert!(
+            newer.transaction_id > older.transaction_id,
+            "{user}: ledger is newest first"
+        );
+        assert_eq!(
+            decimal(&older.cash_balance) + decimal(&newer.cash_delta),
+            decimal(&newer.cash_balance)
+        );
+    }
+}
+
+/// A sell beyond holdings is refused, recorded as a FAILED order, and changes nothing.
+async fn sell_beyond_holdings_is_refused(engine: EngineKind) {
+    let app = spawn_app(engine).await;
+    app.set_asset("AAA", "10", true).await;
+    app.deposit("seller", "100.00").await.expect("deposit");
+    app.buy("seller", "AAA", "1").await.expect("buy");
+    let refused = app
+        .sell("seller", "AAA", "1.5")
+        .await
+        .expect_err("sell beyond holdings");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(
+        refused.message(),
+        "Insufficient holdings of AAA. Current: 1, Required: 1.5"
+    );
+    let account = app.account("seller").await.expect("account");
+    assert_eq!(account.cash_balance, "90.00");
+    assert_eq!(
+        account.holdings,
+        vec![pb::Holding {
+            asset: "AAA".into(),
+            quantity: "1".into()
+        }]
+    );
+    assert_eq!(app.full_ledger("seller").await.len(), 2);
+    let orders = app
+        .client()
+        .await
+        .list_orders(pb::ListOrdersRequest {
+            user_id: "seller".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .expect("orders")
+        .into_inner()
+        .orders;
+    assert_eq!(orders.len(), 2);
+    assert_eq!(orders[0].status, pb::OrderStatus::Failed as i32);
+    assert_eq!(orders[0].failure_reason, refused.message());
+    assert_eq!(orders[1].status, pb::OrderStatus::Confirmed as i32);
+    let sold = app.sell("seller", "AAA", "1").await.expect("sell what is held");
+    assert_eq!((sold.cash_balance.as_str(), sold.holding.as_str()), ("100.00", "0"));
+    assert!(app.account("seller").await.expect("account").holdings.is_empty());
+}
+
+/// Daily limits hold when many requests race for the last of the allowance.
+async fn daily_limits_hold_under_contention(engine: EngineKind) {
+    let app = spawn_app_with(engine, AppOptions::default().flag("--lock-wait-ms", "20000")).await;
+    let peer = spawn_peer(&app, AppOptions::default().flag("--lock-wait-ms", "20000")).await;
+    let mut requests = Vec::new();
+    for index in 0..8 {
+        let mut client = if index % 2 == 0 {
+            app.client().await
+        } else {
+            peer.client().await
+        };
+        requests.push(tokio::spawn(async move {
+            client
+                .deposit(pb::DepositRequest {
+                    user_id: "limited".into(),
+                    amount: "2000.00".into(),
+                })
+                .await
+        }));
+    }
+    let mut accepted = 0;
+    for request in requests {
+        match request.await.expect("deposit task") {
+            Ok(_) => accepted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+                assert!(
+                    status.message().starts_with("Daily deposit limit exceeded"),
+                    "{}",
+                    status.message()
+                );
+            }
+        }
+    }
+    assert_eq!(accepted, 5, "10,000.00 a day allows exactly five deposits of 2,000.00");
+    assert_eq!(app.cash("limited").await, "10000.00");
+
+    let mut requests = Vec::new();
+    for index in 0..7 {
+        let mut client = if index % 2 == 0 {
+            app.client().await
+        } else {
+            peer.client().await
+        };
+        requests.push(tokio::spawn(async move {
+            client
+                .withdraw(pb::WithdrawRequest {
+                    user_id: "limited".into(),
+                    amount: "1000.00".into(),
+                })
+                .await
+        }));
+    }
+    let mut accepted = 0;
+    for request in requests {
+        match request.await.expect("withdraw task") {
+            Ok(_) => accepted += 1,
+            Err(status) => assert!(
+                status.message().starts_with("Daily withdrawal limit exceeded"),
+                "{}",
+                status.message()
+            ),
+        }
+    }
+    assert_eq!(
+        accepted, 5,
+        "5,000.00 a day allows exactly five withdrawals of 1,000.00"
+    );
+    assert_eq!(app.cash("limited").await, "5000.00");
+}
+
+/// A successful mutation costs at most two storage requests (acquire, commit-and-release); a
+/// refused one at most three.
+async fn storage_requests_per_mutation_within_budget(engine: EngineKind) {
+    let app = spawn_app(engine).await;
+    app.set_asset("AAA", "10", true).await;
+    let storage = app.storage.clone();
+    let spent = |before: u64| storage.requests() - before;
+    let before = app.storage.requests();
+    app.deposit("budget", "100.00").await.expect("first deposit");
+    assert_eq!(spent(before), 2, "first deposit (creates the account)");
+    let before = app.storage.requests();
+    app.deposit("budget", "100.00").await.expect("deposit");
+    assert_eq!(spent(before), 2, "deposit");
+    let before = app.storage.requests();
+    app.withdraw("budget", "50.00").await.expect("withdraw");
+    assert_eq!(spent(before), 2, "withdraw");
+    let before = app.storage.requests();
+    app.buy("budget", "AAA", "2").await.expect("buy");
+    assert_eq!(spent(before), 2, "buy");
+    let before = app.storage.requests();
+    app.sell("budget", "AAA", "1").await.expect("sell");
+    assert_eq!(spent(before), 2, "sell");
+    let before = app.storage.requests();
+    app.withdraw("budget", "100000.00")
+        .await
+        .expect_err("refused withdrawal");
+    assert!(spent(before) <= 3, "refused withdrawal");
+    let before = app.storage.requests();
+    app.sell("budget", "AAA", "5").await.expect_err("refused sell");
+    assert!(spent(before) <= 3, "refused sell");
+}
+
+crate::on_every_engine!(
+    scenario_1_concurrent_withdrawals,
+    scenario_2_buy_and_withdraw,
+    random_workload_keeps_the_books,
+    sell_beyond_holdings_is_refused,
+    daily_limits_hold_under_contention,
+    storage_requests_per_mutation_within_budget,
+);
