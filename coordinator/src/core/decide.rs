@@ -111,6 +111,22 @@ pub enum Rejection {
     OutOfRange,
 }
 
+impl Rejection {
+    /// Whether the refusal rests on the asset's price or active flag, which a cached catalog
+    /// may have stale.
+    pub fn depends_on_catalog(&self) -> bool {
+        matches!(
+            self,
+            Rejection::AssetInactive(_)
+                | Rejection::PriceAboveLimit { .. }
+                | Rejection::PriceBelowLimit { .. }
+                | Rejection::OrderValueTooLarge { .. }
+                | Rejection::OrderValueTooSmall
+                | Rejection::InsufficientBalance { .. }
+        )
+    }
+}
+
 /// Decides `operation` on `account` as of the UTC day `today`.
 pub fn decide(account: &Account, operation: &Operation, today: &str, limits: &Limits) -> Result<Decision, Rejection> {
     if !account.exists && !matches!(operation, Operation::Deposit(_)) {
@@ -406,5 +422,62 @@ mod tests {
             decide(&account, &trade(TradeSide::Buy, "0.001", "1", None), TODAY, &limits),
             Err(Rejection::OrderValueTooSmall)
         );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn operation() -> impl Strategy<Value = Operation> {
+            let cents = (1u64..50_000).prop_map(|cents| Usd::from_decimal(Decimal::new(cents as i64, 2)));
+            let quantity = (1u64..2_000).prop_map(|thousandths| {
+                Quantity::parse_trade("q", &Decimal::new(thousandths as i64, 3).to_string()).unwrap()
+            });
+            let price = prop_oneof![Just("0.5"), Just("10"), Just("33.33333333")]
+                .prop_map(|raw| Price::parse("p", raw).unwrap());
+            prop_oneof![
+                cents.clone().prop_map(Operation::Deposit),
+                cents.prop_map(Operation::Withdraw),
+                (any::<bool>(), quantity, price).prop_map(|(buy, quantity, price)| Operation::Trade(Trade {
+                    side: if buy { TradeSide::Buy } else { TradeSide::Sell },
+                    asset: AssetSymbol::parse("asset", "AAA").unwrap(),
+                    quantity,
+                    limit_price: None,
+                    price,
+                    active: true,
+                })),
+            ]
+        }
+
+        proptest! {
+            /// Any sequence of decisions keeps cash and holdings non-negative, and equal to the
+            /// sums of the deltas that a ledger would record.
+            #[test]
+            fn decisions_conserve_money_and_never_go_negative(operations in proptest::collection::vec(operation(), 1..60)) {
+                let mut account = Account::default();
+                let (mut cash_sum, mut holding_sum) = (Decimal::ZERO, Decimal::ZERO);
+                let asset = AssetSymbol::parse("asset", "AAA").unwrap();
+                for operation in &operations {
+                    let Ok(decision) = decide(&account, operation, TODAY, &Limits::default()) else { continue };
+                    cash_sum += decision.cash_delta;
+                    account.exists = true;
+                    account.cash = decision.cash;
+                    account.limit_day = decision.limit_day.clone();
+                    account.deposited_today = decision.deposited_today;
+                    account.withdrawn_today = decision.withdrawn_today;
+                    if let Some(effect) = &decision.trade {
+                        holding_sum += effect.quantity_delta;
+                        account.holdings.insert(effect.asset.clone(), effect.holding);
+                    }
+                    prop_assert!(account.cash >= Usd::ZERO);
+                    prop_assert!(account.holding(&asset) >= Quantity::ZERO);
+                    prop_assert_eq!(account.cash.decimal(), cash_sum);
+                    prop_assert_eq!(account.holding(&asset).decimal(), holding_sum);
+                    prop_assert!(account.deposited_today <= Limits::default().daily_deposit);
+                    prop_assert!(account.withdrawn_today <= Limits::default().daily_withdrawal);
+                }
+            }
+        }
     }
 }

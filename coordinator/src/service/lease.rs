@@ -16,7 +16,7 @@ use crate::storage::{StorageError, model};
 pub const LOCK_RETRY_DELAY_MIN: Duration = Duration::from_millis(2);
 /// Longest pause between two attempts.
 pub const LOCK_RETRY_DELAY_MAX: Duration = Duration::from_millis(50);
-/// Attempts are bounded by time (the wait limit), but the loop has a hard cap too.
+/// Attempts are bounded by time (the wait limit) and, should the clock misbehave, by count.
 pub const LOCK_ATTEMPTS_MAX: usize = 10_000;
 
 const _: () = assert!(LOCK_RETRY_DELAY_MIN.as_millis() < LOCK_RETRY_DELAY_MAX.as_millis());
@@ -72,34 +72,38 @@ impl Coordinator {
                     return self.held(user, lease, &item);
                 }
                 Ok(None) => return Err(ServiceError::Internal("lease write returned no item".to_owned())),
-                Err(StorageError::ConditionFailed { current }) => current,
-                Err(error) => return Err(error.into()),
-            };
-            let Some(item) = current else {
-                // Only operations that need an account have a condition a missing item can fail.
-                return Err(ServiceError::NotFound(format!("Account {user} not found")));
-            };
-            let account_exists = model::account_from_item(&item)
-                .map(|account| account.exists)
-                .unwrap_or(false);
-            let holder = model::lease_from_item(&item).filter(|holder| holder.is_live(now));
-            match holder {
-                // Our own earlier attempt did land (its reply was lost and the write retried).
-                Some(holder) if holder.lock_id == lock_id => return self.held(user, holder, &item),
-                Some(holder) => {
-                    if waited_on.is_none() {
-                        tracing::info!(lock_state = "WAITING", holder_lock_id = %holder.lock_id, holder_owner = %holder.owner, holder_operation = %holder.operation, "lease busy");
-                    }
-                    waited_on = Some(holder);
-                }
-                None if require_account && !account_exists => {
+                // DynamoDB: the account is inside another caller's commit right now. Busy.
+                Err(StorageError::Conflict(_)) => None,
+                Err(StorageError::ConditionFailed { current: None }) => {
+                    // Only operations that need an account have a condition a missing item fails.
                     return Err(ServiceError::NotFound(format!("Account {user} not found")));
                 }
-                // The lease was released or expired between our read and write: try again now.
-                None => continue,
+                Err(StorageError::ConditionFailed { current: Some(item) }) => Some(item),
+                Err(error) => return Err(error.into()),
+            };
+            if let Some(item) = current {
+                let account_exists = model::account_from_item(&item)
+                    .map(|account| account.exists)
+                    .unwrap_or(false);
+                match model::lease_from_item(&item).filter(|holder| holder.is_live(now)) {
+                    // Our own earlier attempt did land (its reply was lost and the write retried).
+                    Some(holder) if holder.lock_id == lock_id => return self.held(user, holder, &item),
+                    Some(holder) => {
+                        if waited_on.is_none() {
+                            tracing::info!(lock_state = "WAITING", holder_lock_id = %holder.lock_id, holder_owner = %holder.owner, holder_operation = %holder.operation, "lease busy");
+                        }
+                        waited_on = Some(holder);
+                    }
+                    None if require_account && !account_exists => {
+                        return Err(ServiceError::NotFound(format!("Account {user} not found")));
+                    }
+                    // Released or expired between the condition and now: try again after the
+                    // shortest pause (every pass of this loop pauses, so it can never spin).
+                    None => {}
+                }
             }
-            let delay = delays.next().unwrap_or(LOCK_RETRY_DELAY_MAX);
-            if Instant::now() + delay > wait_until {
+            let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);
+            let Some(delay) = delay else {
                 tracing::warn!(
                     lock_state = "TIMEOUT",
                     waited_ms = started.elapsed().as_millis() as u64,
@@ -109,7 +113,7 @@ impl Coordinator {
                     Some(deadline) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
                     _ => ServiceError::Busy,
                 });
-            }
+            };
             tokio::time::sleep(delay).await;
         }
     }
@@ -140,5 +144,139 @@ impl Coordinator {
             }
             Err(error) => tracing::warn!(%error, "lease release failed; it will expire by itself"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::core::time::ManualClock;
+    use crate::service::CoordinatorConfig;
+    use crate::storage::Storage;
+    use crate::storage::embedded::EmbeddedEngine;
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    async fn coordinator(clock: &ManualClock) -> Coordinator {
+        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "lockstep");
+        storage.ensure_table().await.unwrap();
+        let config = CoordinatorConfig {
+            lock_wait_max: Duration::from_millis(30),
+            ..CoordinatorConfig::default()
+        };
+        Coordinator::new(storage, Arc::new(clock.clone()), config)
+    }
+
+    fn user(raw: &str) -> UserId {
+        UserId::parse("user_id", raw).unwrap()
+    }
+
+    /// Acquire, then a second caller is refused as busy until the first releases.
+    #[tokio::test]
+    async fn acquire_excludes_until_release() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let coordinator = coordinator(&clock).await;
+        let first = coordinator
+            .acquire(&user("a"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap();
+        assert!(!first.account.exists, "no account before the first deposit");
+        let busy = coordinator
+            .acquire(&user("a"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap_err();
+        assert_eq!(busy, ServiceError::Busy);
+        coordinator.release(&first).await;
+        let second = coordinator
+            .acquire(&user("a"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap();
+        assert_ne!(first.lock_id, second.lock_id);
+    }
+
+    /// An unreleased lease blocks until its expiry instant and is taken over from then on.
+    #[tokio::test]
+    async fn expired_lease_is_taken_over() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let coordinator = coordinator(&clock).await;
+        let abandoned = coordinator
+            .acquire(&user("b"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap();
+        clock.advance(LEASE - Duration::from_millis(1));
+        assert_eq!(
+            coordinator
+                .acquire(&user("b"), "DEPOSIT", LEASE, false, None)
+                .await
+                .unwrap_err(),
+            ServiceError::Busy
+        );
+        clock.advance(Duration::from_millis(1));
+        let successor = coordinator
+            .acquire(&user("b"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap();
+        assert_eq!(successor.expires_at, abandoned.expires_at + LEASE.as_millis() as u64);
+        // The abandoned holder's release no longer touches the successor's lease.
+        coordinator.release(&abandoned).await;
+        assert_eq!(
+            coordinator
+                .acquire(&user("b"), "DEPOSIT", LEASE, false, None)
+                .await
+                .unwrap_err(),
+            ServiceError::Busy
+        );
+    }
+
+    /// Operations other than deposit need an account: a missing one is NOT_FOUND, not busy.
+    #[tokio::test]
+    async fn missing_account_is_not_found() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let coordinator = coordinator(&clock).await;
+        let error = coordinator
+            .acquire(&user("c"), "WITHDRAWAL", LEASE, true, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ServiceError::NotFound(_)), "{error:?}");
+        // A first deposit in flight holds a lease on an item that is not an account yet.
+        let deposit = coordinator
+            .acquire(&user("c"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            coordinator
+                .acquire(&user("c"), "WITHDRAWAL", LEASE, true, None)
+                .await
+                .unwrap_err(),
+            ServiceError::Busy
+        );
+        coordinator.release(&deposit).await;
+        let error = coordinator
+            .acquire(&user("c"), "WITHDRAWAL", LEASE, true, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ServiceError::NotFound(_)),
+            "a refused first deposit leaves nothing: {error:?}"
+        );
+    }
+
+    /// A caller's deadline shorter than the wait limit ends the wait with DEADLINE_EXCEEDED.
+    #[tokio::test]
+    async fn deadline_bounds_the_wait() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let coordinator = coordinator(&clock).await;
+        let _held = coordinator
+            .acquire(&user("d"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap();
+        let deadline = Some(Instant::now() + Duration::from_millis(5));
+        let error = coordinator
+            .acquire(&user("d"), "DEPOSIT", LEASE, false, deadline)
+            .await
+            .unwrap_err();
+        assert_eq!(error, ServiceError::DeadlineExceeded);
     }
 }

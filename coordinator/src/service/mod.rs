@@ -39,7 +39,7 @@ pub const LOCK_WAIT_MAX: Duration = Duration::from_secs(5);
 pub const COMMIT_LEASE_MARGIN: Duration = Duration::from_millis(250);
 /// Commits retried under one lease when nothing was written (the catalog price moved, or a
 /// transaction conflict): bounded so a flapping price cannot hold the lease forever.
-pub const COMMIT_ATTEMPTS_MAX: usize = 3;
+pub const COMMIT_ATTEMPTS_MAX: usize = 4;
 /// Default and largest page of ListOrders / ListLedger.
 pub const PAGE_SIZE_DEFAULT: u32 = 20;
 pub const PAGE_SIZE_MAX: u32 = 100;
@@ -98,7 +98,7 @@ pub enum ServiceError {
 impl From<StorageError> for ServiceError {
     fn from(error: StorageError) -> Self {
         match error {
-            StorageError::Unavailable(detail) => ServiceError::Unavailable(detail),
+            StorageError::Unavailable(detail) | StorageError::Conflict(detail) => ServiceError::Unavailable(detail),
             other => ServiceError::Internal(other.to_string()),
         }
     }
@@ -261,6 +261,7 @@ impl Coordinator {
         operation: impl Fn(&Catalog) -> Result<Operation, ServiceError>,
     ) -> Result<Committed, ServiceError> {
         let mut last_error = ServiceError::Internal("no commit attempted".to_owned());
+        let mut catalog_checked = false;
         for _attempt in 0..COMMIT_ATTEMPTS_MAX {
             let now = self.clock.now();
             if now + COMMIT_LEASE_MARGIN.as_millis() as u64 >= held.expires_at {
@@ -276,6 +277,17 @@ impl Coordinator {
             };
             let decision = match decide(&held.account, &operation, &utc_day(now), &self.config.limits) {
                 Ok(decision) => decision,
+                // Before refusing on a cached price, check it against the stored catalog once:
+                // another coordinator may have changed it. (A refused trade costs one request
+                // more; an accepted one is checked by its commit's condition instead.)
+                Err(rejection) if rejection.depends_on_catalog() && !catalog_checked => {
+                    catalog_checked = true;
+                    if let Err(error) = self.catalog.refresh(&self.storage).await {
+                        self.release(&held).await;
+                        return Err(error);
+                    }
+                    continue;
+                }
                 Err(rejection) => return Err(self.roll_back(&held, &operation, rejection, now).await),
             };
             let (entry, order) = records_of(&held, &operation, &decision, now);
@@ -307,7 +319,10 @@ impl Coordinator {
                     }
                     if account_index == 1 && reasons.first().is_some_and(|reason| reason.condition_failed()) {
                         tracing::info!(asset = ?decision.trade.as_ref().map(|trade| &trade.asset), "catalog changed since it was cached; re-reading it");
-                        self.catalog.refresh(&self.storage).await?;
+                        if let Err(error) = self.catalog.refresh(&self.storage).await {
+                            self.release(&held).await;
+                            return Err(error);
+                        }
                     }
                     last_error = ServiceError::Unavailable(format!("transaction cancelled: {reasons:?}"));
                 }
@@ -371,6 +386,7 @@ impl Coordinator {
             }
             Err(error) => {
                 tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
+                self.held_leases.remove(&held.lock_id);
                 Err(ServiceError::Unavailable(detail))
             }
         }
@@ -433,10 +449,11 @@ impl Coordinator {
     }
 
     pub async fn order(&self, order_id: &str) -> Result<Order, ServiceError> {
-        if uuid::Uuid::try_parse(order_id).is_err() {
+        let Ok(order_id) = uuid::Uuid::try_parse(order_id) else {
             return Err(FieldError::new("order_id", "must be a UUID").into());
-        }
-        let item = self.storage.get(model::order_key(order_id)).await?;
+        };
+        let order_id = order_id.hyphenated().to_string();
+        let item = self.storage.get(model::order_key(&order_id)).await?;
         let item = item.ok_or_else(|| ServiceError::NotFound(format!("Order {order_id} not found")))?;
         model::order_from_item(&item).map_err(|error| ServiceError::Internal(error.to_string()))
     }

@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
-    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TransactWriteItem,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus, TransactWriteItem,
 };
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
 };
 
 /// One attempt of one request may take this long before it counts as failed; DynamoDB answers
-/// in milliseconds, and a lease is at least 10 s, so a stuck attempt must give up well before.
+/// in milliseconds, and the default leases are 10-25 s, so a stuck attempt gives up well before.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// All attempts of one request together, SDK retries included.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,6 +28,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The SDK retries throttling and transient errors itself; conditional writes stay safe under
 /// retry because every condition names the lease id (see docs/flow.md).
 pub const SDK_ATTEMPTS_MAX: u32 = 3;
+
+/// How long `create-tables` waits for a new table to become ACTIVE: 60 polls, 1 s apart.
+const TABLE_ACTIVE_POLLS_MAX: usize = 60;
+const TABLE_ACTIVE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 const _: () = assert!(ATTEMPT_TIMEOUT.as_millis() * SDK_ATTEMPTS_MAX as u128 >= OPERATION_TIMEOUT.as_millis());
 
@@ -91,6 +95,9 @@ where
                 Some("ConditionalCheckFailedException") => StorageError::ConditionFailed {
                     current: old_item(inner),
                 },
+                Some("TransactionConflictException") => {
+                    StorageError::Conflict(inner.message().unwrap_or_default().to_owned())
+                }
                 Some(code) if TRANSIENT_CODES.contains(&code) => {
                     StorageError::Unavailable(format!("{code}: {}", inner.message().unwrap_or_default()))
                 }
@@ -253,7 +260,23 @@ impl Engine for DynamoDbEngine {
                 );
         }
         request.send().await.map_err(|error| map_error(error, |_| None))?;
-        Ok(())
+        // AWS creates tables asynchronously: wait until it is ACTIVE, so `serve` can follow.
+        for _ in 0..TABLE_ACTIVE_POLLS_MAX {
+            let description = self
+                .client
+                .describe_table()
+                .table_name(table)
+                .send()
+                .await
+                .map_err(|error| map_error(error, |_| None))?;
+            if description.table().and_then(|table| table.table_status()) == Some(&TableStatus::Active) {
+                return Ok(());
+            }
+            tokio::time::sleep(TABLE_ACTIVE_POLL_INTERVAL).await;
+        }
+        Err(StorageError::Unavailable(format!(
+            "table {table} did not become ACTIVE"
+        )))
     }
 
     async fn table_exists(&self, table: &str) -> StorageResult<bool> {

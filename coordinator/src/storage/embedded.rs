@@ -3,7 +3,9 @@
 //!
 //! dynoxide serves every call synchronously behind one global mutex, so each call runs on
 //! tokio's blocking pool and never stalls an async worker. Its TransactWriteItems is one SQLite
-//! transaction in WAL mode with synchronous=FULL: an acknowledged commit survives `kill -9`.
+//! transaction; dynoxide opens the file in WAL mode and leaves SQLite's default synchronous=FULL
+//! (Lockstep never calls its bulk-loading mode, which turns syncing off), so an acknowledged
+//! commit survives `kill -9` (tests/end_to_end/durability.rs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

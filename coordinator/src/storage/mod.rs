@@ -122,6 +122,10 @@ pub enum StorageError {
     /// lost). For a write, the outcome is unknown: it may or may not have been applied.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The item is part of another transaction in flight (DynamoDB's TransactionConflict):
+    /// nothing was written; trying again shortly is safe.
+    #[error("transaction conflict: {0}")]
+    Conflict(String),
     /// Anything else: a bug or a misconfiguration (missing table, validation error).
     #[error("storage error: {0}")]
     Other(String),

@@ -21,7 +21,6 @@ use rust_decimal::Decimal;
 
 use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactItem, Update, Value};
 use crate::core::records::{Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus};
-use crate::core::time::rfc3339;
 use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, TradeSide, Usd, UserId};
 
 const ACCOUNT_SK: &str = "ACCOUNT";
@@ -189,7 +188,7 @@ pub fn commit(
         "deposited_today = :deposited",
         "withdrawn_today = :withdrawn",
         "version = :next_version",
-        "created_at = if_not_exists(created_at, :now_text)",
+        "created_at = if_not_exists(created_at, :created_at)",
     ];
     let mut condition = vec!["lock_id = :lock", "lock_expires_at > :now", "version = :version"];
     let mut update_bindings = bindings(
@@ -200,7 +199,7 @@ pub fn commit(
             (":deposited", n(decision.deposited_today)),
             (":withdrawn", n(decision.withdrawn_today)),
             (":next_version", n(read.version + 1)),
-            (":now_text", s(rfc3339(now))),
+            (":created_at", n(now)),
             (":lock", s(lock_id.as_str())),
             (":now", n(now)),
             (":version", n(read.version)),

@@ -50,6 +50,21 @@ pub fn status_of(error: ServiceError) -> Status {
     }
 }
 
+/// Runs a mutation to its end on its own task. tonic drops a handler's future when the caller
+/// cancels or its grpc-timeout passes; a mutation dropped between lease and commit would leave
+/// the lease held until expiry and its commit's outcome unresolved. Detached, it always ends
+/// in a commit or a release, whoever is still listening.
+async fn run_to_completion<T: Send + 'static>(
+    mutation: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(mutation).await {
+        Ok(result) => result.map_err(status_of),
+        Err(error) => Err(status_of(ServiceError::Internal(format!(
+            "mutation task failed: {error}"
+        )))),
+    }
+}
+
 fn invalid(error: FieldError) -> Status {
     status_of(ServiceError::InvalidArgument(error))
 }
@@ -165,11 +180,8 @@ impl CoordinatorService {
                 .transpose()
                 .map_err(invalid)?,
         };
-        let committed = self
-            .coordinator
-            .trade(&user, trade, deadline)
-            .await
-            .map_err(status_of)?;
+        let coordinator = Arc::clone(&self.coordinator);
+        let committed = run_to_completion(async move { coordinator.trade(&user, trade, deadline).await }).await?;
         let effect = committed
             .decision
             .trade
@@ -191,11 +203,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
-        let committed = self
-            .coordinator
-            .deposit(&user, amount, deadline)
-            .await
-            .map_err(status_of)?;
+        let coordinator = Arc::clone(&self.coordinator);
+        let account = user.clone();
+        let committed = run_to_completion(async move { coordinator.deposit(&account, amount, deadline).await }).await?;
         Ok(Response::new(cash_reply(&user, amount, committed)))
     }
 
@@ -204,11 +214,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
-        let committed = self
-            .coordinator
-            .withdraw(&user, amount, deadline)
-            .await
-            .map_err(status_of)?;
+        let coordinator = Arc::clone(&self.coordinator);
+        let account = user.clone();
+        let committed =
+            run_to_completion(async move { coordinator.withdraw(&account, amount, deadline).await }).await?;
         Ok(Response::new(cash_reply(&user, amount, committed)))
     }
 
