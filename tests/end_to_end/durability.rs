@@ -75,6 +75,7 @@ async fn acknowledged_deposits_survive_kill_9() {
                     let request = pb::DepositRequest {
                         user_id: format!("durable-{client_index}"),
                         amount: "1.00".into(),
+                        ..Default::default()
                     };
                     match client.deposit(request).await {
                         Ok(reply) => {

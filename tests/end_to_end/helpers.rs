@@ -218,6 +218,7 @@ impl TestApp {
         let request = pb::DepositRequest {
             user_id: user.to_owned(),
             amount: amount.to_owned(),
+            ..Default::default()
         };
         self.client()
             .await
@@ -230,6 +231,7 @@ impl TestApp {
         let request = pb::WithdrawRequest {
             user_id: user.to_owned(),
             amount: amount.to_owned(),
+            ..Default::default()
         };
         self.client()
             .await
@@ -322,6 +324,7 @@ pub fn order_request(user: &str, asset: &str, quantity: &str) -> pb::PlaceOrderR
         asset: asset.to_owned(),
         quantity: quantity.to_owned(),
         limit_price: None,
+        ..Default::default()
     }
 }
 

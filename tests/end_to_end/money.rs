@@ -40,6 +40,7 @@ async fn scenario_1_concurrent_withdrawals(engine: EngineKind) {
         let withdraw = |amount: &str| pb::WithdrawRequest {
             user_id: user.clone(),
             amount: amount.to_owned(),
+            ..Default::default()
         };
         let (eighty, thirty) = tokio::join!(first.withdraw(withdraw("80.00")), second.withdraw(withdraw("30.00")));
         expect_business_outcome(&eighty);
@@ -77,6 +78,7 @@ async fn scenario_2_buy_and_withdraw(engine: EngineKind) {
         let withdraw = pb::WithdrawRequest {
             user_id: user.clone(),
             amount: "20.00".to_owned(),
+            ..Default::default()
         };
         let (buy, withdrawal) = tokio::join!(
             first.place_buy(order_request(&user, "TEST", "2")),
@@ -156,6 +158,7 @@ async fn random_workload_keeps_the_books(engine: EngineKind) {
                         let request = pb::DepositRequest {
                             user_id: user.clone(),
                             amount: cents(&mut random, 500),
+                            ..Default::default()
                         };
                         let result = client.deposit(request).await;
                         expect_business_outcome(&result);
@@ -165,6 +168,7 @@ async fn random_workload_keeps_the_books(engine: EngineKind) {
                         let request = pb::WithdrawRequest {
                             user_id: user.clone(),
                             amount: cents(&mut random, 400),
+                            ..Default::default()
                         };
                         let result = client.withdraw(request).await;
                         expect_business_outcome(&result);
@@ -303,6 +307,7 @@ async fn daily_limits_hold_under_contention(engine: EngineKind) {
                 .deposit(pb::DepositRequest {
                     user_id: "limited".into(),
                     amount: "2000.00".into(),
+                    ..Default::default()
                 })
                 .await
         }));
@@ -336,6 +341,7 @@ async fn daily_limits_hold_under_contention(engine: EngineKind) {
                 .withdraw(pb::WithdrawRequest {
                     user_id: "limited".into(),
                     amount: "1000.00".into(),
+                    ..Default::default()
                 })
                 .await
         }));

@@ -108,6 +108,7 @@ async fn send(app: &TestApp, call: &Call) -> Result<(), tonic::Status> {
         asset: asset.to_owned(),
         quantity: quantity.to_owned(),
         limit_price: limit.map(str::to_owned),
+        ..Default::default()
     };
     match call {
         Call::Deposit(user, amount) => app.deposit(user, amount).await.map(drop),
