@@ -1,0 +1,36 @@
+//! The one shared client module of Lockstep's thin HTTP services (`user-service`,
+//! `order-service`): everything about talking to the coordinator that is not a route.
+//!
+//! A platform team wiring its own service to Lockstep copies this crate and one of the services.
+//!
+//! # Layout
+//! - [`settings`]: where the coordinator is and how long to wait for it (clap flags with
+//!   environment fallbacks), flattened into each service's own settings.
+//! - [`coordinator`]: one lazily connected gRPC channel and [`Coordinator::call`], which gives
+//!   every RPC the HTTP request's deadline, carries its request id as `x-request-id` metadata, and
+//!   retries UNAVAILABLE with the same message (so the same `request_id`) after a jittered backoff.
+//! - [`http`]: the HTTP edge: [`RequestContext`] (request id from `Idempotency-Key`, deadline from
+//!   `X-Request-Timeout`), JSON and query extractors that answer 400 in the envelope, the
+//!   envelope itself, and `GET /health` (the coordinator's grpc.health.v1 status).
+//! - [`error`]: [`ApiError`], the one place a gRPC status becomes an HTTP status and JSON error.
+//! - [`server`]: serve a router until SIGINT/SIGTERM, drain in-flight requests, and logging.
+//!
+//! # Contract at the edge
+//! - `Idempotency-Key: <key>` becomes the coordinator's `request_id`: retrying a POST with the
+//!   same key returns the original reply and applies once. Without one the service makes a UUID.
+//!   Every response carries the request's key back in `Idempotency-Key`, so a client can retry.
+//! - `X-Request-Timeout: <milliseconds>` shortens the request's deadline (never beyond
+//!   `--request-timeout-ms`); it reaches the coordinator as the gRPC deadline (`grpc-timeout`).
+//! - Every body is `{"success": bool, "data": ..., "error": ...}`; money and quantities are
+//!   decimal strings, as on the wire, so nothing is ever rounded through floating point.
+
+pub mod coordinator;
+pub mod error;
+pub mod http;
+pub mod server;
+pub mod settings;
+
+pub use coordinator::Coordinator;
+pub use error::ApiError;
+pub use http::{ApiResult, JsonBody, PageParams, QueryParams, RequestContext, ok};
+pub use settings::CoordinatorSettings;

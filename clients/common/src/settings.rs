@@ -1,0 +1,43 @@
+//! Settings every service shares: where the coordinator is and how long to wait for it. Each
+//! service flattens [`CoordinatorSettings`] into its own clap settings, next to `--listen`.
+
+use std::time::Duration;
+
+/// How long to wait to open a connection to the coordinator; loopback or a LAN answers in far less.
+pub const CONNECT_TIMEOUT_DEFAULT_MS: u64 = 1_000;
+/// The longest an HTTP request may spend on the coordinator, retries included: above the
+/// coordinator's default lease wait (5 s), so a busy account answers 409, not 504.
+pub const REQUEST_TIMEOUT_DEFAULT_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordinatorSettings {
+    /// gRPC URL of the coordinator.
+    #[arg(long, env = "LOCKSTEP_COORDINATOR_URL", default_value = "http://127.0.0.1:50051")]
+    pub coordinator_url: String,
+    /// Longest wait to open a connection to the coordinator, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_CONNECT_TIMEOUT_MS", default_value_t = CONNECT_TIMEOUT_DEFAULT_MS)]
+    pub connect_timeout_ms: u64,
+    /// Longest time one HTTP request may spend on the coordinator, retries included, in
+    /// milliseconds. An `X-Request-Timeout` header can shorten it, never lengthen it.
+    #[arg(long, env = "LOCKSTEP_REQUEST_TIMEOUT_MS", default_value_t = REQUEST_TIMEOUT_DEFAULT_MS)]
+    pub request_timeout_ms: u64,
+}
+
+impl CoordinatorSettings {
+    /// The defaults, pointed at `coordinator_url`.
+    pub fn new(coordinator_url: impl Into<String>) -> Self {
+        Self {
+            coordinator_url: coordinator_url.into(),
+            connect_timeout_ms: CONNECT_TIMEOUT_DEFAULT_MS,
+            request_timeout_ms: REQUEST_TIMEOUT_DEFAULT_MS,
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}

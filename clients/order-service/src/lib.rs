@@ -1,0 +1,190 @@
+//! order-service: HTTP/JSON for placing and reading orders, in front of the coordinator's gRPC API.
+//!
+//! | route | RPC |
+//! |---|---|
+//! | `POST /orders` `{"user_id", "side": "buy"\|"sell", "asset", "quantity", "limit_price"?}` | PlaceBuy / PlaceSell |
+//! | `GET /orders/{id}` | GetOrder |
+//! | `GET /users/{id}/orders?cursor=&limit=` | ListOrders (newest first) |
+//! | `GET /assets` | ListAssets |
+//! | `GET /health` | grpc.health.v1 Check |
+//!
+//! No business rule lives here: quantities and prices travel as the strings the caller sent, and
+//! the coordinator validates and decides. `side` only chooses the RPC. Idempotency, deadlines,
+//! retries and error mapping are in [`lockstep_client_common`].
+//!
+//! # Layout
+//! - [`Settings`]: `--listen` and the shared coordinator flags, with environment fallbacks.
+//! - [`router`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
+//! - [`run`]: serves the router on a listener until shutdown; `main.rs` and the tests call it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use lockstep::coordinator::v1 as pb;
+use lockstep_client_common::http::{health, with_request_context};
+use lockstep_client_common::server::{StartError, serve};
+use lockstep_client_common::{
+    ApiResult, Coordinator, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "order-service",
+    version,
+    about = "Lockstep order-service: buy and sell orders over HTTP"
+)]
+pub struct Settings {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LOCKSTEP_ORDER_SERVICE_LISTEN", default_value = "127.0.0.1:8082")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub coordinator: CoordinatorSettings,
+}
+
+pub fn router(coordinator: Coordinator) -> Router {
+    let routes = Router::new()
+        .route("/orders", post(place_order))
+        .route("/orders/{id}", get(order))
+        .route("/users/{id}/orders", get(orders))
+        .route("/assets", get(assets))
+        .route("/health", get(health))
+        .with_state(coordinator);
+    with_request_context(routes)
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let coordinator = Coordinator::connect_lazy(&settings.coordinator)?;
+    serve(listener, router(coordinator), shutdown).await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Side {
+    Buy,
+    Sell,
+}
+
+/// Quantities and prices are decimal strings, e.g. "0.5": JSON numbers are floating point.
+#[derive(Deserialize)]
+struct PlaceOrderBody {
+    user_id: String,
+    side: Side,
+    asset: String,
+    quantity: String,
+    limit_price: Option<String>,
+}
+
+async fn place_order(
+    State(coordinator): State<Coordinator>,
+    context: RequestContext,
+    JsonBody(body): JsonBody<PlaceOrderBody>,
+) -> ApiResult<Value> {
+    let request = pb::PlaceOrderRequest {
+        user_id: body.user_id,
+        asset: body.asset,
+        quantity: body.quantity,
+        limit_price: body.limit_price,
+        request_id: context.request_id.clone(),
+    };
+    let reply = match body.side {
+        Side::Buy => {
+            coordinator
+                .call(&context, request, |mut client, request| async move {
+                    client.place_buy(request).await
+                })
+                .await?
+        }
+        Side::Sell => {
+            coordinator
+                .call(&context, request, |mut client, request| async move {
+                    client.place_sell(request).await
+                })
+                .await?
+        }
+    };
+    ok(json!({
+        "order": reply.order.as_ref().map(order_json),
+        "cash_balance": reply.cash_balance,
+        "holding": reply.holding,
+        "transaction_id": reply.transaction_id,
+    }))
+}
+
+async fn order(
+    State(coordinator): State<Coordinator>,
+    context: RequestContext,
+    Path(order_id): Path<String>,
+) -> ApiResult<Value> {
+    let order = coordinator
+        .call(
+            &context,
+            pb::GetOrderRequest { order_id },
+            |mut client, request| async move { client.get_order(request).await },
+        )
+        .await?;
+    ok(order_json(&order))
+}
+
+async fn orders(
+    State(coordinator): State<Coordinator>,
+    context: RequestContext,
+    Path(user_id): Path<String>,
+    QueryParams(page): QueryParams<PageParams>,
+) -> ApiResult<Value> {
+    let request = pb::ListOrdersRequest {
+        user_id,
+        page_size: page.limit,
+        page_token: page.cursor,
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.list_orders(request).await
+        })
+        .await?;
+    let orders: Vec<Value> = reply.orders.iter().map(order_json).collect();
+    ok(json!({
+        "orders": orders,
+        "next_cursor": Some(reply.next_page_token).filter(|token| !token.is_empty()),
+    }))
+}
+
+async fn assets(State(coordinator): State<Coordinator>, context: RequestContext) -> ApiResult<Value> {
+    let reply = coordinator
+        .call(&context, pb::ListAssetsRequest {}, |mut client, request| async move {
+            client.list_assets(request).await
+        })
+        .await?;
+    let assets: Vec<Value> = reply
+        .assets
+        .iter()
+        .map(|asset| json!({ "symbol": asset.symbol, "price": asset.price, "active": asset.active }))
+        .collect();
+    ok(json!({ "assets": assets }))
+}
+
+fn order_json(order: &pb::Order) -> Value {
+    json!({
+        "order_id": order.order_id,
+        "user_id": order.user_id,
+        "side": order.side().as_str_name().trim_start_matches("ORDER_SIDE_").to_lowercase(),
+        "asset": order.asset,
+        "quantity": order.quantity,
+        "limit_price": order.limit_price,
+        "status": order.status().as_str_name().trim_start_matches("ORDER_STATUS_").to_lowercase(),
+        "price": order.price,
+        "total": order.total,
+        "failure_reason": Some(&order.failure_reason).filter(|reason| !reason.is_empty()),
+        "created_at": order.created_at,
+    })
+}

@@ -1,0 +1,183 @@
+//! user-service: HTTP/JSON for end users' cash, in front of the coordinator's gRPC API.
+//!
+//! | route | RPC |
+//! |---|---|
+//! | `POST /users/{id}/deposit` `{"amount": "100.00"}` | Deposit |
+//! | `POST /users/{id}/withdraw` `{"amount": "25.50"}` | Withdraw |
+//! | `GET /users/{id}/balance` | GetAccount (cash and holdings) |
+//! | `GET /users/{id}/transactions?cursor=&limit=` | ListLedger (newest first) |
+//! | `GET /health` | grpc.health.v1 Check |
+//!
+//! No business rule lives here: amounts travel as the strings the caller sent, and the
+//! coordinator validates and decides. Idempotency, deadlines, retries and error mapping are in
+//! [`lockstep_client_common`].
+//!
+//! # Layout
+//! - [`Settings`]: `--listen` and the shared coordinator flags, with environment fallbacks.
+//! - [`router`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
+//! - [`run`]: serves the router on a listener until shutdown; `main.rs` and the tests call it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use lockstep::coordinator::v1 as pb;
+use lockstep_client_common::http::{health, with_request_context};
+use lockstep_client_common::server::{StartError, serve};
+use lockstep_client_common::{
+    ApiResult, Coordinator, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "user-service",
+    version,
+    about = "Lockstep user-service: deposits, withdrawals, balances over HTTP"
+)]
+pub struct Settings {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LOCKSTEP_USER_SERVICE_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub coordinator: CoordinatorSettings,
+}
+
+pub fn router(coordinator: Coordinator) -> Router {
+    let routes = Router::new()
+        .route("/users/{id}/deposit", post(deposit))
+        .route("/users/{id}/withdraw", post(withdraw))
+        .route("/users/{id}/balance", get(balance))
+        .route("/users/{id}/transactions", get(transactions))
+        .route("/health", get(health))
+        .with_state(coordinator);
+    with_request_context(routes)
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let coordinator = Coordinator::connect_lazy(&settings.coordinator)?;
+    serve(listener, router(coordinator), shutdown).await
+}
+
+#[derive(Deserialize)]
+struct AmountBody {
+    /// USD as a decimal string, e.g. "100.00": JSON numbers are floating point.
+    amount: String,
+}
+
+async fn deposit(
+    State(coordinator): State<Coordinator>,
+    context: RequestContext,
+    Path(user_id): Path<String>,
+    JsonBody(body): JsonBody<AmountBody>,
+) -> ApiResult<Value> {
+    let request = pb::DepositRequest {
+        user_id,
+        amount: body.amount,
+        request_id: context.request_id.clone(),
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.deposit(request).await
+        })
+        .await?;
+    ok(cash_json(reply))
+}
+
+async fn withdraw(
+    State(coordinator): State<Coordinator>,
+    context: RequestContext,
+    Path(user_id): Path<String>,
+    JsonBody(body): JsonBody<AmountBody>,
+) -> ApiResult<Value> {
+    let request = pb::WithdrawRequest {
+        user_id,
+        amount: body.amount,
+        request_id: context.request_id.clone(),
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.withdraw(request).await
+        })
+        .await?;
+    ok(cash_json(reply))
+}
+
+async fn balance(
+    State(coordinator): State<Coordinator>,
+    context: RequestContext,
+    Path(user_id): Path<String>,
+) -> ApiResult<Value> {
+    let request = pb::GetAccountRequest { user_id };
+    let account = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.get_account(request).await
+        })
+        .await?;
+    let holdings: Vec<Value> = account
+        .holdings
+        .iter()
+        .map(|holding| json!({ "asset": holding.asset, "quantity": holding.quantity }))
+        .collect();
+    ok(json!({
+        "user_id": account.user_id,
+        "cash_balance": account.cash_balance,
+        "holdings": holdings,
+        "deposited_today": account.deposited_today,
+        "withdrawn_today": account.withdrawn_today,
+    }))
+}
+
+async fn transactions(
+    State(coordinator): State<Coordinator>,
+    context: RequestContext,
+    Path(user_id): Path<String>,
+    QueryParams(page): QueryParams<PageParams>,
+) -> ApiResult<Value> {
+    let request = pb::ListLedgerRequest {
+        user_id,
+        page_size: page.limit,
+        page_token: page.cursor,
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.list_ledger(request).await
+        })
+        .await?;
+    let entries: Vec<Value> = reply.entries.iter().map(entry_json).collect();
+    ok(json!({
+        "transactions": entries,
+        "next_cursor": Some(reply.next_page_token).filter(|token| !token.is_empty()),
+    }))
+}
+
+fn cash_json(reply: pb::CashReply) -> Value {
+    json!({
+        "transaction_id": reply.transaction_id,
+        "user_id": reply.user_id,
+        "amount": reply.amount,
+        "cash_balance": reply.cash_balance,
+    })
+}
+
+fn entry_json(entry: &pb::LedgerEntry) -> Value {
+    json!({
+        "transaction_id": entry.transaction_id,
+        "kind": entry.kind().as_str_name().trim_start_matches("ENTRY_KIND_").to_lowercase(),
+        "cash_delta": entry.cash_delta,
+        "asset": Some(&entry.asset).filter(|asset| !asset.is_empty()),
+        "quantity_delta": Some(&entry.quantity_delta).filter(|quantity| !quantity.is_empty()),
+        "order_id": Some(&entry.order_id).filter(|order| !order.is_empty()),
+        "cash_balance": entry.cash_balance,
+        "created_at": entry.created_at,
+    })
+}
