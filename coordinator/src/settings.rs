@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::core::{FieldError, Limits, Usd};
-use crate::service::{CoordinatorConfig, LOCK_LEASE_DEPOSIT, LOCK_LEASE_TRADE, LOCK_LEASE_WITHDRAW, LOCK_WAIT_MAX};
+use crate::service::{
+    CoordinatorConfig, LOCK_LEASE_DEPOSIT, LOCK_LEASE_TRADE, LOCK_LEASE_WITHDRAW, LOCK_WAIT_MAX, REQUEST_RETENTION,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -93,6 +95,9 @@ pub struct Settings {
     /// Name of this coordinator instance, recorded on its leases (a random one by default).
     #[arg(long, env = "LOCKSTEP_INSTANCE", global = true)]
     pub instance: Option<String>,
+    /// How long a request id's outcome is kept for retries, in hours.
+    #[arg(long, env = "LOCKSTEP_REQUEST_RETENTION_HOURS", default_value_t = REQUEST_RETENTION.as_secs() / 3600, global = true)]
+    pub request_retention_hours: u64,
     /// Longest wait for in-flight RPCs at shutdown, in milliseconds.
     #[arg(long, env = "LOCKSTEP_DRAIN_MS", default_value_t = 10_000, global = true)]
     pub drain_ms: u64,
@@ -125,6 +130,7 @@ impl Settings {
                 daily_deposit: Usd::parse_amount("--daily-deposit-limit", &self.daily_deposit_limit)?,
                 daily_withdrawal: Usd::parse_amount("--daily-withdrawal-limit", &self.daily_withdrawal_limit)?,
             },
+            request_retention: Duration::from_secs(self.request_retention_hours.saturating_mul(3600)),
         })
     }
 

@@ -89,15 +89,16 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
         cash_after: decision.cash,
         trade: None,
         created_at: decided_at,
+        request_id: None,
     };
-    let stale_commit = model::commit(&user, &stale.lock_id, &read, &decision, &entry, None, decided_at);
+    let stale_commit = model::commit(&user, &stale.lock_id, &read, &decision, &entry, None, None, decided_at);
 
     // ... then pauses past its expiry. Its lease alone, unclaimed, no longer lets it commit:
     clock.advance(Duration::from_secs(16));
     let refused = app
         .storage
         .transact(
-            model::commit(&user, &stale.lock_id, &read, &decision, &entry, None, clock.now()),
+            model::commit(&user, &stale.lock_id, &read, &decision, &entry, None, None, clock.now()),
             None,
         )
         .await;

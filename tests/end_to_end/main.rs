@@ -1,10 +1,13 @@
 //! End-to-end tests: the real coordinator on a loopback port, over real storage engines
 //! (embedded dynoxide, dynoxide's HTTP server, moto's server), compiled into one binary.
 
+mod clients;
 mod durability;
+mod exactly_once;
 mod grpcurl;
 mod health;
 mod helpers;
 mod leases;
 mod money;
+mod services;
 mod validation;

@@ -91,6 +91,43 @@ impl fmt::Display for AssetSymbol {
     }
 }
 
+/// Longest idempotency key, in characters: room for a UUID with a generous prefix.
+pub const REQUEST_ID_LENGTH_MAX: usize = 128;
+
+/// A caller-chosen idempotency key: 1-128 characters from `[A-Za-z0-9._:-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// An empty string means "no key": the request is not deduplicated.
+    pub fn parse_optional(field: &'static str, raw: &str) -> Result<Option<Self>, FieldError> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        if raw.len() > REQUEST_ID_LENGTH_MAX
+            || !raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+        {
+            return Err(FieldError::new(
+                field,
+                format!("must be at most {REQUEST_ID_LENGTH_MAX} characters from A-Z a-z 0-9 . _ : -"),
+            ));
+        }
+        Ok(Some(Self(raw.to_owned())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The id of one lease acquisition. A commit is fenced on it: only the holder of this exact id,
 /// before its expiry, can write the account.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

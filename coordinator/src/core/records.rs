@@ -65,6 +65,8 @@ pub struct LedgerEntry {
     pub cash_after: Usd,
     pub trade: Option<LedgerTrade>,
     pub created_at: Millis,
+    /// The caller's idempotency key, when it gave one.
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +107,30 @@ pub struct Order {
     pub total: Usd,
     pub failure_reason: Option<String>,
     pub created_at: Millis,
+}
+
+/// What an idempotency key's first execution ended in, written in the same transaction as its
+/// effects (or its rollback), so a retry finds either both or neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// The operation and its parameters, e.g. `DEPOSIT 100.00`: a retry must match it.
+    pub fingerprint: String,
+    pub outcome: RecordedOutcome,
+    /// Seconds since the epoch after which the record may be deleted (DynamoDB TTL).
+    pub expires_at_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordedOutcome {
+    /// Committed: the ledger entry, and for trades the order and the holding after.
+    Committed {
+        entry_id: String,
+        order_id: Option<String>,
+        holding: Option<Quantity>,
+    },
+    /// Refused under the lease (FAILED_PRECONDITION) with this message; nothing else written
+    /// except, for trades, the FAILED order.
+    Refused { message: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,11 +17,13 @@ pub use catalog::Catalog;
 pub use lease::HeldLease;
 
 use crate::core::decide::{Rejection, decide};
-use crate::core::records::{Asset, EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus};
+use crate::core::records::{
+    Asset, EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
+};
 use crate::core::time::utc_day;
 use crate::core::{
-    Account, AssetSymbol, Clock, Decision, FieldError, Limits, LockId, Operation, Price, Quantity, Trade, TradeSide,
-    Usd, UserId,
+    Account, AssetSymbol, Clock, Decision, FieldError, Limits, LockId, Operation, Price, Quantity, RequestId, Trade,
+    TradeSide, Usd, UserId,
 };
 use crate::storage::model::{self, UserCollection};
 use crate::storage::{Storage, StorageError};
@@ -40,6 +42,9 @@ pub const COMMIT_LEASE_MARGIN: Duration = Duration::from_millis(250);
 /// Commits retried under one lease when nothing was written (the catalog price moved, or a
 /// transaction conflict): bounded so a flapping price cannot hold the lease forever.
 pub const COMMIT_ATTEMPTS_MAX: usize = 4;
+/// How long a request id's outcome is kept: retries of a payments client come within minutes;
+/// a day covers a client that retries after an outage.
+pub const REQUEST_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Default and largest page of ListOrders / ListLedger.
 pub const PAGE_SIZE_DEFAULT: u32 = 20;
 pub const PAGE_SIZE_MAX: u32 = 100;
@@ -58,6 +63,8 @@ pub struct CoordinatorConfig {
     pub lease_trade: Duration,
     pub lock_wait_max: Duration,
     pub limits: Limits,
+    /// How long a request id's outcome is kept for retries.
+    pub request_retention: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -69,6 +76,7 @@ impl Default for CoordinatorConfig {
             lease_trade: LOCK_LEASE_TRADE,
             lock_wait_max: LOCK_WAIT_MAX,
             limits: Limits::default(),
+            request_retention: REQUEST_RETENTION,
         }
     }
 }
@@ -82,6 +90,9 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     Rejected(Rejection),
+    /// The request id's first execution was refused with this message; replayed as it was.
+    #[error("{0}")]
+    RefusedEarlier(String),
     #[error("Operation in progress, please try again")]
     Busy,
     #[error("Deadline exceeded while waiting for the account lease")]
@@ -110,12 +121,15 @@ impl From<FieldError> for ServiceError {
     }
 }
 
-/// What a committed mutation did.
+/// What a committed mutation did: everything its reply carries.
 #[derive(Debug, Clone)]
-pub struct Committed {
+pub struct Receipt {
+    /// The ledger entry; its `cash_after` is the new cash balance.
     pub entry: LedgerEntry,
-    pub decision: Decision,
-    pub order: Option<Order>,
+    /// For trades: the CONFIRMED order and the holding of its asset after the trade.
+    pub trade: Option<(Order, Quantity)>,
+    /// True when this is the recorded outcome of an earlier execution of the same request id.
+    pub replayed: bool,
 }
 
 /// A validated trade request, before the catalog price is known.
@@ -125,6 +139,47 @@ pub struct TradeRequest {
     pub asset: AssetSymbol,
     pub quantity: Quantity,
     pub limit_price: Option<Price>,
+}
+
+/// A mutation as the caller asked for it, validated, before the lease.
+#[derive(Debug, Clone)]
+pub enum Intent {
+    Deposit(Usd),
+    Withdraw(Usd),
+    Trade(TradeRequest),
+}
+
+impl Intent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Intent::Deposit(_) => "DEPOSIT",
+            Intent::Withdraw(_) => "WITHDRAWAL",
+            Intent::Trade(trade) => trade.side.as_str(),
+        }
+    }
+
+    /// The operation and every parameter, e.g. `BUY 0.5 SOL limit 140`: a retry with the same
+    /// request id must match it exactly.
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Intent::Deposit(amount) | Intent::Withdraw(amount) => format!("{} {amount}", self.name()),
+            Intent::Trade(trade) => {
+                let limit = trade
+                    .limit_price
+                    .map(|limit| format!(" limit {limit}"))
+                    .unwrap_or_default();
+                format!("{} {} {}{limit}", self.name(), trade.quantity, trade.asset)
+            }
+        }
+    }
+
+    fn lease(&self, config: &CoordinatorConfig) -> Duration {
+        match self {
+            Intent::Deposit(_) => config.lease_deposit,
+            Intent::Withdraw(_) => config.lease_withdraw,
+            Intent::Trade(_) => config.lease_trade,
+        }
+    }
 }
 
 /// A page of results and the cursor of the next one (None on the last page).
@@ -196,82 +251,133 @@ impl Coordinator {
     // -----------------------------------------------------------------------------------------
     // Mutations
 
-    #[tracing::instrument(skip_all, fields(user = %user, operation = "DEPOSIT", amount = %amount, lock_id = tracing::field::Empty))]
     pub async fn deposit(
         &self,
         user: &UserId,
         amount: Usd,
+        request_id: Option<RequestId>,
         deadline: Option<Instant>,
-    ) -> Result<Committed, ServiceError> {
-        let held = self
-            .acquire(user, "DEPOSIT", self.config.lease_deposit, false, deadline)
-            .await?;
-        self.decide_and_commit(held, |_| Ok(Operation::Deposit(amount))).await
+    ) -> Result<Receipt, ServiceError> {
+        self.mutate(user, Intent::Deposit(amount), request_id, deadline).await
     }
 
-    #[tracing::instrument(skip_all, fields(user = %user, operation = "WITHDRAWAL", amount = %amount, lock_id = tracing::field::Empty))]
     pub async fn withdraw(
         &self,
         user: &UserId,
         amount: Usd,
+        request_id: Option<RequestId>,
         deadline: Option<Instant>,
-    ) -> Result<Committed, ServiceError> {
-        let held = self
-            .acquire(user, "WITHDRAWAL", self.config.lease_withdraw, true, deadline)
-            .await?;
-        self.decide_and_commit(held, |_| Ok(Operation::Withdraw(amount))).await
+    ) -> Result<Receipt, ServiceError> {
+        self.mutate(user, Intent::Withdraw(amount), request_id, deadline).await
     }
 
-    #[tracing::instrument(skip_all, fields(user = %user, operation = request.side.as_str(), asset = %request.asset, quantity = %request.quantity, lock_id = tracing::field::Empty))]
     pub async fn trade(
         &self,
         user: &UserId,
         request: TradeRequest,
+        request_id: Option<RequestId>,
         deadline: Option<Instant>,
-    ) -> Result<Committed, ServiceError> {
-        // Unknown and inactive assets are refused before the lease: nothing to write, no wait.
-        let asset = self.catalog.asset(&self.storage, &request.asset).await?;
-        if !asset.active {
-            return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
+    ) -> Result<Receipt, ServiceError> {
+        self.mutate(user, Intent::Trade(request), request_id, deadline).await
+    }
+
+    /// Lease, decide, commit-and-release; or roll back. With a request id, a retry of a request
+    /// that already ended returns its recorded outcome instead of running again.
+    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), lock_id = tracing::field::Empty, outcome = tracing::field::Empty))]
+    pub async fn mutate(
+        &self,
+        user: &UserId,
+        intent: Intent,
+        request_id: Option<RequestId>,
+        deadline: Option<Instant>,
+    ) -> Result<Receipt, ServiceError> {
+        let result = self.mutate_inner(user, &intent, request_id.as_ref(), deadline).await;
+        let outcome = match &result {
+            Ok(receipt) if receipt.replayed => "REPLAYED".to_owned(),
+            Ok(_) => "COMMITTED".to_owned(),
+            Err(error) => format!("{error:?}"),
+        };
+        tracing::Span::current().record("outcome", outcome.as_str());
+        result
+    }
+
+    async fn mutate_inner(
+        &self,
+        user: &UserId,
+        intent: &Intent,
+        request_id: Option<&RequestId>,
+        deadline: Option<Instant>,
+    ) -> Result<Receipt, ServiceError> {
+        if let Intent::Trade(request) = intent {
+            // Unknown and inactive assets are refused before the lease: nothing to write, no wait.
+            let asset = self.catalog.asset(&self.storage, &request.asset).await?;
+            if !asset.active {
+                return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
+            }
         }
+        let requires_account = !matches!(intent, Intent::Deposit(_));
         let held = self
-            .acquire(user, request.side.as_str(), self.config.lease_trade, true, deadline)
+            .acquire(
+                user,
+                intent.name(),
+                intent.lease(&self.config),
+                requires_account,
+                deadline,
+            )
             .await?;
-        self.decide_and_commit(held, |catalog| {
-            let asset = catalog
-                .cached(&request.asset)
-                .ok_or_else(|| ServiceError::NotFound(format!("Asset {} not found", request.asset)))?;
-            Ok(Operation::Trade(Trade {
-                side: request.side,
-                asset: request.asset.clone(),
-                quantity: request.quantity,
-                limit_price: request.limit_price,
-                price: asset.price,
-                active: asset.active,
-            }))
+        self.decide_and_commit(&held, intent, request_id).await
+    }
+
+    /// The operation to decide: for trades, with the catalog entry as cached now.
+    fn operation(&self, intent: &Intent) -> Result<Operation, ServiceError> {
+        Ok(match intent {
+            Intent::Deposit(amount) => Operation::Deposit(*amount),
+            Intent::Withdraw(amount) => Operation::Withdraw(*amount),
+            Intent::Trade(request) => {
+                let asset = self
+                    .catalog
+                    .cached(&request.asset)
+                    .ok_or_else(|| ServiceError::NotFound(format!("Asset {} not found", request.asset)))?;
+                Operation::Trade(Trade {
+                    side: request.side,
+                    asset: request.asset.clone(),
+                    quantity: request.quantity,
+                    limit_price: request.limit_price,
+                    price: asset.price,
+                    active: asset.active,
+                })
+            }
         })
-        .await
+    }
+
+    fn record(&self, intent: &Intent, outcome: RecordedOutcome, now: u64) -> RequestRecord {
+        RequestRecord {
+            fingerprint: intent.fingerprint(),
+            outcome,
+            expires_at_seconds: (now / 1000).saturating_add(self.config.request_retention.as_secs()),
+        }
     }
 
     /// Decides on the account read with the lease and commits, retrying under the same lease
     /// while nothing was written; on refusal rolls back. The lease is always given back.
     async fn decide_and_commit(
         &self,
-        held: HeldLease,
-        operation: impl Fn(&Catalog) -> Result<Operation, ServiceError>,
-    ) -> Result<Committed, ServiceError> {
+        held: &HeldLease,
+        intent: &Intent,
+        request_id: Option<&RequestId>,
+    ) -> Result<Receipt, ServiceError> {
         let mut last_error = ServiceError::Internal("no commit attempted".to_owned());
         let mut catalog_checked = false;
         for _attempt in 0..COMMIT_ATTEMPTS_MAX {
             let now = self.clock.now();
             if now + COMMIT_LEASE_MARGIN.as_millis() as u64 >= held.expires_at {
-                self.release(&held).await;
+                self.release(held).await;
                 return Err(ServiceError::LeaseLost);
             }
-            let operation = match operation(&self.catalog) {
+            let operation = match self.operation(intent) {
                 Ok(operation) => operation,
                 Err(error) => {
-                    self.release(&held).await;
+                    self.release(held).await;
                     return Err(error);
                 }
             };
@@ -283,14 +389,27 @@ impl Coordinator {
                 Err(rejection) if rejection.depends_on_catalog() && !catalog_checked => {
                     catalog_checked = true;
                     if let Err(error) = self.catalog.refresh(&self.storage).await {
-                        self.release(&held).await;
+                        self.release(held).await;
                         return Err(error);
                     }
                     continue;
                 }
-                Err(rejection) => return Err(self.roll_back(&held, &operation, rejection, now).await),
+                Err(rejection) => {
+                    return self
+                        .roll_back(held, intent, &operation, rejection, request_id, now)
+                        .await;
+                }
             };
-            let (entry, order) = records_of(&held, &operation, &decision, now);
+            let (entry, order) = records_of(held, &operation, &decision, request_id, now);
+            let holding = decision.trade.as_ref().map(|effect| effect.holding);
+            let record = request_id.map(|request_id| {
+                let outcome = RecordedOutcome::Committed {
+                    entry_id: entry.entry_id.clone(),
+                    order_id: order.as_ref().map(|order| order.order_id.clone()),
+                    holding,
+                };
+                (request_id, self.record(intent, outcome, now))
+            });
             let items = model::commit(
                 &held.user,
                 &held.lock_id,
@@ -298,65 +417,139 @@ impl Coordinator {
                 &decision,
                 &entry,
                 order.as_ref(),
+                record.as_ref().map(|(request_id, record)| (*request_id, record)),
                 now,
             );
+            let item_count = items.len();
             let account_index = model::commit_account_index(&decision);
+            let receipt = Receipt {
+                trade: order.zip(holding),
+                entry,
+                replayed: false,
+            };
             // The ledger entry's id doubles as the idempotency token where the engine honours
             // one; correctness never depends on it (see resolve_unknown_commit).
-            match self.storage.transact(items, Some(entry.entry_id.clone())).await {
+            match self.storage.transact(items, Some(receipt.entry.entry_id.clone())).await {
                 Ok(()) => {
                     self.held_leases.remove(&held.lock_id);
-                    tracing::info!(lock_state = "RELEASED", transaction_id = %entry.entry_id, cash = %decision.cash, "committed");
-                    return Ok(Committed { entry, decision, order });
+                    tracing::info!(lock_state = "RELEASED", transaction_id = %receipt.entry.entry_id, cash = %receipt.entry.cash_after, "committed");
+                    return Ok(receipt);
                 }
                 Err(StorageError::TransactionCanceled { reasons }) => {
-                    let account_refused = reasons
+                    if let Some(request_id) = request_id
+                        && model::request_record_refused(item_count, true, &reasons)
+                    {
+                        // The key was used before (or this very commit landed and its retry
+                        // was refused): the record says what happened.
+                        return self.replay(held, request_id, intent).await;
+                    }
+                    if reasons
                         .get(account_index)
-                        .is_some_and(|reason| reason.condition_failed());
-                    if account_refused {
+                        .is_some_and(|reason| reason.condition_failed())
+                    {
                         // Fenced, or our own commit already landed and a retry of it was refused.
-                        return self.resolve_refused_commit(&held, entry, decision, order).await;
+                        return self.resolve_refused_commit(held, receipt).await;
                     }
                     if account_index == 1 && reasons.first().is_some_and(|reason| reason.condition_failed()) {
-                        tracing::info!(asset = ?decision.trade.as_ref().map(|trade| &trade.asset), "catalog changed since it was cached; re-reading it");
+                        tracing::info!(asset = ?receipt.trade.as_ref().map(|(order, _)| &order.asset), "catalog changed since it was cached; re-reading it");
                         if let Err(error) = self.catalog.refresh(&self.storage).await {
-                            self.release(&held).await;
+                            self.release(held).await;
                             return Err(error);
                         }
                     }
                     last_error = ServiceError::Unavailable(format!("transaction cancelled: {reasons:?}"));
                 }
                 Err(StorageError::Unavailable(detail)) => {
-                    return self.resolve_unknown_commit(&held, entry, decision, order, detail).await;
+                    return self.resolve_unknown_commit(held, receipt, detail).await;
                 }
                 Err(other) => {
-                    self.release(&held).await;
+                    self.release(held).await;
                     return Err(other.into());
                 }
             }
         }
-        self.release(&held).await;
+        self.release(held).await;
         Err(last_error)
+    }
+
+    /// The request id was used before: give the lease back (nothing of ours was written) and
+    /// answer with what the first execution recorded.
+    async fn replay(&self, held: &HeldLease, request_id: &RequestId, intent: &Intent) -> Result<Receipt, ServiceError> {
+        self.release(held).await;
+        self.recorded_outcome(&held.user, request_id, intent).await
+    }
+
+    /// The recorded outcome of `request_id`, if its parameters match `intent`.
+    async fn recorded_outcome(
+        &self,
+        user: &UserId,
+        request_id: &RequestId,
+        intent: &Intent,
+    ) -> Result<Receipt, ServiceError> {
+        let internal = |error: model::MalformedItem| ServiceError::Internal(error.to_string());
+        let Some(item) = self.storage.get(model::request_key(user, request_id)).await? else {
+            // Expired and swept between the refused write and this read: the caller may retry.
+            return Err(ServiceError::Unavailable(format!(
+                "request record {request_id} vanished"
+            )));
+        };
+        let record = model::request_record_from_item(&item).map_err(internal)?;
+        if record.fingerprint != intent.fingerprint() {
+            return Err(FieldError::new(
+                "request_id",
+                format!(
+                    "was already used for {}; this request is {}",
+                    record.fingerprint,
+                    intent.fingerprint()
+                ),
+            )
+            .into());
+        }
+        tracing::info!(%request_id, "replaying the recorded outcome");
+        match record.outcome {
+            RecordedOutcome::Refused { message } => Err(ServiceError::RefusedEarlier(message)),
+            RecordedOutcome::Committed {
+                entry_id,
+                order_id,
+                holding,
+            } => {
+                let entry = self
+                    .storage
+                    .get(model::ledger_key(user, &entry_id))
+                    .await?
+                    .ok_or_else(|| ServiceError::Internal(format!("recorded ledger entry {entry_id} is missing")))?;
+                let entry = model::ledger_from_item(&entry).map_err(internal)?;
+                let trade = match (order_id, holding) {
+                    (Some(order_id), Some(holding)) => {
+                        let order =
+                            self.storage.get(model::order_key(&order_id)).await?.ok_or_else(|| {
+                                ServiceError::Internal(format!("recorded order {order_id} is missing"))
+                            })?;
+                        Some((model::order_from_item(&order).map_err(internal)?, holding))
+                    }
+                    _ => None,
+                };
+                Ok(Receipt {
+                    entry,
+                    trade,
+                    replayed: true,
+                })
+            }
+        }
     }
 
     /// The account's condition refused the commit. Either the lease was lost (expired and maybe
     /// taken over), or an earlier attempt of this very commit landed and its reply was lost. The
     /// ledger entry tells which: it exists exactly when the commit applied.
-    async fn resolve_refused_commit(
-        &self,
-        held: &HeldLease,
-        entry: LedgerEntry,
-        decision: Decision,
-        order: Option<Order>,
-    ) -> Result<Committed, ServiceError> {
+    async fn resolve_refused_commit(&self, held: &HeldLease, receipt: Receipt) -> Result<Receipt, ServiceError> {
         self.held_leases.remove(&held.lock_id);
         if self
             .storage
-            .get(model::ledger_key(&held.user, &entry.entry_id))
+            .get(model::ledger_key(&held.user, &receipt.entry.entry_id))
             .await?
             .is_some()
         {
-            return Ok(Committed { entry, decision, order });
+            return Ok(receipt);
         }
         tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
         Err(ServiceError::LeaseLost)
@@ -368,11 +561,9 @@ impl Coordinator {
     async fn resolve_unknown_commit(
         &self,
         held: &HeldLease,
-        entry: LedgerEntry,
-        decision: Decision,
-        order: Option<Order>,
+        receipt: Receipt,
         detail: String,
-    ) -> Result<Committed, ServiceError> {
+    ) -> Result<Receipt, ServiceError> {
         tracing::warn!(%detail, "commit outcome unknown; resolving");
         let release = model::release_lease(&held.user, &held.lock_id, held.account.exists);
         match self.storage.write(release).await {
@@ -381,9 +572,7 @@ impl Coordinator {
                 self.held_leases.remove(&held.lock_id);
                 Err(ServiceError::Unavailable(detail))
             }
-            Err(StorageError::ConditionFailed { .. }) => {
-                self.resolve_refused_commit(held, entry, decision, order).await
-            }
+            Err(StorageError::ConditionFailed { .. }) => self.resolve_refused_commit(held, receipt).await,
             Err(error) => {
                 tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
                 self.held_leases.remove(&held.lock_id);
@@ -392,34 +581,67 @@ impl Coordinator {
         }
     }
 
-    /// A refusal under the lease: nothing changes except a FAILED order for trades; the lease
-    /// is given back in the same write.
-    async fn roll_back(&self, held: &HeldLease, operation: &Operation, rejection: Rejection, now: u64) -> ServiceError {
+    /// A refusal under the lease: nothing changes except a FAILED order for trades and the
+    /// request record; the lease is given back in the same write.
+    async fn roll_back(
+        &self,
+        held: &HeldLease,
+        intent: &Intent,
+        operation: &Operation,
+        rejection: Rejection,
+        request_id: Option<&RequestId>,
+        now: u64,
+    ) -> Result<Receipt, ServiceError> {
         tracing::info!(reason = %rejection, "refused under the lease");
-        let Operation::Trade(trade) = operation else {
-            self.release(held).await;
-            return rejection_error(rejection);
+        let order = match operation {
+            Operation::Trade(trade) => Some(Order {
+                order_id: uuid::Uuid::now_v7().to_string(),
+                user_id: held.user.clone(),
+                side: trade.side,
+                asset: trade.asset.clone(),
+                quantity: trade.quantity,
+                limit_price: trade.limit_price,
+                status: OrderStatus::Failed,
+                price: trade.price,
+                total: trade.price.total(trade.quantity).unwrap_or(Usd::ZERO),
+                failure_reason: Some(rejection.to_string()),
+                created_at: now,
+            }),
+            _ => None,
         };
-        let order = Order {
-            order_id: uuid::Uuid::now_v7().to_string(),
-            user_id: held.user.clone(),
-            side: trade.side,
-            asset: trade.asset.clone(),
-            quantity: trade.quantity,
-            limit_price: trade.limit_price,
-            status: OrderStatus::Failed,
-            price: trade.price,
-            total: trade.price.total(trade.quantity).unwrap_or(Usd::ZERO),
-            failure_reason: Some(rejection.to_string()),
-            created_at: now,
-        };
-        self.held_leases.remove(&held.lock_id);
-        let items = model::record_failed_order(&held.user, &held.lock_id, held.account.exists, &order);
-        if let Err(error) = self.storage.transact(items, None).await {
-            tracing::warn!(%error, order_id = %order.order_id, "could not record the FAILED order; releasing the lease alone");
+        let record = request_id.map(|request_id| {
+            let outcome = RecordedOutcome::Refused {
+                message: rejection.to_string(),
+            };
+            (request_id, self.record(intent, outcome, now))
+        });
+        if order.is_none() && record.is_none() {
             self.release(held).await;
+            return Err(rejection_error(rejection));
         }
-        rejection_error(rejection)
+        self.held_leases.remove(&held.lock_id);
+        let items = model::record_refusal(
+            &held.user,
+            &held.lock_id,
+            held.account.exists,
+            order.as_ref(),
+            record.as_ref().map(|(request_id, record)| (*request_id, record)),
+            now,
+        );
+        let item_count = items.len();
+        match self.storage.transact(items, None).await {
+            Ok(()) => Err(rejection_error(rejection)),
+            Err(StorageError::TransactionCanceled { reasons })
+                if request_id.is_some() && model::request_record_refused(item_count, true, &reasons) =>
+            {
+                self.replay(held, request_id.expect("checked above"), intent).await
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not record the refusal; releasing the lease alone");
+                self.release(held).await;
+                Err(rejection_error(rejection))
+            }
+        }
     }
 
     /// Releases every lease this process still holds; called on shutdown after draining.
@@ -549,7 +771,13 @@ fn rejection_error(rejection: Rejection) -> ServiceError {
 }
 
 /// The ledger entry, and for trades the CONFIRMED order, that a decision commits.
-fn records_of(held: &HeldLease, operation: &Operation, decision: &Decision, now: u64) -> (LedgerEntry, Option<Order>) {
+fn records_of(
+    held: &HeldLease,
+    operation: &Operation,
+    decision: &Decision,
+    request_id: Option<&RequestId>,
+    now: u64,
+) -> (LedgerEntry, Option<Order>) {
     let entry_id = uuid::Uuid::now_v7().to_string();
     let (kind, trade_records) = match (operation, &decision.trade) {
         (Operation::Deposit(_), _) => (EntryKind::Deposit, None),
@@ -590,6 +818,7 @@ fn records_of(held: &HeldLease, operation: &Operation, decision: &Decision, now:
         cash_after: decision.cash,
         trade: ledger_trade,
         created_at: now,
+        request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
     };
     (entry, order)
 }

@@ -9,6 +9,7 @@
 //! | ledger entry  | `USER#{user}`    | `LEDGER#{uuid v7}` |
 //! | order (user)  | `USER#{user}`    | `ORDER#{uuid v7}`  |
 //! | order (by id) | `ORDER#{uuid v7}`| `ORDER`            |
+//! | request record| `USER#{user}`    | `REQUEST#{key}`    |
 //! | asset         | `ASSET`          | `{symbol}`         |
 //!
 //! The lease lives on the account item, so taking it (one conditional UpdateItem with
@@ -20,14 +21,20 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactItem, Update, Value};
-use crate::core::records::{Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus};
-use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, TradeSide, Usd, UserId};
+use crate::core::records::{
+    Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
+};
+use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, RequestId, TradeSide, Usd, UserId};
 
 const ACCOUNT_SK: &str = "ACCOUNT";
 const LEDGER_PREFIX: &str = "LEDGER#";
 const ORDER_PREFIX: &str = "ORDER#";
 const ORDER_SK: &str = "ORDER";
 const ASSET_PK: &str = "ASSET";
+const REQUEST_PREFIX: &str = "REQUEST#";
+/// The TTL attribute of request records (epoch seconds). Only request records carry it: a TTL
+/// on anything else would delete money.
+pub const TTL_ATTRIBUTE: &str = "record_expires_at";
 
 /// The lease's attributes on the account item, removed together on release.
 const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_operation, lock_expires_at";
@@ -69,6 +76,13 @@ pub fn order_key(order_id: &str) -> Key {
     Key {
         pk: format!("{ORDER_PREFIX}{order_id}"),
         sk: ORDER_SK.to_owned(),
+    }
+}
+
+pub fn request_key(user: &UserId, request_id: &RequestId) -> Key {
+    Key {
+        pk: user_pk(user),
+        sk: format!("{REQUEST_PREFIX}{request_id}"),
     }
 }
 
@@ -180,6 +194,7 @@ pub fn commit(
     decision: &Decision,
     entry: &LedgerEntry,
     order: Option<&Order>,
+    record: Option<(&RequestId, &RequestRecord)>,
     now: Millis,
 ) -> Vec<TransactItem> {
     let mut set = vec![
@@ -242,6 +257,9 @@ pub fn commit(
     if let Some(order) = order {
         items.extend(order_puts(order));
     }
+    if let Some((request_id, record)) = record {
+        items.push(TransactItem::Put(put_request_record(user, request_id, record, now)));
+    }
     items
 }
 
@@ -250,11 +268,94 @@ pub fn commit_account_index(decision: &Decision) -> usize {
     usize::from(decision.trade.is_some())
 }
 
-/// A refused trade: both order items as FAILED and the lease released, in one transaction.
-pub fn record_failed_order(user: &UserId, lock_id: &LockId, account_exists: bool, order: &Order) -> Vec<TransactItem> {
-    let mut items = order_puts(order);
-    items.push(release_lease(user, lock_id, account_exists));
+/// Whether a cancelled transaction failed on its request record (the last item), that is: the
+/// key was used before.
+pub fn request_record_refused(items_len: usize, has_record: bool, reasons: &[super::CancellationReason]) -> bool {
+    has_record
+        && reasons
+            .get(items_len - 1)
+            .is_some_and(super::CancellationReason::condition_failed)
+}
+
+/// A refusal under the lease: the lease released, for trades both order items as FAILED, and
+/// the request record when the caller gave a key, in one transaction.
+pub fn record_refusal(
+    user: &UserId,
+    lock_id: &LockId,
+    account_exists: bool,
+    order: Option<&Order>,
+    record: Option<(&RequestId, &RequestRecord)>,
+    now: Millis,
+) -> Vec<TransactItem> {
+    let mut items = vec![release_lease(user, lock_id, account_exists)];
+    if let Some(order) = order {
+        items.extend(order_puts(order));
+    }
+    if let Some((request_id, record)) = record {
+        items.push(TransactItem::Put(put_request_record(user, request_id, record, now)));
+    }
     items
+}
+
+/// Writes a request record unless a live one exists for the key: a retry's write fails there,
+/// which is how a duplicate is detected inside the very transaction that would apply it.
+fn put_request_record(user: &UserId, request_id: &RequestId, record: &RequestRecord, now: Millis) -> Put {
+    let mut item = key_attributes(&request_key(user, request_id));
+    item.insert("request_id".to_owned(), s(request_id.as_str()));
+    item.insert("fingerprint".to_owned(), s(&record.fingerprint));
+    item.insert(TTL_ATTRIBUTE.to_owned(), n(record.expires_at_seconds));
+    match &record.outcome {
+        RecordedOutcome::Committed {
+            entry_id,
+            order_id,
+            holding,
+        } => {
+            item.insert("outcome".to_owned(), s("COMMITTED"));
+            item.insert("entry_id".to_owned(), s(entry_id));
+            if let Some(order_id) = order_id {
+                item.insert("order_id".to_owned(), s(order_id));
+            }
+            if let Some(holding) = holding {
+                item.insert("holding".to_owned(), n(holding));
+            }
+        }
+        RecordedOutcome::Refused { message } => {
+            item.insert("outcome".to_owned(), s("REFUSED"));
+            item.insert("message".to_owned(), s(message));
+        }
+    }
+    Put {
+        item,
+        condition: Some(format!("attribute_not_exists(pk) OR {TTL_ATTRIBUTE} < :now_seconds")),
+        bindings: bindings([], [(":now_seconds", n(now / 1000))]),
+    }
+}
+
+pub fn request_record_from_item(item: &Item) -> Result<RequestRecord, MalformedItem> {
+    const KIND: &str = "request record";
+    let outcome = match string(item, "outcome") {
+        Some("COMMITTED") => RecordedOutcome::Committed {
+            entry_id: required(KIND, "entry_id", string(item, "entry_id"))?.to_owned(),
+            order_id: string(item, "order_id").map(str::to_owned),
+            holding: number(item, "holding").and_then(Quantity::from_stored),
+        },
+        Some("REFUSED") => RecordedOutcome::Refused {
+            message: string(item, "message").unwrap_or_default().to_owned(),
+        },
+        _ => {
+            return Err(MalformedItem {
+                kind: KIND,
+                attribute: "outcome",
+            });
+        }
+    };
+    Ok(RequestRecord {
+        fingerprint: required(KIND, "fingerprint", string(item, "fingerprint"))?.to_owned(),
+        outcome,
+        expires_at_seconds: number(item, TTL_ATTRIBUTE)
+            .and_then(|raw| raw.parse().ok())
+            .unwrap_or(0),
+    })
 }
 
 pub fn order_puts(order: &Order) -> Vec<TransactItem> {
@@ -348,6 +449,9 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
     item.insert("cash_delta".to_owned(), n(entry.cash_delta));
     item.insert("cash_after".to_owned(), n(entry.cash_after));
     item.insert("created_at".to_owned(), n(entry.created_at));
+    if let Some(request_id) = &entry.request_id {
+        item.insert("request_id".to_owned(), s(request_id));
+    }
     if let Some(trade) = &entry.trade {
         item.insert("asset".to_owned(), s(trade.asset.as_str()));
         item.insert("quantity_delta".to_owned(), n(trade.quantity_delta));
@@ -389,6 +493,7 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
             "created_at",
             number(item, "created_at").and_then(|raw| raw.parse().ok()),
         )?,
+        request_id: string(item, "request_id").map(str::to_owned),
     })
 }
 

@@ -12,8 +12,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::core::decide::Rejection;
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
-use crate::core::{AssetSymbol, FieldError, Price, Quantity, TradeSide, Usd, UserId};
-use crate::service::{Committed, Coordinator, ServiceError, TradeRequest};
+use crate::core::{AssetSymbol, FieldError, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::service::{Coordinator, Receipt, ServiceError, TradeRequest};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
@@ -37,6 +37,7 @@ pub fn status_of(error: ServiceError) -> Status {
         ServiceError::NotFound(message) => Status::not_found(message),
         ServiceError::Rejected(Rejection::AccountNotFound) => Status::not_found("Account not found"),
         ServiceError::Rejected(rejection) => Status::failed_precondition(rejection.to_string()),
+        ServiceError::RefusedEarlier(message) => Status::failed_precondition(message),
         error @ (ServiceError::Busy | ServiceError::LeaseLost) => Status::aborted(error.to_string()),
         error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
         error @ ServiceError::Unavailable(_) => {
@@ -87,12 +88,12 @@ pub fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
     Instant::now().checked_add(timeout)
 }
 
-fn cash_reply(user: &UserId, amount: Usd, committed: Committed) -> pb::CashReply {
+fn cash_reply(user: &UserId, amount: Usd, receipt: Receipt) -> pb::CashReply {
     pb::CashReply {
-        transaction_id: committed.entry.entry_id,
+        transaction_id: receipt.entry.entry_id,
         user_id: user.to_string(),
         amount: amount.to_string(),
-        cash_balance: committed.decision.cash.to_string(),
+        cash_balance: receipt.entry.cash_after.to_string(),
     }
 }
 
@@ -180,18 +181,18 @@ impl CoordinatorService {
                 .transpose()
                 .map_err(invalid)?,
         };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let coordinator = Arc::clone(&self.coordinator);
-        let committed = run_to_completion(async move { coordinator.trade(&user, trade, deadline).await }).await?;
-        let effect = committed
-            .decision
+        let receipt =
+            run_to_completion(async move { coordinator.trade(&user, trade, request_id, deadline).await }).await?;
+        let (order, holding) = receipt
             .trade
-            .clone()
-            .expect("a committed trade has its effect");
+            .ok_or_else(|| status_of(ServiceError::Internal("a committed trade without its order".to_owned())))?;
         Ok(Response::new(pb::OrderReply {
-            cash_balance: committed.decision.cash.to_string(),
-            holding: effect.holding.to_string(),
-            transaction_id: committed.entry.entry_id.clone(),
-            order: committed.order.map(order_message),
+            cash_balance: receipt.entry.cash_after.to_string(),
+            holding: holding.to_string(),
+            transaction_id: receipt.entry.entry_id,
+            order: Some(order_message(order)),
         }))
     }
 }
@@ -203,10 +204,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let coordinator = Arc::clone(&self.coordinator);
         let account = user.clone();
-        let committed = run_to_completion(async move { coordinator.deposit(&account, amount, deadline).await }).await?;
-        Ok(Response::new(cash_reply(&user, amount, committed)))
+        let receipt =
+            run_to_completion(async move { coordinator.deposit(&account, amount, request_id, deadline).await }).await?;
+        Ok(Response::new(cash_reply(&user, amount, receipt)))
     }
 
     async fn withdraw(&self, request: Request<pb::WithdrawRequest>) -> Result<Response<pb::CashReply>, Status> {
@@ -214,11 +217,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let coordinator = Arc::clone(&self.coordinator);
         let account = user.clone();
-        let committed =
-            run_to_completion(async move { coordinator.withdraw(&account, amount, deadline).await }).await?;
-        Ok(Response::new(cash_reply(&user, amount, committed)))
+        let receipt =
+            run_to_completion(async move { coordinator.withdraw(&account, amount, request_id, deadline).await })
+                .await?;
+        Ok(Response::new(cash_reply(&user, amount, receipt)))
     }
 
     async fn place_buy(&self, request: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
