@@ -120,6 +120,16 @@ pub async fn build_coordinator(
     let config = settings
         .coordinator_config()
         .map_err(|error| StartError::Settings(error.to_string()))?;
+    build_coordinator_with(storage, clock, config, catalog_file).await
+}
+
+/// `build_coordinator` with an explicit service configuration (tests inject hooks here).
+pub async fn build_coordinator_with(
+    storage: Storage,
+    clock: Arc<dyn Clock>,
+    config: crate::service::CoordinatorConfig,
+    catalog_file: Option<&Path>,
+) -> Result<Arc<Coordinator>, StartError> {
     let catalog = match catalog_file {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|error| StartError::Catalog(format!("{}: {error}", path.display())))?,

@@ -131,6 +131,7 @@ impl Settings {
                 daily_withdrawal: Usd::parse_amount("--daily-withdrawal-limit", &self.daily_withdrawal_limit)?,
             },
             request_retention: Duration::from_secs(self.request_retention_hours.saturating_mul(3600)),
+            before_commit: None,
         })
     }
 

@@ -13,6 +13,7 @@ use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use lockstep_coordinator::core::time::ManualClock;
 use lockstep_coordinator::core::{Clock, SystemClock};
 use lockstep_coordinator::server;
+use lockstep_coordinator::service::CommitHook;
 use lockstep_coordinator::settings::Cli;
 use lockstep_coordinator::storage::Storage;
 use lockstep_coordinator::storage::dynamodb::DynamoDbEngine;
@@ -184,6 +185,7 @@ pub async fn start_dynoxide_http(database: dynoxide::Database) -> (String, onesh
 pub struct AppOptions {
     pub flags: Vec<String>,
     pub clock: Option<ManualClock>,
+    pub before_commit: Option<CommitHook>,
 }
 
 impl AppOptions {
@@ -197,6 +199,11 @@ impl AppOptions {
         self.clock = Some(clock);
         self
     }
+
+    pub fn before_commit(mut self, hook: CommitHook) -> Self {
+        self.before_commit = Some(hook);
+        self
+    }
 }
 
 /// A running coordinator: gRPC on a loopback port, and a handle on its service and storage.
@@ -204,10 +211,22 @@ pub struct TestApp {
     pub address: SocketAddr,
     pub storage: Storage,
     stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
     _guard: Option<StorageGuard>,
 }
 
 impl TestApp {
+    /// Shuts the server down as SIGTERM does (stop accepting, drain, release leases) and waits.
+    /// The storage it owns stays up until the `TestApp` is dropped.
+    pub async fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task");
+        }
+    }
+
     pub async fn client(&self) -> CoordinatorClient<Channel> {
         CoordinatorClient::connect(format!("http://{}", self.address))
             .await
@@ -352,7 +371,9 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
         Some(clock) => Arc::new(clock.clone()),
         None => Arc::new(SystemClock),
     };
-    let coordinator = server::build_coordinator(storage.clone(), clock, &settings, None)
+    let mut config = settings.coordinator_config().expect("coordinator settings");
+    config.before_commit = options.before_commit.clone();
+    let coordinator = server::build_coordinator_with(storage.clone(), clock, config, None)
         .await
         .expect("build coordinator");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -360,8 +381,9 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
         .expect("bind coordinator");
     let address = listener.local_addr().expect("coordinator address");
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        server::run(listener, coordinator, Duration::from_secs(5), async {
+    let drain = Duration::from_millis(settings.drain_ms);
+    let server = tokio::spawn(async move {
+        server::run(listener, coordinator, drain, async {
             stopped.await.ok();
         })
         .await
@@ -371,6 +393,7 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
         address,
         storage,
         stop: Some(stop),
+        server: Some(server),
         _guard: None,
     }
 }

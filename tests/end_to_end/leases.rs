@@ -34,6 +34,7 @@ async fn take_lease_as_another_coordinator(
     let lease = Lease {
         lock_id: LockId::new_random(),
         owner: "coordinator-that-died".to_owned(),
+        incarnation: "a-run-that-died".to_owned(),
         operation: "WITHDRAWAL".to_owned(),
         expires_at: now + lease_ms,
     };

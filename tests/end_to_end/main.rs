@@ -9,5 +9,6 @@ mod health;
 mod helpers;
 mod leases;
 mod money;
+mod recovery;
 mod services;
 mod validation;

@@ -11,8 +11,11 @@ use super::time::Millis;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub lock_id: LockId,
-    /// The coordinator instance that took it.
+    /// The coordinator instance that took it (`--instance`).
     pub owner: String,
+    /// Which run of that instance: a fresh id at every start. A live lease with this
+    /// instance's name but another incarnation belongs to a run that died.
+    pub incarnation: String,
     pub operation: String,
     pub expires_at: Millis,
 }

@@ -52,20 +52,26 @@ impl Coordinator {
             .with_max_times(LOCK_ATTEMPTS_MAX)
             .build();
         let mut waited_on: Option<Lease> = None;
+        // A live lease of this instance's previous run (it died holding it), to take over.
+        let mut orphan: Option<LockId> = None;
         loop {
             let now = self.clock.now();
             let lease = Lease {
                 lock_id: lock_id.clone(),
                 owner: self.config.owner.clone(),
+                incarnation: self.incarnation.clone(),
                 operation: operation.to_owned(),
                 expires_at: now + lease_duration.as_millis() as u64,
             };
-            let current = match self
-                .storage
-                .update(model::acquire_lease(user, &lease, now, require_account))
-                .await
-            {
+            let request = match &orphan {
+                Some(orphan) => model::reclaim_lease(user, &lease, now, require_account, orphan),
+                None => model::acquire_lease(user, &lease, now, require_account),
+            };
+            let current = match self.storage.update(request).await {
                 Ok(Some(item)) => {
+                    if let Some(orphan) = &orphan {
+                        tracing::info!(lock_state = "EXPIRED", previous_lock_id = %orphan, "reclaimed a lease of this instance's previous run");
+                    }
                     if let Some(previous) = waited_on.filter(|previous| !previous.is_live(now)) {
                         tracing::info!(lock_state = "EXPIRED", previous_lock_id = %previous.lock_id, previous_owner = %previous.owner, "took over an expired lease");
                     }
@@ -88,6 +94,9 @@ impl Coordinator {
                 match model::lease_from_item(&item).filter(|holder| holder.is_live(now)) {
                     // Our own earlier attempt did land (its reply was lost and the write retried).
                     Some(holder) if holder.lock_id == lock_id => return self.held(user, holder, &item),
+                    Some(holder) if holder.owner == self.config.owner && holder.incarnation != self.incarnation => {
+                        orphan = Some(holder.lock_id);
+                    }
                     Some(holder) => {
                         if waited_on.is_none() {
                             tracing::info!(lock_state = "WAITING", holder_lock_id = %holder.lock_id, holder_owner = %holder.owner, holder_operation = %holder.operation, "lease busy");

@@ -6,6 +6,8 @@ mod catalog;
 mod lease;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +67,19 @@ pub struct CoordinatorConfig {
     pub limits: Limits,
     /// How long a request id's outcome is kept for retries.
     pub request_retention: Duration,
+    /// Fault injection for tests: awaited after deciding and before sending the commit.
+    pub before_commit: Option<CommitHook>,
+}
+
+/// A pause between decision and commit, injected by fencing tests to hold a decided commit
+/// past its lease.
+#[derive(Clone)]
+pub struct CommitHook(pub Arc<dyn Fn(&UserId) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>);
+
+impl std::fmt::Debug for CommitHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitHook")
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -77,6 +92,7 @@ impl Default for CoordinatorConfig {
             lock_wait_max: LOCK_WAIT_MAX,
             limits: Limits::default(),
             request_retention: REQUEST_RETENTION,
+            before_commit: None,
         }
     }
 }
@@ -222,6 +238,8 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     catalog: Catalog,
     held_leases: HeldLeases,
+    /// This run of the instance: see `Lease::incarnation`.
+    incarnation: String,
 }
 
 impl Coordinator {
@@ -232,6 +250,7 @@ impl Coordinator {
             config,
             catalog: Catalog::default(),
             held_leases: HeldLeases::default(),
+            incarnation: uuid::Uuid::new_v4().to_string(),
         }
     }
 
@@ -427,6 +446,9 @@ impl Coordinator {
                 entry,
                 replayed: false,
             };
+            if let Some(CommitHook(pause)) = &self.config.before_commit {
+                pause(&held.user).await;
+            }
             // The ledger entry's id doubles as the idempotency token where the engine honours
             // one; correctness never depends on it (see resolve_unknown_commit).
             match self.storage.transact(items, Some(receipt.entry.entry_id.clone())).await {

@@ -37,7 +37,7 @@ const REQUEST_PREFIX: &str = "REQUEST#";
 pub const TTL_ATTRIBUTE: &str = "record_expires_at";
 
 /// The lease's attributes on the account item, removed together on release.
-const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_operation, lock_expires_at";
+const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_incarnation, lock_operation, lock_expires_at";
 
 fn s(text: impl Into<String>) -> Value {
     Value::S(text.into())
@@ -115,16 +115,30 @@ fn put_new(item: Item) -> Put {
 /// exist. On failure the item is returned as it was (ALL_OLD), so the caller can tell a busy
 /// lease from a missing account, or find that the lease is already its own (a retried request).
 pub fn acquire_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool) -> Update {
-    let free = "(attribute_not_exists(lock_id) OR lock_expires_at <= :now)";
+    take_lease(user, lease, now, require_account, None)
+}
+
+/// Takes over the lease `orphan` held by a previous run of this same coordinator instance (it
+/// died holding it): conditioned on that exact lock id, so it cannot steal from anyone else.
+pub fn reclaim_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: &LockId) -> Update {
+    take_lease(user, lease, now, require_account, Some(orphan))
+}
+
+fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: Option<&LockId>) -> Update {
+    let free = if orphan.is_some() {
+        "(lock_id = :orphan OR attribute_not_exists(lock_id) OR lock_expires_at <= :now)"
+    } else {
+        "(attribute_not_exists(lock_id) OR lock_expires_at <= :now)"
+    };
     let condition = if require_account {
         format!("attribute_exists(cash) AND {free}")
     } else {
         free.to_owned()
     };
-    Update {
+    let mut update = Update {
         key: account_key(user),
-        update: "SET user_id = :user, lock_id = :lock, lock_owner = :owner, lock_operation = :operation, \
-                 lock_expires_at = :expires, version = if_not_exists(version, :zero), \
+        update: "SET user_id = :user, lock_id = :lock, lock_owner = :owner, lock_incarnation = :incarnation, \
+                 lock_operation = :operation, lock_expires_at = :expires, version = if_not_exists(version, :zero), \
                  holdings = if_not_exists(holdings, :empty)"
             .to_owned(),
         condition: Some(condition),
@@ -134,6 +148,7 @@ pub fn acquire_lease(user: &UserId, lease: &Lease, now: Millis, require_account:
                 (":user", s(user.as_str())),
                 (":lock", s(lease.lock_id.as_str())),
                 (":owner", s(&lease.owner)),
+                (":incarnation", s(&lease.incarnation)),
                 (":operation", s(&lease.operation)),
                 (":expires", n(lease.expires_at)),
                 (":now", n(now)),
@@ -143,7 +158,11 @@ pub fn acquire_lease(user: &UserId, lease: &Lease, now: Millis, require_account:
         ),
         return_new: true,
         return_old_on_condition_failure: true,
+    };
+    if let Some(orphan) = orphan {
+        update.bindings.values.insert(":orphan".to_owned(), s(orphan.as_str()));
     }
+    update
 }
 
 /// Gives the lease back without changing the account, if it is still ours. An item that holds
@@ -172,6 +191,7 @@ pub fn lease_from_item(item: &Item) -> Option<Lease> {
     Some(Lease {
         lock_id: LockId::from_stored(string(item, "lock_id")?.to_owned()),
         owner: string(item, "lock_owner").unwrap_or_default().to_owned(),
+        incarnation: string(item, "lock_incarnation").unwrap_or_default().to_owned(),
         operation: string(item, "lock_operation").unwrap_or_default().to_owned(),
         expires_at: number(item, "lock_expires_at")?.parse().ok()?,
     })

@@ -26,6 +26,13 @@ impl CoordinatorService {
     }
 }
 
+/// Retry advice (google.rpc.RetryInfo) on ABORTED: the lease is usually free again within a
+/// commit's time; a retry with the same request id is always safe.
+pub const RETRY_AFTER_BUSY: Duration = Duration::from_millis(250);
+/// Retry advice on UNAVAILABLE: storage blips (throttling, a lost connection) pass in about a
+/// second; the SDK already retried for up to 5 s.
+pub const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(1);
+
 /// The one place a service error becomes a gRPC status.
 pub fn status_of(error: ServiceError) -> Status {
     match error {
@@ -38,11 +45,19 @@ pub fn status_of(error: ServiceError) -> Status {
         ServiceError::Rejected(Rejection::AccountNotFound) => Status::not_found("Account not found"),
         ServiceError::Rejected(rejection) => Status::failed_precondition(rejection.to_string()),
         ServiceError::RefusedEarlier(message) => Status::failed_precondition(message),
-        error @ (ServiceError::Busy | ServiceError::LeaseLost) => Status::aborted(error.to_string()),
+        error @ (ServiceError::Busy | ServiceError::LeaseLost) => Status::with_error_details(
+            Code::Aborted,
+            error.to_string(),
+            ErrorDetails::with_retry_info(Some(RETRY_AFTER_BUSY)),
+        ),
         error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
         error @ ServiceError::Unavailable(_) => {
             tracing::warn!(%error, detail = ?error, "storage unavailable");
-            Status::unavailable(error.to_string())
+            Status::with_error_details(
+                Code::Unavailable,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(RETRY_AFTER_UNAVAILABLE)),
+            )
         }
         ServiceError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
