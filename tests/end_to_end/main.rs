@@ -9,6 +9,8 @@ mod health;
 mod helpers;
 mod leases;
 mod money;
+mod python_stubs;
+mod readme;
 mod recovery;
 mod services;
 mod validation;

@@ -12,7 +12,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, retry_advice};
 use crate::http::RequestContext;
 use crate::settings::CoordinatorSettings;
 
@@ -75,8 +75,11 @@ impl Coordinator {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
+            // The coordinator's RetryInfo, when it sends one, is the shortest sensible wait.
             if status.code() == Code::Unavailable
-                && let Some(delay) = delays.next()
+                && let Some(delay) = delays
+                    .next()
+                    .map(|delay| delay.max(retry_advice(&status).unwrap_or_default()))
                 && Instant::now() + delay < deadline
             {
                 tracing::warn!(

@@ -6,9 +6,11 @@
 //! | NOT_FOUND | 404 |
 //! | FAILED_PRECONDITION | 422, with the coordinator's message (the rule and the figures) |
 //! | ABORTED | 409, with `Retry-After` |
-//! | UNAVAILABLE | 503 |
+//! | UNAVAILABLE | 503, with `Retry-After` when the coordinator advises one |
 //! | DEADLINE_EXCEEDED | 504 |
 //! | anything else | 500, details logged, never sent |
+
+use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,9 +20,9 @@ use tonic_types::StatusExt;
 
 use crate::http::Envelope;
 
-/// Seconds a client should wait after a 409 (the account's lease was busy): leases of deposits
-/// and withdrawals usually end within milliseconds, so one second is ample and not wasteful.
-pub const RETRY_AFTER_BUSY_SECONDS: u32 = 1;
+/// `Retry-After` of a 409 (the account's lease was busy) when the coordinator sends no
+/// google.rpc.RetryInfo: leases usually end within milliseconds, so the shortest HTTP allows.
+pub const RETRY_AFTER_BUSY_SECONDS: u64 = 1;
 
 /// An error answer: its HTTP status, and the `error` object of the envelope.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +37,9 @@ pub struct ApiError {
     pub field: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The coordinator's advice (google.rpc.RetryInfo), sent as `Retry-After` in whole seconds.
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -50,6 +55,7 @@ impl ApiError {
             },
             field: field.map(str::to_owned),
             reason: Some(reason),
+            retry_after: None,
         }
     }
 
@@ -77,6 +83,11 @@ pub fn http_status_of(code: Code) -> StatusCode {
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
+}
+
+/// How long the coordinator advises to wait before retrying (google.rpc.RetryInfo), if it says.
+pub fn retry_advice(status: &Status) -> Option<Duration> {
+    status.get_details_retry_info().and_then(|info| info.retry_delay)
 }
 
 impl From<Status> for ApiError {
@@ -107,6 +118,7 @@ impl From<Status> for ApiError {
             message,
             field: violation.as_ref().map(|violation| violation.field.clone()),
             reason: violation.map(|violation| violation.description),
+            retry_after: retry_advice(&status),
         }
     }
 }
@@ -114,11 +126,17 @@ impl From<Status> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status;
+        // HTTP counts in whole seconds: round the advice up, so a client never retries early.
+        let retry_after = match (status, self.retry_after) {
+            (_, Some(delay)) => Some(delay.as_secs() + u64::from(delay.subsec_nanos() > 0)),
+            (StatusCode::CONFLICT, None) => Some(RETRY_AFTER_BUSY_SECONDS),
+            _ => None,
+        };
         let mut response = (status, axum::Json(Envelope::<()>::failure(self))).into_response();
-        if status == StatusCode::CONFLICT {
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_BUSY_SECONDS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
     }

@@ -1,0 +1,92 @@
+"""A Python client generated from proto/ by grpcio-tools calls a running coordinator.
+
+Makes Deposit, Withdraw, PlaceBuy and PlaceSell (and a refusal of each kind a caller must
+handle) and checks every reply. Exits non-zero with a message at the first mismatch.
+
+    python -m grpc_tools.protoc -I proto --python_out=OUT --grpc_python_out=OUT \
+        proto/lockstep/coordinator/v1/coordinator.proto
+    PYTHONPATH=OUT python tests/python/stub_client.py 127.0.0.1:50051
+"""
+
+import sys
+
+import grpc
+
+from lockstep.coordinator.v1 import coordinator_pb2 as pb
+from lockstep.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+
+TIMEOUT_SECONDS = 10
+USER = "python-stub"
+
+
+def expect(what, actual, wanted):
+    if actual != wanted:
+        sys.exit(f"{what}: expected {wanted!r}, got {actual!r}")
+
+
+def expect_code(what, call, wanted):
+    try:
+        call()
+    except grpc.RpcError as error:
+        expect(what, error.code(), wanted)
+        return error
+    sys.exit(f"{what}: expected {wanted}, got a reply")
+
+
+def main(address):
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=TIMEOUT_SECONDS)
+        coordinator = pb_grpc.CoordinatorStub(channel)
+
+        deposit = pb.DepositRequest(user_id=USER, amount="500.00", request_id="python-deposit-1")
+        reply = coordinator.Deposit(deposit, timeout=TIMEOUT_SECONDS)
+        expect("Deposit cash_balance", reply.cash_balance, "500.00")
+        expect("Deposit amount", reply.amount, "500.00")
+        retried = coordinator.Deposit(deposit, timeout=TIMEOUT_SECONDS)
+        expect("Deposit retried with the same request_id", retried, reply)
+
+        reply = coordinator.Withdraw(pb.WithdrawRequest(user_id=USER, amount="120.25"), timeout=TIMEOUT_SECONDS)
+        expect("Withdraw cash_balance", reply.cash_balance, "379.75")
+
+        buy = coordinator.PlaceBuy(
+            pb.PlaceOrderRequest(user_id=USER, asset="SOL", quantity="2"), timeout=TIMEOUT_SECONDS
+        )
+        expect("PlaceBuy status", buy.order.status, pb.ORDER_STATUS_CONFIRMED)
+        expect("PlaceBuy side", buy.order.side, pb.ORDER_SIDE_BUY)
+        expect("PlaceBuy total", buy.order.total, "290.50")
+        expect("PlaceBuy has no limit_price", buy.order.HasField("limit_price"), False)
+        expect("PlaceBuy cash_balance", buy.cash_balance, "89.25")
+        expect("PlaceBuy holding", buy.holding, "2")
+
+        sell = coordinator.PlaceSell(
+            pb.PlaceOrderRequest(user_id=USER, asset="SOL", quantity="0.5", limit_price="140"),
+            timeout=TIMEOUT_SECONDS,
+        )
+        expect("PlaceSell side", sell.order.side, pb.ORDER_SIDE_SELL)
+        expect("PlaceSell limit_price", sell.order.limit_price, "140")
+        expect("PlaceSell total", sell.order.total, "72.62")
+        expect("PlaceSell cash_balance", sell.cash_balance, "161.87")
+        expect("PlaceSell holding", sell.holding, "1.5")
+
+        expect_code(
+            "Withdraw beyond the balance",
+            lambda: coordinator.Withdraw(pb.WithdrawRequest(user_id=USER, amount="1000.00"), timeout=TIMEOUT_SECONDS),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        error = expect_code(
+            "Deposit with 3 decimals",
+            lambda: coordinator.Deposit(pb.DepositRequest(user_id=USER, amount="1.005"), timeout=TIMEOUT_SECONDS),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        expect("INVALID_ARGUMENT message", error.details(), "amount: must have at most 2 decimal places")
+
+        account = coordinator.GetAccount(pb.GetAccountRequest(user_id=USER), timeout=TIMEOUT_SECONDS)
+        expect("GetAccount cash_balance", account.cash_balance, "161.87")
+        expect("GetAccount holdings", [(h.asset, h.quantity) for h in account.holdings], [("SOL", "1.5")])
+    print("ok")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: stub_client.py HOST:PORT")
+    main(sys.argv[1])
