@@ -15,10 +15,14 @@
 //!   (aws-sdk-dynamodb to any endpoint).
 //! - [`server`]: wiring (storage, catalog seed, health, reflection) and `run`, which the
 //!   binary and the tests call alike. [`settings`]: flags with environment fallbacks.
+//! - [`audit`]: reads the whole table and checks the books (`coordinator audit`, and tests).
+//!   [`sweeper`]: releases leases whose holder died and deletes expired request records.
 
+pub mod audit;
 pub mod core;
 pub mod server;
 pub mod service;
 pub mod settings;
 pub mod storage;
+pub mod sweeper;
 pub mod transport;

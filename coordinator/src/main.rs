@@ -23,6 +23,7 @@ async fn main() -> ExitCode {
             tracing::info!(table = %settings.table, "table ready");
         }),
         Command::Serve => serve(&settings).await,
+        Command::Audit { lease_margin_secs } => return audit(&settings, lease_margin_secs).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -30,6 +31,33 @@ async fn main() -> ExitCode {
             tracing::error!(%error, "coordinator failed");
             eprintln!("coordinator: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `coordinator audit`: prints the report; exit code 1 on any discrepancy, 2 if it cannot run.
+async fn audit(settings: &lockstep_coordinator::settings::Settings, lease_margin_secs: u64) -> ExitCode {
+    use lockstep_coordinator::core::Clock;
+    let storage = match server::connect_storage(settings).await {
+        Ok(storage) => storage,
+        Err(error) => {
+            eprintln!("coordinator audit: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let margin = std::time::Duration::from_secs(lease_margin_secs);
+    match lockstep_coordinator::audit::audit(&storage, SystemClock.now(), margin).await {
+        Ok(report) => {
+            print!("{report}");
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(error) => {
+            eprintln!("coordinator audit: {error}");
+            ExitCode::from(2)
         }
     }
 }

@@ -92,9 +92,9 @@ pub async fn open_storage(settings: &Settings) -> Result<Storage, StartError> {
     Ok(storage)
 }
 
-/// Creates the table on the configured storage (the `create-tables` command).
-pub async fn create_tables(settings: &Settings) -> Result<(), StartError> {
-    let storage = match settings.storage_kind() {
+/// Storage as configured, without checking or creating the table.
+pub async fn connect_storage(settings: &Settings) -> Result<Storage, StartError> {
+    Ok(match settings.storage_kind() {
         StorageKind::Embedded => Storage::new(
             Arc::new(EmbeddedEngine::open(&settings.data_dir)?),
             settings.table.as_str(),
@@ -105,8 +105,12 @@ pub async fn create_tables(settings: &Settings) -> Result<(), StartError> {
                     .await;
             Storage::new(Arc::new(engine), settings.table.as_str())
         }
-    };
-    storage.ensure_table().await?;
+    })
+}
+
+/// Creates the table on the configured storage (the `create-tables` command).
+pub async fn create_tables(settings: &Settings) -> Result<(), StartError> {
+    connect_storage(settings).await?.ensure_table().await?;
     Ok(())
 }
 
@@ -153,6 +157,10 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let probe = tokio::spawn(probe_health(coordinator.storage().clone(), health));
+    let sweeper = coordinator
+        .config()
+        .sweep_interval
+        .map(|interval| tokio::spawn(sweep_periodically(Arc::clone(&coordinator), interval)));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(lockstep::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -180,6 +188,7 @@ pub async fn run(
     tokio::select! {
         result = &mut server => {
             probe.abort();
+            sweeper.iter().for_each(tokio::task::JoinHandle::abort);
             return result.map_err(|error| StartError::Serve(error.to_string()));
         }
         () = shutdown => {}
@@ -193,9 +202,25 @@ pub async fn run(
         tracing::warn!("in-flight RPCs did not finish within the drain timeout");
     }
     probe.abort();
+    sweeper.iter().for_each(tokio::task::JoinHandle::abort);
     let released = coordinator.release_held_leases().await;
     tracing::info!(released, "stopped");
     Ok(())
+}
+
+/// Runs the sweeper every `interval`, first after one interval.
+async fn sweep_periodically(coordinator: Arc<Coordinator>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match crate::sweeper::sweep(coordinator.storage(), coordinator.now()).await {
+            Ok(report) => tracing::info!(
+                released_leases = report.released_leases,
+                deleted_records = report.deleted_records,
+                "sweep done"
+            ),
+            Err(error) => tracing::warn!(%error, "sweep failed; retrying at the next interval"),
+        }
+    }
 }
 
 /// Reports SERVING while storage answers and NOT_SERVING while it does not.

@@ -30,6 +30,14 @@ pub enum Command {
     Serve,
     /// Create the table on the configured storage, then exit.
     CreateTables,
+    /// Check the books: cash and holdings against the ledger, orders against ledger entries,
+    /// stale leases. Prints a report; exits non-zero on any discrepancy. On the embedded engine,
+    /// run it while the coordinator is stopped.
+    Audit {
+        /// How long after its expiry an unreleased lease counts as stale, in seconds.
+        #[arg(long, default_value_t = crate::audit::LEASE_MARGIN_DEFAULT.as_secs())]
+        lease_margin_secs: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,6 +106,10 @@ pub struct Settings {
     /// How long a request id's outcome is kept for retries, in hours.
     #[arg(long, env = "LOCKSTEP_REQUEST_RETENTION_HOURS", default_value_t = REQUEST_RETENTION.as_secs() / 3600, global = true)]
     pub request_retention_hours: u64,
+    /// How often to release leases left by dead holders and delete expired request records, in
+    /// seconds; 0 turns the sweeper off (on DynamoDB, TTL then deletes the records).
+    #[arg(long, env = "LOCKSTEP_SWEEP_INTERVAL_SECS", default_value_t = 300, global = true)]
+    pub sweep_interval_secs: u64,
     /// Longest wait for in-flight RPCs at shutdown, in milliseconds.
     #[arg(long, env = "LOCKSTEP_DRAIN_MS", default_value_t = 10_000, global = true)]
     pub drain_ms: u64,
@@ -132,6 +144,7 @@ impl Settings {
             },
             request_retention: Duration::from_secs(self.request_retention_hours.saturating_mul(3600)),
             before_commit: None,
+            sweep_interval: (self.sweep_interval_secs > 0).then(|| Duration::from_secs(self.sweep_interval_secs)),
         })
     }
 

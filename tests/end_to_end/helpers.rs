@@ -216,6 +216,17 @@ pub struct TestApp {
 }
 
 impl TestApp {
+    /// A handle on storage alone, with no server: for tests that write behind its back.
+    pub fn on_storage_only(storage: Storage) -> TestApp {
+        TestApp {
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            storage,
+            stop: None,
+            server: None,
+            _guard: None,
+        }
+    }
+
     /// Shuts the server down as SIGTERM does (stop accepting, drain, release leases) and waits.
     /// The storage it owns stays up until the `TestApp` is dropped.
     pub async fn shut_down(&mut self) {

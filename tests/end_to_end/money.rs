@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lockstep::coordinator::v1 as pb;
+use lockstep_coordinator::core::{Clock, SystemClock};
 use rust_decimal::Decimal;
+use std::time::Duration;
 use tonic::Code;
 
 use crate::helpers::{AppOptions, EngineKind, TestApp, order_request, spawn_app, spawn_app_with, spawn_peer};
@@ -197,6 +199,10 @@ async fn random_workload_keeps_the_books(engine: EngineKind) {
     for user in &users {
         assert_books_balance(&app, user, tallies[user].successes.load(Ordering::Relaxed)).await;
     }
+    let report = lockstep_coordinator::audit::audit(&app.storage, SystemClock.now(), Duration::from_secs(60))
+        .await
+        .expect("audit");
+    assert!(report.is_clean(), "{report}");
 }
 
 /// Cash and holdings are non-negative and equal the sums of the ledger, which has one entry per

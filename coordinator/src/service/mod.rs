@@ -69,6 +69,8 @@ pub struct CoordinatorConfig {
     pub request_retention: Duration,
     /// Fault injection for tests: awaited after deciding and before sending the commit.
     pub before_commit: Option<CommitHook>,
+    /// How often the sweeper runs; None turns it off.
+    pub sweep_interval: Option<Duration>,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -93,6 +95,7 @@ impl Default for CoordinatorConfig {
             limits: Limits::default(),
             request_retention: REQUEST_RETENTION,
             before_commit: None,
+            sweep_interval: None,
         }
     }
 }
@@ -260,6 +263,11 @@ impl Coordinator {
 
     pub fn config(&self) -> &CoordinatorConfig {
         &self.config
+    }
+
+    /// Now, by this coordinator's clock.
+    pub fn now(&self) -> crate::core::Millis {
+        self.clock.now()
     }
 
     /// The UTC day the daily limits count, by this coordinator's clock.

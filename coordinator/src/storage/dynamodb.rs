@@ -386,6 +386,39 @@ impl Engine for DynamoDbEngine {
         })
     }
 
+    async fn scan(&self, table: &str, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
+        let response = self
+            .client
+            .scan()
+            .table_name(table)
+            .limit(limit as i32)
+            .consistent_read(true)
+            .set_exclusive_start_key(start_after.as_ref().map(to_key))
+            .send()
+            .await
+            .map_err(|error| map_error(error, |_| None))?;
+        Ok(Page {
+            items: response.items().iter().map(from_item).collect(),
+            last_key: response.last_evaluated_key().and_then(from_key),
+        })
+    }
+
+    async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()> {
+        let specification = aws_sdk_dynamodb::types::TimeToLiveSpecification::builder()
+            .attribute_name(attribute)
+            .enabled(true)
+            .build()
+            .map_err(|error| StorageError::Other(error.to_string()))?;
+        self.client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(specification)
+            .send()
+            .await
+            .map_err(|error| map_error(error, |_| None))?;
+        Ok(())
+    }
+
     async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
         let items = items
             .into_iter()

@@ -18,11 +18,13 @@ use dynoxide::actions::{
     get_item::GetItemRequest,
     put_item::PutItemRequest,
     query::QueryRequest,
+    scan::ScanRequest,
     transact_write_items::{
         TransactConditionCheck, TransactDelete, TransactPut, TransactUpdate, TransactWriteItem,
         TransactWriteItemsRequest,
     },
     update_item::UpdateItemRequest,
+    update_time_to_live::UpdateTimeToLiveRequest,
 };
 use dynoxide::errors::DynoxideError;
 use dynoxide::types::AttributeValue;
@@ -338,6 +340,33 @@ impl Engine for EmbeddedEngine {
             items: response.items.unwrap_or_default().iter().map(from_item).collect(),
             last_key: response.last_evaluated_key.as_ref().and_then(from_key),
         })
+    }
+
+    async fn scan(&self, table: &str, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
+        let request = ScanRequest {
+            table_name: table.to_owned(),
+            limit: Some(limit as usize),
+            exclusive_start_key: start_after.as_ref().map(to_key),
+            consistent_read: Some(true),
+            ..Default::default()
+        };
+        let response = self.call(move |database| database.scan(request)).await?;
+        Ok(Page {
+            items: response.items.unwrap_or_default().iter().map(from_item).collect(),
+            last_key: response.last_evaluated_key.as_ref().and_then(from_key),
+        })
+    }
+
+    /// dynoxide stores the TTL setting but never deletes expired items by itself; Lockstep's
+    /// sweeper deletes expired request records on every engine (service::sweep).
+    async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()> {
+        let request: UpdateTimeToLiveRequest = serde_json::from_value(serde_json::json!({
+            "TableName": table,
+            "TimeToLiveSpecification": {"AttributeName": attribute, "Enabled": true}
+        }))
+        .map_err(|error| StorageError::Other(error.to_string()))?;
+        self.call(move |database| database.update_time_to_live(request).map(drop))
+            .await
     }
 
     async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {

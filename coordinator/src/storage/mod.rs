@@ -143,6 +143,10 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     async fn put(&self, table: &str, put: Put) -> StorageResult<()>;
     async fn delete(&self, table: &str, delete: Delete) -> StorageResult<()>;
     async fn query(&self, table: &str, query: Query) -> StorageResult<Page>;
+    /// One consistent page of the whole table, for the audit and the sweeper.
+    async fn scan(&self, table: &str, limit: u32, start_after: Option<Key>) -> StorageResult<Page>;
+    /// Lets storage delete expired request records by itself where it can (DynamoDB TTL).
+    async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()>;
     /// All items or none. `token` is the idempotency token (ClientRequestToken) where the
     /// engine honours one; Lockstep never relies on it for correctness.
     async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()>;
@@ -178,9 +182,12 @@ impl Storage {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Creates the table and turns on TTL for request records.
     pub async fn create_table(&self) -> StorageResult<()> {
         self.count();
-        self.engine.create_table(&self.table).await
+        self.engine.create_table(&self.table).await?;
+        self.count();
+        self.engine.enable_ttl(&self.table, model::TTL_ATTRIBUTE).await
     }
 
     /// Creates the table unless it exists already.
@@ -238,6 +245,11 @@ impl Storage {
             TransactItem::Delete(delete) => self.delete(delete).await,
             TransactItem::ConditionCheck(_) => Err(StorageError::Other("a condition check is not a write".to_owned())),
         }
+    }
+
+    pub async fn scan(&self, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
+        self.count();
+        self.engine.scan(&self.table, limit, start_after).await
     }
 
     pub async fn transact(&self, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {

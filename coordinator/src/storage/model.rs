@@ -187,6 +187,44 @@ pub fn release_lease(user: &UserId, lock_id: &LockId, account_exists: bool) -> T
     }
 }
 
+/// The sweeper's release of a lease whose holder never came back: only if it is still that
+/// lease and still expired. An item that holds only a lease is deleted.
+pub fn release_expired_lease(pk: &str, lock_id: &LockId, account_exists: bool, now: Millis) -> TransactItem {
+    let key = Key {
+        pk: pk.to_owned(),
+        sk: ACCOUNT_SK.to_owned(),
+    };
+    let values = bindings([], [(":lock", s(lock_id.as_str())), (":now", n(now))]);
+    if account_exists {
+        TransactItem::Update(Update {
+            key,
+            update: format!("REMOVE {LEASE_ATTRIBUTES}"),
+            condition: Some("lock_id = :lock AND lock_expires_at <= :now".to_owned()),
+            bindings: values,
+            return_new: false,
+            return_old_on_condition_failure: false,
+        })
+    } else {
+        TransactItem::Delete(Delete {
+            key,
+            condition: Some("lock_id = :lock AND lock_expires_at <= :now AND attribute_not_exists(cash)".to_owned()),
+            bindings: values,
+        })
+    }
+}
+
+/// Deletes a request record past its retention, unless it was rewritten meanwhile.
+pub fn delete_expired_record(pk: &str, sk: &str, now: Millis) -> TransactItem {
+    TransactItem::Delete(Delete {
+        key: Key {
+            pk: pk.to_owned(),
+            sk: sk.to_owned(),
+        },
+        condition: Some(format!("{TTL_ATTRIBUTE} < :now_seconds")),
+        bindings: bindings([], [(":now_seconds", n(now / 1000))]),
+    })
+}
+
 pub fn lease_from_item(item: &Item) -> Option<Lease> {
     Some(Lease {
         lock_id: LockId::from_stored(string(item, "lock_id")?.to_owned()),
