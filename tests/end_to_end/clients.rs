@@ -2,7 +2,11 @@
 //! order-service on port 0, driven over HTTP like curl would.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
@@ -12,7 +16,13 @@ use lockstep_coordinator::storage::model;
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use crate::helpers::{AppOptions, EngineKind, TestApp, spawn_app, spawn_app_with};
+use lockstep::coordinator::v1::coordinator_server::CoordinatorServer;
+use lockstep_coordinator::server;
+use lockstep_coordinator::settings::Cli;
+use lockstep_coordinator::transport::CoordinatorService;
+use tonic::codegen::http;
+
+use crate::helpers::{AppOptions, EngineKind, TestApp, fresh_storage, spawn_app, spawn_app_with};
 use crate::services::{Http, Reply, dead_address, spawn_services};
 
 fn decimal(value: &Value) -> Decimal {
@@ -505,4 +515,98 @@ async fn retrying_a_post_with_the_same_idempotency_key_applies_it_once() {
     let reused = deposit("frank-deposit-1", "1.00").await;
     assert_eq!(reused.error(StatusCode::BAD_REQUEST)["field"], "request_id");
     assert_eq!(app.cash("frank").await, "150.00");
+}
+
+/// In front of the coordinator: answers UNAVAILABLE in place of the first `lost` Deposit replies,
+/// after the coordinator committed them, as when a reply is lost on the wire. Records the
+/// `x-request-id` of every Deposit attempt.
+#[derive(Clone)]
+struct LoseDepositReplies {
+    inner: tonic::service::Routes,
+    lost: Arc<AtomicUsize>,
+    request_ids: Arc<Mutex<Vec<String>>>,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for LoseDepositReplies {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, context)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let deposit = request.uri().path().ends_with("/Deposit");
+        if deposit && let Some(id) = request.headers().get("x-request-id") {
+            self.request_ids.lock().unwrap().push(id.to_str().unwrap().to_owned());
+        }
+        let lose = deposit
+            && self
+                .lost
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        let reply = self.inner.call(request);
+        Box::pin(async move {
+            let response = reply.await?;
+            if !lose {
+                return Ok(response);
+            }
+            // A unary reply's body is complete once the handler has committed; read, then drop it.
+            http_body_util::BodyExt::collect(response.into_body()).await.ok();
+            Ok(tonic::Status::unavailable("reply lost on the way").into_http())
+        })
+    }
+}
+
+/// A Deposit whose replies are lost twice after it committed is retried by the service with the
+/// same request id and the same `x-request-id`, and the coordinator applies it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unavailable_is_retried_with_the_same_request_id_and_applies_once() {
+    let (storage, _guard) = fresh_storage(EngineKind::Embedded).await;
+    let settings = <Cli as clap::Parser>::parse_from(["coordinator"]).settings;
+    let coordinator = server::build_coordinator(storage, Arc::new(SystemClock), &settings, None)
+        .await
+        .expect("build coordinator");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (lost, request_ids) = (Arc::new(AtomicUsize::new(2)), Arc::new(Mutex::new(Vec::new())));
+    let layer = {
+        let (lost, request_ids) = (Arc::clone(&lost), Arc::clone(&request_ids));
+        tower::layer::layer_fn(move |inner| LoseDepositReplies {
+            inner,
+            lost: Arc::clone(&lost),
+            request_ids: Arc::clone(&request_ids),
+        })
+    };
+    let service = CoordinatorServer::new(CoordinatorService::new(Arc::clone(&coordinator)));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(layer)
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let services = spawn_services(address).await;
+    let http = Http::default();
+
+    let reply = http
+        .send(
+            Method::POST,
+            services.user,
+            "/users/gina/deposit",
+            &[("Idempotency-Key", "gina-deposit-1")],
+            Some(r#"{"amount": "10.00"}"#),
+        )
+        .await;
+    assert_eq!(reply.data()["cash_balance"], "10.00", "applied once, reported once");
+    assert_eq!(lost.load(Ordering::SeqCst), 0, "both replies were lost");
+    assert_eq!(
+        *request_ids.lock().unwrap(),
+        ["gina-deposit-1"; 3],
+        "three attempts, one request id"
+    );
+    let balance = http.get(services.user, "/users/gina/balance").await;
+    assert_eq!(balance.data()["cash_balance"], "10.00");
+    let ledger = http.get(services.user, "/users/gina/transactions").await;
+    assert_eq!(ledger.data()["transactions"].as_array().map(Vec::len), Some(1));
 }
