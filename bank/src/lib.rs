@@ -6,5 +6,15 @@
 //!   (dynoxide's HTTP server, moto) that, at a configurable rate, answers 500s or throttling
 //!   errors, delays requests past the coordinator's attempt timeout, resets connections before a
 //!   request reaches storage, and drops replies after storage applied the request.
+//! - [`cluster`]: coordinator processes from the real binary, killed with SIGKILL and restarted.
+//! - [`workload`]: clients issuing random operations with request ids, retrying with the same
+//!   id, recording each operation as ok, failed or unknown.
+//! - [`run`]: one bank run in the style of Jepsen's bank test, and its verdict: the audit plus
+//!   a check that the ledger is explained by the ok operations and a subset of the unknown ones.
 
+pub mod cluster;
 pub mod fault_proxy;
+pub mod run;
+pub mod workload;
+
+pub use run::{BankConfig, BankEngine, BankReport, run};

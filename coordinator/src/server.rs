@@ -17,7 +17,8 @@ use crate::service::Coordinator;
 use crate::settings::{Settings, StorageKind};
 use crate::storage::dynamodb::DynamoDbEngine;
 use crate::storage::embedded::EmbeddedEngine;
-use crate::storage::{Storage, StorageError};
+use crate::storage::faults::FaultyEngine;
+use crate::storage::{Engine, Storage, StorageError};
 use crate::transport::CoordinatorService;
 
 /// The catalog seeded on first start when no --catalog is given: fixed prices, no price feed.
@@ -66,46 +67,40 @@ pub fn parse_catalog(json: &str) -> Result<Vec<Asset>, StartError> {
 /// Opens the configured storage. The embedded engine creates its table on first start; on an
 /// endpoint the table must exist (`coordinator create-tables`).
 pub async fn open_storage(settings: &Settings) -> Result<Storage, StartError> {
-    let storage = match settings.storage_kind() {
-        StorageKind::Embedded => {
-            let storage = Storage::new(
-                Arc::new(EmbeddedEngine::open(&settings.data_dir)?),
-                settings.table.as_str(),
-            );
-            storage.ensure_table().await?;
-            storage
-        }
+    let storage = connect_storage(settings).await?;
+    match settings.storage_kind() {
+        StorageKind::Embedded => storage.ensure_table().await?,
         StorageKind::Dynamodb => {
-            let engine =
-                DynamoDbEngine::from_environment(settings.dynamodb_endpoint.as_deref(), settings.region.as_deref())
-                    .await;
-            let storage = Storage::new(Arc::new(engine), settings.table.as_str());
             if !storage.table_exists().await? {
                 return Err(StartError::Settings(format!(
                     "table {} does not exist; create it with `coordinator create-tables`",
                     settings.table
                 )));
             }
-            storage
         }
-    };
+    }
     Ok(storage)
 }
 
 /// Storage as configured, without checking or creating the table.
 pub async fn connect_storage(settings: &Settings) -> Result<Storage, StartError> {
-    Ok(match settings.storage_kind() {
-        StorageKind::Embedded => Storage::new(
-            Arc::new(EmbeddedEngine::open(&settings.data_dir)?),
-            settings.table.as_str(),
+    let engine: Arc<dyn Engine> = match settings.storage_kind() {
+        StorageKind::Embedded => Arc::new(EmbeddedEngine::open(&settings.data_dir)?),
+        StorageKind::Dynamodb => Arc::new(
+            DynamoDbEngine::from_environment(settings.dynamodb_endpoint.as_deref(), settings.region.as_deref()).await,
         ),
-        StorageKind::Dynamodb => {
-            let engine =
-                DynamoDbEngine::from_environment(settings.dynamodb_endpoint.as_deref(), settings.region.as_deref())
-                    .await;
-            Storage::new(Arc::new(engine), settings.table.as_str())
-        }
-    })
+    };
+    let engine: Arc<dyn Engine> = if settings.inject_faults > 0.0 {
+        tracing::warn!(rate = settings.inject_faults, "injecting storage faults (testing only)");
+        Arc::new(FaultyEngine::new(
+            engine,
+            settings.inject_faults,
+            settings.inject_faults_seed,
+        ))
+    } else {
+        engine
+    };
+    Ok(Storage::new(engine, settings.table.as_str()))
 }
 
 /// Creates the table on the configured storage (the `create-tables` command).

@@ -110,6 +110,13 @@ pub struct Settings {
     /// seconds; 0 turns the sweeper off (on DynamoDB, TTL then deletes the records).
     #[arg(long, env = "LOCKSTEP_SWEEP_INTERVAL_SECS", default_value_t = 300, global = true)]
     pub sweep_interval_secs: u64,
+    /// Testing only: inject storage faults (lost requests, lost replies, slow replies) at this
+    /// rate, 0.0-1.0, to prove the coordinator's recovery (the bank test uses it).
+    #[arg(long, env = "LOCKSTEP_INJECT_FAULTS", default_value_t = 0.0, global = true)]
+    pub inject_faults: f64,
+    /// Seed of the injected faults.
+    #[arg(long, env = "LOCKSTEP_INJECT_FAULTS_SEED", default_value_t = 0, global = true)]
+    pub inject_faults_seed: u64,
     /// Longest wait for in-flight RPCs at shutdown, in milliseconds.
     #[arg(long, env = "LOCKSTEP_DRAIN_MS", default_value_t = 10_000, global = true)]
     pub drain_ms: u64,

@@ -92,16 +92,23 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
         created_at: decided_at,
         request_id: None,
     };
-    let stale_commit = model::commit(&user, &stale.lock_id, &read, &decision, &entry, None, None, decided_at);
+    let stale_commit_at = |now| model::Commit {
+        user: &user,
+        lock_id: &stale.lock_id,
+        read: &read,
+        decision: &decision,
+        entry: &entry,
+        order: None,
+        record: None,
+        now,
+    };
+    let stale_commit = model::commit(&stale_commit_at(decided_at));
 
     // ... then pauses past its expiry. Its lease alone, unclaimed, no longer lets it commit:
     clock.advance(Duration::from_secs(16));
     let refused = app
         .storage
-        .transact(
-            model::commit(&user, &stale.lock_id, &read, &decision, &entry, None, None, clock.now()),
-            None,
-        )
+        .transact(model::commit(&stale_commit_at(clock.now())), None)
         .await;
     assert!(
         matches!(refused, Err(StorageError::TransactionCanceled { .. })),

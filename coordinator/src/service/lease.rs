@@ -6,7 +6,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use tokio::time::Instant;
 
-use super::{Coordinator, ServiceError};
+use super::{Coordinator, ServiceError, retry_safe};
 use crate::core::records::Lease;
 use crate::core::{Account, LockId, UserId};
 use crate::storage::{StorageError, model};
@@ -54,6 +54,8 @@ impl Coordinator {
         let mut waited_on: Option<Lease> = None;
         // A live lease of this instance's previous run (it died holding it), to take over.
         let mut orphan: Option<LockId> = None;
+        // Set while the latest attempt found storage unavailable.
+        let mut unavailable: Option<String> = None;
         loop {
             let now = self.clock.now();
             let lease = Lease {
@@ -80,11 +82,21 @@ impl Coordinator {
                 Ok(None) => return Err(ServiceError::Internal("lease write returned no item".to_owned())),
                 // DynamoDB: the account is inside another caller's commit right now. Busy.
                 Err(StorageError::Conflict(_)) => None,
+                // Storage did not answer (the SDK's own retries included). Trying again with the
+                // same lock id is safe: if this attempt did land, the next one finds the lease
+                // already ours (see above).
+                Err(StorageError::Unavailable(detail)) => {
+                    unavailable = Some(detail);
+                    None
+                }
                 Err(StorageError::ConditionFailed { current: None }) => {
                     // Only operations that need an account have a condition a missing item fails.
                     return Err(ServiceError::NotFound(format!("Account {user} not found")));
                 }
-                Err(StorageError::ConditionFailed { current: Some(item) }) => Some(item),
+                Err(StorageError::ConditionFailed { current: Some(item) }) => {
+                    unavailable = None;
+                    Some(item)
+                }
                 Err(error) => return Err(error.into()),
             };
             if let Some(item) = current {
@@ -118,9 +130,10 @@ impl Coordinator {
                     waited_ms = started.elapsed().as_millis() as u64,
                     "gave up waiting for the lease"
                 );
-                return Err(match deadline {
-                    Some(deadline) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
-                    _ => ServiceError::Busy,
+                return Err(match (unavailable, deadline) {
+                    (Some(detail), _) => ServiceError::Unavailable(detail),
+                    (None, Some(deadline)) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
+                    (None, _) => ServiceError::Busy,
                 });
             };
             tokio::time::sleep(delay).await;
@@ -146,7 +159,7 @@ impl Coordinator {
     pub(super) async fn release(&self, held: &HeldLease) {
         self.held_leases.remove(&held.lock_id);
         let release = model::release_lease(&held.user, &held.lock_id, held.account.exists);
-        match self.storage.write(release).await {
+        match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::debug!(lock_state = "RELEASED", "lease released"),
             Err(StorageError::ConditionFailed { .. }) => {
                 tracing::warn!(lock_state = "EXPIRED", "lease was no longer ours at release")

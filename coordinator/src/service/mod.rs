@@ -47,6 +47,34 @@ pub const COMMIT_ATTEMPTS_MAX: usize = 4;
 /// How long a request id's outcome is kept: retries of a payments client come within minutes;
 /// a day covers a client that retries after an outage.
 pub const REQUEST_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Attempts of a storage request that is safe to repeat (a read, or a write conditioned on this
+/// caller's own lock id) while storage is unavailable, on top of the SDK's own retries.
+pub const SAFE_RETRY_ATTEMPTS: usize = 4;
+/// First pause between such attempts; it grows fourfold each time (20, 80, 320 ms).
+pub const SAFE_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+/// Runs `call` again while storage is unavailable, up to `SAFE_RETRY_ATTEMPTS` times. Only for
+/// requests whose repetition cannot apply anything twice.
+pub(crate) async fn retry_safe<T, F, Fut>(mut call: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StorageError>>,
+{
+    let mut delay = SAFE_RETRY_DELAY;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(StorageError::Unavailable(detail)) if attempt < SAFE_RETRY_ATTEMPTS => {
+                tracing::debug!(%detail, attempt, "storage unavailable; retrying a safe request");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Default and largest page of ListOrders / ListLedger.
 pub const PAGE_SIZE_DEFAULT: u32 = 20;
 pub const PAGE_SIZE_MAX: u32 = 100;
@@ -76,7 +104,10 @@ pub struct CoordinatorConfig {
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
 /// past its lease.
 #[derive(Clone)]
-pub struct CommitHook(pub Arc<dyn Fn(&UserId) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>);
+pub struct CommitHook(pub Arc<PauseBeforeCommit>);
+
+/// The hook's function: given the user, the pause to await.
+pub type PauseBeforeCommit = dyn Fn(&UserId) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
 
 impl std::fmt::Debug for CommitHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -437,16 +468,16 @@ impl Coordinator {
                 };
                 (request_id, self.record(intent, outcome, now))
             });
-            let items = model::commit(
-                &held.user,
-                &held.lock_id,
-                &held.account,
-                &decision,
-                &entry,
-                order.as_ref(),
-                record.as_ref().map(|(request_id, record)| (*request_id, record)),
+            let items = model::commit(&model::Commit {
+                user: &held.user,
+                lock_id: &held.lock_id,
+                read: &held.account,
+                decision: &decision,
+                entry: &entry,
+                order: order.as_ref(),
+                record: record.as_ref().map(|(request_id, record)| (*request_id, record)),
                 now,
-            );
+            });
             let item_count = items.len();
             let account_index = model::commit_account_index(&decision);
             let receipt = Receipt {
@@ -517,7 +548,8 @@ impl Coordinator {
         intent: &Intent,
     ) -> Result<Receipt, ServiceError> {
         let internal = |error: model::MalformedItem| ServiceError::Internal(error.to_string());
-        let Some(item) = self.storage.get(model::request_key(user, request_id)).await? else {
+        let record_key = model::request_key(user, request_id);
+        let Some(item) = retry_safe(|| self.storage.get(record_key.clone())).await? else {
             // Expired and swept between the refused write and this read: the caller may retry.
             return Err(ServiceError::Unavailable(format!(
                 "request record {request_id} vanished"
@@ -573,12 +605,8 @@ impl Coordinator {
     /// ledger entry tells which: it exists exactly when the commit applied.
     async fn resolve_refused_commit(&self, held: &HeldLease, receipt: Receipt) -> Result<Receipt, ServiceError> {
         self.held_leases.remove(&held.lock_id);
-        if self
-            .storage
-            .get(model::ledger_key(&held.user, &receipt.entry.entry_id))
-            .await?
-            .is_some()
-        {
+        let entry_key = model::ledger_key(&held.user, &receipt.entry.entry_id);
+        if retry_safe(|| self.storage.get(entry_key.clone())).await?.is_some() {
             return Ok(receipt);
         }
         tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
@@ -596,7 +624,7 @@ impl Coordinator {
     ) -> Result<Receipt, ServiceError> {
         tracing::warn!(%detail, "commit outcome unknown; resolving");
         let release = model::release_lease(&held.user, &held.lock_id, held.account.exists);
-        match self.storage.write(release).await {
+        match retry_safe(|| self.storage.write(release.clone())).await {
             // The lease was still ours, so the commit did not apply, and now never will.
             Ok(()) => {
                 self.held_leases.remove(&held.lock_id);
@@ -784,12 +812,19 @@ impl Coordinator {
     /// Writes each asset that does not exist yet, then loads the catalog.
     pub async fn seed_catalog(&self, assets: &[Asset]) -> Result<(), ServiceError> {
         for asset in assets {
-            match self.storage.put(model::put_asset(asset, true)).await {
+            match retry_safe(|| self.storage.put(model::put_asset(asset, true))).await {
                 Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
                 Err(error) => return Err(error.into()),
             }
         }
-        self.catalog.refresh(&self.storage).await
+        let mut attempts = SAFE_RETRY_ATTEMPTS;
+        loop {
+            match self.catalog.refresh(&self.storage).await {
+                Err(ServiceError::Unavailable(_)) if attempts > 1 => attempts -= 1,
+                result => return result,
+            }
+            tokio::time::sleep(SAFE_RETRY_DELAY).await;
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod dynamodb;
 pub mod embedded;
+pub mod faults;
 pub mod model;
 
 use std::collections::BTreeMap;

@@ -245,16 +245,31 @@ pub fn lease_from_item(item: &Item) -> Option<Lease> {
 /// The account update is fenced: it applies only if the lease is still this caller's, unexpired
 /// at `now`, and the account is at the version the decision read. The balance and holding
 /// constraints are restated as conditions too, so no commit can ever make either negative.
-pub fn commit(
-    user: &UserId,
-    lock_id: &LockId,
-    read: &Account,
-    decision: &Decision,
-    entry: &LedgerEntry,
-    order: Option<&Order>,
-    record: Option<(&RequestId, &RequestRecord)>,
-    now: Millis,
-) -> Vec<TransactItem> {
+/// Everything one commit writes, as decided under the lease.
+#[derive(Debug, Clone, Copy)]
+pub struct Commit<'a> {
+    pub user: &'a UserId,
+    pub lock_id: &'a LockId,
+    /// The account as read with the lease: the commit is conditioned on its version.
+    pub read: &'a Account,
+    pub decision: &'a Decision,
+    pub entry: &'a LedgerEntry,
+    pub order: Option<&'a Order>,
+    pub record: Option<(&'a RequestId, &'a RequestRecord)>,
+    pub now: Millis,
+}
+
+pub fn commit(commit: &Commit<'_>) -> Vec<TransactItem> {
+    let Commit {
+        user,
+        lock_id,
+        read,
+        decision,
+        entry,
+        order,
+        record,
+        now,
+    } = *commit;
     let mut set = vec![
         "cash = :cash",
         "limit_day = :day",

@@ -1,0 +1,143 @@
+//! Coordinator processes for the bank test: started from the real `coordinator` binary on fixed
+//! loopback ports, killed with SIGKILL and restarted under the same instance name.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// How long a (re)started coordinator may take to accept connections.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `coordinator` binary cargo built beside the running executable (target/<profile>/).
+pub fn coordinator_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LOCKSTEP_COORDINATOR_BIN") {
+        return PathBuf::from(path);
+    }
+    let executable = std::env::current_exe().expect("own executable path");
+    let mut directory = executable.parent().expect("executable directory").to_path_buf();
+    if directory.ends_with("deps") {
+        directory.pop();
+    }
+    directory.join("coordinator")
+}
+
+/// A free loopback port, for a coordinator that must come back on the same address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// One coordinator process slot: same port, instance name and flags across restarts.
+#[derive(Debug)]
+pub struct Node {
+    pub instance: String,
+    pub port: u16,
+    arguments: Vec<String>,
+    environment: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+    pub starts: usize,
+}
+
+impl Node {
+    pub fn new(index: usize, arguments: Vec<String>, environment: Vec<(String, String)>, log_dir: &Path) -> Node {
+        Node {
+            instance: format!("bank-coordinator-{index}"),
+            port: free_port(),
+            arguments,
+            environment,
+            log: log_dir.join(format!("coordinator-{index}.log")),
+            child: None,
+            starts: 0,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Starts the process (appending to its log) and waits until it accepts connections.
+    pub async fn start(&mut self, extra: &[String]) -> std::io::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(coordinator_binary())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--instance",
+                &self.instance,
+            ])
+            .args(&self.arguments)
+            .args(extra)
+            .envs(
+                self.environment
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str())),
+            )
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        self.child = Some(child);
+        self.starts += 1;
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                return Err(std::io::Error::other(format!(
+                    "{} exited at start: {status}",
+                    self.instance
+                )));
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(std::io::Error::other(format!(
+            "{} did not start within {START_TIMEOUT:?}",
+            self.instance
+        )))
+    }
+
+    /// SIGKILL: no drain, no lease release, nothing flushed that was not already durable.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path (drain, release leases).
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // std's Child::kill sends SIGKILL; SIGTERM goes through kill(1).
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .ok();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while std::time::Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}

@@ -1,0 +1,39 @@
+//! The bank test in its CI configuration, on the embedded engine and on dynoxide over HTTP with
+//! three coordinators: 32 clients, 16 users, 60 s, 10 % storage faults, 5 coordinator kills.
+//! `LOCKSTEP_BANK_SECONDS` shortens or lengthens it.
+
+use std::time::Duration;
+
+use lockstep_bank::{BankConfig, BankEngine, run};
+
+fn config(engine: BankEngine) -> BankConfig {
+    let mut config = BankConfig::ci(engine);
+    if let Some(seconds) = std::env::var("LOCKSTEP_BANK_SECONDS")
+        .ok()
+        .and_then(|raw| raw.parse().ok())
+    {
+        config.duration = Duration::from_secs(seconds);
+    }
+    config
+}
+
+async fn bank_holds(engine: BankEngine) {
+    let config = config(engine);
+    let report = run(config.clone()).await.expect("bank run");
+    println!("{report}");
+    assert!(report.discrepancies.is_empty(), "{report}");
+    assert!(report.audit.is_clean(), "{report}");
+    assert_eq!(report.kills, config.kills, "{report}");
+    assert!(report.faults_injected > 0, "faults were injected: {report}");
+    assert!(report.ok > config.clients * 5, "the workload made progress: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bank_on_the_embedded_engine() {
+    bank_holds(BankEngine::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bank_on_dynoxide_over_http_with_three_coordinators() {
+    bank_holds(BankEngine::Endpoint).await;
+}
