@@ -141,3 +141,66 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    /// Each gRPC code lands on its HTTP status, and 400s carry the BadRequest field and reason.
+    #[test]
+    fn statuses_map_to_http() {
+        let bad = Status::with_error_details(
+            Code::InvalidArgument,
+            "amount: must be greater than 0",
+            ErrorDetails::with_bad_request_violation("amount", "must be greater than 0"),
+        );
+        let error = ApiError::from(bad);
+        assert_eq!(
+            (error.status, error.field.as_deref()),
+            (StatusCode::BAD_REQUEST, Some("amount"))
+        );
+        assert_eq!(error.reason.as_deref(), Some("must be greater than 0"));
+        for (code, http) in [
+            (Code::NotFound, 404),
+            (Code::FailedPrecondition, 422),
+            (Code::Aborted, 409),
+            (Code::Unavailable, 503),
+            (Code::DeadlineExceeded, 504),
+            (Code::Internal, 500),
+            (Code::Unknown, 500),
+        ] {
+            assert_eq!(http_status_of(code).as_u16(), http, "{code:?}");
+        }
+        assert_eq!(
+            ApiError::from(Status::internal("secret detail")).message,
+            "Internal error"
+        );
+    }
+
+    /// Retry-After is the coordinator's RetryInfo rounded up to whole seconds, 1 for a bare 409.
+    #[test]
+    fn retry_after_rounds_the_advice_up() {
+        let retry_after = |status: Status| {
+            ApiError::from(status)
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|value| value.to_str().unwrap().to_owned())
+        };
+        let advised =
+            |code, delay| Status::with_error_details(code, "busy", ErrorDetails::with_retry_info(Some(delay)));
+        assert_eq!(
+            retry_after(advised(Code::Aborted, Duration::from_millis(250))).as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            retry_after(advised(Code::Unavailable, Duration::from_millis(1500))).as_deref(),
+            Some("2")
+        );
+        assert_eq!(retry_after(Status::aborted("busy")).as_deref(), Some("1"));
+        assert_eq!(retry_after(Status::unavailable("down")), None);
+        assert_eq!(retry_after(Status::not_found("nobody")), None);
+    }
+}

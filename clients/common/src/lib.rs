@@ -19,6 +19,7 @@
 //! - `Idempotency-Key: <key>` becomes the coordinator's `request_id`: retrying a POST with the
 //!   same key returns the original reply and applies once. Without one the service makes a UUID.
 //!   Every response carries the request's key back in `Idempotency-Key`, so a client can retry.
+//!   After a 503 or 504 a mutation may have applied; the retry with the same key tells.
 //! - `X-Request-Timeout: <milliseconds>` shortens the request's deadline (never beyond
 //!   `--request-timeout-ms`); it reaches the coordinator as the gRPC deadline (`grpc-timeout`).
 //! - Every body is `{"success": bool, "data": ..., "error": ...}`; money and quantities are
