@@ -402,7 +402,38 @@ async fn storage_requests_per_mutation_within_budget(engine: EngineKind) {
     assert!(spent(before) <= 3, "refused sell");
 }
 
+/// Paging is newest first, cursors are opaque, and an exactly full last page has no cursor.
+async fn ledger_pages_end_exactly(engine: EngineKind) {
+    let app = spawn_app(engine).await;
+    for amount in ["1.00", "2.00", "3.00", "4.00"] {
+        app.deposit("pager", amount).await.expect("deposit");
+    }
+    let mut client = app.client().await;
+    let page = |page_token: String| pb::ListLedgerRequest {
+        user_id: "pager".into(),
+        page_size: 2,
+        page_token,
+    };
+    let first = client
+        .list_ledger(page(String::new()))
+        .await
+        .expect("first page")
+        .into_inner();
+    let amounts: Vec<_> = first.entries.iter().map(|entry| entry.cash_delta.as_str()).collect();
+    assert_eq!(amounts, ["4.00", "3.00"]);
+    assert!(!first.next_page_token.is_empty());
+    let second = client
+        .list_ledger(page(first.next_page_token))
+        .await
+        .expect("second page")
+        .into_inner();
+    let amounts: Vec<_> = second.entries.iter().map(|entry| entry.cash_delta.as_str()).collect();
+    assert_eq!(amounts, ["2.00", "1.00"]);
+    assert_eq!(second.next_page_token, "", "the last page, exactly full, has no cursor");
+}
+
 crate::on_every_engine!(
+    ledger_pages_end_exactly,
     scenario_1_concurrent_withdrawals,
     scenario_2_buy_and_withdraw,
     random_workload_keeps_the_books,

@@ -778,20 +778,33 @@ impl Coordinator {
                     .ok_or_else(invalid_cursor)?,
             ),
         };
-        let query = model::user_page_query(user, collection, limit, after).ok_or_else(invalid_cursor)?;
+        // One item more than the page: its presence says whether there is a next page, so the
+        // last page never ends in a cursor to an empty one.
+        let query = model::user_page_query(user, collection, limit + 1, after).ok_or_else(invalid_cursor)?;
         self.account(user).await?;
         let page = self.storage.query(query).await?;
+        let more = page.items.len() > limit as usize;
         let items = page
             .items
             .iter()
-            .map(parse)
+            .take(limit as usize)
+            .map(|item| {
+                let sort_key = match item.get("sk") {
+                    Some(crate::storage::Value::S(sort_key)) => sort_key.clone(),
+                    _ => String::new(),
+                };
+                parse(item).map(|parsed| (parsed, sort_key))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| ServiceError::Internal(error.to_string()))?;
-        // Some engines return a last key after a full final page; the next (empty) page ends it.
-        let next_cursor = page
-            .last_key
-            .filter(|_| items.len() == limit as usize)
-            .map(|key| URL_SAFE_NO_PAD.encode(key.sk.as_bytes()));
+        let next_cursor = more
+            .then(|| {
+                items
+                    .last()
+                    .map(|(_, sort_key)| URL_SAFE_NO_PAD.encode(sort_key.as_bytes()))
+            })
+            .flatten();
+        let items = items.into_iter().map(|(parsed, _)| parsed).collect();
         Ok(PageOf { items, next_cursor })
     }
 
