@@ -317,12 +317,13 @@ async fn stop_closes_the_listener_and_bad_config_is_refused() {
     assert_eq!(invalid_upstream.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
 }
 
-/// Not a check, a measurement (`--ignored --nocapture`): what the SDK's standard retries make of
-/// each fault at rate 1, with the coordinator's settings (`storage::dynamodb`: 3 attempts of 2 s
-/// at most, 5 s in all, default backoff) and the default 2.5 s delay.
+/// What the SDK's standard retries make of each fault at rate 1, with the coordinator's settings
+/// (`storage::dynamodb`: 3 attempts of 2 s at most, 5 s in all, default backoff) and the default
+/// 2.5 s delay: every kind is retried by the SDK itself, and a lost reply's write is applied
+/// although the caller sees an error, which is why every coordinator write carries conditions.
+/// Prints the figures with `--nocapture`.
 #[tokio::test]
-#[ignore = "prints the SDK's retry behaviour; run by hand"]
-async fn observe_sdk_retries() {
+async fn sdk_retries_every_fault_kind() {
     for kind in FaultKind::ALL {
         let setup = setup(FaultConfig::only(kind, 1.0)).await;
         let retrying = Client::from_conf(
@@ -357,5 +358,12 @@ async fn observe_sdk_retries() {
             after.requests - before.requests,
             after.forwarded - before.forwarded,
         );
+        assert!(result.is_err(), "{kind:?}: every attempt is faulted at rate 1");
+        assert!(
+            after.requests - before.requests >= 2,
+            "{kind:?}: the SDK retried by itself"
+        );
+        let reaches_storage = matches!(kind, FaultKind::Delay | FaultKind::LostReply);
+        assert_eq!(applied, reaches_storage, "{kind:?}: applied upstream");
     }
 }

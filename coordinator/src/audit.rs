@@ -149,7 +149,7 @@ fn check_user(
 ) {
     let mut problem = |text: String| report.discrepancies.push(format!("user {user}: {text}"));
     let mut ledger = books.ledger.clone();
-    ledger.sort_by(|a, b| a.entry_id.cmp(&b.entry_id));
+    ledger.sort_by(|a, b| (a.sequence, &a.entry_id).cmp(&(b.sequence, &b.entry_id)));
 
     // The ledger's own chain: each entry's balance follows from the one before.
     let mut running_cash = Decimal::ZERO;

@@ -76,7 +76,7 @@ async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output = ()> {
     let storage = app.storage.clone();
     async move {
         storage
-            .write(model::release_lease(&user, &lease.lock_id, true))
+            .write(model::release_lease(&user, &lease.lock_id))
             .await
             .expect("release the lease");
     }

@@ -91,6 +91,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
         trade: None,
         created_at: decided_at,
         request_id: None,
+        sequence: read.version + 1,
     };
     let stale_commit_at = |now| model::Commit {
         user: &user,
@@ -141,7 +142,7 @@ async fn busy_lease_is_waited_for(engine: EngineKind) {
     let releaser = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         storage
-            .write(model::release_lease(&user, &lease.lock_id, true))
+            .write(model::release_lease(&user, &lease.lock_id))
             .await
             .expect("release");
     });

@@ -70,6 +70,9 @@ pub struct LedgerEntry {
     pub created_at: Millis,
     /// The caller's idempotency key, when it gave one.
     pub request_id: Option<String>,
+    /// The account's version after this entry: orders a user's entries without trusting the
+    /// clocks of the coordinators that wrote them.
+    pub sequence: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

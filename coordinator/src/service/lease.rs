@@ -158,7 +158,7 @@ impl Coordinator {
     /// the lease expires by itself, and every later write checks the expiry.
     pub(super) async fn release(&self, held: &HeldLease) {
         self.held_leases.remove(&held.lock_id);
-        let release = model::release_lease(&held.user, &held.lock_id, held.account.exists);
+        let release = model::release_lease(&held.user, &held.lock_id);
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::debug!(lock_state = "RELEASED", "lease released"),
             Err(StorageError::ConditionFailed { .. }) => {

@@ -241,27 +241,22 @@ pub struct PageOf<T> {
 
 /// Leases this process holds right now, released on graceful shutdown.
 #[derive(Debug, Default)]
-struct HeldLeases(Mutex<HashMap<LockId, (UserId, bool)>>);
+struct HeldLeases(Mutex<HashMap<LockId, UserId>>);
 
 impl HeldLeases {
     fn insert(&self, held: &HeldLease) {
         self.0
             .lock()
             .expect("held-lease registry poisoned")
-            .insert(held.lock_id.clone(), (held.user.clone(), held.account.exists));
+            .insert(held.lock_id.clone(), held.user.clone());
     }
 
     fn remove(&self, lock_id: &LockId) {
         self.0.lock().expect("held-lease registry poisoned").remove(lock_id);
     }
 
-    fn drain(&self) -> Vec<(LockId, UserId, bool)> {
-        self.0
-            .lock()
-            .expect("held-lease registry poisoned")
-            .drain()
-            .map(|(lock_id, (user, exists))| (lock_id, user, exists))
-            .collect()
+    fn drain(&self) -> Vec<(LockId, UserId)> {
+        self.0.lock().expect("held-lease registry poisoned").drain().collect()
     }
 }
 
@@ -444,7 +439,11 @@ impl Coordinator {
                 // Before refusing on a cached price, check it against the stored catalog once:
                 // another coordinator may have changed it. (A refused trade costs one request
                 // more; an accepted one is checked by its commit's condition instead.)
-                Err(rejection) if rejection.depends_on_catalog() && !catalog_checked => {
+                Err(rejection)
+                    if matches!(operation, Operation::Trade(_))
+                        && rejection.depends_on_catalog()
+                        && !catalog_checked =>
+                {
                     catalog_checked = true;
                     if let Err(error) = self.catalog.refresh(&self.storage).await {
                         self.release(held).await;
@@ -575,9 +574,8 @@ impl Coordinator {
                 order_id,
                 holding,
             } => {
-                let entry = self
-                    .storage
-                    .get(model::ledger_key(user, &entry_id))
+                let entry_key = model::ledger_key(user, &entry_id);
+                let entry = retry_safe(|| self.storage.get(entry_key.clone()))
                     .await?
                     .ok_or_else(|| ServiceError::Internal(format!("recorded ledger entry {entry_id} is missing")))?;
                 let entry = model::ledger_from_item(&entry).map_err(internal)?;
@@ -623,7 +621,7 @@ impl Coordinator {
         detail: String,
     ) -> Result<Receipt, ServiceError> {
         tracing::warn!(%detail, "commit outcome unknown; resolving");
-        let release = model::release_lease(&held.user, &held.lock_id, held.account.exists);
+        let release = model::release_lease(&held.user, &held.lock_id);
         match retry_safe(|| self.storage.write(release.clone())).await {
             // The lease was still ours, so the commit did not apply, and now never will.
             Ok(()) => {
@@ -681,7 +679,6 @@ impl Coordinator {
         let items = model::record_refusal(
             &held.user,
             &held.lock_id,
-            held.account.exists,
             order.as_ref(),
             record.as_ref().map(|(request_id, record)| (*request_id, record)),
             now,
@@ -693,6 +690,13 @@ impl Coordinator {
                 if request_id.is_some() && model::request_record_refused(item_count, true, &reasons) =>
             {
                 self.replay(held, request_id.expect("checked above"), intent).await
+            }
+            // With a request id the outcome must be known before answering: an earlier attempt of
+            // this id may have committed, and only the record says so. Without one, nothing of
+            // this attempt was applied either way.
+            Err(StorageError::Unavailable(detail)) if request_id.is_some() => {
+                self.release(held).await;
+                Err(ServiceError::Unavailable(detail))
             }
             Err(error) => {
                 tracing::warn!(%error, "could not record the refusal; releasing the lease alone");
@@ -706,8 +710,8 @@ impl Coordinator {
     pub async fn release_held_leases(&self) -> usize {
         let leases = self.held_leases.drain();
         let count = leases.len();
-        for (lock_id, user, exists) in leases {
-            if let Err(error) = self.storage.write(model::release_lease(&user, &lock_id, exists)).await {
+        for (lock_id, user) in leases {
+            if let Err(error) = self.storage.write(model::release_lease(&user, &lock_id)).await {
                 tracing::warn!(%error, %user, %lock_id, "could not release a lease at shutdown; it will expire");
             }
         }
@@ -897,6 +901,7 @@ fn records_of(
         trade: ledger_trade,
         created_at: now,
         request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
+        sequence: held.account.version + 1,
     };
     (entry, order)
 }

@@ -165,26 +165,21 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
     update
 }
 
-/// Gives the lease back without changing the account, if it is still ours. An item that holds
-/// only a lease (a first deposit that was refused) is deleted instead.
-pub fn release_lease(user: &UserId, lock_id: &LockId, account_exists: bool) -> TransactItem {
-    let values = bindings([], [(":lock", s(lock_id.as_str()))]);
-    if account_exists {
-        TransactItem::Update(Update {
-            key: account_key(user),
-            update: format!("REMOVE {LEASE_ATTRIBUTES}"),
-            condition: Some("lock_id = :lock".to_owned()),
-            bindings: values,
-            return_new: false,
-            return_old_on_condition_failure: false,
-        })
-    } else {
-        TransactItem::Delete(Delete {
-            key: account_key(user),
-            condition: Some("lock_id = :lock AND attribute_not_exists(cash)".to_owned()),
-            bindings: values,
-        })
-    }
+/// Gives the lease back without changing the account, if it is still ours, and bumps the
+/// version: any copy of a commit decided under this lease that is still in flight (its reply
+/// lost, a retry delayed in the network) can then never apply, even if a delayed copy of the
+/// acquire re-took the lease with the same lock id. An item that holds only a lease (a first
+/// deposit that was refused) stays as a lease-free item: it is not an account, and deleting it
+/// would reset the version.
+pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
+    TransactItem::Update(Update {
+        key: account_key(user),
+        update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
+        condition: Some("lock_id = :lock".to_owned()),
+        bindings: bindings([], [(":lock", s(lock_id.as_str())), (":one", n(1))]),
+        return_new: false,
+        return_old_on_condition_failure: false,
+    })
 }
 
 /// The sweeper's release of a lease whose holder never came back: only if it is still that
@@ -355,12 +350,11 @@ pub fn request_record_refused(items_len: usize, has_record: bool, reasons: &[sup
 pub fn record_refusal(
     user: &UserId,
     lock_id: &LockId,
-    account_exists: bool,
     order: Option<&Order>,
     record: Option<(&RequestId, &RequestRecord)>,
     now: Millis,
 ) -> Vec<TransactItem> {
-    let mut items = vec![release_lease(user, lock_id, account_exists)];
+    let mut items = vec![release_lease(user, lock_id)];
     if let Some(order) = order {
         items.extend(order_puts(order));
     }
@@ -522,6 +516,7 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
     item.insert("cash_delta".to_owned(), n(entry.cash_delta));
     item.insert("cash_after".to_owned(), n(entry.cash_after));
     item.insert("created_at".to_owned(), n(entry.created_at));
+    item.insert("sequence".to_owned(), n(entry.sequence));
     if let Some(request_id) = &entry.request_id {
         item.insert("request_id".to_owned(), s(request_id));
     }
@@ -567,6 +562,7 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
             number(item, "created_at").and_then(|raw| raw.parse().ok()),
         )?,
         request_id: string(item, "request_id").map(str::to_owned),
+        sequence: number(item, "sequence").and_then(|raw| raw.parse().ok()).unwrap_or(0),
     })
 }
 
