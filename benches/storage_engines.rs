@@ -7,8 +7,8 @@
 //!
 //! Run: `cargo bench --bench storage_engines`. Environment:
 //! - `LOCKSTEP_BENCH_OPS` (default 2000): sequential deposits; the mixed run does twice as many.
-//! - `LOCKSTEP_BENCH_ENGINE` (`library`, `http`, default both): run one engine only, e.g. to
-//!   read its peak RSS alone.
+//! - `LOCKSTEP_BENCH_ENGINE` (default `library,http`): the engines to run, in that order; one
+//!   alone to read its own peak RSS, `http,library` to check the order does not matter.
 //! - `LOCKSTEP_BENCH_DIR`: where the temporary database directories go (default: the system
 //!   temp dir). Both engines write with SQLite synchronous=FULL, so the disk matters.
 
@@ -309,12 +309,15 @@ fn print_table(rows: &[(Kind, Run)]) {
 #[tokio::main]
 async fn main() {
     let ops = env_usize("LOCKSTEP_BENCH_OPS", OPS_DEFAULT).max(MIXED_TASKS);
-    let engines = match std::env::var("LOCKSTEP_BENCH_ENGINE").as_deref() {
-        Ok("library") => vec![Kind::Library],
-        Ok("http") => vec![Kind::Http],
-        Ok("") | Err(_) => vec![Kind::Library, Kind::Http],
-        Ok(other) => panic!("LOCKSTEP_BENCH_ENGINE must be library or http, got {other:?}"),
-    };
+    let engines: Vec<Kind> = std::env::var("LOCKSTEP_BENCH_ENGINE")
+        .unwrap_or_else(|_| "library,http".to_owned())
+        .split(',')
+        .map(|name| match name.trim() {
+            "library" => Kind::Library,
+            "http" => Kind::Http,
+            other => panic!("LOCKSTEP_BENCH_ENGINE takes library and/or http, comma-separated; got {other:?}"),
+        })
+        .collect();
     let parent = std::env::var_os("LOCKSTEP_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
     println!(
         "storage_engines: {ops} sequential deposits, {} mixed ops on {MIXED_TASKS} users, {} CPUs, data under {}",
