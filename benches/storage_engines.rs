@@ -16,7 +16,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use clap::Parser;
 use lockstep_coordinator::core::{AssetSymbol, Quantity, SystemClock, TradeSide, Usd, UserId};
 use lockstep_coordinator::server::build_coordinator;
@@ -263,13 +262,7 @@ async fn bench_http(dir: &Path, ops: usize) -> Vec<Run> {
     let server = tokio::spawn(dynoxide::server::serve_with_shutdown(listener, database, async {
         stopped.await.ok();
     }));
-    let engine = DynamoDbEngine::from_config(
-        aws_sdk_dynamodb::config::Builder::new()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-            .endpoint_url(format!("http://{addr}")),
-    );
+    let engine = DynamoDbEngine::local(&format!("http://{addr}"));
     let coordinator = coordinator_on(Arc::new(engine)).await;
     let runs = measure(&coordinator, ops).await;
     drop(coordinator);

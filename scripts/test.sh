@@ -13,4 +13,7 @@ export LOCKSTEP_GRPCURL="$PWD/.venv/bin/grpcurl-bin"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end and bank tests start the real `coordinator` binary (kill -9, restarts, three
+# processes on one endpoint); `cargo test` alone builds binaries only in test mode.
+cargo build --workspace --bins --locked
 cargo test --workspace --locked

