@@ -14,6 +14,7 @@ export LOCKSTEP_GRPCURL="$PWD/.venv/bin/grpcurl-bin"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end and bank tests start the real `coordinator` binary (kill -9, restarts, three
-# processes on one endpoint); `cargo test` alone builds binaries only in test mode.
-cargo build --workspace --bins --locked
+# processes on one endpoint), which `cargo test` alone builds only in test mode. Building all
+# targets at once keeps one feature set, so the tests below reuse every artifact.
+cargo build --workspace --all-targets --locked
 cargo test --workspace --locked

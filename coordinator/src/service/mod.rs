@@ -650,19 +650,12 @@ impl Coordinator {
     ) -> Result<Receipt, ServiceError> {
         tracing::info!(reason = %rejection, "refused under the lease");
         let order = match operation {
-            Operation::Trade(trade) => Some(Order {
-                order_id: uuid::Uuid::now_v7().to_string(),
-                user_id: held.user.clone(),
-                side: trade.side,
-                asset: trade.asset.clone(),
-                quantity: trade.quantity,
-                limit_price: trade.limit_price,
-                status: OrderStatus::Failed,
-                price: trade.price,
-                total: trade.price.total(trade.quantity).unwrap_or(Usd::ZERO),
-                failure_reason: Some(rejection.to_string()),
-                created_at: now,
-            }),
+            Operation::Trade(trade) => {
+                let total = trade.price.total(trade.quantity).unwrap_or(Usd::ZERO);
+                let mut order = order_of(held, trade, OrderStatus::Failed, trade.price, total, now);
+                order.failure_reason = Some(rejection.to_string());
+                Some(order)
+            }
             _ => None,
         };
         let record = request_id.map(|request_id| {
@@ -852,6 +845,23 @@ fn rejection_error(rejection: Rejection) -> ServiceError {
     }
 }
 
+/// A new order for `trade` under `held`'s user, with a fresh time-ordered id.
+fn order_of(held: &HeldLease, trade: &Trade, status: OrderStatus, price: Price, total: Usd, now: u64) -> Order {
+    Order {
+        order_id: uuid::Uuid::now_v7().to_string(),
+        user_id: held.user.clone(),
+        side: trade.side,
+        asset: trade.asset.clone(),
+        quantity: trade.quantity,
+        limit_price: trade.limit_price,
+        status,
+        price,
+        total,
+        failure_reason: None,
+        created_at: now,
+    }
+}
+
 /// The ledger entry, and for trades the CONFIRMED order, that a decision commits.
 fn records_of(
     held: &HeldLease,
@@ -865,19 +875,7 @@ fn records_of(
         (Operation::Deposit(_), _) => (EntryKind::Deposit, None),
         (Operation::Withdraw(_), _) => (EntryKind::Withdrawal, None),
         (Operation::Trade(trade), Some(effect)) => {
-            let order = Order {
-                order_id: uuid::Uuid::now_v7().to_string(),
-                user_id: held.user.clone(),
-                side: trade.side,
-                asset: trade.asset.clone(),
-                quantity: trade.quantity,
-                limit_price: trade.limit_price,
-                status: OrderStatus::Confirmed,
-                price: effect.price,
-                total: effect.total,
-                failure_reason: None,
-                created_at: now,
-            };
+            let order = order_of(held, trade, OrderStatus::Confirmed, effect.price, effect.total, now);
             let ledger_trade = LedgerTrade {
                 asset: effect.asset.clone(),
                 quantity_delta: effect.quantity_delta,
