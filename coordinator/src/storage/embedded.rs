@@ -369,10 +369,14 @@ impl Engine for EmbeddedEngine {
             .await
     }
 
-    async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+    /// The idempotency token is not passed on: dynoxide keeps tokens in memory only (lost with
+    /// the process) and scans its whole cache on every call that carries one, so each commit
+    /// would cost O(commits in the last 10 minutes) and the cache would grow without bound under
+    /// load. Lockstep's correctness never rests on it (see docs/recovery.md).
+    async fn transact(&self, table: &str, items: Vec<TransactItem>, _token: Option<String>) -> StorageResult<()> {
         let request = TransactWriteItemsRequest {
             transact_items: items.into_iter().map(|item| transact_item(table, item)).collect(),
-            client_request_token: token,
+            client_request_token: None,
             ..Default::default()
         };
         self.call(move |database| database.transact_write_items(request).map(drop))
