@@ -27,7 +27,7 @@ pub async fn sweep(storage: &Storage, now: Millis) -> Result<SweepReport, Storag
             let write = if sk == "ACCOUNT" {
                 model::lease_from_item(item)
                     .filter(|lease| !lease.is_live(now))
-                    .map(|lease| model::release_expired_lease(pk, &lease.lock_id, item.contains_key("cash"), now))
+                    .map(|lease| model::release_expired_lease(pk, &lease.lock_id, now))
             } else if sk.starts_with("REQUEST#") {
                 model::request_record_from_item(item)
                     .ok()

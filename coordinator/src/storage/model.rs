@@ -183,29 +183,20 @@ pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
 }
 
 /// The sweeper's release of a lease whose holder never came back: only if it is still that
-/// lease and still expired. An item that holds only a lease is deleted.
-pub fn release_expired_lease(pk: &str, lock_id: &LockId, account_exists: bool, now: Millis) -> TransactItem {
-    let key = Key {
-        pk: pk.to_owned(),
-        sk: ACCOUNT_SK.to_owned(),
-    };
-    let values = bindings([], [(":lock", s(lock_id.as_str())), (":now", n(now))]);
-    if account_exists {
-        TransactItem::Update(Update {
-            key,
-            update: format!("REMOVE {LEASE_ATTRIBUTES}"),
-            condition: Some("lock_id = :lock AND lock_expires_at <= :now".to_owned()),
-            bindings: values,
-            return_new: false,
-            return_old_on_condition_failure: false,
-        })
-    } else {
-        TransactItem::Delete(Delete {
-            key,
-            condition: Some("lock_id = :lock AND lock_expires_at <= :now AND attribute_not_exists(cash)".to_owned()),
-            bindings: values,
-        })
-    }
+/// lease and still expired. Like every release it bumps the version, so nothing decided under
+/// that lease can commit afterwards.
+pub fn release_expired_lease(pk: &str, lock_id: &LockId, now: Millis) -> TransactItem {
+    TransactItem::Update(Update {
+        key: Key {
+            pk: pk.to_owned(),
+            sk: ACCOUNT_SK.to_owned(),
+        },
+        update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
+        condition: Some("lock_id = :lock AND lock_expires_at <= :now".to_owned()),
+        bindings: bindings([], [(":lock", s(lock_id.as_str())), (":now", n(now)), (":one", n(1))]),
+        return_new: false,
+        return_old_on_condition_failure: false,
+    })
 }
 
 /// Deletes a request record past its retention, unless it was rewritten meanwhile.
