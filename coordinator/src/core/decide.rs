@@ -132,6 +132,13 @@ pub fn decide(account: &Account, operation: &Operation, today: &str, limits: &Li
     if !account.exists && !matches!(operation, Operation::Deposit(_)) {
         return Err(Rejection::AccountNotFound);
     }
+    // Days only move forward: a coordinator whose clock is behind another's (around midnight)
+    // keeps counting on the later day already stored, instead of resetting its totals.
+    let today = if account.limit_day.as_str() > today {
+        account.limit_day.as_str()
+    } else {
+        today
+    };
     let (deposited_today, withdrawn_today) = account.daily_totals(today);
     let unchanged = Decision {
         cash: account.cash,
@@ -345,6 +352,13 @@ mod tests {
         ));
         let tomorrow = decide(&account, &Operation::Withdraw(usd("20")), "2026-11-27", &limits).unwrap();
         assert_eq!(tomorrow.withdrawn_today, usd("20"));
+        // A coordinator whose clock still says yesterday does not reset today's totals.
+        let mut counted_tomorrow = account.clone();
+        counted_tomorrow.limit_day = "2026-11-27".to_owned();
+        assert!(matches!(
+            decide(&counted_tomorrow, &Operation::Withdraw(usd("20")), TODAY, &limits),
+            Err(Rejection::DailyLimitExceeded { .. })
+        ));
         account.deposited_today = usd("9999.99");
         assert!(decide(&account, &Operation::Deposit(usd("0.01")), TODAY, &limits).is_ok());
         assert!(decide(&account, &Operation::Deposit(usd("0.02")), TODAY, &limits).is_err());

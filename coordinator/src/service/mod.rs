@@ -421,9 +421,15 @@ impl Coordinator {
     ) -> Result<Receipt, ServiceError> {
         let mut last_error = ServiceError::Internal("no commit attempted".to_owned());
         let mut catalog_checked = false;
+        // Every commit sent under this lease: a late try of an earlier one may still land, so an
+        // unclear ending looks for all of them (see `settle`).
+        let mut sent: Vec<Receipt> = Vec::new();
         for _attempt in 0..COMMIT_ATTEMPTS_MAX {
             let now = self.clock.now();
             if now + COMMIT_LEASE_MARGIN.as_millis() as u64 >= held.expires_at {
+                if !sent.is_empty() {
+                    return self.settle(held, sent, ServiceError::LeaseLost).await;
+                }
                 self.release(held).await;
                 return Err(ServiceError::LeaseLost);
             }
@@ -453,7 +459,7 @@ impl Coordinator {
                 }
                 Err(rejection) => {
                     return self
-                        .roll_back(held, intent, &operation, rejection, request_id, now)
+                        .roll_back(held, intent, &operation, rejection, request_id, sent)
                         .await;
                 }
             };
@@ -488,7 +494,8 @@ impl Coordinator {
                 pause(&held.user).await;
             }
             // The ledger entry's id doubles as the idempotency token where the engine honours
-            // one; correctness never depends on it (see resolve_unknown_commit).
+            // one; correctness never depends on it (see `settle`).
+            sent.push(receipt.clone());
             match self.storage.transact(items, Some(receipt.entry.entry_id.clone())).await {
                 Ok(()) => {
                     self.held_leases.remove(&held.lock_id);
@@ -508,7 +515,7 @@ impl Coordinator {
                         .is_some_and(|reason| reason.condition_failed())
                     {
                         // Fenced, or our own commit already landed and a retry of it was refused.
-                        return self.resolve_refused_commit(held, receipt).await;
+                        return self.settle(held, sent, ServiceError::LeaseLost).await;
                     }
                     if account_index == 1 && reasons.first().is_some_and(|reason| reason.condition_failed()) {
                         tracing::info!(asset = ?receipt.trade.as_ref().map(|(order, _)| &order.asset), "catalog changed since it was cached; re-reading it");
@@ -520,7 +527,8 @@ impl Coordinator {
                     last_error = ServiceError::Unavailable(format!("transaction cancelled: {reasons:?}"));
                 }
                 Err(StorageError::Unavailable(detail)) => {
-                    return self.resolve_unknown_commit(held, receipt, detail).await;
+                    tracing::warn!(%detail, "commit outcome unknown; settling it");
+                    return self.settle(held, sent, ServiceError::Unavailable(detail)).await;
                 }
                 Err(other) => {
                     self.release(held).await;
@@ -528,8 +536,7 @@ impl Coordinator {
                 }
             }
         }
-        self.release(held).await;
-        Err(last_error)
+        self.settle(held, sent, last_error).await
     }
 
     /// The request id was used before: give the lease back (nothing of ours was written) and
@@ -598,43 +605,39 @@ impl Coordinator {
         }
     }
 
-    /// The account's condition refused the commit. Either the lease was lost (expired and maybe
-    /// taken over), or an earlier attempt of this very commit landed and its reply was lost. The
-    /// ledger entry tells which: it exists exactly when the commit applied.
-    async fn resolve_refused_commit(&self, held: &HeldLease, receipt: Receipt) -> Result<Receipt, ServiceError> {
-        self.held_leases.remove(&held.lock_id);
-        let entry_key = model::ledger_key(&held.user, &receipt.entry.entry_id);
-        if retry_safe(|| self.storage.get(entry_key.clone())).await?.is_some() {
-            return Ok(receipt);
-        }
-        tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
-        Err(ServiceError::LeaseLost)
-    }
-
-    /// The commit's outcome is unknown (timeout or connection lost after sending). First fence
-    /// it: releasing the lease by its id makes the commit impossible from then on, since it is
-    /// conditioned on that id. Then the ledger entry says whether it applied before.
-    async fn resolve_unknown_commit(
+    /// Settles commits whose outcome is not known to be "applied": after a refusal by the
+    /// account's condition (the lease was lost, or an earlier try of a commit landed and a retry
+    /// of it was refused) or an unknown outcome (timeout, connection lost after sending).
+    ///
+    /// First it fences: releasing the lease by its id bumps the version, so no commit sent under
+    /// this lease can apply from then on (and if the lease is no longer ours, none can anyway,
+    /// since every commit is conditioned on its id). Then the ledger entry of each commit sent
+    /// under the lease says whether it applied. None found: `if_none`.
+    async fn settle(
         &self,
         held: &HeldLease,
-        receipt: Receipt,
-        detail: String,
+        sent: Vec<Receipt>,
+        if_none: ServiceError,
     ) -> Result<Receipt, ServiceError> {
-        tracing::warn!(%detail, "commit outcome unknown; resolving");
+        self.held_leases.remove(&held.lock_id);
         let release = model::release_lease(&held.user, &held.lock_id);
         match retry_safe(|| self.storage.write(release.clone())).await {
-            // The lease was still ours, so the commit did not apply, and now never will.
-            Ok(()) => {
-                self.held_leases.remove(&held.lock_id);
-                Err(ServiceError::Unavailable(detail))
-            }
-            Err(StorageError::ConditionFailed { .. }) => self.resolve_refused_commit(held, receipt).await,
+            Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
             Err(error) => {
                 tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
-                self.held_leases.remove(&held.lock_id);
-                Err(ServiceError::Unavailable(detail))
+                return Err(ServiceError::Unavailable(format!("commit outcome unknown: {error}")));
             }
         }
+        for receipt in sent.into_iter().rev() {
+            let entry_key = model::ledger_key(&held.user, &receipt.entry.entry_id);
+            if retry_safe(|| self.storage.get(entry_key.clone())).await?.is_some() {
+                return Ok(receipt);
+            }
+        }
+        if if_none == ServiceError::LeaseLost {
+            tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
+        }
+        Err(if_none)
     }
 
     /// A refusal under the lease: nothing changes except a FAILED order for trades and the
@@ -646,9 +649,10 @@ impl Coordinator {
         operation: &Operation,
         rejection: Rejection,
         request_id: Option<&RequestId>,
-        now: u64,
+        sent: Vec<Receipt>,
     ) -> Result<Receipt, ServiceError> {
         tracing::info!(reason = %rejection, "refused under the lease");
+        let now = self.clock.now();
         let order = match operation {
             Operation::Trade(trade) => {
                 let total = trade.price.total(trade.quantity).unwrap_or(Usd::ZERO);
@@ -664,7 +668,7 @@ impl Coordinator {
             };
             (request_id, self.record(intent, outcome, now))
         });
-        if order.is_none() && record.is_none() {
+        if order.is_none() && record.is_none() && sent.is_empty() {
             self.release(held).await;
             return Err(rejection_error(rejection));
         }
@@ -684,9 +688,21 @@ impl Coordinator {
             {
                 self.replay(held, request_id.expect("checked above"), intent).await
             }
-            // With a request id the outcome must be known before answering: an earlier attempt of
-            // this id may have committed, and only the record says so. Without one, nothing of
-            // this attempt was applied either way.
+            // A commit sent earlier under this lease may have landed late: settle it first.
+            Err(_) if !sent.is_empty() => {
+                let if_none = if request_id.is_some() {
+                    ServiceError::LeaseLost
+                } else {
+                    rejection_error(rejection)
+                };
+                self.settle(held, sent, if_none).await
+            }
+            // With a request id the answer must be definite: another attempt of this id may be
+            // committing (the lease was lost), or storage may have applied the refusal record.
+            Err(StorageError::TransactionCanceled { .. }) if request_id.is_some() => {
+                self.release(held).await;
+                Err(ServiceError::LeaseLost)
+            }
             Err(StorageError::Unavailable(detail)) if request_id.is_some() => {
                 self.release(held).await;
                 Err(ServiceError::Unavailable(detail))
