@@ -7,16 +7,16 @@ use std::time::Duration;
 use lockstep_coordinator::audit::audit;
 use lockstep_coordinator::core::records::Lease;
 use lockstep_coordinator::core::{Clock, LockId, SystemClock, UserId};
-use lockstep_coordinator::storage::{Put, Value, model};
+use lockstep_coordinator::storage::{Put, Storage, Value, model};
 use lockstep_coordinator::sweeper::sweep;
 
 use crate::durability::coordinator_binary;
-use crate::helpers::{EngineKind, TestApp, spawn_app};
+use crate::helpers::{EngineKind, spawn_app};
 
 const MARGIN: Duration = Duration::from_secs(60);
 
 /// A ledger entry written behind the coordinator's back: the books no longer balance.
-async fn forge_ledger_entry(app: &TestApp, user: &str) {
+async fn forge_ledger_entry(storage: &Storage, user: &str) {
     let entry_id = uuid::Uuid::now_v7().to_string();
     let s = |text: &str| Value::S(text.to_owned());
     let item = BTreeMap::from([
@@ -29,7 +29,7 @@ async fn forge_ledger_entry(app: &TestApp, user: &str) {
         ("cash_after".to_owned(), Value::N("1000005".to_owned())),
         ("created_at".to_owned(), Value::N("1".to_owned())),
     ]);
-    app.storage
+    storage
         .put(Put {
             item,
             condition: None,
@@ -70,7 +70,7 @@ async fn audit_finds_forgery_and_stale_leases(engine: EngineKind) {
         .update(model::acquire_lease(&user, &dead, ten_minutes_ago, true))
         .await
         .expect("dead lease");
-    forge_ledger_entry(&app, "audited").await;
+    forge_ledger_entry(&app.storage, "audited").await;
     let report = audit(&app.storage, SystemClock.now(), MARGIN).await.expect("audit");
     let text = report.to_string();
     assert!(text.contains("differs from the ledger's sum"), "{text}");
@@ -147,9 +147,8 @@ async fn audit_command_exit_codes() {
         ),
         "lockstep",
     );
-    let app_like = crate::helpers::TestApp::on_storage_only(storage);
-    forge_ledger_entry(&app_like, "cli").await;
-    drop(app_like);
+    forge_ledger_entry(&storage, "cli").await;
+    drop(storage);
     let dirty = run_audit();
     let stdout = String::from_utf8_lossy(&dirty.stdout);
     assert_eq!(dirty.status.code(), Some(1), "{stdout}");

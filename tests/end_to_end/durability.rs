@@ -12,6 +12,8 @@ use lockstep::coordinator::v1 as pb;
 use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use rust_decimal::Decimal;
 
+use crate::helpers::full_ledger;
+
 /// The `coordinator` binary cargo built beside this test binary (target/<profile>/coordinator).
 pub fn coordinator_binary() -> PathBuf {
     let test_binary = std::env::current_exe().expect("test binary path");
@@ -100,24 +102,7 @@ async fn acknowledged_deposits_survive_kill_9() {
     let mut found = BTreeSet::new();
     for client_index in 0..8 {
         let user = format!("durable-{client_index}");
-        let mut entries = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let reply = client
-                .list_ledger(pb::ListLedgerRequest {
-                    user_id: user.clone(),
-                    page_size: 100,
-                    page_token,
-                })
-                .await
-                .expect("ledger")
-                .into_inner();
-            entries.extend(reply.entries);
-            if reply.next_page_token.is_empty() {
-                break;
-            }
-            page_token = reply.next_page_token;
-        }
+        let entries = full_ledger(&mut client, &user).await;
         let cash = client
             .get_account(pb::GetAccountRequest { user_id: user })
             .await

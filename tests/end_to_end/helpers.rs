@@ -228,17 +228,6 @@ pub struct TestApp {
 }
 
 impl TestApp {
-    /// A handle on storage alone, with no server: for tests that write behind its back.
-    pub fn on_storage_only(storage: Storage) -> TestApp {
-        TestApp {
-            address: SocketAddr::from(([127, 0, 0, 1], 0)),
-            storage,
-            stop: None,
-            server: None,
-            _guard: None,
-        }
-    }
-
     /// Shuts the server down as SIGTERM does (stop accepting, drain, release leases) and waits.
     /// The storage it owns stays up until the `TestApp` is dropped.
     pub async fn shut_down(&mut self) {
@@ -329,25 +318,7 @@ impl TestApp {
 
     /// Every ledger entry of `user`, newest first, through the paged RPC.
     pub async fn full_ledger(&self, user: &str) -> Vec<pb::LedgerEntry> {
-        let mut client = self.client().await;
-        let mut entries = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let reply = client
-                .list_ledger(pb::ListLedgerRequest {
-                    user_id: user.to_owned(),
-                    page_size: 100,
-                    page_token,
-                })
-                .await
-                .expect("list ledger")
-                .into_inner();
-            entries.extend(reply.entries);
-            if reply.next_page_token.is_empty() {
-                return entries;
-            }
-            page_token = reply.next_page_token;
-        }
+        full_ledger(&mut self.client().await, user).await
     }
 }
 
@@ -357,6 +328,28 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             stop.send(()).ok();
         }
+    }
+}
+
+/// Every ledger entry of `user`, newest first, paging through ListLedger on `client`.
+pub async fn full_ledger(client: &mut CoordinatorClient<Channel>, user: &str) -> Vec<pb::LedgerEntry> {
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let reply = client
+            .list_ledger(pb::ListLedgerRequest {
+                user_id: user.to_owned(),
+                page_size: 100,
+                page_token,
+            })
+            .await
+            .expect("list ledger")
+            .into_inner();
+        entries.extend(reply.entries);
+        if reply.next_page_token.is_empty() {
+            return entries;
+        }
+        page_token = reply.next_page_token;
     }
 }
 

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lockstep::coordinator::v1 as pb;
+use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use lockstep_coordinator::core::{Clock, SystemClock};
 use rust_decimal::Decimal;
 use std::time::Duration;
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::helpers::{AppOptions, EngineKind, TestApp, order_request, spawn_app, spawn_app_with, spawn_peer};
 
@@ -297,72 +299,73 @@ async fn sell_beyond_holdings_is_refused(engine: EngineKind) {
     assert!(app.account("seller").await.expect("account").holdings.is_empty());
 }
 
+/// Sends `count` copies of one mutation at once, alternating between two coordinators; returns
+/// how many were accepted, after checking every refusal is FAILED_PRECONDITION starting `refusal`.
+async fn race_through_two<F, Fut, T>(app: &TestApp, peer: &TestApp, count: usize, refusal: &str, send: F) -> usize
+where
+    F: Fn(CoordinatorClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut requests = Vec::new();
+    for index in 0..count {
+        let client = if index % 2 == 0 {
+            app.client().await
+        } else {
+            peer.client().await
+        };
+        requests.push(tokio::spawn(send(client)));
+    }
+    let mut accepted = 0;
+    for request in requests {
+        match request.await.expect("request task") {
+            Ok(_) => accepted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+                assert!(status.message().starts_with(refusal), "{}", status.message());
+            }
+        }
+    }
+    accepted
+}
+
 /// Daily limits hold when many requests race for the last of the allowance.
 async fn daily_limits_hold_under_contention(engine: EngineKind) {
     let app = spawn_app_with(engine, AppOptions::default().flag("--lock-wait-ms", "20000")).await;
     let peer = spawn_peer(&app, AppOptions::default().flag("--lock-wait-ms", "20000")).await;
-    let mut requests = Vec::new();
-    for index in 0..8 {
-        let mut client = if index % 2 == 0 {
-            app.client().await
-        } else {
-            peer.client().await
-        };
-        requests.push(tokio::spawn(async move {
-            client
-                .deposit(pb::DepositRequest {
-                    user_id: "limited".into(),
-                    amount: "2000.00".into(),
-                    ..Default::default()
-                })
-                .await
-        }));
-    }
-    let mut accepted = 0;
-    for request in requests {
-        match request.await.expect("deposit task") {
-            Ok(_) => accepted += 1,
-            Err(status) => {
-                assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
-                assert!(
-                    status.message().starts_with("Daily deposit limit exceeded"),
-                    "{}",
-                    status.message()
-                );
-            }
-        }
-    }
+    let accepted = race_through_two(
+        &app,
+        &peer,
+        8,
+        "Daily deposit limit exceeded",
+        |mut client| async move {
+            let request = pb::DepositRequest {
+                user_id: "limited".into(),
+                amount: "2000.00".into(),
+                ..Default::default()
+            };
+            client.deposit(request).await
+        },
+    )
+    .await;
     assert_eq!(accepted, 5, "10,000.00 a day allows exactly five deposits of 2,000.00");
     assert_eq!(app.cash("limited").await, "10000.00");
 
-    let mut requests = Vec::new();
-    for index in 0..7 {
-        let mut client = if index % 2 == 0 {
-            app.client().await
-        } else {
-            peer.client().await
-        };
-        requests.push(tokio::spawn(async move {
-            client
-                .withdraw(pb::WithdrawRequest {
-                    user_id: "limited".into(),
-                    amount: "1000.00".into(),
-                    ..Default::default()
-                })
-                .await
-        }));
-    }
-    let mut accepted = 0;
-    for request in requests {
-        match request.await.expect("withdraw task") {
-            Ok(_) => accepted += 1,
-            Err(status) => assert!(
-                status.message().starts_with("Daily withdrawal limit exceeded"),
-                "{}",
-                status.message()
-            ),
-        }
-    }
+    let accepted = race_through_two(
+        &app,
+        &peer,
+        7,
+        "Daily withdrawal limit exceeded",
+        |mut client| async move {
+            let request = pb::WithdrawRequest {
+                user_id: "limited".into(),
+                amount: "1000.00".into(),
+                ..Default::default()
+            };
+            client.withdraw(request).await
+        },
+    )
+    .await;
     assert_eq!(
         accepted, 5,
         "5,000.00 a day allows exactly five withdrawals of 1,000.00"
