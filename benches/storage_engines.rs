@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use lockstep_coordinator::core::{AssetSymbol, Quantity, SystemClock, TradeSide, Usd, UserId};
 use lockstep_coordinator::server::build_coordinator;
-use lockstep_coordinator::service::{Coordinator, ServiceError, TradeRequest};
+use lockstep_coordinator::service::{ServiceError, TradeRequest, TransactionCoordinator};
 use lockstep_coordinator::settings::Cli;
 use lockstep_coordinator::storage::dynamodb::DynamoDbEngine;
 use lockstep_coordinator::storage::embedded::EmbeddedEngine;
@@ -123,7 +123,7 @@ fn load_average() -> String {
 }
 
 /// A coordinator exactly as production builds one, on `engine`.
-async fn coordinator_on(engine: Arc<dyn Engine>) -> Arc<Coordinator> {
+async fn coordinator_on(engine: Arc<dyn Engine>) -> Arc<TransactionCoordinator> {
     let storage = Storage::new(engine, TABLE);
     storage.ensure_table().await.expect("table");
     let settings = Cli::parse_from(["coordinator"]).settings;
@@ -133,7 +133,7 @@ async fn coordinator_on(engine: Arc<dyn Engine>) -> Arc<Coordinator> {
 }
 
 /// (1) Deposits one after another on one user.
-async fn sequential_deposits(coordinator: &Coordinator, ops: usize) -> Run {
+async fn sequential_deposits(coordinator: &TransactionCoordinator, ops: usize) -> Run {
     let account = user("bench-sequential");
     // 0.01 per deposit keeps a long run far below the default daily deposit limit.
     let amount = usd("0.01");
@@ -170,7 +170,7 @@ async fn sequential_deposits(coordinator: &Coordinator, ops: usize) -> Run {
 
 /// One mixed operation: deposit, buy, sell, withdraw in turn, so every sell has a holding and
 /// every buy has cash.
-async fn mixed_op(coordinator: &Coordinator, account: &UserId, step: usize) -> Result<(), ServiceError> {
+async fn mixed_op(coordinator: &TransactionCoordinator, account: &UserId, step: usize) -> Result<(), ServiceError> {
     let amount = usd("0.01");
     match step % 4 {
         0 => coordinator.deposit(account, amount, None, None).await.map(drop),
@@ -187,7 +187,7 @@ async fn mixed_op(coordinator: &Coordinator, account: &UserId, step: usize) -> R
 }
 
 /// (2) `MIXED_TASKS` tasks at once, each on its own user, `ops` operations in all.
-async fn mixed_concurrent(coordinator: &Arc<Coordinator>, ops: usize) -> Run {
+async fn mixed_concurrent(coordinator: &Arc<TransactionCoordinator>, ops: usize) -> Run {
     let per_task = ops / MIXED_TASKS;
     let accounts: Vec<UserId> = (0..MIXED_TASKS).map(|i| user(&format!("bench-mixed-{i:02}"))).collect();
     for account in &accounts {
@@ -241,7 +241,7 @@ async fn mixed_concurrent(coordinator: &Arc<Coordinator>, ops: usize) -> Run {
     }
 }
 
-async fn measure(coordinator: &Arc<Coordinator>, ops: usize) -> Vec<Run> {
+async fn measure(coordinator: &Arc<TransactionCoordinator>, ops: usize) -> Vec<Run> {
     vec![
         sequential_deposits(coordinator, ops).await,
         mixed_concurrent(coordinator, ops * 2).await,

@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 
 use crate::core::records::Asset;
 use crate::core::{AssetSymbol, Clock, Price};
-use crate::service::Coordinator;
+use crate::service::TransactionCoordinator;
 use crate::settings::{Settings, StorageKind};
 use crate::storage::dynamodb::DynamoDbEngine;
 use crate::storage::embedded::EmbeddedEngine;
@@ -115,7 +115,7 @@ pub async fn build_coordinator(
     clock: Arc<dyn Clock>,
     settings: &Settings,
     catalog_file: Option<&Path>,
-) -> Result<Arc<Coordinator>, StartError> {
+) -> Result<Arc<TransactionCoordinator>, StartError> {
     let config = settings
         .coordinator_config()
         .map_err(|error| StartError::Settings(error.to_string()))?;
@@ -128,13 +128,13 @@ pub async fn build_coordinator_with(
     clock: Arc<dyn Clock>,
     config: crate::service::CoordinatorConfig,
     catalog_file: Option<&Path>,
-) -> Result<Arc<Coordinator>, StartError> {
+) -> Result<Arc<TransactionCoordinator>, StartError> {
     let catalog = match catalog_file {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|error| StartError::Catalog(format!("{}: {error}", path.display())))?,
         None => DEFAULT_CATALOG.to_owned(),
     };
-    let coordinator = Arc::new(Coordinator::new(storage, clock, config));
+    let coordinator = Arc::new(TransactionCoordinator::new(storage, clock, config));
     coordinator
         .seed_catalog(&parse_catalog(&catalog)?)
         .await
@@ -146,7 +146,7 @@ pub async fn build_coordinator_with(
 /// in-flight RPCs, and releases any lease still held.
 pub async fn run(
     listener: TcpListener,
-    coordinator: Arc<Coordinator>,
+    coordinator: Arc<TransactionCoordinator>,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
@@ -193,8 +193,15 @@ pub async fn run(
         "shutting down: no new connections, draining in-flight RPCs"
     );
     stop_accepting.send(()).ok();
-    if tokio::time::timeout(drain_timeout, &mut server).await.is_err() {
+    let drain_until = tokio::time::Instant::now() + drain_timeout;
+    if tokio::time::timeout_at(drain_until, &mut server).await.is_err() {
         tracing::warn!("in-flight RPCs did not finish within the drain timeout");
+    }
+    // Mutations whose callers went away still run; their leases are released by their own
+    // commits or roll-backs, so wait for them before releasing what is left.
+    let remaining = drain_until.saturating_duration_since(tokio::time::Instant::now());
+    if !coordinator.wait_for_mutations(remaining).await {
+        tracing::warn!("detached mutations did not finish within the drain timeout");
     }
     probe.abort();
     sweeper.iter().for_each(tokio::task::JoinHandle::abort);
@@ -204,7 +211,7 @@ pub async fn run(
 }
 
 /// Runs the sweeper every `interval`, first after one interval.
-async fn sweep_periodically(coordinator: Arc<Coordinator>, interval: Duration) {
+async fn sweep_periodically(coordinator: Arc<TransactionCoordinator>, interval: Duration) {
     loop {
         tokio::time::sleep(interval).await;
         match crate::sweeper::sweep(coordinator.storage(), coordinator.now()).await {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::core::{FieldError, Limits, Usd};
 use crate::service::{
-    CoordinatorConfig, LOCK_LEASE_DEPOSIT, LOCK_LEASE_TRADE, LOCK_LEASE_WITHDRAW, LOCK_WAIT_MAX, REQUEST_RETENTION,
+    CoordinatorConfig, LEASE_DEPOSIT, LEASE_TRADE, LEASE_WAIT_MAX, LEASE_WITHDRAW, REQUEST_RETENTION,
 };
 
 #[derive(Debug, Clone, Parser)]
@@ -73,16 +73,16 @@ pub struct Settings {
     #[arg(long, env = "LOCKSTEP_CATALOG", global = true)]
     pub catalog: Option<PathBuf>,
     /// Lease of a deposit, in milliseconds.
-    #[arg(long, env = "LOCKSTEP_LEASE_DEPOSIT_MS", default_value_t = LOCK_LEASE_DEPOSIT.as_millis() as u64, global = true)]
+    #[arg(long, env = "LOCKSTEP_LEASE_DEPOSIT_MS", default_value_t = LEASE_DEPOSIT.as_millis() as u64, global = true)]
     pub lease_deposit_ms: u64,
     /// Lease of a withdrawal, in milliseconds.
-    #[arg(long, env = "LOCKSTEP_LEASE_WITHDRAW_MS", default_value_t = LOCK_LEASE_WITHDRAW.as_millis() as u64, global = true)]
+    #[arg(long, env = "LOCKSTEP_LEASE_WITHDRAW_MS", default_value_t = LEASE_WITHDRAW.as_millis() as u64, global = true)]
     pub lease_withdraw_ms: u64,
     /// Lease of a buy or sell, in milliseconds.
-    #[arg(long, env = "LOCKSTEP_LEASE_TRADE_MS", default_value_t = LOCK_LEASE_TRADE.as_millis() as u64, global = true)]
+    #[arg(long, env = "LOCKSTEP_LEASE_TRADE_MS", default_value_t = LEASE_TRADE.as_millis() as u64, global = true)]
     pub lease_trade_ms: u64,
     /// Longest wait for a busy lease before ABORTED, in milliseconds.
-    #[arg(long, env = "LOCKSTEP_LOCK_WAIT_MS", default_value_t = LOCK_WAIT_MAX.as_millis() as u64, global = true)]
+    #[arg(long, env = "LOCKSTEP_LOCK_WAIT_MS", default_value_t = LEASE_WAIT_MAX.as_millis() as u64, global = true)]
     pub lock_wait_ms: u64,
     /// Deposits per user per UTC day, USD.
     #[arg(
@@ -144,7 +144,7 @@ impl Settings {
             lease_deposit: Duration::from_millis(self.lease_deposit_ms),
             lease_withdraw: Duration::from_millis(self.lease_withdraw_ms),
             lease_trade: Duration::from_millis(self.lease_trade_ms),
-            lock_wait_max: Duration::from_millis(self.lock_wait_ms),
+            lease_wait_max: Duration::from_millis(self.lock_wait_ms),
             limits: Limits {
                 daily_deposit: Usd::parse_amount("--daily-deposit-limit", &self.daily_deposit_limit)?,
                 daily_withdrawal: Usd::parse_amount("--daily-withdrawal-limit", &self.daily_withdrawal_limit)?,

@@ -103,13 +103,13 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
         record: None,
         now,
     };
-    let stale_commit = model::commit(&stale_commit_at(decided_at));
+    let stale_commit = model::commit(&stale_commit_at(decided_at)).items;
 
     // ... then pauses past its expiry. Its lease alone, unclaimed, no longer lets it commit:
     clock.advance(Duration::from_secs(16));
     let refused = app
         .storage
-        .transact(model::commit(&stale_commit_at(clock.now())), None)
+        .transact(model::commit(&stale_commit_at(clock.now())).items, None)
         .await;
     assert!(
         matches!(refused, Err(StorageError::TransactionCanceled { .. })),

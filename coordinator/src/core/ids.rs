@@ -154,6 +154,59 @@ impl fmt::Display for LockId {
     }
 }
 
+/// Declares a UUID-v7 id type: made fresh (time-ordered, so newest-first pages are reverse key
+/// scans), parsed from a request (any UUID spelling, kept in canonical lowercase hyphenated
+/// form), or rebuilt from storage.
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new() -> Self {
+                Self(uuid::Uuid::now_v7().to_string())
+            }
+
+            pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldError> {
+                uuid::Uuid::try_parse(raw)
+                    .map(|id| Self(id.hyphenated().to_string()))
+                    .map_err(|_| FieldError::new(field, "must be a UUID"))
+            }
+
+            /// Rebuilds an id read back from storage.
+            pub fn from_stored(raw: impl Into<String>) -> Self {
+                Self(raw.into())
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// An order's id.
+    OrderId
+);
+uuid_id!(
+    /// A ledger entry's id, which is also the transaction id a mutation's reply carries.
+    EntryId
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +223,13 @@ mod tests {
             let error = UserId::parse("user_id", bad).unwrap_err();
             assert_eq!(error.field, "user_id", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn order_ids_are_uuids_in_canonical_form() {
+        let id = OrderId::parse("order_id", "0190A2B4-0000-7000-8000-000000000000").unwrap();
+        assert_eq!(id.as_str(), "0190a2b4-0000-7000-8000-000000000000");
+        assert_eq!(OrderId::parse("order_id", "nope").unwrap_err().field, "order_id");
     }
 
     #[test]

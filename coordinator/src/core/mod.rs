@@ -14,7 +14,7 @@ pub mod time;
 
 pub use account::{Account, Holdings};
 pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
-pub use ids::{AssetSymbol, FieldError, LockId, RequestId, UserId};
+pub use ids::{AssetSymbol, EntryId, FieldError, LockId, OrderId, RequestId, UserId};
 pub use limits::Limits;
 pub use money::{Price, Quantity, Usd};
 pub use time::{Clock, Millis, SystemClock};

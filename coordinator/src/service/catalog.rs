@@ -1,16 +1,18 @@
-//! The asset catalog, cached in memory. A trade's commit checks the cached price against the
-//! stored one, so a stale cache can delay a trade by one re-read but never misprice it.
+//! The asset catalog, cached in memory, and its admin writes. A trade's commit checks the cached
+//! price against the stored one, so a stale cache can delay a trade by one re-read but never
+//! misprice it.
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
-use super::ServiceError;
+use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
 use crate::core::AssetSymbol;
 use crate::core::records::Asset;
-use crate::storage::{Storage, model};
+use crate::storage::{Storage, StorageError, model};
 
-/// Pages read when loading the catalog; the catalog is a handful of assets, this is a bound.
-const CATALOG_PAGES_MAX: usize = 100;
+/// Pages read when loading the catalog; the catalog is a handful of assets, this is a bound
+/// that fails loudly when reached instead of serving part of the catalog.
+pub const CATALOG_PAGES_MAX: usize = 100;
 
 #[derive(Debug, Default)]
 pub struct Catalog {
@@ -46,7 +48,7 @@ impl Catalog {
         }
         self.refresh(storage).await?;
         self.cached(symbol)
-            .ok_or_else(|| ServiceError::NotFound(format!("Asset {symbol} not found")))
+            .ok_or_else(|| ServiceError::NotFound(Missing::Asset(symbol.clone())))
     }
 
     /// Replaces the cache with the stored catalog.
@@ -54,17 +56,43 @@ impl Catalog {
         let mut assets = BTreeMap::new();
         let mut start_after = None;
         for _ in 0..CATALOG_PAGES_MAX {
-            let page = storage.query(model::assets_query(start_after)).await?;
+            let page = retry_safe(|| storage.query(model::assets_query(start_after.clone()))).await?;
             for item in &page.items {
-                let asset = model::asset_from_item(item).map_err(|error| ServiceError::Internal(error.to_string()))?;
+                let asset = model::asset_from_item(item)?;
                 assets.insert(asset.symbol.clone(), asset);
             }
             start_after = page.last_key;
             if start_after.is_none() {
-                break;
+                *self.assets.write().expect("catalog lock poisoned") = assets;
+                return Ok(());
             }
         }
-        *self.assets.write().expect("catalog lock poisoned") = assets;
-        Ok(())
+        Err(ServiceError::Internal(format!(
+            "the catalog has more than {CATALOG_PAGES_MAX} pages of assets; refusing to serve part of it"
+        )))
+    }
+}
+
+impl TransactionCoordinator {
+    pub async fn assets(&self) -> Result<Vec<Asset>, ServiceError> {
+        self.catalog.refresh(&self.storage).await?;
+        Ok(self.catalog.all())
+    }
+
+    pub async fn upsert_asset(&self, asset: Asset) -> Result<Asset, ServiceError> {
+        self.storage.put(model::put_asset(&asset, false)).await?;
+        self.catalog.remember(asset.clone());
+        Ok(asset)
+    }
+
+    /// Writes each asset that does not exist yet, then loads the catalog.
+    pub async fn seed_catalog(&self, assets: &[Asset]) -> Result<(), ServiceError> {
+        for asset in assets {
+            match retry_safe(|| self.storage.put(model::put_asset(asset, true))).await {
+                Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        self.catalog.refresh(&self.storage).await
     }
 }

@@ -1,36 +1,71 @@
-//! Taking a user's lease: one conditional write, retried with jittered backoff while another
-//! caller holds it, bounded by the configured wait and the caller's deadline.
+//! The per-user lease: taking it (one conditional write, retried with jittered backoff while
+//! another caller holds it, bounded by the configured wait and the caller's deadline), giving it
+//! back, and the registry of leases this process holds, released at shutdown.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
 use tokio::time::Instant;
 
-use super::{Coordinator, ServiceError, retry_safe};
+use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
 use crate::core::records::Lease;
-use crate::core::{Account, LockId, UserId};
+use crate::core::{Account, LockId, Millis, UserId};
 use crate::storage::{StorageError, model};
 
 /// First pause after finding the lease busy. A commit takes a few milliseconds, so the first
 /// retries come quickly; later ones spread out so waiters do not hammer storage.
-pub const LOCK_RETRY_DELAY_MIN: Duration = Duration::from_millis(2);
+pub const LEASE_RETRY_DELAY_MIN: Duration = Duration::from_millis(2);
 /// Longest pause between two attempts.
-pub const LOCK_RETRY_DELAY_MAX: Duration = Duration::from_millis(50);
+pub const LEASE_RETRY_DELAY_MAX: Duration = Duration::from_millis(50);
 /// Attempts are bounded by time (the wait limit) and, should the clock misbehave, by count.
-pub const LOCK_ATTEMPTS_MAX: usize = 10_000;
+pub const LEASE_ATTEMPTS_MAX: usize = 10_000;
 
-const _: () = assert!(LOCK_RETRY_DELAY_MIN.as_millis() < LOCK_RETRY_DELAY_MAX.as_millis());
+const _: () = assert!(LEASE_RETRY_DELAY_MIN.as_millis() < LEASE_RETRY_DELAY_MAX.as_millis());
+
+/// Leases this process holds right now, released on graceful shutdown.
+#[derive(Debug, Default)]
+pub(super) struct HeldLeases(Mutex<HashMap<LockId, UserId>>);
+
+impl HeldLeases {
+    fn insert(&self, held: &HeldLease) {
+        self.0
+            .lock()
+            .expect("held-lease registry poisoned")
+            .insert(held.lock_id.clone(), held.user.clone());
+    }
+
+    pub(super) fn remove(&self, lock_id: &LockId) {
+        self.0.lock().expect("held-lease registry poisoned").remove(lock_id);
+    }
+
+    fn drain(&self) -> Vec<(LockId, UserId)> {
+        self.0.lock().expect("held-lease registry poisoned").drain().collect()
+    }
+}
+
+/// What the attempts of one acquire found so far.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// The live lease of someone else that the latest attempt found.
+    holder: Option<Lease>,
+    /// A live lease of this instance's previous run (it died holding it), to take over.
+    orphan: Option<LockId>,
+    /// Set while the latest attempt found storage unavailable.
+    unavailable: Option<String>,
+}
 
 /// A lease this coordinator holds, with the account state read in the same write.
 #[derive(Debug, Clone)]
 pub struct HeldLease {
     pub user: UserId,
     pub lock_id: LockId,
-    pub expires_at: crate::core::Millis,
+    pub expires_at: Millis,
     pub account: Account,
 }
 
-impl Coordinator {
+impl TransactionCoordinator {
     /// Takes `user`'s lease for `operation`, waiting while someone else holds it.
     pub(super) async fn acquire(
         &self,
@@ -42,20 +77,16 @@ impl Coordinator {
     ) -> Result<HeldLease, ServiceError> {
         let lock_id = LockId::new_random();
         let started = Instant::now();
-        let wait_limit = Instant::now() + self.config.lock_wait_max;
+        let wait_limit = started + self.config.lease_wait_max;
         let wait_until = deadline.map_or(wait_limit, |deadline| deadline.min(wait_limit));
         let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(LOCK_RETRY_DELAY_MIN)
-            .with_max_delay(LOCK_RETRY_DELAY_MAX)
+            .with_min_delay(LEASE_RETRY_DELAY_MIN)
+            .with_max_delay(LEASE_RETRY_DELAY_MAX)
             .with_factor(2.0)
             .with_jitter()
-            .with_max_times(LOCK_ATTEMPTS_MAX)
+            .with_max_times(LEASE_ATTEMPTS_MAX)
             .build();
-        let mut waited_on: Option<Lease> = None;
-        // A live lease of this instance's previous run (it died holding it), to take over.
-        let mut orphan: Option<LockId> = None;
-        // Set while the latest attempt found storage unavailable.
-        let mut unavailable: Option<String> = None;
+        let mut waiting = Waiting::default();
         loop {
             let now = self.clock.now();
             let lease = Lease {
@@ -65,63 +96,11 @@ impl Coordinator {
                 operation: operation.to_owned(),
                 expires_at: now + lease_duration.as_millis() as u64,
             };
-            let request = match &orphan {
-                Some(orphan) => model::reclaim_lease(user, &lease, now, require_account, orphan),
-                None => model::acquire_lease(user, &lease, now, require_account),
-            };
-            let current = match self.storage.update(request).await {
-                Ok(Some(item)) => {
-                    if let Some(orphan) = &orphan {
-                        tracing::info!(lock_state = "EXPIRED", previous_lock_id = %orphan, "reclaimed a lease of this instance's previous run");
-                    }
-                    if let Some(previous) = waited_on.filter(|previous| !previous.is_live(now)) {
-                        tracing::info!(lock_state = "EXPIRED", previous_lock_id = %previous.lock_id, previous_owner = %previous.owner, "took over an expired lease");
-                    }
-                    return self.held(user, lease, &item);
-                }
-                Ok(None) => return Err(ServiceError::Internal("lease write returned no item".to_owned())),
-                // DynamoDB: the account is inside another caller's commit right now. Busy.
-                Err(StorageError::Conflict(_)) => None,
-                // Storage did not answer (the SDK's own retries included). Trying again with the
-                // same lock id is safe: if this attempt did land, the next one finds the lease
-                // already ours (see above).
-                Err(StorageError::Unavailable(detail)) => {
-                    unavailable = Some(detail);
-                    None
-                }
-                Err(StorageError::ConditionFailed { current: None }) => {
-                    // Only operations that need an account have a condition a missing item fails.
-                    return Err(ServiceError::NotFound(format!("Account {user} not found")));
-                }
-                Err(StorageError::ConditionFailed { current: Some(item) }) => {
-                    unavailable = None;
-                    Some(item)
-                }
-                Err(error) => return Err(error.into()),
-            };
-            if let Some(item) = current {
-                let account_exists = model::account_from_item(&item)
-                    .map(|account| account.exists)
-                    .unwrap_or(false);
-                match model::lease_from_item(&item).filter(|holder| holder.is_live(now)) {
-                    // Our own earlier attempt did land (its reply was lost and the write retried).
-                    Some(holder) if holder.lock_id == lock_id => return self.held(user, holder, &item),
-                    Some(holder) if holder.owner == self.config.owner && holder.incarnation != self.incarnation => {
-                        orphan = Some(holder.lock_id);
-                    }
-                    Some(holder) => {
-                        if waited_on.is_none() {
-                            tracing::info!(lock_state = "WAITING", holder_lock_id = %holder.lock_id, holder_owner = %holder.owner, holder_operation = %holder.operation, "lease busy");
-                        }
-                        waited_on = Some(holder);
-                    }
-                    None if require_account && !account_exists => {
-                        return Err(ServiceError::NotFound(format!("Account {user} not found")));
-                    }
-                    // Released or expired between the condition and now: try again after the
-                    // shortest pause (every pass of this loop pauses, so it can never spin).
-                    None => {}
-                }
+            if let Some(held) = self
+                .try_acquire(user, lease, now, require_account, &mut waiting)
+                .await?
+            {
+                return Ok(held);
             }
             let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);
             let Some(delay) = delay else {
@@ -130,7 +109,7 @@ impl Coordinator {
                     waited_ms = started.elapsed().as_millis() as u64,
                     "gave up waiting for the lease"
                 );
-                return Err(match (unavailable, deadline) {
+                return Err(match (waiting.unavailable, deadline) {
                     (Some(detail), _) => ServiceError::Unavailable(detail),
                     (None, Some(deadline)) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
                     (None, _) => ServiceError::Busy,
@@ -138,6 +117,73 @@ impl Coordinator {
             };
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// One conditional write of `lease`: the lease if it landed (or an earlier try of it did),
+    /// None to wait and try again.
+    async fn try_acquire(
+        &self,
+        user: &UserId,
+        lease: Lease,
+        now: Millis,
+        require_account: bool,
+        waiting: &mut Waiting,
+    ) -> Result<Option<HeldLease>, ServiceError> {
+        let request = match &waiting.orphan {
+            Some(orphan) => model::reclaim_lease(user, &lease, now, require_account, orphan),
+            None => model::acquire_lease(user, &lease, now, require_account),
+        };
+        let current = match self.storage.update(request).await {
+            Ok(Some(item)) => {
+                if let Some(orphan) = &waiting.orphan {
+                    tracing::info!(lock_state = "EXPIRED", previous_lock_id = %orphan, "reclaimed a lease of this instance's previous run");
+                }
+                if let Some(previous) = waiting.holder.take().filter(|previous| !previous.is_live(now)) {
+                    tracing::info!(lock_state = "EXPIRED", previous_lock_id = %previous.lock_id, previous_owner = %previous.owner, "took over an expired lease");
+                }
+                return self.held(user, lease, &item).map(Some);
+            }
+            Ok(None) => return Err(ServiceError::Internal("lease write returned no item".to_owned())),
+            // DynamoDB: the account is inside another caller's commit right now. Busy.
+            Err(StorageError::Conflict(_)) => return Ok(None),
+            // Storage did not answer (the SDK's own retries included). Trying again with the
+            // same lock id is safe: if this attempt did land, the next one finds the lease
+            // already ours (below).
+            Err(StorageError::Unavailable(detail)) => {
+                waiting.unavailable = Some(detail);
+                return Ok(None);
+            }
+            // Only operations that need an account have a condition a missing item fails.
+            Err(StorageError::ConditionFailed { current: None }) => {
+                return Err(ServiceError::NotFound(Missing::Account(user.clone())));
+            }
+            Err(StorageError::ConditionFailed { current: Some(item) }) => item,
+            Err(error) => return Err(error.into()),
+        };
+        waiting.unavailable = None;
+        let account_exists = model::account_from_item(&current)
+            .map(|account| account.exists)
+            .unwrap_or(false);
+        match model::lease_from_item(&current).filter(|holder| holder.is_live(now)) {
+            // Our own earlier attempt did land (its reply was lost and the write retried).
+            Some(holder) if holder.lock_id == lease.lock_id => return self.held(user, holder, &current).map(Some),
+            Some(holder) if holder.owner == self.config.owner && holder.incarnation != self.incarnation => {
+                waiting.orphan = Some(holder.lock_id);
+            }
+            Some(holder) => {
+                if waiting.holder.is_none() {
+                    tracing::info!(lock_state = "WAITING", holder_lock_id = %holder.lock_id, holder_owner = %holder.owner, holder_operation = %holder.operation, "lease busy");
+                }
+                waiting.holder = Some(holder);
+            }
+            None if require_account && !account_exists => {
+                return Err(ServiceError::NotFound(Missing::Account(user.clone())));
+            }
+            // Released or expired between the condition and now: try again after the shortest
+            // pause (every pass of the caller's loop pauses, so it can never spin).
+            None => {}
+        }
+        Ok(None)
     }
 
     fn held(&self, user: &UserId, lease: Lease, item: &crate::storage::Item) -> Result<HeldLease, ServiceError> {
@@ -167,33 +213,25 @@ impl Coordinator {
             Err(error) => tracing::warn!(%error, "lease release failed; it will expire by itself"),
         }
     }
+
+    /// Releases every lease this process still holds; called on shutdown after draining.
+    pub async fn release_held_leases(&self) -> usize {
+        let leases = self.held_leases.drain();
+        let count = leases.len();
+        for (lock_id, user) in leases {
+            if let Err(error) = self.storage.write(model::release_lease(&user, &lock_id)).await {
+                tracing::warn!(%error, %user, %lock_id, "could not release a lease at shutdown; it will expire");
+            }
+        }
+        count
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::core::time::ManualClock;
-    use crate::service::CoordinatorConfig;
-    use crate::storage::Storage;
-    use crate::storage::embedded::EmbeddedEngine;
-
-    const LEASE: Duration = Duration::from_secs(10);
-
-    async fn coordinator(clock: &ManualClock) -> Coordinator {
-        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "lockstep");
-        storage.ensure_table().await.unwrap();
-        let config = CoordinatorConfig {
-            lock_wait_max: Duration::from_millis(30),
-            ..CoordinatorConfig::default()
-        };
-        Coordinator::new(storage, Arc::new(clock.clone()), config)
-    }
-
-    fn user(raw: &str) -> UserId {
-        UserId::parse("user_id", raw).unwrap()
-    }
+    use crate::service::testing::{LEASE, coordinator, user};
 
     /// Acquire, then a second caller is refused as busy until the first releases.
     #[tokio::test]

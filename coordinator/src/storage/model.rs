@@ -245,7 +245,62 @@ pub struct Commit<'a> {
     pub now: Millis,
 }
 
-pub fn commit(commit: &Commit<'_>) -> Vec<TransactItem> {
+/// The parts of a transaction whose cancellation reasons the service reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionPart {
+    /// The request record: the key was used before.
+    RequestRecord,
+    /// The account update or lease release: fenced, or the version moved.
+    Account,
+    /// The catalog check of a trade: the price or active flag changed.
+    CatalogCheck,
+}
+
+/// A transaction's items, with the position of each part that has a name.
+#[derive(Debug, Clone)]
+pub struct NamedItems {
+    pub items: Vec<TransactItem>,
+    request_record: Option<usize>,
+    account: Option<usize>,
+    catalog_check: Option<usize>,
+}
+
+impl NamedItems {
+    fn push(&mut self, item: TransactItem) -> usize {
+        self.items.push(item);
+        self.items.len() - 1
+    }
+
+    /// The part whose condition failed in a cancelled transaction, in order of precedence: the
+    /// request record (its outcome answers), then the account, then the catalog check.
+    pub fn refused_part(&self, reasons: &[super::CancellationReason]) -> Option<TransactionPart> {
+        let failed = |position: Option<usize>| {
+            position
+                .and_then(|position| reasons.get(position))
+                .is_some_and(super::CancellationReason::condition_failed)
+        };
+        [
+            (self.request_record, TransactionPart::RequestRecord),
+            (self.account, TransactionPart::Account),
+            (self.catalog_check, TransactionPart::CatalogCheck),
+        ]
+        .into_iter()
+        .find_map(|(position, part)| failed(position).then_some(part))
+    }
+}
+
+impl Default for NamedItems {
+    fn default() -> Self {
+        Self {
+            items: Vec::with_capacity(6),
+            request_record: None,
+            account: None,
+            catalog_check: None,
+        }
+    }
+}
+
+pub fn commit(commit: &Commit<'_>) -> NamedItems {
     let Commit {
         user,
         lock_id,
@@ -285,7 +340,7 @@ pub fn commit(commit: &Commit<'_>) -> Vec<TransactItem> {
             .values
             .insert(":debit".to_owned(), n(-decision.cash_delta));
     }
-    let mut items = Vec::with_capacity(5);
+    let mut items = NamedItems::default();
     if let Some(trade) = &decision.trade {
         set.push("holdings.#asset = :holding");
         update_bindings
@@ -298,42 +353,28 @@ pub fn commit(commit: &Commit<'_>) -> Vec<TransactItem> {
                 .values
                 .insert(":sold".to_owned(), n(-trade.quantity_delta));
         }
-        items.push(TransactItem::ConditionCheck(ConditionCheck {
+        items.catalog_check = Some(items.push(TransactItem::ConditionCheck(ConditionCheck {
             key: asset_key(&trade.asset),
             condition: "price = :price AND active = :active".to_owned(),
             bindings: bindings([], [(":price", n(trade.price)), (":active", Value::Bool(true))]),
-        }));
+        })));
     }
-    items.push(TransactItem::Update(Update {
+    items.account = Some(items.push(TransactItem::Update(Update {
         key: account_key(user),
         update: format!("SET {} REMOVE {LEASE_ATTRIBUTES}", set.join(", ")),
         condition: Some(condition.join(" AND ")),
         bindings: update_bindings,
         return_new: false,
         return_old_on_condition_failure: false,
-    }));
+    })));
     items.push(TransactItem::Put(put_new(ledger_item(entry))));
     if let Some(order) = order {
-        items.extend(order_puts(order));
+        items.items.extend(order_puts(order));
     }
     if let Some((request_id, record)) = record {
-        items.push(TransactItem::Put(put_request_record(user, request_id, record, now)));
+        items.request_record = Some(items.push(TransactItem::Put(put_request_record(user, request_id, record, now))));
     }
     items
-}
-
-/// Index of the account update in `commit`'s items, to read its cancellation reason.
-pub fn commit_account_index(decision: &Decision) -> usize {
-    usize::from(decision.trade.is_some())
-}
-
-/// Whether a cancelled transaction failed on its request record (the last item), that is: the
-/// key was used before.
-pub fn request_record_refused(items_len: usize, has_record: bool, reasons: &[super::CancellationReason]) -> bool {
-    has_record
-        && reasons
-            .get(items_len - 1)
-            .is_some_and(super::CancellationReason::condition_failed)
 }
 
 /// A refusal under the lease: the lease released, for trades both order items as FAILED, and
@@ -344,13 +385,14 @@ pub fn record_refusal(
     order: Option<&Order>,
     record: Option<(&RequestId, &RequestRecord)>,
     now: Millis,
-) -> Vec<TransactItem> {
-    let mut items = vec![release_lease(user, lock_id)];
+) -> NamedItems {
+    let mut items = NamedItems::default();
+    items.account = Some(items.push(release_lease(user, lock_id)));
     if let Some(order) = order {
-        items.extend(order_puts(order));
+        items.items.extend(order_puts(order));
     }
     if let Some((request_id, record)) = record {
-        items.push(TransactItem::Put(put_request_record(user, request_id, record, now)));
+        items.request_record = Some(items.push(TransactItem::Put(put_request_record(user, request_id, record, now))));
     }
     items
 }

@@ -1,5 +1,6 @@
-//! gRPC in and out: parses each request into validated core types (bad input never reaches the
-//! service), calls the service, and maps its result to a reply or to exactly one status code.
+//! gRPC in and out: parses every field of each request into validated types (bad input never
+//! reaches the service), calls the service, and maps its result to a reply or to exactly one
+//! status code.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,19 +10,18 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::core::decide::Rejection;
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
-use crate::core::{AssetSymbol, FieldError, Price, Quantity, RequestId, TradeSide, Usd, UserId};
-use crate::service::{Coordinator, Receipt, ServiceError, TradeRequest};
+use crate::core::{AssetSymbol, FieldError, OrderId, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::service::{PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
-    coordinator: Arc<Coordinator>,
+    coordinator: Arc<TransactionCoordinator>,
 }
 
 impl CoordinatorService {
-    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+    pub fn new(coordinator: Arc<TransactionCoordinator>) -> Self {
         Self { coordinator }
     }
 }
@@ -41,8 +41,7 @@ pub fn status_of(error: ServiceError) -> Status {
             format!("{}: {}", field.field, field.reason),
             ErrorDetails::with_bad_request_violation(field.field, field.reason),
         ),
-        ServiceError::NotFound(message) => Status::not_found(message),
-        ServiceError::Rejected(Rejection::AccountNotFound) => Status::not_found("Account not found"),
+        ServiceError::NotFound(missing) => Status::not_found(missing.to_string()),
         ServiceError::Rejected(rejection) => Status::failed_precondition(rejection.to_string()),
         ServiceError::RefusedEarlier(message) => Status::failed_precondition(message),
         error @ (ServiceError::Busy | ServiceError::LeaseLost) => Status::with_error_details(
@@ -66,19 +65,13 @@ pub fn status_of(error: ServiceError) -> Status {
     }
 }
 
-/// Runs a mutation to its end on its own task. tonic drops a handler's future when the caller
-/// cancels or its grpc-timeout passes; a mutation dropped between lease and commit would leave
-/// the lease held until expiry and its commit's outcome unresolved. Detached, it always ends
-/// in a commit or a release, whoever is still listening.
+/// Runs a mutation on the service's tracked task (see `spawn_mutation`), so that a cancelled
+/// call still ends in a commit or a release.
 async fn run_to_completion<T: Send + 'static>(
+    coordinator: &TransactionCoordinator,
     mutation: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
 ) -> Result<T, Status> {
-    match tokio::spawn(mutation).await {
-        Ok(result) => result.map_err(status_of),
-        Err(error) => Err(status_of(ServiceError::Internal(format!(
-            "mutation task failed: {error}"
-        )))),
-    }
+    coordinator.spawn_mutation(mutation).await.map_err(status_of)
 }
 
 fn invalid(error: FieldError) -> Status {
@@ -198,8 +191,10 @@ impl CoordinatorService {
         };
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let coordinator = Arc::clone(&self.coordinator);
-        let receipt =
-            run_to_completion(async move { coordinator.trade(&user, trade, request_id, deadline).await }).await?;
+        let receipt = run_to_completion(&self.coordinator, async move {
+            coordinator.trade(&user, trade, request_id, deadline).await
+        })
+        .await?;
         let (order, holding) = receipt
             .trade
             .ok_or_else(|| status_of(ServiceError::Internal("a committed trade without its order".to_owned())))?;
@@ -222,8 +217,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let coordinator = Arc::clone(&self.coordinator);
         let account = user.clone();
-        let receipt =
-            run_to_completion(async move { coordinator.deposit(&account, amount, request_id, deadline).await }).await?;
+        let receipt = run_to_completion(&self.coordinator, async move {
+            coordinator.deposit(&account, amount, request_id, deadline).await
+        })
+        .await?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
     }
 
@@ -235,9 +232,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let coordinator = Arc::clone(&self.coordinator);
         let account = user.clone();
-        let receipt =
-            run_to_completion(async move { coordinator.withdraw(&account, amount, request_id, deadline).await })
-                .await?;
+        let receipt = run_to_completion(&self.coordinator, async move {
+            coordinator.withdraw(&account, amount, request_id, deadline).await
+        })
+        .await?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
     }
 
@@ -271,11 +269,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
-        let order = self
-            .coordinator
-            .order(&request.get_ref().order_id)
-            .await
-            .map_err(status_of)?;
+        let order_id = OrderId::parse("order_id", &request.get_ref().order_id).map_err(invalid)?;
+        let order = self.coordinator.order(&order_id).await.map_err(status_of)?;
         Ok(Response::new(order_message(order)))
     }
 
@@ -285,11 +280,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ListOrdersReply>, Status> {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let page = self
-            .coordinator
-            .orders(&user, message.page_size, &message.page_token)
-            .await
-            .map_err(status_of)?;
+        let page = PageRequest::parse(message.page_size, &message.page_token).map_err(invalid)?;
+        let page = self.coordinator.orders(&user, page).await.map_err(status_of)?;
         Ok(Response::new(pb::ListOrdersReply {
             orders: page.items.into_iter().map(order_message).collect(),
             next_page_token: page.next_cursor.unwrap_or_default(),
@@ -302,11 +294,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ListLedgerReply>, Status> {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let page = self
-            .coordinator
-            .ledger(&user, message.page_size, &message.page_token)
-            .await
-            .map_err(status_of)?;
+        let page = PageRequest::parse(message.page_size, &message.page_token).map_err(invalid)?;
+        let page = self.coordinator.ledger(&user, page).await.map_err(status_of)?;
         Ok(Response::new(pb::ListLedgerReply {
             entries: page.items.into_iter().map(ledger_message).collect(),
             next_page_token: page.next_cursor.unwrap_or_default(),

@@ -1,0 +1,142 @@
+//! Reads: an account, an order, and newest-first pages of a user's orders and ledger.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::core::records::{LedgerEntry, Order};
+use crate::core::{Account, FieldError, OrderId, UserId};
+use crate::storage::model::{self, UserCollection};
+use crate::storage::{Item, Value};
+
+use super::{Missing, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, PageOf, ServiceError, TransactionCoordinator};
+
+/// Longest page token accepted: a cursor is a sort key (a prefix and a UUID) in base64, far
+/// shorter; anything longer was not issued by this service.
+pub const PAGE_TOKEN_LENGTH_MAX: usize = 128;
+
+/// Which page of a user's collection to read, as parsed from the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    size: u32,
+    /// The sort key of the previous page's last item.
+    after: Option<String>,
+}
+
+impl PageRequest {
+    /// `page_size` 0 means the default; `page_token` "" the first page.
+    pub fn parse(page_size: u32, page_token: &str) -> Result<Self, FieldError> {
+        let size = match page_size {
+            0 => PAGE_SIZE_DEFAULT,
+            1..=PAGE_SIZE_MAX => page_size,
+            _ => return Err(FieldError::new("page_size", format!("must be at most {PAGE_SIZE_MAX}"))),
+        };
+        let invalid = || FieldError::new("page_token", "is not a cursor this service issued");
+        let after = match page_token {
+            "" => None,
+            token if token.len() > PAGE_TOKEN_LENGTH_MAX => return Err(invalid()),
+            token => Some(
+                URL_SAFE_NO_PAD
+                    .decode(token)
+                    .ok()
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+                    .ok_or_else(invalid)?,
+            ),
+        };
+        Ok(Self { size, after })
+    }
+
+    pub fn first(size: u32) -> Self {
+        Self {
+            size: size.clamp(1, PAGE_SIZE_MAX),
+            after: None,
+        }
+    }
+}
+
+impl TransactionCoordinator {
+    pub async fn account(&self, user: &UserId) -> Result<Account, ServiceError> {
+        let item = self.storage.get(model::account_key(user)).await?;
+        let account = item.as_ref().map(model::account_from_item).transpose()?;
+        account
+            .filter(|account| account.exists)
+            .ok_or_else(|| ServiceError::NotFound(Missing::Account(user.clone())))
+    }
+
+    pub async fn order(&self, order_id: &OrderId) -> Result<Order, ServiceError> {
+        let item = self.storage.get(model::order_key(order_id.as_str())).await?;
+        let item = item.ok_or_else(|| ServiceError::NotFound(Missing::Order(order_id.to_string())))?;
+        Ok(model::order_from_item(&item)?)
+    }
+
+    pub async fn orders(&self, user: &UserId, page: PageRequest) -> Result<PageOf<Order>, ServiceError> {
+        self.user_page(user, UserCollection::Orders, page, model::order_from_item)
+            .await
+    }
+
+    pub async fn ledger(&self, user: &UserId, page: PageRequest) -> Result<PageOf<LedgerEntry>, ServiceError> {
+        self.user_page(user, UserCollection::Ledger, page, model::ledger_from_item)
+            .await
+    }
+
+    async fn user_page<T>(
+        &self,
+        user: &UserId,
+        collection: UserCollection,
+        page: PageRequest,
+        parse: fn(&Item) -> Result<T, model::MalformedItem>,
+    ) -> Result<PageOf<T>, ServiceError> {
+        // One item more than the page: its presence says whether there is a next page, so the
+        // last page never ends in a cursor to an empty one.
+        let query = model::user_page_query(user, collection, page.size + 1, page.after)
+            .ok_or_else(|| ServiceError::from(FieldError::new("page_token", "is not a cursor this service issued")))?;
+        self.account(user).await?;
+        let found = self.storage.query(query).await?;
+        let more = found.items.len() > page.size as usize;
+        let items = found
+            .items
+            .iter()
+            .take(page.size as usize)
+            .map(|item| parse(item).map(|parsed| (parsed, sort_key(item))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = more
+            .then(|| {
+                items
+                    .last()
+                    .map(|(_, sort_key)| URL_SAFE_NO_PAD.encode(sort_key.as_bytes()))
+            })
+            .flatten();
+        let items = items.into_iter().map(|(parsed, _)| parsed).collect();
+        Ok(PageOf { items, next_cursor })
+    }
+}
+
+fn sort_key(item: &Item) -> String {
+    match item.get("sk") {
+        Some(Value::S(sort_key)) => sort_key.clone(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Page sizes default, cap and refuse; tokens must decode to text and stay short.
+    #[test]
+    fn page_requests_parse_strictly() {
+        assert_eq!(PageRequest::parse(0, "").unwrap().size, PAGE_SIZE_DEFAULT);
+        assert_eq!(PageRequest::parse(PAGE_SIZE_MAX, "").unwrap().size, PAGE_SIZE_MAX);
+        assert_eq!(
+            PageRequest::parse(PAGE_SIZE_MAX + 1, "").unwrap_err().field,
+            "page_size"
+        );
+        assert_eq!(PageRequest::parse(1, "!!").unwrap_err().field, "page_token");
+        let long = "A".repeat(PAGE_TOKEN_LENGTH_MAX + 1);
+        assert_eq!(PageRequest::parse(1, &long).unwrap_err().field, "page_token");
+        let token = URL_SAFE_NO_PAD.encode("LEDGER#x");
+        assert_eq!(
+            PageRequest::parse(1, &token).unwrap().after.as_deref(),
+            Some("LEDGER#x")
+        );
+    }
+}
