@@ -7,8 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Milliseconds since the Unix epoch, UTC.
 pub type Millis = u64;
 
-const MILLIS_PER_DAY: u64 = 86_400_000;
-
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now(&self) -> Millis;
 }
@@ -45,42 +43,57 @@ impl Clock for ManualClock {
     }
 }
 
-/// The UTC calendar day of `at` as `YYYY-MM-DD`: the key of the daily limits.
+/// A UTC calendar day: the key of the daily limits. Days compare as dates, never as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UtcDay(time::Date);
+
+impl UtcDay {
+    /// The day of the instant `at`.
+    pub fn of(at: Millis) -> Self {
+        Self(utc(at).date())
+    }
+
+    /// Rebuilds a day stored as `YYYY-MM-DD`; None for anything else.
+    pub fn from_stored(raw: &str) -> Option<Self> {
+        let mut parts = raw.splitn(3, '-');
+        let year = parts.next()?.parse().ok()?;
+        let month: u8 = parts.next()?.parse().ok()?;
+        let day = parts.next()?.parse().ok()?;
+        let date = time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, day).ok()?;
+        let day = Self(date);
+        // Only the canonical spelling: "2026-1-5" would not compare with stored days.
+        (day.to_string() == raw).then_some(day)
+    }
+}
+
+impl std::fmt::Display for UtcDay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let date = self.0;
+        write!(f, "{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day())
+    }
+}
+
+fn utc(at: Millis) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
+        .expect("a u64 of milliseconds is within time's range")
+}
+
+/// The UTC calendar day of `at` as `YYYY-MM-DD`.
 pub fn utc_day(at: Millis) -> String {
-    let (year, month, day) = civil_from_days((at / MILLIS_PER_DAY) as i64);
-    format!("{year:04}-{month:02}-{day:02}")
+    UtcDay::of(at).to_string()
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T19:02:27.123Z`.
 pub fn rfc3339(at: Millis) -> String {
-    let millis_of_day = at % MILLIS_PER_DAY;
-    let seconds = millis_of_day / 1000;
+    let instant = utc(at);
     format!(
         "{}T{:02}:{:02}:{:02}.{:03}Z",
-        utc_day(at),
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60,
-        millis_of_day % 1000
+        UtcDay::of(at),
+        instant.hour(),
+        instant.minute(),
+        instant.second(),
+        instant.millisecond()
     )
-}
-
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -92,5 +105,26 @@ mod tests {
         assert_eq!(utc_day(0), "1970-01-01");
         assert_eq!(rfc3339(1_795_719_747_123), "2026-11-26T19:02:27.123Z");
         assert_eq!(utc_day(951_782_400_000), "2000-02-29");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    /// Days order as dates and parse only in their canonical spelling.
+    #[test]
+    fn days_compare_as_dates() {
+        let day = UtcDay::from_stored("2026-11-27").unwrap();
+        assert_eq!(day, UtcDay::of(1_795_784_400_000));
+        assert!(UtcDay::from_stored("2026-12-01").unwrap() > day);
+        assert!(UtcDay::from_stored("2027-01-01").unwrap() > UtcDay::from_stored("2026-12-31").unwrap());
+        for bad in [
+            "",
+            "2026-11-7",
+            "2026-13-01",
+            "2026-02-30",
+            "20261127",
+            "2026-11-27x",
+            "-5",
+        ] {
+            assert_eq!(UtcDay::from_stored(bad), None, "{bad:?}");
+        }
     }
 }
