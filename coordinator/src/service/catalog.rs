@@ -4,6 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
 use crate::core::AssetSymbol;
@@ -14,9 +17,23 @@ use crate::storage::{Storage, StorageError, model};
 /// that fails loudly when reached instead of serving part of the catalog.
 pub const CATALOG_PAGES_MAX: usize = 100;
 
+/// How stale the cache may be before a lookup that misses it (an unknown or inactive symbol),
+/// a ListAssets or a refusal that rests on a price reads the catalog again. Within it, a miss is
+/// answered from the cache (a negative entry for every unknown symbol), so no caller can make
+/// each of its requests cost a whole-catalog read. A commit is still checked against the stored
+/// price, so staleness can only delay or refuse a trade, never misprice it.
+pub const CATALOG_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Most assets the catalog holds: UpsertAsset refuses a new symbol beyond it, so the refresh
+/// (bounded by `CATALOG_PAGES_MAX` pages of `model::ASSET_PAGE_SIZE`) never meets its bound.
+pub const CATALOG_ASSETS_MAX: usize = 1_000;
+
+const _: () = assert!(CATALOG_ASSETS_MAX < CATALOG_PAGES_MAX * model::ASSET_PAGE_SIZE as usize);
+
 #[derive(Debug, Default)]
 pub struct Catalog {
     assets: RwLock<BTreeMap<AssetSymbol, Asset>>,
+    /// When the cache was last loaded from storage; one refresh at a time.
+    refreshed_at: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Catalog {
@@ -41,18 +58,36 @@ impl Catalog {
     }
 
     /// The asset from the cache, or from storage when the cache does not know it or has it
-    /// inactive (another coordinator may have added or re-activated it).
+    /// inactive (another coordinator may have added or re-activated it) and is older than
+    /// `CATALOG_REFRESH_INTERVAL`.
     pub async fn asset(&self, storage: &Storage, symbol: &AssetSymbol) -> Result<Asset, ServiceError> {
         if let Some(asset) = self.cached(symbol).filter(|asset| asset.active) {
             return Ok(asset);
         }
-        self.refresh(storage).await?;
+        self.refresh_if_older_than(storage, CATALOG_REFRESH_INTERVAL).await?;
         self.cached(symbol)
             .ok_or_else(|| ServiceError::NotFound(Missing::Asset(symbol.clone())))
     }
 
-    /// Replaces the cache with the stored catalog.
+    /// Reloads the cache unless it was loaded within `age`; concurrent callers share one load.
+    pub async fn refresh_if_older_than(&self, storage: &Storage, age: Duration) -> Result<(), ServiceError> {
+        let mut refreshed_at = self.refreshed_at.lock().await;
+        if refreshed_at.is_some_and(|at| at.elapsed() < age) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.load(storage).await?;
+        *refreshed_at = Some(started);
+        Ok(())
+    }
+
+    /// Reloads the cache now (the stored price is known to differ from the cached one).
     pub async fn refresh(&self, storage: &Storage) -> Result<(), ServiceError> {
+        self.refresh_if_older_than(storage, Duration::ZERO).await
+    }
+
+    /// Replaces the cache with the stored catalog.
+    async fn load(&self, storage: &Storage) -> Result<(), ServiceError> {
         let mut assets = BTreeMap::new();
         let mut start_after = None;
         for _ in 0..CATALOG_PAGES_MAX {
@@ -75,11 +110,20 @@ impl Catalog {
 
 impl TransactionCoordinator {
     pub async fn assets(&self) -> Result<Vec<Asset>, ServiceError> {
-        self.catalog.refresh(&self.storage).await?;
+        self.catalog
+            .refresh_if_older_than(&self.storage, CATALOG_REFRESH_INTERVAL)
+            .await?;
         Ok(self.catalog.all())
     }
 
     pub async fn upsert_asset(&self, asset: Asset) -> Result<Asset, ServiceError> {
+        if self.catalog.cached(&asset.symbol).is_none() {
+            self.catalog.refresh(&self.storage).await?;
+            let count = self.catalog.assets.read().expect("catalog lock poisoned").len();
+            if count >= CATALOG_ASSETS_MAX && self.catalog.cached(&asset.symbol).is_none() {
+                return Err(ServiceError::CatalogFull(CATALOG_ASSETS_MAX));
+            }
+        }
         self.storage.put(model::put_asset(&asset, false)).await?;
         self.catalog.remember(asset.clone());
         Ok(asset)
@@ -94,5 +138,67 @@ impl TransactionCoordinator {
             }
         }
         self.catalog.refresh(&self.storage).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Price;
+    use crate::core::time::ManualClock;
+    use crate::service::testing::coordinator;
+
+    fn symbol(raw: &str) -> AssetSymbol {
+        AssetSymbol::parse("asset", raw).unwrap()
+    }
+
+    /// Unknown symbols are answered from the cache between refreshes: a flood of trades on
+    /// made-up symbols costs at most one catalog read per interval, not one per call.
+    #[tokio::test]
+    async fn unknown_symbols_cost_at_most_one_read_per_interval() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        coordinator.catalog.refresh(coordinator.storage()).await.unwrap();
+        let before = coordinator.storage().requests();
+        for _ in 0..50 {
+            let error = coordinator
+                .catalog
+                .asset(coordinator.storage(), &symbol("NOPE"))
+                .await
+                .unwrap_err();
+            assert!(matches!(error, ServiceError::NotFound(Missing::Asset(_))));
+        }
+        assert_eq!(
+            coordinator.storage().requests(),
+            before,
+            "all within the refresh interval"
+        );
+        coordinator.assets().await.unwrap();
+        assert_eq!(
+            coordinator.storage().requests(),
+            before,
+            "ListAssets serves the fresh cache"
+        );
+    }
+
+    /// A new symbol past `CATALOG_ASSETS_MAX` is refused; existing ones can still be changed.
+    #[tokio::test]
+    async fn the_catalog_has_a_maximum_size() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        let asset = |raw: &str| Asset {
+            symbol: symbol(raw),
+            price: Price::parse("price", "1").unwrap(),
+            active: true,
+        };
+        let existing = coordinator.assets().await.unwrap().len();
+        for index in existing..CATALOG_ASSETS_MAX {
+            let put = model::put_asset(&asset(&format!("X{index}")), false);
+            coordinator.storage().put(put).await.unwrap();
+        }
+        let error = coordinator.upsert_asset(asset("ONEMORE")).await.unwrap_err();
+        assert_eq!(error, ServiceError::CatalogFull(CATALOG_ASSETS_MAX));
+        assert!(
+            coordinator.upsert_asset(asset("X10")).await.is_ok(),
+            "an existing symbol"
+        );
     }
 }

@@ -94,7 +94,10 @@ impl TransactionCoordinator {
                         && !catalog_checked =>
                 {
                     catalog_checked = true;
-                    if let Err(error) = self.catalog.refresh(&self.storage).await {
+                    let refresh = self
+                        .catalog
+                        .refresh_if_older_than(&self.storage, super::CATALOG_REFRESH_INTERVAL);
+                    if let Err(error) = refresh.await {
                         return Ending::Stopped(error);
                     }
                     continue;

@@ -110,7 +110,12 @@ impl TransactionCoordinator {
                     "gave up waiting for the lease"
                 );
                 return Err(match (waiting.unavailable, deadline) {
-                    (Some(detail), _) => ServiceError::Unavailable(detail),
+                    (Some(detail), _) => {
+                        // An attempt whose reply was lost may have landed: give that lease back
+                        // now instead of leaving the user blocked until it expires.
+                        self.release_if_landed(user, &lock_id).await;
+                        ServiceError::Unavailable(detail)
+                    }
                     (None, Some(deadline)) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
                     (None, _) => ServiceError::Busy,
                 });
@@ -211,6 +216,17 @@ impl TransactionCoordinator {
                 tracing::warn!(lock_state = "EXPIRED", "lease was no longer ours at release")
             }
             Err(error) => tracing::warn!(%error, "lease release failed; it will expire by itself"),
+        }
+    }
+
+    /// Releases the lease `lock_id` if an attempt whose reply was lost did take it; a no-op
+    /// otherwise (the release is conditioned on the lock id).
+    async fn release_if_landed(&self, user: &UserId, lock_id: &LockId) {
+        let release = model::release_lease(user, lock_id);
+        match retry_safe(|| self.storage.write(release.clone())).await {
+            Ok(()) => tracing::info!(lock_state = "RELEASED", "released a lease whose acquire reply was lost"),
+            Err(StorageError::ConditionFailed { .. }) => {}
+            Err(error) => tracing::warn!(%error, "could not release a possibly taken lease; it will expire"),
         }
     }
 

@@ -33,7 +33,7 @@ use backon::{ExponentialBuilder, Retryable};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-pub use catalog::Catalog;
+pub use catalog::{CATALOG_ASSETS_MAX, CATALOG_REFRESH_INTERVAL, Catalog};
 pub use lease::HeldLease;
 pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 
@@ -170,6 +170,12 @@ pub enum ServiceError {
     /// The lease expired before the commit, which the fence refused: nothing was written.
     #[error("The operation took longer than its lease and was not applied; please try again")]
     LeaseLost,
+    /// Storage did not confirm the commit, and the fence then proved it did not apply.
+    #[error("The operation was not applied (storage did not answer in time); please try again")]
+    NotApplied,
+    /// UpsertAsset of a new symbol when the catalog already holds its maximum.
+    #[error("The asset catalog is full ({0} assets); deactivate or reuse a symbol")]
+    CatalogFull(usize),
     #[error("Service temporarily unavailable")]
     Unavailable(String),
     #[error("internal error: {0}")]

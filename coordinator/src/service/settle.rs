@@ -15,7 +15,9 @@ impl TransactionCoordinator {
     /// First it fences: releasing the lease by its id bumps the version, so no commit sent under
     /// this lease can apply from then on (and if the lease is no longer ours, none can anyway,
     /// since every commit is conditioned on its id). Then the ledger entry of each commit sent
-    /// under the lease says whether it applied. None found: `if_none`.
+    /// under the lease says whether it applied. None found: the outcome is known (not applied),
+    /// so an unknown ending becomes `NotApplied` (ABORTED, safe to retry) and any other
+    /// `if_none` stands.
     pub(super) async fn settle(
         &self,
         held: &HeldLease,
@@ -37,10 +39,17 @@ impl TransactionCoordinator {
                 return Ok(receipt);
             }
         }
-        if if_none == ServiceError::LeaseLost {
-            tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
-        }
-        Err(if_none)
+        Err(match if_none {
+            ServiceError::LeaseLost => {
+                tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
+                ServiceError::LeaseLost
+            }
+            ServiceError::Unavailable(detail) => {
+                tracing::warn!(%detail, "commit fenced after an unknown outcome: it did not apply");
+                ServiceError::NotApplied
+            }
+            other => other,
+        })
     }
 
     /// The request id was used before: give the lease back (nothing of ours was written) and
@@ -144,7 +153,7 @@ mod tests {
         assert_eq!(coordinator.account(&user("a")).await.unwrap().cash, usd("30"));
     }
 
-    /// Nothing landed: the answer is `if_none`, and the fence (a release by lock id) bumped the
+    /// Nothing landed: the answer says so (ABORTED, not "may have applied"), and the fence (a release by lock id) bumped the
     /// version so no late copy of the commit can apply.
     #[tokio::test]
     async fn nothing_landed_answers_if_none_and_fences() {
@@ -164,10 +173,14 @@ mod tests {
         let decision = decide(&held.account, &operation, &utc_day(now), &Limits::default()).unwrap();
         let (receipt, transaction) = coordinator.prepare_commit(&held, &intent, &operation, &decision, None, now);
         let answer = coordinator
-            .settle(&held, vec![receipt], ServiceError::LeaseLost)
+            .settle(&held, vec![receipt], ServiceError::Unavailable("timed out".to_owned()))
             .await
             .unwrap_err();
-        assert_eq!(answer, ServiceError::LeaseLost);
+        assert_eq!(
+            answer,
+            ServiceError::NotApplied,
+            "fenced and not found: known not applied"
+        );
         let late = coordinator.storage().transact(transaction.items, None).await;
         assert!(late.is_err(), "a late copy of the commit is fenced: {late:?}");
         let account = coordinator.account(&user("b")).await.unwrap();

@@ -44,11 +44,14 @@ pub fn status_of(error: ServiceError) -> Status {
         ServiceError::NotFound(missing) => Status::not_found(missing.to_string()),
         ServiceError::Rejected(rejection) => Status::failed_precondition(rejection.to_string()),
         ServiceError::RefusedEarlier(message) => Status::failed_precondition(message),
-        error @ (ServiceError::Busy | ServiceError::LeaseLost) => Status::with_error_details(
-            Code::Aborted,
-            error.to_string(),
-            ErrorDetails::with_retry_info(Some(RETRY_AFTER_BUSY)),
-        ),
+        error @ (ServiceError::Busy | ServiceError::LeaseLost | ServiceError::NotApplied) => {
+            Status::with_error_details(
+                Code::Aborted,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(RETRY_AFTER_BUSY)),
+            )
+        }
+        error @ ServiceError::CatalogFull(_) => Status::resource_exhausted(error.to_string()),
         error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
         error @ ServiceError::Unavailable(_) => {
             tracing::warn!(%error, detail = ?error, "storage unavailable");
