@@ -38,6 +38,8 @@ pub enum StartError {
     Catalog(String),
     #[error("serve: {0}")]
     Serve(String),
+    #[error("{0}")]
+    Instance(#[from] crate::service::InstanceError),
 }
 
 #[derive(serde::Deserialize)]
@@ -135,6 +137,7 @@ pub async fn build_coordinator_with(
         None => DEFAULT_CATALOG.to_owned(),
     };
     let coordinator = Arc::new(TransactionCoordinator::new(storage, clock, config));
+    coordinator.claim_instance().await?;
     coordinator
         .seed_catalog(&parse_catalog(&catalog)?)
         .await
@@ -152,6 +155,10 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let probe = tokio::spawn(probe_health(coordinator.storage().clone(), health));
+    let heartbeat = tokio::spawn({
+        let coordinator = Arc::clone(&coordinator);
+        async move { coordinator.renew_instance_periodically().await }
+    });
     let sweeper = coordinator
         .config()
         .sweep_interval
@@ -183,6 +190,7 @@ pub async fn run(
     tokio::select! {
         result = &mut server => {
             probe.abort();
+            heartbeat.abort();
             sweeper.iter().for_each(tokio::task::JoinHandle::abort);
             return result.map_err(|error| StartError::Serve(error.to_string()));
         }
@@ -204,6 +212,7 @@ pub async fn run(
         tracing::warn!("detached mutations did not finish within the drain timeout");
     }
     probe.abort();
+    heartbeat.abort();
     sweeper.iter().for_each(tokio::task::JoinHandle::abort);
     let released = coordinator.release_held_leases().await;
     tracing::info!(released, "stopped");

@@ -141,6 +141,7 @@ impl Settings {
                 .instance
                 .clone()
                 .unwrap_or_else(|| CoordinatorConfig::default().owner),
+            named_instance: self.instance.is_some(),
             lease_deposit: Duration::from_millis(self.lease_deposit_ms),
             lease_withdraw: Duration::from_millis(self.lease_withdraw_ms),
             lease_trade: Duration::from_millis(self.lease_trade_ms),

@@ -103,6 +103,31 @@ async fn restarted_instance_reclaims_its_dead_lease(engine: EngineKind) {
     assert_eq!(reply.cash_balance, "11.00");
 }
 
+/// Two live processes never share an --instance name: the second refuses to start with a clear
+/// message instead of treating the first one's leases as orphans to reclaim.
+async fn a_live_twin_of_an_instance_refuses_to_start(engine: EngineKind) {
+    let options = AppOptions::default().flag("--instance", "twin");
+    let app = spawn_app_with(engine, options.clone()).await;
+    app.deposit("twin-user", "10.00").await.expect("deposit");
+    let arguments = ["coordinator", "--instance", "twin"];
+    let settings = <lockstep_coordinator::settings::Cli as clap::Parser>::parse_from(arguments).settings;
+    let config = settings.coordinator_config().expect("settings");
+    let error = lockstep_coordinator::server::build_coordinator_with(
+        app.storage.clone(),
+        std::sync::Arc::new(SystemClock),
+        config,
+        None,
+    )
+    .await
+    .expect_err("a live twin must not start");
+    let message = error.to_string();
+    assert!(
+        message.contains("--instance twin") && message.contains("another live coordinator"),
+        "{message}"
+    );
+    assert_eq!(app.cash("twin-user").await, "10.00", "the first process is untouched");
+}
+
 /// Graceful shutdown releases the leases of RPCs still in flight when the drain time is up, so
 /// another coordinator does not wait for them to expire; the interrupted commit is fenced.
 async fn graceful_shutdown_releases_held_leases(engine: EngineKind) {
@@ -146,5 +171,6 @@ async fn graceful_shutdown_releases_held_leases(engine: EngineKind) {
 crate::on_every_engine!(
     holder_paused_past_its_lease_is_fenced,
     restarted_instance_reclaims_its_dead_lease,
+    a_live_twin_of_an_instance_refuses_to_start,
     graceful_shutdown_releases_held_leases,
 );

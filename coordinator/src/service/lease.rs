@@ -172,7 +172,13 @@ impl TransactionCoordinator {
         match model::lease_from_item(&current).filter(|holder| holder.is_live(now)) {
             // Our own earlier attempt did land (its reply was lost and the write retried).
             Some(holder) if holder.lock_id == lease.lock_id => return self.held(user, holder, &current).map(Some),
-            Some(holder) if holder.owner == self.config.owner && holder.incarnation != self.incarnation => {
+            // A previous run of this instance died holding it; taken over at once only while
+            // this run holds the instance name's heartbeat (no live twin can be the holder).
+            Some(holder)
+                if holder.owner == self.config.owner
+                    && holder.incarnation != self.incarnation
+                    && self.instance.may_reclaim(now) =>
+            {
                 waiting.orphan = Some(holder.lock_id);
             }
             Some(holder) => {

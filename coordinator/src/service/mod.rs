@@ -17,6 +17,7 @@
 
 mod catalog;
 mod commit;
+mod instance;
 mod lease;
 mod reads;
 mod roll_back;
@@ -34,6 +35,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 pub use catalog::{CATALOG_ASSETS_MAX, CATALOG_REFRESH_INTERVAL, Catalog};
+pub use instance::{HEARTBEAT_INTERVAL, HEARTBEAT_TTL, InstanceError};
 pub use lease::HeldLease;
 pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 
@@ -97,6 +99,9 @@ where
 pub struct CoordinatorConfig {
     /// This coordinator instance, recorded on every lease it takes.
     pub owner: String,
+    /// Whether `owner` was given (`--instance`): then the process proves with a heartbeat that
+    /// it is the only live one of that name before reclaiming the name's leases.
+    pub named_instance: bool,
     pub lease_deposit: Duration,
     pub lease_withdraw: Duration,
     pub lease_trade: Duration,
@@ -128,6 +133,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             owner: format!("coordinator-{}", uuid::Uuid::new_v4()),
+            named_instance: false,
             lease_deposit: LEASE_DEPOSIT,
             lease_withdraw: LEASE_WITHDRAW,
             lease_trade: LEASE_TRADE,
@@ -288,12 +294,15 @@ pub struct TransactionCoordinator {
     held_leases: lease::HeldLeases,
     /// This run of the instance: see `Lease::incarnation`.
     incarnation: String,
+    /// Whether this run may reclaim leases of its instance name's dead runs.
+    instance: instance::InstanceHold,
     /// Mutations detached from their RPC (see `spawn_mutation`), awaited at shutdown.
     mutations: TaskTracker,
 }
 
 impl TransactionCoordinator {
     pub fn new(storage: Storage, clock: Arc<dyn Clock>, config: CoordinatorConfig) -> Self {
+        let instance = instance::InstanceHold::new(config.named_instance);
         Self {
             storage,
             clock,
@@ -301,6 +310,7 @@ impl TransactionCoordinator {
             catalog: Catalog::default(),
             held_leases: lease::HeldLeases::default(),
             incarnation: uuid::Uuid::new_v4().to_string(),
+            instance,
             mutations: TaskTracker::new(),
         }
     }

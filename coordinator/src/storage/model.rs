@@ -759,6 +759,90 @@ pub fn user_page_query(
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Instance heartbeat
+
+const INSTANCE_PREFIX: &str = "INSTANCE#";
+const HEARTBEAT_SK: &str = "HEARTBEAT";
+
+/// The heartbeat item of a named coordinator instance: which run (incarnation) holds the name,
+/// and until when (milliseconds).
+pub fn heartbeat_key(instance: &str) -> Key {
+    Key {
+        pk: format!("{INSTANCE_PREFIX}{instance}"),
+        sk: HEARTBEAT_SK.to_owned(),
+    }
+}
+
+/// Claims `instance` for `incarnation` until `expires_at`: if nobody holds it, it is already
+/// ours, or the holder's heartbeat ran out by `now`. With `seen`, only if the item still carries
+/// the beat seen then (its holder did not renew it since, whatever the clocks say). On failure the item is
+/// returned as it was (ALL_OLD).
+pub fn claim_heartbeat(
+    instance: &str,
+    incarnation: &str,
+    expires_at: Millis,
+    now: Millis,
+    seen: Option<&Heartbeat>,
+) -> Update {
+    let mut values = vec![(":me", s(incarnation)), (":expires", n(expires_at))];
+    let condition = match seen {
+        None => {
+            values.push((":now", n(now)));
+            "attribute_not_exists(incarnation) OR incarnation = :me OR heartbeat_expires_at_ms <= :now"
+        }
+        Some(seen) => {
+            values.push((":seen_beat", s(&seen.beat)));
+            "beat = :seen_beat"
+        }
+    };
+    heartbeat_update(instance, condition, values)
+}
+
+/// Extends this incarnation's hold on `instance`, only while it still holds it.
+pub fn renew_heartbeat(instance: &str, incarnation: &str, expires_at: Millis) -> Update {
+    heartbeat_update(
+        instance,
+        "incarnation = :me",
+        vec![(":me", s(incarnation)), (":expires", n(expires_at))],
+    )
+}
+
+fn heartbeat_update(instance: &str, condition: &str, values: Vec<(&str, Value)>) -> Update {
+    Update {
+        key: heartbeat_key(instance),
+        update: "SET incarnation = :me, heartbeat_expires_at_ms = :expires, beat = :beat".to_owned(),
+        condition: Some(condition.to_owned()),
+        bindings: Bindings {
+            names: BTreeMap::new(),
+            values: values
+                .into_iter()
+                .chain([(":beat", s(uuid::Uuid::new_v4().to_string()))])
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect(),
+        },
+        return_new: false,
+        return_old_on_condition_failure: true,
+    }
+}
+
+/// A named instance's heartbeat as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub incarnation: String,
+    pub expires_at: Millis,
+    /// A fresh random id at every claim and renewal: proof of life that needs no clock.
+    pub beat: String,
+}
+
+pub fn heartbeat_from_item(item: &Item) -> Option<Heartbeat> {
+    Some(Heartbeat {
+        incarnation: string(item, "incarnation")?.to_owned(),
+        expires_at: number(item, "heartbeat_expires_at_ms")?.parse().ok()?,
+        beat: string(item, "beat")?.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
