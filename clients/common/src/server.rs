@@ -1,10 +1,10 @@
-//! Serving: a router on a listener until shutdown, then draining in-flight requests; and logs.
+//! Serving: a router on a listener until shutdown, then draining in-flight requests. Logging and
+//! the shutdown signal are [`lockstep::process`], the same as the coordinator's.
 
 use std::future::Future;
 
 use axum::Router;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -22,39 +22,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     tracing::info!(address = %listener.local_addr()?, "serving HTTP");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            shutdown.await;
+            tracing::info!("draining in-flight requests");
+        })
+        .await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise.
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        tokio::signal::ctrl_c().await.ok();
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutdown signal: draining in-flight requests");
 }

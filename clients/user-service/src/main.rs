@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use lockstep_client_common::server::{init_tracing, shutdown_signal};
+use lockstep::process::{init_tracing, shutdown_signal};
 use lockstep_user_service::{Settings, run};
 
 #[tokio::main]
