@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tracing::Instrument;
 
-use crate::coordinator::{Coordinator, REQUEST_ID_METADATA};
+use crate::coordinator::{CoordinatorConnection, REQUEST_ID_METADATA};
 use crate::error::ApiError;
 
 /// Request header whose value becomes the coordinator's `request_id`; echoed on every response.
@@ -202,7 +202,10 @@ pub struct PageParams {
 }
 
 /// `GET /health`: 200 while the coordinator reports SERVING on grpc.health.v1, else 503.
-pub async fn health(State(coordinator): State<Coordinator>, context: RequestContext) -> ApiResult<serde_json::Value> {
+pub async fn health(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+) -> ApiResult<serde_json::Value> {
     match coordinator.health(&context).await? {
         ServingStatus::Serving => ok(serde_json::json!({ "coordinator": "SERVING" })),
         status => Err(ApiError::unavailable(format!(

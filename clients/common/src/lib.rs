@@ -6,9 +6,10 @@
 //! # Layout
 //! - [`settings`]: where the coordinator is and how long to wait for it (clap flags with
 //!   environment fallbacks), flattened into each service's own settings.
-//! - [`coordinator`]: one lazily connected gRPC channel and [`Coordinator::call`], which gives
-//!   every RPC the HTTP request's deadline, carries its request id as `x-request-id` metadata, and
-//!   retries UNAVAILABLE with the same message (so the same `request_id`) after a jittered backoff.
+//! - [`coordinator`]: [`CoordinatorConnection`], one lazily connected gRPC channel, and its
+//!   [`call`](CoordinatorConnection::call), which gives every RPC the HTTP request's deadline,
+//!   carries its request id as `x-request-id` metadata, and retries UNAVAILABLE with the same
+//!   message (so the same `request_id`) after a jittered backoff.
 //! - [`http`]: the HTTP edge: [`RequestContext`] (request id from `Idempotency-Key`, deadline from
 //!   `X-Request-Timeout`), JSON and query extractors that answer 400 in the envelope, the
 //!   envelope itself, and `GET /health` (the coordinator's grpc.health.v1 status).
@@ -31,7 +32,7 @@ pub mod http;
 pub mod server;
 pub mod settings;
 
-pub use coordinator::Coordinator;
+pub use coordinator::CoordinatorConnection;
 pub use error::ApiError;
 pub use http::{ApiResult, JsonBody, PageParams, QueryParams, RequestContext, ok};
 pub use settings::CoordinatorSettings;

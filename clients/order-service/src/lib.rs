@@ -27,7 +27,7 @@ use lockstep::coordinator::v1 as pb;
 use lockstep_client_common::http::{health, with_request_context};
 use lockstep_client_common::server::{StartError, serve};
 use lockstep_client_common::{
-    ApiResult, Coordinator, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+    ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -47,7 +47,7 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
 }
 
-pub fn router(coordinator: Coordinator) -> Router {
+pub fn router(coordinator: CoordinatorConnection) -> Router {
     let routes = Router::new()
         .route("/orders", post(place_order))
         .route("/orders/{id}", get(order))
@@ -64,7 +64,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let coordinator = Coordinator::connect_lazy(&settings.coordinator)?;
+    let coordinator = CoordinatorConnection::connect_lazy(&settings.coordinator)?;
     serve(listener, router(coordinator), shutdown).await
 }
 
@@ -86,7 +86,7 @@ struct PlaceOrderBody {
 }
 
 async fn place_order(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     JsonBody(body): JsonBody<PlaceOrderBody>,
 ) -> ApiResult<Value> {
@@ -122,7 +122,7 @@ async fn place_order(
 }
 
 async fn order(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(order_id): Path<String>,
 ) -> ApiResult<Value> {
@@ -137,7 +137,7 @@ async fn order(
 }
 
 async fn orders(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     QueryParams(page): QueryParams<PageParams>,
@@ -159,7 +159,7 @@ async fn orders(
     }))
 }
 
-async fn assets(State(coordinator): State<Coordinator>, context: RequestContext) -> ApiResult<Value> {
+async fn assets(State(coordinator): State<CoordinatorConnection>, context: RequestContext) -> ApiResult<Value> {
     let reply = coordinator
         .call(&context, pb::ListAssetsRequest {}, |mut client, request| async move {
             client.list_assets(request).await

@@ -27,7 +27,7 @@ use lockstep::coordinator::v1 as pb;
 use lockstep_client_common::http::{health, with_request_context};
 use lockstep_client_common::server::{StartError, serve};
 use lockstep_client_common::{
-    ApiResult, Coordinator, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+    ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -47,7 +47,7 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
 }
 
-pub fn router(coordinator: Coordinator) -> Router {
+pub fn router(coordinator: CoordinatorConnection) -> Router {
     let routes = Router::new()
         .route("/users/{id}/deposit", post(deposit))
         .route("/users/{id}/withdraw", post(withdraw))
@@ -64,7 +64,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let coordinator = Coordinator::connect_lazy(&settings.coordinator)?;
+    let coordinator = CoordinatorConnection::connect_lazy(&settings.coordinator)?;
     serve(listener, router(coordinator), shutdown).await
 }
 
@@ -75,7 +75,7 @@ struct AmountBody {
 }
 
 async fn deposit(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     JsonBody(body): JsonBody<AmountBody>,
@@ -94,7 +94,7 @@ async fn deposit(
 }
 
 async fn withdraw(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     JsonBody(body): JsonBody<AmountBody>,
@@ -113,7 +113,7 @@ async fn withdraw(
 }
 
 async fn balance(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
 ) -> ApiResult<Value> {
@@ -138,7 +138,7 @@ async fn balance(
 }
 
 async fn transactions(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     QueryParams(page): QueryParams<PageParams>,
