@@ -1,10 +1,19 @@
-//! Serving: a router on a listener until shutdown, then draining in-flight requests. Logging and
-//! the shutdown signal are [`lockstep::process`], the same as the coordinator's.
+//! Serving: what `user-service` and `order-service` do alike around their routes. [`run_binary`]
+//! is the whole of each `main` after parsing settings; [`run`] serves a service's routes (with
+//! `GET /health` and the request context) until shutdown, then drains in-flight requests. Logging
+//! and the shutdown signal are [`lockstep::process`], the same as the coordinator's.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::ExitCode;
 
 use axum::Router;
 use tokio::net::TcpListener;
+
+use crate::coordinator::CoordinatorConnection;
+use crate::http::service_router;
+use crate::settings::CoordinatorSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -30,4 +39,47 @@ pub async fn serve(
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connects to the coordinator (lazily) and serves `routes`, with `GET /health` and the request
+/// context around them, until `shutdown` resolves; then drains in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    settings: &CoordinatorSettings,
+    routes: Router<CoordinatorConnection>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let coordinator = CoordinatorConnection::connect_lazy(settings)?;
+    serve(listener, service_router(routes, coordinator), shutdown).await
+}
+
+/// The shutdown signal as [`run_binary`] hands it to a service's `run`.
+pub type ShutdownSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A service binary's `main` once its settings are parsed: starts logging, binds `listen`, and
+/// calls `run` with the listener and SIGINT/SIGTERM as its shutdown. Failures go to stderr,
+/// prefixed with the binary's `name`.
+pub async fn run_binary<Run>(
+    name: &str,
+    listen: SocketAddr,
+    run: impl FnOnce(TcpListener, ShutdownSignal) -> Run,
+) -> ExitCode
+where
+    Run: Future<Output = Result<(), StartError>>,
+{
+    lockstep::process::init_tracing();
+    let listener = match TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("{name}: cannot listen on {listen}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(listener, Box::pin(lockstep::process::shutdown_signal())).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -14,8 +14,9 @@
 //!
 //! # Layout
 //! - [`Settings`]: `--listen` and the shared coordinator flags, with environment fallbacks.
-//! - [`router`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
-//! - [`run`]: serves the router on a listener until shutdown; `main.rs` and the tests call it.
+//! - [`routes`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
+//! - [`run`]: serves the routes on a listener until shutdown, through the shared
+//!   [`lockstep_client_common::server::run`]; `main.rs` and the tests call it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,8 +25,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
-use lockstep_client_common::http::{health, with_request_context};
-use lockstep_client_common::server::{StartError, serve};
+use lockstep_client_common::server::{self, StartError};
 use lockstep_client_common::{
     ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
 };
@@ -47,15 +47,13 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
 }
 
-pub fn router(coordinator: CoordinatorConnection) -> Router {
-    let routes = Router::new()
+/// This service's routes; [`run`] adds `GET /health` and the request context.
+pub fn routes() -> Router<CoordinatorConnection> {
+    Router::new()
         .route("/orders", post(place_order))
         .route("/orders/{id}", get(order))
         .route("/users/{id}/orders", get(orders))
         .route("/assets", get(assets))
-        .route("/health", get(health))
-        .with_state(coordinator);
-    with_request_context(routes)
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests.
@@ -64,8 +62,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let coordinator = CoordinatorConnection::connect_lazy(&settings.coordinator)?;
-    serve(listener, router(coordinator), shutdown).await
+    server::run(listener, &settings.coordinator, routes(), shutdown).await
 }
 
 #[derive(Deserialize)]
