@@ -44,9 +44,10 @@ pub struct BankConfig {
 }
 
 impl BankConfig {
-    /// The configuration CI runs: 32 clients, 16 users, 60 s, 10 % faults, 5 kills; three
-    /// coordinators on the endpoint.
-    pub fn ci(engine: BankEngine) -> BankConfig {
+    /// The configuration CI runs (`bank/tests/bank.rs`), and the defaults of the `bank` binary's
+    /// flags: 32 clients, 16 users, 60 s, 10 % faults, 5 kills; three coordinators on the
+    /// endpoint, one on the embedded engine (its data directory is one process's).
+    pub const fn ci(engine: BankEngine) -> BankConfig {
         BankConfig {
             engine,
             clients: 32,
@@ -54,7 +55,10 @@ impl BankConfig {
             duration: Duration::from_secs(60),
             fault_rate: 0.10,
             kills: 5,
-            coordinators: if engine == BankEngine::Endpoint { 3 } else { 1 },
+            coordinators: match engine {
+                BankEngine::Endpoint => 3,
+                BankEngine::Embedded => 1,
+            },
             seed: 1,
         }
     }
