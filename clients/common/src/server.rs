@@ -1,11 +1,11 @@
-//! Serving: what `user-service` and `order-service` do alike around their routes. [`run_binary`]
-//! is the whole of each `main` after parsing settings; [`run`] serves a service's routes (with
-//! `GET /health` and the request context) until shutdown, then drains in-flight requests. Logging
-//! and the shutdown signal are [`lockstep::process`], the same as the coordinator's.
+//! Serving: what `user-service` and `order-service` do alike around their routes. [`run`] serves
+//! a service's routes (with `GET /health` and the request context) until shutdown, then drains
+//! in-flight requests; the tests call it on port 0. [`run_binary`] is the whole of each `main`
+//! after parsing settings, and calls [`run`] the same way. Logging and the shutdown signal are
+//! [`lockstep::process`], the same as the coordinator's.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::process::ExitCode;
 
 use axum::Router;
@@ -53,20 +53,15 @@ pub async fn run(
     serve(listener, service_router(routes, coordinator), shutdown).await
 }
 
-/// The shutdown signal as [`run_binary`] hands it to a service's `run`.
-pub type ShutdownSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 /// A service binary's `main` once its settings are parsed: starts logging, binds `listen`, and
-/// calls `run` with the listener and SIGINT/SIGTERM as its shutdown. Failures go to stderr,
-/// prefixed with the binary's `name`.
-pub async fn run_binary<Run>(
+/// serves `routes` through [`run`] until SIGINT/SIGTERM. Failures go to stderr, prefixed with the
+/// binary's `name`.
+pub async fn run_binary(
     name: &str,
     listen: SocketAddr,
-    run: impl FnOnce(TcpListener, ShutdownSignal) -> Run,
-) -> ExitCode
-where
-    Run: Future<Output = Result<(), StartError>>,
-{
+    settings: &CoordinatorSettings,
+    routes: Router<CoordinatorConnection>,
+) -> ExitCode {
     lockstep::process::init_tracing();
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
@@ -75,7 +70,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match run(listener, Box::pin(lockstep::process::shutdown_signal())).await {
+    match run(listener, settings, routes, lockstep::process::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{name}: {error}");

@@ -1,16 +1,13 @@
-//! The `order-service` binary: parse settings, then start logging, bind and run until SIGINT/SIGTERM
-//! as every service does ([`lockstep_client_common::server::run_binary`]).
+//! The `order-service` binary: parse settings, then start logging, bind and serve its routes until
+//! SIGINT/SIGTERM as every service does ([`lockstep_client_common::server::run_binary`]).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use lockstep_order_service::{Settings, run};
+use lockstep_order_service::{Settings, routes};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    lockstep_client_common::server::run_binary("order-service", settings.listen, |listener, shutdown| {
-        run(listener, settings, shutdown)
-    })
-    .await
+    lockstep_client_common::server::run_binary("order-service", settings.listen, &settings.coordinator, routes()).await
 }

@@ -15,23 +15,21 @@
 //! # Layout
 //! - [`Settings`]: `--listen` and the shared coordinator flags, with environment fallbacks.
 //! - [`routes`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
-//! - [`run`]: serves the routes on a listener until shutdown, through the shared
-//!   [`lockstep_client_common::server::run`]; `main.rs` and the tests call it.
+//!
+//! Serving them is the same for every service: [`lockstep_client_common::server::run`] on a
+//! listener until shutdown, which `main.rs` (through `run_binary`) and the tests call alike.
 
-use std::future::Future;
 use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
-use lockstep_client_common::server::{self, StartError};
 use lockstep_client_common::{
     ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -47,22 +45,14 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
 }
 
-/// This service's routes; [`run`] adds `GET /health` and the request context.
+/// This service's routes; [`lockstep_client_common::server::run`] serves them with `GET /health`
+/// and the request context.
 pub fn routes() -> Router<CoordinatorConnection> {
     Router::new()
         .route("/users/{id}/deposit", post(deposit))
         .route("/users/{id}/withdraw", post(withdraw))
         .route("/users/{id}/balance", get(balance))
         .route("/users/{id}/transactions", get(transactions))
-}
-
-/// Serves until `shutdown` resolves, then drains in-flight requests.
-pub async fn run(
-    listener: TcpListener,
-    settings: Settings,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    server::run(listener, &settings.coordinator, routes(), shutdown).await
 }
 
 #[derive(Deserialize)]
