@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use lockstep_bank::dynoxide_server::DynoxideServer;
 use lockstep_coordinator::core::{AssetSymbol, Quantity, SystemClock, TradeSide, Usd, UserId};
 use lockstep_coordinator::server::build_coordinator;
 use lockstep_coordinator::service::{ServiceError, TradeRequest, TransactionCoordinator};
@@ -256,18 +257,14 @@ async fn bench_library(dir: &Path, ops: usize) -> Vec<Run> {
 
 async fn bench_http(dir: &Path, ops: usize) -> Vec<Run> {
     let database = EmbeddedEngine::open(dir).expect("open embedded engine").database();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(dynoxide::server::serve_with_shutdown(listener, database, async {
-        stopped.await.ok();
-    }));
-    let engine = DynamoDbEngine::local(&format!("http://{addr}"));
+    let server = DynoxideServer::start(database)
+        .await
+        .expect("start dynoxide's HTTP server");
+    let engine = DynamoDbEngine::local(server.endpoint());
     let coordinator = coordinator_on(Arc::new(engine)).await;
     let runs = measure(&coordinator, ops).await;
     drop(coordinator);
-    stop.send(()).ok();
-    server.await.expect("server task").expect("server");
+    server.stop().await.expect("server");
     runs
 }
 

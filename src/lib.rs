@@ -1,7 +1,13 @@
-//! Generated gRPC code for `lockstep.coordinator.v1`, compiled from `proto/` by `build.rs`.
+//! What the coordinator and the thin services in `clients/` share: the wire contract and the
+//! process plumbing around a server.
 //!
-//! Both the coordinator (server side) and the thin services in `clients/` (client side) use
-//! these types, so the wire contract lives in exactly one place: the `.proto` files.
+//! # Layout
+//! - [`coordinator`]: generated gRPC code for `lockstep.coordinator.v1`, compiled from `proto/`
+//!   by `build.rs`. Both the coordinator (server side) and `clients/` (client side) use these
+//!   types, so the wire contract lives in exactly one place: the `.proto` files.
+//! - [`FILE_DESCRIPTOR_SET`]: the same contract encoded, for gRPC server reflection.
+//! - [`process`]: logging to stderr and the SIGINT/SIGTERM shutdown signal, the same in every
+//!   binary.
 
 /// Messages, the `Coordinator` client and the `Coordinator` server trait.
 pub mod coordinator {
@@ -9,6 +15,8 @@ pub mod coordinator {
         tonic::include_proto!("lockstep.coordinator.v1");
     }
 }
+
+pub mod process;
 
 /// The encoded `FileDescriptorSet` of `proto/`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lockstep_descriptor.bin"));

@@ -5,8 +5,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ConstantBackoff, ConstantBuilder};
+
 /// How long a (re)started coordinator may take to accept connections.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a coordinator sent SIGTERM may take to drain and exit before it is killed.
+pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pause between two checks on a starting or stopping process: short next to either timeout.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Checks every `POLL_INTERVAL` for up to `timeout`.
+fn polls(timeout: Duration) -> ConstantBackoff {
+    ConstantBuilder::new()
+        .with_delay(POLL_INTERVAL)
+        .with_max_times((timeout.as_millis() / POLL_INTERVAL.as_millis()) as usize)
+        .build()
+}
 
 /// The `coordinator` binary cargo built beside the running executable (target/<profile>/).
 pub fn coordinator_binary() -> PathBuf {
@@ -92,8 +106,7 @@ impl Node {
             .spawn()?;
         self.child = Some(child);
         self.starts += 1;
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        while tokio::time::Instant::now() < deadline {
+        for pause in polls(START_TIMEOUT) {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
@@ -105,7 +118,7 @@ impl Node {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(pause).await;
         }
         Err(std::io::Error::other(format!(
             "{} did not start within {START_TIMEOUT:?}",
@@ -129,12 +142,11 @@ impl Node {
                 .args(["-TERM", &child.id().to_string()])
                 .status()
                 .ok();
-            let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            while std::time::Instant::now() < deadline {
+            for pause in polls(TERMINATE_TIMEOUT) {
                 if matches!(child.try_wait(), Ok(Some(_))) {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(pause);
             }
             child.kill().ok();
             child.wait().ok();

@@ -6,6 +6,8 @@
 //!   (dynoxide's HTTP server, moto) that, at a configurable rate, answers 500s or throttling
 //!   errors, delays requests past the coordinator's attempt timeout, resets connections before a
 //!   request reaches storage, and drops replies after storage applied the request.
+//! - [`dynoxide_server`]: dynoxide's HTTP server on a loopback port, the DynamoDB endpoint of
+//!   the endpoint runs (and of the end-to-end tests and the storage benchmark).
 //! - [`cluster`]: coordinator processes from the real binary, killed with SIGKILL and restarted.
 //! - [`workload`]: clients issuing random operations with request ids, retrying with the same
 //!   id, recording each operation as ok, failed or unknown.
@@ -13,6 +15,7 @@
 //!   a check that the ledger is explained by the ok operations and a subset of the unknown ones.
 
 pub mod cluster;
+pub mod dynoxide_server;
 pub mod fault_proxy;
 pub mod run;
 pub mod workload;

@@ -12,27 +12,31 @@ enum Engine {
     Endpoint,
 }
 
+/// The defaults of every flag: the CI run on the endpoint engine.
+const CI: BankConfig = BankConfig::ci(BankEngine::Endpoint);
+
 /// Jepsen-style bank test: random deposits, withdrawals, buys and sells with request ids, under
-/// storage faults and coordinator kills; then the audit and the history check.
+/// storage faults and coordinator kills; then the audit and the history check. Without flags it
+/// is the CI run on the endpoint.
 #[derive(Debug, Parser)]
 struct Arguments {
     #[arg(long, value_enum, default_value_t = Engine::Endpoint)]
     engine: Engine,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = CI.clients)]
     clients: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = CI.users)]
     users: usize,
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = CI.duration.as_secs())]
     duration_secs: u64,
     /// Share of storage requests that fail, 0.0-1.0.
-    #[arg(long, default_value_t = 0.10)]
+    #[arg(long, default_value_t = CI.fault_rate)]
     fault_rate: f64,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = CI.kills)]
     kills: usize,
     /// Coordinator processes (the embedded engine runs one).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = CI.coordinators)]
     coordinators: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = CI.seed)]
     seed: u64,
 }
 
@@ -43,19 +47,19 @@ async fn main() -> ExitCode {
         Engine::Embedded => BankEngine::Embedded,
         Engine::Endpoint => BankEngine::Endpoint,
     };
+    let ci = BankConfig::ci(engine);
     let config = BankConfig {
-        engine,
         clients: arguments.clients,
         users: arguments.users,
         duration: Duration::from_secs(arguments.duration_secs),
         fault_rate: arguments.fault_rate,
         kills: arguments.kills,
-        coordinators: if engine == BankEngine::Embedded {
-            1
-        } else {
-            arguments.coordinators.max(1)
+        coordinators: match engine {
+            BankEngine::Embedded => ci.coordinators,
+            BankEngine::Endpoint => arguments.coordinators.max(1),
         },
         seed: arguments.seed,
+        ..ci
     };
     match lockstep_bank::run(config).await {
         Ok(report) => {

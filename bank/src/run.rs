@@ -14,6 +14,7 @@ use lockstep_coordinator::storage::embedded::EmbeddedEngine;
 use lockstep_coordinator::storage::{Storage, StorageError, Value, model};
 
 use crate::cluster::Node;
+use crate::dynoxide_server::DynoxideServer;
 use crate::fault_proxy::{FaultConfig, FaultProxy};
 use crate::workload::{self, Operation, Outcome};
 
@@ -43,9 +44,10 @@ pub struct BankConfig {
 }
 
 impl BankConfig {
-    /// The configuration CI runs: 32 clients, 16 users, 60 s, 10 % faults, 5 kills; three
-    /// coordinators on the endpoint.
-    pub fn ci(engine: BankEngine) -> BankConfig {
+    /// The configuration CI runs (`bank/tests/bank.rs`), and the defaults of the `bank` binary's
+    /// flags: 32 clients, 16 users, 60 s, 10 % faults, 5 kills; three coordinators on the
+    /// endpoint, one on the embedded engine (its data directory is one process's).
+    pub const fn ci(engine: BankEngine) -> BankConfig {
         BankConfig {
             engine,
             clients: 32,
@@ -53,7 +55,10 @@ impl BankConfig {
             duration: Duration::from_secs(60),
             fault_rate: 0.10,
             kills: 5,
-            coordinators: if engine == BankEngine::Endpoint { 3 } else { 1 },
+            coordinators: match engine {
+                BankEngine::Endpoint => 3,
+                BankEngine::Embedded => 1,
+            },
             seed: 1,
         }
     }
@@ -150,7 +155,7 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
 
     // Storage, and the coordinators' view of it.
     let mut proxy = None;
-    let mut dynoxide_stop = None;
+    let mut dynoxide_server = None;
     let mut nodes: Vec<Node> = Vec::new();
     let audit_storage = match config.engine {
         BankEngine::Embedded => {
@@ -163,13 +168,9 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
             std::fs::create_dir_all(&data_dir)?;
             let database = dynoxide::Database::new(&data_dir.join("dynamo.sqlite3").display().to_string())
                 .map_err(|error| std::io::Error::other(error.to_string()))?;
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let upstream = format!("http://{}", listener.local_addr()?);
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(dynoxide::server::serve_with_shutdown(listener, database, async {
-                stopped.await.ok();
-            }));
-            dynoxide_stop = Some(stop);
+            let server = DynoxideServer::start(database).await?;
+            let upstream = server.endpoint().to_owned();
+            dynoxide_server = Some(server);
             let storage = Storage::new(Arc::new(DynamoDbEngine::local(&upstream)), TABLE);
             storage.ensure_table().await.map_err(std::io::Error::other)?;
             let fault_config = FaultConfig {
@@ -252,7 +253,7 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
         .map_err(std::io::Error::other)?;
     let ledger = all_ledger_entries(&storage).await.map_err(std::io::Error::other)?;
     let (discrepancies, unknown_applied) = check_history(&history, &ledger);
-    drop(dynoxide_stop);
+    drop(dynoxide_server);
 
     let count = |matches: fn(&Outcome) -> bool| history.iter().filter(|operation| matches(&operation.outcome)).count();
     let mut all_discrepancies = audit_report.discrepancies.clone();

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use backon::BackoffBuilder;
+
 use lockstep::coordinator::v1 as pb;
 use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use tonic::Code;
@@ -11,7 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Attempts per operation, all with the same request id.
 pub const ATTEMPTS_MAX: u32 = 8;
-/// First pause before a retry; doubles up to `RETRY_DELAY_MAX`.
+/// First pause before a retry; doubles up to `RETRY_DELAY_MAX`, and each pause is lengthened by
+/// a random share of itself (up to double).
 pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(50);
 pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
 /// Each RPC's deadline (sent as grpc-timeout).
@@ -125,7 +128,15 @@ async fn run_operation(
 ) -> Operation {
     let mut indeterminate: Option<String> = None;
     let mut last_refusal = None;
-    let mut delay = RETRY_DELAY_MIN;
+    // Seeded from the client's generator, so that clients do not retry in step.
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(RETRY_DELAY_MIN)
+        .with_max_delay(RETRY_DELAY_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .with_jitter_seed(random.u64(..))
+        .with_max_times(ATTEMPTS_MAX as usize - 1)
+        .build();
     let mut attempts = 0;
     let outcome = loop {
         attempts += 1;
@@ -146,7 +157,7 @@ async fn run_operation(
                 _ => indeterminate = Some(format!("{:?}: {}", status.code(), status.message())),
             },
         }
-        if attempts >= ATTEMPTS_MAX {
+        let Some(delay) = delays.next() else {
             break match (indeterminate, last_refusal) {
                 (Some(last), _) => Outcome::Unknown { last },
                 (None, Some(status)) => Outcome::Failed {
@@ -155,9 +166,8 @@ async fn run_operation(
                 },
                 (None, None) => unreachable!("every failed attempt sets one of the two"),
             };
-        }
-        tokio::time::sleep(delay.mul_f64(0.5 + random.f64())).await;
-        delay = (delay * 2).min(RETRY_DELAY_MAX);
+        };
+        tokio::time::sleep(delay).await;
     };
     Operation {
         request_id,

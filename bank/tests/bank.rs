@@ -1,5 +1,5 @@
-//! The bank test in its CI configuration, on the embedded engine and on dynoxide over HTTP with
-//! three coordinators: 32 clients, 16 users, 60 s, 10 % storage faults, 5 coordinator kills.
+//! The bank test in its CI configuration ([`BankConfig::ci`], the one place its figures are set),
+//! on the embedded engine and on dynoxide over HTTP with three coordinators.
 //! `LOCKSTEP_BANK_SECONDS` shortens or lengthens it.
 
 use std::time::Duration;

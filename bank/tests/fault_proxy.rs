@@ -13,8 +13,8 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
 };
+use lockstep_bank::dynoxide_server::DynoxideServer;
 use lockstep_bank::fault_proxy::{FaultConfig, FaultCounts, FaultKind, FaultProxy};
-use tokio::sync::oneshot;
 
 const TABLE: &str = "bank";
 /// Far below the coordinator's 2 s so a delayed request times out quickly here.
@@ -28,25 +28,11 @@ const DELAYED_WRITE_WAIT_MAX: Duration = Duration::from_secs(3);
 type PutResult = Result<(), SdkError<PutItemError, aws_sdk_dynamodb::config::http::HttpResponse>>;
 
 /// dynoxide's HTTP server on a loopback port, in memory; stops when dropped.
-struct Upstream {
-    endpoint: String,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn start_upstream() -> Upstream {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind dynoxide");
-    let address = listener.local_addr().expect("dynoxide address");
-    let (stop, stopped) = oneshot::channel::<()>();
+async fn start_upstream() -> DynoxideServer {
     let database = dynoxide::Database::memory().expect("dynoxide memory database");
-    tokio::spawn(dynoxide::server::serve_with_shutdown(listener, database, async {
-        stopped.await.ok();
-    }));
-    Upstream {
-        endpoint: format!("http://{address}"),
-        _stop: stop,
-    }
+    DynoxideServer::start(database)
+        .await
+        .expect("start dynoxide's HTTP server")
 }
 
 fn client(endpoint: &str, retry: RetryConfig) -> Client {
@@ -117,7 +103,7 @@ async fn stored(client: &Client, key: &str) -> bool {
 /// dynoxide with the table, a proxy in front of it at `config`'s rate, a client through the
 /// proxy and one straight to dynoxide (SDK retries off on both).
 struct Setup {
-    _upstream: Upstream,
+    _upstream: DynoxideServer,
     proxy: FaultProxy,
     through_proxy: Client,
     direct: Client,
@@ -126,14 +112,14 @@ struct Setup {
 async fn setup(config: FaultConfig) -> Setup {
     let upstream = start_upstream().await;
     let rate = config.rate;
-    let proxy = FaultProxy::start(upstream.endpoint.clone(), FaultConfig { rate: 0.0, ..config })
+    let proxy = FaultProxy::start(upstream.endpoint().to_owned(), FaultConfig { rate: 0.0, ..config })
         .await
         .expect("start proxy");
     let through_proxy = client(&proxy.endpoint(), RetryConfig::disabled());
     // Setup runs fault-free, as a test's setup would; then the faults start.
     create_table(&through_proxy).await;
     proxy.set_rate(rate);
-    let direct = client(&upstream.endpoint, RetryConfig::disabled());
+    let direct = client(upstream.endpoint(), RetryConfig::disabled());
     Setup {
         _upstream: upstream,
         proxy,
@@ -156,7 +142,7 @@ fn assert_only(counts: FaultCounts, kind: FaultKind, expected: u64) {
 #[tokio::test]
 async fn rate_zero_is_transparent() {
     let upstream = start_upstream().await;
-    let proxy = FaultProxy::start(upstream.endpoint.clone(), FaultConfig::default())
+    let proxy = FaultProxy::start(upstream.endpoint().to_owned(), FaultConfig::default())
         .await
         .expect("start proxy");
     let client = client(&proxy.endpoint(), RetryConfig::disabled());
@@ -304,14 +290,15 @@ async fn describe_table_is_exempt_by_default() {
 #[tokio::test]
 async fn stop_closes_the_listener_and_bad_config_is_refused() {
     let upstream = start_upstream().await;
-    let proxy = FaultProxy::start(upstream.endpoint.clone(), FaultConfig::default())
+    let proxy = FaultProxy::start(upstream.endpoint().to_owned(), FaultConfig::default())
         .await
         .expect("start proxy");
     let address = proxy.endpoint().trim_start_matches("http://").to_owned();
     proxy.stop().await;
     assert!(tokio::net::TcpStream::connect(&address).await.is_err());
 
-    let invalid_rate = FaultProxy::start(upstream.endpoint.clone(), FaultConfig::only(FaultKind::Delay, 1.5)).await;
+    let invalid_rate =
+        FaultProxy::start(upstream.endpoint().to_owned(), FaultConfig::only(FaultKind::Delay, 1.5)).await;
     assert_eq!(invalid_rate.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
     let invalid_upstream = FaultProxy::start("127.0.0.1:8000".to_owned(), FaultConfig::default()).await;
     assert_eq!(invalid_upstream.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);

@@ -7,16 +7,11 @@ use clap::Parser;
 use lockstep_coordinator::core::SystemClock;
 use lockstep_coordinator::server;
 use lockstep_coordinator::settings::{Cli, Command};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    lockstep::process::init_tracing();
     let settings = cli.settings;
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::CreateTables => server::create_tables(&settings).await.map(|()| {

@@ -3,13 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lockstep_bank::dynoxide_server::DynoxideServer;
 use lockstep_coordinator::storage::Storage;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::helpers::{AppOptions, sdk_engine, spawn_on, start_dynoxide_http};
+use crate::helpers::{AppOptions, sdk_engine, spawn_on};
 
 async fn status(address: std::net::SocketAddr, service: &str) -> ServingStatus {
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
@@ -29,8 +30,10 @@ async fn status(address: std::net::SocketAddr, service: &str) -> ServingStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_and_errors_follow_storage() {
-    let (endpoint, stop_storage) = start_dynoxide_http(dynoxide::Database::memory().expect("db")).await;
-    let storage = Storage::new(Arc::new(sdk_engine(&endpoint)), "lockstep");
+    let storage_server = DynoxideServer::start(dynoxide::Database::memory().expect("db"))
+        .await
+        .expect("start dynoxide's HTTP server");
+    let storage = Storage::new(Arc::new(sdk_engine(storage_server.endpoint())), "lockstep");
     storage.ensure_table().await.expect("table");
     let app = spawn_on(storage, AppOptions::default()).await;
     for service in ["", "lockstep.coordinator.v1.Coordinator"] {
@@ -44,7 +47,7 @@ async fn health_and_errors_follow_storage() {
         .await
         .expect("deposit while storage answers");
 
-    drop(stop_storage);
+    drop(storage_server);
     let mut reported = ServingStatus::Serving;
     for _ in 0..100 {
         reported = status(app.address, "").await;

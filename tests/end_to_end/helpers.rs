@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use lockstep::coordinator::v1 as pb;
 use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
+use lockstep_bank::dynoxide_server::DynoxideServer;
 use lockstep_coordinator::core::time::ManualClock;
 use lockstep_coordinator::core::{Clock, SystemClock};
 use lockstep_coordinator::server;
@@ -129,7 +130,7 @@ impl MotoServer {
 #[derive(Default)]
 pub struct StorageGuard {
     _data_dir: Option<tempfile::TempDir>,
-    _dynoxide_stop: Option<oneshot::Sender<()>>,
+    _dynoxide: Option<DynoxideServer>,
     _moto: Option<MotoServer>,
 }
 
@@ -153,11 +154,13 @@ pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
             )
         }
         EngineKind::DynoxideHttp => {
-            let (endpoint, stop) = start_dynoxide_http(dynoxide::Database::memory().expect("dynoxide memory db")).await;
+            let server = DynoxideServer::start(dynoxide::Database::memory().expect("dynoxide memory db"))
+                .await
+                .expect("start dynoxide's HTTP server");
             (
-                Storage::new(Arc::new(sdk_engine(&endpoint)), table),
+                Storage::new(Arc::new(sdk_engine(server.endpoint())), table),
                 StorageGuard {
-                    _dynoxide_stop: Some(stop),
+                    _dynoxide: Some(server),
                     ..StorageGuard::default()
                 },
             )
@@ -177,19 +180,6 @@ pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
     };
     storage.ensure_table().await.expect("create table");
     (storage, guard)
-}
-
-/// Serves `database` over HTTP on a loopback port until the returned sender is dropped.
-pub async fn start_dynoxide_http(database: dynoxide::Database) -> (String, oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind dynoxide");
-    let address = listener.local_addr().expect("dynoxide address");
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(dynoxide::server::serve_with_shutdown(listener, database, async {
-        stopped.await.ok();
-    }));
-    (format!("http://{address}"), stop)
 }
 
 /// Options of a test coordinator; flags as the binary takes them.

@@ -1,9 +1,10 @@
-//! The thin HTTP services for a test: `spawn_services(coordinator)` serves user-service and
-//! order-service on port 0 through their `run`, exactly as their binaries do, and [`Http`] is a
-//! small curl-like client over hyper.
+//! The thin HTTP services for a test: `spawn_services(coordinator)` serves user-service's and
+//! order-service's routes on port 0 through the shared `server::run`, exactly as their binaries
+//! do, and [`Http`] is a small curl-like client over hyper.
 
 use std::net::SocketAddr;
 
+use axum::Router;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::header::HeaderMap;
@@ -11,7 +12,8 @@ use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use lockstep_client_common::CoordinatorSettings;
+use lockstep_client_common::server;
+use lockstep_client_common::{CoordinatorConnection, CoordinatorSettings};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -25,41 +27,33 @@ pub struct Services {
 /// Starts both services against the coordinator at `coordinator` (which may be dead).
 pub async fn spawn_services(coordinator: SocketAddr) -> Services {
     let settings = CoordinatorSettings::new(format!("http://{coordinator}"));
-    let (user, user_stop) = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind user-service");
-        let address = listener.local_addr().expect("user-service address");
-        let settings = lockstep_user_service::Settings {
-            listen: address,
-            coordinator: settings.clone(),
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(lockstep_user_service::run(listener, settings, async {
-            stopped.await.ok();
-        }));
-        (address, stop)
-    };
-    let (order, order_stop) = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind order-service");
-        let address = listener.local_addr().expect("order-service address");
-        let settings = lockstep_order_service::Settings {
-            listen: address,
-            coordinator: settings,
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(lockstep_order_service::run(listener, settings, async {
-            stopped.await.ok();
-        }));
-        (address, stop)
-    };
+    let (user, user_stop) = spawn_service(&settings, lockstep_user_service::routes()).await;
+    let (order, order_stop) = spawn_service(&settings, lockstep_order_service::routes()).await;
     Services {
         user,
         order,
         _stops: vec![user_stop, order_stop],
     }
+}
+
+/// Serves `routes` on a loopback port through the services' shared `run`, as their binaries do.
+async fn spawn_service(
+    settings: &CoordinatorSettings,
+    routes: Router<CoordinatorConnection>,
+) -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind service");
+    let address = listener.local_addr().expect("service address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let settings = settings.clone();
+    tokio::spawn(async move {
+        server::run(listener, &settings, routes, async {
+            stopped.await.ok();
+        })
+        .await
+    });
+    (address, stop)
 }
 
 /// A loopback address nothing listens on.

@@ -1,5 +1,5 @@
 //! The connection to the coordinator: one lazily connected gRPC channel shared by every request,
-//! and [`Coordinator::call`], the only way handlers reach it.
+//! and [`CoordinatorConnection::call`], the only way handlers reach it.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -26,14 +26,16 @@ pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
 /// The gRPC metadata key that carries the request id to the coordinator's logs.
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
 
+/// A service's connection to the coordinator (a client, not the coordinator's own service type):
+/// cheap to clone, shared by every request as the router's state.
 #[derive(Debug, Clone)]
-pub struct Coordinator {
+pub struct CoordinatorConnection {
     client: CoordinatorClient<Channel>,
     health: HealthClient<Channel>,
     request_timeout: Duration,
 }
 
-impl Coordinator {
+impl CoordinatorConnection {
     /// Does not wait for the coordinator: the channel connects on first use and reconnects after
     /// a failure, so a service starts (and answers 503) while the coordinator is down.
     pub fn connect_lazy(settings: &CoordinatorSettings) -> Result<Self, tonic::transport::Error> {

@@ -1,20 +1,24 @@
-//! The HTTP edge shared by the services: the request context (request id and deadline), the
-//! extractors that answer 400 in the envelope, the envelope, and `GET /health`.
+//! The HTTP edge shared by the services: the router around their routes (request id and access
+//! log through tower-http), the request context (request id and deadline), the extractors that
+//! answer 400 in the envelope, the envelope, and `GET /health`.
 
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic_health::pb::health_check_response::ServingStatus;
-use tracing::Instrument;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
 
-use crate::coordinator::{Coordinator, REQUEST_ID_METADATA};
+use crate::coordinator::{CoordinatorConnection, REQUEST_ID_METADATA};
 use crate::error::ApiError;
 
 /// Request header whose value becomes the coordinator's `request_id`; echoed on every response.
@@ -55,7 +59,7 @@ pub fn ok<T>(data: T) -> ApiResult<T> {
 /// One HTTP request as the coordinator sees it: its request id and its deadline.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
-    /// The `Idempotency-Key` header, or a fresh UUID.
+    /// The `Idempotency-Key` header, or the UUID [`service_router`] made when there was none.
     pub request_id: String,
     /// When the request arrived: the deadline counts from here, not from the first RPC.
     pub received_at: Instant,
@@ -65,13 +69,15 @@ pub struct RequestContext {
 
 impl RequestContext {
     fn from_headers(headers: &HeaderMap) -> Result<Self, ApiError> {
-        let request_id = match headers.get(&IDEMPOTENCY_KEY) {
-            Some(value) if !value.is_empty() => value
-                .to_str()
-                .map_err(|_| ApiError::bad_request(Some("Idempotency-Key"), "must be printable ASCII"))?
-                .to_owned(),
-            _ => uuid::Uuid::new_v4().to_string(),
-        };
+        let request_id = headers
+            .get(&IDEMPOTENCY_KEY)
+            .ok_or_else(|| {
+                tracing::error!("RequestContext used outside service_router, which sets Idempotency-Key");
+                ApiError::from(tonic::Status::internal("no request id"))
+            })?
+            .to_str()
+            .map_err(|_| ApiError::bad_request(Some("Idempotency-Key"), "must be printable ASCII"))?
+            .to_owned();
         let timeout = headers
             .get(&REQUEST_TIMEOUT)
             .map(|value| {
@@ -116,50 +122,72 @@ impl RequestContext {
 impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
     type Rejection = ApiError;
 
+    /// Runs before the body is read (every handler takes the context before its body), so
+    /// `received_at` is the request's arrival, give or take routing.
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        parts.extensions.get::<RequestContext>().cloned().ok_or_else(|| {
-            tracing::error!("RequestContext used without the with_request_context layer");
-            ApiError::from(tonic::Status::internal("no request context"))
-        })
+        RequestContext::from_headers(&parts.headers)
     }
 }
 
-/// Adds what every service needs around its routes: the request context and its tracing span,
-/// the `Idempotency-Key` response header, and an enveloped 404 for unknown paths.
-pub fn with_request_context(routes: Router) -> Router {
+/// The router of a service: its `routes`, `GET /health`, an enveloped 404 for unknown paths,
+/// and around them the request id (`Idempotency-Key`, made when absent and echoed on every
+/// response) and one tracing span and access-log line per request.
+pub fn service_router(routes: Router<CoordinatorConnection>, coordinator: CoordinatorConnection) -> Router {
     routes
+        .route("/health", get(health))
         .fallback(|| async { ApiError::not_found("No such route") })
-        .layer(axum::middleware::from_fn(request_context))
+        .with_state(coordinator)
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::map_request(empty_key_is_no_key))
+                .layer(SetRequestIdLayer::new(IDEMPOTENCY_KEY.clone(), MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::new(IDEMPOTENCY_KEY.clone()))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_request(())
+                        .on_response(log_answer)
+                        // The access-log line already carries every status; one line a request.
+                        .on_failure(()),
+                ),
+        )
 }
 
-async fn request_context(mut request: Request, next: Next) -> Response {
-    let context = match RequestContext::from_headers(request.headers()) {
-        Ok(context) => context,
-        Err(error) => return error.into_response(),
-    };
-    let span = tracing::info_span!(
+/// An empty `Idempotency-Key` is no key: the request gets a fresh one, as one without the header
+/// does, so that the caller can still retry it safely.
+async fn empty_key_is_no_key(mut request: Request) -> Request {
+    if request
+        .headers()
+        .get(&IDEMPOTENCY_KEY)
+        .is_some_and(HeaderValue::is_empty)
+    {
+        request.headers_mut().remove(&IDEMPOTENCY_KEY);
+    }
+    request
+}
+
+/// Every log line of a request carries its method, path and request id.
+fn request_span(request: &Request) -> Span {
+    let request_id = request
+        .headers()
+        .get(&IDEMPOTENCY_KEY)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
         "http",
         method = %request.method(),
         path = %request.uri().path(),
-        request_id = %context.request_id,
+        request_id = %request_id,
+    )
+}
+
+/// The access log: one line when the response is ready.
+fn log_answer(response: &Response, elapsed: Duration, _span: &Span) {
+    tracing::info!(
+        status = response.status().as_u16(),
+        elapsed_ms = elapsed.as_millis() as u64,
+        "answered"
     );
-    let key = HeaderValue::from_str(&context.request_id).ok();
-    request.extensions_mut().insert(context);
-    async move {
-        let started = Instant::now();
-        let mut response = next.run(request).await;
-        tracing::info!(
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "answered"
-        );
-        if let Some(key) = key {
-            response.headers_mut().insert(IDEMPOTENCY_KEY.clone(), key);
-        }
-        response
-    }
-    .instrument(span)
-    .await
 }
 
 /// A JSON body; a body that is not valid JSON of the expected shape is a 400 in the envelope.
@@ -202,12 +230,98 @@ pub struct PageParams {
 }
 
 /// `GET /health`: 200 while the coordinator reports SERVING on grpc.health.v1, else 503.
-pub async fn health(State(coordinator): State<Coordinator>, context: RequestContext) -> ApiResult<serde_json::Value> {
+pub async fn health(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+) -> ApiResult<serde_json::Value> {
     match coordinator.health(&context).await? {
         ServingStatus::Serving => ok(serde_json::json!({ "coordinator": "SERVING" })),
         status => Err(ApiError::unavailable(format!(
             "Coordinator reports {}",
             status.as_str_name()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::settings::CoordinatorSettings;
+
+    /// The status, the `Idempotency-Key` response header, and the body of one request to a
+    /// service whose only route answers with the request id its handler saw.
+    async fn answer(path: &str, headers: &[(&str, &str)]) -> (StatusCode, Option<String>, String) {
+        let routes = Router::new().route(
+            "/request-id",
+            get(|context: RequestContext| async move { context.request_id }),
+        );
+        // Lazy: nothing listens there, and nothing here calls the coordinator.
+        let coordinator = CoordinatorConnection::connect_lazy(&CoordinatorSettings::new("http://127.0.0.1:1"))
+            .expect("coordinator URL");
+        let mut request = Request::builder().uri(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = service_router(routes, coordinator)
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let key = response
+            .headers()
+            .get(&IDEMPOTENCY_KEY)
+            .map(|value| value.to_str().expect("ASCII key").to_owned());
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.expect("body");
+        (status, key, String::from_utf8(body.to_vec()).expect("UTF-8 body"))
+    }
+
+    /// A request without a key, or with an empty one, gets a fresh UUID: the handler sees it and
+    /// the response carries it back, so the caller can retry with it.
+    #[tokio::test]
+    async fn a_missing_or_empty_key_becomes_a_fresh_uuid_on_both_sides() {
+        let mut keys = Vec::new();
+        for headers in [&[][..], &[("Idempotency-Key", "")][..]] {
+            let (status, key, seen) = answer("/request-id", headers).await;
+            assert_eq!(status, StatusCode::OK, "{headers:?}");
+            let key = key.expect("a generated Idempotency-Key");
+            uuid::Uuid::parse_str(&key).expect("the generated key is a UUID");
+            assert_eq!(seen, key, "the handler sees the key the response carries");
+            keys.push(key);
+        }
+        assert_ne!(keys[0], keys[1], "each request gets its own key");
+    }
+
+    /// The caller's key is the request id, and is echoed unchanged.
+    #[tokio::test]
+    async fn the_callers_key_is_the_request_id_and_is_echoed() {
+        let (status, key, seen) = answer("/request-id", &[("Idempotency-Key", "order-7")]).await;
+        assert_eq!(
+            (status, key.as_deref(), seen.as_str()),
+            (StatusCode::OK, Some("order-7"), "order-7")
+        );
+    }
+
+    /// A bad `X-Request-Timeout` is a 400 naming the header, and the key still comes back; an
+    /// unknown path is an enveloped 404.
+    #[tokio::test]
+    async fn bad_headers_and_unknown_paths_answer_in_the_envelope() {
+        let (status, key, body) = answer(
+            "/request-id",
+            &[("Idempotency-Key", "order-8"), ("X-Request-Timeout", "soon")],
+        )
+        .await;
+        assert_eq!((status, key.as_deref()), (StatusCode::BAD_REQUEST, Some("order-8")));
+        let body: serde_json::Value = serde_json::from_str(&body).expect("JSON envelope");
+        assert_eq!(body["error"]["field"], "X-Request-Timeout", "{body}");
+
+        let (status, key, body) = answer("/no/such/route", &[]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(key.is_some(), "every response carries a key");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("JSON envelope");
+        assert_eq!(body["success"], false, "{body}");
     }
 }

@@ -1,10 +1,19 @@
-//! Serving: a router on a listener until shutdown, then draining in-flight requests; and logs.
+//! Serving: what `user-service` and `order-service` do alike around their routes. [`run`] serves
+//! a service's routes (with `GET /health` and the request context) until shutdown, then drains
+//! in-flight requests; the tests call it on port 0. [`run_binary`] is the whole of each `main`
+//! after parsing settings, and calls [`run`] the same way. Logging and the shutdown signal are
+//! [`lockstep::process`], the same as the coordinator's.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
 
 use axum::Router;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
+
+use crate::coordinator::CoordinatorConnection;
+use crate::http::service_router;
+use crate::settings::CoordinatorSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -22,39 +31,50 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     tracing::info!(address = %listener.local_addr()?, "serving HTTP");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            shutdown.await;
+            tracing::info!("draining in-flight requests");
+        })
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise.
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// Connects to the coordinator (lazily) and serves `routes`, with `GET /health` and the request
+/// context around them, until `shutdown` resolves; then drains in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    settings: &CoordinatorSettings,
+    routes: Router<CoordinatorConnection>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let coordinator = CoordinatorConnection::connect_lazy(settings)?;
+    serve(listener, service_router(routes, coordinator), shutdown).await
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        tokio::signal::ctrl_c().await.ok();
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// A service binary's `main` once its settings are parsed: starts logging, binds `listen`, and
+/// serves `routes` through [`run`] until SIGINT/SIGTERM. Failures go to stderr, prefixed with the
+/// binary's `name`.
+pub async fn run_binary(
+    name: &str,
+    listen: SocketAddr,
+    settings: &CoordinatorSettings,
+    routes: Router<CoordinatorConnection>,
+) -> ExitCode {
+    lockstep::process::init_tracing();
+    let listener = match TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("{name}: cannot listen on {listen}: {error}");
+            return ExitCode::FAILURE;
         }
     };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
+    match run(listener, settings, routes, lockstep::process::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            ExitCode::FAILURE
+        }
     }
-    tracing::info!("shutdown signal: draining in-flight requests");
 }

@@ -14,24 +14,22 @@
 //!
 //! # Layout
 //! - [`Settings`]: `--listen` and the shared coordinator flags, with environment fallbacks.
-//! - [`router`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
-//! - [`run`]: serves the router on a listener until shutdown; `main.rs` and the tests call it.
+//! - [`routes`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
+//!
+//! Serving them is the same for every service: [`lockstep_client_common::server::run`] on a
+//! listener until shutdown, which `main.rs` (through `run_binary`) and the tests call alike.
 
-use std::future::Future;
 use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
-use lockstep_client_common::http::{health, with_request_context};
-use lockstep_client_common::server::{StartError, serve};
 use lockstep_client_common::{
-    ApiResult, Coordinator, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+    ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -47,25 +45,14 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
 }
 
-pub fn router(coordinator: Coordinator) -> Router {
-    let routes = Router::new()
+/// This service's routes; [`lockstep_client_common::server::run`] serves them with `GET /health`
+/// and the request context.
+pub fn routes() -> Router<CoordinatorConnection> {
+    Router::new()
         .route("/orders", post(place_order))
         .route("/orders/{id}", get(order))
         .route("/users/{id}/orders", get(orders))
         .route("/assets", get(assets))
-        .route("/health", get(health))
-        .with_state(coordinator);
-    with_request_context(routes)
-}
-
-/// Serves until `shutdown` resolves, then drains in-flight requests.
-pub async fn run(
-    listener: TcpListener,
-    settings: Settings,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let coordinator = Coordinator::connect_lazy(&settings.coordinator)?;
-    serve(listener, router(coordinator), shutdown).await
 }
 
 #[derive(Deserialize)]
@@ -86,7 +73,7 @@ struct PlaceOrderBody {
 }
 
 async fn place_order(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     JsonBody(body): JsonBody<PlaceOrderBody>,
 ) -> ApiResult<Value> {
@@ -122,7 +109,7 @@ async fn place_order(
 }
 
 async fn order(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(order_id): Path<String>,
 ) -> ApiResult<Value> {
@@ -137,7 +124,7 @@ async fn order(
 }
 
 async fn orders(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     QueryParams(page): QueryParams<PageParams>,
@@ -159,7 +146,7 @@ async fn orders(
     }))
 }
 
-async fn assets(State(coordinator): State<Coordinator>, context: RequestContext) -> ApiResult<Value> {
+async fn assets(State(coordinator): State<CoordinatorConnection>, context: RequestContext) -> ApiResult<Value> {
     let reply = coordinator
         .call(&context, pb::ListAssetsRequest {}, |mut client, request| async move {
             client.list_assets(request).await

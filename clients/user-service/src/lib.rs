@@ -14,24 +14,22 @@
 //!
 //! # Layout
 //! - [`Settings`]: `--listen` and the shared coordinator flags, with environment fallbacks.
-//! - [`router`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
-//! - [`run`]: serves the router on a listener until shutdown; `main.rs` and the tests call it.
+//! - [`routes`]: one handler per route, each one RPC: HTTP request in, JSON envelope out.
+//!
+//! Serving them is the same for every service: [`lockstep_client_common::server::run`] on a
+//! listener until shutdown, which `main.rs` (through `run_binary`) and the tests call alike.
 
-use std::future::Future;
 use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
-use lockstep_client_common::http::{health, with_request_context};
-use lockstep_client_common::server::{StartError, serve};
 use lockstep_client_common::{
-    ApiResult, Coordinator, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+    ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -47,25 +45,14 @@ pub struct Settings {
     pub coordinator: CoordinatorSettings,
 }
 
-pub fn router(coordinator: Coordinator) -> Router {
-    let routes = Router::new()
+/// This service's routes; [`lockstep_client_common::server::run`] serves them with `GET /health`
+/// and the request context.
+pub fn routes() -> Router<CoordinatorConnection> {
+    Router::new()
         .route("/users/{id}/deposit", post(deposit))
         .route("/users/{id}/withdraw", post(withdraw))
         .route("/users/{id}/balance", get(balance))
         .route("/users/{id}/transactions", get(transactions))
-        .route("/health", get(health))
-        .with_state(coordinator);
-    with_request_context(routes)
-}
-
-/// Serves until `shutdown` resolves, then drains in-flight requests.
-pub async fn run(
-    listener: TcpListener,
-    settings: Settings,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let coordinator = Coordinator::connect_lazy(&settings.coordinator)?;
-    serve(listener, router(coordinator), shutdown).await
 }
 
 #[derive(Deserialize)]
@@ -75,7 +62,7 @@ struct AmountBody {
 }
 
 async fn deposit(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     JsonBody(body): JsonBody<AmountBody>,
@@ -94,7 +81,7 @@ async fn deposit(
 }
 
 async fn withdraw(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     JsonBody(body): JsonBody<AmountBody>,
@@ -113,7 +100,7 @@ async fn withdraw(
 }
 
 async fn balance(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
 ) -> ApiResult<Value> {
@@ -138,7 +125,7 @@ async fn balance(
 }
 
 async fn transactions(
-    State(coordinator): State<Coordinator>,
+    State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
     QueryParams(page): QueryParams<PageParams>,

@@ -1,27 +1,13 @@
-//! The `user-service` binary: parse settings, start logging, bind, run until SIGINT/SIGTERM.
+//! The `user-service` binary: parse settings, then start logging, bind and serve its routes until
+//! SIGINT/SIGTERM as every service does ([`lockstep_client_common::server::run_binary`]).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use lockstep_client_common::server::{init_tracing, shutdown_signal};
-use lockstep_user_service::{Settings, run};
+use lockstep_user_service::{Settings, routes};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    init_tracing();
-    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("user-service: cannot listen on {}: {error}", settings.listen);
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(listener, settings, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("user-service: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    lockstep_client_common::server::run_binary("user-service", settings.listen, &settings.coordinator, routes()).await
 }
