@@ -25,7 +25,7 @@ pub enum StartError {
 
 /// Serves `router` until `shutdown` resolves, then stops accepting and waits for in-flight
 /// requests (each bounded by its deadline) to finish.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
