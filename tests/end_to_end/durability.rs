@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -14,18 +14,7 @@ use rust_decimal::Decimal;
 
 use crate::helpers::full_ledger;
 
-/// The `coordinator` binary cargo built beside this test binary (target/<profile>/coordinator).
-pub fn coordinator_binary() -> PathBuf {
-    let test_binary = std::env::current_exe().expect("test binary path");
-    let profile_dir = test_binary.parent().and_then(Path::parent).expect("target/<profile>");
-    let binary = profile_dir.join("coordinator");
-    assert!(
-        binary.exists(),
-        "{} not built: run scripts/test.sh, or `cargo build --workspace --bins` before the tests",
-        binary.display()
-    );
-    binary
-}
+pub use lockstep_bank::cluster::coordinator_binary;
 
 /// A coordinator process on `data_dir`; returns it and the address it serves on.
 pub fn start_coordinator_process(data_dir: &Path) -> (Child, String) {
