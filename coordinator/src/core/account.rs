@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::decide::Decision;
 use super::ids::AssetSymbol;
 use super::money::{Quantity, Usd};
 
@@ -25,6 +26,18 @@ pub struct Account {
 impl Account {
     pub fn holding(&self, asset: &AssetSymbol) -> Quantity {
         self.holdings.get(asset).copied().unwrap_or(Quantity::ZERO)
+    }
+
+    /// The account after a committed `decision`: every field the commit writes.
+    pub fn apply(&mut self, decision: &Decision) {
+        self.exists = true;
+        self.cash = decision.cash;
+        self.limit_day = decision.limit_day.clone();
+        self.deposited_today = decision.deposited_today;
+        self.withdrawn_today = decision.withdrawn_today;
+        if let Some(effect) = &decision.trade {
+            self.holdings.insert(effect.asset.clone(), effect.holding);
+        }
     }
 
     /// Deposited and withdrawn totals as they count on `day`: zero when the stored day is older.

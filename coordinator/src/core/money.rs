@@ -129,6 +129,11 @@ impl Quantity {
         Decimal::from_str(raw).ok().map(|value| Self(value.normalize()))
     }
 
+    /// Wraps a quantity computed by Lockstep itself (a sum of parsed quantities).
+    pub fn from_decimal(value: Decimal) -> Self {
+        Self(value.normalize())
+    }
+
     pub fn decimal(self) -> Decimal {
         self.0
     }
