@@ -5,9 +5,9 @@
 //! DynamoDB deletes expired request records by itself (TTL, up to ~48 h late); dynoxide never
 //! does, so on the embedded engine this sweep is what keeps them bounded.
 
-use crate::audit::{SCAN_PAGE_SIZE, SCAN_PAGES_MAX};
 use crate::core::Millis;
-use crate::storage::{Storage, StorageError, Value, model};
+use crate::storage::model::{self, StoredItem};
+use crate::storage::{Storage, StorageError};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -18,26 +18,22 @@ pub struct SweepReport {
 /// One pass over the table as of `now`.
 pub async fn sweep(storage: &Storage, now: Millis) -> Result<SweepReport, StorageError> {
     let mut report = SweepReport::default();
-    let mut start_after = None;
-    for _ in 0..SCAN_PAGES_MAX {
-        let page = storage.scan(SCAN_PAGE_SIZE, start_after).await?;
-        for item in &page.items {
-            let Some(Value::S(sk)) = item.get("sk") else { continue };
-            let Some(Value::S(pk)) = item.get("pk") else { continue };
-            let write = if sk == "ACCOUNT" {
-                model::lease_from_item(item)
-                    .filter(|lease| !lease.is_live(now))
-                    .map(|lease| model::release_expired_lease(pk, &lease.lock_id, now))
-            } else if sk.starts_with("REQUEST#") {
-                model::request_record_from_item(item)
-                    .ok()
-                    .filter(|record| record.expires_at_seconds < now / 1000)
-                    .map(|_| model::delete_expired_record(pk, sk, now))
-            } else {
-                None
+    let mut scan = storage.scan_table();
+    while let Some(page) = scan.next_page().await? {
+        for item in &page {
+            let (write, is_lease) = match model::classify(item) {
+                StoredItem::Account {
+                    key,
+                    lease: Some(lease),
+                    ..
+                } if !lease.is_live(now) => (model::release_expired_lease(&key, &lease.lock_id, now), true),
+                StoredItem::RequestRecord {
+                    key,
+                    record: Ok(record),
+                    ..
+                } if record.expires_at_seconds < now / 1000 => (model::delete_expired_record(&key, now), false),
+                _ => continue,
             };
-            let Some(write) = write else { continue };
-            let is_lease = sk == "ACCOUNT";
             match storage.write(write).await {
                 Ok(()) if is_lease => report.released_leases += 1,
                 Ok(()) => report.deleted_records += 1,
@@ -45,10 +41,6 @@ pub async fn sweep(storage: &Storage, now: Millis) -> Result<SweepReport, Storag
                 Err(StorageError::ConditionFailed { .. }) => {}
                 Err(error) => return Err(error),
             }
-        }
-        start_after = page.last_key;
-        if start_after.is_none() {
-            break;
         }
     }
     Ok(report)

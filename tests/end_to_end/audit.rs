@@ -18,10 +18,11 @@ const MARGIN: Duration = Duration::from_secs(60);
 /// A ledger entry written behind the coordinator's back: the books no longer balance.
 async fn forge_ledger_entry(storage: &Storage, user: &str) {
     let entry_id = uuid::Uuid::now_v7().to_string();
+    let key = model::ledger_key(&UserId::parse("user_id", user).expect("user id"), &entry_id);
     let s = |text: &str| Value::S(text.to_owned());
     let item = BTreeMap::from([
-        ("pk".to_owned(), s(&format!("USER#{user}"))),
-        ("sk".to_owned(), s(&format!("LEDGER#{entry_id}"))),
+        ("pk".to_owned(), s(&key.pk)),
+        ("sk".to_owned(), s(&key.sk)),
         ("entry_id".to_owned(), s(&entry_id)),
         ("user_id".to_owned(), s(user)),
         ("kind".to_owned(), s("DEPOSIT")),

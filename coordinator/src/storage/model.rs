@@ -26,6 +26,7 @@ use crate::core::records::{
 };
 use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, RequestId, TradeSide, Usd, UserId};
 
+const USER_PREFIX: &str = "USER#";
 const ACCOUNT_SK: &str = "ACCOUNT";
 const LEDGER_PREFIX: &str = "LEDGER#";
 const ORDER_PREFIX: &str = "ORDER#";
@@ -55,7 +56,7 @@ fn bindings<const N: usize, const V: usize>(names: [(&str, &str); N], values: [(
 }
 
 fn user_pk(user: &UserId) -> String {
-    format!("USER#{user}")
+    format!("{USER_PREFIX}{user}")
 }
 
 pub fn account_key(user: &UserId) -> Key {
@@ -185,12 +186,9 @@ pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
 /// The sweeper's release of a lease whose holder never came back: only if it is still that
 /// lease and still expired. Like every release it bumps the version, so nothing decided under
 /// that lease can commit afterwards.
-pub fn release_expired_lease(pk: &str, lock_id: &LockId, now: Millis) -> TransactItem {
+pub fn release_expired_lease(account: &Key, lock_id: &LockId, now: Millis) -> TransactItem {
     TransactItem::Update(Update {
-        key: Key {
-            pk: pk.to_owned(),
-            sk: ACCOUNT_SK.to_owned(),
-        },
+        key: account.clone(),
         update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
         condition: Some("lock_id = :lock AND lock_expires_at <= :now".to_owned()),
         bindings: bindings([], [(":lock", s(lock_id.as_str())), (":now", n(now)), (":one", n(1))]),
@@ -200,12 +198,9 @@ pub fn release_expired_lease(pk: &str, lock_id: &LockId, now: Millis) -> Transac
 }
 
 /// Deletes a request record past its retention, unless it was rewritten meanwhile.
-pub fn delete_expired_record(pk: &str, sk: &str, now: Millis) -> TransactItem {
+pub fn delete_expired_record(record: &Key, now: Millis) -> TransactItem {
     TransactItem::Delete(Delete {
-        key: Key {
-            pk: pk.to_owned(),
-            sk: sk.to_owned(),
-        },
+        key: record.clone(),
         condition: Some(format!("{TTL_ATTRIBUTE} < :now_seconds")),
         bindings: bindings([], [(":now_seconds", n(now / 1000))]),
     })
@@ -676,6 +671,110 @@ pub fn assets_query(start_after: Option<Key>) -> Query {
 }
 
 // ---------------------------------------------------------------------------------------------
+// What a stored item is
+
+/// An item's record, or why the item does not have the shape Lockstep writes.
+pub type Parsed<T> = Result<T, MalformedItem>;
+
+/// One stored item, named by its key: the single place that decides what an item is, for
+/// everything that reads the whole table (the audit, the sweeper, the tests). `key` is the key
+/// as stored; `user` is the user id as it stands in the partition key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredItem {
+    /// The account, with the lease it carries (read even when the account itself is malformed:
+    /// a lease is released by its id alone).
+    Account {
+        key: Key,
+        user: String,
+        account: Parsed<Account>,
+        lease: Option<Lease>,
+    },
+    LedgerEntry {
+        key: Key,
+        user: String,
+        entry: Parsed<LedgerEntry>,
+    },
+    /// An order under its user, for ListOrders.
+    OrderByUser {
+        key: Key,
+        user: String,
+        order: Parsed<Order>,
+    },
+    /// The same order under its id, for GetOrder.
+    OrderById {
+        key: Key,
+        order: Parsed<Order>,
+    },
+    RequestRecord {
+        key: Key,
+        user: String,
+        record: Parsed<RequestRecord>,
+    },
+    Asset {
+        key: Key,
+        asset: Parsed<Asset>,
+    },
+    /// A key outside the model, or no string key at all: not an item Lockstep writes.
+    Foreign {
+        key: Option<Key>,
+    },
+}
+
+/// Names a stored item by its key and parses it into its record.
+pub fn classify(item: &Item) -> StoredItem {
+    let (Some(pk), Some(sk)) = (string(item, "pk"), string(item, "sk")) else {
+        return StoredItem::Foreign { key: None };
+    };
+    let key = Key {
+        pk: pk.to_owned(),
+        sk: sk.to_owned(),
+    };
+    if let Some(user) = pk.strip_prefix(USER_PREFIX) {
+        let user = user.to_owned();
+        if sk == ACCOUNT_SK {
+            return StoredItem::Account {
+                key,
+                user,
+                account: account_from_item(item),
+                lease: lease_from_item(item),
+            };
+        }
+        if sk.starts_with(LEDGER_PREFIX) {
+            return StoredItem::LedgerEntry {
+                key,
+                user,
+                entry: ledger_from_item(item),
+            };
+        }
+        if sk.starts_with(ORDER_PREFIX) {
+            return StoredItem::OrderByUser {
+                key,
+                user,
+                order: order_from_item(item),
+            };
+        }
+        if sk.starts_with(REQUEST_PREFIX) {
+            return StoredItem::RequestRecord {
+                key,
+                user,
+                record: request_record_from_item(item),
+            };
+        }
+    } else if pk.starts_with(ORDER_PREFIX) && sk == ORDER_SK {
+        return StoredItem::OrderById {
+            key,
+            order: order_from_item(item),
+        };
+    } else if pk == ASSET_PK {
+        return StoredItem::Asset {
+            key,
+            asset: asset_from_item(item),
+        };
+    }
+    StoredItem::Foreign { key: Some(key) }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Pages of a user's ledger and orders
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -749,6 +848,58 @@ mod tests {
         item.insert("lock_id".to_owned(), s("x"));
         item.insert("version".to_owned(), n(0));
         assert!(!account_from_item(&item).unwrap().exists);
+    }
+
+    /// Every item kind is named by its key alone, a malformed item keeps its key and its error,
+    /// and keys outside the model are foreign.
+    #[test]
+    fn classify_names_every_item_kind_by_its_key() {
+        let alice = UserId::parse("u", "alice").unwrap();
+        let item_at = |key: Key| key_attributes(&key);
+        let kind = |item: &Item| match classify(item) {
+            StoredItem::Account { user, .. } => format!("account of {user}"),
+            StoredItem::LedgerEntry { user, .. } => format!("ledger entry of {user}"),
+            StoredItem::OrderByUser { user, .. } => format!("order of {user}"),
+            StoredItem::OrderById { .. } => "order by id".to_owned(),
+            StoredItem::RequestRecord { user, .. } => format!("request record of {user}"),
+            StoredItem::Asset { .. } => "asset".to_owned(),
+            StoredItem::Foreign { key } => format!("foreign {key:?}"),
+        };
+        let by_user = Key {
+            pk: user_pk(&alice),
+            sk: format!("{ORDER_PREFIX}o1"),
+        };
+        let cases = [
+            (item_at(account_key(&alice)), "account of alice"),
+            (item_at(ledger_key(&alice, "e1")), "ledger entry of alice"),
+            (item_at(by_user), "order of alice"),
+            (item_at(order_key("o1")), "order by id"),
+            (
+                item_at(request_key(
+                    &alice,
+                    &RequestId::parse_optional("r", "r1").unwrap().unwrap(),
+                )),
+                "request record of alice",
+            ),
+            (item_at(asset_key(&AssetSymbol::parse("a", "BTC").unwrap())), "asset"),
+            (Item::new(), "foreign None"),
+        ];
+        for (item, expected) in cases {
+            assert_eq!(kind(&item), expected, "{item:?}");
+        }
+        let foreign = Key {
+            pk: "ORDER#o1".to_owned(),
+            sk: "ELSEWHERE".to_owned(),
+        };
+        assert_eq!(
+            classify(&item_at(foreign.clone())),
+            StoredItem::Foreign { key: Some(foreign) }
+        );
+        let StoredItem::LedgerEntry { key, entry, .. } = classify(&item_at(ledger_key(&alice, "e1"))) else {
+            panic!("a ledger entry");
+        };
+        assert_eq!(key, ledger_key(&alice, "e1"));
+        assert_eq!(entry.unwrap_err().kind, "ledger");
     }
 
     #[test]
