@@ -225,12 +225,12 @@ fn check_user(
     if let Some(lease) = lease {
         if lease.is_live(now) {
             report.live_leases += 1;
-        } else if lease.expires_at + (lease_margin.as_millis() as u64) < now {
+        } else if lease.expires_at_ms + (lease_margin.as_millis() as u64) < now {
             problem(format!(
                 "lease {} of {} expired {} s ago and was never released",
                 lease.lock_id,
                 lease.owner,
-                (now - lease.expires_at) / 1000
+                (now - lease.expires_at_ms) / 1000
             ));
         }
     }

@@ -84,7 +84,7 @@ fn sweep_write(item: StoredItem, now: Millis) -> Option<(Sweeping, Key, Transact
             key,
             record: Ok(record),
             ..
-        } if record.expires_at_seconds < now / 1000 => {
+        } if model::request_record_expired(&record, now) => {
             let write = model::delete_expired_record(&key, now);
             Some((Sweeping::DeleteRecord, key, write))
         }
@@ -231,7 +231,7 @@ mod tests {
                 owner: "gone".to_owned(),
                 incarnation: "gone".to_owned(),
                 operation: "DEPOSIT".to_owned(),
-                expires_at: NOW - 1,
+                expires_at_ms: NOW - 1,
             };
             storage
                 .update(model::acquire_lease(&user, &lease, NOW - 10_000, false))

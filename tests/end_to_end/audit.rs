@@ -28,7 +28,7 @@ async fn forge_ledger_entry(storage: &Storage, user: &str) {
         ("kind".to_owned(), s("DEPOSIT")),
         ("cash_delta".to_owned(), Value::N("5".to_owned())),
         ("cash_after".to_owned(), Value::N("1000005".to_owned())),
-        ("created_at".to_owned(), Value::N("1".to_owned())),
+        ("created_at_ms".to_owned(), Value::N("1".to_owned())),
     ]);
     storage
         .put(Put {
@@ -65,7 +65,7 @@ async fn audit_finds_forgery_and_stale_leases(engine: EngineKind) {
         owner: "gone".into(),
         incarnation: "gone".into(),
         operation: "DEPOSIT".into(),
-        expires_at: ten_minutes_ago + 10_000,
+        expires_at_ms: ten_minutes_ago + 10_000,
     };
     app.storage
         .update(model::acquire_lease(&user, &dead, ten_minutes_ago, true))

@@ -874,7 +874,7 @@ fn order_of(held: &HeldLease, trade: &Trade, status: OrderStatus, price: Price, 
         price,
         total,
         failure_reason: None,
-        created_at: now,
+        created_at_ms: now,
     }
 }
 
@@ -913,7 +913,7 @@ fn records_of(
         cash_delta: decision.cash_delta,
         cash_after: decision.cash,
         trade: ledger_trade,
-        created_at: now,
+        created_at_ms: now,
         request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
         sequence: held.account.version + 1,
     };

@@ -33,12 +33,14 @@ const ORDER_PREFIX: &str = "ORDER#";
 const ORDER_SK: &str = "ORDER";
 const ASSET_PK: &str = "ASSET";
 const REQUEST_PREFIX: &str = "REQUEST#";
-/// The TTL attribute of request records (epoch seconds). Only request records carry it: a TTL
-/// on anything else would delete money.
-pub const TTL_ATTRIBUTE: &str = "record_expires_at";
+/// The TTL attribute of request records. Only request records carry it: a TTL on anything else
+/// would delete money. Every stored time names its unit: this one is in seconds since the epoch,
+/// because DynamoDB's TTL reads nothing else; all the others (`lock_expires_at_ms`,
+/// `created_at_ms`) are in milliseconds, like the coordinator's clock.
+pub const TTL_ATTRIBUTE: &str = "record_expires_at_s";
 
 /// The lease's attributes on the account item, removed together on release.
-const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_incarnation, lock_operation, lock_expires_at";
+const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_incarnation, lock_operation, lock_expires_at_ms";
 
 fn s(text: impl Into<String>) -> Value {
     Value::S(text.into())
@@ -127,9 +129,9 @@ pub fn reclaim_lease(user: &UserId, lease: &Lease, now: Millis, require_account:
 
 fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: Option<&LockId>) -> Update {
     let free = if orphan.is_some() {
-        "(lock_id = :orphan OR attribute_not_exists(lock_id) OR lock_expires_at <= :now)"
+        "(lock_id = :orphan OR attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now)"
     } else {
-        "(attribute_not_exists(lock_id) OR lock_expires_at <= :now)"
+        "(attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now)"
     };
     let condition = if require_account {
         format!("attribute_exists(cash) AND {free}")
@@ -139,7 +141,7 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
     let mut update = Update {
         key: account_key(user),
         update: "SET user_id = :user, lock_id = :lock, lock_owner = :owner, lock_incarnation = :incarnation, \
-                 lock_operation = :operation, lock_expires_at = :expires, version = if_not_exists(version, :zero), \
+                 lock_operation = :operation, lock_expires_at_ms = :expires, version = if_not_exists(version, :zero), \
                  holdings = if_not_exists(holdings, :empty)"
             .to_owned(),
         condition: Some(condition),
@@ -151,7 +153,7 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
                 (":owner", s(&lease.owner)),
                 (":incarnation", s(&lease.incarnation)),
                 (":operation", s(&lease.operation)),
-                (":expires", n(lease.expires_at)),
+                (":expires", n(lease.expires_at_ms)),
                 (":now", n(now)),
                 (":zero", n(0)),
                 (":empty", Value::M(BTreeMap::new())),
@@ -190,7 +192,7 @@ pub fn release_expired_lease(account: &Key, lock_id: &LockId, now: Millis) -> Tr
     TransactItem::Update(Update {
         key: account.clone(),
         update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
-        condition: Some("lock_id = :lock AND lock_expires_at <= :now".to_owned()),
+        condition: Some("lock_id = :lock AND lock_expires_at_ms <= :now".to_owned()),
         bindings: bindings([], [(":lock", s(lock_id.as_str())), (":now", n(now)), (":one", n(1))]),
         return_new: false,
         return_old_on_condition_failure: false,
@@ -202,8 +204,19 @@ pub fn delete_expired_record(record: &Key, now: Millis) -> TransactItem {
     TransactItem::Delete(Delete {
         key: record.clone(),
         condition: Some(format!("{TTL_ATTRIBUTE} < :now_seconds")),
-        bindings: bindings([], [(":now_seconds", n(now / 1000))]),
+        bindings: bindings([], [(":now_seconds", n(epoch_seconds(now)))]),
     })
+}
+
+/// Whether a request record is past its retention at `now`: the sweeper's test, and the same
+/// comparison as the conditions that treat such a record as absent.
+pub fn request_record_expired(record: &RequestRecord, now: Millis) -> bool {
+    record.expires_at_seconds < epoch_seconds(now)
+}
+
+/// `now` in whole seconds since the epoch, the unit of the TTL attribute.
+fn epoch_seconds(now: Millis) -> u64 {
+    now / 1000
 }
 
 pub fn lease_from_item(item: &Item) -> Option<Lease> {
@@ -212,7 +225,7 @@ pub fn lease_from_item(item: &Item) -> Option<Lease> {
         owner: string(item, "lock_owner").unwrap_or_default().to_owned(),
         incarnation: string(item, "lock_incarnation").unwrap_or_default().to_owned(),
         operation: string(item, "lock_operation").unwrap_or_default().to_owned(),
-        expires_at: number(item, "lock_expires_at")?.parse().ok()?,
+        expires_at_ms: number(item, "lock_expires_at_ms")?.parse().ok()?,
     })
 }
 
@@ -257,9 +270,9 @@ pub fn commit(commit: &Commit<'_>) -> Vec<TransactItem> {
         "deposited_today = :deposited",
         "withdrawn_today = :withdrawn",
         "version = :next_version",
-        "created_at = if_not_exists(created_at, :created_at)",
+        "created_at_ms = if_not_exists(created_at_ms, :created_at_ms)",
     ];
-    let mut condition = vec!["lock_id = :lock", "lock_expires_at > :now", "version = :version"];
+    let mut condition = vec!["lock_id = :lock", "lock_expires_at_ms > :now", "version = :version"];
     let mut update_bindings = bindings(
         [],
         [
@@ -268,7 +281,7 @@ pub fn commit(commit: &Commit<'_>) -> Vec<TransactItem> {
             (":deposited", n(decision.deposited_today)),
             (":withdrawn", n(decision.withdrawn_today)),
             (":next_version", n(read.version + 1)),
-            (":created_at", n(now)),
+            (":created_at_ms", n(now)),
             (":lock", s(lock_id.as_str())),
             (":now", n(now)),
             (":version", n(read.version)),
@@ -380,7 +393,7 @@ fn put_request_record(user: &UserId, request_id: &RequestId, record: &RequestRec
     Put {
         item,
         condition: Some(format!("attribute_not_exists(pk) OR {TTL_ATTRIBUTE} < :now_seconds")),
-        bindings: bindings([], [(":now_seconds", n(now / 1000))]),
+        bindings: bindings([], [(":now_seconds", n(epoch_seconds(now)))]),
     }
 }
 
@@ -501,7 +514,7 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
     item.insert("kind".to_owned(), s(entry.kind.as_str()));
     item.insert("cash_delta".to_owned(), n(entry.cash_delta));
     item.insert("cash_after".to_owned(), n(entry.cash_after));
-    item.insert("created_at".to_owned(), n(entry.created_at));
+    item.insert("created_at_ms".to_owned(), n(entry.created_at_ms));
     item.insert("sequence".to_owned(), n(entry.sequence));
     if let Some(request_id) = &entry.request_id {
         item.insert("request_id".to_owned(), s(request_id));
@@ -542,10 +555,10 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         cash_delta: decimal("cash_delta")?,
         cash_after: Usd::from_decimal(decimal("cash_after")?),
         trade,
-        created_at: required(
+        created_at_ms: required(
             KIND,
-            "created_at",
-            number(item, "created_at").and_then(|raw| raw.parse().ok()),
+            "created_at_ms",
+            number(item, "created_at_ms").and_then(|raw| raw.parse().ok()),
         )?,
         request_id: string(item, "request_id").map(str::to_owned),
         sequence: number(item, "sequence").and_then(|raw| raw.parse().ok()).unwrap_or(0),
@@ -562,7 +575,7 @@ fn order_item(order: &Order, key: Key) -> Item {
     item.insert("status".to_owned(), s(order.status.as_str()));
     item.insert("price".to_owned(), n(order.price));
     item.insert("total".to_owned(), n(order.total));
-    item.insert("created_at".to_owned(), n(order.created_at));
+    item.insert("created_at_ms".to_owned(), n(order.created_at_ms));
     if let Some(limit) = order.limit_price {
         item.insert("limit_price".to_owned(), n(limit));
     }
@@ -615,10 +628,10 @@ pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
         price: required(KIND, "price", number(item, "price").and_then(Price::from_stored))?,
         total: required(KIND, "total", number(item, "total").and_then(Usd::from_stored))?,
         failure_reason: string(item, "failure_reason").map(str::to_owned),
-        created_at: required(
+        created_at_ms: required(
             KIND,
-            "created_at",
-            number(item, "created_at").and_then(|raw| raw.parse().ok()),
+            "created_at_ms",
+            number(item, "created_at_ms").and_then(|raw| raw.parse().ok()),
         )?,
     })
 }
