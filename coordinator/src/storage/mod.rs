@@ -3,7 +3,8 @@
 //! `model` builds every request Lockstep sends (keys, condition and update expressions) in one
 //! place, as engine-neutral values. An engine only translates them: `embedded` calls dynoxide
 //! (DynamoDB on SQLite) in-process, `dynamodb` sends them through aws-sdk-dynamodb to AWS or any
-//! compatible endpoint. `Storage` wraps the engine and counts requests, which is how tests hold
+//! compatible endpoint, and `translate` holds what the two translate alike (items, keys,
+//! bindings, and the condition every conditional request carries). `Storage` wraps the engine and counts requests, which is how tests hold
 //! the money path to its budget of two requests per successful mutation. Whole-table reads (the
 //! audit, the sweeper, the tests) go through one bounded scan, `Storage::scan_table`, and name
 //! what they read with `model::classify`.
@@ -12,6 +13,7 @@ pub mod dynamodb;
 pub mod embedded;
 pub mod faults;
 pub mod model;
+mod translate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
