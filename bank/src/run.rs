@@ -11,7 +11,8 @@ use lockstep_coordinator::core::records::LedgerEntry;
 use lockstep_coordinator::core::{Clock, SystemClock};
 use lockstep_coordinator::storage::dynamodb::DynamoDbEngine;
 use lockstep_coordinator::storage::embedded::EmbeddedEngine;
-use lockstep_coordinator::storage::{Storage, StorageError, Value, model};
+use lockstep_coordinator::storage::model::{self, StoredItem};
+use lockstep_coordinator::storage::{Storage, StorageError};
 
 use crate::cluster::Node;
 use crate::dynoxide_server::DynoxideServer;
@@ -316,21 +317,15 @@ fn count_injected_in_logs(nodes: &[Node]) -> std::io::Result<u64> {
 
 async fn all_ledger_entries(storage: &Storage) -> Result<Vec<LedgerEntry>, StorageError> {
     let mut entries = Vec::new();
-    let mut start_after = None;
-    loop {
-        let page = storage.scan(500, start_after).await?;
-        for item in &page.items {
-            if let Some(Value::S(sk)) = item.get("sk")
-                && sk.starts_with("LEDGER#")
-            {
-                entries.push(model::ledger_from_item(item).map_err(|error| StorageError::Other(error.to_string()))?);
+    let mut scan = storage.scan_table();
+    while let Some(page) = scan.next_page().await? {
+        for item in &page {
+            if let StoredItem::LedgerEntry { entry, .. } = model::classify(item) {
+                entries.push(entry.map_err(|error| StorageError::Other(error.to_string()))?);
             }
         }
-        start_after = page.last_key;
-        if start_after.is_none() {
-            return Ok(entries);
-        }
     }
+    Ok(entries)
 }
 
 /// The final state must be explained by the acknowledged operations plus a subset of the

@@ -11,12 +11,9 @@ use rust_decimal::Decimal;
 
 use crate::core::records::{Lease, LedgerEntry, Order, OrderStatus, RecordedOutcome};
 use crate::core::{Account, Millis, TradeSide};
-use crate::storage::{Item, Storage, StorageError, Value, model};
+use crate::storage::model::{self, StoredItem};
+use crate::storage::{Key, Storage, StorageError};
 
-/// Items read per scan page.
-pub const SCAN_PAGE_SIZE: u32 = 500;
-/// Scan pages read at most: a bound on the audit of a table of up to 50 million items.
-pub const SCAN_PAGES_MAX: usize = 100_000;
 /// Default grace after a lease's expiry before the audit calls it stale: the sweeper releases
 /// expired leases every `--sweep-interval-secs` (300 s by default).
 pub const LEASE_MARGIN_DEFAULT: Duration = Duration::from_secs(600);
@@ -69,15 +66,10 @@ pub async fn audit(storage: &Storage, now: Millis, lease_margin: Duration) -> Re
     let mut report = AuditReport::default();
     let mut users: BTreeMap<String, UserBooks> = BTreeMap::new();
     let mut orders_by_id: BTreeMap<String, Order> = BTreeMap::new();
-    let mut start_after = None;
-    for _ in 0..SCAN_PAGES_MAX {
-        let page = storage.scan(SCAN_PAGE_SIZE, start_after).await?;
-        for item in &page.items {
-            classify(item, &mut users, &mut orders_by_id, &mut report);
-        }
-        start_after = page.last_key;
-        if start_after.is_none() {
-            break;
+    let mut scan = storage.scan_table();
+    while let Some(page) = scan.next_page().await? {
+        for item in &page {
+            sort_into_books(model::classify(item), &mut users, &mut orders_by_id, &mut report);
         }
     }
     for (user, books) in &users {
@@ -86,56 +78,63 @@ pub async fn audit(storage: &Storage, now: Millis, lease_margin: Duration) -> Re
     Ok(report)
 }
 
-fn text<'a>(item: &'a Item, name: &str) -> &'a str {
-    match item.get(name) {
-        Some(Value::S(text)) => text,
-        _ => "",
-    }
-}
-
-fn classify(
-    item: &Item,
+/// Files one item under its user (or its order id); a malformed item is a discrepancy.
+fn sort_into_books(
+    item: StoredItem,
     users: &mut BTreeMap<String, UserBooks>,
     orders_by_id: &mut BTreeMap<String, Order>,
     report: &mut AuditReport,
 ) {
-    let (pk, sk) = (text(item, "pk"), text(item, "sk"));
-    let mut malformed = |error: model::MalformedItem| report.discrepancies.push(format!("{pk} {sk}: {error}"));
-    if let Some(user) = pk.strip_prefix("USER#") {
-        let books = users.entry(user.to_owned()).or_default();
-        if sk == "ACCOUNT" {
-            match model::account_from_item(item) {
-                Ok(account) => books.account = Some((account, model::lease_from_item(item))),
-                Err(error) => malformed(error),
-            }
-        } else if sk.starts_with("LEDGER#") {
-            match model::ledger_from_item(item) {
-                Ok(entry) => books.ledger.push(entry),
-                Err(error) => malformed(error),
-            }
-        } else if sk.starts_with("ORDER#") {
-            match model::order_from_item(item) {
-                Ok(order) => books.orders.push(order),
-                Err(error) => malformed(error),
-            }
-        } else if sk.starts_with("REQUEST#") {
-            report.request_records += 1;
-            match model::request_record_from_item(item) {
-                Ok(record) => {
-                    if let RecordedOutcome::Committed { entry_id, .. } = record.outcome {
-                        books.committed_records.push((sk.to_owned(), entry_id));
-                    }
-                }
-                Err(error) => malformed(error),
+    let mut malformed = |key: &Key, error: model::MalformedItem| {
+        report.discrepancies.push(format!("{} {}: {error}", key.pk, key.sk));
+    };
+    match item {
+        StoredItem::Account {
+            key,
+            user,
+            account,
+            lease,
+        } => {
+            let books = users.entry(user).or_default();
+            match account {
+                Ok(account) => books.account = Some((account, lease)),
+                Err(error) => malformed(&key, error),
             }
         }
-    } else if pk.starts_with("ORDER#") {
-        match model::order_from_item(item) {
+        StoredItem::LedgerEntry { key, user, entry } => {
+            let books = users.entry(user).or_default();
+            match entry {
+                Ok(entry) => books.ledger.push(entry),
+                Err(error) => malformed(&key, error),
+            }
+        }
+        StoredItem::OrderByUser { key, user, order } => {
+            let books = users.entry(user).or_default();
+            match order {
+                Ok(order) => books.orders.push(order),
+                Err(error) => malformed(&key, error),
+            }
+        }
+        StoredItem::RequestRecord { key, user, record } => {
+            let books = users.entry(user).or_default();
+            report.request_records += 1;
+            match record {
+                Ok(record) => {
+                    if let RecordedOutcome::Committed { entry_id, .. } = record.outcome {
+                        books.committed_records.push((key.sk, entry_id));
+                    }
+                }
+                Err(error) => malformed(&key, error),
+            }
+        }
+        StoredItem::OrderById { key, order } => match order {
             Ok(order) => {
                 orders_by_id.insert(order.order_id.clone(), order);
             }
-            Err(error) => malformed(error),
-        }
+            Err(error) => malformed(&key, error),
+        },
+        // The catalog holds no money, and what Lockstep did not write is not its books.
+        StoredItem::Asset { .. } | StoredItem::Foreign { .. } => {}
     }
 }
 
@@ -226,12 +225,12 @@ fn check_user(
     if let Some(lease) = lease {
         if lease.is_live(now) {
             report.live_leases += 1;
-        } else if lease.expires_at + (lease_margin.as_millis() as u64) < now {
+        } else if lease.expires_at_ms + (lease_margin.as_millis() as u64) < now {
             problem(format!(
                 "lease {} of {} expired {} s ago and was never released",
                 lease.lock_id,
                 lease.owner,
-                (now - lease.expires_at) / 1000
+                (now - lease.expires_at_ms) / 1000
             ));
         }
     }

@@ -4,52 +4,277 @@
 //!
 //! DynamoDB deletes expired request records by itself (TTL, up to ~48 h late); dynoxide never
 //! does, so on the embedded engine this sweep is what keeps them bounded.
+//!
+//! A sweep is meant to finish on a large or busy table: a write that fails is counted and the
+//! sweep goes on to the next item (the next sweep finds that item again), and a page whose read
+//! failed for now is read again from where the scan stopped. Only storage that keeps failing,
+//! or a table past the scan's bound, stops a sweep early.
 
-use crate::audit::{SCAN_PAGE_SIZE, SCAN_PAGES_MAX};
+use std::time::Duration;
+
 use crate::core::Millis;
-use crate::storage::{Storage, StorageError, Value, model};
+use crate::storage::model::{self, StoredItem};
+use crate::storage::{Key, Storage, StorageError, TransactItem};
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Reads of one page tried at most this many times in a row: storage that fails five times
+/// running is down, not busy, and the next sweep starts over anyway.
+pub const SWEEP_PAGE_ATTEMPTS_MAX: u32 = 5;
+/// Pause before a failed page read is tried again, times the attempts so far: throttling and
+/// lost connections pass within seconds, and 0.5 + 1 + 1.5 + 2 s stays far below the sweep
+/// interval (300 s by default).
+pub const SWEEP_PAGE_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Failures kept word for word in a report; any beyond are only counted.
+pub const SWEEP_FAILURES_KEPT_MAX: usize = 20;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
     pub released_leases: usize,
     pub deleted_records: usize,
+    /// Releases and deletions that failed other than by the item having changed meanwhile;
+    /// their items stay as they were until a later sweep.
+    pub failed_writes: usize,
+    /// Page reads that failed and were tried again.
+    pub failed_page_reads: usize,
+    /// The first `SWEEP_FAILURES_KEPT_MAX` failures, in order, for the log.
+    pub failures: Vec<String>,
+}
+
+impl SweepReport {
+    fn failed(&mut self, what: String) {
+        tracing::warn!(failure = %what, "sweep: a step failed; going on");
+        if self.failures.len() < SWEEP_FAILURES_KEPT_MAX {
+            self.failures.push(what);
+        }
+    }
+}
+
+/// What one swept write does, for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sweeping {
+    ReleaseLease,
+    DeleteRecord,
+}
+
+impl Sweeping {
+    fn describe(self) -> &'static str {
+        match self {
+            Sweeping::ReleaseLease => "releasing the expired lease",
+            Sweeping::DeleteRecord => "deleting the expired request record",
+        }
+    }
 }
 
 /// One pass over the table as of `now`.
 pub async fn sweep(storage: &Storage, now: Millis) -> Result<SweepReport, StorageError> {
+    sweep_pausing(storage, now, SWEEP_PAGE_RETRY_PAUSE).await
+}
+
+/// The write that sweeps `item` as of `now`, if it needs one, with the key it goes to.
+fn sweep_write(item: StoredItem, now: Millis) -> Option<(Sweeping, Key, TransactItem)> {
+    match item {
+        StoredItem::Account {
+            key,
+            lease: Some(lease),
+            ..
+        } if !lease.is_live(now) => {
+            let write = model::release_expired_lease(&key, &lease.lock_id, now);
+            Some((Sweeping::ReleaseLease, key, write))
+        }
+        StoredItem::RequestRecord {
+            key,
+            record: Ok(record),
+            ..
+        } if model::request_record_expired(&record, now) => {
+            let write = model::delete_expired_record(&key, now);
+            Some((Sweeping::DeleteRecord, key, write))
+        }
+        _ => None,
+    }
+}
+
+async fn sweep_pausing(storage: &Storage, now: Millis, retry_pause: Duration) -> Result<SweepReport, StorageError> {
     let mut report = SweepReport::default();
-    let mut start_after = None;
-    for _ in 0..SCAN_PAGES_MAX {
-        let page = storage.scan(SCAN_PAGE_SIZE, start_after).await?;
-        for item in &page.items {
-            let Some(Value::S(sk)) = item.get("sk") else { continue };
-            let Some(Value::S(pk)) = item.get("pk") else { continue };
-            let write = if sk == "ACCOUNT" {
-                model::lease_from_item(item)
-                    .filter(|lease| !lease.is_live(now))
-                    .map(|lease| model::release_expired_lease(pk, &lease.lock_id, now))
-            } else if sk.starts_with("REQUEST#") {
-                model::request_record_from_item(item)
-                    .ok()
-                    .filter(|record| record.expires_at_seconds < now / 1000)
-                    .map(|_| model::delete_expired_record(pk, sk, now))
-            } else {
-                None
+    let mut scan = storage.scan_table();
+    let mut attempt = 1;
+    // Bounded: the scan reads at most SCAN_PAGES_MAX pages, each at most SWEEP_PAGE_ATTEMPTS_MAX times.
+    loop {
+        let page = match scan.next_page().await {
+            Ok(Some(page)) => page,
+            Ok(None) => break,
+            Err(error @ (StorageError::Unavailable(_) | StorageError::Conflict(_)))
+                if attempt < SWEEP_PAGE_ATTEMPTS_MAX =>
+            {
+                report.failed_page_reads += 1;
+                report.failed(format!(
+                    "reading page {} (attempt {attempt}): {error}",
+                    scan.pages_read() + 1
+                ));
+                tokio::time::sleep(retry_pause * attempt).await;
+                attempt += 1;
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(?report, "sweep stopped before the end of the table");
+                return Err(error);
+            }
+        };
+        attempt = 1;
+        for item in &page {
+            let Some((sweeping, key, write)) = sweep_write(model::classify(item), now) else {
+                continue;
             };
-            let Some(write) = write else { continue };
-            let is_lease = sk == "ACCOUNT";
             match storage.write(write).await {
-                Ok(()) if is_lease => report.released_leases += 1,
+                Ok(()) if sweeping == Sweeping::ReleaseLease => report.released_leases += 1,
                 Ok(()) => report.deleted_records += 1,
                 // Someone took the lease or rewrote the record meanwhile: nothing to sweep.
                 Err(StorageError::ConditionFailed { .. }) => {}
-                Err(error) => return Err(error),
+                Err(error) => {
+                    report.failed_writes += 1;
+                    report.failed(format!("{} at {} {}: {error}", sweeping.describe(), key.pk, key.sk));
+                }
             }
-        }
-        start_after = page.last_key;
-        if start_after.is_none() {
-            break;
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::core::records::Lease;
+    use crate::core::{LockId, UserId};
+    use crate::storage::embedded::EmbeddedEngine;
+    use crate::storage::{Delete, Engine, Item, Page, Put, Query, StorageResult, Update};
+
+    /// Pages of this many items, so a handful of leases spans several pages.
+    const PAGE: u32 = 2;
+    const NOW: Millis = 1_000_000;
+
+    /// An in-memory engine whose scan calls and update calls fail where told (by call number,
+    /// from 0), with short pages.
+    #[derive(Debug)]
+    struct FlakyEngine {
+        inner: EmbeddedEngine,
+        failing_scans: BTreeSet<usize>,
+        failing_updates: BTreeSet<usize>,
+        scans: AtomicUsize,
+        updates: AtomicUsize,
+    }
+
+    fn unavailable<T>() -> StorageResult<T> {
+        Err(StorageError::Unavailable("flaky".to_owned()))
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for FlakyEngine {
+        async fn create_table(&self, table: &str) -> StorageResult<()> {
+            self.inner.create_table(table).await
+        }
+        async fn table_exists(&self, table: &str) -> StorageResult<bool> {
+            self.inner.table_exists(table).await
+        }
+        async fn get(&self, table: &str, key: Key) -> StorageResult<Option<Item>> {
+            self.inner.get(table, key).await
+        }
+        async fn update(&self, table: &str, update: Update) -> StorageResult<Option<Item>> {
+            if self
+                .failing_updates
+                .contains(&self.updates.fetch_add(1, Ordering::SeqCst))
+            {
+                return unavailable();
+            }
+            self.inner.update(table, update).await
+        }
+        async fn put(&self, table: &str, put: Put) -> StorageResult<()> {
+            self.inner.put(table, put).await
+        }
+        async fn delete(&self, table: &str, delete: Delete) -> StorageResult<()> {
+            self.inner.delete(table, delete).await
+        }
+        async fn query(&self, table: &str, query: Query) -> StorageResult<Page> {
+            self.inner.query(table, query).await
+        }
+        async fn scan(&self, table: &str, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
+            if self.failing_scans.contains(&self.scans.fetch_add(1, Ordering::SeqCst)) {
+                return unavailable();
+            }
+            self.inner.scan(table, limit.min(PAGE), start_after).await
+        }
+        async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()> {
+            self.inner.enable_ttl(table, attribute).await
+        }
+        async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+            self.inner.transact(table, items, token).await
+        }
+    }
+
+    /// A table holding `count` leases that expired unreleased; the engine fails the scan and
+    /// update calls named (updates counted from after the setup).
+    async fn expired_leases(count: usize, failing_scans: &[usize], failing_updates: &[usize]) -> Storage {
+        let engine = Arc::new(FlakyEngine {
+            inner: EmbeddedEngine::in_memory().unwrap(),
+            failing_scans: failing_scans.iter().copied().collect(),
+            failing_updates: failing_updates.iter().map(|call| call + count).collect(),
+            scans: AtomicUsize::new(0),
+            updates: AtomicUsize::new(0),
+        });
+        let storage = Storage::new(engine, "sweep");
+        storage.create_table().await.unwrap();
+        for index in 0..count {
+            let user = UserId::parse("user_id", &format!("dead{index}")).unwrap();
+            let lease = Lease {
+                lock_id: LockId::new_random(),
+                owner: "gone".to_owned(),
+                incarnation: "gone".to_owned(),
+                operation: "DEPOSIT".to_owned(),
+                expires_at_ms: NOW - 1,
+            };
+            storage
+                .update(model::acquire_lease(&user, &lease, NOW - 10_000, false))
+                .await
+                .unwrap();
+        }
+        storage
+    }
+
+    /// A failed page read is read again from where the scan stopped, and a failed release is
+    /// counted while the sweep goes on: every other lease is released in the same pass, and the
+    /// next pass releases the one left.
+    #[tokio::test]
+    async fn a_sweep_goes_on_past_failed_reads_and_writes() {
+        // Scan call 1 is the first read of page 2; update 2 is the third release.
+        let storage = expired_leases(5, &[1], &[2]).await;
+        let report = sweep_pausing(&storage, NOW, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            (report.released_leases, report.failed_writes, report.failed_page_reads),
+            (4, 1, 1),
+            "{report:?}"
+        );
+        assert_eq!(report.failures.len(), 2, "{report:?}");
+        assert!(report.failures[0].contains("page 2"), "{report:?}");
+        assert!(
+            report.failures[1].starts_with("releasing the expired lease at USER#"),
+            "{report:?}"
+        );
+        let again = sweep_pausing(&storage, NOW, Duration::ZERO).await.unwrap();
+        assert_eq!(again.released_leases, 1, "{again:?}");
+        assert_eq!(again.failures, Vec::<String>::new());
+    }
+
+    /// Storage that keeps failing stops the sweep after `SWEEP_PAGE_ATTEMPTS_MAX` reads of one
+    /// page, with the error.
+    #[tokio::test]
+    async fn a_sweep_stops_when_storage_keeps_failing() {
+        let attempts = SWEEP_PAGE_ATTEMPTS_MAX as usize;
+        let storage = expired_leases(1, &(0..attempts).collect::<Vec<_>>(), &[]).await;
+        let error = sweep_pausing(&storage, NOW, Duration::ZERO).await.unwrap_err();
+        assert_eq!(error, StorageError::Unavailable("flaky".to_owned()));
+        let storage = expired_leases(1, &(0..attempts - 1).collect::<Vec<_>>(), &[]).await;
+        let report = sweep_pausing(&storage, NOW, Duration::ZERO).await.unwrap();
+        assert_eq!((report.released_leases, report.failed_page_reads), (1, attempts - 1));
+    }
 }

@@ -18,16 +18,17 @@ const MARGIN: Duration = Duration::from_secs(60);
 /// A ledger entry written behind the coordinator's back: the books no longer balance.
 async fn forge_ledger_entry(storage: &Storage, user: &str) {
     let entry_id = uuid::Uuid::now_v7().to_string();
+    let key = model::ledger_key(&UserId::parse("user_id", user).expect("user id"), &entry_id);
     let s = |text: &str| Value::S(text.to_owned());
     let item = BTreeMap::from([
-        ("pk".to_owned(), s(&format!("USER#{user}"))),
-        ("sk".to_owned(), s(&format!("LEDGER#{entry_id}"))),
+        ("pk".to_owned(), s(&key.pk)),
+        ("sk".to_owned(), s(&key.sk)),
         ("entry_id".to_owned(), s(&entry_id)),
         ("user_id".to_owned(), s(user)),
         ("kind".to_owned(), s("DEPOSIT")),
         ("cash_delta".to_owned(), Value::N("5".to_owned())),
         ("cash_after".to_owned(), Value::N("1000005".to_owned())),
-        ("created_at".to_owned(), Value::N("1".to_owned())),
+        ("created_at_ms".to_owned(), Value::N("1".to_owned())),
     ]);
     storage
         .put(Put {
@@ -64,7 +65,7 @@ async fn audit_finds_forgery_and_stale_leases(engine: EngineKind) {
         owner: "gone".into(),
         incarnation: "gone".into(),
         operation: "DEPOSIT".into(),
-        expires_at: ten_minutes_ago + 10_000,
+        expires_at_ms: ten_minutes_ago + 10_000,
     };
     app.storage
         .update(model::acquire_lease(&user, &dead, ten_minutes_ago, true))

@@ -67,7 +67,7 @@ async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output = ()> {
         owner: "another-coordinator".to_owned(),
         incarnation: "a-run-that-died".to_owned(),
         operation: "WITHDRAWAL".to_owned(),
-        expires_at: SystemClock.now() + 60_000,
+        expires_at_ms: SystemClock.now() + 60_000,
     };
     app.storage
         .update(model::acquire_lease(&user, &lease, SystemClock.now(), true))

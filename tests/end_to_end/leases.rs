@@ -36,7 +36,7 @@ async fn take_lease_as_another_coordinator(
         owner: "coordinator-that-died".to_owned(),
         incarnation: "a-run-that-died".to_owned(),
         operation: "WITHDRAWAL".to_owned(),
-        expires_at: now + lease_ms,
+        expires_at_ms: now + lease_ms,
     };
     let item = app
         .storage
@@ -89,7 +89,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
         cash_delta: decision.cash_delta,
         cash_after: decision.cash,
         trade: None,
-        created_at: decided_at,
+        created_at_ms: decided_at,
         request_id: None,
         sequence: read.version + 1,
     };

@@ -83,7 +83,7 @@ async fn restarted_instance_reclaims_its_dead_lease(engine: EngineKind) {
         owner: "coordinator-a".to_owned(),
         incarnation: "a-run-that-died".to_owned(),
         operation: "DEPOSIT".to_owned(),
-        expires_at: SystemClock.now() + 60_000,
+        expires_at_ms: SystemClock.now() + 60_000,
     };
     let user = UserId::parse("user_id", "reclaimed").unwrap();
     app.storage

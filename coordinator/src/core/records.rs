@@ -17,13 +17,13 @@ pub struct Lease {
     /// instance's name but another incarnation belongs to a run that died.
     pub incarnation: String,
     pub operation: String,
-    pub expires_at: Millis,
+    pub expires_at_ms: Millis,
 }
 
 impl Lease {
     /// A lease is live until its expiry instant, exclusive.
     pub fn is_live(&self, now: Millis) -> bool {
-        now < self.expires_at
+        now < self.expires_at_ms
     }
 }
 
@@ -67,7 +67,7 @@ pub struct LedgerEntry {
     pub cash_delta: Decimal,
     pub cash_after: Usd,
     pub trade: Option<LedgerTrade>,
-    pub created_at: Millis,
+    pub created_at_ms: Millis,
     /// The caller's idempotency key, when it gave one.
     pub request_id: Option<String>,
     /// The account's version after this entry: orders a user's entries without trusting the
@@ -112,7 +112,7 @@ pub struct Order {
     /// quantity x price, rounded half-even to cents.
     pub total: Usd,
     pub failure_reason: Option<String>,
-    pub created_at: Millis,
+    pub created_at_ms: Millis,
 }
 
 /// What an idempotency key's first execution ended in, written in the same transaction as its

@@ -94,7 +94,7 @@ impl TransactionCoordinator {
                 owner: self.config.owner.clone(),
                 incarnation: self.incarnation.clone(),
                 operation: operation.to_owned(),
-                expires_at: now + lease_duration.as_millis() as u64,
+                expires_at_ms: now + lease_duration.as_millis() as u64,
             };
             if let Some(held) = self
                 .try_acquire(user, lease, now, require_account, &mut waiting)
@@ -200,11 +200,15 @@ impl TransactionCoordinator {
     fn held(&self, user: &UserId, lease: Lease, item: &crate::storage::Item) -> Result<HeldLease, ServiceError> {
         let account = model::account_from_item(item).map_err(|error| ServiceError::Internal(error.to_string()))?;
         tracing::Span::current().record("lock_id", tracing::field::display(&lease.lock_id));
-        tracing::info!(lock_state = "ACQUIRED", expires_at = lease.expires_at, "lease acquired");
+        tracing::info!(
+            lock_state = "ACQUIRED",
+            expires_at = lease.expires_at_ms,
+            "lease acquired"
+        );
         let held = HeldLease {
             user: user.clone(),
             lock_id: lease.lock_id,
-            expires_at: lease.expires_at,
+            expires_at: lease.expires_at_ms,
             account,
         };
         self.held_leases.insert(&held);

@@ -1,22 +1,26 @@
 //! The endpoint engine: aws-sdk-dynamodb against AWS DynamoDB or any compatible server
 //! (dynoxide's HTTP server, moto, DynamoDB Local), configured from the usual AWS_* environment.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::delete_item::builders::DeleteItemFluentBuilder;
+use aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
+use aws_sdk_dynamodb::types::builders::{ConditionCheckBuilder, DeleteBuilder, PutBuilder, UpdateBuilder};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus, TransactWriteItem,
 };
 
+use super::translate::{Conditional, decode_item, decode_key, encode_bindings, encode_item, encode_key, engine_value};
 use super::{
     Bindings, CancellationReason, Delete, Engine, Item, Key, Page, Put, Query, StorageError, StorageResult,
-    TransactItem, Update, Value,
+    TransactItem, Update,
 };
 
 /// One attempt of one request may take this long before it counts as failed; DynamoDB answers
@@ -130,123 +134,66 @@ where
     }
 }
 
-fn to_value(value: &Value) -> AttributeValue {
-    match value {
-        Value::S(text) => AttributeValue::S(text.clone()),
-        Value::N(number) => AttributeValue::N(number.clone()),
-        Value::Bool(flag) => AttributeValue::Bool(*flag),
-        Value::M(map) => AttributeValue::M(map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()),
-    }
+engine_value!(AttributeValue, Bool);
+
+/// The SDK's builders of conditional requests: the same setters on each.
+macro_rules! conditional_builders {
+    ($($builder:ty),* $(,)?) => {$(
+        impl Conditional<Option<String>> for $builder {
+            fn conditional(self, table: &str, condition: Option<String>, bindings: &Bindings) -> Self {
+                let (names, values) = encode_bindings(bindings);
+                self.table_name(table)
+                    .set_condition_expression(condition)
+                    .set_expression_attribute_names(names)
+                    .set_expression_attribute_values(values)
+            }
+        }
+    )*};
 }
 
-fn from_value(value: &AttributeValue) -> Option<Value> {
-    Some(match value {
-        AttributeValue::S(text) => Value::S(text.clone()),
-        AttributeValue::N(number) => Value::N(number.clone()),
-        AttributeValue::Bool(flag) => Value::Bool(*flag),
-        AttributeValue::M(map) => Value::M(
-            map.iter()
-                .filter_map(|(k, v)| Some((k.clone(), from_value(v)?)))
-                .collect(),
-        ),
-        _ => return None,
-    })
-}
-
-fn to_item(item: &Item) -> HashMap<String, AttributeValue> {
-    item.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()
-}
-
-fn from_item(item: &HashMap<String, AttributeValue>) -> Item {
-    item.iter()
-        .filter_map(|(k, v)| Some((k.clone(), from_value(v)?)))
-        .collect()
-}
-
-fn to_key(key: &Key) -> HashMap<String, AttributeValue> {
-    HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(key.pk.clone())),
-        ("sk".to_owned(), AttributeValue::S(key.sk.clone())),
-    ])
-}
-
-fn from_key(item: &HashMap<String, AttributeValue>) -> Option<Key> {
-    match (item.get("pk"), item.get("sk")) {
-        (Some(AttributeValue::S(pk)), Some(AttributeValue::S(sk))) => Some(Key {
-            pk: pk.clone(),
-            sk: sk.clone(),
-        }),
-        _ => None,
-    }
-}
-
-type Names = Option<HashMap<String, String>>;
-type Values = Option<HashMap<String, AttributeValue>>;
-
-fn to_bindings(bindings: &Bindings) -> (Names, Values) {
-    let names = (!bindings.names.is_empty()).then(|| bindings.names.clone().into_iter().collect());
-    let values =
-        (!bindings.values.is_empty()).then(|| bindings.values.iter().map(|(k, v)| (k.clone(), to_value(v))).collect());
-    (names, values)
-}
+conditional_builders!(
+    PutBuilder,
+    UpdateBuilder,
+    DeleteBuilder,
+    ConditionCheckBuilder,
+    PutItemFluentBuilder,
+    UpdateItemFluentBuilder,
+    DeleteItemFluentBuilder,
+);
 
 fn transact_item(table: &str, item: TransactItem) -> StorageResult<TransactWriteItem> {
     let invalid = |error: aws_sdk_dynamodb::error::BuildError| StorageError::Other(error.to_string());
     let builder = TransactWriteItem::builder();
     let builder = match item {
-        TransactItem::Put(put) => {
-            let (names, values) = to_bindings(&put.bindings);
-            builder.put(
-                aws_sdk_dynamodb::types::Put::builder()
-                    .table_name(table)
-                    .set_item(Some(to_item(&put.item)))
-                    .set_condition_expression(put.condition)
-                    .set_expression_attribute_names(names)
-                    .set_expression_attribute_values(values)
-                    .build()
-                    .map_err(invalid)?,
-            )
-        }
-        TransactItem::Update(update) => {
-            let (names, values) = to_bindings(&update.bindings);
-            builder.update(
-                aws_sdk_dynamodb::types::Update::builder()
-                    .table_name(table)
-                    .set_key(Some(to_key(&update.key)))
-                    .update_expression(update.update)
-                    .set_condition_expression(update.condition)
-                    .set_expression_attribute_names(names)
-                    .set_expression_attribute_values(values)
-                    .build()
-                    .map_err(invalid)?,
-            )
-        }
-        TransactItem::Delete(delete) => {
-            let (names, values) = to_bindings(&delete.bindings);
-            builder.delete(
-                aws_sdk_dynamodb::types::Delete::builder()
-                    .table_name(table)
-                    .set_key(Some(to_key(&delete.key)))
-                    .set_condition_expression(delete.condition)
-                    .set_expression_attribute_names(names)
-                    .set_expression_attribute_values(values)
-                    .build()
-                    .map_err(invalid)?,
-            )
-        }
-        TransactItem::ConditionCheck(check) => {
-            let (names, values) = to_bindings(&check.bindings);
-            builder.condition_check(
-                aws_sdk_dynamodb::types::ConditionCheck::builder()
-                    .table_name(table)
-                    .set_key(Some(to_key(&check.key)))
-                    .condition_expression(check.condition)
-                    .set_expression_attribute_names(names)
-                    .set_expression_attribute_values(values)
-                    .build()
-                    .map_err(invalid)?,
-            )
-        }
+        TransactItem::Put(put) => builder.put(
+            aws_sdk_dynamodb::types::Put::builder()
+                .set_item(Some(encode_item(&put.item)))
+                .conditional(table, put.condition, &put.bindings)
+                .build()
+                .map_err(invalid)?,
+        ),
+        TransactItem::Update(update) => builder.update(
+            aws_sdk_dynamodb::types::Update::builder()
+                .set_key(Some(encode_key(&update.key)))
+                .update_expression(update.update)
+                .conditional(table, update.condition, &update.bindings)
+                .build()
+                .map_err(invalid)?,
+        ),
+        TransactItem::Delete(delete) => builder.delete(
+            aws_sdk_dynamodb::types::Delete::builder()
+                .set_key(Some(encode_key(&delete.key)))
+                .conditional(table, delete.condition, &delete.bindings)
+                .build()
+                .map_err(invalid)?,
+        ),
+        TransactItem::ConditionCheck(check) => builder.condition_check(
+            aws_sdk_dynamodb::types::ConditionCheck::builder()
+                .set_key(Some(encode_key(&check.key)))
+                .conditional(table, Some(check.condition), &check.bindings)
+                .build()
+                .map_err(invalid)?,
+        ),
     };
     Ok(builder.build())
 }
@@ -312,25 +259,21 @@ impl Engine for DynamoDbEngine {
             .client
             .get_item()
             .table_name(table)
-            .set_key(Some(to_key(&key)))
+            .set_key(Some(encode_key(&key)))
             .consistent_read(true)
             .send()
             .await
             .map_err(|error| map_error(error, |_| None))?;
-        Ok(response.item().map(from_item))
+        Ok(response.item().map(decode_item))
     }
 
     async fn update(&self, table: &str, update: Update) -> StorageResult<Option<Item>> {
-        let (names, values) = to_bindings(&update.bindings);
         let response = self
             .client
             .update_item()
-            .table_name(table)
-            .set_key(Some(to_key(&update.key)))
+            .set_key(Some(encode_key(&update.key)))
             .update_expression(update.update)
-            .set_condition_expression(update.condition)
-            .set_expression_attribute_names(names)
-            .set_expression_attribute_values(values)
+            .conditional(table, update.condition, &update.bindings)
             .set_return_values(update.return_new.then_some(ReturnValue::AllNew))
             .set_return_values_on_condition_check_failure(
                 update
@@ -343,22 +286,18 @@ impl Engine for DynamoDbEngine {
                 map_error(error, |inner| match inner {
                     aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(
                         failed,
-                    ) => failed.item().map(from_item),
+                    ) => failed.item().map(decode_item),
                     _ => None,
                 })
             })?;
-        Ok(response.attributes().map(from_item))
+        Ok(response.attributes().map(decode_item))
     }
 
     async fn put(&self, table: &str, put: Put) -> StorageResult<()> {
-        let (names, values) = to_bindings(&put.bindings);
         self.client
             .put_item()
-            .table_name(table)
-            .set_item(Some(to_item(&put.item)))
-            .set_condition_expression(put.condition)
-            .set_expression_attribute_names(names)
-            .set_expression_attribute_values(values)
+            .set_item(Some(encode_item(&put.item)))
+            .conditional(table, put.condition, &put.bindings)
             .send()
             .await
             .map_err(|error| map_error(error, |_| None))?;
@@ -366,14 +305,10 @@ impl Engine for DynamoDbEngine {
     }
 
     async fn delete(&self, table: &str, delete: Delete) -> StorageResult<()> {
-        let (names, values) = to_bindings(&delete.bindings);
         self.client
             .delete_item()
-            .table_name(table)
-            .set_key(Some(to_key(&delete.key)))
-            .set_condition_expression(delete.condition)
-            .set_expression_attribute_names(names)
-            .set_expression_attribute_values(values)
+            .set_key(Some(encode_key(&delete.key)))
+            .conditional(table, delete.condition, &delete.bindings)
             .send()
             .await
             .map_err(|error| map_error(error, |_| None))?;
@@ -389,7 +324,7 @@ impl Engine for DynamoDbEngine {
             .scan_index_forward(!query.newest_first)
             .limit(query.limit as i32)
             .consistent_read(true)
-            .set_exclusive_start_key(query.start_after.as_ref().map(to_key));
+            .set_exclusive_start_key(query.start_after.as_ref().map(encode_key));
         request = if query.sk_prefix.is_empty() {
             request.key_condition_expression("pk = :pk")
         } else {
@@ -399,8 +334,8 @@ impl Engine for DynamoDbEngine {
         };
         let response = request.send().await.map_err(|error| map_error(error, |_| None))?;
         Ok(Page {
-            items: response.items().iter().map(from_item).collect(),
-            last_key: response.last_evaluated_key().and_then(from_key),
+            items: response.items().iter().map(decode_item).collect(),
+            last_key: response.last_evaluated_key().and_then(decode_key),
         })
     }
 
@@ -411,13 +346,13 @@ impl Engine for DynamoDbEngine {
             .table_name(table)
             .limit(limit as i32)
             .consistent_read(true)
-            .set_exclusive_start_key(start_after.as_ref().map(to_key))
+            .set_exclusive_start_key(start_after.as_ref().map(encode_key))
             .send()
             .await
             .map_err(|error| map_error(error, |_| None))?;
         Ok(Page {
-            items: response.items().iter().map(from_item).collect(),
-            last_key: response.last_evaluated_key().and_then(from_key),
+            items: response.items().iter().map(decode_item).collect(),
+            last_key: response.last_evaluated_key().and_then(decode_key),
         })
     }
 

@@ -7,7 +7,7 @@
 //! (Lockstep never calls its bulk-loading mode, which turns syncing off), so an acknowledged
 //! commit survives `kill -9` (tests/end_to_end/durability.rs).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use dynoxide::Database;
@@ -29,9 +29,10 @@ use dynoxide::actions::{
 use dynoxide::errors::DynoxideError;
 use dynoxide::types::AttributeValue;
 
+use super::translate::{Conditional, decode_item, decode_key, encode_bindings, encode_item, encode_key, engine_value};
 use super::{
     Bindings, CancellationReason, Delete, Engine, Item, Key, Page, Put, Query, StorageError, StorageResult,
-    TransactItem, Update, Value,
+    TransactItem, Update,
 };
 
 /// The SQLite file inside the data directory.
@@ -88,7 +89,7 @@ impl EmbeddedEngine {
 fn map_error(error: DynoxideError) -> StorageError {
     match error {
         DynoxideError::ConditionalCheckFailedException(_, item) => StorageError::ConditionFailed {
-            current: item.map(|item| from_item(&item)),
+            current: item.map(|item| decode_item(&item)),
         },
         DynoxideError::TransactionCanceledException(_, reasons) => StorageError::TransactionCanceled {
             reasons: reasons
@@ -108,126 +109,70 @@ fn map_error(error: DynoxideError) -> StorageError {
 
 const TABLE_NOT_FOUND: &str = "ResourceNotFoundException";
 
-fn to_value(value: &Value) -> AttributeValue {
-    match value {
-        Value::S(text) => AttributeValue::S(text.clone()),
-        Value::N(number) => AttributeValue::N(number.clone()),
-        Value::Bool(flag) => AttributeValue::BOOL(*flag),
-        Value::M(map) => AttributeValue::M(map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()),
-    }
+engine_value!(AttributeValue, BOOL);
+
+/// dynoxide's conditional requests: structs whose condition and binding fields share names.
+macro_rules! conditional_requests {
+    ($condition:ty => $($request:ty),* $(,)?) => {$(
+        impl Conditional<$condition> for $request {
+            fn conditional(mut self, table: &str, condition: $condition, bindings: &Bindings) -> Self {
+                let (names, values) = encode_bindings(bindings);
+                self.table_name = table.to_owned();
+                self.condition_expression = condition;
+                self.expression_attribute_names = names;
+                self.expression_attribute_values = values;
+                self
+            }
+        }
+    )*};
 }
 
-/// Attribute types Lockstep never writes are dropped: they cannot be part of its items.
-fn from_value(value: &AttributeValue) -> Option<Value> {
-    Some(match value {
-        AttributeValue::S(text) => Value::S(text.clone()),
-        AttributeValue::N(number) => Value::N(number.clone()),
-        AttributeValue::BOOL(flag) => Value::Bool(*flag),
-        AttributeValue::M(map) => Value::M(
-            map.iter()
-                .filter_map(|(k, v)| Some((k.clone(), from_value(v)?)))
-                .collect(),
-        ),
-        _ => return None,
-    })
-}
-
-fn to_item(item: &Item) -> HashMap<String, AttributeValue> {
-    item.iter().map(|(k, v)| (k.clone(), to_value(v))).collect()
-}
-
-fn from_item(item: &HashMap<String, AttributeValue>) -> Item {
-    item.iter()
-        .filter_map(|(k, v)| Some((k.clone(), from_value(v)?)))
-        .collect::<BTreeMap<_, _>>()
-}
-
-fn to_key(key: &Key) -> HashMap<String, AttributeValue> {
-    HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(key.pk.clone())),
-        ("sk".to_owned(), AttributeValue::S(key.sk.clone())),
-    ])
-}
-
-fn from_key(item: &HashMap<String, AttributeValue>) -> Option<Key> {
-    match (item.get("pk"), item.get("sk")) {
-        (Some(AttributeValue::S(pk)), Some(AttributeValue::S(sk))) => Some(Key {
-            pk: pk.clone(),
-            sk: sk.clone(),
-        }),
-        _ => None,
-    }
-}
-
-type Names = Option<HashMap<String, String>>;
-type Values = Option<HashMap<String, AttributeValue>>;
-
-fn to_bindings(bindings: &Bindings) -> (Names, Values) {
-    let names = (!bindings.names.is_empty()).then(|| bindings.names.clone().into_iter().collect());
-    let values =
-        (!bindings.values.is_empty()).then(|| bindings.values.iter().map(|(k, v)| (k.clone(), to_value(v))).collect());
-    (names, values)
-}
+conditional_requests!(Option<String> => PutItemRequest, UpdateItemRequest, DeleteItemRequest, TransactPut, TransactUpdate, TransactDelete);
+conditional_requests!(String => TransactConditionCheck);
 
 fn transact_item(table: &str, item: TransactItem) -> TransactWriteItem {
     match item {
-        TransactItem::Put(put) => {
-            let (names, values) = to_bindings(&put.bindings);
-            TransactWriteItem {
-                put: Some(TransactPut {
-                    table_name: table.to_owned(),
-                    item: to_item(&put.item),
-                    condition_expression: put.condition,
-                    expression_attribute_names: names,
-                    expression_attribute_values: values,
+        TransactItem::Put(put) => TransactWriteItem {
+            put: Some(
+                TransactPut {
+                    item: encode_item(&put.item),
                     ..Default::default()
-                }),
-                ..Default::default()
-            }
-        }
-        TransactItem::Update(update) => {
-            let (names, values) = to_bindings(&update.bindings);
-            TransactWriteItem {
-                update: Some(TransactUpdate {
-                    table_name: table.to_owned(),
-                    key: to_key(&update.key),
+                }
+                .conditional(table, put.condition, &put.bindings),
+            ),
+            ..Default::default()
+        },
+        TransactItem::Update(update) => TransactWriteItem {
+            update: Some(
+                TransactUpdate {
+                    key: encode_key(&update.key),
                     update_expression: update.update,
-                    condition_expression: update.condition,
-                    expression_attribute_names: names,
-                    expression_attribute_values: values,
                     ..Default::default()
-                }),
-                ..Default::default()
-            }
-        }
-        TransactItem::Delete(delete) => {
-            let (names, values) = to_bindings(&delete.bindings);
-            TransactWriteItem {
-                delete: Some(TransactDelete {
-                    table_name: table.to_owned(),
-                    key: to_key(&delete.key),
-                    condition_expression: delete.condition,
-                    expression_attribute_names: names,
-                    expression_attribute_values: values,
+                }
+                .conditional(table, update.condition, &update.bindings),
+            ),
+            ..Default::default()
+        },
+        TransactItem::Delete(delete) => TransactWriteItem {
+            delete: Some(
+                TransactDelete {
+                    key: encode_key(&delete.key),
                     ..Default::default()
-                }),
-                ..Default::default()
-            }
-        }
-        TransactItem::ConditionCheck(check) => {
-            let (names, values) = to_bindings(&check.bindings);
-            TransactWriteItem {
-                condition_check: Some(TransactConditionCheck {
-                    table_name: table.to_owned(),
-                    key: to_key(&check.key),
-                    condition_expression: check.condition,
-                    expression_attribute_names: names,
-                    expression_attribute_values: values,
+                }
+                .conditional(table, delete.condition, &delete.bindings),
+            ),
+            ..Default::default()
+        },
+        TransactItem::ConditionCheck(check) => TransactWriteItem {
+            condition_check: Some(
+                TransactConditionCheck {
+                    key: encode_key(&check.key),
                     ..Default::default()
-                }),
-                ..Default::default()
-            }
-        }
+                }
+                .conditional(table, check.condition, &check.bindings),
+            ),
+            ..Default::default()
+        },
     }
 }
 
@@ -265,56 +210,44 @@ impl Engine for EmbeddedEngine {
     async fn get(&self, table: &str, key: Key) -> StorageResult<Option<Item>> {
         let request = GetItemRequest {
             table_name: table.to_owned(),
-            key: to_key(&key),
+            key: encode_key(&key),
             consistent_read: Some(true),
             ..Default::default()
         };
         let response = self.call(move |database| database.get_item(request)).await?;
-        Ok(response.item.as_ref().map(from_item))
+        Ok(response.item.as_ref().map(decode_item))
     }
 
     async fn update(&self, table: &str, update: Update) -> StorageResult<Option<Item>> {
-        let (names, values) = to_bindings(&update.bindings);
         let request = UpdateItemRequest {
-            table_name: table.to_owned(),
-            key: to_key(&update.key),
+            key: encode_key(&update.key),
             update_expression: Some(update.update),
-            condition_expression: update.condition,
-            expression_attribute_names: names,
-            expression_attribute_values: values,
             return_values: update.return_new.then(|| "ALL_NEW".to_owned()),
             return_values_on_condition_check_failure: update
                 .return_old_on_condition_failure
                 .then(|| "ALL_OLD".to_owned()),
             ..Default::default()
-        };
+        }
+        .conditional(table, update.condition, &update.bindings);
         let response = self.call(move |database| database.update_item(request)).await?;
-        Ok(response.attributes.as_ref().map(from_item))
+        Ok(response.attributes.as_ref().map(decode_item))
     }
 
     async fn put(&self, table: &str, put: Put) -> StorageResult<()> {
-        let (names, values) = to_bindings(&put.bindings);
         let request = PutItemRequest {
-            table_name: table.to_owned(),
-            item: to_item(&put.item),
-            condition_expression: put.condition,
-            expression_attribute_names: names,
-            expression_attribute_values: values,
+            item: encode_item(&put.item),
             ..Default::default()
-        };
+        }
+        .conditional(table, put.condition, &put.bindings);
         self.call(move |database| database.put_item(request).map(drop)).await
     }
 
     async fn delete(&self, table: &str, delete: Delete) -> StorageResult<()> {
-        let (names, values) = to_bindings(&delete.bindings);
         let request = DeleteItemRequest {
-            table_name: table.to_owned(),
-            key: to_key(&delete.key),
-            condition_expression: delete.condition,
-            expression_attribute_names: names,
-            expression_attribute_values: values,
+            key: encode_key(&delete.key),
             ..Default::default()
-        };
+        }
+        .conditional(table, delete.condition, &delete.bindings);
         self.call(move |database| database.delete_item(request).map(drop)).await
     }
 
@@ -331,14 +264,14 @@ impl Engine for EmbeddedEngine {
             expression_attribute_values: Some(values),
             scan_index_forward: !query.newest_first,
             limit: Some(query.limit as usize),
-            exclusive_start_key: query.start_after.as_ref().map(to_key),
+            exclusive_start_key: query.start_after.as_ref().map(encode_key),
             consistent_read: Some(true),
             ..Default::default()
         };
         let response = self.call(move |database| database.query(request)).await?;
         Ok(Page {
-            items: response.items.unwrap_or_default().iter().map(from_item).collect(),
-            last_key: response.last_evaluated_key.as_ref().and_then(from_key),
+            items: response.items.unwrap_or_default().iter().map(decode_item).collect(),
+            last_key: response.last_evaluated_key.as_ref().and_then(decode_key),
         })
     }
 
@@ -346,14 +279,14 @@ impl Engine for EmbeddedEngine {
         let request = ScanRequest {
             table_name: table.to_owned(),
             limit: Some(limit as usize),
-            exclusive_start_key: start_after.as_ref().map(to_key),
+            exclusive_start_key: start_after.as_ref().map(encode_key),
             consistent_read: Some(true),
             ..Default::default()
         };
         let response = self.call(move |database| database.scan(request)).await?;
         Ok(Page {
-            items: response.items.unwrap_or_default().iter().map(from_item).collect(),
-            last_key: response.last_evaluated_key.as_ref().and_then(from_key),
+            items: response.items.unwrap_or_default().iter().map(decode_item).collect(),
+            last_key: response.last_evaluated_key.as_ref().and_then(decode_key),
         })
     }
 

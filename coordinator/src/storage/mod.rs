@@ -3,17 +3,30 @@
 //! `model` builds every request Lockstep sends (keys, condition and update expressions) in one
 //! place, as engine-neutral values. An engine only translates them: `embedded` calls dynoxide
 //! (DynamoDB on SQLite) in-process, `dynamodb` sends them through aws-sdk-dynamodb to AWS or any
-//! compatible endpoint. `Storage` wraps the engine and counts requests, which is how tests hold
-//! the money path to its budget of two requests per successful mutation.
+//! compatible endpoint, and `translate` holds what the two translate alike (items, keys,
+//! bindings, and the condition every conditional request carries). `Storage` wraps the engine and counts requests, which is how tests hold
+//! the money path to its budget of two requests per successful mutation. Whole-table reads (the
+//! audit, the sweeper, the tests) go through one bounded scan, `Storage::scan_table`, and name
+//! what they read with `model::classify`.
 
 pub mod dynamodb;
 pub mod embedded;
 pub mod faults;
 pub mod model;
+mod translate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Items read per page of a whole-table scan: DynamoDB stops a page at 1 MB anyway, and 500 of
+/// Lockstep's items (well under 1 KB each, a few holdings included) stay below it.
+pub const SCAN_PAGE_SIZE: u32 = 500;
+/// Pages one whole-table scan reads at most: a table of up to 50 million items. A larger table
+/// fails the scan with `StorageError::ScanBoundReached` rather than being read in part.
+pub const SCAN_PAGES_MAX: usize = 100_000;
+
+const _: () = assert!(SCAN_PAGE_SIZE as usize * SCAN_PAGES_MAX >= 50_000_000);
 
 /// An attribute value, in the subset of DynamoDB's types Lockstep uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +140,10 @@ pub enum StorageError {
     /// nothing was written; trying again shortly is safe.
     #[error("transaction conflict: {0}")]
     Conflict(String),
+    /// A whole-table scan read `pages` pages of `page_size` items and the table went on: the
+    /// table outgrew `SCAN_PAGES_MAX`. Nothing that needs the whole table may go on with part.
+    #[error("the table scan read SCAN_PAGES_MAX = {pages} pages of {page_size} items and the table goes on")]
+    ScanBoundReached { pages: usize, page_size: u32 },
     /// Anything else: a bug or a misconfiguration (missing table, validation error).
     #[error("storage error: {0}")]
     Other(String),
@@ -248,7 +265,12 @@ impl Storage {
         }
     }
 
-    pub async fn scan(&self, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
+    /// Reads the whole table, a page at a time, at most `SCAN_PAGES_MAX` pages.
+    pub fn scan_table(&self) -> TableScan<'_> {
+        TableScan::new(self, SCAN_PAGE_SIZE, SCAN_PAGES_MAX)
+    }
+
+    async fn scan(&self, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
         self.count();
         self.engine.scan(&self.table, limit, start_after).await
     }
@@ -256,5 +278,106 @@ impl Storage {
     pub async fn transact(&self, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
         self.count();
         self.engine.transact(&self.table, items, token).await
+    }
+}
+
+/// A bounded, consistent scan of the whole table, page by page; the only one Lockstep has.
+#[derive(Debug)]
+pub struct TableScan<'a> {
+    storage: &'a Storage,
+    page_size: u32,
+    pages_max: usize,
+    pages_read: usize,
+    /// Where the next page starts; `None` with `pages_read > 0` means the table has ended.
+    start_after: Option<Key>,
+}
+
+impl<'a> TableScan<'a> {
+    fn new(storage: &'a Storage, page_size: u32, pages_max: usize) -> Self {
+        Self {
+            storage,
+            page_size,
+            pages_max,
+            pages_read: 0,
+            start_after: None,
+        }
+    }
+
+    /// The next page of items, or `None` once the table has been read to its end. A page whose
+    /// read failed can be asked for again: the scan resumes where it stopped. Once `pages_max`
+    /// pages have been read and the table goes on, every call fails with `ScanBoundReached`:
+    /// a scan that is bounded ends loudly, never as if the table had ended.
+    pub async fn next_page(&mut self) -> StorageResult<Option<Vec<Item>>> {
+        if self.pages_read > 0 && self.start_after.is_none() {
+            return Ok(None);
+        }
+        if self.pages_read == self.pages_max {
+            return Err(StorageError::ScanBoundReached {
+                pages: self.pages_max,
+                page_size: self.page_size,
+            });
+        }
+        let page = self.storage.scan(self.page_size, self.start_after.clone()).await?;
+        self.pages_read += 1;
+        self.start_after = page.last_key;
+        Ok(Some(page.items))
+    }
+
+    /// Pages read so far.
+    pub fn pages_read(&self) -> usize {
+        self.pages_read
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A storage of `count` items in an in-memory embedded table.
+    async fn storage_with_items(count: usize) -> Storage {
+        let storage = Storage::new(Arc::new(embedded::EmbeddedEngine::in_memory().unwrap()), "scan");
+        storage.create_table().await.unwrap();
+        for index in 0..count {
+            let item = BTreeMap::from([
+                ("pk".to_owned(), Value::S(format!("FOREIGN#{index:03}"))),
+                ("sk".to_owned(), Value::S("x".to_owned())),
+            ]);
+            storage
+                .put(Put {
+                    item,
+                    condition: None,
+                    bindings: Bindings::default(),
+                })
+                .await
+                .unwrap();
+        }
+        storage
+    }
+
+    async fn read_all(mut scan: TableScan<'_>) -> StorageResult<usize> {
+        let mut items = 0;
+        while let Some(page) = scan.next_page().await? {
+            items += page.len();
+        }
+        Ok(items)
+    }
+
+    /// A scan within its bound reads every item once, and an empty table is one empty page.
+    #[tokio::test]
+    async fn a_scan_within_its_bound_reads_every_item() {
+        let storage = storage_with_items(5).await;
+        assert_eq!(read_all(TableScan::new(&storage, 2, 3)).await, Ok(5));
+        assert_eq!(read_all(storage.scan_table()).await, Ok(5));
+        let empty = storage_with_items(0).await;
+        assert_eq!(read_all(empty.scan_table()).await, Ok(0));
+    }
+
+    /// A table larger than the bound fails the scan, naming the bound, instead of ending early.
+    #[tokio::test]
+    async fn a_scan_past_its_bound_fails_loudly() {
+        let storage = storage_with_items(5).await;
+        let error = read_all(TableScan::new(&storage, 2, 2)).await.unwrap_err();
+        assert_eq!(error, StorageError::ScanBoundReached { pages: 2, page_size: 2 });
+        assert!(error.to_string().contains("SCAN_PAGES_MAX"), "{error}");
     }
 }

@@ -26,18 +26,21 @@ use crate::core::records::{
 };
 use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, RequestId, TradeSide, Usd, UserId};
 
+const USER_PREFIX: &str = "USER#";
 const ACCOUNT_SK: &str = "ACCOUNT";
 const LEDGER_PREFIX: &str = "LEDGER#";
 const ORDER_PREFIX: &str = "ORDER#";
 const ORDER_SK: &str = "ORDER";
 const ASSET_PK: &str = "ASSET";
 const REQUEST_PREFIX: &str = "REQUEST#";
-/// The TTL attribute of request records (epoch seconds). Only request records carry it: a TTL
-/// on anything else would delete money.
-pub const TTL_ATTRIBUTE: &str = "record_expires_at";
+/// The TTL attribute of request records. Only request records carry it: a TTL on anything else
+/// would delete money. Every stored time names its unit: this one is in seconds since the epoch,
+/// because DynamoDB's TTL reads nothing else; all the others (`lock_expires_at_ms`,
+/// `created_at_ms`) are in milliseconds, like the coordinator's clock.
+pub const TTL_ATTRIBUTE: &str = "record_expires_at_s";
 
 /// The lease's attributes on the account item, removed together on release.
-const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_incarnation, lock_operation, lock_expires_at";
+const LEASE_ATTRIBUTES: &str = "lock_id, lock_owner, lock_incarnation, lock_operation, lock_expires_at_ms";
 
 fn s(text: impl Into<String>) -> Value {
     Value::S(text.into())
@@ -55,7 +58,7 @@ fn bindings<const N: usize, const V: usize>(names: [(&str, &str); N], values: [(
 }
 
 fn user_pk(user: &UserId) -> String {
-    format!("USER#{user}")
+    format!("{USER_PREFIX}{user}")
 }
 
 pub fn account_key(user: &UserId) -> Key {
@@ -126,9 +129,9 @@ pub fn reclaim_lease(user: &UserId, lease: &Lease, now: Millis, require_account:
 
 fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: Option<&LockId>) -> Update {
     let free = if orphan.is_some() {
-        "(lock_id = :orphan OR attribute_not_exists(lock_id) OR lock_expires_at <= :now)"
+        "(lock_id = :orphan OR attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now)"
     } else {
-        "(attribute_not_exists(lock_id) OR lock_expires_at <= :now)"
+        "(attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now)"
     };
     let condition = if require_account {
         format!("attribute_exists(cash) AND {free}")
@@ -138,7 +141,7 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
     let mut update = Update {
         key: account_key(user),
         update: "SET user_id = :user, lock_id = :lock, lock_owner = :owner, lock_incarnation = :incarnation, \
-                 lock_operation = :operation, lock_expires_at = :expires, version = if_not_exists(version, :zero), \
+                 lock_operation = :operation, lock_expires_at_ms = :expires, version = if_not_exists(version, :zero), \
                  holdings = if_not_exists(holdings, :empty)"
             .to_owned(),
         condition: Some(condition),
@@ -150,7 +153,7 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
                 (":owner", s(&lease.owner)),
                 (":incarnation", s(&lease.incarnation)),
                 (":operation", s(&lease.operation)),
-                (":expires", n(lease.expires_at)),
+                (":expires", n(lease.expires_at_ms)),
                 (":now", n(now)),
                 (":zero", n(0)),
                 (":empty", Value::M(BTreeMap::new())),
@@ -185,14 +188,11 @@ pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
 /// The sweeper's release of a lease whose holder never came back: only if it is still that
 /// lease and still expired. Like every release it bumps the version, so nothing decided under
 /// that lease can commit afterwards.
-pub fn release_expired_lease(pk: &str, lock_id: &LockId, now: Millis) -> TransactItem {
+pub fn release_expired_lease(account: &Key, lock_id: &LockId, now: Millis) -> TransactItem {
     TransactItem::Update(Update {
-        key: Key {
-            pk: pk.to_owned(),
-            sk: ACCOUNT_SK.to_owned(),
-        },
+        key: account.clone(),
         update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
-        condition: Some("lock_id = :lock AND lock_expires_at <= :now".to_owned()),
+        condition: Some("lock_id = :lock AND lock_expires_at_ms <= :now".to_owned()),
         bindings: bindings([], [(":lock", s(lock_id.as_str())), (":now", n(now)), (":one", n(1))]),
         return_new: false,
         return_old_on_condition_failure: false,
@@ -200,15 +200,23 @@ pub fn release_expired_lease(pk: &str, lock_id: &LockId, now: Millis) -> Transac
 }
 
 /// Deletes a request record past its retention, unless it was rewritten meanwhile.
-pub fn delete_expired_record(pk: &str, sk: &str, now: Millis) -> TransactItem {
+pub fn delete_expired_record(record: &Key, now: Millis) -> TransactItem {
     TransactItem::Delete(Delete {
-        key: Key {
-            pk: pk.to_owned(),
-            sk: sk.to_owned(),
-        },
+        key: record.clone(),
         condition: Some(format!("{TTL_ATTRIBUTE} < :now_seconds")),
-        bindings: bindings([], [(":now_seconds", n(now / 1000))]),
+        bindings: bindings([], [(":now_seconds", n(epoch_seconds(now)))]),
     })
+}
+
+/// Whether a request record is past its retention at `now`: the sweeper's test, and the same
+/// comparison as the conditions that treat such a record as absent.
+pub fn request_record_expired(record: &RequestRecord, now: Millis) -> bool {
+    record.expires_at_seconds < epoch_seconds(now)
+}
+
+/// `now` in whole seconds since the epoch, the unit of the TTL attribute.
+fn epoch_seconds(now: Millis) -> u64 {
+    now / 1000
 }
 
 pub fn lease_from_item(item: &Item) -> Option<Lease> {
@@ -217,7 +225,7 @@ pub fn lease_from_item(item: &Item) -> Option<Lease> {
         owner: string(item, "lock_owner").unwrap_or_default().to_owned(),
         incarnation: string(item, "lock_incarnation").unwrap_or_default().to_owned(),
         operation: string(item, "lock_operation").unwrap_or_default().to_owned(),
-        expires_at: number(item, "lock_expires_at")?.parse().ok()?,
+        expires_at_ms: number(item, "lock_expires_at_ms")?.parse().ok()?,
     })
 }
 
@@ -317,9 +325,9 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
         "deposited_today = :deposited",
         "withdrawn_today = :withdrawn",
         "version = :next_version",
-        "created_at = if_not_exists(created_at, :created_at)",
+        "created_at_ms = if_not_exists(created_at_ms, :created_at_ms)",
     ];
-    let mut condition = vec!["lock_id = :lock", "lock_expires_at > :now", "version = :version"];
+    let mut condition = vec!["lock_id = :lock", "lock_expires_at_ms > :now", "version = :version"];
     let mut update_bindings = bindings(
         [],
         [
@@ -328,7 +336,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
             (":deposited", n(decision.deposited_today)),
             (":withdrawn", n(decision.withdrawn_today)),
             (":next_version", n(read.version + 1)),
-            (":created_at", n(now)),
+            (":created_at_ms", n(now)),
             (":lock", s(lock_id.as_str())),
             (":now", n(now)),
             (":version", n(read.version)),
@@ -427,7 +435,7 @@ fn put_request_record(user: &UserId, request_id: &RequestId, record: &RequestRec
     Put {
         item,
         condition: Some(format!("attribute_not_exists(pk) OR {TTL_ATTRIBUTE} < :now_seconds")),
-        bindings: bindings([], [(":now_seconds", n(now / 1000))]),
+        bindings: bindings([], [(":now_seconds", n(epoch_seconds(now)))]),
     }
 }
 
@@ -548,7 +556,7 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
     item.insert("kind".to_owned(), s(entry.kind.as_str()));
     item.insert("cash_delta".to_owned(), n(entry.cash_delta));
     item.insert("cash_after".to_owned(), n(entry.cash_after));
-    item.insert("created_at".to_owned(), n(entry.created_at));
+    item.insert("created_at_ms".to_owned(), n(entry.created_at_ms));
     item.insert("sequence".to_owned(), n(entry.sequence));
     if let Some(request_id) = &entry.request_id {
         item.insert("request_id".to_owned(), s(request_id));
@@ -589,10 +597,10 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         cash_delta: decimal("cash_delta")?,
         cash_after: Usd::from_decimal(decimal("cash_after")?),
         trade,
-        created_at: required(
+        created_at_ms: required(
             KIND,
-            "created_at",
-            number(item, "created_at").and_then(|raw| raw.parse().ok()),
+            "created_at_ms",
+            number(item, "created_at_ms").and_then(|raw| raw.parse().ok()),
         )?,
         request_id: string(item, "request_id").map(str::to_owned),
         sequence: number(item, "sequence").and_then(|raw| raw.parse().ok()).unwrap_or(0),
@@ -609,7 +617,7 @@ fn order_item(order: &Order, key: Key) -> Item {
     item.insert("status".to_owned(), s(order.status.as_str()));
     item.insert("price".to_owned(), n(order.price));
     item.insert("total".to_owned(), n(order.total));
-    item.insert("created_at".to_owned(), n(order.created_at));
+    item.insert("created_at_ms".to_owned(), n(order.created_at_ms));
     if let Some(limit) = order.limit_price {
         item.insert("limit_price".to_owned(), n(limit));
     }
@@ -662,10 +670,10 @@ pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
         price: required(KIND, "price", number(item, "price").and_then(Price::from_stored))?,
         total: required(KIND, "total", number(item, "total").and_then(Usd::from_stored))?,
         failure_reason: string(item, "failure_reason").map(str::to_owned),
-        created_at: required(
+        created_at_ms: required(
             KIND,
-            "created_at",
-            number(item, "created_at").and_then(|raw| raw.parse().ok()),
+            "created_at_ms",
+            number(item, "created_at_ms").and_then(|raw| raw.parse().ok()),
         )?,
     })
 }
@@ -715,6 +723,110 @@ pub fn assets_query(start_after: Option<Key>) -> Query {
         limit: ASSET_PAGE_SIZE,
         start_after,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a stored item is
+
+/// An item's record, or why the item does not have the shape Lockstep writes.
+pub type Parsed<T> = Result<T, MalformedItem>;
+
+/// One stored item, named by its key: the single place that decides what an item is, for
+/// everything that reads the whole table (the audit, the sweeper, the tests). `key` is the key
+/// as stored; `user` is the user id as it stands in the partition key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredItem {
+    /// The account, with the lease it carries (read even when the account itself is malformed:
+    /// a lease is released by its id alone).
+    Account {
+        key: Key,
+        user: String,
+        account: Parsed<Account>,
+        lease: Option<Lease>,
+    },
+    LedgerEntry {
+        key: Key,
+        user: String,
+        entry: Parsed<LedgerEntry>,
+    },
+    /// An order under its user, for ListOrders.
+    OrderByUser {
+        key: Key,
+        user: String,
+        order: Parsed<Order>,
+    },
+    /// The same order under its id, for GetOrder.
+    OrderById {
+        key: Key,
+        order: Parsed<Order>,
+    },
+    RequestRecord {
+        key: Key,
+        user: String,
+        record: Parsed<RequestRecord>,
+    },
+    Asset {
+        key: Key,
+        asset: Parsed<Asset>,
+    },
+    /// A key outside the model, or no string key at all: not an item Lockstep writes.
+    Foreign {
+        key: Option<Key>,
+    },
+}
+
+/// Names a stored item by its key and parses it into its record.
+pub fn classify(item: &Item) -> StoredItem {
+    let (Some(pk), Some(sk)) = (string(item, "pk"), string(item, "sk")) else {
+        return StoredItem::Foreign { key: None };
+    };
+    let key = Key {
+        pk: pk.to_owned(),
+        sk: sk.to_owned(),
+    };
+    if let Some(user) = pk.strip_prefix(USER_PREFIX) {
+        let user = user.to_owned();
+        if sk == ACCOUNT_SK {
+            return StoredItem::Account {
+                key,
+                user,
+                account: account_from_item(item),
+                lease: lease_from_item(item),
+            };
+        }
+        if sk.starts_with(LEDGER_PREFIX) {
+            return StoredItem::LedgerEntry {
+                key,
+                user,
+                entry: ledger_from_item(item),
+            };
+        }
+        if sk.starts_with(ORDER_PREFIX) {
+            return StoredItem::OrderByUser {
+                key,
+                user,
+                order: order_from_item(item),
+            };
+        }
+        if sk.starts_with(REQUEST_PREFIX) {
+            return StoredItem::RequestRecord {
+                key,
+                user,
+                record: request_record_from_item(item),
+            };
+        }
+    } else if pk.starts_with(ORDER_PREFIX) && sk == ORDER_SK {
+        return StoredItem::OrderById {
+            key,
+            order: order_from_item(item),
+        };
+    } else if pk == ASSET_PK {
+        return StoredItem::Asset {
+            key,
+            asset: asset_from_item(item),
+        };
+    }
+    StoredItem::Foreign { key: Some(key) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -875,6 +987,58 @@ mod tests {
         item.insert("lock_id".to_owned(), s("x"));
         item.insert("version".to_owned(), n(0));
         assert!(!account_from_item(&item).unwrap().exists);
+    }
+
+    /// Every item kind is named by its key alone, a malformed item keeps its key and its error,
+    /// and keys outside the model are foreign.
+    #[test]
+    fn classify_names_every_item_kind_by_its_key() {
+        let alice = UserId::parse("u", "alice").unwrap();
+        let item_at = |key: Key| key_attributes(&key);
+        let kind = |item: &Item| match classify(item) {
+            StoredItem::Account { user, .. } => format!("account of {user}"),
+            StoredItem::LedgerEntry { user, .. } => format!("ledger entry of {user}"),
+            StoredItem::OrderByUser { user, .. } => format!("order of {user}"),
+            StoredItem::OrderById { .. } => "order by id".to_owned(),
+            StoredItem::RequestRecord { user, .. } => format!("request record of {user}"),
+            StoredItem::Asset { .. } => "asset".to_owned(),
+            StoredItem::Foreign { key } => format!("foreign {key:?}"),
+        };
+        let by_user = Key {
+            pk: user_pk(&alice),
+            sk: format!("{ORDER_PREFIX}o1"),
+        };
+        let cases = [
+            (item_at(account_key(&alice)), "account of alice"),
+            (item_at(ledger_key(&alice, "e1")), "ledger entry of alice"),
+            (item_at(by_user), "order of alice"),
+            (item_at(order_key("o1")), "order by id"),
+            (
+                item_at(request_key(
+                    &alice,
+                    &RequestId::parse_optional("r", "r1").unwrap().unwrap(),
+                )),
+                "request record of alice",
+            ),
+            (item_at(asset_key(&AssetSymbol::parse("a", "BTC").unwrap())), "asset"),
+            (Item::new(), "foreign None"),
+        ];
+        for (item, expected) in cases {
+            assert_eq!(kind(&item), expected, "{item:?}");
+        }
+        let foreign = Key {
+            pk: "ORDER#o1".to_owned(),
+            sk: "ELSEWHERE".to_owned(),
+        };
+        assert_eq!(
+            classify(&item_at(foreign.clone())),
+            StoredItem::Foreign { key: Some(foreign) }
+        );
+        let StoredItem::LedgerEntry { key, entry, .. } = classify(&item_at(ledger_key(&alice, "e1"))) else {
+            panic!("a ledger entry");
+        };
+        assert_eq!(key, ledger_key(&alice, "e1"));
+        assert_eq!(entry.unwrap_err().kind, "ledger");
     }
 
     #[test]

@@ -126,7 +126,7 @@ fn order_message(order: Order) -> pb::Order {
         price: order.price.to_string(),
         total: order.total.to_string(),
         failure_reason: order.failure_reason.unwrap_or_default(),
-        created_at: rfc3339(order.created_at),
+        created_at: rfc3339(order.created_at_ms),
     }
 }
 
@@ -153,7 +153,7 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         quantity_delta,
         order_id,
         cash_balance: entry.cash_after.to_string(),
-        created_at: rfc3339(entry.created_at),
+        created_at: rfc3339(entry.created_at_ms),
     }
 }
 
