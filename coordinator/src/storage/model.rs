@@ -769,6 +769,11 @@ pub enum StoredItem {
         key: Key,
         asset: Parsed<Asset>,
     },
+    /// A named coordinator instance's heartbeat (None if malformed).
+    InstanceHeartbeat {
+        key: Key,
+        heartbeat: Option<Heartbeat>,
+    },
     /// A key outside the model, or no string key at all: not an item Lockstep writes.
     Foreign {
         key: Option<Key>,
@@ -824,6 +829,11 @@ pub fn classify(item: &Item) -> StoredItem {
         return StoredItem::Asset {
             key,
             asset: asset_from_item(item),
+        };
+    } else if pk.starts_with(INSTANCE_PREFIX) && sk == HEARTBEAT_SK {
+        return StoredItem::InstanceHeartbeat {
+            key,
+            heartbeat: heartbeat_from_item(item),
         };
     }
     StoredItem::Foreign { key: Some(key) }
@@ -1002,6 +1012,7 @@ mod tests {
             StoredItem::OrderById { .. } => "order by id".to_owned(),
             StoredItem::RequestRecord { user, .. } => format!("request record of {user}"),
             StoredItem::Asset { .. } => "asset".to_owned(),
+            StoredItem::InstanceHeartbeat { .. } => "heartbeat".to_owned(),
             StoredItem::Foreign { key } => format!("foreign {key:?}"),
         };
         let by_user = Key {
@@ -1021,6 +1032,7 @@ mod tests {
                 "request record of alice",
             ),
             (item_at(asset_key(&AssetSymbol::parse("a", "BTC").unwrap())), "asset"),
+            (item_at(heartbeat_key("coordinator-1")), "heartbeat"),
             (Item::new(), "foreign None"),
         ];
         for (item, expected) in cases {
