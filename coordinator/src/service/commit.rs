@@ -259,7 +259,7 @@ pub(super) fn order_of(
         price,
         total,
         failure_reason: None,
-        created_at: now,
+        created_at_ms: now,
     }
 }
 
@@ -298,7 +298,7 @@ fn records_of(
         cash_delta: decision.cash_delta,
         cash_after: decision.cash,
         trade: ledger_trade,
-        created_at: now,
+        created_at_ms: now,
         request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
         sequence: held.account.version + 1,
     };
