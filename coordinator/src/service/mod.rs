@@ -655,7 +655,7 @@ impl Coordinator {
         let now = self.clock.now();
         let order = match operation {
             Operation::Trade(trade) => {
-                let total = trade.price.total(trade.quantity).unwrap_or(Usd::ZERO);
+                let total = trade.total().unwrap_or(Usd::ZERO);
                 let mut order = order_of(held, trade, OrderStatus::Failed, trade.price, total, now);
                 order.failure_reason = Some(rejection.to_string());
                 Some(order)
