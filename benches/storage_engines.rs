@@ -90,7 +90,7 @@ fn trade(side: TradeSide) -> TradeRequest {
     TradeRequest {
         side,
         asset: AssetSymbol::parse("asset", "ADA").expect("valid symbol"),
-        quantity: Quantity::parse_trade("quantity", "1").expect("valid quantity"),
+        quantity: Quantity::parse_trade("quantity", "10").expect("valid quantity"),
         limit_price: None,
     }
 }

@@ -21,6 +21,8 @@ pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The assets the workload trades: cheap, so quantities stay small and orders under the limit.
+/// Quantities are drawn so that every order is worth at least the default minimum order value
+/// (1.00) at the built-in catalog's prices (ADA 0.45, DOGE 0.12345678, SOL 145.25).
 pub const ASSETS: [&str; 3] = ["ADA", "DOGE", "SOL"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +74,12 @@ fn random_request(random: &mut fastrand::Rng, user: &str, request_id: &str) -> (
     };
     let asset = ASSETS[random.usize(..ASSETS.len())];
     let quantity = match asset {
+        // Worth 1.45 to 85.70.
         "SOL" => format!("0.{:02}", random.u32(1..60)),
-        _ => format!("{}.{}", random.u32(1..200), random.u32(0..10)),
+        // Worth about 1.35 to 89.96.
+        "ADA" => format!("{}.{}", random.u32(3..200), random.u32(0..10)),
+        // Worth about 1.11 to 98.76.
+        _ => format!("{}.{}", random.u32(9..800), random.u32(0..10)),
     };
     let order = |quantity: &str| pb::PlaceOrderRequest {
         user_id: user.to_owned(),

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::core::limits::{DAILY_DEPOSIT_USD_DEFAULT, DAILY_WITHDRAWAL_USD_DEFAULT};
+use crate::core::money::{ORDER_VALUE_USD_MAX, ORDER_VALUE_USD_MIN};
 use crate::core::{FieldError, Limits, Usd};
 use crate::service::{
     CoordinatorConfig, LEASE_DEPOSIT, LEASE_TRADE, LEASE_WAIT_MAX, LEASE_WITHDRAW, REQUEST_RETENTION,
@@ -88,7 +90,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "LOCKSTEP_DAILY_DEPOSIT_LIMIT",
-        default_value = "10000.00",
+        default_value_t = Usd::from_decimal(DAILY_DEPOSIT_USD_DEFAULT).to_string(),
         global = true
     )]
     pub daily_deposit_limit: String,
@@ -96,10 +98,19 @@ pub struct Settings {
     #[arg(
         long,
         env = "LOCKSTEP_DAILY_WITHDRAWAL_LIMIT",
-        default_value = "5000.00",
+        default_value_t = Usd::from_decimal(DAILY_WITHDRAWAL_USD_DEFAULT).to_string(),
         global = true
     )]
     pub daily_withdrawal_limit: String,
+    /// Smallest total of one buy or sell, USD, after rounding (costs round up to the cent,
+    /// proceeds down); smaller orders are refused. At least 0.01.
+    #[arg(
+        long,
+        env = "LOCKSTEP_MIN_ORDER_VALUE",
+        default_value_t = Usd::from_decimal(ORDER_VALUE_USD_MIN).to_string(),
+        global = true
+    )]
+    pub min_order_value: String,
     /// Name of this coordinator instance, recorded on its leases (a random one by default).
     #[arg(long, env = "LOCKSTEP_INSTANCE", global = true)]
     pub instance: Option<String>,
@@ -149,6 +160,7 @@ impl Settings {
             limits: Limits {
                 daily_deposit: Usd::parse_amount("--daily-deposit-limit", &self.daily_deposit_limit)?,
                 daily_withdrawal: Usd::parse_amount("--daily-withdrawal-limit", &self.daily_withdrawal_limit)?,
+                order_value_min: self.order_value_min()?,
             },
             request_retention: Duration::from_secs(self.request_retention_hours.saturating_mul(3600)),
             before_commit: None,
@@ -156,7 +168,66 @@ impl Settings {
         })
     }
 
+    /// `--min-order-value`: a USD amount (so at least 0.01), at most the largest order.
+    fn order_value_min(&self) -> Result<Usd, FieldError> {
+        let flag = "--min-order-value";
+        let minimum = Usd::parse_amount(flag, &self.min_order_value)?;
+        let maximum = Usd::from_decimal(ORDER_VALUE_USD_MAX);
+        if minimum > maximum {
+            return Err(FieldError::new(
+                flag,
+                format!("must be at most {maximum}, the largest order value"),
+            ));
+        }
+        Ok(minimum)
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(arguments: &[&str]) -> Result<CoordinatorConfig, FieldError> {
+        let arguments = std::iter::once("coordinator").chain(arguments.iter().copied());
+        Cli::parse_from(arguments).settings.coordinator_config()
+    }
+
+    #[test]
+    fn limit_defaults_are_the_core_constants() {
+        assert_eq!(config(&[]).unwrap().limits, Limits::default());
+        let settings = Cli::parse_from(["coordinator"]).settings;
+        assert_eq!(settings.daily_deposit_limit, "10000.00");
+        assert_eq!(settings.daily_withdrawal_limit, "5000.00");
+        assert_eq!(settings.min_order_value, "1.00");
+    }
+
+    #[test]
+    fn the_minimum_order_value_is_validated_at_start() {
+        let minimum = |raw: &str| {
+            let flag = format!("--min-order-value={raw}");
+            config(&[flag.as_str()]).map(|config| config.limits.order_value_min)
+        };
+        assert_eq!(minimum("0.01").unwrap().to_string(), "0.01");
+        assert_eq!(minimum("10000").unwrap().to_string(), "10000.00");
+        for (raw, reason) in [
+            ("0", "--min-order-value: must be greater than 0"),
+            ("0.00", "--min-order-value: must be greater than 0"),
+            ("-1", "--min-order-value: must be greater than 0"),
+            ("0.001", "--min-order-value: must have at most 2 decimal places"),
+            (
+                "abc",
+                "--min-order-value: must be a plain decimal number such as 100.00",
+            ),
+            (
+                "10000.01",
+                "--min-order-value: must be at most 10000.00, the largest order value",
+            ),
+        ] {
+            assert_eq!(minimum(raw).unwrap_err().to_string(), reason, "{raw}");
+        }
     }
 }

@@ -298,7 +298,7 @@ async fn every_coordinator_error_maps_to_its_http_status() {
             services.order,
             "/orders",
             &[("X-Request-Timeout", "100")],
-            Some(r#"{"user_id": "dave", "side": "buy", "asset": "ADA", "quantity": "1"}"#),
+            Some(r#"{"user_id": "dave", "side": "buy", "asset": "ADA", "quantity": "10"}"#),
         )
         .await;
     late.error(StatusCode::GATEWAY_TIMEOUT);

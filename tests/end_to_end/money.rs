@@ -123,7 +123,9 @@ async fn random_workload_keeps_the_books(engine: EngineKind) {
     const USERS: usize = 4;
     const CLIENTS: usize = 16;
     let operations_per_client = engine.scale(200, 20);
+    // Small orders too (0.1 BBB is worth 0.25): the books must balance for every size.
     let options = AppOptions::default()
+        .flag("--min-order-value", "0.01")
         .flag("--daily-deposit-limit", "1000000")
         .flag("--daily-withdrawal-limit", "1000000")
         .flag("--lock-wait-ms", "20000");
@@ -435,7 +437,74 @@ async fn ledger_pages_end_exactly(engine: EngineKind) {
     assert_eq!(second.next_page_token, "", "the last page, exactly full, has no cursor");
 }
 
+/// Issue 8's measurement, through the gRPC server: deposit 10.00, buy 0.996 ADA at 0.45 (worth
+/// 0.4482), then sell it in 83 lots of 0.012 (worth 0.0054 each). Half-even rounding charged 0.45
+/// and paid 0.01 a lot, ending at 10.38 cash with no ADA. With the default minimum the buy is
+/// refused; with a minimum of 0.01 every lot is refused (it would pay 0.00), and selling the whole
+/// holding pays 0.44: cash ends at 9.99, never above the 10.00 deposited.
+async fn selling_in_lots_that_round_up_gains_nothing(engine: EngineKind) {
+    let app = spawn_app(engine).await;
+    app.set_asset("ADA", "0.45", true).await;
+    app.deposit("farmer", "10.00").await.expect("deposit");
+    let refused = app.buy("farmer", "ADA", "0.996").await.expect_err("below the minimum");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    assert_eq!(refused.message(), "Order total $0.45 is below the minimum of $1.00");
+    assert_eq!(app.cash("farmer").await, "10.00");
+
+    let tiny = spawn_app_with(engine, AppOptions::default().flag("--min-order-value", "0.01")).await;
+    tiny.set_asset("ADA", "0.45", true).await;
+    tiny.deposit("farmer", "10.00").await.expect("deposit");
+    let bought = tiny.buy("farmer", "ADA", "0.996").await.expect("buy");
+    let order = bought.order.expect("order");
+    assert_eq!(order.total, "0.45", "0.4482 costs 0.45: rounded up");
+    assert_eq!(
+        (bought.cash_balance.as_str(), bought.holding.as_str()),
+        ("9.55", "0.996")
+    );
+    let mut client = tiny.client().await;
+    for lot in 0..83 {
+        let refused = client
+            .place_sell(order_request("farmer", "ADA", "0.012"))
+            .await
+            .expect_err("a lot worth 0.0054 pays nothing");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "lot {lot}");
+        assert_eq!(
+            refused.message(),
+            "Order total $0.00 is below the minimum of $0.01",
+            "lot {lot}"
+        );
+    }
+    let account = tiny.account("farmer").await.expect("account");
+    assert_eq!(account.cash_balance, "9.55");
+    assert_eq!(
+        account.holdings,
+        vec![pb::Holding {
+            asset: "ADA".into(),
+            quantity: "0.996".into()
+        }]
+    );
+    let sold = tiny
+        .sell("farmer", "ADA", "0.996")
+        .await
+        .expect("sell the whole holding");
+    assert_eq!(
+        sold.order.expect("order").total,
+        "0.44",
+        "0.4482 pays 0.44: rounded down"
+    );
+    assert_eq!((sold.cash_balance.as_str(), sold.holding.as_str()), ("9.99", "0"));
+    let cash = decimal(&tiny.cash("farmer").await);
+    assert_eq!(cash, decimal("9.99"));
+    assert!(
+        cash <= decimal("10.00"),
+        "trading at one price never makes money: {cash}"
+    );
+    // Deposit, buy, sell: the refused lots left nothing in the ledger.
+    assert_eq!(tiny.full_ledger("farmer").await.len(), 3);
+}
+
 crate::on_every_engine!(
+    selling_in_lots_that_round_up_gains_nothing,
     ledger_pages_end_exactly,
     scenario_1_concurrent_withdrawals,
     scenario_2_buy_and_withdraw,

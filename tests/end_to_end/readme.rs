@@ -125,8 +125,10 @@ async fn readme_curl_session_runs_as_written() {
     assert_eq!(deposit_again, deposit, "same Idempotency-Key, same reply");
     assert_eq!(buy["order"]["status"], "confirmed");
     assert_eq!(sell["holding"], "0.25");
-    assert_eq!(withdraw["cash_balance"], "43.69");
-    assert_eq!(balance["cash_balance"], "43.69", "the deposit applied once");
+    // 100.00 - 72.63 (0.5 × 145.25 = 72.625, a buy rounds up) + 36.31 (0.25 × 145.25 = 36.3125,
+    // a sell rounds down) - 20.00.
+    assert_eq!(withdraw["cash_balance"], "43.68");
+    assert_eq!(balance["cash_balance"], "43.68", "the deposit applied once");
     assert_eq!(ledger["transactions"].as_array().map(Vec::len), Some(2));
     assert!(ledger["next_cursor"].is_string(), "a second page: {ledger}");
     assert_eq!(

@@ -35,22 +35,23 @@ pub struct Trade {
     pub active: bool,
 }
 
+impl Trade {
+    /// The cash this trade moves at the catalog price, rounded to the cent against the customer:
+    /// a buy's cost rounds up (`Price::cost_of`), a sell's proceeds round down
+    /// (`Price::proceeds_of`). None when the product overflows.
+    pub fn total(&self) -> Option<Usd> {
+        match self.side {
+            TradeSide::Buy => self.price.cost_of(self.quantity),
+            TradeSide::Sell => self.price.proceeds_of(self.quantity),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
     Deposit(Usd),
     Withdraw(Usd),
     Trade(Trade),
-}
-
-impl Operation {
-    /// The name used in leases, logs and ledger entries.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Operation::Deposit(_) => "DEPOSIT",
-            Operation::Withdraw(_) => "WITHDRAWAL",
-            Operation::Trade(trade) => trade.side.as_str(),
-        }
-    }
 }
 
 /// What a committed operation changes. Every field is the new absolute value, so the commit
@@ -105,8 +106,8 @@ pub enum Rejection {
     PriceBelowLimit { price: Price, limit: Price },
     #[error("Order total ${total} exceeds the maximum of ${maximum}")]
     OrderValueTooLarge { total: Usd, maximum: Usd },
-    #[error("Order total rounds to $0.00; the minimum is $0.01")]
-    OrderValueTooSmall,
+    #[error("Order total ${total} is below the minimum of ${minimum}")]
+    OrderValueTooSmall { total: Usd, minimum: Usd },
     #[error("Resulting balance is out of range")]
     OutOfRange,
 }
@@ -121,7 +122,7 @@ impl Rejection {
                 | Rejection::PriceAboveLimit { .. }
                 | Rejection::PriceBelowLimit { .. }
                 | Rejection::OrderValueTooLarge { .. }
-                | Rejection::OrderValueTooSmall
+                | Rejection::OrderValueTooSmall { .. }
                 | Rejection::InsufficientBalance { .. }
         )
     }
@@ -190,7 +191,7 @@ pub fn decide(account: &Account, operation: &Operation, today: &str, limits: &Li
             })
         }
         Operation::Trade(trade) => {
-            let effect = decide_trade(account, trade)?;
+            let effect = decide_trade(account, trade, limits)?;
             let (cash, cash_delta) = match trade.side {
                 TradeSide::Buy => (account.cash.checked_sub(effect.total), -effect.total.decimal()),
                 TradeSide::Sell => (account.cash.checked_add(effect.total), effect.total.decimal()),
@@ -205,7 +206,7 @@ pub fn decide(account: &Account, operation: &Operation, today: &str, limits: &Li
     }
 }
 
-fn decide_trade(account: &Account, trade: &Trade) -> Result<TradeEffect, Rejection> {
+fn decide_trade(account: &Account, trade: &Trade, limits: &Limits) -> Result<TradeEffect, Rejection> {
     if !trade.active {
         return Err(Rejection::AssetInactive(trade.asset.clone()));
     }
@@ -224,13 +225,16 @@ fn decide_trade(account: &Account, trade: &Trade) -> Result<TradeEffect, Rejecti
         }
         _ => {}
     }
-    let total = trade.price.total(trade.quantity).ok_or(Rejection::OutOfRange)?;
+    let total = trade.total().ok_or(Rejection::OutOfRange)?;
     let maximum = Usd::from_decimal(ORDER_VALUE_USD_MAX);
     if total > maximum {
         return Err(Rejection::OrderValueTooLarge { total, maximum });
     }
-    if total == Usd::ZERO {
-        return Err(Rejection::OrderValueTooSmall);
+    // Never below one cent, whatever the configured minimum: a sell whose proceeds round down
+    // to 0.00 is refused, never executed for nothing.
+    let minimum = limits.order_value_min.max(Usd::CENT);
+    if total < minimum {
+        return Err(Rejection::OrderValueTooSmall { total, minimum });
     }
     let current = account.holding(&trade.asset);
     let (holding, quantity_delta) = match trade.side {
@@ -432,10 +436,124 @@ mod tests {
             Err(Rejection::OrderValueTooLarge { .. })
         ));
         assert!(decide(&account, &trade(TradeSide::Buy, "2", "5000", None), TODAY, &limits).is_ok());
+    }
+
+    fn limits_with_minimum(minimum: &str) -> Limits {
+        Limits {
+            order_value_min: usd(minimum),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn orders_below_the_minimum_value_are_refused() {
+        let account = account_with("100000", &[("BTC", "10")]);
+        let limits = Limits::default();
+        assert_eq!(limits.order_value_min, usd("1.00"));
+        // Exactly the minimum passes; a cent under it does not, on either side.
+        assert!(decide(&account, &trade(TradeSide::Buy, "0.1", "10", None), TODAY, &limits).is_ok());
+        assert!(decide(&account, &trade(TradeSide::Sell, "0.1", "10", None), TODAY, &limits).is_ok());
+        let error = decide(&account, &trade(TradeSide::Buy, "0.099", "10", None), TODAY, &limits).unwrap_err();
         assert_eq!(
-            decide(&account, &trade(TradeSide::Buy, "0.001", "1", None), TODAY, &limits),
-            Err(Rejection::OrderValueTooSmall)
+            error,
+            Rejection::OrderValueTooSmall {
+                total: usd("0.99"),
+                minimum: usd("1.00")
+            }
         );
+        assert_eq!(error.to_string(), "Order total $0.99 is below the minimum of $1.00");
+        // The minimum applies to the rounded total: 0.0999 × 10 = 0.999 costs 1.00 but pays 0.99.
+        assert!(decide(&account, &trade(TradeSide::Buy, "0.0999", "10", None), TODAY, &limits).is_ok());
+        assert_eq!(
+            decide(&account, &trade(TradeSide::Sell, "0.0999", "10", None), TODAY, &limits),
+            Err(Rejection::OrderValueTooSmall {
+                total: usd("0.99"),
+                minimum: usd("1.00")
+            })
+        );
+        // A buy never rounds to 0.00 (its cost rounds up)...
+        let tiny = limits_with_minimum("0.01");
+        let bought = decide(&account, &trade(TradeSide::Buy, "0.001", "1", None), TODAY, &tiny).unwrap();
+        assert_eq!(bought.trade.unwrap().total, usd("0.01"));
+        // ...and a sell that would pay 0.00 is refused, never executed for nothing.
+        let error = decide(&account, &trade(TradeSide::Sell, "0.001", "1", None), TODAY, &tiny).unwrap_err();
+        assert_eq!(error.to_string(), "Order total $0.00 is below the minimum of $0.01");
+        // Even when a caller builds limits without a minimum.
+        let none = Limits {
+            order_value_min: Usd::ZERO,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            decide(&account, &trade(TradeSide::Sell, "0.001", "1", None), TODAY, &none),
+            Err(Rejection::OrderValueTooSmall { total, .. }) if total == Usd::ZERO
+        ));
+    }
+
+    /// Issue 8's measurement: deposit 10.00, buy 0.996 ADA at 0.45 (0.4482, which half-even
+    /// charged as 0.45), sell it in 83 lots of 0.012 (0.0054 each, which half-even paid as 0.01):
+    /// cash ended at 10.38 with no ADA left. Now a lot that would pay 0.00 is refused, and the
+    /// whole quantity sells for 0.44: the round trip costs a cent instead of paying 38.
+    #[test]
+    fn splitting_a_sell_into_lots_that_round_up_gains_nothing() {
+        let limits = limits_with_minimum("0.01");
+        let ada = |side, quantity| {
+            Operation::Trade(Trade {
+                side,
+                asset: AssetSymbol::parse("asset", "ADA").unwrap(),
+                quantity: Quantity::parse_trade("quantity", quantity).unwrap(),
+                limit_price: None,
+                price: Price::parse("price", "0.45").unwrap(),
+                active: true,
+            })
+        };
+        let apply = |account: &mut Account, decision: Decision| {
+            account.exists = true;
+            account.cash = decision.cash;
+            account.limit_day = decision.limit_day;
+            account.deposited_today = decision.deposited_today;
+            if let Some(effect) = decision.trade {
+                account.holdings.insert(effect.asset, effect.holding);
+            }
+        };
+        let mut account = Account::default();
+        let deposit = decide(&account, &Operation::Deposit(usd("10.00")), TODAY, &limits).unwrap();
+        apply(&mut account, deposit);
+
+        let buy = decide(&account, &ada(TradeSide::Buy, "0.996"), TODAY, &limits).unwrap();
+        assert_eq!(buy.trade.as_ref().unwrap().total, usd("0.45"), "0.4482 rounds up");
+        apply(&mut account, buy);
+        assert_eq!(account.cash, usd("9.55"));
+
+        for lot in 0..83 {
+            let refused = decide(&account, &ada(TradeSide::Sell, "0.012"), TODAY, &limits);
+            assert_eq!(
+                refused,
+                Err(Rejection::OrderValueTooSmall {
+                    total: Usd::ZERO,
+                    minimum: usd("0.01")
+                }),
+                "lot {lot}: 0.0054 rounds down to 0.00"
+            );
+        }
+        assert_eq!(account.cash, usd("9.55"));
+        let ada_symbol = AssetSymbol::parse("asset", "ADA").unwrap();
+        assert_eq!(account.holding(&ada_symbol).to_string(), "0.996");
+
+        let sell = decide(&account, &ada(TradeSide::Sell, "0.996"), TODAY, &limits).unwrap();
+        assert_eq!(sell.trade.as_ref().unwrap().total, usd("0.44"), "0.4482 rounds down");
+        apply(&mut account, sell);
+        assert_eq!(account.cash, usd("9.99"));
+        assert!(account.holding(&ada_symbol).is_zero());
+
+        // With the default minimum the first buy is refused outright.
+        let error = decide(
+            &account_with("10", &[]),
+            &ada(TradeSide::Buy, "0.996"),
+            TODAY,
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(error.to_string(), "Order total $0.45 is below the minimum of $1.00");
     }
 
     mod properties {
@@ -464,7 +582,90 @@ mod tests {
             ]
         }
 
+        /// Limits that let tiny orders through, so rounding is exercised on every order size.
+        fn tiny_orders_allowed() -> Limits {
+            Limits {
+                order_value_min: Usd::CENT,
+                ..Limits::default()
+            }
+        }
+
+        /// A positive price with up to 8 decimals, under 50 (so 200 units stay under the maximum
+        /// order value): mostly sub-dollar, some whole cents, some anywhere.
+        fn price() -> impl Strategy<Value = Price> {
+            prop_oneof![
+                1i64..100_000_000,
+                (1i64..5_000).prop_map(|cents| cents * 1_000_000),
+                1i64..5_000_000_000,
+            ]
+            .prop_map(|units| Price::parse("price", &Decimal::new(units, 8).to_string()).unwrap())
+        }
+
+        /// A trade quantity (at least 0.001, up to 8 decimals): mostly small lots, up to 10.
+        fn lot() -> impl Strategy<Value = Quantity> {
+            prop_oneof![100_000i64..=10_000_000, 100_000i64..=1_000_000_000]
+                .prop_map(|units| Quantity::parse_trade("quantity", &Decimal::new(units, 8).to_string()).unwrap())
+        }
+
+        fn trade_at(side: TradeSide, quantity: Quantity, price: Price) -> Operation {
+            Operation::Trade(Trade {
+                side,
+                asset: AssetSymbol::parse("asset", "AAA").unwrap(),
+                quantity,
+                limit_price: None,
+                price,
+                active: true,
+            })
+        }
+
         proptest! {
+            /// Buying a quantity and selling it in any split at the same price never makes the
+            /// customer richer: cash + holding × price (exact) never grows, at any step. No fill
+            /// executes for 0.00: a lot whose proceeds round down to nothing is refused.
+            #[test]
+            fn trading_at_one_price_never_makes_money(price in price(), lots in proptest::collection::vec(lot(), 1..20)) {
+                let limits = tiny_orders_allowed();
+                let asset = AssetSymbol::parse("asset", "AAA").unwrap();
+                let mut account = Account { exists: true, cash: Usd::from_decimal(Decimal::new(20_000, 0)), limit_day: TODAY.to_owned(), ..Account::default() };
+                let wealth = |account: &Account| account.cash.decimal() + account.holding(&asset).decimal() * price.decimal();
+                let bought = lots.iter().try_fold(Quantity::ZERO, |sum, lot| sum.checked_add(*lot)).unwrap();
+                let mut steps = vec![(TradeSide::Buy, bought)];
+                steps.extend(lots.iter().map(|lot| (TradeSide::Sell, *lot)));
+                let (mut paid, mut received) = (Decimal::ZERO, Decimal::ZERO);
+                for (side, quantity) in steps {
+                    let before = wealth(&account);
+                    let exact = price.exact_value(quantity).unwrap();
+                    match decide(&account, &trade_at(side, quantity, price), TODAY, &limits) {
+                        Ok(decision) => {
+                            let effect = decision.trade.clone().unwrap();
+                            prop_assert!(effect.total > Usd::ZERO, "{:?} {} executed for 0.00", side, quantity);
+                            match side {
+                                TradeSide::Buy => {
+                                    prop_assert!(effect.total.decimal() >= exact && effect.total.decimal() - exact < Decimal::new(1, 2));
+                                    prop_assert_eq!(decision.cash_delta, -effect.total.decimal());
+                                    paid += effect.total.decimal();
+                                }
+                                TradeSide::Sell => {
+                                    prop_assert!(effect.total.decimal() <= exact && exact - effect.total.decimal() < Decimal::new(1, 2));
+                                    prop_assert_eq!(decision.cash_delta, effect.total.decimal());
+                                    received += effect.total.decimal();
+                                }
+                            }
+                            account.cash = decision.cash;
+                            account.holdings.insert(effect.asset, effect.holding);
+                        }
+                        Err(rejection) => {
+                            // Only a sell worth less than a cent is refused here; it changes nothing.
+                            prop_assert_eq!(side, TradeSide::Sell);
+                            prop_assert!(exact < Decimal::new(1, 2));
+                            prop_assert_eq!(rejection, Rejection::OrderValueTooSmall { total: Usd::ZERO, minimum: Usd::CENT });
+                        }
+                    }
+                    prop_assert!(wealth(&account) <= before, "{:?} {} at {} made money", side, quantity, price);
+                }
+                prop_assert!(received <= paid, "sold for {} what was bought for {}", received, paid);
+            }
+
             /// Any sequence of decisions keeps cash and holdings non-negative, and equal to the
             /// sums of the deltas that a ledger would record.
             #[test]
@@ -473,7 +674,7 @@ mod tests {
                 let (mut cash_sum, mut holding_sum) = (Decimal::ZERO, Decimal::ZERO);
                 let asset = AssetSymbol::parse("asset", "AAA").unwrap();
                 for operation in &operations {
-                    let Ok(decision) = decide(&account, operation, TODAY, &Limits::default()) else { continue };
+                    let Ok(decision) = decide(&account, operation, TODAY, &tiny_orders_allowed()) else { continue };
                     cash_sum += decision.cash_delta;
                     account.exists = true;
                     account.cash = decision.cash;

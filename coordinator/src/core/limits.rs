@@ -1,6 +1,7 @@
-//! Per-user daily limits, checked under the lease on the account read with it.
+//! Per-user daily limits, checked under the lease on the account read with it, and the smallest
+//! order value, checked with the order.
 
-use super::money::Usd;
+use super::money::{ORDER_VALUE_USD_MIN, Usd};
 use rust_decimal::Decimal;
 
 /// Default total of deposits per user per UTC day, in USD.
@@ -12,6 +13,9 @@ pub const DAILY_WITHDRAWAL_USD_DEFAULT: Decimal = Decimal::from_parts(500_000, 0
 pub struct Limits {
     pub daily_deposit: Usd,
     pub daily_withdrawal: Usd,
+    /// The smallest total a buy or sell may have, after rounding (`--min-order-value`); at least
+    /// 0.01, so no order ever executes for nothing.
+    pub order_value_min: Usd,
 }
 
 impl Default for Limits {
@@ -19,6 +23,7 @@ impl Default for Limits {
         Self {
             daily_deposit: Usd::from_decimal(DAILY_DEPOSIT_USD_DEFAULT),
             daily_withdrawal: Usd::from_decimal(DAILY_WITHDRAWAL_USD_DEFAULT),
+            order_value_min: Usd::from_decimal(ORDER_VALUE_USD_MIN),
         }
     }
 }

@@ -20,6 +20,10 @@ pub const DECIMAL_TEXT_LENGTH_MAX: usize = 24;
 pub const CASH_AMOUNT_USD_MAX: Decimal = Decimal::from_parts(100_000_000, 0, 0, false, 2);
 /// One order is worth at most this much, in USD.
 pub const ORDER_VALUE_USD_MAX: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 2);
+/// Default smallest order value, in USD (`--min-order-value`). Retail brokers require about this
+/// much for fractional orders, and it bounds what rounding can move per order: at most one cent,
+/// always against the customer, on an order worth at least a dollar.
+pub const ORDER_VALUE_USD_MIN: Decimal = Decimal::from_parts(100, 0, 0, false, 2);
 /// Smallest tradable quantity.
 pub const QUANTITY_MIN: Decimal = Decimal::from_parts(1, 0, 0, false, 3);
 
@@ -64,6 +68,8 @@ pub struct Usd(Decimal);
 
 impl Usd {
     pub const ZERO: Usd = Usd(Decimal::ZERO);
+    /// The smallest positive amount: one cent.
+    pub const CENT: Usd = Usd(Decimal::from_parts(1, 0, 0, false, USD_SCALE));
 
     /// A Deposit or Withdraw amount: > 0, at most 2 decimals, at most `CASH_AMOUNT_USD_MAX`.
     pub fn parse_amount(field: &'static str, raw: &str) -> Result<Self, FieldError> {
@@ -82,7 +88,11 @@ impl Usd {
 
     /// Wraps a value computed or stored by Lockstep itself; rounds to cents half-even.
     pub fn from_decimal(value: Decimal) -> Self {
-        let mut rounded = value.round_dp_with_strategy(USD_SCALE, RoundingStrategy::MidpointNearestEven);
+        Self::rounded(value, RoundingStrategy::MidpointNearestEven)
+    }
+
+    fn rounded(value: Decimal, strategy: RoundingStrategy) -> Self {
+        let mut rounded = value.round_dp_with_strategy(USD_SCALE, strategy);
         rounded.rescale(USD_SCALE);
         Self(rounded)
     }
@@ -181,10 +191,29 @@ impl Price {
         self.0
     }
 
-    /// The cash value of `quantity` at this price: rounded half-even ("banker's rounding") to
-    /// cents, so rounding errors do not drift in either party's favour over many trades.
-    pub fn total(self, quantity: Quantity) -> Option<Usd> {
-        self.0.checked_mul(quantity.0).map(Usd::from_decimal)
+    /// What a buyer pays for `quantity` at this price: `quantity × price` rounded UP to the cent.
+    ///
+    /// Totals round against the customer on both sides, so that no split of a quantity into
+    /// orders at one price gains cash: the proceeds of selling any split never exceed the cost
+    /// of buying the whole (`Σ⌊p·qᵢ⌋ ≤ p·Σqᵢ ≤ ⌈p·Σqᵢ⌉`). Half-even rounding on both sides let a
+    /// customer buy lots whose totals round down and sell lots whose totals round up.
+    pub fn cost_of(self, quantity: Quantity) -> Option<Usd> {
+        self.exact_value(quantity)
+            .map(|value| Usd::rounded(value, RoundingStrategy::AwayFromZero))
+    }
+
+    /// What a seller receives for `quantity` at this price: `quantity × price` rounded DOWN to
+    /// the cent (see `cost_of`). May be 0.00; `decide` refuses such a sell.
+    pub fn proceeds_of(self, quantity: Quantity) -> Option<Usd> {
+        self.exact_value(quantity)
+            .map(|value| Usd::rounded(value, RoundingStrategy::ToZero))
+    }
+
+    /// `quantity × price`, unrounded. Exact for every order value up to far beyond
+    /// `ORDER_VALUE_USD_MAX`: both factors have at most 8 decimals, so the product has at most
+    /// 16, well within `Decimal`'s 28 significant digits.
+    pub fn exact_value(self, quantity: Quantity) -> Option<Decimal> {
+        self.0.checked_mul(quantity.0)
     }
 }
 
@@ -235,37 +264,38 @@ mod tests {
         }
     }
 
+    fn cost_and_proceeds(price: &str, quantity: &str) -> (String, String) {
+        let price = Price::parse("price", price).unwrap();
+        let quantity = Quantity::parse_trade("quantity", quantity).unwrap();
+        (
+            price.cost_of(quantity).unwrap().to_string(),
+            price.proceeds_of(quantity).unwrap().to_string(),
+        )
+    }
+
     #[test]
-    fn totals_round_half_even_to_cents() {
-        let price = Price::parse("price", "0.5").unwrap();
-        assert_eq!(
-            price
-                .total(Quantity::parse_trade("q", "0.01").unwrap())
-                .unwrap()
-                .to_string(),
-            "0.00"
-        );
-        assert_eq!(
-            price
-                .total(Quantity::parse_trade("q", "0.03").unwrap())
-                .unwrap()
-                .to_string(),
-            "0.02"
-        );
-        assert_eq!(
-            price
-                .total(Quantity::parse_trade("q", "0.05").unwrap())
-                .unwrap()
-                .to_string(),
-            "0.02"
-        );
-        assert_eq!(
-            price
-                .total(Quantity::parse_trade("q", "0.07").unwrap())
-                .unwrap()
-                .to_string(),
-            "0.04"
-        );
+    fn costs_round_up_and_proceeds_round_down_to_cents() {
+        // (price, quantity, cost, proceeds): exact values stay exact; anything between two
+        // cents costs the upper one and pays the lower one, half-way points included.
+        for (price, quantity, cost, proceeds) in [
+            ("0.5", "0.01", "0.01", "0.00"),
+            ("0.5", "0.03", "0.02", "0.01"),
+            ("0.5", "0.05", "0.03", "0.02"),
+            ("0.5", "0.07", "0.04", "0.03"),
+            ("0.5", "0.04", "0.02", "0.02"),
+            ("0.45", "0.996", "0.45", "0.44"),
+            ("0.45", "0.012", "0.01", "0.00"),
+            ("145.25", "0.5", "72.63", "72.62"),
+            ("145.25", "2", "290.50", "290.50"),
+            ("0.00000001", "0.001", "0.01", "0.00"),
+            ("10", "1", "10.00", "10.00"),
+        ] {
+            assert_eq!(
+                cost_and_proceeds(price, quantity),
+                (cost.to_owned(), proceeds.to_owned()),
+                "{quantity} at {price}"
+            );
+        }
     }
 
     #[test]
