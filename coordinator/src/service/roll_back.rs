@@ -90,7 +90,7 @@ fn failed_order(held: &HeldLease, operation: &Operation, rejection: &Rejection, 
     let Operation::Trade(trade) = operation else {
         return None;
     };
-    let total = trade.price.total(trade.quantity).unwrap_or(Usd::ZERO);
+    let total = trade.total().unwrap_or(Usd::ZERO);
     let mut order = order_of(held, trade, OrderStatus::Failed, trade.price, total, now);
     order.failure_reason = Some(rejection.to_string());
     Some(order)
