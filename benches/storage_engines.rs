@@ -134,7 +134,7 @@ async fn coordinator_on(engine: Arc<dyn Engine>) -> Arc<TransactionCoordinator> 
 }
 
 /// (1) Deposits one after another on one user.
-async fn sequential_deposits(coordinator: &TransactionCoordinator, ops: usize) -> Run {
+async fn sequential_deposits(coordinator: &Arc<TransactionCoordinator>, ops: usize) -> Run {
     let account = user("bench-sequential");
     // 0.01 per deposit keeps a long run far below the default daily deposit limit.
     let amount = usd("0.01");
@@ -171,7 +171,11 @@ async fn sequential_deposits(coordinator: &TransactionCoordinator, ops: usize) -
 
 /// One mixed operation: deposit, buy, sell, withdraw in turn, so every sell has a holding and
 /// every buy has cash.
-async fn mixed_op(coordinator: &TransactionCoordinator, account: &UserId, step: usize) -> Result<(), ServiceError> {
+async fn mixed_op(
+    coordinator: &Arc<TransactionCoordinator>,
+    account: &UserId,
+    step: usize,
+) -> Result<(), ServiceError> {
     let amount = usd("0.01");
     match step % 4 {
         0 => coordinator.deposit(account, amount, None, None).await.map(drop),

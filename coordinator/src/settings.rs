@@ -128,6 +128,14 @@ pub struct Settings {
     /// Seed of the injected faults.
     #[arg(long, env = "LOCKSTEP_INJECT_FAULTS_SEED", default_value_t = 0, global = true)]
     pub inject_faults_seed: u64,
+    /// Mutations in flight (queued or being decided) in this coordinator past which new ones get
+    /// RESOURCE_EXHAUSTED at once, nothing written.
+    #[arg(long, env = "LOCKSTEP_MAX_INFLIGHT", default_value_t = crate::service::INFLIGHT_MAX_DEFAULT, global = true)]
+    pub max_inflight: usize,
+    /// Calls queued for one user in this coordinator past which its next ones get
+    /// RESOURCE_EXHAUSTED at once, nothing written.
+    #[arg(long, env = "LOCKSTEP_MAX_QUEUED_PER_USER", default_value_t = crate::service::QUEUED_PER_USER_MAX_DEFAULT, global = true)]
+    pub max_queued_per_user: usize,
     /// Longest wait for in-flight RPCs at shutdown, in milliseconds.
     #[arg(long, env = "LOCKSTEP_DRAIN_MS", default_value_t = 10_000, global = true)]
     pub drain_ms: u64,
@@ -165,6 +173,8 @@ impl Settings {
             request_retention: Duration::from_secs(self.request_retention_hours.saturating_mul(3600)),
             before_commit: None,
             sweep_interval: (self.sweep_interval_secs > 0).then(|| Duration::from_secs(self.sweep_interval_secs)),
+            max_inflight: self.max_inflight,
+            max_queued_per_user: self.max_queued_per_user,
         })
     }
 

@@ -1,77 +1,133 @@
-//! Decide and commit under a held lease. Each attempt decides on the account read with the
-//! lease and sends one fenced transaction that writes the account, the ledger entry, the
-//! orders and the request record and releases the lease. Attempts repeat only while nothing
-//! was written (a transaction conflict, a catalog price that moved), and the attempts end in
-//! exactly one [`Ending`], which `decide_and_commit` turns into the reply and the one way the
-//! lease is given back.
+//! Decide and commit a batch under a held lease. Each round decides the batch's calls in order
+//! on the account (`core::batch`) and sends one fenced transaction with every call's writes:
+//! ledger entries, orders (CONFIRMED, or FAILED for refused trades), request records, and the
+//! lease released or, while more calls wait, extended. Rounds repeat only while nothing was
+//! written (a transaction conflict, a catalog price that moved, a request id used before), and
+//! end in exactly one [`Ending`], which `commit_batch` turns into every call's answer and the
+//! one way the lease is given back or kept.
 
-use crate::core::decide::{Rejection, decide};
+use std::collections::BTreeMap;
+
+use crate::core::batch::{BatchOutcome, decide_batch};
+use crate::core::decide::Rejection;
 use crate::core::records::{EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome};
 use crate::core::time::utc_day;
 use crate::core::{Decision, Millis, Operation, Price, RequestId, Trade, TradeSide, Usd};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
 
+use super::queue::Waiter;
 use super::{
     COMMIT_ATTEMPTS_MAX, COMMIT_LEASE_MARGIN, CommitHook, HeldLease, Intent, Missing, Receipt, ServiceError,
     TransactionCoordinator,
 };
 
-/// How the commit attempts under one lease ended.
+/// A call of the batch, with its position in the batch as taken from the queue.
+pub(super) type Call = (usize, Waiter);
+
+/// What a round decided for one call.
+#[derive(Debug, Clone)]
+pub(super) enum Answer {
+    Commit(Box<Receipt>),
+    Refuse {
+        error: ServiceError,
+        /// A refusal record was written with it (the call has a request id).
+        recorded: bool,
+    },
+}
+
+/// A round that was sent: its answers, and the item whose presence proves it applied.
 #[derive(Debug)]
-pub(super) enum Ending {
-    /// The commit applied, and released the lease with it.
-    Committed(Box<Receipt>),
-    /// The decision refused the operation: roll back.
-    Refused { operation: Operation, rejection: Rejection },
-    /// The request id's record exists: an earlier execution (or a landed try of this one)
-    /// recorded the outcome to answer with.
-    Duplicate(RequestId),
-    /// Stopped with `error` before a known outcome: any commit sent meanwhile must be settled.
+pub(super) struct SentRound {
+    pub answers: Vec<(usize, Answer)>,
+    pub marker: Option<crate::storage::Key>,
+}
+
+/// How the rounds of one batch ended.
+#[derive(Debug)]
+enum Ending {
+    /// The round applied: the account is now `after`, and the lease was released with it or
+    /// extended until the instant given.
+    Committed {
+        answers: Vec<(usize, Answer)>,
+        after: Box<crate::core::Account>,
+        extend_until: Option<Millis>,
+    },
+    /// Nothing to write and more calls wait: the refusals are answered, the lease kept as is.
+    Kept(Vec<(usize, Answer)>),
+    /// Stopped with `error` before a known outcome: any round sent must be settled.
     Stopped(ServiceError),
 }
 
+/// One decided round, before it is sent.
+struct Round {
+    answers: Vec<(usize, Answer)>,
+    transaction: model::NamedItems,
+    /// The account after the round, at its next version.
+    after: crate::core::Account,
+    accepted: usize,
+    extend_until: Option<Millis>,
+}
+
 impl TransactionCoordinator {
-    /// Decides on the account read with the lease and commits, or rolls back. Every ending
-    /// gives the lease back exactly once, here.
-    pub(super) async fn decide_and_commit(
-        &self,
-        held: &HeldLease,
-        intent: &Intent,
-        request_id: Option<&RequestId>,
-    ) -> Result<Receipt, ServiceError> {
-        // Every commit sent under this lease: a late try of an earlier one may still land, so an
-        // unclear ending looks for all of them (see `settle`).
-        let mut sent: Vec<Receipt> = Vec::new();
-        match self.attempt_commits(held, intent, request_id, &mut sent).await {
-            Ending::Committed(receipt) => {
-                let receipt = *receipt;
-                self.held_leases.remove(&held.lock_id);
-                tracing::info!(lock_state = "RELEASED", transaction_id = %receipt.entry.entry_id, cash = %receipt.entry.cash_after, "committed");
-                Ok(receipt)
+    /// Decides and commits `calls` under `held`; answers every call. Returns the lease if it
+    /// is still held (extended for the calls that wait), None once it was given back.
+    pub(super) async fn commit_batch(&self, held: HeldLease, mut calls: Vec<Call>) -> Option<HeldLease> {
+        let mut sent: Vec<SentRound> = Vec::new();
+        let ending = self.attempt_rounds(&held, &mut calls, &mut sent).await;
+        match ending {
+            Ending::Committed {
+                answers,
+                after,
+                extend_until,
+            } => {
+                let lock_state = if extend_until.is_some() { "EXTENDED" } else { "RELEASED" };
+                tracing::info!(lock_state, calls = answers.len(), cash = %after.cash, "batch committed");
+                answer_all(calls, &answers);
+                self.after_commit(held, *after, extend_until)
             }
-            Ending::Refused { operation, rejection } => {
-                self.roll_back(held, intent, &operation, rejection, request_id, sent)
-                    .await
+            Ending::Kept(answers) => {
+                answer_all(calls, &answers);
+                Some(held)
             }
-            Ending::Duplicate(request_id) => self.replay(held, &request_id, intent).await,
             Ending::Stopped(error) if sent.is_empty() => {
-                self.release(held).await;
-                Err(error)
+                self.release(&held).await;
+                for (_, waiter) in calls {
+                    waiter.answer(Err(error.clone()));
+                }
+                None
             }
-            Ending::Stopped(error) => self.settle(held, sent, error).await,
+            Ending::Stopped(error) => {
+                self.settle(&held, calls, sent, error).await;
+                None
+            }
         }
     }
 
-    /// Up to `COMMIT_ATTEMPTS_MAX` decide-and-commit rounds; each commit sent is pushed on
-    /// `sent` before it goes out.
-    async fn attempt_commits(
+    /// The lease after a committed round: kept with the state the round wrote, or forgotten.
+    fn after_commit(
         &self,
-        held: &HeldLease,
-        intent: &Intent,
-        request_id: Option<&RequestId>,
-        sent: &mut Vec<Receipt>,
-    ) -> Ending {
+        mut held: HeldLease,
+        after: crate::core::Account,
+        extend_until: Option<Millis>,
+    ) -> Option<HeldLease> {
+        match extend_until {
+            Some(until) => {
+                held.expires_at = until;
+                held.account = after;
+                Some(held)
+            }
+            None => {
+                self.held_leases.remove(&held.lock_id);
+                None
+            }
+        }
+    }
+
+    /// Up to `COMMIT_ATTEMPTS_MAX` rounds; each round sent is pushed on `sent` before it goes
+    /// out. A call whose request id turns out used before is answered from its record and
+    /// leaves the batch.
+    async fn attempt_rounds(&self, held: &HeldLease, calls: &mut Vec<Call>, sent: &mut Vec<SentRound>) -> Ending {
         let mut last_error = ServiceError::Internal("no commit attempted".to_owned());
         let mut catalog_checked = false;
         for _attempt in 0..COMMIT_ATTEMPTS_MAX {
@@ -79,52 +135,49 @@ impl TransactionCoordinator {
             if now + COMMIT_LEASE_MARGIN.as_millis() as u64 >= held.expires_at {
                 return Ending::Stopped(ServiceError::LeaseLost);
             }
-            let operation = match self.operation(intent) {
-                Ok(operation) => operation,
+            self.answer_unknown_assets(calls);
+            let round = match self.decide_round(held, calls, now, &mut catalog_checked).await {
+                Ok(Some(round)) => round,
+                Ok(None) => continue,
                 Err(error) => return Ending::Stopped(error),
             };
-            let decision = match decide(&held.account, &operation, &utc_day(now), &self.config.limits) {
-                Ok(decision) => decision,
-                // Before refusing on a cached price, check it against the stored catalog once:
-                // another coordinator may have changed it. (A refused trade costs one request
-                // more; an accepted one is checked by its commit's condition instead.)
-                Err(rejection)
-                    if matches!(operation, Operation::Trade(_))
-                        && rejection.depends_on_catalog()
-                        && !catalog_checked =>
-                {
-                    catalog_checked = true;
-                    let refresh = self
-                        .catalog
-                        .refresh_if_older_than(&self.storage, super::CATALOG_REFRESH_INTERVAL);
-                    if let Err(error) = refresh.await {
-                        return Ending::Stopped(error);
-                    }
-                    continue;
-                }
-                Err(rejection) => return Ending::Refused { operation, rejection },
-            };
-            let (receipt, mut transaction) = self.prepare_commit(held, intent, &operation, &decision, request_id, now);
+            // Only refusals that write nothing, and more calls wait: no request at all.
+            if round.accepted == 0 && round.transaction.items.len() == 1 && round.extend_until.is_some() {
+                return Ending::Kept(round.answers);
+            }
             if let Some(CommitHook(pause)) = &self.config.before_commit {
                 pause(&held.user).await;
             }
-            sent.push(receipt.clone());
-            // The ledger entry's id doubles as the idempotency token where the engine honours
-            // one; correctness never depends on it (see `settle`).
-            let token = Some(receipt.entry.entry_id.clone());
+            let Round {
+                answers,
+                mut transaction,
+                after,
+                extend_until,
+                ..
+            } = round;
+            sent.push(SentRound {
+                answers: answers.clone(),
+                marker: transaction.marker().cloned(),
+            });
             let reasons = match self
                 .storage
-                .transact(std::mem::take(&mut transaction.items), token)
+                .transact(std::mem::take(&mut transaction.items), None)
                 .await
             {
-                Ok(()) => return Ending::Committed(Box::new(receipt)),
+                Ok(()) => {
+                    return Ending::Committed {
+                        answers,
+                        after: Box::new(after),
+                        extend_until,
+                    };
+                }
                 Err(StorageError::TransactionCanceled { reasons }) => reasons,
                 Err(error) => {
                     tracing::warn!(%error, "commit outcome unknown; settling it");
                     return Ending::Stopped(error.into());
                 }
             };
-            if let Some(ending) = self.after_cancellation(&transaction, &reasons, request_id).await {
+            if let Some(ending) = self.after_cancellation(held, calls, &transaction, &reasons).await {
                 return ending;
             }
             last_error = ServiceError::Unavailable(format!("transaction cancelled: {reasons:?}"));
@@ -132,21 +185,179 @@ impl TransactionCoordinator {
         Ending::Stopped(last_error)
     }
 
-    /// What a cancelled commit's reasons say: an ending, or None to try again (nothing was
-    /// written; the catalog is re-read first if the price check failed).
+    /// Decides every call of the batch and builds the round's transaction. None: the catalog
+    /// was re-read before refusing on a cached price; decide again.
+    async fn decide_round(
+        &self,
+        held: &HeldLease,
+        calls: &[Call],
+        now: Millis,
+        catalog_checked: &mut bool,
+    ) -> Result<Option<Round>, ServiceError> {
+        let operations = calls
+            .iter()
+            .map(|(_, waiter)| self.operation(&waiter.intent))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcome = decide_batch(&held.account, &operations, &utc_day(now), &self.config.limits);
+        let stale_refusal = operations.iter().zip(&outcome.decisions).any(|(operation, decision)| {
+            matches!(operation, Operation::Trade(_)) && decision.as_ref().is_err_and(Rejection::depends_on_catalog)
+        });
+        // Before refusing on a cached price, check it against the stored catalog once: another
+        // coordinator may have changed it. (An accepted trade is checked by its commit's
+        // condition instead.)
+        if stale_refusal && !*catalog_checked {
+            *catalog_checked = true;
+            self.catalog
+                .refresh_if_older_than(&self.storage, super::CATALOG_REFRESH_INTERVAL)
+                .await?;
+            return Ok(None);
+        }
+        let extend_until = self
+            .queues
+            .has_waiters(&held.user)
+            .then(|| now + self.config.lease_trade.as_millis() as u64);
+        Ok(Some(self.build_round(
+            held,
+            calls,
+            &operations,
+            outcome,
+            extend_until,
+            now,
+        )))
+    }
+
+    /// Every call's records and answer, and the one transaction that writes them.
+    fn build_round(
+        &self,
+        held: &HeldLease,
+        calls: &[Call],
+        operations: &[Operation],
+        outcome: BatchOutcome,
+        extend_until: Option<Millis>,
+        now: Millis,
+    ) -> Round {
+        let mut state = held.account.clone();
+        let mut writes = Vec::with_capacity(calls.len());
+        let mut prices: BTreeMap<_, Price> = BTreeMap::new();
+        for (((_, waiter), operation), decision) in calls.iter().zip(operations).zip(&outcome.decisions) {
+            let request_id = waiter.request_id.as_ref();
+            writes.push(match decision {
+                Ok(decision) => {
+                    assert_postconditions(&state, decision);
+                    state.version += 1;
+                    let version = state.version;
+                    state.apply(decision);
+                    if let Some(effect) = &decision.trade {
+                        prices.insert(effect.asset.clone(), effect.price);
+                    }
+                    self.accepted_writes(held, &waiter.intent, operation, decision, request_id, version, now)
+                }
+                Err(rejection) => self.refused_writes(held, &waiter.intent, operation, rejection, request_id, now),
+            });
+        }
+        debug_assert_eq!(
+            state.cash, outcome.after.cash,
+            "the batch's state is its decisions applied in order"
+        );
+        let accepted = outcome.accepted();
+        let mut after = outcome.after;
+        after.version = held.account.version + accepted.max(1) as u64;
+        let operation_writes: Vec<_> = writes.iter().map(CallWrites::as_model).collect();
+        let transaction = model::commit_batch(&model::BatchCommit {
+            user: &held.user,
+            lock_id: &held.lock_id,
+            read: &held.account,
+            after: &after,
+            cash_floor: outcome.cash_floor,
+            holding_floors: &outcome.holding_floors,
+            prices: &prices,
+            operations: &operation_writes,
+            extend_until,
+            now,
+        });
+        let answers = calls
+            .iter()
+            .zip(writes)
+            .map(|((id, _), writes)| (*id, writes.answer))
+            .collect();
+        Round {
+            answers,
+            transaction,
+            after,
+            accepted,
+            extend_until,
+        }
+    }
+
+    /// An accepted call's ledger entry, order and request record.
+    #[allow(clippy::too_many_arguments)]
+    fn accepted_writes(
+        &self,
+        held: &HeldLease,
+        intent: &Intent,
+        operation: &Operation,
+        decision: &Decision,
+        request_id: Option<&RequestId>,
+        version: u64,
+        now: Millis,
+    ) -> CallWrites {
+        let (entry, order) = records_of(held, operation, decision, request_id, version, now);
+        let holding = decision.trade.as_ref().map(|effect| effect.holding);
+        let record = request_id.map(|request_id| {
+            let outcome = RecordedOutcome::Committed {
+                entry_id: entry.entry_id.clone(),
+                order_id: order.as_ref().map(|order| order.order_id.clone()),
+                holding,
+            };
+            (request_id.clone(), self.record(intent, outcome, now))
+        });
+        let receipt = Receipt {
+            trade: order.clone().zip(holding),
+            entry: entry.clone(),
+            replayed: false,
+        };
+        CallWrites {
+            entry: Some(entry),
+            order,
+            record,
+            answer: Answer::Commit(Box::new(receipt)),
+        }
+    }
+
+    /// Answers, at once, the calls whose asset left the catalog since they were queued.
+    fn answer_unknown_assets(&self, calls: &mut Vec<Call>) {
+        let (unknown, known): (Vec<Call>, Vec<Call>) = std::mem::take(calls)
+            .into_iter()
+            .partition(|(_, waiter)| self.operation(&waiter.intent).is_err());
+        *calls = known;
+        for (_, waiter) in unknown {
+            let error = self.operation(&waiter.intent).expect_err("partitioned on it");
+            waiter.answer(Err(error));
+        }
+    }
+
+    /// What a cancelled round's reasons say: an ending, or None to try again (nothing was
+    /// written; a call whose request id was used before is answered from its record and leaves,
+    /// or the catalog is re-read if a price check failed).
     async fn after_cancellation(
         &self,
+        held: &HeldLease,
+        calls: &mut Vec<Call>,
         transaction: &model::NamedItems,
         reasons: &[CancellationReason],
-        request_id: Option<&RequestId>,
     ) -> Option<Ending> {
         match transaction.refused_part(reasons)? {
-            // The key was used before (or this very commit landed and its retry was refused):
-            // the record says what happened.
-            TransactionPart::RequestRecord => Some(Ending::Duplicate(
-                request_id.expect("a request record implies a request id").clone(),
-            )),
-            // Fenced, or our own commit already landed and a retry of it was refused.
+            TransactionPart::RequestRecord { operation } => {
+                let (_, waiter) = calls.remove(operation);
+                let request_id = waiter
+                    .request_id
+                    .clone()
+                    .expect("a request record implies a request id");
+                let recorded = self.recorded_outcome(&held.user, &request_id, &waiter.intent).await;
+                waiter.answer(recorded);
+                None
+            }
+            // Fenced, or a round of ours already landed and a retry of it was refused.
             TransactionPart::Account => Some(Ending::Stopped(ServiceError::LeaseLost)),
             TransactionPart::CatalogCheck => {
                 tracing::info!("catalog changed since it was cached; re-reading it");
@@ -156,7 +367,7 @@ impl TransactionCoordinator {
     }
 
     /// The operation to decide: for trades, with the catalog entry as cached now.
-    fn operation(&self, intent: &Intent) -> Result<Operation, ServiceError> {
+    pub(super) fn operation(&self, intent: &Intent) -> Result<Operation, ServiceError> {
         Ok(match intent {
             Intent::Deposit(amount) => Operation::Deposit(*amount),
             Intent::Withdraw(amount) => Operation::Withdraw(*amount),
@@ -176,60 +387,57 @@ impl TransactionCoordinator {
             }
         })
     }
+}
 
-    /// The reply a commit of `decision` will give, and the transaction that writes it.
-    pub(super) fn prepare_commit(
-        &self,
-        held: &HeldLease,
-        intent: &Intent,
-        operation: &Operation,
-        decision: &Decision,
-        request_id: Option<&RequestId>,
-        now: Millis,
-    ) -> (Receipt, model::NamedItems) {
-        assert_postconditions(held, decision);
-        let (entry, order) = records_of(held, operation, decision, request_id, now);
-        let holding = decision.trade.as_ref().map(|effect| effect.holding);
-        let record = request_id.map(|request_id| {
-            let outcome = RecordedOutcome::Committed {
-                entry_id: entry.entry_id.clone(),
-                order_id: order.as_ref().map(|order| order.order_id.clone()),
-                holding,
-            };
-            (request_id, self.record(intent, outcome, now))
-        });
-        let transaction = model::commit(&model::Commit {
-            user: &held.user,
-            lock_id: &held.lock_id,
-            read: &held.account,
-            decision,
-            entry: &entry,
-            order: order.as_ref(),
-            record: record.as_ref().map(|(request_id, record)| (*request_id, record)),
-            now,
-        });
-        let receipt = Receipt {
-            trade: order.zip(holding),
-            entry,
-            replayed: false,
-        };
-        (receipt, transaction)
+/// What one call of a round writes, and its answer if the round applies.
+pub(super) struct CallWrites {
+    pub entry: Option<LedgerEntry>,
+    pub order: Option<Order>,
+    pub record: Option<(RequestId, crate::core::records::RequestRecord)>,
+    pub answer: Answer,
+}
+
+impl CallWrites {
+    fn as_model(&self) -> model::OperationWrites<'_> {
+        model::OperationWrites {
+            entry: self.entry.as_ref(),
+            order: self.order.as_ref(),
+            record: self.record.as_ref().map(|(request_id, record)| (request_id, record)),
+        }
     }
 }
 
-/// The decision's postconditions, checked where the state changes: cash moves by exactly the
+impl Answer {
+    pub(super) fn into_result(self) -> Result<Receipt, ServiceError> {
+        match self {
+            Answer::Commit(receipt) => Ok(*receipt),
+            Answer::Refuse { error, .. } => Err(error),
+        }
+    }
+}
+
+/// Answers every call from `answers` (by position in the batch).
+fn answer_all(calls: Vec<Call>, answers: &[(usize, Answer)]) {
+    for (id, waiter) in calls {
+        if let Some((_, answer)) = answers.iter().find(|(answered, _)| *answered == id) {
+            waiter.answer(answer.clone().into_result());
+        }
+    }
+}
+
+/// A decision's postconditions, checked where the state changes: cash moves by exactly the
 /// delta, nothing goes negative, and the holding moves by exactly the traded quantity.
-fn assert_postconditions(held: &HeldLease, decision: &Decision) {
+fn assert_postconditions(before: &crate::core::Account, decision: &Decision) {
     debug_assert_eq!(
         decision.cash.decimal(),
-        held.account.cash.decimal() + decision.cash_delta,
+        before.cash.decimal() + decision.cash_delta,
         "cash after = cash before + delta"
     );
     debug_assert!(decision.cash >= Usd::ZERO, "cash never goes negative");
     if let Some(effect) = &decision.trade {
         debug_assert_eq!(
             effect.holding.decimal(),
-            held.account.holding(&effect.asset).decimal() + effect.quantity_delta,
+            before.holding(&effect.asset).decimal() + effect.quantity_delta,
             "holding after = holding before + quantity delta"
         );
         debug_assert!(
@@ -263,12 +471,14 @@ pub(super) fn order_of(
     }
 }
 
-/// The ledger entry, and for trades the CONFIRMED order, that a decision commits.
+/// The ledger entry, and for trades the CONFIRMED order, that a decision commits; `version` is
+/// the account's version after it (the entry's sequence).
 fn records_of(
     held: &HeldLease,
     operation: &Operation,
     decision: &Decision,
     request_id: Option<&RequestId>,
+    version: u64,
     now: Millis,
 ) -> (LedgerEntry, Option<Order>) {
     let entry_id = uuid::Uuid::now_v7().to_string();
@@ -300,24 +510,59 @@ fn records_of(
         trade: ledger_trade,
         created_at_ms: now,
         request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
-        sequence: held.account.version + 1,
+        sequence: version,
     };
     (entry, order)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tokio::sync::Notify;
+
     use super::*;
     use crate::core::AssetSymbol;
     use crate::core::time::ManualClock;
-    use crate::service::TradeRequest;
-    use crate::service::testing::{LEASE, coordinator, quantity, usd, user};
+    use crate::service::testing::{LEASE, coordinator, coordinator_on, quantity, usd, user};
+    use crate::service::{CoordinatorConfig, TradeRequest};
+    use crate::storage::embedded::EmbeddedEngine;
 
-    /// A commit writes the account and releases the lease in one request: two in all.
+    /// A hook that parks the first commit until `go` is notified, and lets later ones pass.
+    fn park_first_commit() -> (CommitHook, Arc<Notify>, Arc<Notify>) {
+        let (parked, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let first = Arc::new(AtomicBool::new(true));
+        let hook = {
+            let (parked, go) = (Arc::clone(&parked), Arc::clone(&go));
+            CommitHook(Arc::new(move |_user: &crate::core::UserId| {
+                let (parked, go, first) = (Arc::clone(&parked), Arc::clone(&go), Arc::clone(&first));
+                Box::pin(async move {
+                    if first.swap(false, Ordering::SeqCst) {
+                        parked.notify_one();
+                        go.notified().await;
+                    }
+                })
+            }))
+        };
+        (hook, parked, go)
+    }
+
+    async fn parked_coordinator() -> (Arc<TransactionCoordinator>, Arc<Notify>, Arc<Notify>) {
+        let (hook, parked, go) = park_first_commit();
+        let config = CoordinatorConfig {
+            before_commit: Some(hook),
+            ..CoordinatorConfig::default()
+        };
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let coordinator = coordinator_on(engine, &ManualClock::starting_at(1_000_000), config).await;
+        (coordinator, parked, go)
+    }
+
+    /// A lone call: one acquire, then one transaction that commits and releases.
     #[tokio::test]
-    async fn a_commit_writes_and_releases_in_one_request() {
-        let clock = ManualClock::starting_at(1_000_000);
-        let coordinator = coordinator(&clock).await;
+    async fn a_lone_call_costs_two_requests() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
         let before = coordinator.storage().requests();
         let receipt = coordinator
             .mutate(&user("a"), Intent::Deposit(usd("100")), None, None)
@@ -333,62 +578,163 @@ mod tests {
         assert!(next.is_ok(), "the commit released the lease: {next:?}");
     }
 
-    /// Too little lease left for a commit: nothing is sent, the lease is given back.
+    /// Calls that queue behind a commit are decided in order on the running balance and
+    /// committed together, up to `BATCH_CALLS_MAX` a transaction; a refusal in the middle is that
+    /// call's answer alone; while more calls wait, a commit extends the lease instead of
+    /// releasing it, so the next batch needs no acquire.
+    #[tokio::test]
+    async fn queued_calls_commit_together_with_a_refusal_in_the_middle() {
+        let (coordinator, parked, go) = parked_coordinator().await;
+        let call = |intent: Intent, id: String| {
+            let coordinator = Arc::clone(&coordinator);
+            let request_id = RequestId::parse_optional("request_id", &id).unwrap();
+            tokio::spawn(async move { coordinator.mutate(&user("b"), intent, request_id, None).await })
+        };
+        let first = call(Intent::Deposit(usd("10")), "b-0".to_owned());
+        parked.notified().await;
+        let mut queued = vec![
+            call(Intent::Withdraw(usd("4")), "b-1".to_owned()),
+            call(Intent::Withdraw(usd("50")), "b-2".to_owned()),
+            call(Intent::Deposit(usd("1")), "b-3".to_owned()),
+        ];
+        for index in 4..=super::super::BATCH_CALLS_MAX + 1 {
+            queued.push(call(Intent::Deposit(usd("1")), format!("b-{index}")));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let before = coordinator.storage().requests();
+        go.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().entry.cash_after, usd("10"));
+        let mut results = Vec::new();
+        for call in queued {
+            results.push(call.await.unwrap());
+        }
+        assert_eq!(results[0].as_ref().unwrap().entry.cash_after, usd("6"));
+        assert!(matches!(
+            results[1],
+            Err(ServiceError::Rejected(Rejection::InsufficientBalance { .. }))
+        ));
+        assert_eq!(results[2].as_ref().unwrap().entry.cash_after, usd("7"));
+        let last = results.last().unwrap().as_ref().unwrap();
+        assert_eq!(last.entry.cash_after, usd("21"));
+        assert_eq!(
+            coordinator.storage().requests() - before,
+            4,
+            "the parked commit, one acquire, a commit of {} calls that extends the lease, and a commit of the last call",
+            super::super::BATCH_CALLS_MAX
+        );
+        let sequences: Vec<u64> = results
+            .iter()
+            .filter_map(|result| result.as_ref().ok())
+            .map(|receipt| receipt.entry.sequence)
+            .collect();
+        assert!(
+            sequences.windows(2).all(|pair| pair[0] < pair[1]),
+            "entries keep their order: {sequences:?}"
+        );
+        let request_id = RequestId::parse_optional("request_id", "b-2").unwrap();
+        let replayed = coordinator
+            .mutate(&user("b"), Intent::Withdraw(usd("50")), request_id, None)
+            .await;
+        assert!(matches!(replayed, Err(ServiceError::RefusedEarlier(_))), "{replayed:?}");
+    }
+
+    /// Two calls with the same request id queued together: the second replays the first.
+    #[tokio::test]
+    async fn a_duplicate_request_id_in_the_queue_replays() {
+        let (coordinator, parked, go) = parked_coordinator().await;
+        let call = |id: &str| {
+            let coordinator = Arc::clone(&coordinator);
+            let request_id = RequestId::parse_optional("request_id", id).unwrap();
+            tokio::spawn(async move {
+                coordinator
+                    .mutate(&user("c"), Intent::Deposit(usd("7")), request_id, None)
+                    .await
+            })
+        };
+        let first = call("warm-up");
+        parked.notified().await;
+        let (once, twice) = (call("dup"), call("dup"));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        go.notify_one();
+        first.await.unwrap().unwrap();
+        let (once, twice) = (once.await.unwrap().unwrap(), twice.await.unwrap().unwrap());
+        assert_eq!(once.entry.entry_id, twice.entry.entry_id);
+        assert!(twice.replayed && !once.replayed);
+        assert_eq!(coordinator.account(&user("c")).await.unwrap().cash, usd("14"));
+    }
+
+    /// A call cancelled, or whose deadline passes, while it waits in the queue leaves it: no
+    /// storage request is made for it, and nothing of it is applied.
+    #[tokio::test]
+    async fn calls_that_leave_the_queue_cost_nothing_and_apply_nothing() {
+        let (coordinator, parked, go) = parked_coordinator().await;
+        let first = {
+            let coordinator = Arc::clone(&coordinator);
+            tokio::spawn(async move { coordinator.deposit(&user("d"), usd("10"), None, None).await })
+        };
+        parked.notified().await;
+        let cancelled = {
+            let coordinator = Arc::clone(&coordinator);
+            tokio::spawn(async move { coordinator.deposit(&user("d"), usd("1"), None, None).await })
+        };
+        let deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_millis(30));
+        let timed_out = coordinator.deposit(&user("d"), usd("2"), None, deadline).await;
+        assert_eq!(timed_out.unwrap_err(), ServiceError::DeadlineExceeded);
+        cancelled.abort();
+        assert!(cancelled.await.unwrap_err().is_cancelled());
+        let before = coordinator.storage().requests();
+        go.notify_one();
+        first.await.unwrap().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(coordinator.account(&user("d")).await.unwrap().cash, usd("10"));
+        assert!(
+            coordinator.storage().requests() - before <= 3,
+            "the parked commit, then at most a release and this read"
+        );
+    }
+
+    /// Too little lease left for a commit: nothing is sent, the lease is given back, and the
+    /// call is told it was not applied.
     #[tokio::test]
     async fn no_commit_is_sent_within_the_lease_margin() {
         let clock = ManualClock::starting_at(1_000_000);
         let coordinator = coordinator(&clock).await;
         let held = coordinator
-            .acquire(&user("b"), "DEPOSIT", LEASE, false, None)
+            .acquire(&user("e"), "DEPOSIT", LEASE, false, None)
             .await
             .unwrap();
         clock.advance(LEASE - COMMIT_LEASE_MARGIN);
-        let error = coordinator
-            .decide_and_commit(&held, &Intent::Deposit(usd("5")), None)
-            .await
-            .unwrap_err();
-        assert_eq!(error, ServiceError::LeaseLost);
-        assert!(
-            matches!(coordinator.account(&user("b")).await, Err(ServiceError::NotFound(_))),
-            "nothing was written"
-        );
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let waiter = Waiter {
+            intent: Intent::Deposit(usd("5")),
+            request_id: None,
+            state: Default::default(),
+            reply,
+            wait_until: tokio::time::Instant::now() + LEASE,
+            on_timeout: ServiceError::Busy,
+        };
+        let before = coordinator.storage().requests();
+        assert!(coordinator.commit_batch(held, vec![(0, waiter)]).await.is_none());
+        assert_eq!(answer.await.unwrap().unwrap_err(), ServiceError::LeaseLost);
+        assert_eq!(coordinator.storage().requests() - before, 1, "the release alone");
+        assert!(matches!(
+            coordinator.account(&user("e")).await,
+            Err(ServiceError::NotFound(_))
+        ));
         assert!(
             coordinator
-                .acquire(&user("b"), "DEPOSIT", LEASE, false, None)
+                .acquire(&user("e"), "DEPOSIT", LEASE, false, None)
                 .await
                 .is_ok()
         );
-    }
-
-    /// The same request id twice: the second call replays the first's receipt.
-    #[tokio::test]
-    async fn a_duplicate_request_id_replays_the_commit() {
-        let clock = ManualClock::starting_at(1_000_000);
-        let coordinator = coordinator(&clock).await;
-        let request_id = RequestId::parse_optional("request_id", "dup-1").unwrap();
-        let first = coordinator
-            .mutate(&user("c"), Intent::Deposit(usd("7")), request_id.clone(), None)
-            .await
-            .unwrap();
-        let second = coordinator
-            .mutate(&user("c"), Intent::Deposit(usd("7")), request_id, None)
-            .await
-            .unwrap();
-        assert!(second.replayed && !first.replayed);
-        assert_eq!(second.entry.entry_id, first.entry.entry_id);
-        assert_eq!(coordinator.account(&user("c")).await.unwrap().cash, usd("7"));
     }
 
     /// A price changed behind the cache fails the commit's catalog check; the catalog is re-read
     /// and the trade commits at the stored price.
     #[tokio::test]
     async fn a_stale_cached_price_is_re_read_before_committing() {
-        let clock = ManualClock::starting_at(1_000_000);
-        let coordinator = coordinator(&clock).await;
-        coordinator
-            .mutate(&user("d"), Intent::Deposit(usd("1000")), None, None)
-            .await
-            .unwrap();
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        coordinator.deposit(&user("f"), usd("1000"), None, None).await.unwrap();
         let mut sol = coordinator
             .catalog
             .cached(&AssetSymbol::parse("asset", "SOL").unwrap())
@@ -401,10 +747,7 @@ mod tests {
             quantity: quantity("2"),
             limit_price: None,
         };
-        let receipt = coordinator
-            .mutate(&user("d"), Intent::Trade(trade), None, None)
-            .await
-            .unwrap();
+        let receipt = coordinator.trade(&user("f"), trade, None, None).await.unwrap();
         let (order, holding) = receipt.trade.unwrap();
         assert_eq!(order.price, sol.price);
         assert_eq!(holding, quantity("2"));

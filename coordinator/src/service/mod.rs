@@ -19,6 +19,7 @@ mod catalog;
 mod commit;
 mod instance;
 mod lease;
+mod queue;
 mod reads;
 mod roll_back;
 mod settle;
@@ -67,6 +68,14 @@ pub const REQUEST_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub const SAFE_RETRY_ATTEMPTS: usize = 4;
 /// First pause between such attempts; it grows fourfold each time (20, 80, 320 ms).
 pub const SAFE_RETRY_DELAY: Duration = Duration::from_millis(20);
+/// Calls of one user decided and committed together in one transaction. Each writes at most
+/// four items (ledger entry, two order items, request record), plus the account update and a
+/// price check per asset: 16 calls stay well under DynamoDB's 100 items per transaction.
+pub const BATCH_CALLS_MAX: usize = 16;
+/// Default bound on mutations in flight (queued or being decided) in one coordinator.
+pub const INFLIGHT_MAX_DEFAULT: usize = 4096;
+/// Default bound on calls queued for one user in one coordinator.
+pub const QUEUED_PER_USER_MAX_DEFAULT: usize = 512;
 /// Default and largest page of ListOrders / ListLedger.
 pub const PAGE_SIZE_DEFAULT: u32 = 20;
 pub const PAGE_SIZE_MAX: u32 = 100;
@@ -76,6 +85,10 @@ const _: () = assert!(LEASE_WITHDRAW.as_millis() <= LEASE_TRADE.as_millis());
 const _: () = assert!(COMMIT_LEASE_MARGIN.as_millis() < LEASE_DEPOSIT.as_millis());
 const _: () = assert!(PAGE_SIZE_DEFAULT <= PAGE_SIZE_MAX);
 const _: () = assert!(SAFE_RETRY_ATTEMPTS >= 1);
+const _: () = assert!(
+    BATCH_CALLS_MAX * 4 + 1 + BATCH_CALLS_MAX <= 100,
+    "DynamoDB's transaction item limit"
+);
 
 /// Runs `call` again while storage is unavailable, up to `SAFE_RETRY_ATTEMPTS` times in all.
 /// Only for requests whose repetition cannot apply anything twice.
@@ -113,6 +126,10 @@ pub struct CoordinatorConfig {
     pub before_commit: Option<CommitHook>,
     /// How often the sweeper runs; None turns it off.
     pub sweep_interval: Option<Duration>,
+    /// Mutations in flight (queued or being decided) past which calls get RESOURCE_EXHAUSTED.
+    pub max_inflight: usize,
+    /// Calls queued for one user past which its next calls get RESOURCE_EXHAUSTED.
+    pub max_queued_per_user: usize,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -142,6 +159,8 @@ impl Default for CoordinatorConfig {
             request_retention: REQUEST_RETENTION,
             before_commit: None,
             sweep_interval: None,
+            max_inflight: INFLIGHT_MAX_DEFAULT,
+            max_queued_per_user: QUEUED_PER_USER_MAX_DEFAULT,
         }
     }
 }
@@ -179,6 +198,9 @@ pub enum ServiceError {
     /// Storage did not confirm the commit, and the fence then proved it did not apply.
     #[error("The operation was not applied (storage did not answer in time); please try again")]
     NotApplied,
+    /// A bound on queued work was reached (which one): nothing was written; retry later.
+    #[error("Too many {0}; please retry shortly")]
+    Overloaded(&'static str),
     /// UpsertAsset of a new symbol when the catalog already holds its maximum.
     #[error("The asset catalog is full ({0} assets); deactivate or reuse a symbol")]
     CatalogFull(usize),
@@ -292,11 +314,13 @@ pub struct TransactionCoordinator {
     config: CoordinatorConfig,
     catalog: Catalog,
     held_leases: lease::HeldLeases,
+    /// Each user's calls, waiting for that user's driver.
+    queues: queue::AccountQueues,
     /// This run of the instance: see `Lease::incarnation`.
     incarnation: String,
     /// Whether this run may reclaim leases of its instance name's dead runs.
     instance: instance::InstanceHold,
-    /// Mutations detached from their RPC (see `spawn_mutation`), awaited at shutdown.
+    /// The queues' drivers, which outlive the calls that started them, awaited at shutdown.
     mutations: TaskTracker,
 }
 
@@ -309,6 +333,7 @@ impl TransactionCoordinator {
             config,
             catalog: Catalog::default(),
             held_leases: lease::HeldLeases::default(),
+            queues: queue::AccountQueues::default(),
             incarnation: uuid::Uuid::new_v4().to_string(),
             instance,
             mutations: TaskTracker::new(),
@@ -337,7 +362,7 @@ impl TransactionCoordinator {
     // Mutations
 
     pub async fn deposit(
-        &self,
+        self: &Arc<Self>,
         user: &UserId,
         amount: Usd,
         request_id: Option<RequestId>,
@@ -347,7 +372,7 @@ impl TransactionCoordinator {
     }
 
     pub async fn withdraw(
-        &self,
+        self: &Arc<Self>,
         user: &UserId,
         amount: Usd,
         request_id: Option<RequestId>,
@@ -357,7 +382,7 @@ impl TransactionCoordinator {
     }
 
     pub async fn trade(
-        &self,
+        self: &Arc<Self>,
         user: &UserId,
         request: TradeRequest,
         request_id: Option<RequestId>,
@@ -366,19 +391,21 @@ impl TransactionCoordinator {
         self.mutate(user, Intent::Trade(request), request_id, deadline).await
     }
 
-    /// Lease, decide, commit-and-release; or roll back. With a request id, a retry of a request
-    /// that already ended returns its recorded outcome instead of running again.
-    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), lock_id = tracing::field::Empty, outcome = tracing::field::Empty))]
+    /// Queue, then (by the user's driver) lease, decide in a batch, commit-and-release or
+    /// extend; a refusal is rolled back in the same commit. With a request id, a retry of a
+    /// request that already ended returns its recorded outcome instead of running again.
+    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), outcome = tracing::field::Empty))]
     pub async fn mutate(
-        &self,
+        self: &Arc<Self>,
         user: &UserId,
         intent: Intent,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        let result = self
-            .lease_and_commit(user, &intent, request_id.as_ref(), deadline)
-            .await;
+        let result = match self.check_before_queueing(&intent).await {
+            Ok(()) => self.queue_and_wait(user, intent, request_id, deadline).await,
+            Err(error) => Err(error),
+        };
         let outcome = match &result {
             Ok(receipt) if receipt.replayed => "REPLAYED".to_owned(),
             Ok(_) => "COMMITTED".to_owned(),
@@ -388,46 +415,15 @@ impl TransactionCoordinator {
         result
     }
 
-    async fn lease_and_commit(
-        &self,
-        user: &UserId,
-        intent: &Intent,
-        request_id: Option<&RequestId>,
-        deadline: Option<Instant>,
-    ) -> Result<Receipt, ServiceError> {
+    /// Refusals that need no lease: an unknown or inactive asset. Nothing to write, no wait.
+    async fn check_before_queueing(&self, intent: &Intent) -> Result<(), ServiceError> {
         if let Intent::Trade(request) = intent {
-            // Unknown and inactive assets are refused before the lease: nothing to write, no wait.
             let asset = self.catalog.asset(&self.storage, &request.asset).await?;
             if !asset.active {
                 return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
             }
         }
-        let held = self
-            .acquire(
-                user,
-                intent.name(),
-                intent.lease(&self.config),
-                intent.requires_account(),
-                deadline,
-            )
-            .await?;
-        self.decide_and_commit(&held, intent, request_id).await
-    }
-
-    /// Runs a mutation to its end on its own tracked task. tonic drops a handler's future when
-    /// the caller cancels or its grpc-timeout passes; a mutation dropped between lease and
-    /// commit would leave the lease held until expiry and its commit's outcome unresolved.
-    /// Detached, it always ends in a commit or a release, whoever is still listening; tracked,
-    /// a graceful shutdown waits for it (`wait_for_mutations`) before releasing leases.
-    pub fn spawn_mutation<T: Send + 'static>(
-        &self,
-        mutation: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
-    ) -> impl Future<Output = Result<T, ServiceError>> + Send + 'static {
-        let task = self.mutations.spawn(mutation);
-        async move {
-            task.await
-                .unwrap_or_else(|error| Err(ServiceError::Internal(format!("mutation task failed: {error}"))))
-        }
+        Ok(())
     }
 
     /// Stops tracking new mutations and waits up to `timeout` for the detached ones; false if

@@ -1,92 +1,48 @@
-//! Roll back: the decision refused the operation under the lease. Nothing changes on the
-//! account; a trade leaves a FAILED order, a request id leaves its refusal record, and the lease
-//! is given back in the same transaction.
+//! Roll back: the decision refused a call under the lease. Nothing of it changes the account; a
+//! refused trade leaves a FAILED order, a call with a request id leaves its refusal record, both
+//! in the batch's one transaction (which also gives the lease back or keeps it for the next
+//! calls), and the call's answer is the refusal.
 
 use crate::core::decide::Rejection;
 use crate::core::records::{Order, OrderStatus, RecordedOutcome};
-use crate::core::{Operation, RequestId, Usd};
-use crate::storage::StorageError;
-use crate::storage::model::{self, TransactionPart};
+use crate::core::{Millis, Operation, RequestId, Usd};
 
-use super::commit::order_of;
-use super::{HeldLease, Intent, Missing, Receipt, ServiceError, TransactionCoordinator};
+use super::commit::{Answer, CallWrites, order_of};
+use super::{HeldLease, Intent, Missing, ServiceError, TransactionCoordinator};
 
 impl TransactionCoordinator {
-    /// Records the refusal and releases the lease in one write; `sent` are the commits sent
-    /// earlier under this lease, one of which may still land (then it, not the refusal, is the
-    /// answer).
-    pub(super) async fn roll_back(
+    /// A refused call's FAILED order (trades), refusal record (with a request id) and answer.
+    pub(super) fn refused_writes(
         &self,
         held: &HeldLease,
         intent: &Intent,
         operation: &Operation,
-        rejection: Rejection,
+        rejection: &Rejection,
         request_id: Option<&RequestId>,
-        sent: Vec<Receipt>,
-    ) -> Result<Receipt, ServiceError> {
-        tracing::info!(reason = %rejection, "refused under the lease");
-        let now = self.clock.now();
-        let order = failed_order(held, operation, &rejection, now);
+        now: Millis,
+    ) -> CallWrites {
+        tracing::info!(reason = %rejection, operation = intent.name(), "refused under the lease");
         let message = rejection.to_string();
-        let record = request_id.map(|id| (id, self.record(intent, RecordedOutcome::Refused { message }, now)));
-        let refused = refusal_error(held, rejection);
-        if order.is_none() && record.is_none() && sent.is_empty() {
-            self.release(held).await;
-            return Err(refused);
-        }
-        self.held_leases.remove(&held.lock_id);
-        let mut transaction = model::record_refusal(
-            &held.user,
-            &held.lock_id,
-            order.as_ref(),
-            record.as_ref().map(|(request_id, record)| (*request_id, record)),
-            now,
-        );
-        let outcome = self
-            .storage
-            .transact(std::mem::take(&mut transaction.items), None)
-            .await;
-        match outcome {
-            // The key was used before (or a commit sent earlier under this lease landed with
-            // its record): the record says what happened.
-            Err(StorageError::TransactionCanceled { ref reasons })
-                if transaction.refused_part(reasons) == Some(TransactionPart::RequestRecord) =>
-            {
-                self.replay(held, request_id.expect("a request record implies a request id"), intent)
-                    .await
-            }
-            // A commit sent earlier under this lease may have landed late: settle it first. If
-            // none did, the refusal stands (without a request id) or, with one, the answer
-            // must be definite and the lease is gone: LeaseLost.
-            _ if !sent.is_empty() => {
-                let if_none = match (&outcome, request_id) {
-                    (Ok(()), _) | (Err(_), None) => refused,
-                    (Err(_), Some(_)) => ServiceError::LeaseLost,
-                };
-                self.settle(held, sent, if_none).await
-            }
-            Ok(()) => Err(refused),
-            // With a request id the answer must be definite: another attempt of this id may be
-            // committing (the lease was lost), or storage may have applied the refusal record.
-            Err(StorageError::TransactionCanceled { .. }) if request_id.is_some() => {
-                self.release(held).await;
-                Err(ServiceError::LeaseLost)
-            }
-            Err(StorageError::Unavailable(detail)) if request_id.is_some() => {
-                self.release(held).await;
-                Err(ServiceError::Unavailable(detail))
-            }
-            Err(error) => {
-                tracing::warn!(%error, "could not record the refusal; releasing the lease alone");
-                self.release(held).await;
-                Err(refused)
-            }
+        let record = request_id.map(|id| {
+            (
+                id.clone(),
+                self.record(intent, RecordedOutcome::Refused { message }, now),
+            )
+        });
+        CallWrites {
+            entry: None,
+            order: failed_order(held, operation, rejection, now),
+            answer: Answer::Refuse {
+                error: refusal_error(held, rejection.clone()),
+                recorded: record.is_some(),
+            },
+            record,
         }
     }
 }
 
 /// For a refused trade, the FAILED order that records it; nothing for cash operations.
-fn failed_order(held: &HeldLease, operation: &Operation, rejection: &Rejection, now: u64) -> Option<Order> {
+fn failed_order(held: &HeldLease, operation: &Operation, rejection: &Rejection, now: Millis) -> Option<Order> {
     let Operation::Trade(trade) = operation else {
         return None;
     };
@@ -130,13 +86,9 @@ mod tests {
             refused,
             ServiceError::Rejected(Rejection::InsufficientBalance { .. })
         ));
-        assert!(
-            coordinator
-                .acquire(&user("a"), "WITHDRAWAL", LEASE, true, None)
-                .await
-                .is_ok()
-        );
-        clock.advance(LEASE);
+        let held = coordinator.acquire(&user("a"), "WITHDRAWAL", LEASE, true, None).await;
+        assert!(held.is_ok(), "the refusal released the lease: {held:?}");
+        coordinator.release(&held.unwrap()).await;
         let replayed = coordinator
             .mutate(&user("a"), Intent::Withdraw(usd("20")), request_id, None)
             .await

@@ -5,41 +5,48 @@ use crate::core::records::RecordedOutcome;
 use crate::core::{FieldError, RequestId, UserId};
 use crate::storage::{StorageError, model};
 
+use super::commit::{Answer, Call, SentRound};
 use super::{HeldLease, Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
 
 impl TransactionCoordinator {
-    /// Settles commits whose outcome is not known to be "applied": after a refusal by the
-    /// account's condition (the lease was lost, or an earlier try of a commit landed and a retry
-    /// of it was refused) or an unknown outcome (timeout, connection lost after sending).
+    /// Settles a batch whose last round's outcome is not known to be "applied": after a refusal
+    /// by the account's condition (the lease was lost, or an earlier try of a round landed and a
+    /// retry of it was refused) or an unknown outcome (timeout, connection lost after sending).
     ///
-    /// First it fences: releasing the lease by its id bumps the version, so no commit sent under
+    /// First it fences: releasing the lease by its id bumps the version, so no round sent under
     /// this lease can apply from then on (and if the lease is no longer ours, none can anyway,
-    /// since every commit is conditioned on its id). Then the ledger entry of each commit sent
-    /// under the lease says whether it applied. None found: the outcome is known (not applied),
-    /// so an unknown ending becomes `NotApplied` (ABORTED, safe to retry) and any other
-    /// `if_none` stands.
-    pub(super) async fn settle(
-        &self,
-        held: &HeldLease,
-        sent: Vec<Receipt>,
-        if_none: ServiceError,
-    ) -> Result<Receipt, ServiceError> {
+    /// since every commit is conditioned on its id). Then the marker of each round sent (a
+    /// fresh item only that round writes) says whether it applied: that round's answers stand.
+    /// None applied: the outcome is known (not applied), so each call is answered `if_none`
+    /// (an unknown ending becoming `NotApplied`, ABORTED and safe to retry), except a refusal
+    /// that wrote nothing, which stands.
+    pub(super) async fn settle(&self, held: &HeldLease, calls: Vec<Call>, sent: Vec<SentRound>, if_none: ServiceError) {
         self.held_leases.remove(&held.lock_id);
         let release = model::release_lease(&held.user, &held.lock_id);
-        match retry_safe(|| self.storage.write(release.clone())).await {
-            Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
+        if let Err(error) = retry_safe(|| self.storage.write(release.clone()))
+            .await
+            .or_else(|error| match error {
+                StorageError::ConditionFailed { .. } => Ok(()),
+                error => Err(error),
+            })
+        {
+            tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
+            let unknown = ServiceError::Unavailable(format!("commit outcome unknown: {error}"));
+            for (_, waiter) in calls {
+                waiter.answer(Err(unknown.clone()));
+            }
+            return;
+        }
+        let landed = match self.landed_round(&sent).await {
+            Ok(landed) => landed,
             Err(error) => {
-                tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
-                return Err(ServiceError::Unavailable(format!("commit outcome unknown: {error}")));
+                for (_, waiter) in calls {
+                    waiter.answer(Err(error.clone()));
+                }
+                return;
             }
-        }
-        for receipt in sent.into_iter().rev() {
-            let entry_key = model::ledger_key(&held.user, &receipt.entry.entry_id);
-            if retry_safe(|| self.storage.get(entry_key.clone())).await?.is_some() {
-                return Ok(receipt);
-            }
-        }
-        Err(match if_none {
+        };
+        let not_applied = match if_none {
             ServiceError::LeaseLost => {
                 tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
                 ServiceError::LeaseLost
@@ -49,23 +56,39 @@ impl TransactionCoordinator {
                 ServiceError::NotApplied
             }
             other => other,
-        })
+        };
+        let last = sent.last().map(|round| round.answers.as_slice()).unwrap_or_default();
+        for (id, waiter) in calls {
+            let answer_in = |answers: &[(usize, Answer)]| {
+                answers
+                    .iter()
+                    .find(|(answered, _)| *answered == id)
+                    .map(|(_, answer)| answer.clone())
+            };
+            let result = match (landed.map(|round| answer_in(&round.answers)), answer_in(last)) {
+                (Some(Some(answer)), _) => answer.into_result(),
+                // Not applied: a refusal that needed no write stands; anything else did not happen.
+                (_, Some(Answer::Refuse { error, recorded: false })) => Err(error),
+                (_, Some(Answer::Refuse { recorded: true, .. })) => Err(ServiceError::LeaseLost),
+                _ => Err(not_applied.clone()),
+            };
+            waiter.answer(result);
+        }
     }
 
-    /// The request id was used before: give the lease back (nothing of ours was written) and
-    /// answer with what the first execution recorded.
-    pub(super) async fn replay(
-        &self,
-        held: &HeldLease,
-        request_id: &RequestId,
-        intent: &Intent,
-    ) -> Result<Receipt, ServiceError> {
-        self.release(held).await;
-        self.recorded_outcome(&held.user, request_id, intent).await
+    /// The newest round sent whose marker is in storage, if any.
+    async fn landed_round<'a>(&self, sent: &'a [SentRound]) -> Result<Option<&'a SentRound>, ServiceError> {
+        for round in sent.iter().rev() {
+            let Some(marker) = &round.marker else { continue };
+            if retry_safe(|| self.storage.get(marker.clone())).await?.is_some() {
+                return Ok(Some(round));
+            }
+        }
+        Ok(None)
     }
 
     /// The recorded outcome of `request_id`, if its parameters match `intent`.
-    async fn recorded_outcome(
+    pub(super) async fn recorded_outcome(
         &self,
         user: &UserId,
         request_id: &RequestId,
@@ -121,84 +144,93 @@ impl TransactionCoordinator {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::core::time::ManualClock;
-    use crate::core::{Clock, Limits, Operation, decide::decide, time::utc_day};
-    use crate::service::testing::{LEASE, coordinator, usd, user};
+    use std::sync::Arc;
 
-    /// A commit whose reply was lost but which landed is found and answered as committed.
-    #[tokio::test]
-    async fn a_landed_commit_is_found() {
+    use super::*;
+    use crate::core::decide::Rejection;
+    use crate::core::time::ManualClock;
+    use crate::service::testing::{FlakyEngine, LEASE, NextTransaction, coordinator, coordinator_on, usd, user};
+    use crate::service::{CoordinatorConfig, Intent};
+
+    async fn flaky() -> (Arc<TransactionCoordinator>, Arc<FlakyEngine>) {
+        let engine = Arc::new(FlakyEngine::new());
         let clock = ManualClock::starting_at(1_000_000);
-        let coordinator = coordinator(&clock).await;
-        let intent = Intent::Deposit(usd("30"));
-        let held = coordinator
-            .acquire(&user("a"), "DEPOSIT", LEASE, false, None)
-            .await
-            .unwrap();
-        let now = clock.now();
-        let operation = Operation::Deposit(usd("30"));
-        let decision = decide(&held.account, &operation, &utc_day(now), &Limits::default()).unwrap();
-        let (receipt, transaction) = coordinator.prepare_commit(&held, &intent, &operation, &decision, None, now);
-        coordinator.storage().transact(transaction.items, None).await.unwrap();
-        let settled = coordinator
-            .settle(
-                &held,
-                vec![receipt.clone()],
-                ServiceError::Unavailable("lost".to_owned()),
-            )
-            .await
-            .unwrap();
-        assert_eq!(settled.entry.entry_id, receipt.entry.entry_id);
-        assert_eq!(coordinator.account(&user("a")).await.unwrap().cash, usd("30"));
+        let coordinator = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
+        (coordinator, engine)
     }
 
-    /// Nothing landed: the answer says so (ABORTED, not "may have applied"), and the fence (a release by lock id) bumped the
-    /// version so no late copy of the commit can apply.
+    /// A commit that applied but whose reply was lost is found after the fence and answered
+    /// as committed, once.
     #[tokio::test]
-    async fn nothing_landed_answers_if_none_and_fences() {
-        let clock = ManualClock::starting_at(1_000_000);
-        let coordinator = coordinator(&clock).await;
-        coordinator
-            .mutate(&user("b"), Intent::Deposit(usd("1")), None, None)
-            .await
-            .unwrap();
-        let intent = Intent::Deposit(usd("2"));
-        let held = coordinator
-            .acquire(&user("b"), "DEPOSIT", LEASE, true, None)
-            .await
-            .unwrap();
-        let now = clock.now();
-        let operation = Operation::Deposit(usd("2"));
-        let decision = decide(&held.account, &operation, &utc_day(now), &Limits::default()).unwrap();
-        let (receipt, transaction) = coordinator.prepare_commit(&held, &intent, &operation, &decision, None, now);
-        let answer = coordinator
-            .settle(&held, vec![receipt], ServiceError::Unavailable("timed out".to_owned()))
-            .await
-            .unwrap_err();
-        assert_eq!(
-            answer,
-            ServiceError::NotApplied,
-            "fenced and not found: known not applied"
-        );
-        let late = coordinator.storage().transact(transaction.items, None).await;
-        assert!(late.is_err(), "a late copy of the commit is fenced: {late:?}");
+    async fn a_landed_commit_is_found() {
+        let (coordinator, engine) = flaky().await;
+        engine.arm(NextTransaction::LoseReply);
+        let receipt = coordinator.deposit(&user("a"), usd("30"), None, None).await.unwrap();
+        assert_eq!(receipt.entry.cash_after, usd("30"));
+        assert_eq!(coordinator.account(&user("a")).await.unwrap().cash, usd("30"));
+        let next = coordinator.acquire(&user("a"), "DEPOSIT", LEASE, true, None).await;
+        assert!(next.is_ok(), "the fence released the lease: {next:?}");
+    }
+
+    /// A commit that never reached storage: after the fence the outcome is known, so the answer
+    /// is ABORTED (not "may have applied"), and no late copy of it can apply.
+    #[tokio::test]
+    async fn a_lost_commit_is_known_not_applied() {
+        let (coordinator, engine) = flaky().await;
+        coordinator.deposit(&user("b"), usd("1"), None, None).await.unwrap();
+        let version = coordinator.account(&user("b")).await.unwrap().version;
+        engine.arm(NextTransaction::LoseRequest);
+        let answer = coordinator.deposit(&user("b"), usd("2"), None, None).await.unwrap_err();
+        assert_eq!(answer, ServiceError::NotApplied);
         let account = coordinator.account(&user("b")).await.unwrap();
-        assert_eq!((account.cash, account.version), (usd("1"), held.account.version + 1));
+        assert_eq!(account.cash, usd("1"));
+        assert_eq!(account.version, version + 1, "the fence bumped the version");
+    }
+
+    /// A batch whose reply was lost is settled per call: each gets its own answer from the
+    /// round that landed, refusals included.
+    #[tokio::test]
+    async fn an_unclear_batch_is_settled_per_call() {
+        let (coordinator, engine) = flaky().await;
+        coordinator.deposit(&user("c"), usd("10"), None, None).await.unwrap();
+        engine.arm(NextTransaction::LoseReply);
+        let calls = [
+            Intent::Withdraw(usd("3")),
+            Intent::Withdraw(usd("100")),
+            Intent::Deposit(usd("5")),
+        ];
+        let mut handles = Vec::new();
+        for (index, intent) in calls.into_iter().enumerate() {
+            let coordinator = Arc::clone(&coordinator);
+            let request_id = RequestId::parse_optional("request_id", &format!("c-{index}")).unwrap();
+            handles.push(tokio::spawn(async move {
+                coordinator.mutate(&user("c"), intent, request_id, None).await
+            }));
+        }
+        let mut answers = Vec::new();
+        for handle in handles {
+            answers.push(handle.await.unwrap());
+        }
+        assert!(answers[0].is_ok(), "{:?}", answers[0]);
+        assert!(matches!(
+            answers[1],
+            Err(ServiceError::Rejected(Rejection::InsufficientBalance { .. }))
+        ));
+        assert!(answers[2].is_ok(), "{:?}", answers[2]);
+        assert_eq!(coordinator.account(&user("c")).await.unwrap().cash, usd("12"));
     }
 
     /// A request id reused with other parameters is refused, naming the field.
     #[tokio::test]
     async fn a_reused_request_id_with_other_parameters_is_refused() {
-        let clock = ManualClock::starting_at(1_000_000);
-        let coordinator = coordinator(&clock).await;
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
         let request_id = RequestId::parse_optional("request_id", "r-1").unwrap();
         coordinator
-            .mutate(&user("c"), Intent::Deposit(usd("5")), request_id.clone(), None)
+            .mutate(&user("d"), Intent::Deposit(usd("5")), request_id.clone(), None)
             .await
             .unwrap();
         let error = coordinator
-            .mutate(&user("c"), Intent::Deposit(usd("6")), request_id, None)
+            .mutate(&user("d"), Intent::Deposit(usd("6")), request_id, None)
             .await
             .unwrap_err();
         assert!(

@@ -232,14 +232,219 @@ pub fn lease_from_item(item: &Item) -> Option<Lease> {
 // ---------------------------------------------------------------------------------------------
 // Commit
 
-/// Everything one successful mutation writes, as one transaction: the account's new state with
-/// the lease released, the ledger entry, and for trades both order items and a check that the
-/// catalog still has the price the trade executed at.
+/// The writes of one operation in a batch commit: its ledger entry if it was accepted, its
+/// order (CONFIRMED, or FAILED for a refused trade), and its request record.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OperationWrites<'a> {
+    pub entry: Option<&'a LedgerEntry>,
+    pub order: Option<&'a Order>,
+    pub record: Option<(&'a RequestId, &'a RequestRecord)>,
+}
+
+/// Everything a batch of operations decided under one lease writes, as one transaction: the
+/// account's state after the batch, each operation's writes, a check that the catalog still
+/// has the price every accepted trade executed at, and the lease released or extended.
 ///
-/// The account update is fenced: it applies only if the lease is still this caller's, unexpired
-/// at `now`, and the account is at the version the decision read. The balance and holding
-/// constraints are restated as conditions too, so no commit can ever make either negative.
-/// Everything one commit writes, as decided under the lease.
+/// The account update is fenced: it applies only if the lease is still this holder's, unexpired
+/// at `now`, and the account is at the version the batch read. The floors of the batch (the
+/// deepest any prefix of it goes below the read cash and holdings) are restated as conditions,
+/// so no commit can ever make either negative.
+#[derive(Debug, Clone)]
+pub struct BatchCommit<'a> {
+    pub user: &'a UserId,
+    pub lock_id: &'a LockId,
+    /// The account as read with the lease (or left by the previous batch under it).
+    pub read: &'a Account,
+    /// The account after every accepted operation, at its next version: the read version plus
+    /// one per accepted operation (each ledger entry's sequence), or plus one if none was.
+    pub after: &'a Account,
+    pub cash_floor: Usd,
+    pub holding_floors: &'a BTreeMap<AssetSymbol, Quantity>,
+    /// The catalog price of each asset an accepted trade executed at.
+    pub prices: &'a BTreeMap<AssetSymbol, Price>,
+    pub operations: &'a [OperationWrites<'a>],
+    /// Keep the lease until then (more calls wait), instead of releasing it.
+    pub extend_until: Option<Millis>,
+    pub now: Millis,
+}
+
+/// The parts of a transaction whose cancellation reasons the service reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionPart {
+    /// The request record of the batch's `operation`-th operation: its key was used before.
+    RequestRecord { operation: usize },
+    /// The account update or lease release: fenced, or the version moved.
+    Account,
+    /// A catalog check of a trade: the price or active flag changed.
+    CatalogCheck,
+}
+
+/// A transaction's items, with the position of each part that has a name.
+#[derive(Debug, Clone, Default)]
+pub struct NamedItems {
+    pub items: Vec<TransactItem>,
+    parts: Vec<(usize, TransactionPart)>,
+    /// An item written only by this transaction (a fresh ledger entry or order): found in
+    /// storage, it proves the transaction applied.
+    marker: Option<Key>,
+}
+
+impl NamedItems {
+    fn push(&mut self, item: TransactItem) -> usize {
+        self.items.push(item);
+        self.items.len() - 1
+    }
+
+    fn push_part(&mut self, part: TransactionPart, item: TransactItem) {
+        let position = self.push(item);
+        self.parts.push((position, part));
+    }
+
+    fn push_fresh(&mut self, item: Item) {
+        if self.marker.is_none() {
+            self.marker = item_key(&item);
+        }
+        self.push(TransactItem::Put(put_new(item)));
+    }
+
+    /// The part whose condition failed in a cancelled transaction, in order of precedence: a
+    /// request record (its outcome answers), then the account, then a catalog check.
+    pub fn refused_part(&self, reasons: &[super::CancellationReason]) -> Option<TransactionPart> {
+        let failed = |position: usize| {
+            reasons
+                .get(position)
+                .is_some_and(super::CancellationReason::condition_failed)
+        };
+        let rank = |part: &TransactionPart| match part {
+            TransactionPart::RequestRecord { .. } => 0,
+            TransactionPart::Account => 1,
+            TransactionPart::CatalogCheck => 2,
+        };
+        self.parts
+            .iter()
+            .filter(|(position, _)| failed(*position))
+            .map(|(_, part)| *part)
+            .min_by_key(rank)
+    }
+
+    /// The key whose presence proves this transaction applied, if it writes a fresh item.
+    pub fn marker(&self) -> Option<&Key> {
+        self.marker.as_ref()
+    }
+}
+
+fn item_key(item: &Item) -> Option<Key> {
+    Some(Key {
+        pk: string(item, "pk")?.to_owned(),
+        sk: string(item, "sk")?.to_owned(),
+    })
+}
+
+/// Builds the batch's one transaction.
+pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
+    let mut items = NamedItems::default();
+    for (asset, price) in commit.prices {
+        let check = TransactItem::ConditionCheck(ConditionCheck {
+            key: asset_key(asset),
+            condition: "price = :price AND active = :active".to_owned(),
+            bindings: bindings([], [(":price", n(price)), (":active", Value::Bool(true))]),
+        });
+        items.push_part(TransactionPart::CatalogCheck, check);
+    }
+    items.push_part(TransactionPart::Account, TransactItem::Update(account_update(commit)));
+    for (index, operation) in commit.operations.iter().enumerate() {
+        if let Some(entry) = operation.entry {
+            items.push_fresh(ledger_item(entry));
+        }
+        if let Some(order) = operation.order {
+            for item in order_items(order) {
+                items.push_fresh(item);
+            }
+        }
+        if let Some((request_id, record)) = operation.record {
+            let put = TransactItem::Put(put_request_record(commit.user, request_id, record, commit.now));
+            items.push_part(TransactionPart::RequestRecord { operation: index }, put);
+        }
+    }
+    items
+}
+
+/// The fenced update of the account item: its state after the batch (when the batch made it an
+/// account), the version bumped, and the lease released or extended.
+fn account_update(commit: &BatchCommit<'_>) -> Update {
+    let (read, after) = (commit.read, commit.after);
+    assert!(after.version > read.version, "every commit moves the version forward");
+    let mut set = vec!["version = :next_version".to_owned()];
+    let mut condition: Vec<String> = ["lock_id = :lock", "lock_expires_at_ms > :now", "version = :version"]
+        .map(str::to_owned)
+        .to_vec();
+    let mut update_bindings = bindings(
+        [],
+        [
+            (":next_version", n(after.version)),
+            (":lock", s(commit.lock_id.as_str())),
+            (":now", n(commit.now)),
+            (":version", n(read.version)),
+        ],
+    );
+    let values = &mut update_bindings.values;
+    if after.exists {
+        set.extend(
+            [
+                "cash = :cash",
+                "limit_day = :day",
+                "deposited_today = :deposited",
+                "withdrawn_today = :withdrawn",
+                "created_at_ms = if_not_exists(created_at_ms, :created_at_ms)",
+            ]
+            .map(str::to_owned),
+        );
+        values.insert(":cash".to_owned(), n(after.cash));
+        values.insert(":day".to_owned(), s(&after.limit_day));
+        values.insert(":deposited".to_owned(), n(after.deposited_today));
+        values.insert(":withdrawn".to_owned(), n(after.withdrawn_today));
+        values.insert(":created_at_ms".to_owned(), n(commit.now));
+    }
+    if commit.cash_floor > Usd::ZERO {
+        condition.push("cash >= :cash_floor".to_owned());
+        values.insert(":cash_floor".to_owned(), n(commit.cash_floor));
+    }
+    let traded = commit.prices.keys().chain(commit.holding_floors.keys());
+    for (index, asset) in traded
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("#asset{index}");
+        set.push(format!("holdings.{name} = :holding{index}"));
+        update_bindings.names.insert(name.clone(), asset.as_str().to_owned());
+        let values = &mut update_bindings.values;
+        values.insert(format!(":holding{index}"), n(after.holding(asset)));
+        if let Some(floor) = commit.holding_floors.get(asset).filter(|floor| !floor.is_zero()) {
+            condition.push(format!("holdings.{name} >= :floor{index}"));
+            values.insert(format!(":floor{index}"), n(floor));
+        }
+    }
+    let lease = match commit.extend_until {
+        Some(until) => {
+            set.push("lock_expires_at_ms = :extend_until".to_owned());
+            update_bindings.values.insert(":extend_until".to_owned(), n(until));
+            String::new()
+        }
+        None => format!(" REMOVE {LEASE_ATTRIBUTES}"),
+    };
+    Update {
+        key: account_key(commit.user),
+        update: format!("SET {}{lease}", set.join(", ")),
+        condition: Some(condition.join(" AND ")),
+        bindings: update_bindings,
+        return_new: false,
+        return_old_on_condition_failure: false,
+    }
+}
+
+/// Everything one mutation writes, as decided under the lease, and released with it: a batch
+/// of one. (The fencing tests build stale commits with it.)
 #[derive(Debug, Clone, Copy)]
 pub struct Commit<'a> {
     pub user: &'a UserId,
@@ -253,156 +458,35 @@ pub struct Commit<'a> {
     pub now: Millis,
 }
 
-/// The parts of a transaction whose cancellation reasons the service reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransactionPart {
-    /// The request record: the key was used before.
-    RequestRecord,
-    /// The account update or lease release: fenced, or the version moved.
-    Account,
-    /// The catalog check of a trade: the price or active flag changed.
-    CatalogCheck,
-}
-
-/// A transaction's items, with the position of each part that has a name.
-#[derive(Debug, Clone)]
-pub struct NamedItems {
-    pub items: Vec<TransactItem>,
-    request_record: Option<usize>,
-    account: Option<usize>,
-    catalog_check: Option<usize>,
-}
-
-impl NamedItems {
-    fn push(&mut self, item: TransactItem) -> usize {
-        self.items.push(item);
-        self.items.len() - 1
-    }
-
-    /// The part whose condition failed in a cancelled transaction, in order of precedence: the
-    /// request record (its outcome answers), then the account, then the catalog check.
-    pub fn refused_part(&self, reasons: &[super::CancellationReason]) -> Option<TransactionPart> {
-        let failed = |position: Option<usize>| {
-            position
-                .and_then(|position| reasons.get(position))
-                .is_some_and(super::CancellationReason::condition_failed)
-        };
-        [
-            (self.request_record, TransactionPart::RequestRecord),
-            (self.account, TransactionPart::Account),
-            (self.catalog_check, TransactionPart::CatalogCheck),
-        ]
-        .into_iter()
-        .find_map(|(position, part)| failed(position).then_some(part))
-    }
-}
-
-impl Default for NamedItems {
-    fn default() -> Self {
-        Self {
-            items: Vec::with_capacity(6),
-            request_record: None,
-            account: None,
-            catalog_check: None,
-        }
-    }
-}
-
 pub fn commit(commit: &Commit<'_>) -> NamedItems {
-    let Commit {
-        user,
-        lock_id,
-        read,
-        decision,
-        entry,
-        order,
-        record,
-        now,
-    } = *commit;
-    let mut set = vec![
-        "cash = :cash",
-        "limit_day = :day",
-        "deposited_today = :deposited",
-        "withdrawn_today = :withdrawn",
-        "version = :next_version",
-        "created_at_ms = if_not_exists(created_at_ms, :created_at_ms)",
-    ];
-    let mut condition = vec!["lock_id = :lock", "lock_expires_at_ms > :now", "version = :version"];
-    let mut update_bindings = bindings(
-        [],
-        [
-            (":cash", n(decision.cash)),
-            (":day", s(&decision.limit_day)),
-            (":deposited", n(decision.deposited_today)),
-            (":withdrawn", n(decision.withdrawn_today)),
-            (":next_version", n(read.version + 1)),
-            (":created_at_ms", n(now)),
-            (":lock", s(lock_id.as_str())),
-            (":now", n(now)),
-            (":version", n(read.version)),
-        ],
-    );
-    if decision.cash_delta < Decimal::ZERO {
-        condition.push("cash >= :debit");
-        update_bindings
-            .values
-            .insert(":debit".to_owned(), n(-decision.cash_delta));
+    let mut after = commit.read.clone();
+    after.apply(commit.decision);
+    after.version = commit.read.version + 1;
+    let debit = Usd::from_decimal((-commit.decision.cash_delta).max(Decimal::ZERO));
+    let mut prices = BTreeMap::new();
+    let mut holding_floors = BTreeMap::new();
+    if let Some(trade) = &commit.decision.trade {
+        prices.insert(trade.asset.clone(), trade.price);
+        let sold = (-trade.quantity_delta).max(Decimal::ZERO);
+        holding_floors.insert(trade.asset.clone(), Quantity::from_decimal(sold));
     }
-    let mut items = NamedItems::default();
-    if let Some(trade) = &decision.trade {
-        set.push("holdings.#asset = :holding");
-        update_bindings
-            .names
-            .insert("#asset".to_owned(), trade.asset.as_str().to_owned());
-        update_bindings.values.insert(":holding".to_owned(), n(trade.holding));
-        if trade.quantity_delta < Decimal::ZERO {
-            condition.push("holdings.#asset >= :sold");
-            update_bindings
-                .values
-                .insert(":sold".to_owned(), n(-trade.quantity_delta));
-        }
-        items.catalog_check = Some(items.push(TransactItem::ConditionCheck(ConditionCheck {
-            key: asset_key(&trade.asset),
-            condition: "price = :price AND active = :active".to_owned(),
-            bindings: bindings([], [(":price", n(trade.price)), (":active", Value::Bool(true))]),
-        })));
-    }
-    items.account = Some(items.push(TransactItem::Update(Update {
-        key: account_key(user),
-        update: format!("SET {} REMOVE {LEASE_ATTRIBUTES}", set.join(", ")),
-        condition: Some(condition.join(" AND ")),
-        bindings: update_bindings,
-        return_new: false,
-        return_old_on_condition_failure: false,
-    })));
-    items.push(TransactItem::Put(put_new(ledger_item(entry))));
-    if let Some(order) = order {
-        items.items.extend(order_puts(order));
-    }
-    if let Some((request_id, record)) = record {
-        items.request_record = Some(items.push(TransactItem::Put(put_request_record(user, request_id, record, now))));
-    }
-    items
-}
-
-/// A refusal under the lease: the lease released, for trades both order items as FAILED, and
-/// the request record when the caller gave a key, in one transaction.
-pub fn record_refusal(
-    user: &UserId,
-    lock_id: &LockId,
-    order: Option<&Order>,
-    record: Option<(&RequestId, &RequestRecord)>,
-    now: Millis,
-) -> NamedItems {
-    let mut items = NamedItems::default();
-    items.account = Some(items.push(release_lease(user, lock_id)));
-    if let Some(order) = order {
-        items.items.extend(order_puts(order));
-    }
-    if let Some((request_id, record)) = record {
-        items.request_record = Some(items.push(TransactItem::Put(put_request_record(user, request_id, record, now))));
-    }
-    items
+    let operations = [OperationWrites {
+        entry: Some(commit.entry),
+        order: commit.order,
+        record: commit.record,
+    }];
+    commit_batch(&BatchCommit {
+        user: commit.user,
+        lock_id: commit.lock_id,
+        read: commit.read,
+        after: &after,
+        cash_floor: debit,
+        holding_floors: &holding_floors,
+        prices: &prices,
+        operations: &operations,
+        extend_until: None,
+        now: commit.now,
+    })
 }
 
 /// Writes a request record unless a live one exists for the key: a retry's write fails there,
@@ -466,7 +550,8 @@ pub fn request_record_from_item(item: &Item) -> Result<RequestRecord, MalformedI
     })
 }
 
-pub fn order_puts(order: &Order) -> Vec<TransactItem> {
+/// Both copies of an order: under its user (for ListOrders) and under its id (for GetOrder).
+pub fn order_items(order: &Order) -> [Item; 2] {
     let by_user = order_item(
         order,
         Key {
@@ -474,8 +559,7 @@ pub fn order_puts(order: &Order) -> Vec<TransactItem> {
             sk: format!("{ORDER_PREFIX}{}", order.order_id),
         },
     );
-    let by_id = order_item(order, order_key(&order.order_id));
-    vec![TransactItem::Put(put_new(by_user)), TransactItem::Put(put_new(by_id))]
+    [by_user, order_item(order, order_key(&order.order_id))]
 }
 
 // ---------------------------------------------------------------------------------------------

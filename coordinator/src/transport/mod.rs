@@ -29,6 +29,10 @@ impl CoordinatorService {
 /// Retry advice (google.rpc.RetryInfo) on ABORTED: the lease is usually free again within a
 /// commit's time; a retry with the same request id is always safe.
 pub const RETRY_AFTER_BUSY: Duration = Duration::from_millis(250);
+/// Retry advice on RESOURCE_EXHAUSTED (a bound on queued work): queues drain in milliseconds.
+pub const RETRY_AFTER_OVERLOADED: Duration = Duration::from_millis(100);
+/// The deadline of a call that sets none (no `grpc-timeout`): no mutation waits or runs longer.
+pub const REQUEST_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
 /// Retry advice on UNAVAILABLE: storage blips (throttling, a lost connection) pass in about a
 /// second; the SDK already retried for up to 5 s.
 pub const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(1);
@@ -52,6 +56,11 @@ pub fn status_of(error: ServiceError) -> Status {
             )
         }
         error @ ServiceError::CatalogFull(_) => Status::resource_exhausted(error.to_string()),
+        error @ ServiceError::Overloaded(_) => Status::with_error_details(
+            Code::ResourceExhausted,
+            error.to_string(),
+            ErrorDetails::with_retry_info(Some(RETRY_AFTER_OVERLOADED)),
+        ),
         error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
         error @ ServiceError::Unavailable(_) => {
             tracing::warn!(%error, detail = ?error, "storage unavailable");
@@ -68,22 +77,18 @@ pub fn status_of(error: ServiceError) -> Status {
     }
 }
 
-/// Runs a mutation on the service's tracked task (see `spawn_mutation`), so that a cancelled
-/// call still ends in a commit or a release.
-async fn run_to_completion<T: Send + 'static>(
-    coordinator: &TransactionCoordinator,
-    mutation: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
-) -> Result<T, Status> {
-    coordinator.spawn_mutation(mutation).await.map_err(status_of)
-}
-
 fn invalid(error: FieldError) -> Status {
     status_of(ServiceError::InvalidArgument(error))
 }
 
 /// The caller's deadline, from the `grpc-timeout` header (`<digits><unit>`, unit one of
-/// H M S m u n). A malformed header is ignored, as gRPC servers do.
+/// H M S m u n), else `REQUEST_DEADLINE_DEFAULT` from now. A malformed header is ignored, as
+/// gRPC servers do.
 pub fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    caller_deadline(request).or_else(|| Instant::now().checked_add(REQUEST_DEADLINE_DEFAULT))
+}
+
+fn caller_deadline<T>(request: &Request<T>) -> Option<Instant> {
     let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok()?;
@@ -193,11 +198,11 @@ impl CoordinatorService {
                 .map_err(invalid)?,
         };
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let coordinator = Arc::clone(&self.coordinator);
-        let receipt = run_to_completion(&self.coordinator, async move {
-            coordinator.trade(&user, trade, request_id, deadline).await
-        })
-        .await?;
+        let receipt = self
+            .coordinator
+            .trade(&user, trade, request_id, deadline)
+            .await
+            .map_err(status_of)?;
         let (order, holding) = receipt
             .trade
             .ok_or_else(|| status_of(ServiceError::Internal("a committed trade without its order".to_owned())))?;
@@ -218,12 +223,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let coordinator = Arc::clone(&self.coordinator);
-        let account = user.clone();
-        let receipt = run_to_completion(&self.coordinator, async move {
-            coordinator.deposit(&account, amount, request_id, deadline).await
-        })
-        .await?;
+        let receipt = self
+            .coordinator
+            .deposit(&user, amount, request_id, deadline)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
     }
 
@@ -233,12 +237,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let coordinator = Arc::clone(&self.coordinator);
-        let account = user.clone();
-        let receipt = run_to_completion(&self.coordinator, async move {
-            coordinator.withdraw(&account, amount, request_id, deadline).await
-        })
-        .await?;
+        let receipt = self
+            .coordinator
+            .withdraw(&user, amount, request_id, deadline)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
     }
 

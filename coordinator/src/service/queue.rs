@@ -1,0 +1,297 @@
+//! A queue per account, in process. Calls for one user wait here in FIFO order, in memory; only
+//! the queue's driver (one task per busy user) touches storage, so waiters never poll it. A call
+//! that is cancelled, or whose deadline or wait limit passes while it is still queued, leaves
+//! without a storage request and with nothing applied. Several coordinators still meet at the
+//! DynamoDB lease, which the driver takes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::commit::Call;
+use super::{BATCH_CALLS_MAX, Intent, Receipt, ServiceError, TransactionCoordinator};
+use crate::core::{RequestId, UserId};
+
+/// Queued: the driver has not taken it yet; it may still leave.
+const QUEUED: u8 = 0;
+/// Taken into a batch by the driver: its answer comes from the batch's ending.
+const TAKEN: u8 = 1;
+/// Left the queue (cancelled, deadline, wait limit) before the driver took it.
+const LEFT: u8 = 2;
+
+/// Whether a waiter is still queued, taken, or gone; shared by the waiter and the driver.
+#[derive(Debug, Clone, Default)]
+pub(super) struct WaiterState(Arc<AtomicU8>);
+
+impl WaiterState {
+    /// The driver takes the waiter, unless it left first.
+    fn take(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// The waiter leaves, unless the driver took it first.
+    pub(super) fn leave(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, LEFT, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+}
+
+/// One call waiting for its user's driver.
+#[derive(Debug)]
+pub(super) struct Waiter {
+    pub intent: Intent,
+    pub request_id: Option<RequestId>,
+    pub state: WaiterState,
+    pub reply: oneshot::Sender<Result<Receipt, ServiceError>>,
+    /// The earlier of the caller's deadline and its lease wait limit, and the error it gets if
+    /// that passes before its call is decided.
+    pub wait_until: Instant,
+    pub on_timeout: ServiceError,
+}
+
+impl Waiter {
+    /// Sends the call's answer; a caller that went away meanwhile does not hear it.
+    pub fn answer(self, result: Result<Receipt, ServiceError>) {
+        self.reply.send(result).ok();
+    }
+}
+
+#[derive(Debug, Default)]
+struct UserQueue {
+    waiters: VecDeque<Waiter>,
+}
+
+/// Where a new call goes.
+pub(super) enum Enqueued {
+    /// Queued behind a running driver.
+    Queued,
+    /// Queued, and nobody drives this user's queue: the caller must start a driver.
+    StartDriver,
+}
+
+/// Every user's queue. A user has an entry exactly while a driver runs for it.
+#[derive(Debug, Default)]
+pub(super) struct AccountQueues {
+    queues: Mutex<HashMap<UserId, UserQueue>>,
+    /// Calls queued or being decided, across users: bounded by `--max-inflight`.
+    inflight: AtomicUsize,
+}
+
+impl AccountQueues {
+    /// Queues `waiter` for `user`, unless `per_user_max` calls already wait there.
+    pub fn enqueue(&self, user: &UserId, waiter: Waiter, per_user_max: usize) -> Result<Enqueued, Box<Waiter>> {
+        let mut queues = self.queues.lock().expect("account queues poisoned");
+        match queues.get_mut(user) {
+            Some(queue) if queue.waiters.len() >= per_user_max => Err(Box::new(waiter)),
+            Some(queue) => {
+                queue.waiters.push_back(waiter);
+                Ok(Enqueued::Queued)
+            }
+            None => {
+                let mut queue = UserQueue::default();
+                queue.waiters.push_back(waiter);
+                queues.insert(user.clone(), queue);
+                Ok(Enqueued::StartDriver)
+            }
+        }
+    }
+
+    /// Takes up to `limit` queued calls from the front, skipping the ones that left, and
+    /// stopping before a request id already in the batch (two records of one id cannot share a
+    /// transaction; the later one replays the earlier's outcome in the next batch). An empty
+    /// batch means the queue is empty, and the driver must stop: its entry is removed under
+    /// the same lock, so the next call starts a new driver.
+    pub fn take_batch(&self, user: &UserId, limit: usize) -> Vec<Waiter> {
+        let mut queues = self.queues.lock().expect("account queues poisoned");
+        let Some(queue) = queues.get_mut(user) else {
+            return Vec::new();
+        };
+        let mut batch: Vec<Waiter> = Vec::new();
+        while batch.len() < limit {
+            let Some(front) = queue.waiters.front() else { break };
+            let duplicate = front
+                .request_id
+                .as_ref()
+                .is_some_and(|id| batch.iter().any(|taken| taken.request_id.as_ref() == Some(id)));
+            if duplicate {
+                break;
+            }
+            let waiter = queue.waiters.pop_front().expect("front exists");
+            if waiter.state.take() {
+                batch.push(waiter);
+            }
+        }
+        if batch.is_empty() && queue.waiters.is_empty() {
+            queues.remove(user);
+        }
+        batch
+    }
+
+    /// Whether calls for `user` are waiting behind the batch being committed: then the commit
+    /// extends the lease instead of releasing it.
+    pub fn has_waiters(&self, user: &UserId) -> bool {
+        let queues = self.queues.lock().expect("account queues poisoned");
+        queues.get(user).is_some_and(|queue| {
+            queue
+                .waiters
+                .iter()
+                .any(|waiter| waiter.state.0.load(Ordering::SeqCst) == QUEUED)
+        })
+    }
+
+    /// Counts a call in, unless `max` are already in flight.
+    pub fn admit(&self, max: usize) -> Option<InflightPermit<'_>> {
+        self.inflight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                (current < max).then_some(current + 1)
+            })
+            .ok()
+            .map(|_| InflightPermit(&self.inflight))
+    }
+}
+
+/// One call in flight; counted out when dropped.
+#[derive(Debug)]
+pub(super) struct InflightPermit<'a>(&'a AtomicUsize);
+
+impl Drop for InflightPermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Leaves the queue when the waiting call is dropped (cancelled) before the driver took it.
+#[derive(Debug)]
+pub(super) struct LeaveOnDrop(pub WaiterState);
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// The earlier of the caller's deadline and the lease wait limit, and which of the two it is.
+pub(super) fn wait_bound(deadline: Option<Instant>, wait_limit: Instant) -> (Instant, ServiceError) {
+    match deadline {
+        Some(deadline) if deadline <= wait_limit => (deadline, ServiceError::DeadlineExceeded),
+        _ => (wait_limit, ServiceError::Busy),
+    }
+}
+
+impl TransactionCoordinator {
+    /// Queues the call behind `user`'s others and waits for its answer: from the batch that
+    /// decides it, or the wait bound's error if it is still queued when that passes (it then
+    /// leaves, nothing applied). Past `--max-inflight` calls, or `--max-queued-per-user` for
+    /// this user, RESOURCE_EXHAUSTED at once.
+    pub(super) async fn queue_and_wait(
+        self: &Arc<Self>,
+        user: &UserId,
+        intent: Intent,
+        request_id: Option<RequestId>,
+        deadline: Option<Instant>,
+    ) -> Result<Receipt, ServiceError> {
+        let _permit = self
+            .queues
+            .admit(self.config.max_inflight)
+            .ok_or(ServiceError::Overloaded("mutations in flight"))?;
+        let (wait_until, on_timeout) = wait_bound(deadline, Instant::now() + self.config.lease_wait_max);
+        let (reply, mut answer) = oneshot::channel();
+        let state = WaiterState::default();
+        let waiter = Waiter {
+            intent,
+            request_id,
+            state: state.clone(),
+            reply,
+            wait_until,
+            on_timeout: on_timeout.clone(),
+        };
+        match self.queues.enqueue(user, waiter, self.config.max_queued_per_user) {
+            Err(_) => return Err(ServiceError::Overloaded("calls queued for this user")),
+            Ok(Enqueued::Queued) => {}
+            Ok(Enqueued::StartDriver) => {
+                let (coordinator, user) = (Arc::clone(self), user.clone());
+                self.mutations.spawn(async move { coordinator.drive(user).await });
+            }
+        }
+        let _leave_if_dropped = LeaveOnDrop(state.clone());
+        let dropped = || ServiceError::Internal("the account's driver stopped without an answer".to_owned());
+        match tokio::time::timeout_at(wait_until, &mut answer).await {
+            Ok(answered) => answered.unwrap_or_else(|_| Err(dropped())),
+            // Still queued: it leaves, and nothing of it was or will be applied.
+            Err(_) if state.leave() => {
+                tracing::warn!(lock_state = "TIMEOUT", "gave up waiting for the account");
+                Err(on_timeout)
+            }
+            // Taken into a batch just now: that batch's ending answers.
+            Err(_) => answer.await.unwrap_or_else(|_| Err(dropped())),
+        }
+    }
+
+    /// Drives `user`'s queue until it is empty: takes the next calls, holds the lease while
+    /// more wait (each commit extends it), and gives it back with the last commit.
+    async fn drive(self: Arc<Self>, user: UserId) {
+        let mut held = None;
+        loop {
+            let batch: Vec<Call> = self
+                .queues
+                .take_batch(&user, BATCH_CALLS_MAX)
+                .into_iter()
+                .enumerate()
+                .collect();
+            if batch.is_empty() {
+                if let Some(held) = held {
+                    self.release(&held).await;
+                }
+                return;
+            }
+            let lease = match held.take() {
+                Some(lease) => lease,
+                None => match self.acquire_for(&user, &batch).await {
+                    Ok(lease) => lease,
+                    Err(error) => {
+                        answer_unleased(batch, &error);
+                        continue;
+                    }
+                },
+            };
+            held = self.commit_batch(lease, batch).await;
+        }
+    }
+
+    /// Takes `user`'s lease for `batch`: long enough for its longest operation, requiring an
+    /// account unless a deposit may create it, waiting no longer than its most urgent call.
+    async fn acquire_for(&self, user: &UserId, batch: &[Call]) -> Result<super::HeldLease, ServiceError> {
+        let intents = || batch.iter().map(|(_, waiter)| &waiter.intent);
+        let lease = intents()
+            .map(|intent| intent.lease(&self.config))
+            .max()
+            .unwrap_or_default();
+        let require_account = intents().all(Intent::requires_account);
+        let first = intents().next().map(Intent::name).unwrap_or("BATCH");
+        let operation = if intents().all(|intent| intent.name() == first) {
+            first
+        } else {
+            "BATCH"
+        };
+        let wait_until = batch.iter().map(|(_, waiter)| waiter.wait_until).min();
+        self.acquire(user, operation, lease, require_account, wait_until).await
+    }
+}
+
+/// Answers a batch whose lease could not be taken: a call whose wait ran out gets its own
+/// timeout error (busy, or its deadline), the others the acquire's error.
+fn answer_unleased(batch: Vec<Call>, error: &ServiceError) {
+    for (_, waiter) in batch {
+        let answer = match error {
+            ServiceError::Busy | ServiceError::DeadlineExceeded => waiter.on_timeout.clone(),
+            other => other.clone(),
+        };
+        waiter.answer(Err(answer));
+    }
+}
