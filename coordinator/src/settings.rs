@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::core::limits::{DAILY_DEPOSIT_USD_DEFAULT, DAILY_WITHDRAWAL_USD_DEFAULT};
 use crate::core::money::{ORDER_VALUE_USD_MAX, ORDER_VALUE_USD_MIN};
+use crate::core::records::LEASE_DURATION_MAX;
 use crate::core::{FieldError, Limits, Usd};
 use crate::service::{
     CoordinatorConfig, LEASE_DEPOSIT, LEASE_TRADE, LEASE_WAIT_MAX, LEASE_WITHDRAW, REQUEST_RETENTION,
@@ -41,6 +42,17 @@ pub enum Command {
         lease_margin_secs: u64,
     },
 }
+
+/// The longest `--lock-wait-ms`: a caller waiting longer for one account is better told to retry.
+pub const LEASE_WAIT_LIMIT: Duration = Duration::from_secs(60);
+/// The longest `--request-retention-hours`: 30 days.
+pub const REQUEST_RETENTION_HOURS_MAX: u64 = 30 * 24;
+/// The longest `--sweep-interval-secs`: one day.
+pub const SWEEP_INTERVAL_SECS_MAX: u64 = 24 * 3600;
+/// The longest `--drain-ms`: ten minutes.
+pub const DRAIN_MS_MAX: u64 = 600_000;
+/// The largest `--max-inflight` and `--max-queued-per-user`.
+pub const INFLIGHT_LIMIT: usize = 1_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StorageKind {
@@ -151,10 +163,7 @@ impl Settings {
     }
 
     pub fn coordinator_config(&self) -> Result<CoordinatorConfig, FieldError> {
-        let leases = [self.lease_deposit_ms, self.lease_withdraw_ms, self.lease_trade_ms];
-        if leases.iter().any(|lease| *lease < 1000) {
-            return Err(FieldError::new("--lease-*-ms", "leases must be at least 1000 ms"));
-        }
+        self.check_bounds()?;
         Ok(CoordinatorConfig {
             owner: self
                 .instance
@@ -176,6 +185,58 @@ impl Settings {
             max_inflight: self.max_inflight,
             max_queued_per_user: self.max_queued_per_user,
         })
+    }
+
+    /// Every duration and count within a bound, so none can overflow a deadline, an `Instant`
+    /// or a stored expiry, or make a bound that never holds: refused at start, naming the flag.
+    fn check_bounds(&self) -> Result<(), FieldError> {
+        let lease_max = LEASE_DURATION_MAX.as_millis() as u64;
+        let bounds: [(&'static str, u64, u64, u64); 10] = [
+            ("--lease-deposit-ms", self.lease_deposit_ms, 1000, lease_max),
+            ("--lease-withdraw-ms", self.lease_withdraw_ms, 1000, lease_max),
+            ("--lease-trade-ms", self.lease_trade_ms, 1000, lease_max),
+            (
+                "--lock-wait-ms",
+                self.lock_wait_ms,
+                0,
+                LEASE_WAIT_LIMIT.as_millis() as u64,
+            ),
+            (
+                "--request-retention-hours",
+                self.request_retention_hours,
+                1,
+                REQUEST_RETENTION_HOURS_MAX,
+            ),
+            (
+                "--sweep-interval-secs",
+                self.sweep_interval_secs,
+                0,
+                SWEEP_INTERVAL_SECS_MAX,
+            ),
+            ("--drain-ms", self.drain_ms, 0, DRAIN_MS_MAX),
+            ("--max-inflight", self.max_inflight as u64, 1, INFLIGHT_LIMIT as u64),
+            (
+                "--max-queued-per-user",
+                self.max_queued_per_user as u64,
+                1,
+                INFLIGHT_LIMIT as u64,
+            ),
+            (
+                "--max-queued-per-user",
+                self.max_queued_per_user as u64,
+                1,
+                self.max_inflight as u64,
+            ),
+        ];
+        for (flag, value, minimum, maximum) in bounds {
+            if value < minimum || value > maximum {
+                return Err(FieldError::new(
+                    flag,
+                    format!("must be between {minimum} and {maximum}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `--min-order-value`: a USD amount (so at least 0.01), at most the largest order.
@@ -213,6 +274,43 @@ mod tests {
         assert_eq!(settings.daily_deposit_limit, "10000.00");
         assert_eq!(settings.daily_withdrawal_limit, "5000.00");
         assert_eq!(settings.min_order_value, "1.00");
+    }
+
+    /// Durations and counts that would overflow a deadline or an expiry, or make a bound that
+    /// never holds, are refused at start, naming the flag.
+    #[test]
+    fn every_duration_and_count_is_bounded() {
+        for (flag, reason) in [
+            (
+                "--lease-deposit-ms=999",
+                "--lease-deposit-ms: must be between 1000 and 300000",
+            ),
+            (
+                "--lease-trade-ms=18446744073709551615",
+                "--lease-trade-ms: must be between 1000 and 300000",
+            ),
+            (
+                "--lock-wait-ms=18446744073709551615",
+                "--lock-wait-ms: must be between 0 and 60000",
+            ),
+            (
+                "--drain-ms=18446744073709551615",
+                "--drain-ms: must be between 0 and 600000",
+            ),
+            (
+                "--request-retention-hours=0",
+                "--request-retention-hours: must be between 1 and 720",
+            ),
+            (
+                "--sweep-interval-secs=999999999",
+                "--sweep-interval-secs: must be between 0 and 86400",
+            ),
+            ("--max-inflight=0", "--max-inflight: must be between 1 and 1000000"),
+        ] {
+            assert_eq!(config(&[flag]).unwrap_err().to_string(), reason, "{flag}");
+        }
+        let error = config(&["--max-inflight=10", "--max-queued-per-user=11"]).unwrap_err();
+        assert_eq!(error.to_string(), "--max-queued-per-user: must be between 1 and 10");
     }
 
     #[test]

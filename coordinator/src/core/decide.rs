@@ -7,6 +7,7 @@ use super::account::Account;
 use super::ids::AssetSymbol;
 use super::limits::Limits;
 use super::money::{ORDER_VALUE_USD_MAX, Price, Quantity, Usd};
+use super::time::UtcDay;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TradeSide {
@@ -98,6 +99,13 @@ pub enum Rejection {
         used: Usd,
         requested: Usd,
     },
+    /// One amount above the whole daily limit: refused before the lease, whatever the account.
+    #[error("Daily {kind} limit exceeded. Limit: ${limit}, Requested: ${requested}")]
+    AboveDailyLimit {
+        kind: &'static str,
+        limit: Usd,
+        requested: Usd,
+    },
     #[error("Asset {0} is not active")]
     AssetInactive(AssetSymbol),
     #[error("Price ${price} is above the limit price ${limit}")]
@@ -128,17 +136,32 @@ impl Rejection {
     }
 }
 
+/// The refusal of a cash operation whose amount alone is above its daily limit: it holds
+/// whatever the account, so the caller refuses it before taking the lease (no lease, no
+/// lease-only item for an account that does not exist).
+pub fn above_daily_limit(operation: &Operation, limits: &Limits) -> Option<Rejection> {
+    let (kind, limit, requested) = match operation {
+        Operation::Deposit(amount) => ("deposit", limits.daily_deposit, *amount),
+        Operation::Withdraw(amount) => ("withdrawal", limits.daily_withdrawal, *amount),
+        Operation::Trade(_) => return None,
+    };
+    (requested > limit).then_some(Rejection::AboveDailyLimit { kind, limit, requested })
+}
+
 /// Decides `operation` on `account` as of the UTC day `today`.
 pub fn decide(account: &Account, operation: &Operation, today: &str, limits: &Limits) -> Result<Decision, Rejection> {
     if !account.exists && !matches!(operation, Operation::Deposit(_)) {
         return Err(Rejection::AccountNotFound);
     }
     // Days only move forward: a coordinator whose clock is behind another's (around midnight)
-    // keeps counting on the later day already stored, instead of resetting its totals.
-    let today = if account.limit_day.as_str() > today {
-        account.limit_day.as_str()
-    } else {
-        today
+    // keeps counting on the later day already stored, instead of resetting its totals. But a
+    // stored day more than one day ahead was written by a clock far ahead: it is not allowed
+    // to freeze the totals until then, and this clock's day is used instead.
+    let stored = UtcDay::from_stored(&account.limit_day);
+    let local = UtcDay::from_stored(today);
+    let today = match (stored, local) {
+        (Some(stored), Some(local)) if stored > local && stored <= local.next() => account.limit_day.as_str(),
+        _ => today,
     };
     let (deposited_today, withdrawn_today) = account.daily_totals(today);
     let unchanged = Decision {
@@ -346,6 +369,22 @@ mod tests {
     }
 
     #[test]
+    fn an_amount_above_the_whole_daily_limit_is_refused_before_the_lease() {
+        let limits = Limits::default();
+        assert!(above_daily_limit(&Operation::Deposit(usd("10000")), &limits).is_none());
+        assert_eq!(
+            above_daily_limit(&Operation::Deposit(usd("10000.01")), &limits)
+                .unwrap()
+                .to_string(),
+            "Daily deposit limit exceeded. Limit: $10000.00, Requested: $10000.01"
+        );
+        assert!(matches!(
+            above_daily_limit(&Operation::Withdraw(usd("5000.01")), &limits),
+            Some(Rejection::AboveDailyLimit { kind: "withdrawal", .. })
+        ));
+    }
+
+    #[test]
     fn daily_limits_count_per_utc_day() {
         let mut account = account_with("20000", &[]);
         account.withdrawn_today = usd("4990");
@@ -356,6 +395,14 @@ mod tests {
         ));
         let tomorrow = decide(&account, &Operation::Withdraw(usd("20")), "2026-11-27", &limits).unwrap();
         assert_eq!(tomorrow.withdrawn_today, usd("20"));
+        // A stored day far ahead (a clock that ran ahead) does not freeze the totals.
+        let mut far_ahead = account.clone();
+        far_ahead.limit_day = "2026-12-25".to_owned();
+        let decision = decide(&far_ahead, &Operation::Withdraw(usd("20")), TODAY, &limits).unwrap();
+        assert_eq!(
+            (decision.limit_day.as_str(), decision.withdrawn_today),
+            (TODAY, usd("20"))
+        );
         // A coordinator whose clock still says yesterday does not reset today's totals.
         let mut counted_tomorrow = account.clone();
         counted_tomorrow.limit_day = "2026-11-27".to_owned();

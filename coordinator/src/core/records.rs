@@ -20,11 +20,30 @@ pub struct Lease {
     pub expires_at_ms: Millis,
 }
 
+/// The longest lease any operation may take (settings refuse longer ones).
+pub const LEASE_DURATION_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+/// The largest clock difference between coordinators that is tolerated: a stored instant
+/// further ahead of the local clock than any legitimate writer could have set was written by a
+/// clock far ahead, and is treated as the local clock's instead of lasting that long.
+pub const CLOCK_SKEW_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Lease {
-    /// A lease is live until its expiry instant, exclusive.
+    /// A lease is live until its expiry instant, exclusive, unless that expiry lies further
+    /// ahead than any lease taken by a clock within `CLOCK_SKEW_MAX` of this one could
+    /// (see `implausible_after`): such a lease is treated as expired.
     pub fn is_live(&self, now: Millis) -> bool {
-        now < self.expires_at_ms
+        now < self.expires_at_ms && !self.is_implausible(now)
     }
+
+    /// Whether the expiry was set by a clock far ahead of `now`'s.
+    pub fn is_implausible(&self, now: Millis) -> bool {
+        self.expires_at_ms > implausible_after(now)
+    }
+}
+
+/// Lease expiries after this instant were set by a clock far ahead of `now`'s.
+pub fn implausible_after(now: Millis) -> Millis {
+    now.saturating_add((LEASE_DURATION_MAX + CLOCK_SKEW_MAX).as_millis() as u64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

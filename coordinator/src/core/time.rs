@@ -53,6 +53,11 @@ impl UtcDay {
         Self(utc(at).date())
     }
 
+    /// The day after this one.
+    pub fn next(self) -> Self {
+        Self(self.0.next_day().unwrap_or(self.0))
+    }
+
     /// Rebuilds a day stored as `YYYY-MM-DD`; None for anything else.
     pub fn from_stored(raw: &str) -> Option<Self> {
         let mut parts = raw.splitn(3, '-');

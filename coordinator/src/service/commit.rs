@@ -523,8 +523,8 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::core::AssetSymbol;
     use crate::core::time::ManualClock;
+    use crate::core::{AssetSymbol, Clock};
     use crate::service::testing::{LEASE, coordinator, coordinator_on, quantity, usd, user};
     use crate::service::{CoordinatorConfig, TradeRequest};
     use crate::storage::embedded::EmbeddedEngine;
@@ -752,5 +752,51 @@ mod tests {
         assert_eq!(order.price, sol.price);
         assert_eq!(holding, quantity("2"));
         assert_eq!(receipt.entry.cash_after, usd("700"));
+    }
+
+    /// A deposit above the whole daily limit is refused before the lease: no request, and no
+    /// item left for a user who has no account.
+    #[tokio::test]
+    async fn an_amount_above_the_daily_limit_takes_no_lease_and_leaves_nothing() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        let before = coordinator.storage().requests();
+        let error = coordinator
+            .deposit(&user("g"), usd("10000.01"), None, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ServiceError::Rejected(Rejection::AboveDailyLimit { .. })),
+            "{error:?}"
+        );
+        assert_eq!(coordinator.storage().requests(), before, "no storage request");
+        let item = coordinator.storage().get(model::account_key(&user("g"))).await.unwrap();
+        assert!(item.is_none(), "no item: {item:?}");
+    }
+
+    /// A coordinator whose clock runs a day ahead cannot do lasting damage: the lease it leaves
+    /// does not block the user until its far expiry, and the day it stamped does not freeze
+    /// the daily totals.
+    #[tokio::test]
+    async fn a_clock_far_ahead_does_no_lasting_damage() {
+        const DAY_MS: u64 = 86_400_000;
+        let engine: Arc<EmbeddedEngine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let local = ManualClock::starting_at(1_795_752_000_000);
+        let ahead = ManualClock::starting_at(1_795_752_000_000 + 2 * DAY_MS);
+        let fast = coordinator_on(engine.clone(), &ahead, CoordinatorConfig::default()).await;
+        let config = CoordinatorConfig {
+            lease_wait_max: std::time::Duration::from_millis(30),
+            ..CoordinatorConfig::default()
+        };
+        let honest = coordinator_on(engine, &local, config).await;
+        fast.withdraw(&user("h"), usd("1"), None, None).await.unwrap_err();
+        fast.deposit(&user("h"), usd("100"), None, None).await.unwrap();
+        fast.withdraw(&user("h"), usd("40"), None, None).await.unwrap();
+        let abandoned = fast.acquire(&user("h"), "WITHDRAWAL", LEASE, true, None).await.unwrap();
+        assert!(abandoned.expires_at > local.now() + 2 * DAY_MS - 1);
+        let receipt = honest.withdraw(&user("h"), usd("20"), None, None).await.unwrap();
+        assert_eq!(receipt.entry.cash_after, usd("40"));
+        let account = honest.account(&user("h")).await.unwrap();
+        assert_eq!(account.limit_day, honest.today(), "the local day, not the far one");
+        assert_eq!(account.withdrawn_today, usd("20"), "counted from zero on the local day");
     }
 }

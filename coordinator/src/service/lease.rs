@@ -169,7 +169,16 @@ impl TransactionCoordinator {
         let account_exists = model::account_from_item(&current)
             .map(|account| account.exists)
             .unwrap_or(false);
-        match model::lease_from_item(&current).filter(|holder| holder.is_live(now)) {
+        let holder = model::lease_from_item(&current);
+        if let Some(far_ahead) = holder.as_ref().filter(|holder| holder.is_implausible(now)) {
+            tracing::warn!(
+                holder_owner = %far_ahead.owner,
+                expires_at_ms = far_ahead.expires_at_ms,
+                now_ms = now,
+                "a stored lease expires further ahead than any lease could: this coordinator's clock is behind the holder's by more than the tolerated skew (or the holder's is far ahead); treating the lease as expired"
+            );
+        }
+        match holder.filter(|holder| holder.is_live(now)) {
             // Our own earlier attempt did land (its reply was lost and the write retried).
             Some(holder) if holder.lock_id == lease.lock_id => return self.held(user, holder, &current).map(Some),
             // A previous run of this instance died holding it; taken over at once only while
@@ -215,11 +224,16 @@ impl TransactionCoordinator {
         Ok(held)
     }
 
-    /// Gives the lease back without writing anything else. Failure is logged, not returned:
+    /// Gives the lease back without writing anything else (an item the acquire itself created
+    /// is deleted instead: a call that committed nothing leaves nothing). Failure is logged, not returned:
     /// the lease expires by itself, and every later write checks the expiry.
     pub(super) async fn release(&self, held: &HeldLease) {
         self.held_leases.remove(&held.lock_id);
-        let release = model::release_lease(&held.user, &held.lock_id);
+        let release = if model::created_by_this_lease(&held.account) {
+            model::release_created_item(&held.user, &held.lock_id)
+        } else {
+            model::release_lease(&held.user, &held.lock_id)
+        };
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::debug!(lock_state = "RELEASED", "lease released"),
             Err(StorageError::ConditionFailed { .. }) => {

@@ -40,10 +40,12 @@ pub use instance::{HEARTBEAT_INTERVAL, HEARTBEAT_TTL, InstanceError};
 pub use lease::HeldLease;
 pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 
-use crate::core::decide::Rejection;
+use crate::core::decide::{Rejection, above_daily_limit};
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
 use crate::core::time::utc_day;
-use crate::core::{AssetSymbol, Clock, FieldError, Limits, Millis, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::core::{
+    AssetSymbol, Clock, FieldError, Limits, Millis, Operation, Price, Quantity, RequestId, TradeSide, Usd, UserId,
+};
 use crate::storage::{Storage, StorageError};
 
 /// Lease of a deposit, from the design: a single balance update.
@@ -415,12 +417,24 @@ impl TransactionCoordinator {
         result
     }
 
-    /// Refusals that need no lease: an unknown or inactive asset. Nothing to write, no wait.
+    /// Refusals that need no lease: an unknown or inactive asset, an amount above the whole
+    /// daily limit. Nothing to write, no wait.
     async fn check_before_queueing(&self, intent: &Intent) -> Result<(), ServiceError> {
-        if let Intent::Trade(request) = intent {
-            let asset = self.catalog.asset(&self.storage, &request.asset).await?;
-            if !asset.active {
-                return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
+        match intent {
+            Intent::Trade(request) => {
+                let asset = self.catalog.asset(&self.storage, &request.asset).await?;
+                if !asset.active {
+                    return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
+                }
+            }
+            Intent::Deposit(amount) | Intent::Withdraw(amount) => {
+                let operation = match intent {
+                    Intent::Deposit(_) => Operation::Deposit(*amount),
+                    _ => Operation::Withdraw(*amount),
+                };
+                if let Some(rejection) = above_daily_limit(&operation, &self.config.limits) {
+                    return Err(ServiceError::Rejected(rejection));
+                }
             }
         }
         Ok(())

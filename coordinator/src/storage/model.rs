@@ -128,10 +128,12 @@ pub fn reclaim_lease(user: &UserId, lease: &Lease, now: Millis, require_account:
 }
 
 fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: Option<&LockId>) -> Update {
+    // A lease expiring later than any clock within the tolerated skew could have set is free
+    // too: a coordinator whose clock ran far ahead must not block a user for that long.
     let free = if orphan.is_some() {
-        "(lock_id = :orphan OR attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now)"
+        "(lock_id = :orphan OR attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now OR lock_expires_at_ms > :implausible)"
     } else {
-        "(attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now)"
+        "(attribute_not_exists(lock_id) OR lock_expires_at_ms <= :now OR lock_expires_at_ms > :implausible)"
     };
     let condition = if require_account {
         format!("attribute_exists(cash) AND {free}")
@@ -155,6 +157,7 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
                 (":operation", s(&lease.operation)),
                 (":expires", n(lease.expires_at_ms)),
                 (":now", n(now)),
+                (":implausible", n(crate::core::records::implausible_after(now))),
                 (":zero", n(0)),
                 (":empty", Value::M(BTreeMap::new())),
             ],
@@ -171,9 +174,10 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
 /// Gives the lease back without changing the account, if it is still ours, and bumps the
 /// version: any copy of a commit decided under this lease that is still in flight (its reply
 /// lost, a retry delayed in the network) can then never apply, even if a delayed copy of the
-/// acquire re-took the lease with the same lock id. An item that holds only a lease (a first
-/// deposit that was refused) stays as a lease-free item: it is not an account, and deleting it
-/// would reset the version.
+/// acquire re-took the lease with the same lock id. This is also the fence of an unclear
+/// ending, so it never deletes: an item that holds only a lease stays as a lease-free item then
+/// (deleting it would reset the version). A plain release of an item the acquire created, with
+/// nothing decided under it, is `release_created_item`.
 pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
     TransactItem::Update(Update {
         key: account_key(user),
@@ -185,6 +189,24 @@ pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
     })
 }
 
+/// Whether the account item read with a lease was created by that very acquire: no account yet,
+/// and no earlier release (each bumps the version).
+pub fn created_by_this_lease(read: &Account) -> bool {
+    !read.exists && read.version == 0
+}
+
+/// Gives back a lease whose acquire created the item (a first deposit refused, say) by deleting
+/// the item, so a refused call leaves nothing behind: only while it is still this lease's and
+/// still no account. Used only when no commit was decided under the lease, so no late copy of
+/// one can meet the recreated item.
+pub fn release_created_item(user: &UserId, lock_id: &LockId) -> TransactItem {
+    TransactItem::Delete(Delete {
+        key: account_key(user),
+        condition: Some("lock_id = :lock AND attribute_not_exists(cash)".to_owned()),
+        bindings: bindings([], [(":lock", s(lock_id.as_str()))]),
+    })
+}
+
 /// The sweeper's release of a lease whose holder never came back: only if it is still that
 /// lease and still expired. Like every release it bumps the version, so nothing decided under
 /// that lease can commit afterwards.
@@ -192,8 +214,18 @@ pub fn release_expired_lease(account: &Key, lock_id: &LockId, now: Millis) -> Tr
     TransactItem::Update(Update {
         key: account.clone(),
         update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
-        condition: Some("lock_id = :lock AND lock_expires_at_ms <= :now".to_owned()),
-        bindings: bindings([], [(":lock", s(lock_id.as_str())), (":now", n(now)), (":one", n(1))]),
+        condition: Some(
+            "lock_id = :lock AND (lock_expires_at_ms <= :now OR lock_expires_at_ms > :implausible)".to_owned(),
+        ),
+        bindings: bindings(
+            [],
+            [
+                (":lock", s(lock_id.as_str())),
+                (":now", n(now)),
+                (":implausible", n(crate::core::records::implausible_after(now))),
+                (":one", n(1)),
+            ],
+        ),
         return_new: false,
         return_old_on_condition_failure: false,
     })
@@ -351,7 +383,12 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
         });
         items.push_part(TransactionPart::CatalogCheck, check);
     }
-    items.push_part(TransactionPart::Account, TransactItem::Update(account_update(commit)));
+    let account = if created_by_this_lease(commit.read) && !commit.after.exists && commit.extend_until.is_none() {
+        release_created_item(commit.user, commit.lock_id)
+    } else {
+        TransactItem::Update(account_update(commit))
+    };
+    items.push_part(TransactionPart::Account, account);
     for (index, operation) in commit.operations.iter().enumerate() {
         if let Some(entry) = operation.entry {
             items.push_fresh(ledger_item(entry));
