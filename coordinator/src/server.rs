@@ -25,6 +25,9 @@ use crate::transport::CoordinatorService;
 pub const DEFAULT_CATALOG: &str = include_str!("../catalog.json");
 /// How often the health probe asks storage whether it answers.
 pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Concurrent calls on one HTTP/2 connection; past it the client queues them itself. Together
+/// with `--max-inflight` (across connections) it bounds the work one coordinator accepts.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// The name the coordinator's health is reported under, besides "" (the whole server).
 pub const SERVICE_NAME: &str = "lockstep.coordinator.v1.Coordinator";
 
@@ -177,6 +180,7 @@ pub async fn run(
 
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

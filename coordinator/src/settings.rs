@@ -191,7 +191,7 @@ impl Settings {
     /// or a stored expiry, or make a bound that never holds: refused at start, naming the flag.
     fn check_bounds(&self) -> Result<(), FieldError> {
         let lease_max = LEASE_DURATION_MAX.as_millis() as u64;
-        let bounds: [(&'static str, u64, u64, u64); 10] = [
+        let bounds: [(&'static str, u64, u64, u64); 9] = [
             ("--lease-deposit-ms", self.lease_deposit_ms, 1000, lease_max),
             ("--lease-withdraw-ms", self.lease_withdraw_ms, 1000, lease_max),
             ("--lease-trade-ms", self.lease_trade_ms, 1000, lease_max),
@@ -220,12 +220,6 @@ impl Settings {
                 self.max_queued_per_user as u64,
                 1,
                 INFLIGHT_LIMIT as u64,
-            ),
-            (
-                "--max-queued-per-user",
-                self.max_queued_per_user as u64,
-                1,
-                self.max_inflight as u64,
             ),
         ];
         for (flag, value, minimum, maximum) in bounds {
@@ -309,8 +303,6 @@ mod tests {
         ] {
             assert_eq!(config(&[flag]).unwrap_err().to_string(), reason, "{flag}");
         }
-        let error = config(&["--max-inflight=10", "--max-queued-per-user=11"]).unwrap_err();
-        assert_eq!(error.to_string(), "--max-queued-per-user: must be between 1 and 10");
     }
 
     #[test]

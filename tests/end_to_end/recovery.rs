@@ -15,7 +15,7 @@ use tonic::Code;
 use crate::helpers::{AppOptions, EngineKind, TestApp, spawn_app_with, spawn_peer};
 
 /// A hook that parks every commit until the test lets it go, and says when one is parked.
-fn parking_hook() -> (CommitHook, Arc<Notify>, Arc<Notify>) {
+pub fn parking_hook() -> (CommitHook, Arc<Notify>, Arc<Notify>) {
     let parked = Arc::new(Notify::new());
     let go = Arc::new(Notify::new());
     let hook = {

@@ -6,6 +6,7 @@
 //! | NOT_FOUND | 404 |
 //! | FAILED_PRECONDITION | 422, with the coordinator's message (the rule and the figures) |
 //! | ABORTED | 409, with `Retry-After` |
+//! | RESOURCE_EXHAUSTED | 429, with `Retry-After` (the coordinator's queues are full) |
 //! | UNAVAILABLE | 503, with `Retry-After` when the coordinator advises one |
 //! | DEADLINE_EXCEEDED | 504 |
 //! | anything else | 500, details logged, never sent |
@@ -79,6 +80,7 @@ pub fn http_status_of(code: Code) -> StatusCode {
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::FailedPrecondition => StatusCode::UNPROCESSABLE_ENTITY,
         Code::Aborted => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -129,7 +131,7 @@ impl IntoResponse for ApiError {
         // HTTP counts in whole seconds: round the advice up, so a client never retries early.
         let retry_after = match (status, self.retry_after) {
             (_, Some(delay)) => Some(delay.as_secs() + u64::from(delay.subsec_nanos() > 0)),
-            (StatusCode::CONFLICT, None) => Some(RETRY_AFTER_BUSY_SECONDS),
+            (StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS, None) => Some(RETRY_AFTER_BUSY_SECONDS),
             _ => None,
         };
         let mut response = (status, axum::Json(Envelope::<()>::failure(self))).into_response();
@@ -166,6 +168,7 @@ mod tests {
             (Code::NotFound, 404),
             (Code::FailedPrecondition, 422),
             (Code::Aborted, 409),
+            (Code::ResourceExhausted, 429),
             (Code::Unavailable, 503),
             (Code::DeadlineExceeded, 504),
             (Code::Internal, 500),
