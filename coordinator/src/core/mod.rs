@@ -10,6 +10,7 @@ pub mod decide;
 pub mod ids;
 pub mod limits;
 pub mod money;
+pub mod principal;
 pub mod records;
 pub mod time;
 
@@ -18,4 +19,5 @@ pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
 pub use ids::{AssetSymbol, EntryId, FieldError, LockId, OrderId, RequestId, UserId};
 pub use limits::Limits;
 pub use money::{Price, Quantity, Usd};
+pub use principal::Principal;
 pub use time::{Clock, Millis, SystemClock};

@@ -260,6 +260,7 @@ pub(super) fn order_of(
         total,
         failure_reason: None,
         created_at_ms: now,
+        principal: held.principal.clone(),
     }
 }
 
@@ -301,6 +302,7 @@ fn records_of(
         created_at_ms: now,
         request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
         sequence: held.account.version + 1,
+        principal: held.principal.clone(),
     };
     (entry, order)
 }

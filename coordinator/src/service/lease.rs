@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
 use crate::core::records::Lease;
-use crate::core::{Account, LockId, Millis, UserId};
+use crate::core::{Account, LockId, Millis, Principal, UserId};
 use crate::storage::{StorageError, model};
 
 /// First pause after finding the lease busy. A commit takes a few milliseconds, so the first
@@ -60,6 +60,8 @@ struct Waiting {
 #[derive(Debug, Clone)]
 pub struct HeldLease {
     pub user: UserId,
+    /// Who the lease is held for: recorded on the ledger entry and order its commit writes.
+    pub principal: Principal,
     pub lock_id: LockId,
     pub expires_at: Millis,
     pub account: Account,
@@ -207,6 +209,7 @@ impl TransactionCoordinator {
         );
         let held = HeldLease {
             user: user.clone(),
+            principal: Principal::local(),
             lock_id: lease.lock_id,
             expires_at: lease.expires_at_ms,
             account,

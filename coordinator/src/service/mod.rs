@@ -42,7 +42,9 @@ pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 use crate::core::decide::Rejection;
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
 use crate::core::time::utc_day;
-use crate::core::{AssetSymbol, Clock, FieldError, Limits, Millis, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::core::{
+    AssetSymbol, Clock, FieldError, Limits, Millis, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
+};
 use crate::storage::{Storage, StorageError};
 
 /// Lease of a deposit, from the design: a single balance update.
@@ -113,6 +115,8 @@ pub struct CoordinatorConfig {
     pub before_commit: Option<CommitHook>,
     /// How often the sweeper runs; None turns it off.
     pub sweep_interval: Option<Duration>,
+    /// Largest price move of one UpsertAsset without `force`, in percent of the old price.
+    pub price_change_max_percent: u32,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -142,6 +146,7 @@ impl Default for CoordinatorConfig {
             request_retention: REQUEST_RETENTION,
             before_commit: None,
             sweep_interval: None,
+            price_change_max_percent: crate::settings::PRICE_CHANGE_MAX_PERCENT_DEFAULT,
         }
     }
 }
@@ -338,46 +343,67 @@ impl TransactionCoordinator {
 
     pub async fn deposit(
         &self,
+        principal: &Principal,
         user: &UserId,
         amount: Usd,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate(user, Intent::Deposit(amount), request_id, deadline).await
+        self.mutate_as(principal, user, Intent::Deposit(amount), request_id, deadline)
+            .await
     }
 
     pub async fn withdraw(
         &self,
+        principal: &Principal,
         user: &UserId,
         amount: Usd,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate(user, Intent::Withdraw(amount), request_id, deadline).await
+        self.mutate_as(principal, user, Intent::Withdraw(amount), request_id, deadline)
+            .await
     }
 
     pub async fn trade(
         &self,
+        principal: &Principal,
         user: &UserId,
         request: TradeRequest,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate(user, Intent::Trade(request), request_id, deadline).await
+        self.mutate_as(principal, user, Intent::Trade(request), request_id, deadline)
+            .await
     }
 
-    /// Lease, decide, commit-and-release; or roll back. With a request id, a retry of a request
-    /// that already ended returns its recorded outcome instead of running again.
-    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), lock_id = tracing::field::Empty, outcome = tracing::field::Empty))]
-    pub async fn mutate(
+    /// `mutate_as` the local principal: the service's own tests, which run without a transport.
+    #[cfg(test)]
+    pub(crate) async fn mutate(
         &self,
         user: &UserId,
         intent: Intent,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
+        self.mutate_as(&Principal::local(), user, intent, request_id, deadline)
+            .await
+    }
+
+    /// Lease, decide, commit-and-release; or roll back, on behalf of `principal`, who is
+    /// recorded on what the commit writes. With a request id, a retry of a request that already
+    /// ended returns its recorded outcome instead of running again.
+    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), lock_id = tracing::field::Empty, outcome = tracing::field::Empty))]
+    pub async fn mutate_as(
+        &self,
+        principal: &Principal,
+        user: &UserId,
+        intent: Intent,
+        request_id: Option<RequestId>,
+        deadline: Option<Instant>,
+    ) -> Result<Receipt, ServiceError> {
         let result = self
-            .lease_and_commit(user, &intent, request_id.as_ref(), deadline)
+            .lease_and_commit(principal, user, &intent, request_id.as_ref(), deadline)
             .await;
         let outcome = match &result {
             Ok(receipt) if receipt.replayed => "REPLAYED".to_owned(),
@@ -390,6 +416,7 @@ impl TransactionCoordinator {
 
     async fn lease_and_commit(
         &self,
+        principal: &Principal,
         user: &UserId,
         intent: &Intent,
         request_id: Option<&RequestId>,
@@ -402,7 +429,7 @@ impl TransactionCoordinator {
                 return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
             }
         }
-        let held = self
+        let mut held = self
             .acquire(
                 user,
                 intent.name(),
@@ -411,6 +438,7 @@ impl TransactionCoordinator {
                 deadline,
             )
             .await?;
+        held.principal = principal.clone();
         self.decide_and_commit(&held, intent, request_id).await
     }
 
@@ -423,7 +451,9 @@ impl TransactionCoordinator {
         &self,
         mutation: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
     ) -> impl Future<Output = Result<T, ServiceError>> + Send + 'static {
-        let task = self.mutations.spawn(mutation);
+        // The caller's span (method, principal) goes with it: every log line of the request
+        // names who made it.
+        let task = self.mutations.spawn(tracing::Instrument::in_current_span(mutation));
         async move {
             task.await
                 .unwrap_or_else(|error| Err(ServiceError::Internal(format!("mutation task failed: {error}"))))

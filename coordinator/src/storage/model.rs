@@ -24,7 +24,9 @@ use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactIte
 use crate::core::records::{
     Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
 };
-use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::core::{
+    Account, AssetSymbol, Decision, LockId, Millis, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
+};
 
 const USER_PREFIX: &str = "USER#";
 const ACCOUNT_SK: &str = "ACCOUNT";
@@ -558,6 +560,7 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
     item.insert("cash_after".to_owned(), n(entry.cash_after));
     item.insert("created_at_ms".to_owned(), n(entry.created_at_ms));
     item.insert("sequence".to_owned(), n(entry.sequence));
+    item.insert("principal".to_owned(), s(entry.principal.as_str()));
     if let Some(request_id) = &entry.request_id {
         item.insert("request_id".to_owned(), s(request_id));
     }
@@ -604,6 +607,7 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         )?,
         request_id: string(item, "request_id").map(str::to_owned),
         sequence: number(item, "sequence").and_then(|raw| raw.parse().ok()).unwrap_or(0),
+        principal: principal_of(item, KIND)?,
     })
 }
 
@@ -618,6 +622,7 @@ fn order_item(order: &Order, key: Key) -> Item {
     item.insert("price".to_owned(), n(order.price));
     item.insert("total".to_owned(), n(order.total));
     item.insert("created_at_ms".to_owned(), n(order.created_at_ms));
+    item.insert("principal".to_owned(), s(order.principal.as_str()));
     if let Some(limit) = order.limit_price {
         item.insert("limit_price".to_owned(), n(limit));
     }
@@ -675,7 +680,17 @@ pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
             "created_at_ms",
             number(item, "created_at_ms").and_then(|raw| raw.parse().ok()),
         )?,
+        principal: principal_of(item, KIND)?,
     })
+}
+
+/// The `principal` attribute of a ledger entry or order. Items written before principals were
+/// recorded have none; they were written without authentication, so they read as `local`.
+fn principal_of(item: &Item, kind: &'static str) -> Result<Principal, MalformedItem> {
+    match string(item, "principal") {
+        None => Ok(Principal::local()),
+        Some(raw) => required(kind, "principal", Principal::parse("principal", raw).ok()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

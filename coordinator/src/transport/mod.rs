@@ -127,6 +127,7 @@ fn order_message(order: Order) -> pb::Order {
         total: order.total.to_string(),
         failure_reason: order.failure_reason.unwrap_or_default(),
         created_at: rfc3339(order.created_at_ms),
+        principal: order.principal.to_string(),
     }
 }
 
@@ -154,6 +155,7 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         order_id,
         cash_balance: entry.cash_after.to_string(),
         created_at: rfc3339(entry.created_at_ms),
+        principal: entry.principal.to_string(),
     }
 }
 
@@ -179,6 +181,7 @@ impl CoordinatorService {
         side: TradeSide,
     ) -> Result<Response<pb::OrderReply>, Status> {
         let deadline = deadline_of(&request);
+        let principal = crate::auth::principal_of(&request);
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let trade = TradeRequest {
@@ -195,7 +198,7 @@ impl CoordinatorService {
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let coordinator = Arc::clone(&self.coordinator);
         let receipt = run_to_completion(&self.coordinator, async move {
-            coordinator.trade(&user, trade, request_id, deadline).await
+            coordinator.trade(&principal, &user, trade, request_id, deadline).await
         })
         .await?;
         let (order, holding) = receipt
@@ -214,6 +217,7 @@ impl CoordinatorService {
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::CashReply>, Status> {
         let deadline = deadline_of(&request);
+        let principal = crate::auth::principal_of(&request);
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
@@ -221,7 +225,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let coordinator = Arc::clone(&self.coordinator);
         let account = user.clone();
         let receipt = run_to_completion(&self.coordinator, async move {
-            coordinator.deposit(&account, amount, request_id, deadline).await
+            coordinator
+                .deposit(&principal, &account, amount, request_id, deadline)
+                .await
         })
         .await?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
@@ -229,6 +235,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn withdraw(&self, request: Request<pb::WithdrawRequest>) -> Result<Response<pb::CashReply>, Status> {
         let deadline = deadline_of(&request);
+        let principal = crate::auth::principal_of(&request);
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
@@ -236,7 +243,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let coordinator = Arc::clone(&self.coordinator);
         let account = user.clone();
         let receipt = run_to_completion(&self.coordinator, async move {
-            coordinator.withdraw(&account, amount, request_id, deadline).await
+            coordinator
+                .withdraw(&principal, &account, amount, request_id, deadline)
+                .await
         })
         .await?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
