@@ -5,6 +5,7 @@
 //! returned and hands its result to `storage::model`, which turns it into conditional writes.
 
 pub mod account;
+pub mod asset_change;
 pub mod batch;
 pub mod decide;
 pub mod ids;

@@ -13,8 +13,10 @@
 //! - [`settle`]: unclear endings (fence, then look for what landed), replays of a request id
 //!   and recorded outcomes;
 //! - [`reads`]: accounts, orders and ledger pages;
-//! - [`catalog`]: the cached asset catalog and its admin writes.
+//! - [`catalog`]: the cached asset catalog and its admin writes;
+//! - [`asset_changes`]: UpsertAsset's price-move bound and the kept history of changes.
 
+mod asset_changes;
 mod catalog;
 mod commit;
 mod instance;
@@ -187,6 +189,9 @@ pub enum ServiceError {
     /// UpsertAsset of a new symbol when the catalog already holds its maximum.
     #[error("The asset catalog is full ({0} assets); deactivate or reuse a symbol")]
     CatalogFull(usize),
+    /// UpsertAsset moved a price beyond `--price-change-max-percent` without `force`.
+    #[error("{0}")]
+    PriceChangeTooLarge(crate::core::asset_change::PriceChangeTooLarge),
     #[error("Service temporarily unavailable")]
     Unavailable(String),
     #[error("internal error: {0}")]

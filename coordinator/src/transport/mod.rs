@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::core::asset_change::AssetChange;
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
 use crate::core::{AssetSymbol, FieldError, OrderId, Price, Quantity, RequestId, TradeSide, Usd, UserId};
@@ -52,6 +53,7 @@ pub fn status_of(error: ServiceError) -> Status {
             )
         }
         error @ ServiceError::CatalogFull(_) => Status::resource_exhausted(error.to_string()),
+        error @ ServiceError::PriceChangeTooLarge(_) => Status::failed_precondition(error.to_string()),
         error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
         error @ ServiceError::Unavailable(_) => {
             tracing::warn!(%error, detail = ?error, "storage unavailable");
@@ -164,6 +166,18 @@ fn signed_usd(amount: rust_decimal::Decimal) -> String {
     let mut amount = amount;
     amount.rescale(crate::core::money::USD_SCALE);
     amount.to_string()
+}
+
+fn asset_change_message(change: AssetChange) -> pb::AssetChange {
+    pb::AssetChange {
+        change_id: change.change_id,
+        symbol: change.symbol.to_string(),
+        principal: change.principal.to_string(),
+        changed_at: rfc3339(change.changed_at_ms),
+        old: change.old.map(asset_message),
+        new: Some(asset_message(change.new)),
+        forced: change.forced,
+    }
 }
 
 fn asset_message(asset: Asset) -> pb::Asset {
@@ -325,8 +339,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn upsert_asset(&self, request: Request<pb::UpsertAssetRequest>) -> Result<Response<pb::Asset>, Status> {
-        let asset = request
-            .into_inner()
+        let principal = crate::auth::principal_of(&request);
+        let message = request.into_inner();
+        let force = message.force;
+        let asset = message
             .asset
             .ok_or_else(|| invalid(FieldError::new("asset", "is required")))?;
         let asset = Asset {
@@ -334,7 +350,25 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             price: Price::parse("asset.price", &asset.price).map_err(invalid)?,
             active: asset.active,
         };
-        let asset = self.coordinator.upsert_asset(asset).await.map_err(status_of)?;
+        let asset = self
+            .coordinator
+            .upsert_asset(&principal, asset, force)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(asset_message(asset)))
+    }
+
+    async fn list_asset_changes(
+        &self,
+        request: Request<pb::ListAssetChangesRequest>,
+    ) -> Result<Response<pb::ListAssetChangesReply>, Status> {
+        let message = request.into_inner();
+        let symbol = AssetSymbol::parse("symbol", &message.symbol).map_err(invalid)?;
+        let page = PageRequest::parse(message.page_size, &message.page_token).map_err(invalid)?;
+        let page = self.coordinator.asset_changes(&symbol, page).await.map_err(status_of)?;
+        Ok(Response::new(pb::ListAssetChangesReply {
+            changes: page.items.into_iter().map(asset_change_message).collect(),
+            next_page_token: page.next_cursor.unwrap_or_default(),
+        }))
     }
 }
