@@ -181,11 +181,11 @@ async fn mixed_op(coordinator: &TransactionCoordinator, account: &UserId, step: 
             .await
             .map(drop),
         1 => coordinator
-            .trade(account, trade(TradeSide::Buy), None, None)
+            .trade(&Principal::local(), account, trade(TradeSide::Buy), None, None)
             .await
             .map(drop),
         2 => coordinator
-            .trade(account, trade(TradeSide::Sell), None, None)
+            .trade(&Principal::local(), account, trade(TradeSide::Sell), None, None)
             .await
             .map(drop),
         _ => coordinator

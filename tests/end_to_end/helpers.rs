@@ -292,7 +292,8 @@ impl TestApp {
         self.account(user).await.expect("account").cash_balance
     }
 
-    /// Sets an asset's price and active flag through the admin RPC.
+    /// Sets an asset's price and active flag through the admin RPC, forced: scenarios move
+    /// prices by whatever they need.
     pub async fn set_asset(&self, symbol: &str, price: &str, active: bool) {
         let asset = pb::Asset {
             symbol: symbol.to_owned(),
@@ -301,7 +302,10 @@ impl TestApp {
         };
         self.client()
             .await
-            .upsert_asset(pb::UpsertAssetRequest { asset: Some(asset) })
+            .upsert_asset(pb::UpsertAssetRequest {
+                asset: Some(asset),
+                force: true,
+            })
             .await
             .expect("upsert asset");
     }

@@ -128,8 +128,8 @@ mod tests {
         for encoded in [lockstep::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
             let set = prost_types::FileDescriptorSet::decode(encoded).unwrap();
             for file in set.file {
-                for service in file.service {
-                    for method in service.method {
+                for service in &file.service {
+                    for method in &service.method {
                         let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
                         assert!(access_of(&path).is_some(), "{path} has no rule");
                     }
