@@ -135,7 +135,7 @@ pub fn write_auth_file(path: &Path) {
     .expect("write auth file");
 }
 
-fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
+pub fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(token) = token {
         request
@@ -402,7 +402,7 @@ async fn every_role_against_every_rpc() {
     assert_eq!(changes[0].principal, "admin-svc");
 }
 
-async fn tls_client(
+pub async fn tls_client(
     app: &TestApp,
     pki: &Pki,
     identity: Option<&(PathBuf, PathBuf)>,

@@ -242,6 +242,7 @@ async fn readme_network_session_runs_as_written() {
             .replace("0.0.0.0:50051", &format!("0.0.0.0:{port}"))
             .replace("127.0.0.1:50051", &format!("127.0.0.1:{port}"));
         if let Some(arguments) = line.strip_prefix("coordinator --listen") {
+            let arguments = arguments.trim_end().trim_end_matches('&');
             let log = std::fs::File::create(scratch.join("coordinator.log")).expect("log");
             let child = tokio::process::Command::new(crate::durability::coordinator_binary())
                 .arg("--listen")
