@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use lockstep_bank::dynoxide_server::DynoxideServer;
-use lockstep_coordinator::core::{AssetSymbol, Quantity, SystemClock, TradeSide, Usd, UserId};
+use lockstep_coordinator::core::{AssetSymbol, Principal, Quantity, SystemClock, TradeSide, Usd, UserId};
 use lockstep_coordinator::server::build_coordinator;
 use lockstep_coordinator::service::{ServiceError, TradeRequest, TransactionCoordinator};
 use lockstep_coordinator::settings::Cli;
@@ -140,7 +140,7 @@ async fn sequential_deposits(coordinator: &Arc<TransactionCoordinator>, ops: usi
     let amount = usd("0.01");
     for _ in 0..WARMUP_OPS {
         coordinator
-            .deposit(&account, amount, None, None)
+            .deposit(&Principal::local(), &account, amount, None, None)
             .await
             .expect("warm-up deposit");
     }
@@ -150,7 +150,9 @@ async fn sequential_deposits(coordinator: &Arc<TransactionCoordinator>, ops: usi
     let started = Instant::now();
     for _ in 0..ops {
         let call = Instant::now();
-        let result = coordinator.deposit(&account, amount, None, None).await;
+        let result = coordinator
+            .deposit(&Principal::local(), &account, amount, None, None)
+            .await;
         latencies.push(call.elapsed());
         if let Err(error) = result {
             errors.push(describe(&error));
@@ -178,16 +180,22 @@ async fn mixed_op(
 ) -> Result<(), ServiceError> {
     let amount = usd("0.01");
     match step % 4 {
-        0 => coordinator.deposit(account, amount, None, None).await.map(drop),
+        0 => coordinator
+            .deposit(&Principal::local(), account, amount, None, None)
+            .await
+            .map(drop),
         1 => coordinator
-            .trade(account, trade(TradeSide::Buy), None, None)
+            .trade(&Principal::local(), account, trade(TradeSide::Buy), None, None)
             .await
             .map(drop),
         2 => coordinator
-            .trade(account, trade(TradeSide::Sell), None, None)
+            .trade(&Principal::local(), account, trade(TradeSide::Sell), None, None)
             .await
             .map(drop),
-        _ => coordinator.withdraw(account, amount, None, None).await.map(drop),
+        _ => coordinator
+            .withdraw(&Principal::local(), account, amount, None, None)
+            .await
+            .map(drop),
     }
 }
 
@@ -197,7 +205,7 @@ async fn mixed_concurrent(coordinator: &Arc<TransactionCoordinator>, ops: usize)
     let accounts: Vec<UserId> = (0..MIXED_TASKS).map(|i| user(&format!("bench-mixed-{i:02}"))).collect();
     for account in &accounts {
         coordinator
-            .deposit(account, usd("100.00"), None, None)
+            .deposit(&Principal::local(), account, usd("100.00"), None, None)
             .await
             .expect("funding deposit");
         for step in 0..WARMUP_OPS {

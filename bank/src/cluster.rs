@@ -110,9 +110,11 @@ impl Node {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 return Err(std::io::Error::other(format!(
-                    "{} exited at start: {status}",
-                    self.instance
+                    "{} exited at start: {status}; its log ends: {:?}",
+                    self.instance, tail
                 )));
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {

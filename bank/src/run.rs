@@ -107,8 +107,8 @@ impl fmt::Display for BankReport {
     }
 }
 
-fn common_flags() -> Vec<String> {
-    [
+fn common_flags(auth_file: &Path) -> Vec<String> {
+    let mut flags = [
         "--daily-deposit-limit",
         "1000000",
         "--daily-withdrawal-limit",
@@ -121,7 +121,10 @@ fn common_flags() -> Vec<String> {
         "0",
     ]
     .map(str::to_owned)
-    .to_vec()
+    .to_vec();
+    // Authentication on, as in production: the clients send a trader token.
+    flags.extend(["--auth-file".to_owned(), auth_file.display().to_string()]);
+    flags
 }
 
 fn test_credentials() -> Vec<(String, String)> {
@@ -153,6 +156,8 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
     let work = tempfile::tempdir()?;
     let data_dir = work.path().join("data");
     let users: Vec<String> = (0..config.users).map(|index| format!("bank-user-{index}")).collect();
+    let auth_file = work.path().join("auth");
+    std::fs::write(&auth_file, workload::auth_file())?;
 
     // Storage, and the coordinators' view of it.
     let mut proxy = None;
@@ -160,7 +165,7 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
     let mut nodes: Vec<Node> = Vec::new();
     let audit_storage = match config.engine {
         BankEngine::Embedded => {
-            let mut flags = common_flags();
+            let mut flags = common_flags(&auth_file);
             flags.extend(["--data-dir".to_owned(), data_dir.display().to_string()]);
             nodes.push(Node::new(0, flags, Vec::new(), work.path()));
             None
@@ -181,7 +186,7 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
             };
             let started = FaultProxy::start(upstream, fault_config).await?;
             for index in 0..config.coordinators {
-                let mut flags = common_flags();
+                let mut flags = common_flags(&auth_file);
                 flags.extend(["--dynamodb-endpoint".to_owned(), started.endpoint()]);
                 nodes.push(Node::new(index, flags, test_credentials(), work.path()));
             }
@@ -340,6 +345,12 @@ pub fn check_history(history: &[Operation], ledger: &[LedgerEntry]) -> (Vec<Stri
         .collect();
     let mut entries_per_request: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
     for entry in ledger {
+        if entry.principal.as_str() != workload::CLIENT_PRINCIPAL {
+            discrepancies.push(format!(
+                "ledger entry {} was moved by {}, not by the bank's clients",
+                entry.entry_id, entry.principal
+            ));
+        }
         match entry.request_id.as_deref() {
             Some(request_id) => entries_per_request.entry(request_id).or_default().push(entry),
             None => discrepancies.push(format!("ledger entry {} has no request id", entry.entry_id)),

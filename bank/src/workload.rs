@@ -114,12 +114,40 @@ fn random_request(random: &mut fastrand::Rng, user: &str, request_id: &str) -> (
     }
 }
 
+/// The bearer token of the bank's clients: the coordinators run with authentication on, and
+/// their auth file gives this token the `trader` role, as user-service's and order-service's.
+pub const CLIENT_TOKEN: &str = "bank-client-token-0123456789abcdef";
+/// The principal the auth file names for [`CLIENT_TOKEN`].
+pub const CLIENT_PRINCIPAL: &str = "bank-client";
+
+/// The auth file line of the bank's clients.
+pub fn auth_file() -> String {
+    format!(
+        "{CLIENT_PRINCIPAL} trader {}\n",
+        lockstep_coordinator::auth::hash_token(CLIENT_TOKEN)
+    )
+}
+
+/// `message` with the clients' bearer token.
+fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {CLIENT_TOKEN}").parse().expect("a valid header value");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
 async fn send(client: &mut CoordinatorClient<Channel>, request: &Request) -> Result<String, tonic::Status> {
     Ok(match request.clone() {
-        Request::Deposit(request) => client.deposit(request).await?.into_inner().transaction_id,
-        Request::Withdraw(request) => client.withdraw(request).await?.into_inner().transaction_id,
-        Request::Buy(request) => client.place_buy(request).await?.into_inner().transaction_id,
-        Request::Sell(request) => client.place_sell(request).await?.into_inner().transaction_id,
+        Request::Deposit(request) => client.deposit(authorized(request)).await?.into_inner().transaction_id,
+        Request::Withdraw(request) => client.withdraw(authorized(request)).await?.into_inner().transaction_id,
+        Request::Buy(request) => client.place_buy(authorized(request)).await?.into_inner().transaction_id,
+        Request::Sell(request) => {
+            client
+                .place_sell(authorized(request))
+                .await?
+                .into_inner()
+                .transaction_id
+        }
     })
 }
 

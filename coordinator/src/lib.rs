@@ -15,10 +15,13 @@
 //!   (aws-sdk-dynamodb to any endpoint).
 //! - [`server`]: wiring (storage, catalog seed, health, reflection) and `run`, which the
 //!   binary and the tests call alike. [`settings`]: flags with environment fallbacks.
+//! - [`auth`]: who may call what: mTLS and bearer tokens, the role table by gRPC path, and the
+//!   safe-default rule for the listen address; a tower layer in front of every service.
 //! - [`audit`]: reads the whole table and checks the books (`coordinator audit`, and tests).
 //!   [`sweeper`]: releases leases whose holder died and deletes expired request records.
 
 pub mod audit;
+pub mod auth;
 pub mod core;
 pub mod server;
 pub mod service;

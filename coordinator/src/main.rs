@@ -19,6 +19,7 @@ async fn main() -> ExitCode {
         }),
         Command::Serve => serve(&settings).await,
         Command::Audit { lease_margin_secs } => return audit(&settings, lease_margin_secs).await,
+        Command::HashToken => return hash_token(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,18 +58,49 @@ async fn audit(settings: &lockstep_coordinator::settings::Settings, lease_margin
     }
 }
 
+/// `coordinator hash-token`: the token on stdin, its SHA-256 on stdout; the token is never
+/// echoed.
+fn hash_token() -> ExitCode {
+    use std::io::Read;
+    let mut input = String::new();
+    if let Err(error) = std::io::stdin().take(8192).read_to_string(&mut input) {
+        eprintln!("coordinator hash-token: cannot read stdin: {error}");
+        return ExitCode::FAILURE;
+    }
+    match lockstep_coordinator::auth::tokens::token_from_input(&input) {
+        Ok(token) => {
+            println!("{}", lockstep_coordinator::auth::hash_token(token));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("coordinator hash-token: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn serve(settings: &lockstep_coordinator::settings::Settings) -> Result<(), server::StartError> {
+    // Settings first: a refused listen address or a bad certificate stops before storage opens.
+    let security = lockstep_coordinator::auth::Security::from_flags(&settings.auth_flags(), settings.listen)
+        .map_err(server::StartError::Settings)?;
+    if settings.insecure {
+        tracing::warn!(
+            listen = %settings.listen,
+            "--insecure: serving without requiring TLS and authentication on this address; never do this in production"
+        );
+    }
     let storage = server::open_storage(settings).await?;
     let coordinator =
         server::build_coordinator(storage, Arc::new(SystemClock), settings, settings.catalog.as_deref()).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|error| server::StartError::Serve(format!("cannot listen on {}: {error}", settings.listen)))?;
-    server::run(
+    server::run_secured(
         listener,
         coordinator,
         settings.drain_timeout(),
         server::shutdown_signal(),
+        security,
     )
     .await
 }

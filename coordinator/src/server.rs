@@ -11,6 +11,8 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::layer::AuthLayer;
+use crate::auth::{Mode, Security};
 use crate::core::records::Asset;
 use crate::core::{AssetSymbol, Clock, Price};
 use crate::service::TransactionCoordinator;
@@ -149,12 +151,26 @@ pub async fn build_coordinator_with(
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, waits up to `drain_timeout` for
-/// in-flight RPCs, and releases any lease still held.
+/// in-flight RPCs, and releases any lease still held. Without TLS or authentication: the local
+/// mode (`run_secured` with `Security::local()`).
 pub async fn run(
     listener: TcpListener,
     coordinator: Arc<TransactionCoordinator>,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    run_secured(listener, coordinator, drain_timeout, shutdown, Security::local()).await
+}
+
+/// `run` with TLS and authentication as `security` says: every call passes the auth layer
+/// (credentials, then the role table) before any service sees it, and the auth file is reloaded
+/// on SIGHUP while serving.
+pub async fn run_secured(
+    listener: TcpListener,
+    coordinator: Arc<TransactionCoordinator>,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    security: Security,
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let probe = tokio::spawn(probe_health(coordinator.storage().clone(), health));
@@ -176,11 +192,35 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|error| StartError::Serve(error.to_string()))?;
-    tracing::info!(address = %listener.local_addr().map_err(|error| StartError::Serve(error.to_string()))?, "serving gRPC");
+    let address = listener
+        .local_addr()
+        .map_err(|error| StartError::Serve(error.to_string()))?;
+    let tls = security.tls.is_some();
+    match security.mode {
+        Mode::Local => tracing::info!(
+            %address,
+            tls,
+            "local mode: no authentication, every caller is `local`; serving on a loopback address only"
+        ),
+        Mode::Authenticated => tracing::info!(%address, tls, "authentication on"),
+        Mode::Insecure => {}
+    }
+    // `address` stays the last field of this line: tests and scripts read the port from it.
+    tracing::info!(%address, "serving gRPC");
+    let reload = security
+        .tokens
+        .clone()
+        .map(|tokens| tokio::spawn(tokens.reload_on_sighup()));
 
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    if let Some(tls) = security.tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|error| StartError::Serve(format!("TLS: {error}")))?;
+    }
+    let server = builder
+        .layer(AuthLayer::new(Arc::clone(&security.authenticator)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -196,6 +236,7 @@ pub async fn run(
             probe.abort();
             heartbeat.abort();
             sweeper.iter().for_each(tokio::task::JoinHandle::abort);
+            reload.iter().for_each(tokio::task::JoinHandle::abort);
             return result.map_err(|error| StartError::Serve(error.to_string()));
         }
         () = shutdown => {}
@@ -218,6 +259,7 @@ pub async fn run(
     probe.abort();
     heartbeat.abort();
     sweeper.iter().for_each(tokio::task::JoinHandle::abort);
+    reload.iter().for_each(tokio::task::JoinHandle::abort);
     let released = coordinator.release_held_leases().await;
     tracing::info!(released, "stopped");
     Ok(())

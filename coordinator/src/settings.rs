@@ -41,6 +41,8 @@ pub enum Command {
         #[arg(long, default_value_t = crate::audit::LEASE_MARGIN_DEFAULT.as_secs())]
         lease_margin_secs: u64,
     },
+    /// Read a bearer token on stdin and print its SHA-256 in hex, the form --auth-file holds.
+    HashToken,
 }
 
 /// The longest `--lock-wait-ms`: a caller waiting longer for one account is better told to retry.
@@ -151,7 +153,32 @@ pub struct Settings {
     /// Longest wait for in-flight RPCs at shutdown, in milliseconds.
     #[arg(long, env = "LOCKSTEP_DRAIN_MS", default_value_t = 10_000, global = true)]
     pub drain_ms: u64,
+    /// Serve TLS with this certificate chain (PEM); with --tls-key.
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM); the principal is the certificate's
+    /// CN (or first SAN), and its roles come from --auth-file.
+    #[arg(long, env = "LOCKSTEP_TLS_CLIENT_CA", global = true)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Principals, their roles and the SHA-256 of their bearer token (`coordinator hash-token`),
+    /// one a line: `name roles sha256`. Reloaded on SIGHUP.
+    #[arg(long, env = "LOCKSTEP_AUTH_FILE", global = true)]
+    pub auth_file: Option<PathBuf>,
+    /// Serve on a non-loopback address without TLS and authentication. Never in production.
+    #[arg(long, env = "LOCKSTEP_INSECURE", global = true)]
+    pub insecure: bool,
+    /// Largest change of an asset's price in one UpsertAsset, in percent of the old price;
+    /// beyond it the call needs `force`.
+    #[arg(long, env = "LOCKSTEP_PRICE_CHANGE_MAX_PERCENT", default_value_t = PRICE_CHANGE_MAX_PERCENT_DEFAULT, global = true)]
+    pub price_change_max_percent: u32,
 }
+
+/// Default of --price-change-max-percent: a fat-fingered price (an extra or a missing digit) is
+/// a 90 % or 900 % move; real moves within one admin call stay well under half.
+pub const PRICE_CHANGE_MAX_PERCENT_DEFAULT: u32 = 50;
 
 impl Settings {
     pub fn storage_kind(&self) -> StorageKind {
@@ -184,6 +211,7 @@ impl Settings {
             sweep_interval: (self.sweep_interval_secs > 0).then(|| Duration::from_secs(self.sweep_interval_secs)),
             max_inflight: self.max_inflight,
             max_queued_per_user: self.max_queued_per_user,
+            price_change_max_percent: self.price_change_max_percent,
         })
     }
 
@@ -245,6 +273,16 @@ impl Settings {
             ));
         }
         Ok(minimum)
+    }
+
+    pub fn auth_flags(&self) -> crate::auth::AuthFlags {
+        crate::auth::AuthFlags {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            auth_file: self.auth_file.clone(),
+            insecure: self.insecure,
+        }
     }
 
     pub fn drain_timeout(&self) -> Duration {

@@ -1,5 +1,6 @@
 //! One way to start the real coordinator for a test: `spawn_app(engine)` serves gRPC on port 0
-//! over the chosen storage engine, exactly as the binary does (`server::run`).
+//! over the chosen storage engine, exactly as the binary does (`server::run_secured`, with TLS
+//! and authentication when the options' flags ask for them).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -292,7 +293,8 @@ impl TestApp {
         self.account(user).await.expect("account").cash_balance
     }
 
-    /// Sets an asset's price and active flag through the admin RPC.
+    /// Sets an asset's price and active flag through the admin RPC, forced: scenarios move
+    /// prices by whatever they need.
     pub async fn set_asset(&self, symbol: &str, price: &str, active: bool) {
         let asset = pb::Asset {
             symbol: symbol.to_owned(),
@@ -301,7 +303,10 @@ impl TestApp {
         };
         self.client()
             .await
-            .upsert_asset(pb::UpsertAssetRequest { asset: Some(asset) })
+            .upsert_asset(pb::UpsertAssetRequest {
+                asset: Some(asset),
+                force: true,
+            })
             .await
             .expect("upsert asset");
     }
@@ -386,12 +391,21 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
         .await
         .expect("bind coordinator");
     let address = listener.local_addr().expect("coordinator address");
+    // TLS and authentication from the flags, as the binary reads them (none: local mode).
+    let security =
+        lockstep_coordinator::auth::Security::from_flags(&settings.auth_flags(), address).expect("auth settings");
     let (stop, stopped) = oneshot::channel::<()>();
     let drain = Duration::from_millis(settings.drain_ms);
     let server = tokio::spawn(async move {
-        server::run(listener, coordinator, drain, async {
-            stopped.await.ok();
-        })
+        server::run_secured(
+            listener,
+            coordinator,
+            drain,
+            async {
+                stopped.await.ok();
+            },
+            security,
+        )
         .await
         .expect("coordinator server");
     });

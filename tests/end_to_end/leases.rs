@@ -92,6 +92,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
         created_at_ms: decided_at,
         request_id: None,
         sequence: read.version + 1,
+        principal: lockstep_coordinator::core::Principal::local(),
     };
     let stale_commit_at = |now| model::Commit {
         user: &user,

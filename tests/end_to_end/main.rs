@@ -2,6 +2,7 @@
 //! (embedded dynoxide, dynoxide's HTTP server, moto's server), compiled into one binary.
 
 mod audit;
+mod auth;
 mod bounded;
 mod clients;
 mod durability;

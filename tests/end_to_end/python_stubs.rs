@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::helpers::{EngineKind, repo_root, spawn_app, venv_tool};
+use crate::helpers::{AppOptions, EngineKind, TestApp, repo_root, spawn_app, spawn_app_with, venv_tool};
 
 /// LOCKSTEP_PYTHON, else the venv that scripts/python-tools.sh makes (with grpcio-tools).
 fn python() -> PathBuf {
@@ -26,6 +26,49 @@ async fn run(command: &mut tokio::process::Command) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_generated_from_proto_calls_the_coordinator() {
     let app = spawn_app(EngineKind::Embedded).await;
+    python_client_calls(&app, &[]).await;
+}
+
+/// The same client over TLS with a trader token, against a coordinator that requires one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_calls_over_tls_with_a_token() {
+    let pki = crate::auth::Pki::new();
+    crate::auth::write_auth_file(&pki.path("auth"));
+    let options = pki
+        .server_flags(AppOptions::default(), false)
+        .flag("--auth-file", pki.path("auth").display());
+    let app = spawn_app_with(EngineKind::Embedded, options).await;
+    let ca = pki.path("ca.pem").display().to_string();
+    python_client_calls(
+        &app,
+        &[
+            ("LOCKSTEP_TLS_CA", ca.as_str()),
+            ("LOCKSTEP_TOKEN", crate::auth::TRADER_TOKEN),
+        ],
+    )
+    .await;
+    let mut client = crate::auth::tls_client(&app, &pki, None)
+        .await
+        .expect("connect over TLS");
+    let request = lockstep::coordinator::v1::ListLedgerRequest {
+        user_id: "python-stub".to_owned(),
+        page_size: 100,
+        ..Default::default()
+    };
+    let entries = client
+        .list_ledger(crate::auth::with_token(request, Some(crate::auth::READER_TOKEN)))
+        .await
+        .expect("ledger")
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 4, "four mutations, each applied once");
+    assert!(
+        entries.iter().all(|entry| entry.principal == "trader-svc"),
+        "{entries:?}"
+    );
+}
+
+async fn python_client_calls(app: &TestApp, environment: &[(&str, &str)]) {
     let generated = tempfile::tempdir().expect("temp dir");
     let out = generated.path().display().to_string();
     run(tokio::process::Command::new(python())
@@ -44,12 +87,15 @@ async fn python_client_generated_from_proto_calls_the_coordinator() {
         .current_dir(repo_root())
         .arg("tests/python/stub_client.py")
         .arg(app.address.to_string())
+        .envs(environment.iter().copied())
         .env("PYTHONPATH", generated.path()))
     .await;
     assert_eq!(stdout.trim(), "ok");
-    assert_eq!(
-        app.full_ledger("python-stub").await.len(),
-        4,
-        "four mutations, each applied once"
-    );
+    if environment.is_empty() {
+        assert_eq!(
+            app.full_ledger("python-stub").await.len(),
+            4,
+            "four mutations, each applied once"
+        );
+    }
 }

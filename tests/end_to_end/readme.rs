@@ -212,3 +212,138 @@ async fn readme_curl_session_replays_without_curl() {
         assert_eq!(reply["success"], true, "{line}: {reply}");
     }
 }
+
+/// README's "Running it on a network" session, line by line in a scratch directory holding
+/// certificates made by rcgen under the README's file names, with `coordinator` and `grpcurl`
+/// on the PATH: tokens hashed by `coordinator hash-token`, the coordinator on 0.0.0.0 with mTLS
+/// and tokens, grpcurl calls, and a token rotation through SIGHUP after which the old token is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_network_session_runs_as_written() {
+    let pki = crate::auth::Pki::new();
+    let scratch = pki.dir.path();
+    for (from, to) in [("server.pem", "server.pem"), ("server.key", "server.key")] {
+        assert!(scratch.join(from).exists(), "{to}");
+    }
+    let (client_certificate, client_key) = pki.client("user-service");
+    std::fs::rename(client_certificate, scratch.join("client.pem")).expect("client.pem");
+    std::fs::rename(client_key, scratch.join("client.key")).expect("client.key");
+    let bin = scratch.join("bin");
+    std::fs::create_dir(&bin).expect("bin dir");
+    std::os::unix::fs::symlink(crate::durability::coordinator_binary(), bin.join("coordinator")).expect("link");
+    std::os::unix::fs::symlink(grpcurl(), bin.join("grpcurl")).expect("link");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let port = lockstep_bank::cluster::free_port();
+
+    let mut coordinator: Option<tokio::process::Child> = None;
+    let mut pid = String::new();
+    let mut outputs: Vec<(String, String)> = Vec::new();
+    let mut after_hangup = false;
+    for line in session("network-session") {
+        let line = line
+            .replace("0.0.0.0:50051", &format!("0.0.0.0:{port}"))
+            .replace("127.0.0.1:50051", &format!("127.0.0.1:{port}"));
+        if let Some(arguments) = line.strip_prefix("coordinator --listen") {
+            let arguments = arguments.trim_end().trim_end_matches('&');
+            let log = std::fs::File::create(scratch.join("coordinator.log")).expect("log");
+            let child = tokio::process::Command::new(crate::durability::coordinator_binary())
+                .arg("--listen")
+                .args(shell_words(arguments))
+                .current_dir(scratch)
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start coordinator");
+            pid = child.id().expect("pid").to_string();
+            coordinator = Some(child);
+            let mut up = false;
+            for _ in 0..200 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    up = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let log = std::fs::read_to_string(scratch.join("coordinator.log")).unwrap_or_default();
+            assert!(up, "the README's coordinator did not start: {log}");
+            continue;
+        }
+        // A reload is asynchronous: a line right after SIGHUP may run before it; retry it.
+        let attempts = if after_hangup { 30 } else { 1 };
+        after_hangup = line.starts_with("kill -HUP");
+        let mut last = None;
+        for _ in 0..attempts {
+            let output = tokio::process::Command::new("sh")
+                .args(["-c", &line])
+                .current_dir(scratch)
+                .env("PATH", &path)
+                .env("COORDINATOR_PID", &pid)
+                .output()
+                .await
+                .expect("run sh");
+            if output.status.success() {
+                last = Some(Ok(String::from_utf8_lossy(&output.stdout).into_owned()));
+                break;
+            }
+            last = Some(Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )));
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        match last.expect("ran") {
+            Ok(stdout) => outputs.push((line, stdout)),
+            Err(error) => panic!("README line failed: {line}\n{error}"),
+        }
+    }
+    assert!(coordinator.is_some(), "the session starts a coordinator");
+    let output_of = |rpc: &str| {
+        let (line, output) = outputs
+            .iter()
+            .find(|(line, _)| line.ends_with(rpc))
+            .unwrap_or_else(|| panic!("README's network session has no {rpc}"));
+        json(line, output)
+    };
+    assert!(
+        outputs.iter().any(|(line, output)| line.ends_with(" list")
+            && output
+                .lines()
+                .any(|service| service == "lockstep.coordinator.v1.Coordinator")),
+        "{outputs:?}"
+    );
+    assert_eq!(output_of("Coordinator/Deposit")["cashBalance"], "100.00");
+    assert_eq!(output_of("Coordinator/UpsertAsset")["price"], "150");
+    let changes = output_of("Coordinator/ListAssetChanges");
+    assert_eq!(changes["changes"][0]["principal"], "ops");
+    assert_eq!(output_of("Coordinator/GetAccount")["cashBalance"], "100.00");
+
+    // After the rotation the old token is refused (once the second reload has happened).
+    let old_token_call = format!(
+        "grpcurl -cacert ca.pem -cert client.pem -key client.key -H \"authorization: Bearer $(cat user-service.token)\" -d '{{\"user_id\": \"alice\"}}' 127.0.0.1:{port} lockstep.coordinator.v1.Coordinator/GetAccount"
+    );
+    let mut refused = String::new();
+    for _ in 0..30 {
+        let output = tokio::process::Command::new("sh")
+            .args(["-c", &old_token_call])
+            .current_dir(scratch)
+            .env("PATH", &path)
+            .output()
+            .await
+            .expect("run sh");
+        if !output.status.success() {
+            refused = String::from_utf8_lossy(&output.stderr).into_owned();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused.contains("Unauthenticated"),
+        "the old token still works: {refused}"
+    );
+    if let Some(mut child) = coordinator {
+        child.kill().await.ok();
+    }
+}

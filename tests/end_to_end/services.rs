@@ -12,6 +12,7 @@ use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use lockstep_client_common::auth::EndUserAuth;
 use lockstep_client_common::server;
 use lockstep_client_common::{CoordinatorConnection, CoordinatorSettings};
 use serde_json::Value;
@@ -26,9 +27,17 @@ pub struct Services {
 
 /// Starts both services against the coordinator at `coordinator` (which may be dead).
 pub async fn spawn_services(coordinator: SocketAddr) -> Services {
-    let settings = CoordinatorSettings::new(format!("http://{coordinator}"));
-    let (user, user_stop) = spawn_service(&settings, lockstep_user_service::routes()).await;
-    let (order, order_stop) = spawn_service(&settings, lockstep_order_service::routes()).await;
+    spawn_services_with(
+        CoordinatorSettings::new(format!("http://{coordinator}")),
+        EndUserAuth::Off,
+    )
+    .await
+}
+
+/// Starts both services with these coordinator credentials and end-user authentication.
+pub async fn spawn_services_with(settings: CoordinatorSettings, end_users: EndUserAuth) -> Services {
+    let (user, user_stop) = spawn_service(&settings, end_users.clone(), lockstep_user_service::routes()).await;
+    let (order, order_stop) = spawn_service(&settings, end_users, lockstep_order_service::routes()).await;
     Services {
         user,
         order,
@@ -39,6 +48,7 @@ pub async fn spawn_services(coordinator: SocketAddr) -> Services {
 /// Serves `routes` on a loopback port through the services' shared `run`, as their binaries do.
 async fn spawn_service(
     settings: &CoordinatorSettings,
+    end_users: EndUserAuth,
     routes: Router<CoordinatorConnection>,
 ) -> (SocketAddr, oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -48,7 +58,7 @@ async fn spawn_service(
     let (stop, stopped) = oneshot::channel::<()>();
     let settings = settings.clone();
     tokio::spawn(async move {
-        server::run(listener, &settings, routes, async {
+        server::run_with_auth(listener, &settings, end_users, routes, async {
             stopped.await.ok();
         })
         .await

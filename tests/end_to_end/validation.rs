@@ -140,6 +140,7 @@ async fn send(app: &TestApp, call: &Call) -> Result<(), tonic::Status> {
                     price: (*price).to_owned(),
                     active: true,
                 }),
+                force: false,
             })
             .await
             .map(drop),

@@ -6,8 +6,13 @@ handle) and checks every reply. Exits non-zero with a message at the first misma
     python -m grpc_tools.protoc -I proto --python_out=OUT --grpc_python_out=OUT \
         proto/lockstep/coordinator/v1/coordinator.proto
     PYTHONPATH=OUT python tests/python/stub_client.py 127.0.0.1:50051
+
+With LOCKSTEP_TLS_CA (a CA certificate file) it connects over TLS, checking the server's
+certificate for "localhost"; with LOCKSTEP_TOKEN it sends `authorization: Bearer <token>` on
+every call (only over TLS: gRPC never sends call credentials in clear).
 """
 
+import os
 import sys
 
 import grpc
@@ -33,8 +38,20 @@ def expect_code(what, call, wanted):
     sys.exit(f"{what}: expected {wanted}, got a reply")
 
 
+def open_channel(address):
+    ca = os.environ.get("LOCKSTEP_TLS_CA")
+    if not ca:
+        return grpc.insecure_channel(address)
+    with open(ca, "rb") as file:
+        credentials = grpc.ssl_channel_credentials(root_certificates=file.read())
+    token = os.environ.get("LOCKSTEP_TOKEN")
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(address, credentials, options=(("grpc.ssl_target_name_override", "localhost"),))
+
+
 def main(address):
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=TIMEOUT_SECONDS)
         coordinator = pb_grpc.CoordinatorStub(channel)
 

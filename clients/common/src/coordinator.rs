@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Response, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -33,22 +34,110 @@ pub struct CoordinatorConnection {
     client: CoordinatorClient<Channel>,
     health: HealthClient<Channel>,
     request_timeout: Duration,
+    /// `Bearer <token>` for the `authorization` metadata of every call, when configured.
+    token: Option<BearerToken>,
+}
+
+/// A bearer token's metadata value; never printed.
+#[derive(Clone)]
+struct BearerToken(MetadataValue<Ascii>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
+/// Why the coordinator connection cannot be set up (a bad URL, an unreadable file).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Settings(String),
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|error| ConnectError::Settings(format!("{}: {error}", path.display())))
+}
+
+/// The TLS configuration the flags ask for: None without `--coordinator-ca` and a plain
+/// `http://` URL.
+fn tls_of(settings: &CoordinatorSettings) -> Result<Option<ClientTlsConfig>, ConnectError> {
+    let https = settings.coordinator_url.starts_with("https://");
+    let mut config = match (&settings.coordinator_ca, https) {
+        (Some(ca), _) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_file(ca)?)),
+        (None, true) => {
+            return Err(ConnectError::Settings(
+                "an https:// coordinator URL needs --coordinator-ca".to_owned(),
+            ));
+        }
+        (None, false) => {
+            if settings.coordinator_cert.is_some() {
+                return Err(ConnectError::Settings(
+                    "--coordinator-cert needs --coordinator-ca (TLS)".to_owned(),
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    match (&settings.coordinator_cert, &settings.coordinator_key) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(ConnectError::Settings(
+                "--coordinator-cert and --coordinator-key go together".to_owned(),
+            ));
+        }
+    }
+    Ok(Some(config))
+}
+
+fn token_of(settings: &CoordinatorSettings) -> Result<Option<BearerToken>, ConnectError> {
+    let Some(path) = &settings.coordinator_token_file else {
+        return Ok(None);
+    };
+    let text = String::from_utf8(read_file(path)?)
+        .map_err(|_| ConnectError::Settings(format!("{}: the token is not text", path.display())))?;
+    let token = text.trim_end_matches(['\r', '\n']);
+    if token.is_empty() {
+        return Err(ConnectError::Settings(format!("{}: the file is empty", path.display())));
+    }
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ConnectError::Settings(format!("{}: the token is not printable ASCII", path.display())))?;
+    Ok(Some(BearerToken(value)))
 }
 
 impl CoordinatorConnection {
     /// Does not wait for the coordinator: the channel connects on first use and reconnects after
     /// a failure, so a service starts (and answers 503) while the coordinator is down.
-    pub fn connect_lazy(settings: &CoordinatorSettings) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(settings.coordinator_url.clone())?
+    pub fn connect_lazy(settings: &CoordinatorSettings) -> Result<Self, ConnectError> {
+        let mut endpoint = Endpoint::from_shared(settings.coordinator_url.clone())?
             .connect_timeout(settings.connect_timeout())
             .timeout(settings.request_timeout())
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = tls_of(settings)? {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint.connect_lazy();
         Ok(Self {
             client: CoordinatorClient::new(channel.clone()),
             health: HealthClient::new(channel),
             request_timeout: settings.request_timeout(),
+            token: token_of(settings)?,
         })
+    }
+
+    /// `context.grpc_request` with this connection's credentials.
+    fn request<M>(&self, context: &RequestContext, message: M, deadline: Instant) -> Result<Request<M>, ApiError> {
+        let mut request = context.grpc_request(message, deadline)?;
+        if let Some(BearerToken(value)) = &self.token {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
     }
 
     /// Calls one RPC for `context`'s HTTP request: `rpc` gets a client and the request to send,
@@ -72,7 +161,7 @@ impl CoordinatorConnection {
             .with_max_times(RETRY_ATTEMPTS_MAX)
             .build();
         loop {
-            let request = context.grpc_request(message.clone(), deadline)?;
+            let request = self.request(context, message.clone(), deadline)?;
             let status = match rpc(self.client.clone(), request).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
@@ -102,7 +191,8 @@ impl CoordinatorConnection {
 
     /// The coordinator's grpc.health.v1 status for the whole server.
     pub async fn health(&self, context: &RequestContext) -> Result<ServingStatus, ApiError> {
-        let request = context.grpc_request(
+        let request = self.request(
+            context,
             HealthCheckRequest { service: String::new() },
             context.deadline(self.request_timeout),
         )?;

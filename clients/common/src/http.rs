@@ -18,6 +18,9 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
+use std::sync::Arc;
+
+use crate::auth::EndUserAuth;
 use crate::coordinator::{CoordinatorConnection, REQUEST_ID_METADATA};
 use crate::error::ApiError;
 
@@ -132,11 +135,21 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
 /// The router of a service: its `routes`, `GET /health`, an enveloped 404 for unknown paths,
 /// and around them the request id (`Idempotency-Key`, made when absent and echoed on every
 /// response) and one tracing span and access-log line per request.
-pub fn service_router(routes: Router<CoordinatorConnection>, coordinator: CoordinatorConnection) -> Router {
+/// With end-user authentication on, every route but `/health` first passes
+/// [`crate::auth::authenticate`], inside the request's span.
+pub fn service_router(
+    routes: Router<CoordinatorConnection>,
+    coordinator: CoordinatorConnection,
+    end_users: Arc<EndUserAuth>,
+) -> Router {
     routes
         .route("/health", get(health))
         .fallback(|| async { ApiError::not_found("No such route") })
         .with_state(coordinator)
+        .layer(axum::middleware::from_fn_with_state(
+            end_users,
+            crate::auth::authenticate,
+        ))
         .layer(
             ServiceBuilder::new()
                 .layer(axum::middleware::map_request(empty_key_is_no_key))
@@ -178,6 +191,7 @@ fn request_span(request: &Request) -> Span {
         method = %request.method(),
         path = %request.uri().path(),
         request_id = %request_id,
+        end_user = tracing::field::Empty,
     )
 }
 
@@ -266,7 +280,7 @@ mod tests {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = service_router(routes, coordinator)
+        let response = service_router(routes, coordinator, Arc::new(EndUserAuth::Off))
             .oneshot(request.body(Body::empty()).expect("request"))
             .await
             .expect("infallible");

@@ -15,6 +15,9 @@
 //!   per-request span and access log), [`RequestContext`] (request id from `Idempotency-Key`,
 //!   deadline from `X-Request-Timeout`), JSON and query extractors that answer 400 in the
 //!   envelope, the envelope itself, and `GET /health` (the coordinator's grpc.health.v1 status).
+//! - [`auth`]: end users' JWTs on the services' routes (`sub` must own the user in the path
+//!   or body; 401 / 403), and the listen-address rule; the coordinator credentials (TLS, client
+//!   certificate, bearer token) are in [`coordinator`] and [`settings`].
 //! - [`error`]: [`ApiError`], the one place a gRPC status becomes an HTTP status and JSON error.
 //! - [`server`]: what every service binary does alike: [`run`](server::run) serves a service's
 //!   routes until shutdown and drains in-flight requests; [`run_binary`](server::run_binary) is
@@ -31,12 +34,14 @@
 //! - Every body is `{"success": bool, "data": ..., "error": ...}`; money and quantities are
 //!   decimal strings, as on the wire, so nothing is ever rounded through floating point.
 
+pub mod auth;
 pub mod coordinator;
 pub mod error;
 pub mod http;
 pub mod server;
 pub mod settings;
 
+pub use auth::{EndUser, EndUserSettings};
 pub use coordinator::CoordinatorConnection;
 pub use error::ApiError;
 pub use http::{ApiResult, JsonBody, PageParams, QueryParams, RequestContext, ok};

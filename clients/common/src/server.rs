@@ -11,14 +11,19 @@ use std::process::ExitCode;
 use axum::Router;
 use tokio::net::TcpListener;
 
+use std::sync::Arc;
+
+use crate::auth::{EndUserAuth, EndUserSettings, check_listen};
 use crate::coordinator::CoordinatorConnection;
 use crate::http::service_router;
 use crate::settings::CoordinatorSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("coordinator URL: {0}")]
-    CoordinatorUrl(#[from] tonic::transport::Error),
+    #[error("coordinator connection: {0}")]
+    Coordinator(#[from] crate::coordinator::ConnectError),
+    #[error("settings: {0}")]
+    Settings(String),
     #[error("serve: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -49,8 +54,27 @@ pub async fn run(
     routes: Router<CoordinatorConnection>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    run_with_auth(listener, settings, EndUserAuth::Off, routes, shutdown).await
+}
+
+/// `run` with end users authenticated as `end_users` says.
+pub async fn run_with_auth(
+    listener: TcpListener,
+    settings: &CoordinatorSettings,
+    end_users: EndUserAuth,
+    routes: Router<CoordinatorConnection>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let coordinator = CoordinatorConnection::connect_lazy(settings)?;
-    serve(listener, service_router(routes, coordinator), shutdown).await
+    if !end_users.is_on() {
+        tracing::info!("local mode: end users are not authenticated; serving on a loopback address only");
+    }
+    serve(
+        listener,
+        service_router(routes, coordinator, Arc::new(end_users)),
+        shutdown,
+    )
+    .await
 }
 
 /// A service binary's `main` once its settings are parsed: starts logging, binds `listen`, and
@@ -60,9 +84,22 @@ pub async fn run_binary(
     name: &str,
     listen: SocketAddr,
     settings: &CoordinatorSettings,
+    end_user_settings: &EndUserSettings,
     routes: Router<CoordinatorConnection>,
 ) -> ExitCode {
     lockstep::process::init_tracing();
+    let end_users = match EndUserAuth::from_settings(end_user_settings)
+        .and_then(|auth| check_listen(listen, &auth, end_user_settings.insecure).map(|()| auth))
+    {
+        Ok(auth) => auth,
+        Err(error) => {
+            eprintln!("{name}: settings: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if end_user_settings.insecure {
+        tracing::warn!(%listen, "--insecure: serving without requiring end-user authentication on this address; never do this in production");
+    }
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -70,7 +107,15 @@ pub async fn run_binary(
             return ExitCode::FAILURE;
         }
     };
-    match run(listener, settings, routes, lockstep::process::shutdown_signal()).await {
+    match run_with_auth(
+        listener,
+        settings,
+        end_users,
+        routes,
+        lockstep::process::shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{name}: {error}");

@@ -26,7 +26,8 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
 use lockstep_client_common::{
-    ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+    ApiResult, CoordinatorConnection, CoordinatorSettings, EndUser, EndUserSettings, JsonBody, PageParams, QueryParams,
+    RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -43,6 +44,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub coordinator: CoordinatorSettings,
+    #[command(flatten)]
+    pub end_users: EndUserSettings,
 }
 
 /// This service's routes; [`lockstep_client_common::server::run`] serves them with `GET /health`
@@ -75,8 +78,10 @@ struct PlaceOrderBody {
 async fn place_order(
     State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
+    end_user: EndUser,
     JsonBody(body): JsonBody<PlaceOrderBody>,
 ) -> ApiResult<Value> {
+    end_user.require(&body.user_id)?;
     let request = pb::PlaceOrderRequest {
         user_id: body.user_id,
         asset: body.asset,
@@ -111,6 +116,7 @@ async fn place_order(
 async fn order(
     State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
+    end_user: EndUser,
     Path(order_id): Path<String>,
 ) -> ApiResult<Value> {
     let order = coordinator
@@ -120,6 +126,8 @@ async fn order(
             |mut client, request| async move { client.get_order(request).await },
         )
         .await?;
+    // An order is its owner's: another user's token learns nothing more than a 403.
+    end_user.require(&order.user_id)?;
     ok(order_json(&order))
 }
 

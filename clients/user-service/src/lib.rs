@@ -26,7 +26,8 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
 use lockstep_client_common::{
-    ApiResult, CoordinatorConnection, CoordinatorSettings, JsonBody, PageParams, QueryParams, RequestContext, ok,
+    ApiResult, CoordinatorConnection, CoordinatorSettings, EndUserSettings, JsonBody, PageParams, QueryParams,
+    RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -43,6 +44,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub coordinator: CoordinatorSettings,
+    #[command(flatten)]
+    pub end_users: EndUserSettings,
 }
 
 /// This service's routes; [`lockstep_client_common::server::run`] serves them with `GET /health`

@@ -9,5 +9,12 @@ use lockstep_user_service::{Settings, routes};
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    lockstep_client_common::server::run_binary("user-service", settings.listen, &settings.coordinator, routes()).await
+    lockstep_client_common::server::run_binary(
+        "user-service",
+        settings.listen,
+        &settings.coordinator,
+        &settings.end_users,
+        routes(),
+    )
+    .await
 }

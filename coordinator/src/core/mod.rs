@@ -5,11 +5,13 @@
 //! returned and hands its result to `storage::model`, which turns it into conditional writes.
 
 pub mod account;
+pub mod asset_change;
 pub mod batch;
 pub mod decide;
 pub mod ids;
 pub mod limits;
 pub mod money;
+pub mod principal;
 pub mod records;
 pub mod time;
 
@@ -18,4 +20,5 @@ pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
 pub use ids::{AssetSymbol, EntryId, FieldError, LockId, OrderId, RequestId, UserId};
 pub use limits::Limits;
 pub use money::{Price, Quantity, Usd};
+pub use principal::Principal;
 pub use time::{Clock, Millis, SystemClock};

@@ -5,6 +5,7 @@ use rust_decimal::Decimal;
 use super::decide::TradeSide;
 use super::ids::{AssetSymbol, LockId, UserId};
 use super::money::{Price, Quantity, Usd};
+use super::principal::Principal;
 use super::time::Millis;
 
 /// A user's lease as stored on the account item.
@@ -92,6 +93,8 @@ pub struct LedgerEntry {
     /// The account's version after this entry: orders a user's entries without trusting the
     /// clocks of the coordinators that wrote them.
     pub sequence: u64,
+    /// Who moved the money: the authenticated caller (`local` without authentication).
+    pub principal: Principal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +135,8 @@ pub struct Order {
     pub total: Usd,
     pub failure_reason: Option<String>,
     pub created_at_ms: Millis,
+    /// Who placed it: the authenticated caller (`local` without authentication).
+    pub principal: Principal,
 }
 
 /// What an idempotency key's first execution ended in, written in the same transaction as its

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
-use crate::core::AssetSymbol;
 use crate::core::records::Asset;
+use crate::core::{AssetSymbol, Principal};
 use crate::storage::{Storage, StorageError, model};
 
 /// Pages read when loading the catalog; the catalog is a handful of assets, this is a bound
@@ -116,7 +116,9 @@ impl TransactionCoordinator {
         Ok(self.catalog.all())
     }
 
-    pub async fn upsert_asset(&self, asset: Asset) -> Result<Asset, ServiceError> {
+    /// Creates or replaces an asset on behalf of `principal`, keeping the change; a price move
+    /// beyond `--price-change-max-percent` needs `force`.
+    pub async fn upsert_asset(&self, principal: &Principal, asset: Asset, force: bool) -> Result<Asset, ServiceError> {
         if self.catalog.cached(&asset.symbol).is_none() {
             self.catalog.refresh(&self.storage).await?;
             let count = self.catalog.assets.read().expect("catalog lock poisoned").len();
@@ -124,7 +126,7 @@ impl TransactionCoordinator {
                 return Err(ServiceError::CatalogFull(CATALOG_ASSETS_MAX));
             }
         }
-        self.storage.put(model::put_asset(&asset, false)).await?;
+        self.write_asset_change(principal, &asset, force).await?;
         self.catalog.remember(asset.clone());
         Ok(asset)
     }
@@ -194,10 +196,16 @@ mod tests {
             let put = model::put_asset(&asset(&format!("X{index}")), false);
             coordinator.storage().put(put).await.unwrap();
         }
-        let error = coordinator.upsert_asset(asset("ONEMORE")).await.unwrap_err();
+        let error = coordinator
+            .upsert_asset(&Principal::local(), asset("ONEMORE"), false)
+            .await
+            .unwrap_err();
         assert_eq!(error, ServiceError::CatalogFull(CATALOG_ASSETS_MAX));
         assert!(
-            coordinator.upsert_asset(asset("X10")).await.is_ok(),
+            coordinator
+                .upsert_asset(&Principal::local(), asset("X10"), false)
+                .await
+                .is_ok(),
             "an existing symbol"
         );
     }

@@ -12,7 +12,7 @@ use crate::core::batch::{BatchOutcome, decide_batch};
 use crate::core::decide::Rejection;
 use crate::core::records::{EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome};
 use crate::core::time::utc_day;
-use crate::core::{Decision, Millis, Operation, Price, RequestId, Trade, TradeSide, Usd};
+use crate::core::{Decision, Millis, Operation, Price, Principal, RequestId, Trade, TradeSide, Usd};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
 
@@ -240,7 +240,6 @@ impl TransactionCoordinator {
         let mut writes = Vec::with_capacity(calls.len());
         let mut prices: BTreeMap<_, Price> = BTreeMap::new();
         for (((_, waiter), operation), decision) in calls.iter().zip(operations).zip(&outcome.decisions) {
-            let request_id = waiter.request_id.as_ref();
             writes.push(match decision {
                 Ok(decision) => {
                     assert_postconditions(&state, decision);
@@ -250,9 +249,9 @@ impl TransactionCoordinator {
                     if let Some(effect) = &decision.trade {
                         prices.insert(effect.asset.clone(), effect.price);
                     }
-                    self.accepted_writes(held, &waiter.intent, operation, decision, request_id, version, now)
+                    self.accepted_writes(held, waiter, operation, decision, version, now)
                 }
-                Err(rejection) => self.refused_writes(held, &waiter.intent, operation, rejection, request_id, now),
+                Err(rejection) => self.refused_writes(held, waiter, operation, rejection, now),
             });
         }
         debug_assert_eq!(
@@ -290,18 +289,17 @@ impl TransactionCoordinator {
     }
 
     /// An accepted call's ledger entry, order and request record.
-    #[allow(clippy::too_many_arguments)]
     fn accepted_writes(
         &self,
         held: &HeldLease,
-        intent: &Intent,
+        waiter: &Waiter,
         operation: &Operation,
         decision: &Decision,
-        request_id: Option<&RequestId>,
         version: u64,
         now: Millis,
     ) -> CallWrites {
-        let (entry, order) = records_of(held, operation, decision, request_id, version, now);
+        let (intent, request_id) = (&waiter.intent, waiter.request_id.as_ref());
+        let (entry, order) = records_of(held, &waiter.principal, operation, decision, request_id, version, now);
         let holding = decision.trade.as_ref().map(|effect| effect.holding);
         let record = request_id.map(|request_id| {
             let outcome = RecordedOutcome::Committed {
@@ -447,9 +445,11 @@ fn assert_postconditions(before: &crate::core::Account, decision: &Decision) {
     }
 }
 
-/// A new order for `trade` under `held`'s user, with a fresh time-ordered id.
+/// A new order for `trade` under `held`'s user, placed by `principal`, with a fresh
+/// time-ordered id.
 pub(super) fn order_of(
     held: &HeldLease,
+    principal: &Principal,
     trade: &Trade,
     status: OrderStatus,
     price: Price,
@@ -468,6 +468,7 @@ pub(super) fn order_of(
         total,
         failure_reason: None,
         created_at_ms: now,
+        principal: principal.clone(),
     }
 }
 
@@ -475,6 +476,7 @@ pub(super) fn order_of(
 /// the account's version after it (the entry's sequence).
 fn records_of(
     held: &HeldLease,
+    principal: &Principal,
     operation: &Operation,
     decision: &Decision,
     request_id: Option<&RequestId>,
@@ -486,7 +488,15 @@ fn records_of(
         (Operation::Deposit(_), _) => (EntryKind::Deposit, None),
         (Operation::Withdraw(_), _) => (EntryKind::Withdrawal, None),
         (Operation::Trade(trade), Some(effect)) => {
-            let order = order_of(held, trade, OrderStatus::Confirmed, effect.price, effect.total, now);
+            let order = order_of(
+                held,
+                principal,
+                trade,
+                OrderStatus::Confirmed,
+                effect.price,
+                effect.total,
+                now,
+            );
             let ledger_trade = LedgerTrade {
                 asset: effect.asset.clone(),
                 quantity_delta: effect.quantity_delta,
@@ -511,6 +521,7 @@ fn records_of(
         created_at_ms: now,
         request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
         sequence: version,
+        principal: principal.clone(),
     };
     (entry, order)
 }
@@ -670,15 +681,25 @@ mod tests {
         let (coordinator, parked, go) = parked_coordinator().await;
         let first = {
             let coordinator = Arc::clone(&coordinator);
-            tokio::spawn(async move { coordinator.deposit(&user("d"), usd("10"), None, None).await })
+            tokio::spawn(async move {
+                coordinator
+                    .deposit(&Principal::local(), &user("d"), usd("10"), None, None)
+                    .await
+            })
         };
         parked.notified().await;
         let cancelled = {
             let coordinator = Arc::clone(&coordinator);
-            tokio::spawn(async move { coordinator.deposit(&user("d"), usd("1"), None, None).await })
+            tokio::spawn(async move {
+                coordinator
+                    .deposit(&Principal::local(), &user("d"), usd("1"), None, None)
+                    .await
+            })
         };
         let deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_millis(30));
-        let timed_out = coordinator.deposit(&user("d"), usd("2"), None, deadline).await;
+        let timed_out = coordinator
+            .deposit(&Principal::local(), &user("d"), usd("2"), None, deadline)
+            .await;
         assert_eq!(timed_out.unwrap_err(), ServiceError::DeadlineExceeded);
         cancelled.abort();
         assert!(cancelled.await.unwrap_err().is_cancelled());
@@ -706,6 +727,7 @@ mod tests {
         clock.advance(LEASE - COMMIT_LEASE_MARGIN);
         let (reply, answer) = tokio::sync::oneshot::channel();
         let waiter = Waiter {
+            principal: Principal::local(),
             intent: Intent::Deposit(usd("5")),
             request_id: None,
             state: Default::default(),
@@ -734,7 +756,10 @@ mod tests {
     #[tokio::test]
     async fn a_stale_cached_price_is_re_read_before_committing() {
         let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
-        coordinator.deposit(&user("f"), usd("1000"), None, None).await.unwrap();
+        coordinator
+            .deposit(&Principal::local(), &user("f"), usd("1000"), None, None)
+            .await
+            .unwrap();
         let mut sol = coordinator
             .catalog
             .cached(&AssetSymbol::parse("asset", "SOL").unwrap())
@@ -747,7 +772,10 @@ mod tests {
             quantity: quantity("2"),
             limit_price: None,
         };
-        let receipt = coordinator.trade(&user("f"), trade, None, None).await.unwrap();
+        let receipt = coordinator
+            .trade(&Principal::local(), &user("f"), trade, None, None)
+            .await
+            .unwrap();
         let (order, holding) = receipt.trade.unwrap();
         assert_eq!(order.price, sol.price);
         assert_eq!(holding, quantity("2"));
@@ -761,7 +789,7 @@ mod tests {
         let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
         let before = coordinator.storage().requests();
         let error = coordinator
-            .deposit(&user("g"), usd("10000.01"), None, None)
+            .deposit(&Principal::local(), &user("g"), usd("10000.01"), None, None)
             .await
             .unwrap_err();
         assert!(
@@ -788,12 +816,21 @@ mod tests {
             ..CoordinatorConfig::default()
         };
         let honest = coordinator_on(engine, &local, config).await;
-        fast.withdraw(&user("h"), usd("1"), None, None).await.unwrap_err();
-        fast.deposit(&user("h"), usd("100"), None, None).await.unwrap();
-        fast.withdraw(&user("h"), usd("40"), None, None).await.unwrap();
+        fast.withdraw(&Principal::local(), &user("h"), usd("1"), None, None)
+            .await
+            .unwrap_err();
+        fast.deposit(&Principal::local(), &user("h"), usd("100"), None, None)
+            .await
+            .unwrap();
+        fast.withdraw(&Principal::local(), &user("h"), usd("40"), None, None)
+            .await
+            .unwrap();
         let abandoned = fast.acquire(&user("h"), "WITHDRAWAL", LEASE, true, None).await.unwrap();
         assert!(abandoned.expires_at > local.now() + 2 * DAY_MS - 1);
-        let receipt = honest.withdraw(&user("h"), usd("20"), None, None).await.unwrap();
+        let receipt = honest
+            .withdraw(&Principal::local(), &user("h"), usd("20"), None, None)
+            .await
+            .unwrap();
         assert_eq!(receipt.entry.cash_after, usd("40"));
         let account = honest.account(&user("h")).await.unwrap();
         assert_eq!(account.limit_day, honest.today(), "the local day, not the far one");

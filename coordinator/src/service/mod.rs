@@ -13,8 +13,10 @@
 //! - [`settle`]: unclear endings (fence, then look for what landed), replays of a request id
 //!   and recorded outcomes;
 //! - [`reads`]: accounts, orders and ledger pages;
-//! - [`catalog`]: the cached asset catalog and its admin writes.
+//! - [`catalog`]: the cached asset catalog and its admin writes;
+//! - [`asset_changes`]: UpsertAsset's price-move bound and the kept history of changes.
 
+mod asset_changes;
 mod catalog;
 mod commit;
 mod instance;
@@ -44,7 +46,8 @@ use crate::core::decide::{Rejection, above_daily_limit};
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
 use crate::core::time::utc_day;
 use crate::core::{
-    AssetSymbol, Clock, FieldError, Limits, Millis, Operation, Price, Quantity, RequestId, TradeSide, Usd, UserId,
+    AssetSymbol, Clock, FieldError, Limits, Millis, Operation, Price, Principal, Quantity, RequestId, TradeSide, Usd,
+    UserId,
 };
 use crate::storage::{Storage, StorageError};
 
@@ -132,6 +135,8 @@ pub struct CoordinatorConfig {
     pub max_inflight: usize,
     /// Calls queued for one user past which its next calls get RESOURCE_EXHAUSTED.
     pub max_queued_per_user: usize,
+    /// Largest price move of one UpsertAsset without `force`, in percent of the old price.
+    pub price_change_max_percent: u32,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -163,6 +168,7 @@ impl Default for CoordinatorConfig {
             sweep_interval: None,
             max_inflight: INFLIGHT_MAX_DEFAULT,
             max_queued_per_user: QUEUED_PER_USER_MAX_DEFAULT,
+            price_change_max_percent: crate::settings::PRICE_CHANGE_MAX_PERCENT_DEFAULT,
         }
     }
 }
@@ -200,6 +206,9 @@ pub enum ServiceError {
     /// Storage did not confirm the commit, and the fence then proved it did not apply.
     #[error("The operation was not applied (storage did not answer in time); please try again")]
     NotApplied,
+    /// UpsertAsset moved a price beyond `--price-change-max-percent` without `force`.
+    #[error("{0}")]
+    PriceChangeTooLarge(crate::core::asset_change::PriceChangeTooLarge),
     /// A bound on queued work was reached (which one): nothing was written; retry later.
     #[error("Too many {0}; please retry shortly")]
     Overloaded(&'static str),
@@ -365,47 +374,68 @@ impl TransactionCoordinator {
 
     pub async fn deposit(
         self: &Arc<Self>,
+        principal: &Principal,
         user: &UserId,
         amount: Usd,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate(user, Intent::Deposit(amount), request_id, deadline).await
+        self.mutate_as(principal, user, Intent::Deposit(amount), request_id, deadline)
+            .await
     }
 
     pub async fn withdraw(
         self: &Arc<Self>,
+        principal: &Principal,
         user: &UserId,
         amount: Usd,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate(user, Intent::Withdraw(amount), request_id, deadline).await
+        self.mutate_as(principal, user, Intent::Withdraw(amount), request_id, deadline)
+            .await
     }
 
     pub async fn trade(
         self: &Arc<Self>,
+        principal: &Principal,
         user: &UserId,
         request: TradeRequest,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate(user, Intent::Trade(request), request_id, deadline).await
+        self.mutate_as(principal, user, Intent::Trade(request), request_id, deadline)
+            .await
     }
 
-    /// Queue, then (by the user's driver) lease, decide in a batch, commit-and-release or
-    /// extend; a refusal is rolled back in the same commit. With a request id, a retry of a
-    /// request that already ended returns its recorded outcome instead of running again.
-    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), outcome = tracing::field::Empty))]
-    pub async fn mutate(
+    /// `mutate_as` the local principal: the service's own tests, which run without a transport.
+    #[cfg(test)]
+    pub(crate) async fn mutate(
         self: &Arc<Self>,
         user: &UserId,
         intent: Intent,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
+        self.mutate_as(&Principal::local(), user, intent, request_id, deadline)
+            .await
+    }
+
+    /// Queue, then (by the user's driver) lease, decide in a batch, commit-and-release or
+    /// extend, on behalf of `principal`, who is recorded on what the commit writes; a refusal is
+    /// rolled back in the same commit. With a request id, a retry of a request that already
+    /// ended returns its recorded outcome instead of running again.
+    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), outcome = tracing::field::Empty))]
+    pub async fn mutate_as(
+        self: &Arc<Self>,
+        principal: &Principal,
+        user: &UserId,
+        intent: Intent,
+        request_id: Option<RequestId>,
+        deadline: Option<Instant>,
+    ) -> Result<Receipt, ServiceError> {
         let result = match self.check_before_queueing(&intent).await {
-            Ok(()) => self.queue_and_wait(user, intent, request_id, deadline).await,
+            Ok(()) => self.queue_and_wait(principal, user, intent, request_id, deadline).await,
             Err(error) => Err(error),
         };
         let outcome = match &result {

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::commit::Call;
 use super::{BATCH_CALLS_MAX, Intent, Receipt, ServiceError, TransactionCoordinator};
-use crate::core::{RequestId, UserId};
+use crate::core::{Principal, RequestId, UserId};
 
 /// Queued: the driver has not taken it yet; it may still leave.
 const QUEUED: u8 = 0;
@@ -45,6 +45,8 @@ impl WaiterState {
 /// One call waiting for its user's driver.
 #[derive(Debug)]
 pub(super) struct Waiter {
+    /// Who asked: recorded on the ledger entry and order the call's commit writes.
+    pub principal: Principal,
     pub intent: Intent,
     pub request_id: Option<RequestId>,
     pub state: WaiterState,
@@ -191,6 +193,7 @@ impl TransactionCoordinator {
     /// this user, RESOURCE_EXHAUSTED at once.
     pub(super) async fn queue_and_wait(
         self: &Arc<Self>,
+        principal: &Principal,
         user: &UserId,
         intent: Intent,
         request_id: Option<RequestId>,
@@ -204,6 +207,7 @@ impl TransactionCoordinator {
         let (reply, mut answer) = oneshot::channel();
         let state = WaiterState::default();
         let waiter = Waiter {
+            principal: principal.clone(),
             intent,
             request_id,
             state: state.clone(),

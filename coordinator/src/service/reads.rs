@@ -45,6 +45,11 @@ impl PageRequest {
         Ok(Self { size, after })
     }
 
+    /// The page size and the cursor's sort key, for reads outside this file.
+    pub(super) fn into_parts(self) -> (u32, Option<String>) {
+        (self.size, self.after)
+    }
+
     pub fn first(size: u32) -> Self {
         Self {
             size: size.clamp(1, PAGE_SIZE_MAX),

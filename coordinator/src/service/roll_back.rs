@@ -5,22 +5,23 @@
 
 use crate::core::decide::Rejection;
 use crate::core::records::{Order, OrderStatus, RecordedOutcome};
-use crate::core::{Millis, Operation, RequestId, Usd};
+use crate::core::{Millis, Operation, Principal, Usd};
 
 use super::commit::{Answer, CallWrites, order_of};
-use super::{HeldLease, Intent, Missing, ServiceError, TransactionCoordinator};
+use super::queue::Waiter;
+use super::{HeldLease, Missing, ServiceError, TransactionCoordinator};
 
 impl TransactionCoordinator {
     /// A refused call's FAILED order (trades), refusal record (with a request id) and answer.
     pub(super) fn refused_writes(
         &self,
         held: &HeldLease,
-        intent: &Intent,
+        waiter: &Waiter,
         operation: &Operation,
         rejection: &Rejection,
-        request_id: Option<&RequestId>,
         now: Millis,
     ) -> CallWrites {
+        let (intent, request_id) = (&waiter.intent, waiter.request_id.as_ref());
         tracing::info!(reason = %rejection, operation = intent.name(), "refused under the lease");
         let message = rejection.to_string();
         let record = request_id.map(|id| {
@@ -31,7 +32,7 @@ impl TransactionCoordinator {
         });
         CallWrites {
             entry: None,
-            order: failed_order(held, operation, rejection, now),
+            order: failed_order(held, &waiter.principal, operation, rejection, now),
             answer: Answer::Refuse {
                 error: refusal_error(held, rejection.clone()),
                 recorded: record.is_some(),
@@ -42,12 +43,18 @@ impl TransactionCoordinator {
 }
 
 /// For a refused trade, the FAILED order that records it; nothing for cash operations.
-fn failed_order(held: &HeldLease, operation: &Operation, rejection: &Rejection, now: Millis) -> Option<Order> {
+fn failed_order(
+    held: &HeldLease,
+    principal: &Principal,
+    operation: &Operation,
+    rejection: &Rejection,
+    now: Millis,
+) -> Option<Order> {
     let Operation::Trade(trade) = operation else {
         return None;
     };
     let total = trade.total().unwrap_or(Usd::ZERO);
-    let mut order = order_of(held, trade, OrderStatus::Failed, trade.price, total, now);
+    let mut order = order_of(held, principal, trade, OrderStatus::Failed, trade.price, total, now);
     order.failure_reason = Some(rejection.to_string());
     Some(order)
 }
@@ -63,10 +70,11 @@ fn refusal_error(held: &HeldLease, rejection: Rejection) -> ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::RequestId;
     use crate::core::time::ManualClock;
     use crate::core::{AssetSymbol, TradeSide};
     use crate::service::testing::{LEASE, coordinator, quantity, usd, user};
-    use crate::service::{PageRequest, TradeRequest};
+    use crate::service::{Intent, PageRequest, TradeRequest};
 
     /// A refusal with a request id records it and frees the lease; the retry replays it.
     #[tokio::test]

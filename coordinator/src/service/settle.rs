@@ -147,6 +147,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::core::Principal;
     use crate::core::decide::Rejection;
     use crate::core::time::ManualClock;
     use crate::service::testing::{FlakyEngine, LEASE, NextTransaction, coordinator, coordinator_on, usd, user};
@@ -165,7 +166,10 @@ mod tests {
     async fn a_landed_commit_is_found() {
         let (coordinator, engine) = flaky().await;
         engine.arm(NextTransaction::LoseReply);
-        let receipt = coordinator.deposit(&user("a"), usd("30"), None, None).await.unwrap();
+        let receipt = coordinator
+            .deposit(&Principal::local(), &user("a"), usd("30"), None, None)
+            .await
+            .unwrap();
         assert_eq!(receipt.entry.cash_after, usd("30"));
         assert_eq!(coordinator.account(&user("a")).await.unwrap().cash, usd("30"));
         let next = coordinator.acquire(&user("a"), "DEPOSIT", LEASE, true, None).await;
@@ -177,10 +181,16 @@ mod tests {
     #[tokio::test]
     async fn a_lost_commit_is_known_not_applied() {
         let (coordinator, engine) = flaky().await;
-        coordinator.deposit(&user("b"), usd("1"), None, None).await.unwrap();
+        coordinator
+            .deposit(&Principal::local(), &user("b"), usd("1"), None, None)
+            .await
+            .unwrap();
         let version = coordinator.account(&user("b")).await.unwrap().version;
         engine.arm(NextTransaction::LoseRequest);
-        let answer = coordinator.deposit(&user("b"), usd("2"), None, None).await.unwrap_err();
+        let answer = coordinator
+            .deposit(&Principal::local(), &user("b"), usd("2"), None, None)
+            .await
+            .unwrap_err();
         assert_eq!(answer, ServiceError::NotApplied);
         let account = coordinator.account(&user("b")).await.unwrap();
         assert_eq!(account.cash, usd("1"));
@@ -192,7 +202,10 @@ mod tests {
     #[tokio::test]
     async fn an_unclear_batch_is_settled_per_call() {
         let (coordinator, engine) = flaky().await;
-        coordinator.deposit(&user("c"), usd("10"), None, None).await.unwrap();
+        coordinator
+            .deposit(&Principal::local(), &user("c"), usd("10"), None, None)
+            .await
+            .unwrap();
         engine.arm(NextTransaction::LoseReply);
         let calls = [
             Intent::Withdraw(usd("3")),

@@ -11,6 +11,7 @@
 //! | order (by id) | `ORDER#{uuid v7}`| `ORDER`            |
 //! | request record| `USER#{user}`    | `REQUEST#{key}`    |
 //! | asset         | `ASSET`          | `{symbol}`         |
+//! | asset change  | `ASSET_CHANGE#{symbol}` | `{uuid v7}` |
 //!
 //! The lease lives on the account item, so taking it (one conditional UpdateItem with
 //! ReturnValues = ALL_NEW) also reads the account consistently: a successful mutation costs
@@ -21,10 +22,13 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactItem, Update, Value};
+use crate::core::asset_change::AssetChange;
 use crate::core::records::{
     Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
 };
-use crate::core::{Account, AssetSymbol, Decision, LockId, Millis, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::core::{
+    Account, AssetSymbol, Decision, LockId, Millis, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
+};
 
 const USER_PREFIX: &str = "USER#";
 const ACCOUNT_SK: &str = "ACCOUNT";
@@ -89,7 +93,7 @@ pub fn request_key(user: &UserId, request_id: &RequestId) -> Key {
     }
 }
 
-fn asset_key(symbol: &AssetSymbol) -> Key {
+pub fn asset_key(symbol: &AssetSymbol) -> Key {
     Key {
         pk: ASSET_PK.to_owned(),
         sk: symbol.as_str().to_owned(),
@@ -679,6 +683,7 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
     item.insert("cash_after".to_owned(), n(entry.cash_after));
     item.insert("created_at_ms".to_owned(), n(entry.created_at_ms));
     item.insert("sequence".to_owned(), n(entry.sequence));
+    item.insert("principal".to_owned(), s(entry.principal.as_str()));
     if let Some(request_id) = &entry.request_id {
         item.insert("request_id".to_owned(), s(request_id));
     }
@@ -725,6 +730,7 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         )?,
         request_id: string(item, "request_id").map(str::to_owned),
         sequence: number(item, "sequence").and_then(|raw| raw.parse().ok()).unwrap_or(0),
+        principal: principal_of(item, KIND)?,
     })
 }
 
@@ -739,6 +745,7 @@ fn order_item(order: &Order, key: Key) -> Item {
     item.insert("price".to_owned(), n(order.price));
     item.insert("total".to_owned(), n(order.total));
     item.insert("created_at_ms".to_owned(), n(order.created_at_ms));
+    item.insert("principal".to_owned(), s(order.principal.as_str()));
     if let Some(limit) = order.limit_price {
         item.insert("limit_price".to_owned(), n(limit));
     }
@@ -796,7 +803,17 @@ pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
             "created_at_ms",
             number(item, "created_at_ms").and_then(|raw| raw.parse().ok()),
         )?,
+        principal: principal_of(item, KIND)?,
     })
+}
+
+/// The `principal` attribute of a ledger entry or order. Items written before principals were
+/// recorded have none; they were written without authentication, so they read as `local`.
+fn principal_of(item: &Item, kind: &'static str) -> Result<Principal, MalformedItem> {
+    match string(item, "principal") {
+        None => Ok(Principal::local()),
+        Some(raw) => required(kind, "principal", Principal::parse("principal", raw).ok()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -831,6 +848,102 @@ pub fn asset_from_item(item: &Item) -> Result<Asset, MalformedItem> {
         price: required(KIND, "price", number(item, "price").and_then(Price::from_stored))?,
         active: matches!(item.get("active"), Some(Value::Bool(true))),
     })
+}
+
+/// Writes an asset on behalf of UpsertAsset, only if it is still as `old` was read (or still
+/// absent): a concurrent change makes the transaction fail, and the caller checks the bound
+/// again against what is stored then.
+pub fn put_asset_if_unchanged(asset: &Asset, old: Option<&Asset>) -> Put {
+    let Some(old) = old else {
+        return put_asset(asset, true);
+    };
+    let mut put = put_asset(asset, false);
+    put.condition = Some("#price = :old_price AND #active = :old_active".to_owned());
+    put.bindings = bindings(
+        [("#price", "price"), ("#active", "active")],
+        [(":old_price", n(old.price)), (":old_active", Value::Bool(old.active))],
+    );
+    put
+}
+
+const ASSET_CHANGE_PREFIX: &str = "ASSET_CHANGE#";
+
+pub fn asset_change_key(symbol: &AssetSymbol, change_id: &str) -> Key {
+    Key {
+        pk: format!("{ASSET_CHANGE_PREFIX}{symbol}"),
+        sk: change_id.to_owned(),
+    }
+}
+
+/// One kept change of the catalog; never overwritten.
+pub fn put_asset_change(change: &AssetChange) -> Put {
+    let mut item = key_attributes(&asset_change_key(&change.symbol, &change.change_id));
+    item.insert("change_id".to_owned(), s(&change.change_id));
+    item.insert("symbol".to_owned(), s(change.symbol.as_str()));
+    item.insert("principal".to_owned(), s(change.principal.as_str()));
+    item.insert("changed_at_ms".to_owned(), n(change.changed_at_ms));
+    item.insert("new_price".to_owned(), n(change.new.price));
+    item.insert("new_active".to_owned(), Value::Bool(change.new.active));
+    item.insert("forced".to_owned(), Value::Bool(change.forced));
+    if let Some(old) = &change.old {
+        item.insert("old_price".to_owned(), n(old.price));
+        item.insert("old_active".to_owned(), Value::Bool(old.active));
+    }
+    put_new(item)
+}
+
+pub fn asset_change_from_item(item: &Item) -> Result<AssetChange, MalformedItem> {
+    const KIND: &str = "asset change";
+    let symbol = required(
+        KIND,
+        "symbol",
+        string(item, "symbol").and_then(|raw| AssetSymbol::parse("symbol", raw).ok()),
+    )?;
+    let old = match number(item, "old_price") {
+        Some(raw) => Some(Asset {
+            symbol: symbol.clone(),
+            price: required(KIND, "old_price", Price::from_stored(raw))?,
+            active: matches!(item.get("old_active"), Some(Value::Bool(true))),
+        }),
+        None => None,
+    };
+    Ok(AssetChange {
+        change_id: required(KIND, "change_id", string(item, "change_id"))?.to_owned(),
+        principal: required(
+            KIND,
+            "principal",
+            string(item, "principal").and_then(|raw| Principal::parse("principal", raw).ok()),
+        )?,
+        changed_at_ms: required(
+            KIND,
+            "changed_at_ms",
+            number(item, "changed_at_ms").and_then(|raw| raw.parse().ok()),
+        )?,
+        new: Asset {
+            symbol: symbol.clone(),
+            price: required(
+                KIND,
+                "new_price",
+                number(item, "new_price").and_then(Price::from_stored),
+            )?,
+            active: matches!(item.get("new_active"), Some(Value::Bool(true))),
+        },
+        symbol,
+        old,
+        forced: matches!(item.get("forced"), Some(Value::Bool(true))),
+    })
+}
+
+/// Newest first; `after_change_id` is the last change id of the previous page.
+pub fn asset_changes_query(symbol: &AssetSymbol, limit: u32, after_change_id: Option<String>) -> Query {
+    let pk = format!("{ASSET_CHANGE_PREFIX}{symbol}");
+    Query {
+        start_after: after_change_id.map(|sk| Key { pk: pk.clone(), sk }),
+        pk,
+        sk_prefix: String::new(),
+        newest_first: true,
+        limit,
+    }
 }
 
 /// Largest page of the asset catalog read at once; the catalog is a handful of assets.
@@ -890,6 +1003,11 @@ pub enum StoredItem {
         key: Key,
         asset: Parsed<Asset>,
     },
+    /// A kept change of an asset (UpsertAsset's history).
+    AssetChange {
+        key: Key,
+        change: Parsed<AssetChange>,
+    },
     /// A named coordinator instance's heartbeat (None if malformed).
     InstanceHeartbeat {
         key: Key,
@@ -945,6 +1063,11 @@ pub fn classify(item: &Item) -> StoredItem {
         return StoredItem::OrderById {
             key,
             order: order_from_item(item),
+        };
+    } else if pk.starts_with(ASSET_CHANGE_PREFIX) {
+        return StoredItem::AssetChange {
+            key,
+            change: asset_change_from_item(item),
         };
     } else if pk == ASSET_PK {
         return StoredItem::Asset {
@@ -1133,6 +1256,7 @@ mod tests {
             StoredItem::OrderById { .. } => "order by id".to_owned(),
             StoredItem::RequestRecord { user, .. } => format!("request record of {user}"),
             StoredItem::Asset { .. } => "asset".to_owned(),
+            StoredItem::AssetChange { .. } => "asset change".to_owned(),
             StoredItem::InstanceHeartbeat { .. } => "heartbeat".to_owned(),
             StoredItem::Foreign { key } => format!("foreign {key:?}"),
         };
@@ -1154,6 +1278,10 @@ mod tests {
             ),
             (item_at(asset_key(&AssetSymbol::parse("a", "BTC").unwrap())), "asset"),
             (item_at(heartbeat_key("coordinator-1")), "heartbeat"),
+            (
+                item_at(asset_change_key(&AssetSymbol::parse("a", "BTC").unwrap(), "c1")),
+                "asset change",
+            ),
             (Item::new(), "foreign None"),
         ];
         for (item, expected) in cases {

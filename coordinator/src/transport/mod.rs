@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::core::asset_change::AssetChange;
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
 use crate::core::{AssetSymbol, FieldError, OrderId, Price, Quantity, RequestId, TradeSide, Usd, UserId};
@@ -61,6 +62,7 @@ pub fn status_of(error: ServiceError) -> Status {
             error.to_string(),
             ErrorDetails::with_retry_info(Some(RETRY_AFTER_OVERLOADED)),
         ),
+        error @ ServiceError::PriceChangeTooLarge(_) => Status::failed_precondition(error.to_string()),
         error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
         error @ ServiceError::Unavailable(_) => {
             tracing::warn!(%error, detail = ?error, "storage unavailable");
@@ -132,6 +134,7 @@ fn order_message(order: Order) -> pb::Order {
         total: order.total.to_string(),
         failure_reason: order.failure_reason.unwrap_or_default(),
         created_at: rfc3339(order.created_at_ms),
+        principal: order.principal.to_string(),
     }
 }
 
@@ -159,6 +162,7 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         order_id,
         cash_balance: entry.cash_after.to_string(),
         created_at: rfc3339(entry.created_at_ms),
+        principal: entry.principal.to_string(),
     }
 }
 
@@ -167,6 +171,18 @@ fn signed_usd(amount: rust_decimal::Decimal) -> String {
     let mut amount = amount;
     amount.rescale(crate::core::money::USD_SCALE);
     amount.to_string()
+}
+
+fn asset_change_message(change: AssetChange) -> pb::AssetChange {
+    pb::AssetChange {
+        change_id: change.change_id,
+        symbol: change.symbol.to_string(),
+        principal: change.principal.to_string(),
+        changed_at: rfc3339(change.changed_at_ms),
+        old: change.old.map(asset_message),
+        new: Some(asset_message(change.new)),
+        forced: change.forced,
+    }
 }
 
 fn asset_message(asset: Asset) -> pb::Asset {
@@ -184,6 +200,7 @@ impl CoordinatorService {
         side: TradeSide,
     ) -> Result<Response<pb::OrderReply>, Status> {
         let deadline = deadline_of(&request);
+        let principal = crate::auth::principal_of(&request);
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let trade = TradeRequest {
@@ -200,7 +217,7 @@ impl CoordinatorService {
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let receipt = self
             .coordinator
-            .trade(&user, trade, request_id, deadline)
+            .trade(&principal, &user, trade, request_id, deadline)
             .await
             .map_err(status_of)?;
         let (order, holding) = receipt
@@ -219,13 +236,14 @@ impl CoordinatorService {
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::CashReply>, Status> {
         let deadline = deadline_of(&request);
+        let principal = crate::auth::principal_of(&request);
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let receipt = self
             .coordinator
-            .deposit(&user, amount, request_id, deadline)
+            .deposit(&principal, &user, amount, request_id, deadline)
             .await
             .map_err(status_of)?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
@@ -233,13 +251,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn withdraw(&self, request: Request<pb::WithdrawRequest>) -> Result<Response<pb::CashReply>, Status> {
         let deadline = deadline_of(&request);
+        let principal = crate::auth::principal_of(&request);
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         let receipt = self
             .coordinator
-            .withdraw(&user, amount, request_id, deadline)
+            .withdraw(&principal, &user, amount, request_id, deadline)
             .await
             .map_err(status_of)?;
         Ok(Response::new(cash_reply(&user, amount, receipt)))
@@ -319,8 +338,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn upsert_asset(&self, request: Request<pb::UpsertAssetRequest>) -> Result<Response<pb::Asset>, Status> {
-        let asset = request
-            .into_inner()
+        let principal = crate::auth::principal_of(&request);
+        let message = request.into_inner();
+        let force = message.force;
+        let asset = message
             .asset
             .ok_or_else(|| invalid(FieldError::new("asset", "is required")))?;
         let asset = Asset {
@@ -328,7 +349,25 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             price: Price::parse("asset.price", &asset.price).map_err(invalid)?,
             active: asset.active,
         };
-        let asset = self.coordinator.upsert_asset(asset).await.map_err(status_of)?;
+        let asset = self
+            .coordinator
+            .upsert_asset(&principal, asset, force)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(asset_message(asset)))
+    }
+
+    async fn list_asset_changes(
+        &self,
+        request: Request<pb::ListAssetChangesRequest>,
+    ) -> Result<Response<pb::ListAssetChangesReply>, Status> {
+        let message = request.into_inner();
+        let symbol = AssetSymbol::parse("symbol", &message.symbol).map_err(invalid)?;
+        let page = PageRequest::parse(message.page_size, &message.page_token).map_err(invalid)?;
+        let page = self.coordinator.asset_changes(&symbol, page).await.map_err(status_of)?;
+        Ok(Response::new(pb::ListAssetChangesReply {
+            changes: page.items.into_iter().map(asset_change_message).collect(),
+            next_page_token: page.next_cursor.unwrap_or_default(),
+        }))
     }
 }
