@@ -185,6 +185,10 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
         let report = match kind {
             SystemKind::Lockstep => {
                 let target = LockstepTarget::connect(&settings.target, timeout).await?;
+                // A wrong --metrics-url fails now, not after funding every account.
+                if let Some(url) = &settings.metrics_url {
+                    metrics::storage_requests(url).await?;
+                }
                 let fund_quantity = sells.then(|| settings.fund_quantity.clone());
                 fund_all(&plan.users, |user| {
                     let target = target.clone();
