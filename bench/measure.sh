@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The runs of docs/performance.md, by hand: release binaries, 15 s each, one after the other.
+#   cargo build --release -p lockstep-bench -p lockstep-coordinator --bin lockstep-bench --bin coordinator
+#   bench/measure.sh [OUTPUT_DIR]
+# Writes one JSON object per run, an SVG per run and the coordinators' peak RSS into OUTPUT_DIR.
+set -euo pipefail
+
+bin="${LOCKSTEP_BIN:-${CARGO_TARGET_DIR:-target}/release}"
+out="${1:-bench-results}"
+duration="${LOCKSTEP_BENCH_DURATION:-15}"
+mkdir -p "$out"
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Daily limits raised to the maximum: a hot user deposits far more than $10,000 in 15 s.
+limits=(--daily-deposit-limit 1000000 --daily-withdrawal-limit 1000000)
+export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
+
+wait_for_port() {
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "nothing listens on $1" >&2
+    return 1
+}
+
+peak_rss() { # pid name
+    echo "$2 $(grep VmHWM "/proc/$1/status")" | tee -a "$out/peak-rss.txt"
+}
+
+run() { # name, flags...
+    local name="$1"
+    shift
+    echo "== $name: lockstep-bench $* ($(uptime))" | tee -a "$out/commands.txt"
+    "$bin/lockstep-bench" --quiet --duration "$duration" --svg "$out/$name.svg" --json "$@" >"$out/$name.json"
+}
+
+# 1. One dynoxide HTTP server (file-backed), a coordinator on it, and the baseline on it.
+"$bin/lockstep-bench" serve-dynoxide --listen 127.0.0.1:8000 --file "$work/dynamo.sqlite3" &
+pids+=($!)
+wait_for_port 8000
+"$bin/coordinator" --dynamodb-endpoint http://127.0.0.1:8000 create-tables
+"$bin/coordinator" --dynamodb-endpoint http://127.0.0.1:8000 --listen 127.0.0.1:50051 "${limits[@]}" 2>"$out/coordinator-endpoint.log" &
+coordinator=$!
+pids+=("$coordinator")
+wait_for_port 50051
+both=(--systems lockstep,baseline --dynamodb-endpoint http://127.0.0.1:8000)
+run endpoint-uniform-16x100 "${both[@]}" --callers 16 --users 100
+run endpoint-hot-16x1 "${both[@]}" --callers 16 --workload hot
+peak_rss "$coordinator" "coordinator on the dynoxide HTTP server:"
+kill "$coordinator"
+wait "$coordinator" || true
+
+# 2. The embedded default.
+"$bin/coordinator" --data-dir "$work/lockstep-data" --listen 127.0.0.1:50052 "${limits[@]}" 2>"$out/coordinator-embedded.log" &
+coordinator=$!
+pids+=("$coordinator")
+wait_for_port 50052
+embedded=(--target http://127.0.0.1:50052)
+run embedded-uniform-16x100 "${embedded[@]}" --callers 16 --users 100
+run embedded-uniform-64x1000 "${embedded[@]}" --callers 64 --users 1000
+run embedded-hot-16x1 "${embedded[@]}" --callers 16 --workload hot
+run embedded-design "${embedded[@]}" --workload design
+peak_rss "$coordinator" "coordinator embedded:"
+kill "$coordinator"
+wait "$coordinator" || true
+echo "results in $out"

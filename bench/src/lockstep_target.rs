@@ -1,0 +1,138 @@
+//! A Lockstep coordinator over gRPC, through the generated client: one call per operation, each
+//! with its own `request_id` and a deadline.
+
+use std::time::Duration;
+
+use lockstep::coordinator::v1 as pb;
+use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::BenchError;
+use crate::workload::{DEPOSIT_AMOUNT_USD, Operation, TRADE_ASSET, TRADE_QUANTITY, WITHDRAW_AMOUNT_USD};
+
+/// A connection must be up within this, or the coordinator is not running.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One HTTP/2 connection to the coordinator, shared by every caller (as ghz does by default).
+#[derive(Debug, Clone)]
+pub struct LockstepTarget {
+    client: CoordinatorClient<Channel>,
+    timeout: Duration,
+}
+
+impl LockstepTarget {
+    pub async fn connect(url: &str, timeout: Duration) -> Result<LockstepTarget, BenchError> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|error| BenchError::Connect(format!("{url}: {error}")))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| BenchError::Connect(format!("{url}: {error} (is the coordinator running?)")))?;
+        Ok(LockstepTarget {
+            client: CoordinatorClient::new(channel),
+            timeout,
+        })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// Funds `user` before the run: `cash` dollars, and `quantity` of the traded asset when sells
+    /// are in the mix. Not counted.
+    pub async fn fund(&self, user: &str, cash: &str, quantity: Option<&str>) -> Result<(), BenchError> {
+        let mut client = self.client.clone();
+        let deposit = pb::DepositRequest {
+            user_id: user.to_owned(),
+            amount: cash.to_owned(),
+            request_id: unique_request_id(),
+        };
+        client
+            .deposit(self.request(deposit))
+            .await
+            .map_err(|status| BenchError::Setup(format!("deposit {cash} for {user}: {}", status.message())))?;
+        if let Some(quantity) = quantity {
+            client
+                .place_buy(self.request(order(user, quantity)))
+                .await
+                .map_err(|status| BenchError::Setup(format!("buy {quantity} for {user}: {}", status.message())))?;
+        }
+        Ok(())
+    }
+
+    /// Sends one operation and returns its gRPC code name (`OK`, `ABORTED`, ...).
+    pub async fn call(&self, user: &str, operation: Operation) -> &'static str {
+        let mut client = self.client.clone();
+        let result = match operation {
+            Operation::Deposit => client
+                .deposit(self.request(pb::DepositRequest {
+                    user_id: user.to_owned(),
+                    amount: DEPOSIT_AMOUNT_USD.to_owned(),
+                    request_id: unique_request_id(),
+                }))
+                .await
+                .map(drop),
+            Operation::Withdraw => client
+                .withdraw(self.request(pb::WithdrawRequest {
+                    user_id: user.to_owned(),
+                    amount: WITHDRAW_AMOUNT_USD.to_owned(),
+                    request_id: unique_request_id(),
+                }))
+                .await
+                .map(drop),
+            Operation::Buy => client
+                .place_buy(self.request(order(user, TRADE_QUANTITY)))
+                .await
+                .map(drop),
+            Operation::Sell => client
+                .place_sell(self.request(order(user, TRADE_QUANTITY)))
+                .await
+                .map(drop),
+        };
+        match result {
+            Ok(()) => "OK",
+            Err(status) => code_name(status.code()),
+        }
+    }
+}
+
+fn order(user: &str, quantity: &str) -> pb::PlaceOrderRequest {
+    pb::PlaceOrderRequest {
+        user_id: user.to_owned(),
+        asset: TRADE_ASSET.to_owned(),
+        quantity: quantity.to_owned(),
+        limit_price: None,
+        request_id: unique_request_id(),
+    }
+}
+
+/// A fresh key per call: the bench measures first attempts, never replays.
+fn unique_request_id() -> String {
+    format!("bench-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The canonical name of a gRPC status code, as the gRPC specification spells it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

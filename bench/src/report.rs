@@ -1,0 +1,250 @@
+//! The figures of a run: for people (text), for machines (one JSON object), and as an SVG plot of
+//! the latency percentiles.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::load::Tally;
+
+/// The percentiles printed for every run.
+pub const PERCENTILES: [(&str, f64); 4] = [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9)];
+
+/// Storage requests, when they could be counted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageRequests {
+    Counted { total: f64, source: &'static str },
+    NotCounted { reason: String },
+}
+
+/// One system's run.
+#[derive(Debug, Clone)]
+pub struct SystemReport {
+    /// `lockstep` or `baseline`.
+    pub system: &'static str,
+    /// The coordinator's URL or the DynamoDB endpoint.
+    pub address: String,
+    pub tally: Tally,
+    pub storage_requests: StorageRequests,
+}
+
+fn milliseconds(microseconds: u64) -> f64 {
+    microseconds as f64 / 1000.0
+}
+
+impl SystemReport {
+    pub fn ok_per_second(&self) -> f64 {
+        let seconds = self.tally.elapsed.as_secs_f64();
+        if seconds > 0.0 {
+            self.tally.ok() as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    pub fn percentile_ms(&self, percentile: f64) -> f64 {
+        milliseconds(self.tally.latency.value_at_percentile(percentile))
+    }
+
+    /// Storage requests per call and per successful call.
+    pub fn storage_per_operation(&self) -> Option<(f64, f64)> {
+        match self.storage_requests {
+            StorageRequests::Counted { total, .. } => {
+                let per = |count: u64| if count > 0 { total / count as f64 } else { 0.0 };
+                Some((per(self.tally.calls()), per(self.tally.ok())))
+            }
+            StorageRequests::NotCounted { .. } => None,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let mut text = String::new();
+        let tally = &self.tally;
+        let _ = writeln!(text, "{} ({})", self.system, self.address);
+        let _ = writeln!(
+            text,
+            "  calls: {} in {:.2} s, ok: {}, ok/s: {:.1}",
+            tally.calls(),
+            tally.elapsed.as_secs_f64(),
+            tally.ok(),
+            self.ok_per_second()
+        );
+        let outcomes: Vec<String> = tally
+            .outcomes
+            .iter()
+            .map(|(code, count)| format!("{code} {count}"))
+            .collect();
+        let _ = writeln!(text, "  outcomes: {}", outcomes.join(", "));
+        let operations: Vec<String> = tally
+            .operations
+            .iter()
+            .map(|(name, count)| format!("{name} {count}"))
+            .collect();
+        let _ = writeln!(text, "  operations sent: {}", operations.join(", "));
+        let latencies: Vec<String> = PERCENTILES
+            .iter()
+            .map(|(name, percentile)| format!("{} {:.2}", name.replace('_', "."), self.percentile_ms(*percentile)))
+            .collect();
+        let _ = writeln!(
+            text,
+            "  latency ms: {}, max {:.2}",
+            latencies.join(", "),
+            milliseconds(tally.latency.max())
+        );
+        match &self.storage_requests {
+            StorageRequests::Counted { total, source } => {
+                let (per_call, per_ok) = self.storage_per_operation().unwrap_or_default();
+                let _ = writeln!(
+                    text,
+                    "  storage requests per op: {per_call:.2} ({per_ok:.2} per ok op; {total} in all, {source})"
+                );
+            }
+            StorageRequests::NotCounted { reason } => {
+                let _ = writeln!(text, "  storage requests per op: n/a ({reason})");
+            }
+        }
+        text
+    }
+
+    pub fn json(&self) -> Value {
+        let tally = &self.tally;
+        let mut latency = serde_json::Map::new();
+        for (name, percentile) in PERCENTILES {
+            latency.insert(name.to_owned(), json!(self.percentile_ms(percentile)));
+        }
+        latency.insert("mean".to_owned(), json!(tally.latency.mean() / 1000.0));
+        latency.insert("max".to_owned(), json!(milliseconds(tally.latency.max())));
+        let storage = match (&self.storage_requests, self.storage_per_operation()) {
+            (StorageRequests::Counted { total, source }, Some((per_call, per_ok))) => json!({
+                "total": total,
+                "per_operation": per_call,
+                "per_ok_operation": per_ok,
+                "source": source,
+            }),
+            (StorageRequests::NotCounted { reason }, _) => json!({ "not_counted": reason }),
+            (StorageRequests::Counted { .. }, None) => Value::Null,
+        };
+        json!({
+            "system": self.system,
+            "address": self.address,
+            "calls": tally.calls(),
+            "ok": tally.ok(),
+            "elapsed_seconds": tally.elapsed.as_secs_f64(),
+            "ok_per_second": self.ok_per_second(),
+            "outcomes": tally.outcomes,
+            "operations": tally.operations,
+            "latency_ms": latency,
+            "storage_requests": storage,
+        })
+    }
+}
+
+/// Percentile plot, HdrHistogram style: x is "nines" (0 = p0, 1 = p90, 2 = p99, 3 = p99.9,
+/// 4 = p99.99), y is latency in milliseconds; one line per system.
+pub fn svg(reports: &[SystemReport], title: &str) -> String {
+    const WIDTH: f64 = 720.0;
+    const HEIGHT: f64 = 420.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 20.0;
+    const TOP: f64 = 40.0;
+    const BOTTOM: f64 = 50.0;
+    const NINES_MAX: f64 = 4.0;
+    const STEPS_PER_NINE: u32 = 20;
+    const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let plot_width = WIDTH - LEFT - RIGHT;
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    let series: Vec<Vec<(f64, f64)>> = reports
+        .iter()
+        .map(|report| {
+            (0..=(NINES_MAX as u32 * STEPS_PER_NINE))
+                .map(|step| {
+                    let nines = f64::from(step) / f64::from(STEPS_PER_NINE);
+                    let percentile = 100.0 * (1.0 - 10f64.powf(-nines));
+                    (nines, report.percentile_ms(percentile))
+                })
+                .collect()
+        })
+        .collect();
+    let y_max = series
+        .iter()
+        .flatten()
+        .map(|&(_, latency)| latency)
+        .fold(0.0_f64, f64::max)
+        .max(0.001)
+        * 1.05;
+    let x = |nines: f64| LEFT + plot_width * nines / NINES_MAX;
+    let y = |latency: f64| TOP + plot_height * (1.0 - latency / y_max);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        WIDTH / 2.0,
+        escape(title)
+    );
+    for (nines, label) in [(0.0, "0%"), (1.0, "90%"), (2.0, "99%"), (3.0, "99.9%"), (4.0, "99.99%")] {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{0:.1}" y1="{TOP}" x2="{0:.1}" y2="{1:.1}" stroke="#ddd"/><text x="{0:.1}" y="{2:.1}" text-anchor="middle">{label}</text>"##,
+            x(nines),
+            TOP + plot_height,
+            TOP + plot_height + 18.0
+        );
+    }
+    for tick in 0..=5 {
+        let latency = y_max * f64::from(tick) / 5.0;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{0:.1}" x2="{1:.1}" y2="{0:.1}" stroke="#ddd"/><text x="{2:.1}" y="{3:.1}" text-anchor="end">{latency:.1}</text>"##,
+            y(latency),
+            LEFT + plot_width,
+            LEFT - 6.0,
+            y(latency) + 4.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">percentile</text>"#,
+        LEFT + plot_width / 2.0,
+        HEIGHT - 8.0
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="16" y="{0:.1}" text-anchor="middle" transform="rotate(-90 16 {0:.1})">latency (ms)</text>"#,
+        TOP + plot_height / 2.0
+    );
+    for (index, (report, points)) in reports.iter().zip(&series).enumerate() {
+        let colour = COLOURS[index % COLOURS.len()];
+        let points: Vec<String> = points
+            .iter()
+            .map(|&(nines, latency)| format!("{:.1},{:.1}", x(nines), y(latency)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            points.join(" ")
+        );
+        let legend_y = TOP + 16.0 * index as f64 + 10.0;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{0:.1}" y1="{1:.1}" x2="{2:.1}" y2="{1:.1}" stroke="{colour}" stroke-width="2"/><text x="{3:.1}" y="{4:.1}">{5} ({6:.1} ok/s)</text>"#,
+            LEFT + 10.0,
+            legend_y,
+            LEFT + 30.0,
+            LEFT + 36.0,
+            legend_y + 4.0,
+            escape(report.system),
+            report.ok_per_second()
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

@@ -1,0 +1,124 @@
+//! The command line: every flag and its default.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Load for a Lockstep coordinator over gRPC, and the design's flow on a DynamoDB endpoint as a
+/// baseline. Start the coordinator first (`cargo run --release --bin coordinator`).
+#[derive(Debug, Parser)]
+#[command(name = "lockstep-bench", args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve dynoxide's HTTP server (DynamoDB's API) until Ctrl-C, for a coordinator started with
+    /// --dynamodb-endpoint and the baseline to share.
+    ServeDynoxide {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+        /// SQLite file to serve; in memory without it.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    /// Uniform over --users users.
+    Uniform,
+    /// Every call on one user.
+    Hot,
+    /// The design's load test: one user, open loop ramping 30 → 50 calls per second.
+    Design,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SystemKind {
+    /// The coordinator at --target.
+    Lockstep,
+    /// The design's lock-read-write-release flow on --dynamodb-endpoint.
+    Baseline,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// The coordinator's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// Which systems to run, one after the other, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "lockstep")]
+    pub systems: Vec<SystemKind>,
+    /// DynamoDB endpoint for the baseline (e.g. `lockstep-bench serve-dynoxide`'s).
+    #[arg(long)]
+    pub dynamodb_endpoint: Option<String>,
+    /// The baseline's own table, created if missing.
+    #[arg(long, default_value = "lockstep-bench-baseline")]
+    pub baseline_table: String,
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Uniform)]
+    pub workload: WorkloadKind,
+    /// Users of the uniform workload.
+    #[arg(long, default_value_t = 100)]
+    pub users: usize,
+    /// Closed loop: callers, each waiting for its reply before the next call.
+    #[arg(long, default_value_t = 16)]
+    pub callers: usize,
+    /// Open loop: calls per second at fixed intended times (latency from the intended time).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Open loop: ramp linearly from --rate to this rate over the run.
+    #[arg(long, requires = "rate")]
+    pub rate_end: Option<f64>,
+    /// Open loop: calls in flight at most; past it sending waits (and the wait is measured).
+    #[arg(long, default_value_t = 10_000)]
+    pub in_flight_max: usize,
+    /// Seconds of load per system (the funding before it is not counted).
+    #[arg(long, default_value_t = 15.0)]
+    pub duration: f64,
+    /// Stop after this many calls per system, if earlier than --duration.
+    #[arg(long)]
+    pub calls: Option<u64>,
+    /// Weights of the mix: a deposit of $50.00, a withdrawal of $31.00, a buy and a sell of
+    /// 0.035 SOL (about $5.08 in the default catalog).
+    #[arg(long, default_value_t = 1)]
+    pub deposit_weight: u32,
+    #[arg(long, default_value_t = 1)]
+    pub withdraw_weight: u32,
+    #[arg(long, default_value_t = 1)]
+    pub buy_weight: u32,
+    #[arg(long, default_value_t = 0)]
+    pub sell_weight: u32,
+    /// Cash deposited into each user before the run.
+    #[arg(long, default_value = "5000.00")]
+    pub fund_usd: String,
+    /// SOL bought for each user before the run when sells are in the mix.
+    #[arg(long, default_value = "10")]
+    pub fund_quantity: String,
+    /// User ids start with this; a fresh random prefix per run by default.
+    #[arg(long)]
+    pub user_prefix: Option<String>,
+    /// Deadline of each call, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// The coordinator's Prometheus endpoint (e.g. http://127.0.0.1:9464/metrics), scraped before
+    /// and after the run for storage requests per operation.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    /// Print one JSON object with every figure instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG plot of the latency percentiles here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No progress bar (it is off anyway when stdout is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Seed of the user and operation choices; random by default.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}

@@ -1,0 +1,185 @@
+//! What each call does: which user, which operation, which amounts. Pure: no I/O.
+
+use std::time::Duration;
+
+/// Deposit amount of the default mix.
+pub const DEPOSIT_AMOUNT_USD: &str = "50.00";
+/// Withdrawal amount of the default mix.
+pub const WITHDRAW_AMOUNT_USD: &str = "31.00";
+/// The traded asset: SOL at $145.25 in the default catalog (coordinator/catalog.json).
+pub const TRADE_ASSET: &str = "SOL";
+/// Its catalog price in cents, for the baseline (which has no catalog of its own).
+pub const TRADE_PRICE_CENTS: i64 = 14_525;
+/// 0.035 SOL is about $5.08: above the $1.00 minimum order value, small enough that the funded
+/// cash lasts a long run.
+pub const TRADE_QUANTITY: &str = "0.035";
+/// The same quantity in thousandths, the baseline's unit for holdings.
+pub const TRADE_QUANTITY_THOUSANDTHS: i64 = 35;
+const _: () = assert!(TRADE_PRICE_CENTS * TRADE_QUANTITY_THOUSANDTHS / 1000 >= 100);
+
+/// The design document's load test: one user, arrivals ramping from 30 to 50 per second.
+pub const DESIGN_RATE_START_PER_SECOND: f64 = 30.0;
+pub const DESIGN_RATE_END_PER_SECOND: f64 = 50.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operation {
+    Deposit,
+    Withdraw,
+    Buy,
+    Sell,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [Operation::Deposit, Operation::Withdraw, Operation::Buy, Operation::Sell];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Deposit => "deposit",
+            Operation::Withdraw => "withdraw",
+            Operation::Buy => "buy",
+            Operation::Sell => "sell",
+        }
+    }
+}
+
+/// Relative weights of the four mutations; at least one is positive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix {
+    weights: [u32; 4],
+}
+
+impl Mix {
+    /// The weights in the order of [`Operation::ALL`]; `None` when all are zero.
+    pub fn new(deposit: u32, withdraw: u32, buy: u32, sell: u32) -> Option<Mix> {
+        let weights = [deposit, withdraw, buy, sell];
+        (weights.iter().map(|&weight| u64::from(weight)).sum::<u64>() > 0).then_some(Mix { weights })
+    }
+
+    pub fn weight(&self, operation: Operation) -> u32 {
+        self.weights[operation as usize]
+    }
+
+    /// Picks an operation for `draw`, a uniform number in `0..total weight`.
+    pub fn pick(&self, mut draw: u64) -> Operation {
+        for operation in Operation::ALL {
+            let weight = u64::from(self.weight(operation));
+            if draw < weight {
+                return operation;
+            }
+            draw -= weight;
+        }
+        unreachable!("draw is below the total weight")
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights.iter().map(|&weight| u64::from(weight)).sum()
+    }
+
+    pub fn random(&self, random: &mut fastrand::Rng) -> Operation {
+        self.pick(random.u64(0..self.total()))
+    }
+}
+
+/// Who is called.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Users {
+    /// Every user id starts with this, unique per run, so that daily limits and balances of
+    /// earlier runs on the same storage do not leak into this one.
+    pub prefix: String,
+    pub count: usize,
+}
+
+impl Users {
+    pub fn id(&self, index: usize) -> String {
+        format!("{}{index}", self.prefix)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.count).map(|index| self.id(index))
+    }
+
+    pub fn random(&self, random: &mut fastrand::Rng) -> String {
+        self.id(random.usize(0..self.count))
+    }
+}
+
+/// When calls are sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arrivals {
+    /// `callers` loops, each sending its next call when the previous reply is in.
+    Closed { callers: usize },
+    /// Calls at intended times: a rate ramping linearly from `start` to `end` per second over the
+    /// run (equal for a fixed rate), whatever the replies do.
+    Open { start: f64, end: f64 },
+}
+
+/// The intended send time of arrival number `index` (0-based) for a rate ramping linearly from
+/// `start` to `end` per second over `duration`, or `None` when it falls after the run. With
+/// `N(t) = start t + (end - start) t² / 2D` arrivals by time `t`, arrival `i` is at `N(t) = i`.
+pub fn intended_offset(index: u64, start: f64, end: f64, duration: Duration) -> Option<Duration> {
+    let seconds = duration.as_secs_f64();
+    let target = index as f64;
+    let slope = (end - start) / seconds;
+    let offset = if slope.abs() < 1e-12 {
+        target / start
+    } else {
+        // a t² + b t - i = 0 with a = slope / 2, b = start; the positive root.
+        let a = slope / 2.0;
+        let discriminant = start * start + 4.0 * a * target;
+        if discriminant < 0.0 {
+            return None;
+        }
+        (-start + discriminant.sqrt()) / (2.0 * a)
+    };
+    (offset.is_finite() && offset >= 0.0 && offset < seconds).then(|| Duration::from_secs_f64(offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Picking walks the weights in order, and a zero weight is never picked.
+    #[test]
+    fn pick_follows_the_weights() {
+        let mix = Mix::new(2, 0, 1, 1).expect("positive");
+        assert_eq!(mix.total(), 4);
+        let picked: Vec<Operation> = (0..4).map(|draw| mix.pick(draw)).collect();
+        assert_eq!(
+            picked,
+            [Operation::Deposit, Operation::Deposit, Operation::Buy, Operation::Sell]
+        );
+        assert_eq!(Mix::new(0, 0, 0, 0), None);
+    }
+
+    /// A fixed rate spaces arrivals evenly and stops at the end of the run.
+    #[test]
+    fn fixed_rate_is_even() {
+        let duration = Duration::from_secs(2);
+        assert_eq!(intended_offset(0, 10.0, 10.0, duration), Some(Duration::ZERO));
+        assert_eq!(
+            intended_offset(5, 10.0, 10.0, duration),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            intended_offset(19, 10.0, 10.0, duration),
+            Some(Duration::from_millis(1900))
+        );
+        assert_eq!(intended_offset(20, 10.0, 10.0, duration), None);
+    }
+
+    /// The design ramp (30 → 50 per second over 10 s) sends 400 calls, the area under the ramp.
+    #[test]
+    fn ramp_sends_the_area_under_it() {
+        let duration = Duration::from_secs(10);
+        let count = (0..)
+            .take_while(|&index| intended_offset(index, 30.0, 50.0, duration).is_some())
+            .count();
+        assert_eq!(count, 400);
+        // Arrivals come closer together as the rate grows.
+        let gap = |index| {
+            intended_offset(index + 1, 30.0, 50.0, duration).unwrap()
+                - intended_offset(index, 30.0, 50.0, duration).unwrap()
+        };
+        assert!(gap(0) > gap(390));
+    }
+}
