@@ -161,7 +161,7 @@ impl TransactionCoordinator {
             });
             let reasons = match self
                 .storage
-                .transact(std::mem::take(&mut transaction.items), None)
+                .transact_batch(std::mem::take(&mut transaction.items))
                 .await
             {
                 Ok(()) => {

@@ -12,6 +12,7 @@
 pub mod dynamodb;
 pub mod embedded;
 pub mod faults;
+pub mod group;
 pub mod model;
 mod translate;
 
@@ -176,6 +177,8 @@ pub struct Storage {
     engine: Arc<dyn Engine>,
     table: Arc<str>,
     requests: Arc<AtomicU64>,
+    /// Where batch commits go when group commit is on (`with_group_commit`).
+    group: Option<group::GroupCommit>,
 }
 
 impl Storage {
@@ -184,7 +187,23 @@ impl Storage {
             engine,
             table: table.into(),
             requests: Arc::new(AtomicU64::new(0)),
+            group: None,
         }
+    }
+
+    /// Sends batch commits (`transact_batch`) of several users in one transaction where they
+    /// arrive together. Starts the committer task: call inside the runtime.
+    pub fn with_group_commit(mut self) -> Self {
+        let requests = Arc::clone(&self.requests);
+        let count = move || {
+            requests.fetch_add(1, Ordering::Relaxed);
+        };
+        self.group = Some(group::GroupCommit::start(
+            Arc::clone(&self.engine),
+            Arc::clone(&self.table),
+            count,
+        ));
+        self
     }
 
     pub fn table(&self) -> &str {
@@ -278,6 +297,15 @@ impl Storage {
     pub async fn transact(&self, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
         self.count();
         self.engine.transact(&self.table, items, token).await
+    }
+
+    /// A user's batch commit: with group commit on, it may share one transaction with other
+    /// users' (and is answered as if it had been sent alone); otherwise `transact`.
+    pub async fn transact_batch(&self, items: Vec<TransactItem>) -> StorageResult<()> {
+        match &self.group {
+            Some(group) => group.transact(items).await,
+            None => self.transact(items, None).await,
+        }
     }
 }
 
