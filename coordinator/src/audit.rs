@@ -134,7 +134,10 @@ fn sort_into_books(
             Err(error) => malformed(&key, error),
         },
         // The catalog holds no money, and what Lockstep did not write is not its books.
-        StoredItem::Asset { .. } | StoredItem::InstanceHeartbeat { .. } | StoredItem::Foreign { .. } => {}
+        StoredItem::Asset { .. }
+        | StoredItem::InstanceHeartbeat { .. }
+        | StoredItem::SweeperLease { .. }
+        | StoredItem::Foreign { .. } => {}
     }
 }
 

@@ -64,6 +64,23 @@ impl Sweeping {
     }
 }
 
+/// Whether `owner` may sweep now: takes or renews the sweeper lease until `now + hold` by one
+/// conditional write. Only one coordinator of those sharing a table sweeps at a time; if it
+/// dies, another takes over once the lease runs out.
+pub async fn take_sweeper_lease(
+    storage: &Storage,
+    owner: &str,
+    now: Millis,
+    hold: Duration,
+) -> Result<bool, StorageError> {
+    let request = model::take_sweeper_lease(owner, now + hold.as_millis() as u64, now);
+    match storage.update(request).await {
+        Ok(_) => Ok(true),
+        Err(StorageError::ConditionFailed { .. }) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 /// One pass over the table as of `now`.
 pub async fn sweep(storage: &Storage, now: Millis) -> Result<SweepReport, StorageError> {
     sweep_pausing(storage, now, SWEEP_PAGE_RETRY_PAUSE).await

@@ -11,6 +11,7 @@ use crate::core::time::utc_day;
 use crate::core::{Decision, Millis, Operation, Price, RequestId, Trade, TradeSide, Usd};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
+use crate::telemetry::metrics;
 
 use super::{
     COMMIT_ATTEMPTS_MAX, COMMIT_LEASE_MARGIN, CommitHook, HeldLease, Intent, Missing, Receipt, ServiceError,
@@ -43,14 +44,16 @@ impl TransactionCoordinator {
         // Every commit sent under this lease: a late try of an earlier one may still land, so an
         // unclear ending looks for all of them (see `settle`).
         let mut sent: Vec<Receipt> = Vec::new();
-        match self.attempt_commits(held, intent, request_id, &mut sent).await {
+        let result = match self.attempt_commits(held, intent, request_id, &mut sent).await {
             Ending::Committed(receipt) => {
                 let receipt = *receipt;
                 self.held_leases.remove(&held.lock_id);
                 tracing::info!(lock_state = "RELEASED", transaction_id = %receipt.entry.entry_id, cash = %receipt.entry.cash_after, "committed");
+                metrics::committed(intent.name());
                 Ok(receipt)
             }
             Ending::Refused { operation, rejection } => {
+                metrics::refused(intent.name(), &rejection);
                 self.roll_back(held, intent, &operation, rejection, request_id, sent)
                     .await
             }
@@ -60,7 +63,9 @@ impl TransactionCoordinator {
                 Err(error)
             }
             Ending::Stopped(error) => self.settle(held, sent, error).await,
-        }
+        };
+        metrics::lease_held(intent.name(), held.acquired.elapsed());
+        result
     }
 
     /// Up to `COMMIT_ATTEMPTS_MAX` decide-and-commit rounds; each commit sent is pushed on

@@ -91,7 +91,10 @@ where
     call.retry(backoff)
         .sleep(tokio::time::sleep)
         .when(|error| matches!(error, StorageError::Unavailable(_)))
-        .notify(|error, delay| tracing::debug!(%error, ?delay, "storage unavailable; retrying a safe request"))
+        .notify(|error, delay| {
+            crate::telemetry::metrics::storage_retried();
+            tracing::debug!(%error, ?delay, "storage unavailable; retrying a safe request")
+        })
         .await
 }
 
@@ -376,6 +379,8 @@ impl TransactionCoordinator {
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
+        let _in_flight = crate::telemetry::metrics::InFlight::enter();
+        let started = Instant::now();
         let result = self
             .lease_and_commit(user, &intent, request_id.as_ref(), deadline)
             .await;
@@ -385,6 +390,9 @@ impl TransactionCoordinator {
             Err(error) => format!("{error:?}"),
         };
         tracing::Span::current().record("outcome", outcome.as_str());
+        // Recorded fields reach only later lines: this last one carries the outcome.
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(outcome = outcome.as_str(), duration_ms, "mutation done");
         result
     }
 
@@ -399,6 +407,7 @@ impl TransactionCoordinator {
             // Unknown and inactive assets are refused before the lease: nothing to write, no wait.
             let asset = self.catalog.asset(&self.storage, &request.asset).await?;
             if !asset.active {
+                crate::telemetry::metrics::refused(intent.name(), &Rejection::AssetInactive(asset.symbol.clone()));
                 return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
             }
         }
@@ -423,7 +432,8 @@ impl TransactionCoordinator {
         &self,
         mutation: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
     ) -> impl Future<Output = Result<T, ServiceError>> + Send + 'static {
-        let task = self.mutations.spawn(mutation);
+        // In the caller's span, so the mutation's log lines carry the call's request and trace.
+        let task = self.mutations.spawn(tracing::Instrument::in_current_span(mutation));
         async move {
             task.await
                 .unwrap_or_else(|error| Err(ServiceError::Internal(format!("mutation task failed: {error}"))))

@@ -7,6 +7,7 @@ use crate::core::records::{Order, OrderStatus, RecordedOutcome};
 use crate::core::{Operation, RequestId, Usd};
 use crate::storage::StorageError;
 use crate::storage::model::{self, TransactionPart};
+use crate::telemetry::metrics;
 
 use super::commit::order_of;
 use super::{HeldLease, Intent, Missing, Receipt, ServiceError, TransactionCoordinator};
@@ -25,6 +26,7 @@ impl TransactionCoordinator {
         sent: Vec<Receipt>,
     ) -> Result<Receipt, ServiceError> {
         tracing::info!(reason = %rejection, "refused under the lease");
+        metrics::rolled_back(intent.name());
         let now = self.clock.now();
         let order = failed_order(held, operation, &rejection, now);
         let message = rejection.to_string();

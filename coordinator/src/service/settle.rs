@@ -4,6 +4,7 @@
 use crate::core::records::RecordedOutcome;
 use crate::core::{FieldError, RequestId, UserId};
 use crate::storage::{StorageError, model};
+use crate::telemetry::metrics::{self, Settled};
 
 use super::{HeldLease, Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
 
@@ -29,6 +30,7 @@ impl TransactionCoordinator {
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
             Err(error) => {
+                metrics::unclear_commit(Settled::Unknown);
                 tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
                 return Err(ServiceError::Unavailable(format!("commit outcome unknown: {error}")));
             }
@@ -36,15 +38,18 @@ impl TransactionCoordinator {
         for receipt in sent.into_iter().rev() {
             let entry_key = model::ledger_key(&held.user, &receipt.entry.entry_id);
             if retry_safe(|| self.storage.get(entry_key.clone())).await?.is_some() {
+                metrics::unclear_commit(Settled::Applied);
                 return Ok(receipt);
             }
         }
         Err(match if_none {
             ServiceError::LeaseLost => {
+                metrics::fenced();
                 tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
                 ServiceError::LeaseLost
             }
             ServiceError::Unavailable(detail) => {
+                metrics::unclear_commit(Settled::NotApplied);
                 tracing::warn!(%detail, "commit fenced after an unknown outcome: it did not apply");
                 ServiceError::NotApplied
             }
@@ -60,6 +65,7 @@ impl TransactionCoordinator {
         request_id: &RequestId,
         intent: &Intent,
     ) -> Result<Receipt, ServiceError> {
+        metrics::replayed(intent.name());
         self.release(held).await;
         self.recorded_outcome(&held.user, request_id, intent).await
     }
