@@ -167,6 +167,33 @@ mod tests {
     use crate::storage::embedded::EmbeddedEngine;
     use crate::storage::{Delete, Engine, Item, Page, Put, Query, StorageResult, Update};
 
+    /// One coordinator at a time holds the sweeper lease; it renews its own, and another takes
+    /// it only after it expired.
+    #[tokio::test]
+    async fn one_sweeper_at_a_time() {
+        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "sweeper-lease");
+        storage.create_table().await.unwrap();
+        let hold = Duration::from_secs(600);
+        assert_eq!(take_sweeper_lease(&storage, "a", NOW, hold).await, Ok(true));
+        assert_eq!(take_sweeper_lease(&storage, "b", NOW + 1, hold).await, Ok(false));
+        assert_eq!(
+            take_sweeper_lease(&storage, "a", NOW + 300_000, hold).await,
+            Ok(true),
+            "renewed"
+        );
+        assert_eq!(
+            take_sweeper_lease(&storage, "b", NOW + 600_000, hold).await,
+            Ok(false),
+            "still a's"
+        );
+        assert_eq!(
+            take_sweeper_lease(&storage, "b", NOW + 900_000, hold).await,
+            Ok(true),
+            "a's expired"
+        );
+        assert_eq!(take_sweeper_lease(&storage, "a", NOW + 900_001, hold).await, Ok(false));
+    }
+
     /// Pages of this many items, so a handful of leases spans several pages.
     const PAGE: u32 = 2;
     const NOW: Millis = 1_000_000;

@@ -104,15 +104,7 @@ impl TransactionCoordinator {
                 .try_acquire(user, lease, now, require_account, &mut waiting)
                 .await?
             {
-                metrics::lease_acquired(
-                    if waiter.is_some() {
-                        metrics::LeaseOutcome::AcquiredAfterWait
-                    } else {
-                        metrics::LeaseOutcome::Acquired
-                    },
-                    started.elapsed(),
-                    operation,
-                );
+                metrics::lease_taken(waiter.is_some(), started.elapsed(), operation);
                 return Ok(held);
             }
             let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);

@@ -72,6 +72,15 @@ pub enum LeaseOutcome {
 }
 
 impl LeaseOutcome {
+    /// A lease taken: at once, or after finding it busy at least once.
+    pub fn taken(after_wait: bool) -> LeaseOutcome {
+        if after_wait {
+            LeaseOutcome::AcquiredAfterWait
+        } else {
+            LeaseOutcome::Acquired
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             LeaseOutcome::Acquired => "acquired",
@@ -409,6 +418,11 @@ pub fn lease_acquired(outcome: LeaseOutcome, wait: Duration, operation: &str) {
         .lease_wait
         .get_or_create(&[("operation", operation_label(operation))])
         .observe(seconds(wait));
+}
+
+/// A lease was taken, at once or (`after_wait`) after finding it busy at least once.
+pub fn lease_taken(after_wait: bool, wait: Duration, operation: &str) {
+    lease_acquired(LeaseOutcome::taken(after_wait), wait, operation);
 }
 
 /// A lease held for `held` was given back (by a commit, a roll-back or a release).
