@@ -11,6 +11,24 @@ use lockstep_coordinator::settings::{Cli, Command};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "otlp")]
+    let _exporter = match &cli.settings.otlp_endpoint {
+        Some(endpoint) => match lockstep_coordinator::telemetry::otlp::pipeline(endpoint, "lockstep-coordinator") {
+            Ok((provider, layer)) => {
+                lockstep::process::init_tracing_with(cli.settings.log_format.into(), Box::new(layer));
+                Some(FlushOnExit(provider))
+            }
+            Err(error) => {
+                eprintln!("coordinator: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            lockstep::process::init_tracing_as(cli.settings.log_format.into());
+            None
+        }
+    };
+    #[cfg(not(feature = "otlp"))]
     lockstep::process::init_tracing_as(cli.settings.log_format.into());
     let settings = cli.settings;
     let command = cli.command.unwrap_or(Command::Serve);
@@ -31,6 +49,19 @@ async fn main() -> ExitCode {
             tracing::error!(%error, "coordinator failed");
             eprintln!("coordinator: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Flushes the spans still batched when `main` returns.
+#[cfg(feature = "otlp")]
+struct FlushOnExit(opentelemetry_sdk::trace::SdkTracerProvider);
+
+#[cfg(feature = "otlp")]
+impl Drop for FlushOnExit {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.shutdown() {
+            eprintln!("coordinator: flushing spans: {error}");
         }
     }
 }

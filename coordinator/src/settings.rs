@@ -208,6 +208,11 @@ pub struct Settings {
     /// unless given.
     #[arg(long, env = "LOCKSTEP_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Export spans over OTLP/HTTP to this collector URL (e.g. http://127.0.0.1:4318; posts to
+    /// /v1/traces). Only in builds with the `otlp` feature.
+    #[cfg(feature = "otlp")]
+    #[arg(long, env = "LOCKSTEP_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
     /// Log lines as text (for people) or json (one object per line, for log pipelines).
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormatFlag::Text, global = true)]
     pub log_format: LogFormatFlag,

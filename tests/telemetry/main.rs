@@ -322,3 +322,98 @@ async fn json_logs_carry_the_request_and_its_trace() {
     child.kill().ok();
     child.wait().ok();
 }
+
+/// With `--otlp-endpoint` the coordinator exports its spans over OTLP/HTTP, and the spans of a
+/// call that came with a `traceparent` belong to the caller's trace, as children of its span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_in_the_callers_trace() {
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let collector = {
+        let received = Arc::clone(&received);
+        axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let received = Arc::clone(&received);
+                async move {
+                    received.lock().unwrap().extend_from_slice(&body);
+                    [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")]
+                }
+            }),
+        )
+    };
+    let collector_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind collector");
+    let collector_address = collector_listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(collector_listener, collector).await });
+
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let port = lockstep_bank::cluster::free_port();
+    let mut child = Command::new(lockstep_bank::cluster::coordinator_binary())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data_dir.path())
+        .args(["--otlp-endpoint", &format!("http://{collector_address}")])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    let stderr = child.stderr.take().expect("stderr");
+    let (serving_sender, serving) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("serving gRPC") {
+                serving_sender.send(()).ok();
+            }
+        }
+    });
+    serving
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the coordinator serves");
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let mut client =
+        lockstep::coordinator::v1::coordinator_client::CoordinatorClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("connect");
+    let mut request = tonic::Request::new(pb::DepositRequest {
+        user_id: "dora".into(),
+        amount: "5.00".into(),
+        request_id: String::new(),
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace_id}-{parent_id}-01").parse().unwrap());
+    client.deposit(request).await.expect("deposit");
+    drop(client);
+
+    // SIGTERM: the coordinator drains, and flushes its last spans on the way out.
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(terminated.success());
+    let exited = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("wait task");
+    assert!(exited.expect("exit status").success());
+
+    let bytes_of = |hex: &str| -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|index| u8::from_str_radix(&hex[index..index + 2], 16).unwrap())
+            .collect()
+    };
+    let body = received.lock().unwrap().clone();
+    let contains = |needle: &[u8]| body.windows(needle.len()).any(|window| window == needle);
+    assert!(!body.is_empty(), "the collector received no spans");
+    assert!(contains(&bytes_of(trace_id)), "no span in the caller's trace");
+    assert!(contains(&bytes_of(parent_id)), "no span under the caller's span");
+    assert!(
+        contains(b"mutate") && contains(b"rpc"),
+        "the rpc and mutate spans are exported"
+    );
+}

@@ -8,11 +8,14 @@
 //!   id, principal), its final log line with code and duration, and its metrics.
 //! - [`health`]: readiness from the outcomes of real storage requests, with a slow probe only
 //!   when idle.
+//! - [`otlp`] (feature `otlp`): span export over OTLP/HTTP, `--otlp-endpoint`.
 //! - this file: the `/metrics` HTTP listener (`--metrics-listen`).
 
 pub mod contention;
 pub mod health;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod rpc;
 
 use tokio::net::TcpListener;

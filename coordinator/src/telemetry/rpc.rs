@@ -122,14 +122,17 @@ fn span_of<B>(request: &http::Request<B>) -> tracing::Span {
         .and_then(TraceParent::parse)
         .unwrap_or_else(TraceParent::new_root);
     let parent_id = (!trace.parent_id.is_empty()).then_some(trace.parent_id.as_str());
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "rpc",
         method = request.uri().path(),
         request_id = request_id.as_deref(),
         trace_id = trace.trace_id.as_str(),
         parent_span_id = parent_id,
         principal = tracing::field::Empty,
-    )
+    );
+    #[cfg(feature = "otlp")]
+    super::otlp::continue_trace(&span, headers);
+    span
 }
 
 impl<S, B, ResponseBody> tower::Service<http::Request<B>> for RpcService<S>
