@@ -9,7 +9,6 @@ use std::time::Duration;
 use lockstep::coordinator::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
 
 use crate::auth::layer::AuthLayer;
 use crate::auth::{Mode, Security};
@@ -19,19 +18,16 @@ use crate::service::TransactionCoordinator;
 use crate::settings::{Settings, StorageKind};
 use crate::storage::dynamodb::DynamoDbEngine;
 use crate::storage::embedded::EmbeddedEngine;
-use crate::storage::faults::FaultyEngine;
 use crate::storage::{Engine, Storage, StorageError};
 use crate::transport::CoordinatorService;
 
 /// The catalog seeded on first start when no --catalog is given: fixed prices, no price feed.
 pub const DEFAULT_CATALOG: &str = include_str!("../catalog.json");
-/// How often the health probe asks storage whether it answers.
-pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Concurrent calls on one HTTP/2 connection; past it the client queues them itself. Together
 /// with `--max-inflight` (across connections) it bounds the work one coordinator accepts.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// The name the coordinator's health is reported under, besides "" (the whole server).
-pub const SERVICE_NAME: &str = "lockstep.coordinator.v1.Coordinator";
+/// The name readiness is reported under; "" (the whole server) is liveness.
+pub const SERVICE_NAME: &str = crate::telemetry::health::READINESS_SERVICE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -97,9 +93,10 @@ pub async fn connect_storage(settings: &Settings) -> Result<Storage, StartError>
             DynamoDbEngine::from_environment(settings.dynamodb_endpoint.as_deref(), settings.region.as_deref()).await,
         ),
     };
+    #[cfg(feature = "fault-injection")]
     let engine: Arc<dyn Engine> = if settings.inject_faults > 0.0 {
         tracing::warn!(rate = settings.inject_faults, "injecting storage faults (testing only)");
-        Arc::new(FaultyEngine::new(
+        Arc::new(crate::storage::faults::FaultyEngine::new(
             engine,
             settings.inject_faults,
             settings.inject_faults_seed,
@@ -173,7 +170,12 @@ pub async fn run_secured(
     security: Security,
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let probe = tokio::spawn(probe_health(coordinator.storage().clone(), health));
+    let ready = crate::telemetry::health::starting(&health, coordinator.storage()).await;
+    let probe = tokio::spawn(crate::telemetry::health::follow_storage(
+        coordinator.storage().clone(),
+        health.clone(),
+        ready,
+    ));
     let heartbeat = tokio::spawn({
         let coordinator = Arc::clone(&coordinator);
         async move { coordinator.renew_instance_periodically().await }
@@ -220,6 +222,7 @@ pub async fn run_secured(
             .map_err(|error| StartError::Serve(format!("TLS: {error}")))?;
     }
     let server = builder
+        .layer(crate::telemetry::rpc::RpcLayer)
         .layer(AuthLayer::new(Arc::clone(&security.authenticator)))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -227,6 +230,7 @@ pub async fn run_secured(
         .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(
             &coordinator,
         ))))
+        .add_service(crate::admin::grpc::AdminService::server(Arc::clone(&coordinator)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             stopped.await.ok();
         });
@@ -241,6 +245,9 @@ pub async fn run_secured(
         }
         () = shutdown => {}
     }
+    // Probes learn of the shutdown before anything stops: both names NOT_SERVING first.
+    probe.abort();
+    crate::telemetry::health::shutting_down(&health).await;
     tracing::info!(
         drain_ms = drain_timeout.as_millis() as u64,
         "shutting down: no new connections, draining in-flight RPCs"
@@ -265,40 +272,60 @@ pub async fn run_secured(
     Ok(())
 }
 
-/// Runs the sweeper every `interval`, first after one interval.
+/// Runs the sweeper every `interval`, first after one interval, while this coordinator holds
+/// the sweeper lease (held for two intervals, renewed at each). Also logs the most contended
+/// users at each interval.
 async fn sweep_periodically(coordinator: Arc<TransactionCoordinator>, interval: Duration) {
+    use crate::telemetry::metrics;
     loop {
         tokio::time::sleep(interval).await;
-        match crate::sweeper::sweep(coordinator.storage(), coordinator.now()).await {
-            Ok(report) => tracing::info!(
-                released_leases = report.released_leases,
-                deleted_records = report.deleted_records,
-                "sweep done"
-            ),
-            Err(error) => tracing::warn!(%error, "sweep failed; retrying at the next interval"),
+        log_contended_users();
+        let storage = coordinator.storage();
+        let owner = &coordinator.config().owner;
+        match crate::sweeper::take_sweeper_lease(storage, owner, coordinator.now(), interval * 2).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!("another coordinator holds the sweeper lease; not sweeping");
+                metrics::swept("skipped", 0, 0);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not take the sweeper lease; retrying at the next interval");
+                metrics::swept("failed", 0, 0);
+                continue;
+            }
+        }
+        match crate::sweeper::sweep(storage, coordinator.now()).await {
+            Ok(report) => {
+                metrics::swept("done", report.released_leases as u64, report.deleted_records as u64);
+                tracing::info!(
+                    released_leases = report.released_leases,
+                    deleted_records = report.deleted_records,
+                    "sweep done"
+                )
+            }
+            Err(error) => {
+                metrics::swept("failed", 0, 0);
+                tracing::warn!(%error, "sweep failed; retrying at the next interval")
+            }
         }
     }
 }
 
-/// Reports SERVING while storage answers and NOT_SERVING while it does not.
-async fn probe_health(storage: Storage, health: tonic_health::server::HealthReporter) {
-    let mut last = None;
-    loop {
-        let status = match storage.probe().await {
-            Ok(()) => ServingStatus::Serving,
-            Err(error) => {
-                tracing::warn!(%error, "health probe: storage does not answer");
-                ServingStatus::NotServing
-            }
-        };
-        if last != Some(status) {
-            health.set_service_status("", status).await;
-            health.set_service_status(SERVICE_NAME, status).await;
-            last = Some(status);
-        }
-        tokio::time::sleep(HEALTH_PROBE_INTERVAL).await;
+/// Users whose lease was most often found busy, logged beside each sweep.
+fn log_contended_users() {
+    let top = crate::telemetry::contention::top(CONTENDED_USERS_LOGGED);
+    if !top.is_empty() {
+        let users: Vec<String> = top
+            .iter()
+            .map(|contended| format!("{}={}", contended.user, contended.count))
+            .collect();
+        tracing::info!(contended_users = %users.join(","), "most contended users so far");
     }
 }
+
+/// How many of the most contended users each periodic log line names.
+pub const CONTENDED_USERS_LOGGED: usize = 5;
 
 /// Resolves on SIGINT or SIGTERM; shared with the services in `clients/`.
 pub use lockstep::process::shutdown_signal;
