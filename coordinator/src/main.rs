@@ -114,8 +114,15 @@ async fn serve(settings: &lockstep_coordinator::settings::Settings) -> Result<()
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|error| server::StartError::Serve(format!("cannot listen on {}: {error}", settings.listen)))?;
+    let health_listener = match settings.health_listen {
+        Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(|error| {
+            server::StartError::Serve(format!("cannot listen for health checks on {address}: {error}"))
+        })?),
+        None => None,
+    };
     server::run_secured(
         listener,
+        health_listener,
         coordinator,
         settings.drain_timeout(),
         server::shutdown_signal(),

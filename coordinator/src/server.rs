@@ -156,7 +156,7 @@ pub async fn run(
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    run_secured(listener, coordinator, drain_timeout, shutdown, Security::local()).await
+    run_secured(listener, None, coordinator, drain_timeout, shutdown, Security::local()).await
 }
 
 /// `run` with TLS and authentication as `security` says: every call passes the auth layer
@@ -164,6 +164,7 @@ pub async fn run(
 /// on SIGHUP while serving.
 pub async fn run_secured(
     listener: TcpListener,
+    health_listener: Option<TcpListener>,
     coordinator: Arc<TransactionCoordinator>,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -224,7 +225,7 @@ pub async fn run_secured(
     let server = builder
         .layer(crate::telemetry::rpc::RpcLayer)
         .layer(AuthLayer::new(Arc::clone(&security.authenticator)))
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(
@@ -234,6 +235,18 @@ pub async fn run_secured(
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             stopped.await.ok();
         });
+    // Health alone, in plain text and open, for probes that can speak neither TLS nor tokens
+    // (Kubernetes' gRPC probe): `--health-listen`.
+    let health_only = match health_listener {
+        Some(listener) => {
+            tracing::info!(address = %listener.local_addr().map_err(|error| StartError::Serve(error.to_string()))?, "serving health checks");
+            let health_server = tonic::transport::Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming(TcpIncoming::from(listener));
+            Some(tokio::spawn(health_server))
+        }
+        None => None,
+    };
     let mut server = std::pin::pin!(server);
     tokio::select! {
         result = &mut server => {
@@ -241,6 +254,7 @@ pub async fn run_secured(
             heartbeat.abort();
             sweeper.iter().for_each(tokio::task::JoinHandle::abort);
             reload.iter().for_each(tokio::task::JoinHandle::abort);
+            health_only.iter().for_each(tokio::task::JoinHandle::abort);
             return result.map_err(|error| StartError::Serve(error.to_string()));
         }
         () = shutdown => {}
@@ -267,6 +281,7 @@ pub async fn run_secured(
     heartbeat.abort();
     sweeper.iter().for_each(tokio::task::JoinHandle::abort);
     reload.iter().for_each(tokio::task::JoinHandle::abort);
+    health_only.iter().for_each(tokio::task::JoinHandle::abort);
     let released = coordinator.release_held_leases().await;
     tracing::info!(released, "stopped");
     Ok(())

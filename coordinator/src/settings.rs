@@ -237,6 +237,11 @@ pub struct Settings {
     /// RESOURCE_EXHAUSTED at once, nothing written.
     #[arg(long, env = "LOCKSTEP_MAX_QUEUED_PER_USER", default_value_t = crate::service::QUEUED_PER_USER_MAX_DEFAULT, global = true)]
     pub max_queued_per_user: usize,
+    /// Address to serve grpc.health.v1 alone on, in plain text and without authentication, for
+    /// probes that cannot speak TLS or send a token (Kubernetes' gRPC probe), e.g. 0.0.0.0:50052;
+    /// off unless given. Health is always open; nothing else is served there.
+    #[arg(long, env = "LOCKSTEP_HEALTH_LISTEN", global = true)]
+    pub health_listen: Option<SocketAddr>,
     /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. 127.0.0.1:9464; off
     /// unless given.
     #[arg(long, env = "LOCKSTEP_METRICS_LISTEN", global = true)]

@@ -156,3 +156,49 @@ mod tokio_stream_like {
         reply.status()
     }
 }
+
+/// `--health-listen`: health alone, in plain text and open, on its own port, for probes that
+/// speak neither TLS nor tokens; nothing else is served there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_listen_serves_health_alone() {
+    use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
+    let (storage, _guard) = crate::helpers::fresh_storage(crate::helpers::EngineKind::Embedded).await;
+    let config = lockstep_coordinator::service::CoordinatorConfig::default();
+    let clock: Arc<dyn lockstep_coordinator::core::Clock> = Arc::new(lockstep_coordinator::core::SystemClock);
+    let coordinator = lockstep_coordinator::server::build_coordinator_with(storage, clock, config, None)
+        .await
+        .expect("coordinator");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let health_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind health");
+    let health_address = health_listener.local_addr().expect("health address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(lockstep_coordinator::server::run_secured(
+        listener,
+        Some(health_listener),
+        coordinator,
+        Duration::from_millis(100),
+        async {
+            stopped.await.ok();
+        },
+        lockstep_coordinator::auth::Security::local(),
+    ));
+    for service in ["", "lockstep.coordinator.v1.Coordinator"] {
+        assert_eq!(
+            status(health_address, service).await,
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let mut coordinator = CoordinatorClient::connect(format!("http://{health_address}"))
+        .await
+        .expect("connect");
+    let refused = coordinator
+        .get_account(lockstep::coordinator::v1::GetAccountRequest {
+            user_id: "nobody".to_owned(),
+        })
+        .await
+        .expect_err("only health is served there");
+    assert_eq!(refused.code(), Code::Unimplemented);
+    stop.send(()).ok();
+    server.await.expect("task").expect("server");
+}

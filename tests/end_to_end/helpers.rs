@@ -399,6 +399,7 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
     let server = tokio::spawn(async move {
         server::run_secured(
             listener,
+            None,
             coordinator,
             drain,
             async {
