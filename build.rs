@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use prost::Message;
 
 const PROTO_ROOT: &str = "proto";
-const PROTO_FILES: &[&str] = &["proto/lockstep/coordinator/v1/coordinator.proto"];
+const PROTO_FILES: &[&str] = &[
+    "proto/lockstep/coordinator/v1/coordinator.proto",
+    "proto/lockstep/coordinator/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");

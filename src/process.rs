@@ -1,15 +1,67 @@
 //! What every Lockstep binary does the same way around its server: logging to stderr, and
 //! stopping on SIGINT or SIGTERM. The coordinator and the services in `clients/` all use these.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// For people: one line per event, the span's fields before it.
+    #[default]
+    Text,
+    /// For log pipelines: one JSON object per line, with the event's fields, the current span's
+    /// fields (`span`) and every enclosing span's (`spans`): user, operation, lock id, request
+    /// id, trace id, principal, outcome and duration where the request has them.
+    Json,
+}
 
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise; colours only on a terminal.
 pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    init_tracing_as(LogFormat::Text);
+}
+
+/// `init_tracing` in the given format, with `extra` (e.g. an OpenTelemetry exporter layer)
+/// seeing every span and event the filter lets through.
+pub fn init_tracing_with(format: LogFormat, extra: Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match format {
+        LogFormat::Text => lines
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => lines
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .flatten_event(true)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(extra)
+        .with(filter)
+        .with(lines)
         .init();
+}
+
+/// `init_tracing` in the given format.
+pub fn init_tracing_as(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .flatten_event(true)
+            .init(),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM, whichever comes first.

@@ -137,6 +137,7 @@ fn sort_into_books(
         StoredItem::Asset { .. }
         | StoredItem::AssetChange { .. }
         | StoredItem::InstanceHeartbeat { .. }
+        | StoredItem::SweeperLease { .. }
         | StoredItem::Foreign { .. } => {}
     }
 }

@@ -15,11 +15,16 @@
 //!   (aws-sdk-dynamodb to any endpoint).
 //! - [`server`]: wiring (storage, catalog seed, health, reflection) and `run`, which the
 //!   binary and the tests call alike. [`settings`]: flags with environment fallbacks.
+//! - [`admin`]: operator commands (inspect, release-lease, audit, backup, restore, contended
+//!   users), as the `Admin` gRPC service and as subcommands.
 //! - [`auth`]: who may call what: mTLS and bearer tokens, the role table by gRPC path, and the
 //!   safe-default rule for the listen address; a tower layer in front of every service.
 //! - [`audit`]: reads the whole table and checks the books (`coordinator audit`, and tests).
 //!   [`sweeper`]: releases leases whose holder died and deletes expired request records.
+//! - [`telemetry`]: metrics (`--metrics-listen`), the per-call span and log line, W3C trace
+//!   context, and health read from storage's recent answers.
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod core;
@@ -28,4 +33,5 @@ pub mod service;
 pub mod settings;
 pub mod storage;
 pub mod sweeper;
+pub mod telemetry;
 pub mod transport;

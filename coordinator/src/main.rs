@@ -11,15 +11,38 @@ use lockstep_coordinator::settings::{Cli, Command};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    lockstep::process::init_tracing();
+    #[cfg(feature = "otlp")]
+    let _exporter = match &cli.settings.otlp_endpoint {
+        Some(endpoint) => match lockstep_coordinator::telemetry::otlp::pipeline(endpoint, "lockstep-coordinator") {
+            Ok((provider, layer)) => {
+                lockstep::process::init_tracing_with(cli.settings.log_format.into(), Box::new(layer));
+                Some(FlushOnExit(provider))
+            }
+            Err(error) => {
+                eprintln!("coordinator: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            lockstep::process::init_tracing_as(cli.settings.log_format.into());
+            None
+        }
+    };
+    #[cfg(not(feature = "otlp"))]
+    lockstep::process::init_tracing_as(cli.settings.log_format.into());
     let settings = cli.settings;
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Some((admin, server)) = command.clone().admin() {
+        return lockstep_coordinator::admin::cli::run(&settings, server.as_deref(), admin).await;
+    }
+    let result = match command {
         Command::CreateTables => server::create_tables(&settings).await.map(|()| {
             tracing::info!(table = %settings.table, "table ready");
         }),
         Command::Serve => serve(&settings).await,
-        Command::Audit { lease_margin_secs } => return audit(&settings, lease_margin_secs).await,
         Command::HashToken => return hash_token(),
+        Command::Restore { path } => return lockstep_coordinator::admin::cli::restore(&settings, &path).await,
+        _ => unreachable!("operator commands ran above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,29 +54,15 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `coordinator audit`: prints the report; exit code 1 on any discrepancy, 2 if it cannot run.
-async fn audit(settings: &lockstep_coordinator::settings::Settings, lease_margin_secs: u64) -> ExitCode {
-    use lockstep_coordinator::core::Clock;
-    let storage = match server::connect_storage(settings).await {
-        Ok(storage) => storage,
-        Err(error) => {
-            eprintln!("coordinator audit: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let margin = std::time::Duration::from_secs(lease_margin_secs);
-    match lockstep_coordinator::audit::audit(&storage, SystemClock.now(), margin).await {
-        Ok(report) => {
-            print!("{report}");
-            if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(error) => {
-            eprintln!("coordinator audit: {error}");
-            ExitCode::from(2)
+/// Flushes the spans still batched when `main` returns.
+#[cfg(feature = "otlp")]
+struct FlushOnExit(opentelemetry_sdk::trace::SdkTracerProvider);
+
+#[cfg(feature = "otlp")]
+impl Drop for FlushOnExit {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.shutdown() {
+            eprintln!("coordinator: flushing spans: {error}");
         }
     }
 }
@@ -89,14 +98,31 @@ async fn serve(settings: &lockstep_coordinator::settings::Settings) -> Result<()
             "--insecure: serving without requiring TLS and authentication on this address; never do this in production"
         );
     }
+    if let Some(address) = settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|error| server::StartError::Serve(format!("cannot listen for metrics on {address}: {error}")))?;
+        tokio::spawn(async move {
+            if let Err(error) = lockstep_coordinator::telemetry::serve_metrics(listener).await {
+                tracing::error!(%error, "metrics listener failed");
+            }
+        });
+    }
     let storage = server::open_storage(settings).await?;
     let coordinator =
         server::build_coordinator(storage, Arc::new(SystemClock), settings, settings.catalog.as_deref()).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|error| server::StartError::Serve(format!("cannot listen on {}: {error}", settings.listen)))?;
+    let health_listener = match settings.health_listen {
+        Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(|error| {
+            server::StartError::Serve(format!("cannot listen for health checks on {address}: {error}"))
+        })?),
+        None => None,
+    };
     server::run_secured(
         listener,
+        health_listener,
         coordinator,
         settings.drain_timeout(),
         server::shutdown_signal(),

@@ -9,7 +9,6 @@ use std::time::Duration;
 use lockstep::coordinator::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
 
 use crate::auth::layer::AuthLayer;
 use crate::auth::{Mode, Security};
@@ -19,19 +18,16 @@ use crate::service::TransactionCoordinator;
 use crate::settings::{Settings, StorageKind};
 use crate::storage::dynamodb::DynamoDbEngine;
 use crate::storage::embedded::EmbeddedEngine;
-use crate::storage::faults::FaultyEngine;
 use crate::storage::{Engine, Storage, StorageError};
 use crate::transport::CoordinatorService;
 
 /// The catalog seeded on first start when no --catalog is given: fixed prices, no price feed.
 pub const DEFAULT_CATALOG: &str = include_str!("../catalog.json");
-/// How often the health probe asks storage whether it answers.
-pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Concurrent calls on one HTTP/2 connection; past it the client queues them itself. Together
 /// with `--max-inflight` (across connections) it bounds the work one coordinator accepts.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// The name the coordinator's health is reported under, besides "" (the whole server).
-pub const SERVICE_NAME: &str = "lockstep.coordinator.v1.Coordinator";
+/// The name readiness is reported under; "" (the whole server) is liveness.
+pub const SERVICE_NAME: &str = crate::telemetry::health::READINESS_SERVICE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -86,7 +82,12 @@ pub async fn open_storage(settings: &Settings) -> Result<Storage, StartError> {
             }
         }
     }
-    Ok(storage)
+    Ok(if settings.group_commit_enabled() {
+        tracing::info!("group commit on: batch commits of several users may share one transaction");
+        storage.with_group_commit()
+    } else {
+        storage
+    })
 }
 
 /// Storage as configured, without checking or creating the table.
@@ -97,9 +98,10 @@ pub async fn connect_storage(settings: &Settings) -> Result<Storage, StartError>
             DynamoDbEngine::from_environment(settings.dynamodb_endpoint.as_deref(), settings.region.as_deref()).await,
         ),
     };
+    #[cfg(feature = "fault-injection")]
     let engine: Arc<dyn Engine> = if settings.inject_faults > 0.0 {
         tracing::warn!(rate = settings.inject_faults, "injecting storage faults (testing only)");
-        Arc::new(FaultyEngine::new(
+        Arc::new(crate::storage::faults::FaultyEngine::new(
             engine,
             settings.inject_faults,
             settings.inject_faults_seed,
@@ -159,7 +161,7 @@ pub async fn run(
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    run_secured(listener, coordinator, drain_timeout, shutdown, Security::local()).await
+    run_secured(listener, None, coordinator, drain_timeout, shutdown, Security::local()).await
 }
 
 /// `run` with TLS and authentication as `security` says: every call passes the auth layer
@@ -167,13 +169,19 @@ pub async fn run(
 /// on SIGHUP while serving.
 pub async fn run_secured(
     listener: TcpListener,
+    health_listener: Option<TcpListener>,
     coordinator: Arc<TransactionCoordinator>,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
     security: Security,
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let probe = tokio::spawn(probe_health(coordinator.storage().clone(), health));
+    let ready = crate::telemetry::health::starting(&health, coordinator.storage()).await;
+    let probe = tokio::spawn(crate::telemetry::health::follow_storage(
+        coordinator.storage().clone(),
+        health.clone(),
+        ready,
+    ));
     let heartbeat = tokio::spawn({
         let coordinator = Arc::clone(&coordinator);
         async move { coordinator.renew_instance_periodically().await }
@@ -220,16 +228,30 @@ pub async fn run_secured(
             .map_err(|error| StartError::Serve(format!("TLS: {error}")))?;
     }
     let server = builder
+        .layer(crate::telemetry::rpc::RpcLayer)
         .layer(AuthLayer::new(Arc::clone(&security.authenticator)))
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(
             &coordinator,
         ))))
+        .add_service(crate::admin::grpc::AdminService::server(Arc::clone(&coordinator)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             stopped.await.ok();
         });
+    // Health alone, in plain text and open, for probes that can speak neither TLS nor tokens
+    // (Kubernetes' gRPC probe): `--health-listen`.
+    let health_only = match health_listener {
+        Some(listener) => {
+            tracing::info!(address = %listener.local_addr().map_err(|error| StartError::Serve(error.to_string()))?, "serving health checks");
+            let health_server = tonic::transport::Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming(TcpIncoming::from(listener));
+            Some(tokio::spawn(health_server))
+        }
+        None => None,
+    };
     let mut server = std::pin::pin!(server);
     tokio::select! {
         result = &mut server => {
@@ -237,10 +259,14 @@ pub async fn run_secured(
             heartbeat.abort();
             sweeper.iter().for_each(tokio::task::JoinHandle::abort);
             reload.iter().for_each(tokio::task::JoinHandle::abort);
+            health_only.iter().for_each(tokio::task::JoinHandle::abort);
             return result.map_err(|error| StartError::Serve(error.to_string()));
         }
         () = shutdown => {}
     }
+    // Probes learn of the shutdown before anything stops: both names NOT_SERVING first.
+    probe.abort();
+    crate::telemetry::health::shutting_down(&health).await;
     tracing::info!(
         drain_ms = drain_timeout.as_millis() as u64,
         "shutting down: no new connections, draining in-flight RPCs"
@@ -260,45 +286,66 @@ pub async fn run_secured(
     heartbeat.abort();
     sweeper.iter().for_each(tokio::task::JoinHandle::abort);
     reload.iter().for_each(tokio::task::JoinHandle::abort);
+    health_only.iter().for_each(tokio::task::JoinHandle::abort);
     let released = coordinator.release_held_leases().await;
     tracing::info!(released, "stopped");
     Ok(())
 }
 
-/// Runs the sweeper every `interval`, first after one interval.
+/// Runs the sweeper every `interval`, first after one interval, while this coordinator holds
+/// the sweeper lease (held for two intervals, renewed at each). Also logs the most contended
+/// users at each interval.
 async fn sweep_periodically(coordinator: Arc<TransactionCoordinator>, interval: Duration) {
+    use crate::telemetry::metrics;
     loop {
         tokio::time::sleep(interval).await;
-        match crate::sweeper::sweep(coordinator.storage(), coordinator.now()).await {
-            Ok(report) => tracing::info!(
-                released_leases = report.released_leases,
-                deleted_records = report.deleted_records,
-                "sweep done"
-            ),
-            Err(error) => tracing::warn!(%error, "sweep failed; retrying at the next interval"),
+        log_contended_users();
+        let storage = coordinator.storage();
+        let owner = &coordinator.config().owner;
+        match crate::sweeper::take_sweeper_lease(storage, owner, coordinator.now(), interval * 2).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!("another coordinator holds the sweeper lease; not sweeping");
+                metrics::swept("skipped", 0, 0);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not take the sweeper lease; retrying at the next interval");
+                metrics::swept("failed", 0, 0);
+                continue;
+            }
+        }
+        match crate::sweeper::sweep(storage, coordinator.now()).await {
+            Ok(report) => {
+                metrics::swept("done", report.released_leases as u64, report.deleted_records as u64);
+                tracing::info!(
+                    released_leases = report.released_leases,
+                    deleted_records = report.deleted_records,
+                    "sweep done"
+                )
+            }
+            Err(error) => {
+                metrics::swept("failed", 0, 0);
+                tracing::warn!(%error, "sweep failed; retrying at the next interval")
+            }
         }
     }
 }
 
-/// Reports SERVING while storage answers and NOT_SERVING while it does not.
-async fn probe_health(storage: Storage, health: tonic_health::server::HealthReporter) {
-    let mut last = None;
-    loop {
-        let status = match storage.probe().await {
-            Ok(()) => ServingStatus::Serving,
-            Err(error) => {
-                tracing::warn!(%error, "health probe: storage does not answer");
-                ServingStatus::NotServing
-            }
-        };
-        if last != Some(status) {
-            health.set_service_status("", status).await;
-            health.set_service_status(SERVICE_NAME, status).await;
-            last = Some(status);
-        }
-        tokio::time::sleep(HEALTH_PROBE_INTERVAL).await;
+/// Users whose lease was most often found busy, logged beside each sweep.
+fn log_contended_users() {
+    let top = crate::telemetry::contention::top(CONTENDED_USERS_LOGGED);
+    if !top.is_empty() {
+        let users: Vec<String> = top
+            .iter()
+            .map(|contended| format!("{}={}", contended.user, contended.count))
+            .collect();
+        tracing::info!(contended_users = %users.join(","), "most contended users so far");
     }
 }
+
+/// How many of the most contended users each periodic log line names.
+pub const CONTENDED_USERS_LOGGED: usize = 5;
 
 /// Resolves on SIGINT or SIGTERM; shared with the services in `clients/`.
 pub use lockstep::process::shutdown_signal;

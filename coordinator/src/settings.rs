@@ -34,15 +34,100 @@ pub enum Command {
     /// Create the table on the configured storage, then exit.
     CreateTables,
     /// Check the books: cash and holdings against the ledger, orders against ledger entries,
-    /// stale leases. Prints a report; exits non-zero on any discrepancy. On the embedded engine,
-    /// run it while the coordinator is stopped.
+    /// stale leases. Prints a report; exits non-zero on any discrepancy. With --server, the
+    /// running coordinator audits (the embedded engine's file belongs to it); without, storage
+    /// is opened here (on the embedded engine, only while the coordinator is stopped).
     Audit {
         /// How long after its expiry an unreleased lease counts as stale, in seconds.
         #[arg(long, default_value_t = crate::audit::LEASE_MARGIN_DEFAULT.as_secs())]
         lease_margin_secs: u64,
+        /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        server: Option<String>,
     },
     /// Read a bearer token on stdin and print its SHA-256 in hex, the form --auth-file holds.
     HashToken,
+    /// Show a user's account, holdings, today's limits, lease and last ledger entries.
+    Inspect {
+        user: String,
+        /// Ledger entries to show, newest first.
+        #[arg(long, default_value_t = crate::admin::INSPECT_ENTRIES_DEFAULT)]
+        entries: u32,
+        /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Release a user's lease whose holder is gone (fenced: bumps the version, so nothing
+    /// decided under it can commit). Logged and counted.
+    ReleaseLease {
+        user: String,
+        /// Release only this lease (as `inspect` shows it).
+        #[arg(long)]
+        lock_id: Option<String>,
+        /// Confirm: a live holder's commit will be refused.
+        #[arg(long)]
+        yes: bool,
+        /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Write a consistent copy of the embedded store to PATH (a new file). With --server, the
+    /// running coordinator writes it on its host, online.
+    Backup {
+        path: PathBuf,
+        /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Replace the embedded store under --data-dir with the backup at PATH. Stop the
+    /// coordinator first.
+    Restore { path: PathBuf },
+    /// The users whose lease was most often found busy, from the running coordinator.
+    ContendedUsers {
+        #[arg(long, default_value_t = crate::admin::CONTENDED_USERS_DEFAULT)]
+        limit: u32,
+        /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        server: Option<String>,
+    },
+}
+
+impl Command {
+    /// The operator command and its `--server`, for the commands `admin::cli` runs.
+    pub fn admin(self) -> Option<(crate::admin::cli::AdminCommand, Option<String>)> {
+        use crate::admin::cli::AdminCommand;
+        Some(match self {
+            Command::Audit {
+                lease_margin_secs,
+                server,
+            } => (AdminCommand::Audit { lease_margin_secs }, server),
+            Command::Inspect { user, entries, server } => (AdminCommand::Inspect { user, entries }, server),
+            Command::ReleaseLease {
+                user,
+                lock_id,
+                yes,
+                server,
+            } => (AdminCommand::ReleaseLease { user, lock_id, yes }, server),
+            Command::Backup { path, server } => (AdminCommand::Backup { path }, server),
+            Command::ContendedUsers { limit, server } => (AdminCommand::ContendedUsers { limit }, server),
+            Command::Serve | Command::CreateTables | Command::HashToken | Command::Restore { .. } => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatFlag {
+    Text,
+    Json,
+}
+
+impl From<LogFormatFlag> for lockstep::process::LogFormat {
+    fn from(flag: LogFormatFlag) -> Self {
+        match flag {
+            LogFormatFlag::Text => lockstep::process::LogFormat::Text,
+            LogFormatFlag::Json => lockstep::process::LogFormat::Json,
+        }
+    }
 }
 
 /// The longest `--lock-wait-ms`: a caller waiting longer for one account is better told to retry.
@@ -55,6 +140,16 @@ pub const SWEEP_INTERVAL_SECS_MAX: u64 = 24 * 3600;
 pub const DRAIN_MS_MAX: u64 = 600_000;
 /// The largest `--max-inflight` and `--max-queued-per-user`.
 pub const INFLIGHT_LIMIT: usize = 1_000_000;
+
+/// Whether batch commits of several users may share one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupCommitFlag {
+    /// On for the embedded engine (where each transaction pays an fsync behind one lock), off
+    /// for an endpoint (where a larger transaction only conflicts more; see docs/engines.md).
+    Auto,
+    On,
+    Off,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StorageKind {
@@ -135,10 +230,12 @@ pub struct Settings {
     /// seconds; 0 turns the sweeper off (on DynamoDB, TTL then deletes the records).
     #[arg(long, env = "LOCKSTEP_SWEEP_INTERVAL_SECS", default_value_t = 300, global = true)]
     pub sweep_interval_secs: u64,
+    #[cfg(feature = "fault-injection")]
     /// Testing only: inject storage faults (lost requests, lost replies, slow replies) at this
     /// rate, 0.0-1.0, to prove the coordinator's recovery (the bank test uses it).
     #[arg(long, env = "LOCKSTEP_INJECT_FAULTS", default_value_t = 0.0, global = true)]
     pub inject_faults: f64,
+    #[cfg(feature = "fault-injection")]
     /// Seed of the injected faults.
     #[arg(long, env = "LOCKSTEP_INJECT_FAULTS_SEED", default_value_t = 0, global = true)]
     pub inject_faults_seed: u64,
@@ -150,6 +247,26 @@ pub struct Settings {
     /// RESOURCE_EXHAUSTED at once, nothing written.
     #[arg(long, env = "LOCKSTEP_MAX_QUEUED_PER_USER", default_value_t = crate::service::QUEUED_PER_USER_MAX_DEFAULT, global = true)]
     pub max_queued_per_user: usize,
+    /// Group commit: batch commits of several users sent as one transaction.
+    #[arg(long, env = "LOCKSTEP_GROUP_COMMIT", value_enum, default_value_t = GroupCommitFlag::Auto, global = true)]
+    pub group_commit: GroupCommitFlag,
+    /// Address to serve grpc.health.v1 alone on, in plain text and without authentication, for
+    /// probes that cannot speak TLS or send a token (Kubernetes' gRPC probe), e.g. 0.0.0.0:50052;
+    /// off unless given. Health is always open; nothing else is served there.
+    #[arg(long, env = "LOCKSTEP_HEALTH_LISTEN", global = true)]
+    pub health_listen: Option<SocketAddr>,
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. 127.0.0.1:9464; off
+    /// unless given.
+    #[arg(long, env = "LOCKSTEP_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export spans over OTLP/HTTP to this collector URL (e.g. http://127.0.0.1:4318; posts to
+    /// /v1/traces). Only in builds with the `otlp` feature.
+    #[cfg(feature = "otlp")]
+    #[arg(long, env = "LOCKSTEP_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Log lines as text (for people) or json (one object per line, for log pipelines).
+    #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormatFlag::Text, global = true)]
+    pub log_format: LogFormatFlag,
     /// Longest wait for in-flight RPCs at shutdown, in milliseconds.
     #[arg(long, env = "LOCKSTEP_DRAIN_MS", default_value_t = 10_000, global = true)]
     pub drain_ms: u64,
@@ -282,6 +399,15 @@ impl Settings {
             tls_client_ca: self.tls_client_ca.clone(),
             auth_file: self.auth_file.clone(),
             insecure: self.insecure,
+        }
+    }
+
+    /// Whether batch commits go through group commit (`--group-commit`).
+    pub fn group_commit_enabled(&self) -> bool {
+        match self.group_commit {
+            GroupCommitFlag::On => true,
+            GroupCommitFlag::Off => false,
+            GroupCommitFlag::Auto => self.storage_kind() == StorageKind::Embedded,
         }
     }
 

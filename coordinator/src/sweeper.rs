@@ -64,6 +64,23 @@ impl Sweeping {
     }
 }
 
+/// Whether `owner` may sweep now: takes or renews the sweeper lease until `now + hold` by one
+/// conditional write. Only one coordinator of those sharing a table sweeps at a time; if it
+/// dies, another takes over once the lease runs out.
+pub async fn take_sweeper_lease(
+    storage: &Storage,
+    owner: &str,
+    now: Millis,
+    hold: Duration,
+) -> Result<bool, StorageError> {
+    let request = model::take_sweeper_lease(owner, now + hold.as_millis() as u64, now);
+    match storage.update(request).await {
+        Ok(_) => Ok(true),
+        Err(StorageError::ConditionFailed { .. }) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 /// One pass over the table as of `now`.
 pub async fn sweep(storage: &Storage, now: Millis) -> Result<SweepReport, StorageError> {
     sweep_pausing(storage, now, SWEEP_PAGE_RETRY_PAUSE).await
@@ -149,6 +166,33 @@ mod tests {
     use crate::core::{LockId, UserId};
     use crate::storage::embedded::EmbeddedEngine;
     use crate::storage::{Delete, Engine, Item, Page, Put, Query, StorageResult, Update};
+
+    /// One coordinator at a time holds the sweeper lease; it renews its own, and another takes
+    /// it only after it expired.
+    #[tokio::test]
+    async fn one_sweeper_at_a_time() {
+        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "sweeper-lease");
+        storage.create_table().await.unwrap();
+        let hold = Duration::from_secs(600);
+        assert_eq!(take_sweeper_lease(&storage, "a", NOW, hold).await, Ok(true));
+        assert_eq!(take_sweeper_lease(&storage, "b", NOW + 1, hold).await, Ok(false));
+        assert_eq!(
+            take_sweeper_lease(&storage, "a", NOW + 300_000, hold).await,
+            Ok(true),
+            "renewed"
+        );
+        assert_eq!(
+            take_sweeper_lease(&storage, "b", NOW + 600_000, hold).await,
+            Ok(false),
+            "still a's"
+        );
+        assert_eq!(
+            take_sweeper_lease(&storage, "b", NOW + 900_000, hold).await,
+            Ok(true),
+            "a's expired"
+        );
+        assert_eq!(take_sweeper_lease(&storage, "a", NOW + 900_001, hold).await, Ok(false));
+    }
 
     /// Pages of this many items, so a handful of leases spans several pages.
     const PAGE: u32 = 2;

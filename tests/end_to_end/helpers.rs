@@ -146,8 +146,9 @@ pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
         EngineKind::Embedded => {
             let data_dir = tempfile::tempdir().expect("temp dir");
             let engine = EmbeddedEngine::open(data_dir.path()).expect("open embedded engine");
+            // With group commit, as the binary runs the embedded engine by default.
             (
-                Storage::new(Arc::new(engine), table),
+                Storage::new(Arc::new(engine), table).with_group_commit(),
                 StorageGuard {
                     _data_dir: Some(data_dir),
                     ..StorageGuard::default()
@@ -399,6 +400,7 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
     let server = tokio::spawn(async move {
         server::run_secured(
             listener,
+            None,
             coordinator,
             drain,
             async {

@@ -12,6 +12,7 @@ mod health;
 mod helpers;
 mod leases;
 mod money;
+mod operations;
 mod python_stubs;
 mod readme;
 mod recovery;

@@ -347,3 +347,35 @@ async fn readme_network_session_runs_as_written() {
         child.kill().await.ok();
     }
 }
+
+/// README's operator session: each `coordinator` subcommand through a running coordinator's
+/// Admin service, with the real binary (address and backup path replaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_operator_session_runs_as_written() {
+    let app = spawn_app(EngineKind::Embedded).await;
+    app.deposit("alice", "100.00").await.expect("deposit");
+    let directory = tempfile::tempdir().expect("temp dir");
+    let backup = directory.path().join("lockstep-backup.sqlite3");
+    let binary = lockstep_bank::cluster::coordinator_binary();
+    let lines = session("operator-session");
+    assert!(lines.len() >= 5, "{lines:?}");
+    let mut outputs = Vec::new();
+    for line in &lines {
+        let arguments = line
+            .strip_prefix("cargo run --bin coordinator -- ")
+            .unwrap_or_else(|| panic!("not a coordinator line: {line}"));
+        let command = format!(
+            "'{}' {}",
+            binary.display(),
+            arguments
+                .replace("http://127.0.0.1:50051", &format!("http://{}", app.address))
+                .replace("/tmp/lockstep-backup.sqlite3", backup.to_str().expect("UTF-8 path"))
+        );
+        outputs.push(shell(&command).await);
+    }
+    let all = outputs.concat();
+    assert!(all.contains("user: alice"), "{all}");
+    assert!(all.contains("cash: 100.00"), "{all}");
+    assert!(all.contains("audit: OK, 0 discrepancies"), "{all}");
+    assert!(backup.exists(), "the backup was written: {all}");
+}

@@ -26,6 +26,8 @@ pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(50);
 pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
 /// The gRPC metadata key that carries the request id to the coordinator's logs.
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
+/// The coordinator's gRPC service name, which its readiness is reported under.
+pub const COORDINATOR_SERVICE: &str = "lockstep.coordinator.v1.Coordinator";
 
 /// A service's connection to the coordinator (a client, not the coordinator's own service type):
 /// cheap to clone, shared by every request as the router's state.
@@ -189,11 +191,14 @@ impl CoordinatorConnection {
         }
     }
 
-    /// The coordinator's grpc.health.v1 status for the whole server.
+    /// The coordinator's readiness (grpc.health.v1 under its service name): SERVING only while
+    /// it runs and its storage answers. ("" is only the coordinator's liveness.)
     pub async fn health(&self, context: &RequestContext) -> Result<ServingStatus, ApiError> {
         let request = self.request(
             context,
-            HealthCheckRequest { service: String::new() },
+            HealthCheckRequest {
+                service: COORDINATOR_SERVICE.to_owned(),
+            },
             context.deadline(self.request_timeout),
         )?;
         let reply = self.health.clone().check(request).await?.into_inner();

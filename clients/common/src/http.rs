@@ -59,6 +59,9 @@ pub fn ok<T>(data: T) -> ApiResult<T> {
     }))
 }
 
+/// The W3C trace context header, passed through as gRPC metadata of the same name.
+pub const TRACEPARENT: &str = "traceparent";
+
 /// One HTTP request as the coordinator sees it: its request id and its deadline.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
@@ -68,6 +71,9 @@ pub struct RequestContext {
     pub received_at: Instant,
     /// From `X-Request-Timeout`, if the caller gave one.
     pub timeout: Option<Duration>,
+    /// The caller's W3C `traceparent`, passed on to the coordinator so its spans continue the
+    /// caller's trace.
+    pub traceparent: Option<String>,
 }
 
 impl RequestContext {
@@ -95,10 +101,15 @@ impl RequestContext {
                     })
             })
             .transpose()?;
+        let traceparent = headers
+            .get(TRACEPARENT)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         Ok(Self {
             request_id,
             received_at: Instant::now(),
             timeout,
+            traceparent,
         })
     }
 
@@ -117,6 +128,9 @@ impl RequestContext {
         request.set_timeout(remaining);
         if let Ok(value) = self.request_id.parse() {
             request.metadata_mut().insert(REQUEST_ID_METADATA, value);
+        }
+        if let Some(value) = self.traceparent.as_deref().and_then(|text| text.parse().ok()) {
+            request.metadata_mut().insert(TRACEPARENT, value);
         }
         Ok(request)
     }
@@ -265,6 +279,22 @@ mod tests {
 
     use super::*;
     use crate::settings::CoordinatorSettings;
+
+    /// The caller's `traceparent` rides on every gRPC request to the coordinator, beside the
+    /// request id.
+    #[test]
+    fn the_trace_context_is_passed_on() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&IDEMPOTENCY_KEY, HeaderValue::from_static("key-1"));
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert(TRACEPARENT, HeaderValue::from_static(traceparent));
+        let context = RequestContext::from_headers(&headers).unwrap();
+        let request = context
+            .grpc_request((), Instant::now() + Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(request.metadata().get(TRACEPARENT).unwrap(), traceparent);
+        assert_eq!(request.metadata().get(REQUEST_ID_METADATA).unwrap(), "key-1");
+    }
 
     /// The status, the `Idempotency-Key` response header, and the body of one request to a
     /// service whose only route answers with the request id its handler saw.

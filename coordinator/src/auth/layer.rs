@@ -1,6 +1,6 @@
 //! The tower layer in front of every gRPC service: authenticates the caller, checks the role
-//! table, puts the principal into the request's extensions and runs the call inside a span that
-//! names it. A refusal answers before any service runs, so it writes nothing.
+//! table, puts the principal into the request's extensions and records it on the call's span
+//! (opened by `telemetry::rpc`, the outer layer). A refusal answers before any service runs, so it writes nothing.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -8,7 +8,6 @@ use std::task::{Context, Poll};
 use tonic::Status;
 use tonic::codegen::http;
 use tower::{Layer, Service};
-use tracing::Instrument;
 
 use super::roles::{Access, access_of, describe};
 use super::{Authenticator, Caller};
@@ -103,9 +102,11 @@ where
         };
         match decision {
             Ok(caller) => {
-                let span = tracing::info_span!("rpc", method = %path, principal = %caller.principal);
+                // The call's span (telemetry::rpc, the outer layer) names who made it, on every
+                // log line of the call.
+                tracing::Span::current().record("principal", tracing::field::display(&caller.principal));
                 request.extensions_mut().insert(caller.principal);
-                Box::pin(async move { inner.call(request).await }.instrument(span))
+                Box::pin(async move { inner.call(request).await })
             }
             Err(status) => {
                 tracing::info!(method = %path, code = ?status.code(), reason = status.message(), "call refused");

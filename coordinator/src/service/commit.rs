@@ -15,6 +15,7 @@ use crate::core::time::utc_day;
 use crate::core::{Decision, Millis, Operation, Price, Principal, RequestId, Trade, TradeSide, Usd};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
+use crate::telemetry::metrics;
 
 use super::queue::Waiter;
 use super::{
@@ -81,12 +82,14 @@ impl TransactionCoordinator {
                 after,
                 extend_until,
             } => {
+                count_answers(&calls, &answers);
                 let lock_state = if extend_until.is_some() { "EXTENDED" } else { "RELEASED" };
                 tracing::info!(lock_state, calls = answers.len(), cash = %after.cash, "batch committed");
                 answer_all(calls, &answers);
                 self.after_commit(held, *after, extend_until)
             }
             Ending::Kept(answers) => {
+                count_answers(&calls, &answers);
                 answer_all(calls, &answers);
                 Some(held)
             }
@@ -352,6 +355,7 @@ impl TransactionCoordinator {
                     .clone()
                     .expect("a request record implies a request id");
                 let recorded = self.recorded_outcome(&held.user, &request_id, &waiter.intent).await;
+                metrics::replayed(waiter.intent.name());
                 waiter.answer(recorded);
                 None
             }
@@ -410,6 +414,29 @@ impl Answer {
         match self {
             Answer::Commit(receipt) => Ok(*receipt),
             Answer::Refuse { error, .. } => Err(error),
+        }
+    }
+}
+
+/// Counts what a round that applied did, call by call: commits, and refusals by rule.
+fn count_answers(calls: &[Call], answers: &[(usize, Answer)]) {
+    for (id, waiter) in calls {
+        let name = waiter.intent.name();
+        match answers
+            .iter()
+            .find(|(answered, _)| answered == id)
+            .map(|(_, answer)| answer)
+        {
+            Some(Answer::Commit(_)) => metrics::committed(name),
+            Some(Answer::Refuse {
+                error: ServiceError::Rejected(rejection),
+                ..
+            }) => {
+                metrics::refused(name, rejection);
+                metrics::rolled_back(name);
+            }
+            Some(Answer::Refuse { .. }) => metrics::rolled_back(name),
+            None => {}
         }
     }
 }

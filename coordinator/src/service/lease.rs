@@ -13,6 +13,7 @@ use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
 use crate::core::records::Lease;
 use crate::core::{Account, LockId, Millis, UserId};
 use crate::storage::{StorageError, model};
+use crate::telemetry::metrics;
 
 /// First pause after finding the lease busy. A commit takes a few milliseconds, so the first
 /// retries come quickly; later ones spread out so waiters do not hammer storage.
@@ -63,6 +64,8 @@ pub struct HeldLease {
     pub lock_id: LockId,
     pub expires_at: Millis,
     pub account: Account,
+    /// When this process took it (for `lockstep_lease_hold_seconds`).
+    pub acquired: Instant,
 }
 
 impl TransactionCoordinator {
@@ -87,6 +90,7 @@ impl TransactionCoordinator {
             .with_max_times(LEASE_ATTEMPTS_MAX)
             .build();
         let mut waiting = Waiting::default();
+        let mut waiter: Option<metrics::Waiter> = None;
         loop {
             let now = self.clock.now();
             let lease = Lease {
@@ -100,6 +104,7 @@ impl TransactionCoordinator {
                 .try_acquire(user, lease, now, require_account, &mut waiting)
                 .await?
             {
+                metrics::lease_taken(waiter.is_some(), started.elapsed(), operation);
                 return Ok(held);
             }
             let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);
@@ -109,7 +114,7 @@ impl TransactionCoordinator {
                     waited_ms = started.elapsed().as_millis() as u64,
                     "gave up waiting for the lease"
                 );
-                return Err(match (waiting.unavailable, deadline) {
+                let error = match (waiting.unavailable, deadline) {
                     (Some(detail), _) => {
                         // An attempt whose reply was lost may have landed: give that lease back
                         // now instead of leaving the user blocked until it expires.
@@ -118,8 +123,11 @@ impl TransactionCoordinator {
                     }
                     (None, Some(deadline)) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
                     (None, _) => ServiceError::Busy,
-                });
+                };
+                metrics::lease_gave_up(&error, started.elapsed(), operation);
+                return Err(error);
             };
+            waiter.get_or_insert_with(metrics::Waiter::enter);
             tokio::time::sleep(delay).await;
         }
     }
@@ -141,9 +149,11 @@ impl TransactionCoordinator {
         let current = match self.storage.update(request).await {
             Ok(Some(item)) => {
                 if let Some(orphan) = &waiting.orphan {
+                    metrics::lease_expired();
                     tracing::info!(lock_state = "EXPIRED", previous_lock_id = %orphan, "reclaimed a lease of this instance's previous run");
                 }
                 if let Some(previous) = waiting.holder.take().filter(|previous| !previous.is_live(now)) {
+                    metrics::lease_expired();
                     tracing::info!(lock_state = "EXPIRED", previous_lock_id = %previous.lock_id, previous_owner = %previous.owner, "took over an expired lease");
                 }
                 return self.held(user, lease, &item).map(Some);
@@ -192,6 +202,7 @@ impl TransactionCoordinator {
             }
             Some(holder) => {
                 if waiting.holder.is_none() {
+                    metrics::contended(user);
                     tracing::info!(lock_state = "WAITING", holder_lock_id = %holder.lock_id, holder_owner = %holder.owner, holder_operation = %holder.operation, "lease busy");
                 }
                 waiting.holder = Some(holder);
@@ -219,6 +230,7 @@ impl TransactionCoordinator {
             lock_id: lease.lock_id,
             expires_at: lease.expires_at_ms,
             account,
+            acquired: Instant::now(),
         };
         self.held_leases.insert(&held);
         Ok(held)
@@ -237,6 +249,7 @@ impl TransactionCoordinator {
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::debug!(lock_state = "RELEASED", "lease released"),
             Err(StorageError::ConditionFailed { .. }) => {
+                metrics::lease_expired();
                 tracing::warn!(lock_state = "EXPIRED", "lease was no longer ours at release")
             }
             Err(error) => tracing::warn!(%error, "lease release failed; it will expire by itself"),

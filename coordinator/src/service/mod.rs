@@ -109,7 +109,10 @@ where
     call.retry(backoff)
         .sleep(tokio::time::sleep)
         .when(|error| matches!(error, StorageError::Unavailable(_)))
-        .notify(|error, delay| tracing::debug!(%error, ?delay, "storage unavailable; retrying a safe request"))
+        .notify(|error, delay| {
+            crate::telemetry::metrics::storage_retried();
+            tracing::debug!(%error, ?delay, "storage unavailable; retrying a safe request")
+        })
         .await
 }
 
@@ -434,6 +437,9 @@ impl TransactionCoordinator {
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
+        let _in_flight = crate::telemetry::metrics::InFlight::enter();
+        let started = Instant::now();
+        let name = intent.name();
         let result = match self.check_before_queueing(&intent).await {
             Ok(()) => self.queue_and_wait(principal, user, intent, request_id, deadline).await,
             Err(error) => Err(error),
@@ -444,6 +450,14 @@ impl TransactionCoordinator {
             Err(error) => format!("{error:?}"),
         };
         tracing::Span::current().record("outcome", outcome.as_str());
+        // Recorded fields reach only later lines: this last one carries the outcome.
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            operation = name,
+            outcome = outcome.as_str(),
+            duration_ms,
+            "mutation done"
+        );
         result
     }
 
@@ -454,7 +468,9 @@ impl TransactionCoordinator {
             Intent::Trade(request) => {
                 let asset = self.catalog.asset(&self.storage, &request.asset).await?;
                 if !asset.active {
-                    return Err(ServiceError::Rejected(Rejection::AssetInactive(asset.symbol)));
+                    let rejection = Rejection::AssetInactive(asset.symbol);
+                    crate::telemetry::metrics::refused(intent.name(), &rejection);
+                    return Err(ServiceError::Rejected(rejection));
                 }
             }
             Intent::Deposit(amount) | Intent::Withdraw(amount) => {
@@ -463,6 +479,7 @@ impl TransactionCoordinator {
                     _ => Operation::Withdraw(*amount),
                 };
                 if let Some(rejection) = above_daily_limit(&operation, &self.config.limits) {
+                    crate::telemetry::metrics::refused(intent.name(), &rejection);
                     return Err(ServiceError::Rejected(rejection));
                 }
             }

@@ -224,6 +224,7 @@ impl TransactionCoordinator {
             }
         }
         let _leave_if_dropped = LeaveOnDrop(state.clone());
+        let _waiting = crate::telemetry::metrics::Waiter::enter();
         let dropped = || ServiceError::Internal("the account's driver stopped without an answer".to_owned());
         match tokio::time::timeout_at(wait_until, &mut answer).await {
             Ok(answered) => answered.unwrap_or_else(|_| Err(dropped())),
@@ -251,6 +252,7 @@ impl TransactionCoordinator {
             if batch.is_empty() {
                 if let Some(held) = held {
                     self.release(&held).await;
+                    crate::telemetry::metrics::lease_held("BATCH", held.acquired.elapsed());
                 }
                 return;
             }
@@ -264,7 +266,11 @@ impl TransactionCoordinator {
                     }
                 },
             };
+            let acquired = lease.acquired;
             held = self.commit_batch(lease, batch).await;
+            if held.is_none() {
+                crate::telemetry::metrics::lease_held("BATCH", acquired.elapsed());
+            }
         }
     }
 

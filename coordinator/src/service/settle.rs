@@ -4,6 +4,7 @@
 use crate::core::records::RecordedOutcome;
 use crate::core::{FieldError, RequestId, UserId};
 use crate::storage::{StorageError, model};
+use crate::telemetry::metrics::{self, Settled};
 
 use super::commit::{Answer, Call, SentRound};
 use super::{HeldLease, Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
@@ -31,6 +32,7 @@ impl TransactionCoordinator {
             })
         {
             tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
+            metrics::unclear_commit(Settled::Unknown);
             let unknown = ServiceError::Unavailable(format!("commit outcome unknown: {error}"));
             for (_, waiter) in calls {
                 waiter.answer(Err(unknown.clone()));
@@ -46,8 +48,14 @@ impl TransactionCoordinator {
                 return;
             }
         };
+        metrics::unclear_commit(if landed.is_some() {
+            Settled::Applied
+        } else {
+            Settled::NotApplied
+        });
         let not_applied = match if_none {
             ServiceError::LeaseLost => {
+                metrics::fenced();
                 tracing::warn!(lock_state = "EXPIRED", "commit fenced: the lease was no longer ours");
                 ServiceError::LeaseLost
             }

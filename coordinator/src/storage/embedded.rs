@@ -315,4 +315,32 @@ impl Engine for EmbeddedEngine {
         self.call(move |database| database.transact_write_items(request).map(drop))
             .await
     }
+
+    /// SQLite's `VACUUM INTO` through dynoxide: one read transaction, so the copy is consistent
+    /// as of one instant (every commit acknowledged before it, none after). It runs under
+    /// dynoxide's mutex, so writes wait for it: about a second per 100 MB on this machine.
+    async fn backup(&self, path: &Path) -> StorageResult<()> {
+        let path = path
+            .to_str()
+            .ok_or_else(|| StorageError::Other(format!("backup path is not UTF-8: {}", path.display())))?
+            .to_owned();
+        if Path::new(&path).exists() {
+            return Err(StorageError::Other(format!(
+                "{path} exists already; a backup never overwrites"
+            )));
+        }
+        self.call(move |database| database.vacuum_into(&path)).await
+    }
+}
+
+impl EmbeddedEngine {
+    /// Replaces this database's contents with the backup at `path` (SQLite's backup API through
+    /// dynoxide). For `coordinator restore`, with the coordinator stopped.
+    pub async fn restore_from(&self, path: &Path) -> StorageResult<()> {
+        let path = path
+            .to_str()
+            .ok_or_else(|| StorageError::Other(format!("backup path is not UTF-8: {}", path.display())))?
+            .to_owned();
+        self.call(move |database| database.restore_from(&path)).await
+    }
 }

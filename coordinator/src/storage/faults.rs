@@ -117,6 +117,10 @@ impl Engine for FaultyEngine {
         self.inner.enable_ttl(table, attribute).await
     }
 
+    async fn backup(&self, path: &std::path::Path) -> StorageResult<()> {
+        self.inner.backup(path).await
+    }
+
     async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
         self.around("TransactWriteItems", self.inner.transact(table, items, token))
             .await

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CancellationReason, Engine, Key, StorageError, StorageResult, TransactItem};
+use super::{CancellationReason, Key, Storage, StorageError, StorageResult, TransactItem};
 
 /// Items in one transaction: DynamoDB's limit.
 pub const GROUP_ITEMS_MAX: usize = 100;
@@ -37,14 +37,11 @@ impl std::fmt::Debug for Submission {
 }
 
 impl GroupCommit {
-    /// Starts the committer on `engine`'s `table`; it stops when every handle is dropped.
-    pub fn start(
-        engine: std::sync::Arc<dyn Engine>,
-        table: std::sync::Arc<str>,
-        requests: impl Fn() + Send + 'static,
-    ) -> Self {
+    /// Starts the committer, which sends through `storage` (counted and observed like any
+    /// request); it stops when every handle is dropped.
+    pub fn start(storage: Storage) -> Self {
         let (submissions, receiver) = mpsc::channel(GROUP_QUEUE_MAX);
-        tokio::spawn(run(engine, table, receiver, requests));
+        tokio::spawn(run(storage, receiver));
         Self { submissions }
     }
 
@@ -63,12 +60,7 @@ impl GroupCommit {
 }
 
 /// The committer: takes what is waiting, sends it as one transaction, answers, repeats.
-async fn run(
-    engine: std::sync::Arc<dyn Engine>,
-    table: std::sync::Arc<str>,
-    mut receiver: mpsc::Receiver<Submission>,
-    requests: impl Fn(),
-) {
+async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
     let mut waiting: Vec<Submission> = Vec::new();
     loop {
         if waiting.is_empty() {
@@ -81,9 +73,8 @@ async fn run(
             waiting.push(next);
         }
         let group = take_group(&mut waiting);
-        requests();
         let items: Vec<TransactItem> = group.iter().flat_map(|member| member.items.iter().cloned()).collect();
-        match engine.transact(&table, items, None).await {
+        match storage.transact(items, None).await {
             Ok(()) => group.into_iter().for_each(|member| answer(member, Ok(()))),
             Err(StorageError::TransactionCanceled { reasons }) if group.len() > 1 => {
                 // The innocent go first into the next group, ahead of the newcomers. (If no
@@ -171,7 +162,6 @@ pub fn item_key(item: &TransactItem) -> Key {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
     use crate::storage::embedded::EmbeddedEngine;
@@ -189,16 +179,13 @@ mod tests {
         })
     }
 
-    async fn committer() -> (GroupCommit, Storage, Arc<AtomicU64>) {
-        let engine: Arc<dyn Engine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
-        let storage = Storage::new(Arc::clone(&engine), "lockstep");
+    /// A committer, the storage it sends through, and the requests sent before the test.
+    async fn committer() -> (GroupCommit, Storage, u64) {
+        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "lockstep");
         storage.ensure_table().await.unwrap();
-        let sent = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&sent);
-        let group = GroupCommit::start(engine, Arc::from("lockstep"), move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-        });
-        (group, storage, sent)
+        let group = GroupCommit::start(storage.clone());
+        let before = storage.requests();
+        (group, storage, before)
     }
 
     async fn submit_together(group: &GroupCommit, members: Vec<Vec<TransactItem>>) -> Vec<StorageResult<()>> {
@@ -219,11 +206,11 @@ mod tests {
     /// Commits that arrive together go in one transaction, each answered as its own.
     #[tokio::test]
     async fn commits_arriving_together_share_one_transaction() {
-        let (group, storage, sent) = committer().await;
+        let (group, storage, before) = committer().await;
         let members = (0..5).map(|index| vec![fresh_put(&format!("U{index}"))]).collect();
         let results = submit_together(&group, members).await;
         assert!(results.iter().all(Result::is_ok), "{results:?}");
-        assert_eq!(sent.load(Ordering::SeqCst), 1, "one transaction for five commits");
+        assert_eq!(storage.requests() - before, 1, "one transaction for five commits");
         for index in 0..5 {
             let key = Key {
                 pk: format!("U{index}"),
@@ -236,8 +223,9 @@ mod tests {
     /// A member whose condition fails gets its own reasons; the others are sent again and apply.
     #[tokio::test]
     async fn a_failed_member_is_split_off_and_the_others_apply() {
-        let (group, storage, sent) = committer().await;
+        let (group, storage, _) = committer().await;
         storage.transact(vec![fresh_put("TAKEN")], None).await.unwrap();
+        let before = storage.requests();
         let members = vec![vec![fresh_put("A")], vec![fresh_put("TAKEN")], vec![fresh_put("B")]];
         let results = submit_together(&group, members).await;
         assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
@@ -248,13 +236,13 @@ mod tests {
             }
             other => panic!("the failed member's own cancellation: {other:?}"),
         }
-        assert_eq!(sent.load(Ordering::SeqCst), 2, "the group, then the innocent again");
+        assert_eq!(storage.requests() - before, 2, "the group, then the innocent again");
     }
 
     /// Two commits touching one item never share a transaction.
     #[tokio::test]
     async fn members_sharing_an_item_go_in_separate_groups() {
-        let (group, _storage, sent) = committer().await;
+        let (group, storage, before) = committer().await;
         let members = vec![vec![fresh_put("SAME")], vec![fresh_put("SAME")]];
         let results = submit_together(&group, members).await;
         assert!(results[0].is_ok());
@@ -262,6 +250,6 @@ mod tests {
             matches!(results[1], Err(StorageError::TransactionCanceled { .. })),
             "{results:?}"
         );
-        assert_eq!(sent.load(Ordering::SeqCst), 2);
+        assert_eq!(storage.requests() - before, 2);
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod dynamodb;
 pub mod embedded;
+#[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod group;
 pub mod model;
@@ -19,6 +20,9 @@ mod translate;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::telemetry::health::Activity;
+use crate::telemetry::metrics;
 
 /// Items read per page of a whole-table scan: DynamoDB stops a page at 1 MB anyway, and 500 of
 /// Lockstep's items (well under 1 KB each, a few holdings included) stay below it.
@@ -169,6 +173,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// All items or none. `token` is the idempotency token (ClientRequestToken) where the
     /// engine honours one; Lockstep never relies on it for correctness.
     async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()>;
+    /// A consistent copy of the whole store, taken while it serves, into a new file at `path`.
+    /// Only the embedded engine has one; DynamoDB has its own backups (PITR, on-demand).
+    async fn backup(&self, path: &std::path::Path) -> StorageResult<()> {
+        Err(StorageError::Other(format!(
+            "this engine cannot back up to {}: use DynamoDB's own backups",
+            path.display()
+        )))
+    }
 }
 
 /// The table and engine the coordinator uses, with a count of every request sent.
@@ -177,6 +189,8 @@ pub struct Storage {
     engine: Arc<dyn Engine>,
     table: Arc<str>,
     requests: Arc<AtomicU64>,
+    /// Outcomes of recent requests, which readiness is read from.
+    activity: Arc<Activity>,
     /// Where batch commits go when group commit is on (`with_group_commit`).
     group: Option<group::GroupCommit>,
 }
@@ -187,23 +201,48 @@ impl Storage {
             engine,
             table: table.into(),
             requests: Arc::new(AtomicU64::new(0)),
+            activity: Arc::new(Activity::default()),
             group: None,
         }
     }
 
     /// Sends batch commits (`transact_batch`) of several users in one transaction where they
-    /// arrive together. Starts the committer task: call inside the runtime.
+    /// arrive together. Starts the committer task, which sends through this storage as it is
+    /// (counted and observed like any request): call inside the runtime.
     pub fn with_group_commit(mut self) -> Self {
-        let requests = Arc::clone(&self.requests);
-        let count = move || {
-            requests.fetch_add(1, Ordering::Relaxed);
-        };
-        self.group = Some(group::GroupCommit::start(
-            Arc::clone(&self.engine),
-            Arc::clone(&self.table),
-            count,
-        ));
+        self.group = Some(group::GroupCommit::start(self.clone()));
         self
+    }
+
+    /// When storage last answered and last failed to (for health).
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// Sends one request through the engine: counted, timed, and its outcome exported
+    /// (`lockstep_storage_requests_total`, `lockstep_storage_request_duration_seconds`) and
+    /// remembered for health.
+    async fn send<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = StorageResult<T>>,
+    ) -> StorageResult<T> {
+        self.count();
+        self.observe(operation, call).await
+    }
+
+    /// `send` without the count of money-path requests.
+    async fn observe<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = StorageResult<T>>,
+    ) -> StorageResult<T> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        metrics::storage_request(operation, metrics::storage_outcome(&result), started.elapsed());
+        self.activity
+            .observe(!matches!(result, Err(StorageError::Unavailable(_))));
+        result
     }
 
     pub fn table(&self) -> &str {
@@ -221,10 +260,12 @@ impl Storage {
 
     /// Creates the table and turns on TTL for request records.
     pub async fn create_table(&self) -> StorageResult<()> {
-        self.count();
-        self.engine.create_table(&self.table).await?;
-        self.count();
-        self.engine.enable_ttl(&self.table, model::TTL_ATTRIBUTE).await
+        self.send("CreateTable", self.engine.create_table(&self.table)).await?;
+        self.send(
+            "UpdateTimeToLive",
+            self.engine.enable_ttl(&self.table, model::TTL_ATTRIBUTE),
+        )
+        .await
     }
 
     /// Creates the table unless it exists already.
@@ -238,40 +279,37 @@ impl Storage {
     /// Whether storage answers and has the table. Not counted: the health probe runs beside
     /// the money path, whose requests are what the counter measures.
     pub async fn probe(&self) -> StorageResult<()> {
-        match self.engine.table_exists(&self.table).await? {
+        match self
+            .observe("DescribeTable", self.engine.table_exists(&self.table))
+            .await?
+        {
             true => Ok(()),
             false => Err(StorageError::Other(format!("table {} does not exist", self.table))),
         }
     }
 
     pub async fn table_exists(&self) -> StorageResult<bool> {
-        self.count();
-        self.engine.table_exists(&self.table).await
+        self.send("DescribeTable", self.engine.table_exists(&self.table)).await
     }
 
     pub async fn get(&self, key: Key) -> StorageResult<Option<Item>> {
-        self.count();
-        self.engine.get(&self.table, key).await
+        self.send("GetItem", self.engine.get(&self.table, key)).await
     }
 
     pub async fn update(&self, update: Update) -> StorageResult<Option<Item>> {
-        self.count();
-        self.engine.update(&self.table, update).await
+        self.send("UpdateItem", self.engine.update(&self.table, update)).await
     }
 
     pub async fn put(&self, put: Put) -> StorageResult<()> {
-        self.count();
-        self.engine.put(&self.table, put).await
+        self.send("PutItem", self.engine.put(&self.table, put)).await
     }
 
     pub async fn delete(&self, delete: Delete) -> StorageResult<()> {
-        self.count();
-        self.engine.delete(&self.table, delete).await
+        self.send("DeleteItem", self.engine.delete(&self.table, delete)).await
     }
 
     pub async fn query(&self, query: Query) -> StorageResult<Page> {
-        self.count();
-        self.engine.query(&self.table, query).await
+        self.send("Query", self.engine.query(&self.table, query)).await
     }
 
     /// Sends one write on its own (not in a transaction).
@@ -290,13 +328,19 @@ impl Storage {
     }
 
     async fn scan(&self, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
-        self.count();
-        self.engine.scan(&self.table, limit, start_after).await
+        self.send("Scan", self.engine.scan(&self.table, limit, start_after))
+            .await
+    }
+
+    /// A consistent online copy of the store into a new file (embedded engine only). Not
+    /// counted among the money path's requests.
+    pub async fn backup(&self, path: &std::path::Path) -> StorageResult<()> {
+        self.observe("Backup", self.engine.backup(path)).await
     }
 
     pub async fn transact(&self, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
-        self.count();
-        self.engine.transact(&self.table, items, token).await
+        self.send("TransactWriteItems", self.engine.transact(&self.table, items, token))
+            .await
     }
 
     /// A user's batch commit: with group commit on, it may share one transaction with other

@@ -1013,6 +1013,10 @@ pub enum StoredItem {
         key: Key,
         heartbeat: Option<Heartbeat>,
     },
+    /// The sweeper lease: which coordinator sweeps, until when.
+    SweeperLease {
+        key: Key,
+    },
     /// A key outside the model, or no string key at all: not an item Lockstep writes.
     Foreign {
         key: Option<Key>,
@@ -1074,6 +1078,8 @@ pub fn classify(item: &Item) -> StoredItem {
             key,
             asset: asset_from_item(item),
         };
+    } else if pk == SWEEPER_PK && sk == SWEEPER_SK {
+        return StoredItem::SweeperLease { key };
     } else if pk.starts_with(INSTANCE_PREFIX) && sk == HEARTBEAT_SK {
         return StoredItem::InstanceHeartbeat {
             key,
@@ -1123,6 +1129,36 @@ pub fn user_page_query(
         limit,
         start_after: after_sort_key.map(|sk| Key { pk: user_pk(user), sk }),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sweeper lease
+
+const SWEEPER_PK: &str = "SWEEPER";
+const SWEEPER_SK: &str = "LEASE";
+
+/// The one item that says which coordinator runs the sweeper, so that one scans the table per
+/// interval instead of every coordinator.
+pub fn sweeper_lease_key() -> Key {
+    Key {
+        pk: SWEEPER_PK.to_owned(),
+        sk: SWEEPER_SK.to_owned(),
+    }
+}
+
+/// Takes (or keeps) the sweeper lease for `owner` until `expires_at`: if nobody holds it, it is
+/// `owner`'s already, or its holder let it expire by `now`.
+pub fn take_sweeper_lease(owner: &str, expires_at: Millis, now: Millis) -> Update {
+    Update {
+        key: sweeper_lease_key(),
+        update: "SET sweeper_owner = :me, sweeper_expires_at_ms = :expires".to_owned(),
+        condition: Some(
+            "attribute_not_exists(sweeper_owner) OR sweeper_owner = :me OR sweeper_expires_at_ms <= :now".to_owned(),
+        ),
+        bindings: bindings([], [(":me", s(owner)), (":expires", n(expires_at)), (":now", n(now))]),
+        return_new: false,
+        return_old_on_condition_failure: false,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1258,6 +1294,7 @@ mod tests {
             StoredItem::Asset { .. } => "asset".to_owned(),
             StoredItem::AssetChange { .. } => "asset change".to_owned(),
             StoredItem::InstanceHeartbeat { .. } => "heartbeat".to_owned(),
+            StoredItem::SweeperLease { .. } => "sweeper lease".to_owned(),
             StoredItem::Foreign { key } => format!("foreign {key:?}"),
         };
         let by_user = Key {
@@ -1266,6 +1303,7 @@ mod tests {
         };
         let cases = [
             (item_at(account_key(&alice)), "account of alice"),
+            (item_at(sweeper_lease_key()), "sweeper lease"),
             (item_at(ledger_key(&alice, "e1")), "ledger entry of alice"),
             (item_at(by_user), "order of alice"),
             (item_at(order_key("o1")), "order by id"),

@@ -1,0 +1,305 @@
+//! The operator subcommands. With `--server URL` each asks the running coordinator through the
+//! Admin service (the only way on the embedded engine while it runs: its SQLite file belongs to
+//! that process); without, it opens storage itself (DynamoDB at any time, the embedded store
+//! while the coordinator is stopped). Exit codes: 0 done, 1 the audit found discrepancies or
+//! the command was refused, 2 it could not run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep::coordinator::v1 as pb;
+use lockstep::coordinator::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+use crate::core::{SystemClock, UserId};
+use crate::server;
+use crate::service::{ServiceError, TransactionCoordinator};
+use crate::settings::{Settings, StorageKind};
+
+/// An operator command, as parsed from the command line.
+#[derive(Debug, Clone)]
+pub enum AdminCommand {
+    Inspect {
+        user: String,
+        entries: u32,
+    },
+    ReleaseLease {
+        user: String,
+        lock_id: Option<String>,
+        yes: bool,
+    },
+    Audit {
+        lease_margin_secs: u64,
+    },
+    Backup {
+        path: PathBuf,
+    },
+    ContendedUsers {
+        limit: u32,
+    },
+}
+
+/// Why a command did not complete.
+#[derive(Debug)]
+enum Failure {
+    /// Refused (bad input, nothing to do): exit 1.
+    Refused(String),
+    /// Could not run (no server, storage down): exit 2.
+    CannotRun(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        match status.code() {
+            tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+                Failure::Refused(status.message().to_owned())
+            }
+            _ => Failure::CannotRun(format!("{:?}: {}", status.code(), status.message())),
+        }
+    }
+}
+
+impl From<ServiceError> for Failure {
+    fn from(error: ServiceError) -> Self {
+        Failure::from(crate::transport::status_of(error))
+    }
+}
+
+/// Runs `command`, printing its result to stdout.
+pub async fn run(settings: &Settings, server: Option<&str>, command: AdminCommand) -> ExitCode {
+    let result = match server {
+        Some(url) => through_server(url, command).await,
+        None => on_storage(settings, command).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(Failure::Refused(message)) => {
+            eprintln!("coordinator: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::CannotRun(message)) => {
+            eprintln!("coordinator: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn through_server(url: &str, command: AdminCommand) -> Result<ExitCode, Failure> {
+    let channel = Channel::from_shared(url.to_owned())
+        .map_err(|error| Failure::CannotRun(format!("--server {url}: {error}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|error| Failure::CannotRun(format!("cannot reach {url}: {error}")))?;
+    let mut client = AdminClient::new(channel);
+    match command {
+        AdminCommand::Inspect { user, entries } => {
+            let reply = client
+                .inspect(pb::InspectRequest {
+                    user_id: user,
+                    ledger_entries: entries,
+                })
+                .await?;
+            print!("{}", format_inspection(&reply.into_inner()));
+        }
+        AdminCommand::ReleaseLease { user, lock_id, yes } => {
+            let reply = client
+                .release_lease(pb::ReleaseLeaseRequest {
+                    user_id: user.clone(),
+                    confirm: yes,
+                    lock_id: lock_id.unwrap_or_default(),
+                })
+                .await?;
+            print!("{}", format_release(&user, &reply.into_inner()));
+        }
+        AdminCommand::Audit { lease_margin_secs } => {
+            let reply = client.audit(pb::AuditRequest { lease_margin_secs }).await?.into_inner();
+            print!("{}", reply.report);
+            return Ok(if reply.clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        AdminCommand::Backup { path } => {
+            let reply = client
+                .backup(pb::BackupRequest {
+                    path: path.display().to_string(),
+                })
+                .await?;
+            let reply = reply.into_inner();
+            println!("backup: {} ({} bytes)", reply.path, reply.bytes);
+        }
+        AdminCommand::ContendedUsers { limit } => {
+            let reply = client.contended_users(pb::ContendedUsersRequest { limit }).await?;
+            print!("{}", format_contended(&reply.into_inner()));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn on_storage(settings: &Settings, command: AdminCommand) -> Result<ExitCode, Failure> {
+    if let AdminCommand::ContendedUsers { .. } = command {
+        return Err(Failure::Refused(
+            "contended users are counted by a running coordinator: give --server".to_owned(),
+        ));
+    }
+    let storage = server::connect_storage(settings)
+        .await
+        .map_err(|error| Failure::CannotRun(error.to_string()))?;
+    let config = settings
+        .coordinator_config()
+        .map_err(|error| Failure::Refused(error.to_string()))?;
+    let coordinator = TransactionCoordinator::new(storage, Arc::new(SystemClock), config);
+    let parse_user = |raw: &str| UserId::parse("user_id", raw).map_err(|error| Failure::Refused(error.to_string()));
+    match command {
+        AdminCommand::Inspect { user, entries } => {
+            let reply = super::inspect(&coordinator, &parse_user(&user)?, entries).await?;
+            print!("{}", format_inspection(&reply));
+        }
+        AdminCommand::ReleaseLease { user, lock_id, yes } => {
+            let reply = super::release_lease(&coordinator, &parse_user(&user)?, lock_id.as_deref(), yes).await?;
+            print!("{}", format_release(&user, &reply));
+        }
+        AdminCommand::Audit { lease_margin_secs } => {
+            let reply = super::audit(&coordinator, Duration::from_secs(lease_margin_secs)).await?;
+            print!("{}", reply.report);
+            return Ok(if reply.clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        AdminCommand::Backup { path } => {
+            let reply = super::backup(&coordinator, &path).await?;
+            println!("backup: {} ({} bytes)", reply.path, reply.bytes);
+        }
+        AdminCommand::ContendedUsers { .. } => unreachable!("refused above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `coordinator restore PATH`: replaces the embedded store under `--data-dir` with a backup.
+/// Run it with the coordinator stopped: the running process owns the file.
+pub async fn restore(settings: &Settings, path: &Path) -> ExitCode {
+    if settings.storage_kind() != StorageKind::Embedded {
+        eprintln!("coordinator restore: only the embedded store; DynamoDB restores through AWS (PITR, backups)");
+        return ExitCode::from(1);
+    }
+    if !path.exists() {
+        eprintln!("coordinator restore: {} does not exist", path.display());
+        return ExitCode::from(1);
+    }
+    let engine = match crate::storage::embedded::EmbeddedEngine::open(&settings.data_dir) {
+        Ok(engine) => engine,
+        Err(error) => {
+            eprintln!("coordinator restore: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match engine.restore_from(path).await {
+        Ok(()) => {
+            println!("restored {} from {}", settings.data_dir.display(), path.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("coordinator restore: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn format_inspection(reply: &pb::InspectReply) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "user: {}{}",
+        reply.user_id,
+        if reply.account_exists { "" } else { " (no account)" }
+    );
+    let _ = writeln!(text, "cash: {}  version: {}", reply.cash, reply.version);
+    let holdings: Vec<String> = reply
+        .holdings
+        .iter()
+        .map(|(asset, quantity)| format!("{asset} {quantity}"))
+        .collect();
+    let _ = writeln!(
+        text,
+        "holdings: {}",
+        if holdings.is_empty() {
+            "none".to_owned()
+        } else {
+            holdings.join(", ")
+        }
+    );
+    let _ = writeln!(
+        text,
+        "today ({}): deposited {} of {}, withdrawn {} of {}",
+        reply.today,
+        reply.deposited_today,
+        reply.daily_deposit_limit,
+        reply.withdrawn_today,
+        reply.daily_withdrawal_limit
+    );
+    match &reply.lease {
+        Some(lease) => {
+            let _ = writeln!(
+                text,
+                "lease: {} held by {} for {} until {} ({})",
+                lease.lock_id,
+                lease.owner,
+                lease.operation,
+                lease.expires_at,
+                if lease.live { "live" } else { "expired" }
+            );
+        }
+        None => {
+            let _ = writeln!(text, "lease: free");
+        }
+    }
+    let _ = writeln!(text, "last ledger entries: {}", reply.last_entries.len());
+    for entry in &reply.last_entries {
+        let _ = writeln!(
+            text,
+            "  {} {} {} cash after {} at {}{}",
+            entry.entry_id,
+            entry.kind,
+            entry.cash_delta,
+            entry.cash_after,
+            entry.created_at,
+            if entry.request_id.is_empty() {
+                String::new()
+            } else {
+                format!(" request {}", entry.request_id)
+            }
+        );
+    }
+    text
+}
+
+pub fn format_release(user: &str, reply: &pb::ReleaseLeaseReply) -> String {
+    match &reply.released {
+        Some(lease) => format!(
+            "released lease {} of {user} (holder {}, {}, {})\n",
+            lease.lock_id,
+            lease.owner,
+            lease.operation,
+            if lease.live { "was live" } else { "had expired" }
+        ),
+        None => format!("{user} holds no lease: nothing released\n"),
+    }
+}
+
+pub fn format_contended(reply: &pb::ContendedUsersReply) -> String {
+    if reply.users.is_empty() {
+        return "no contended users yet\n".to_owned();
+    }
+    reply
+        .users
+        .iter()
+        .map(|user| format!("{} busy {} times (± {})\n", user.user_id, user.count, user.error))
+        .collect()
+}

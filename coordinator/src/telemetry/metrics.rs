@@ -1,0 +1,653 @@
+//! Every metric the coordinator exports, and the one typed call per event that records it.
+//!
+//! The service code calls one-liners (`metrics::committed("DEPOSIT")`); this module alone knows
+//! metric names, label names and buckets, so a dashboard or alert rule has one file to read.
+//! Names follow Prometheus conventions: `lockstep_` prefix, counters end in `_total`, durations
+//! are histograms in `_seconds`. Labels are bounded sets (operation, outcome, rule, gRPC code,
+//! storage operation); a user id is never a label: the most contended users are kept in a
+//! bounded top-k instead ([`super::contention`]).
+//!
+//! The registry is process-wide, like a `tracing` subscriber: one coordinator per process in
+//! production; tests that assert on values start the coordinator binary as its own process.
+
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::core::UserId;
+use crate::core::decide::Rejection;
+
+/// Distinct gRPC method names kept as label values; any further one is counted as "other", so
+/// a client calling made-up method names cannot grow the series without bound.
+pub const RPC_METHODS_MAX: usize = 64;
+
+/// Every metric name, as scraped (counters with their `_total`).
+pub mod names {
+    pub const RPC_REQUESTS: &str = "lockstep_rpc_requests_total";
+    pub const RPC_DURATION: &str = "lockstep_rpc_duration_seconds";
+    pub const LEASE_ACQUISITIONS: &str = "lockstep_lease_acquisitions_total";
+    pub const LEASE_WAIT: &str = "lockstep_lease_wait_seconds";
+    pub const LEASE_HOLD: &str = "lockstep_lease_hold_seconds";
+    pub const COMMITS: &str = "lockstep_commits_total";
+    pub const REFUSALS: &str = "lockstep_refusals_total";
+    pub const ROLLBACKS: &str = "lockstep_rollbacks_total";
+    pub const FENCED_COMMITS: &str = "lockstep_fenced_commits_total";
+    pub const LEASE_EXPIRIES: &str = "lockstep_lease_expiries_total";
+    pub const UNCLEAR_COMMITS: &str = "lockstep_unclear_commits_total";
+    pub const REPLAYS: &str = "lockstep_replays_total";
+    pub const STORAGE_REQUESTS: &str = "lockstep_storage_requests_total";
+    pub const STORAGE_DURATION: &str = "lockstep_storage_request_duration_seconds";
+    pub const STORAGE_RETRIES: &str = "lockstep_storage_retries_total";
+    pub const MUTATIONS_IN_FLIGHT: &str = "lockstep_mutations_in_flight";
+    pub const LEASE_WAITERS: &str = "lockstep_lease_waiters";
+    pub const STORAGE_UP: &str = "lockstep_storage_up";
+    pub const SWEEPS: &str = "lockstep_sweeps_total";
+    pub const SWEPT_LEASES: &str = "lockstep_sweep_released_leases_total";
+    pub const SWEPT_RECORDS: &str = "lockstep_sweep_deleted_records_total";
+    pub const AUDITS: &str = "lockstep_audits_total";
+    pub const AUDIT_DISCREPANCIES: &str = "lockstep_audit_discrepancies";
+    pub const ADMIN_LEASE_RELEASES: &str = "lockstep_admin_lease_releases_total";
+}
+
+/// How a lease acquisition ended (the `outcome` label of `lockstep_lease_acquisitions_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The first write took it.
+    Acquired,
+    /// Taken after finding it busy (or storage unavailable) at least once.
+    AcquiredAfterWait,
+    /// Still busy when the wait limit came: ABORTED.
+    Busy,
+    /// The caller's deadline came first: DEADLINE_EXCEEDED.
+    Deadline,
+    /// Storage did not answer: UNAVAILABLE.
+    Unavailable,
+}
+
+impl LeaseOutcome {
+    /// A lease taken: at once, or after finding it busy at least once.
+    pub fn taken(after_wait: bool) -> LeaseOutcome {
+        if after_wait {
+            LeaseOutcome::AcquiredAfterWait
+        } else {
+            LeaseOutcome::Acquired
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseOutcome::Acquired => "acquired",
+            LeaseOutcome::AcquiredAfterWait => "acquired_after_wait",
+            LeaseOutcome::Busy => "busy",
+            LeaseOutcome::Deadline => "deadline",
+            LeaseOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// How an unclear commit (reply lost, or refused after a try may have landed) was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// A try landed: answered as committed.
+    Applied,
+    /// Fenced and found absent: known not applied.
+    NotApplied,
+    /// The fence itself failed: the outcome stays unknown until the lease expires.
+    Unknown,
+}
+
+impl Settled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Settled::Applied => "applied",
+            Settled::NotApplied => "not_applied",
+            Settled::Unknown => "unknown",
+        }
+    }
+}
+
+type Labels<const N: usize> = [(&'static str, &'static str); N];
+type HistogramFamily<const N: usize> = Family<Labels<N>, Histogram, fn() -> Histogram>;
+
+fn latency_buckets() -> Histogram {
+    // 1 ms to about 33 s: a SQLite commit to a lease wait at its limit and an SDK retry chain.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 16,
+    ))
+}
+
+fn hold_buckets() -> Histogram {
+    // 1 ms to about 33 s: a lease lives at most `LEASE_TRADE` (25 s).
+    latency_buckets()
+}
+
+struct Metrics {
+    registry: Registry,
+    rpc_methods: Mutex<HashSet<&'static str>>,
+    rpc_requests: Family<Labels<2>, Counter>,
+    rpc_duration: HistogramFamily<1>,
+    lease_acquisitions: Family<Labels<2>, Counter>,
+    lease_wait: HistogramFamily<1>,
+    lease_hold: HistogramFamily<1>,
+    commits: Family<Labels<1>, Counter>,
+    refusals: Family<Labels<2>, Counter>,
+    rollbacks: Family<Labels<1>, Counter>,
+    fenced_commits: Counter,
+    lease_expiries: Counter,
+    unclear_commits: Family<Labels<1>, Counter>,
+    replays: Family<Labels<1>, Counter>,
+    storage_requests: Family<Labels<2>, Counter>,
+    storage_duration: HistogramFamily<1>,
+    storage_retries: Counter,
+    mutations_in_flight: Gauge,
+    lease_waiters: Gauge,
+    storage_up: Gauge,
+    sweeps: Family<Labels<1>, Counter>,
+    swept_leases: Counter,
+    swept_records: Counter,
+    audits: Family<Labels<1>, Counter>,
+    audit_discrepancies: Gauge,
+    admin_lease_releases: Counter,
+}
+
+/// Registers `metric` under its scraped name: prometheus-client appends `_total` to counters
+/// itself, so the registered name is the scraped one without it.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: &M,
+) {
+    let name = name.strip_suffix("_total").unwrap_or(name);
+    registry.register(name, help, metric.clone());
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let metrics = Metrics {
+        registry: Registry::default(),
+        rpc_methods: Mutex::new(HashSet::new()),
+        rpc_requests: Family::default(),
+        rpc_duration: Family::new_with_constructor(latency_buckets),
+        lease_acquisitions: Family::default(),
+        lease_wait: Family::new_with_constructor(latency_buckets),
+        lease_hold: Family::new_with_constructor(hold_buckets),
+        commits: Family::default(),
+        refusals: Family::default(),
+        rollbacks: Family::default(),
+        fenced_commits: Counter::default(),
+        lease_expiries: Counter::default(),
+        unclear_commits: Family::default(),
+        replays: Family::default(),
+        storage_requests: Family::default(),
+        storage_duration: Family::new_with_constructor(latency_buckets),
+        storage_retries: Counter::default(),
+        mutations_in_flight: Gauge::default(),
+        lease_waiters: Gauge::default(),
+        storage_up: Gauge::default(),
+        sweeps: Family::default(),
+        swept_leases: Counter::default(),
+        swept_records: Counter::default(),
+        audits: Family::default(),
+        audit_discrepancies: Gauge::default(),
+        admin_lease_releases: Counter::default(),
+    };
+    use names::*;
+    let r = &mut registry;
+    register(
+        r,
+        RPC_REQUESTS,
+        "gRPC calls served, by method and status code.",
+        &metrics.rpc_requests,
+    );
+    register(
+        r,
+        RPC_DURATION,
+        "gRPC call latency until the reply, by method.",
+        &metrics.rpc_duration,
+    );
+    register(
+        r,
+        LEASE_ACQUISITIONS,
+        "Lease acquisitions by operation and outcome.",
+        &metrics.lease_acquisitions,
+    );
+    register(
+        r,
+        LEASE_WAIT,
+        "Time from the first lease write to holding it (or giving up), by operation.",
+        &metrics.lease_wait,
+    );
+    register(
+        r,
+        LEASE_HOLD,
+        "Time a lease was held, from acquisition to its commit, roll-back or release, by operation.",
+        &metrics.lease_hold,
+    );
+    register(r, COMMITS, "Mutations committed, by operation.", &metrics.commits);
+    register(
+        r,
+        REFUSALS,
+        "Mutations refused by a business rule, by operation and rule.",
+        &metrics.refusals,
+    );
+    register(
+        r,
+        ROLLBACKS,
+        "Refusals rolled back under the lease (FAILED order or refusal record written), by operation.",
+        &metrics.rollbacks,
+    );
+    register(
+        r,
+        FENCED_COMMITS,
+        "Commits refused by the fence: the lease was no longer the committer's.",
+        &metrics.fenced_commits,
+    );
+    register(
+        r,
+        LEASE_EXPIRIES,
+        "Leases found expired: taken over from a dead holder, or lost before the committer's release.",
+        &metrics.lease_expiries,
+    );
+    register(
+        r,
+        UNCLEAR_COMMITS,
+        "Commits whose outcome was unclear, by how they were settled.",
+        &metrics.unclear_commits,
+    );
+    register(
+        r,
+        REPLAYS,
+        "Retries of a request id answered with the recorded outcome, by operation.",
+        &metrics.replays,
+    );
+    register(
+        r,
+        STORAGE_REQUESTS,
+        "DynamoDB requests sent, by operation and outcome.",
+        &metrics.storage_requests,
+    );
+    register(
+        r,
+        STORAGE_DURATION,
+        "DynamoDB request latency (the SDK's own retries included), by operation.",
+        &metrics.storage_duration,
+    );
+    register(
+        r,
+        STORAGE_RETRIES,
+        "Storage requests repeated by the coordinator after UNAVAILABLE (on top of the SDK's retries).",
+        &metrics.storage_retries,
+    );
+    register(
+        r,
+        MUTATIONS_IN_FLIGHT,
+        "Mutations running now.",
+        &metrics.mutations_in_flight,
+    );
+    register(
+        r,
+        LEASE_WAITERS,
+        "Mutations waiting for a busy lease now.",
+        &metrics.lease_waiters,
+    );
+    register(
+        r,
+        STORAGE_UP,
+        "1 while storage answers (recent requests, or the idle probe), else 0.",
+        &metrics.storage_up,
+    );
+    register(
+        r,
+        SWEEPS,
+        "Sweeper runs, by outcome (done, failed, skipped: another coordinator holds the sweeper lease).",
+        &metrics.sweeps,
+    );
+    register(
+        r,
+        SWEPT_LEASES,
+        "Leases of dead holders released by the sweeper.",
+        &metrics.swept_leases,
+    );
+    register(
+        r,
+        SWEPT_RECORDS,
+        "Expired request records deleted by the sweeper.",
+        &metrics.swept_records,
+    );
+    register(
+        r,
+        AUDITS,
+        "Audits run by this process, by outcome (clean, discrepancies, failed).",
+        &metrics.audits,
+    );
+    register(
+        r,
+        AUDIT_DISCREPANCIES,
+        "Discrepancies the latest audit of this process found.",
+        &metrics.audit_discrepancies,
+    );
+    register(
+        r,
+        ADMIN_LEASE_RELEASES,
+        "Leases released by an operator (release-lease).",
+        &metrics.admin_lease_releases,
+    );
+    // Every series of a known, bounded label set starts at zero: a rate() or an alert on it
+    // works before the first event, and the scrape declares every family.
+    const OPERATIONS: [&str; 4] = ["DEPOSIT", "WITHDRAWAL", "BUY", "SELL"];
+    for operation in OPERATIONS {
+        for outcome in ["acquired", "acquired_after_wait", "busy", "deadline", "unavailable"] {
+            let _ = metrics
+                .lease_acquisitions
+                .get_or_create(&[("operation", operation), ("outcome", outcome)]);
+        }
+        let _ = metrics.commits.get_or_create(&[("operation", operation)]);
+        let _ = metrics.rollbacks.get_or_create(&[("operation", operation)]);
+        let _ = metrics.replays.get_or_create(&[("operation", operation)]);
+    }
+    for settled_as in [Settled::Applied, Settled::NotApplied, Settled::Unknown] {
+        let _ = metrics
+            .unclear_commits
+            .get_or_create(&[("settled_as", settled_as.as_str())]);
+    }
+    for outcome in ["done", "failed", "skipped"] {
+        let _ = metrics.sweeps.get_or_create(&[("outcome", outcome)]);
+    }
+    for outcome in ["clean", "discrepancies", "failed"] {
+        let _ = metrics.audits.get_or_create(&[("outcome", outcome)]);
+    }
+    Metrics { registry, ..metrics }
+});
+
+/// The scrape: every metric in the Prometheus text format (OpenMetrics flavour).
+pub fn render() -> String {
+    let mut text = String::new();
+    encode(&mut text, &METRICS.registry).expect("encoding into a String cannot fail");
+    text
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+/// One served gRPC call: `method` is the request path (`/package.Service/Method`).
+pub fn rpc_served(method: &str, code: &'static str, elapsed: Duration) {
+    let method = rpc_method_label(method);
+    METRICS
+        .rpc_requests
+        .get_or_create(&[("method", method), ("code", code)])
+        .inc();
+    METRICS
+        .rpc_duration
+        .get_or_create(&[("method", method)])
+        .observe(seconds(elapsed));
+}
+
+fn rpc_method_label(path: &str) -> &'static str {
+    let mut known = METRICS.rpc_methods.lock().expect("rpc method set poisoned");
+    if let Some(name) = known.get(path) {
+        return name;
+    }
+    if known.len() >= RPC_METHODS_MAX {
+        return "other";
+    }
+    // Leaked once per distinct method, at most RPC_METHODS_MAX strings for the process's life.
+    let name: &'static str = Box::leak(path.to_owned().into_boxed_str());
+    known.insert(name);
+    name
+}
+
+/// A lease acquisition ended with `outcome` after waiting `wait` since its first write.
+pub fn lease_acquired(outcome: LeaseOutcome, wait: Duration, operation: &str) {
+    METRICS
+        .lease_acquisitions
+        .get_or_create(&[("operation", operation_label(operation)), ("outcome", outcome.as_str())])
+        .inc();
+    METRICS
+        .lease_wait
+        .get_or_create(&[("operation", operation_label(operation))])
+        .observe(seconds(wait));
+}
+
+/// A lease was taken, at once or (`after_wait`) after finding it busy at least once.
+pub fn lease_taken(after_wait: bool, wait: Duration, operation: &str) {
+    lease_acquired(LeaseOutcome::taken(after_wait), wait, operation);
+}
+
+/// A lease held for `held` was given back (by a commit, a roll-back or a release).
+pub fn lease_held(operation: &str, held: Duration) {
+    METRICS
+        .lease_hold
+        .get_or_create(&[("operation", operation_label(operation))])
+        .observe(seconds(held));
+}
+
+pub fn committed(operation: &str) {
+    METRICS
+        .commits
+        .get_or_create(&[("operation", operation_label(operation))])
+        .inc();
+}
+
+pub fn refused(operation: &str, rule: &Rejection) {
+    METRICS
+        .refusals
+        .get_or_create(&[("operation", operation_label(operation)), ("rule", rule_of(rule))])
+        .inc();
+}
+
+pub fn rolled_back(operation: &str) {
+    METRICS
+        .rollbacks
+        .get_or_create(&[("operation", operation_label(operation))])
+        .inc();
+}
+
+pub fn fenced() {
+    METRICS.fenced_commits.inc();
+}
+
+pub fn lease_expired() {
+    METRICS.lease_expiries.inc();
+}
+
+pub fn unclear_commit(settled_as: Settled) {
+    METRICS
+        .unclear_commits
+        .get_or_create(&[("settled_as", settled_as.as_str())])
+        .inc();
+}
+
+pub fn replayed(operation: &str) {
+    METRICS
+        .replays
+        .get_or_create(&[("operation", operation_label(operation))])
+        .inc();
+}
+
+/// One storage request: `operation` is DynamoDB's action name, `outcome` from [`storage_outcome`].
+pub fn storage_request(operation: &'static str, outcome: &'static str, elapsed: Duration) {
+    METRICS
+        .storage_requests
+        .get_or_create(&[("operation", operation), ("outcome", outcome)])
+        .inc();
+    METRICS
+        .storage_duration
+        .get_or_create(&[("operation", operation)])
+        .observe(seconds(elapsed));
+}
+
+pub fn storage_retried() {
+    METRICS.storage_retries.inc();
+}
+
+pub fn storage_up(up: bool) {
+    METRICS.storage_up.set(i64::from(up));
+}
+
+pub fn mutations_in_flight(delta: i64) {
+    METRICS.mutations_in_flight.inc_by(delta);
+}
+
+pub fn waiters(delta: i64) {
+    METRICS.lease_waiters.inc_by(delta);
+}
+
+/// `user` found its lease busy: counted in the bounded top-k, never as a label.
+pub fn contended(user: &UserId) {
+    super::contention::record(user.as_str());
+}
+
+/// A sweeper run ended: "done" with its counts, "failed", or "skipped".
+pub fn swept(outcome: &'static str, released_leases: u64, deleted_records: u64) {
+    METRICS.sweeps.get_or_create(&[("outcome", outcome)]).inc();
+    METRICS.swept_leases.inc_by(released_leases);
+    METRICS.swept_records.inc_by(deleted_records);
+}
+
+/// An audit ran in this process: `discrepancies` found, or None if it could not run.
+pub fn audited(discrepancies: Option<usize>) {
+    let outcome = match discrepancies {
+        Some(0) => "clean",
+        Some(_) => "discrepancies",
+        None => "failed",
+    };
+    METRICS.audits.get_or_create(&[("outcome", outcome)]).inc();
+    if let Some(count) = discrepancies {
+        METRICS.audit_discrepancies.set(count as i64);
+    }
+}
+
+pub fn admin_released_lease() {
+    METRICS.admin_lease_releases.inc();
+}
+
+/// The `operation` label: the service's operation names (`Intent::name`), anything else "other".
+pub fn operation_label(operation: &str) -> &'static str {
+    match operation {
+        "DEPOSIT" => "DEPOSIT",
+        "WITHDRAWAL" => "WITHDRAWAL",
+        "BUY" => "BUY",
+        "SELL" => "SELL",
+        "BATCH" => "BATCH",
+        _ => "other",
+    }
+}
+
+/// A lease acquisition gave up with `error` (ABORTED busy, DEADLINE_EXCEEDED or UNAVAILABLE).
+pub fn lease_gave_up(error: &crate::service::ServiceError, wait: Duration, operation: &str) {
+    use crate::service::ServiceError;
+    let outcome = match error {
+        ServiceError::Unavailable(_) => LeaseOutcome::Unavailable,
+        ServiceError::DeadlineExceeded => LeaseOutcome::Deadline,
+        _ => LeaseOutcome::Busy,
+    };
+    lease_acquired(outcome, wait, operation);
+}
+
+/// Counts one running mutation while it lives (`lockstep_mutations_in_flight`).
+#[derive(Debug)]
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn enter() -> InFlight {
+        mutations_in_flight(1);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        mutations_in_flight(-1);
+    }
+}
+
+/// Counts one waiter for a busy lease while it lives (`lockstep_lease_waiters`).
+#[derive(Debug)]
+pub struct Waiter(());
+
+impl Waiter {
+    pub fn enter() -> Waiter {
+        waiters(1);
+        Waiter(())
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        waiters(-1);
+    }
+}
+
+/// The `rule` label of a refusal.
+pub fn rule_of(rejection: &Rejection) -> &'static str {
+    match rejection {
+        Rejection::AccountNotFound => "account_not_found",
+        Rejection::InsufficientBalance { .. } => "insufficient_balance",
+        Rejection::InsufficientHoldings { .. } => "insufficient_holdings",
+        Rejection::DailyLimitExceeded { .. } => "daily_limit_exceeded",
+        Rejection::AssetInactive(_) => "asset_inactive",
+        Rejection::PriceAboveLimit { .. } => "price_above_limit",
+        Rejection::PriceBelowLimit { .. } => "price_below_limit",
+        Rejection::OrderValueTooLarge { .. } => "order_value_too_large",
+        Rejection::OrderValueTooSmall { .. } => "order_value_too_small",
+        Rejection::AboveDailyLimit { .. } => "above_daily_limit",
+        Rejection::OutOfRange => "out_of_range",
+    }
+}
+
+/// The `outcome` label of a storage request.
+pub fn storage_outcome<T>(result: &Result<T, crate::storage::StorageError>) -> &'static str {
+    use crate::storage::StorageError;
+    match result {
+        Ok(_) => "ok",
+        Err(StorageError::ConditionFailed { .. }) => "condition_failed",
+        Err(StorageError::TransactionCanceled { .. }) => "transaction_canceled",
+        Err(StorageError::Unavailable(_)) => "unavailable",
+        Err(StorageError::Conflict(_)) => "conflict",
+        Err(StorageError::ScanBoundReached { .. }) | Err(StorageError::Other(_)) => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every name in `names` is in the scrape once something was recorded under it, with help
+    /// and type lines, and counters keep their `_total`.
+    #[test]
+    fn the_scrape_names_every_metric() {
+        committed("DEPOSIT");
+        fenced();
+        storage_request("GetItem", "ok", Duration::from_millis(3));
+        let text = render();
+        assert!(text.contains("lockstep_commits_total{operation=\"DEPOSIT\"}"), "{text}");
+        assert!(text.contains("lockstep_fenced_commits_total "), "{text}");
+        assert!(
+            text.contains("lockstep_storage_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE lockstep_lease_waiters gauge"), "{text}");
+    }
+
+    /// Method names beyond the bound fold into "other".
+    #[test]
+    fn rpc_method_labels_are_bounded() {
+        for index in 0..RPC_METHODS_MAX + 5 {
+            rpc_served(&format!("/made.up/Method{index}"), "12", Duration::ZERO);
+        }
+        assert!(METRICS.rpc_methods.lock().unwrap().len() <= RPC_METHODS_MAX);
+        assert!(render().contains("method=\"other\""));
+    }
+}
