@@ -180,7 +180,7 @@ fn check_user(
     }
 
     let lease = match &books.account {
-        Some((account, lease)) if account.exists => {
+        Some((account, lease)) if account.exists() => {
             report.accounts += 1;
             if account.cash.decimal() != running_cash {
                 problem(format!(

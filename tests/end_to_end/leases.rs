@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use lockstep_coordinator::core::UtcDay;
 use lockstep_coordinator::core::decide::decide;
 use lockstep_coordinator::core::records::{EntryKind, Lease, LedgerEntry};
-use lockstep_coordinator::core::time::{ManualClock, utc_day};
+use lockstep_coordinator::core::time::ManualClock;
 use lockstep_coordinator::core::{Clock, Limits, LockId, Operation, SystemClock, Usd, UserId};
 use lockstep_coordinator::storage::{StorageError, model};
 use tonic::Code;
@@ -81,7 +82,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
     let decided_at = clock.now();
     let (stale, read) = take_lease_as_another_coordinator(&app, &user, decided_at, 15_000).await;
     let withdrawal = Operation::Withdraw(Usd::parse_amount("amount", "100.00").unwrap());
-    let decision = decide(&read, &withdrawal, &utc_day(decided_at), &Limits::default()).expect("decided");
+    let decision = decide(&read, &withdrawal, UtcDay::of(decided_at), &Limits::default()).expect("decided");
     let entry = LedgerEntry {
         entry_id: uuid::Uuid::now_v7().to_string(),
         user_id: user.clone(),

@@ -61,28 +61,28 @@ pub async fn inspect(
     let now = coordinator.now();
     let (account, lease) = account_item(coordinator, user).await?;
     let today = coordinator.today();
-    let (deposited, withdrawn) = account.daily_totals(&today);
+    let (deposited, withdrawn) = account.daily_totals(today);
     let limits = &coordinator.config().limits;
     let entries = if entries == 0 {
         INSPECT_ENTRIES_DEFAULT
     } else {
         entries.min(INSPECT_ENTRIES_MAX)
     };
-    let last_entries = if account.exists {
+    let last_entries = if account.exists() {
         coordinator.ledger(user, PageRequest::first(entries)).await?.items
     } else {
         Vec::new()
     };
     Ok(pb::InspectReply {
         user_id: user.to_string(),
-        account_exists: account.exists,
+        account_exists: account.exists(),
         cash: account.cash.to_string(),
         holdings: account
             .holdings
             .iter()
             .map(|(asset, quantity)| (asset.to_string(), quantity.to_string()))
             .collect(),
-        today,
+        today: today.to_string(),
         deposited_today: deposited.to_string(),
         withdrawn_today: withdrawn.to_string(),
         daily_deposit_limit: limits.daily_deposit.to_string(),

@@ -5,18 +5,28 @@ use std::collections::BTreeMap;
 use super::decide::Decision;
 use super::ids::AssetSymbol;
 use super::money::{Quantity, Usd};
+use super::time::UtcDay;
 
 /// Asset holdings, ordered by symbol. A missing symbol holds zero.
 pub type Holdings = BTreeMap<AssetSymbol, Quantity>;
 
+/// Whether a user has an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccountState {
+    /// No account: no item, or an item that holds only a lease (a first deposit in flight).
+    #[default]
+    Missing,
+    /// Opened by the first committed deposit.
+    Open,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Account {
-    /// False until the first committed deposit: the item may exist only because a lease was taken.
-    pub exists: bool,
+    pub state: AccountState,
     pub cash: Usd,
     pub holdings: Holdings,
-    /// The UTC day (`YYYY-MM-DD`) that `deposited_today` and `withdrawn_today` count.
-    pub limit_day: String,
+    /// The UTC day that `deposited_today` and `withdrawn_today` count; None before any count.
+    pub limit_day: Option<UtcDay>,
     pub deposited_today: Usd,
     pub withdrawn_today: Usd,
     /// Bumped by every commit; a commit is conditioned on the version it decided on.
@@ -24,15 +34,20 @@ pub struct Account {
 }
 
 impl Account {
+    /// Whether the account is open (the first deposit committed).
+    pub fn exists(&self) -> bool {
+        self.state == AccountState::Open
+    }
+
     pub fn holding(&self, asset: &AssetSymbol) -> Quantity {
         self.holdings.get(asset).copied().unwrap_or(Quantity::ZERO)
     }
 
     /// The account after a committed `decision`: every field the commit writes.
     pub fn apply(&mut self, decision: &Decision) {
-        self.exists = true;
+        self.state = AccountState::Open;
         self.cash = decision.cash;
-        self.limit_day = decision.limit_day.clone();
+        self.limit_day = Some(decision.limit_day);
         self.deposited_today = decision.deposited_today;
         self.withdrawn_today = decision.withdrawn_today;
         if let Some(effect) = &decision.trade {
@@ -41,8 +56,8 @@ impl Account {
     }
 
     /// Deposited and withdrawn totals as they count on `day`: zero when the stored day is older.
-    pub fn daily_totals(&self, day: &str) -> (Usd, Usd) {
-        if self.limit_day == day {
+    pub fn daily_totals(&self, day: UtcDay) -> (Usd, Usd) {
+        if self.limit_day == Some(day) {
             (self.deposited_today, self.withdrawn_today)
         } else {
             (Usd::ZERO, Usd::ZERO)

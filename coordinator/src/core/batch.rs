@@ -11,6 +11,7 @@ use super::decide::{Decision, Operation, Rejection, decide};
 use super::ids::AssetSymbol;
 use super::limits::Limits;
 use super::money::{Quantity, Usd};
+use super::time::UtcDay;
 
 /// What a batch decides: one answer per operation, in order, and the account after all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +33,7 @@ impl BatchOutcome {
 }
 
 /// Decides `operations` in order on `account` as of the UTC day `today`.
-pub fn decide_batch(account: &Account, operations: &[Operation], today: &str, limits: &Limits) -> BatchOutcome {
+pub fn decide_batch(account: &Account, operations: &[Operation], today: UtcDay, limits: &Limits) -> BatchOutcome {
     let mut after = account.clone();
     let mut cash_change = Decimal::ZERO;
     let mut cash_floor = Decimal::ZERO;
@@ -70,7 +71,9 @@ mod tests {
     use super::*;
     use crate::core::{Price, Trade, TradeSide};
 
-    const TODAY: &str = "2026-11-27";
+    fn today() -> UtcDay {
+        UtcDay::from_stored("2026-11-27").unwrap()
+    }
 
     fn usd(raw: &str) -> Usd {
         Usd::parse_amount("amount", raw).unwrap()
@@ -97,7 +100,7 @@ mod tests {
             Operation::Withdraw(usd("50")),
             trade(TradeSide::Sell, "2"),
         ];
-        let outcome = decide_batch(&Account::default(), &operations, TODAY, &Limits::default());
+        let outcome = decide_batch(&Account::default(), &operations, today(), &Limits::default());
         let accepted: Vec<bool> = outcome.decisions.iter().map(Result::is_ok).collect();
         assert_eq!(accepted, [true, false, true, true, true]);
         assert_eq!(outcome.after.cash, usd("20"));
@@ -110,9 +113,9 @@ mod tests {
     #[test]
     fn floors_restate_the_deepest_prefix() {
         let mut account = Account {
-            exists: true,
+            state: crate::core::AccountState::Open,
             cash: usd("100"),
-            limit_day: TODAY.to_owned(),
+            limit_day: Some(today()),
             ..Account::default()
         };
         let sol = AssetSymbol::parse("asset", "SOL").unwrap();
@@ -126,7 +129,7 @@ mod tests {
             Operation::Deposit(usd("500")),
             trade(TradeSide::Buy, "1"),
         ];
-        let outcome = decide_batch(&account, &operations, TODAY, &Limits::default());
+        let outcome = decide_batch(&account, &operations, today(), &Limits::default());
         assert!(outcome.decisions.iter().all(Result::is_ok));
         // -30, then +30 from the sale, then -50: the deepest prefix is -50.
         assert_eq!(outcome.cash_floor, usd("50"));

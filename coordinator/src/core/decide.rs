@@ -62,7 +62,7 @@ pub struct Decision {
     pub cash: Usd,
     /// Signed change of cash: the ledger entry's amount.
     pub cash_delta: Decimal,
-    pub limit_day: String,
+    pub limit_day: UtcDay,
     pub deposited_today: Usd,
     pub withdrawn_today: Usd,
     /// For trades: the traded asset, its new holding, the signed change and the cash total.
@@ -149,25 +149,23 @@ pub fn above_daily_limit(operation: &Operation, limits: &Limits) -> Option<Rejec
 }
 
 /// Decides `operation` on `account` as of the UTC day `today`.
-pub fn decide(account: &Account, operation: &Operation, today: &str, limits: &Limits) -> Result<Decision, Rejection> {
-    if !account.exists && !matches!(operation, Operation::Deposit(_)) {
+pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &Limits) -> Result<Decision, Rejection> {
+    if !account.exists() && !matches!(operation, Operation::Deposit(_)) {
         return Err(Rejection::AccountNotFound);
     }
     // Days only move forward: a coordinator whose clock is behind another's (around midnight)
     // keeps counting on the later day already stored, instead of resetting its totals. But a
     // stored day more than one day ahead was written by a clock far ahead: it is not allowed
     // to freeze the totals until then, and this clock's day is used instead.
-    let stored = UtcDay::from_stored(&account.limit_day);
-    let local = UtcDay::from_stored(today);
-    let today = match (stored, local) {
-        (Some(stored), Some(local)) if stored > local && stored <= local.next() => account.limit_day.as_str(),
+    let today = match account.limit_day {
+        Some(stored) if stored > today && stored <= today.next() => stored,
         _ => today,
     };
     let (deposited_today, withdrawn_today) = account.daily_totals(today);
     let unchanged = Decision {
         cash: account.cash,
         cash_delta: Decimal::ZERO,
-        limit_day: today.to_owned(),
+        limit_day: today,
         deposited_today,
         withdrawn_today,
         trade: None,
@@ -294,7 +292,13 @@ fn decide_trade(account: &Account, trade: &Trade, limits: &Limits) -> Result<Tra
 mod tests {
     use super::*;
 
-    const TODAY: &str = "2026-11-26";
+    fn today() -> UtcDay {
+        day("2026-11-26")
+    }
+
+    fn day(raw: &str) -> UtcDay {
+        UtcDay::from_stored(raw).unwrap()
+    }
 
     fn usd(raw: &str) -> Usd {
         Usd::parse_amount("amount", raw).unwrap()
@@ -302,7 +306,7 @@ mod tests {
 
     fn account_with(cash: &str, holdings: &[(&str, &str)]) -> Account {
         Account {
-            exists: true,
+            state: crate::core::AccountState::Open,
             cash: usd(cash),
             holdings: holdings
                 .iter()
@@ -313,7 +317,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            limit_day: TODAY.to_owned(),
+            limit_day: Some(today()),
             ..Account::default()
         }
     }
@@ -334,7 +338,7 @@ mod tests {
         let decision = decide(
             &Account::default(),
             &Operation::Deposit(usd("100")),
-            TODAY,
+            today(),
             &Limits::default(),
         )
         .unwrap();
@@ -347,7 +351,7 @@ mod tests {
         let result = decide(
             &Account::default(),
             &Operation::Withdraw(usd("1")),
-            TODAY,
+            today(),
             &Limits::default(),
         );
         assert_eq!(result, Err(Rejection::AccountNotFound));
@@ -358,7 +362,7 @@ mod tests {
         let error = decide(
             &account_with("50", &[]),
             &Operation::Withdraw(usd("100")),
-            TODAY,
+            today(),
             &Limits::default(),
         )
         .unwrap_err();
@@ -390,29 +394,26 @@ mod tests {
         account.withdrawn_today = usd("4990");
         let limits = Limits::default();
         assert!(matches!(
-            decide(&account, &Operation::Withdraw(usd("20")), TODAY, &limits),
+            decide(&account, &Operation::Withdraw(usd("20")), today(), &limits),
             Err(Rejection::DailyLimitExceeded { kind: "withdrawal", .. })
         ));
-        let tomorrow = decide(&account, &Operation::Withdraw(usd("20")), "2026-11-27", &limits).unwrap();
+        let tomorrow = decide(&account, &Operation::Withdraw(usd("20")), day("2026-11-27"), &limits).unwrap();
         assert_eq!(tomorrow.withdrawn_today, usd("20"));
         // A stored day far ahead (a clock that ran ahead) does not freeze the totals.
         let mut far_ahead = account.clone();
-        far_ahead.limit_day = "2026-12-25".to_owned();
-        let decision = decide(&far_ahead, &Operation::Withdraw(usd("20")), TODAY, &limits).unwrap();
-        assert_eq!(
-            (decision.limit_day.as_str(), decision.withdrawn_today),
-            (TODAY, usd("20"))
-        );
+        far_ahead.limit_day = Some(day("2026-12-25"));
+        let decision = decide(&far_ahead, &Operation::Withdraw(usd("20")), today(), &limits).unwrap();
+        assert_eq!((decision.limit_day, decision.withdrawn_today), (today(), usd("20")));
         // A coordinator whose clock still says yesterday does not reset today's totals.
         let mut counted_tomorrow = account.clone();
-        counted_tomorrow.limit_day = "2026-11-27".to_owned();
+        counted_tomorrow.limit_day = Some(day("2026-11-27"));
         assert!(matches!(
-            decide(&counted_tomorrow, &Operation::Withdraw(usd("20")), TODAY, &limits),
+            decide(&counted_tomorrow, &Operation::Withdraw(usd("20")), today(), &limits),
             Err(Rejection::DailyLimitExceeded { .. })
         ));
         account.deposited_today = usd("9999.99");
-        assert!(decide(&account, &Operation::Deposit(usd("0.01")), TODAY, &limits).is_ok());
-        assert!(decide(&account, &Operation::Deposit(usd("0.02")), TODAY, &limits).is_err());
+        assert!(decide(&account, &Operation::Deposit(usd("0.01")), today(), &limits).is_ok());
+        assert!(decide(&account, &Operation::Deposit(usd("0.02")), today(), &limits).is_err());
     }
 
     #[test]
@@ -420,7 +421,7 @@ mod tests {
         let decision = decide(
             &account_with("100", &[]),
             &trade(TradeSide::Buy, "2", "45", None),
-            TODAY,
+            today(),
             &Limits::default(),
         )
         .unwrap();
@@ -436,7 +437,7 @@ mod tests {
         let error = decide(
             &account,
             &trade(TradeSide::Sell, "1.5", "10", None),
-            TODAY,
+            today(),
             &Limits::default(),
         )
         .unwrap_err();
@@ -447,7 +448,7 @@ mod tests {
         let decision = decide(
             &account,
             &trade(TradeSide::Sell, "1", "10", None),
-            TODAY,
+            today(),
             &Limits::default(),
         )
         .unwrap();
@@ -463,26 +464,34 @@ mod tests {
             decide(
                 &account,
                 &trade(TradeSide::Buy, "1", "10", Some("9.99")),
-                TODAY,
+                today(),
                 &limits
             ),
             Err(Rejection::PriceAboveLimit { .. })
         ));
-        assert!(decide(&account, &trade(TradeSide::Buy, "1", "10", Some("10")), TODAY, &limits).is_ok());
+        assert!(
+            decide(
+                &account,
+                &trade(TradeSide::Buy, "1", "10", Some("10")),
+                today(),
+                &limits
+            )
+            .is_ok()
+        );
         assert!(matches!(
             decide(
                 &account,
                 &trade(TradeSide::Sell, "1", "10", Some("10.01")),
-                TODAY,
+                today(),
                 &limits
             ),
             Err(Rejection::PriceBelowLimit { .. })
         ));
         assert!(matches!(
-            decide(&account, &trade(TradeSide::Buy, "2", "5000.01", None), TODAY, &limits),
+            decide(&account, &trade(TradeSide::Buy, "2", "5000.01", None), today(), &limits),
             Err(Rejection::OrderValueTooLarge { .. })
         ));
-        assert!(decide(&account, &trade(TradeSide::Buy, "2", "5000", None), TODAY, &limits).is_ok());
+        assert!(decide(&account, &trade(TradeSide::Buy, "2", "5000", None), today(), &limits).is_ok());
     }
 
     fn limits_with_minimum(minimum: &str) -> Limits {
@@ -498,9 +507,9 @@ mod tests {
         let limits = Limits::default();
         assert_eq!(limits.order_value_min, usd("1.00"));
         // Exactly the minimum passes; a cent under it does not, on either side.
-        assert!(decide(&account, &trade(TradeSide::Buy, "0.1", "10", None), TODAY, &limits).is_ok());
-        assert!(decide(&account, &trade(TradeSide::Sell, "0.1", "10", None), TODAY, &limits).is_ok());
-        let error = decide(&account, &trade(TradeSide::Buy, "0.099", "10", None), TODAY, &limits).unwrap_err();
+        assert!(decide(&account, &trade(TradeSide::Buy, "0.1", "10", None), today(), &limits).is_ok());
+        assert!(decide(&account, &trade(TradeSide::Sell, "0.1", "10", None), today(), &limits).is_ok());
+        let error = decide(&account, &trade(TradeSide::Buy, "0.099", "10", None), today(), &limits).unwrap_err();
         assert_eq!(
             error,
             Rejection::OrderValueTooSmall {
@@ -510,9 +519,14 @@ mod tests {
         );
         assert_eq!(error.to_string(), "Order total $0.99 is below the minimum of $1.00");
         // The minimum applies to the rounded total: 0.0999 × 10 = 0.999 costs 1.00 but pays 0.99.
-        assert!(decide(&account, &trade(TradeSide::Buy, "0.0999", "10", None), TODAY, &limits).is_ok());
+        assert!(decide(&account, &trade(TradeSide::Buy, "0.0999", "10", None), today(), &limits).is_ok());
         assert_eq!(
-            decide(&account, &trade(TradeSide::Sell, "0.0999", "10", None), TODAY, &limits),
+            decide(
+                &account,
+                &trade(TradeSide::Sell, "0.0999", "10", None),
+                today(),
+                &limits
+            ),
             Err(Rejection::OrderValueTooSmall {
                 total: usd("0.99"),
                 minimum: usd("1.00")
@@ -520,10 +534,10 @@ mod tests {
         );
         // A buy never rounds to 0.00 (its cost rounds up)...
         let tiny = limits_with_minimum("0.01");
-        let bought = decide(&account, &trade(TradeSide::Buy, "0.001", "1", None), TODAY, &tiny).unwrap();
+        let bought = decide(&account, &trade(TradeSide::Buy, "0.001", "1", None), today(), &tiny).unwrap();
         assert_eq!(bought.trade.unwrap().total, usd("0.01"));
         // ...and a sell that would pay 0.00 is refused, never executed for nothing.
-        let error = decide(&account, &trade(TradeSide::Sell, "0.001", "1", None), TODAY, &tiny).unwrap_err();
+        let error = decide(&account, &trade(TradeSide::Sell, "0.001", "1", None), today(), &tiny).unwrap_err();
         assert_eq!(error.to_string(), "Order total $0.00 is below the minimum of $0.01");
         // Even when a caller builds limits without a minimum.
         let none = Limits {
@@ -531,7 +545,7 @@ mod tests {
             ..Limits::default()
         };
         assert!(matches!(
-            decide(&account, &trade(TradeSide::Sell, "0.001", "1", None), TODAY, &none),
+            decide(&account, &trade(TradeSide::Sell, "0.001", "1", None), today(), &none),
             Err(Rejection::OrderValueTooSmall { total, .. }) if total == Usd::ZERO
         ));
     }
@@ -554,25 +568,25 @@ mod tests {
             })
         };
         let apply = |account: &mut Account, decision: Decision| {
-            account.exists = true;
+            account.state = crate::core::AccountState::Open;
             account.cash = decision.cash;
-            account.limit_day = decision.limit_day;
+            account.limit_day = Some(decision.limit_day);
             account.deposited_today = decision.deposited_today;
             if let Some(effect) = decision.trade {
                 account.holdings.insert(effect.asset, effect.holding);
             }
         };
         let mut account = Account::default();
-        let deposit = decide(&account, &Operation::Deposit(usd("10.00")), TODAY, &limits).unwrap();
+        let deposit = decide(&account, &Operation::Deposit(usd("10.00")), today(), &limits).unwrap();
         apply(&mut account, deposit);
 
-        let buy = decide(&account, &ada(TradeSide::Buy, "0.996"), TODAY, &limits).unwrap();
+        let buy = decide(&account, &ada(TradeSide::Buy, "0.996"), today(), &limits).unwrap();
         assert_eq!(buy.trade.as_ref().unwrap().total, usd("0.45"), "0.4482 rounds up");
         apply(&mut account, buy);
         assert_eq!(account.cash, usd("9.55"));
 
         for lot in 0..83 {
-            let refused = decide(&account, &ada(TradeSide::Sell, "0.012"), TODAY, &limits);
+            let refused = decide(&account, &ada(TradeSide::Sell, "0.012"), today(), &limits);
             assert_eq!(
                 refused,
                 Err(Rejection::OrderValueTooSmall {
@@ -586,7 +600,7 @@ mod tests {
         let ada_symbol = AssetSymbol::parse("asset", "ADA").unwrap();
         assert_eq!(account.holding(&ada_symbol).to_string(), "0.996");
 
-        let sell = decide(&account, &ada(TradeSide::Sell, "0.996"), TODAY, &limits).unwrap();
+        let sell = decide(&account, &ada(TradeSide::Sell, "0.996"), today(), &limits).unwrap();
         assert_eq!(sell.trade.as_ref().unwrap().total, usd("0.44"), "0.4482 rounds down");
         apply(&mut account, sell);
         assert_eq!(account.cash, usd("9.99"));
@@ -596,7 +610,7 @@ mod tests {
         let error = decide(
             &account_with("10", &[]),
             &ada(TradeSide::Buy, "0.996"),
-            TODAY,
+            today(),
             &Limits::default(),
         )
         .unwrap_err();
@@ -673,7 +687,7 @@ mod tests {
             fn trading_at_one_price_never_makes_money(price in price(), lots in proptest::collection::vec(lot(), 1..20)) {
                 let limits = tiny_orders_allowed();
                 let asset = AssetSymbol::parse("asset", "AAA").unwrap();
-                let mut account = Account { exists: true, cash: Usd::from_decimal(Decimal::new(20_000, 0)), limit_day: TODAY.to_owned(), ..Account::default() };
+                let mut account = Account { state: crate::core::AccountState::Open, cash: Usd::from_decimal(Decimal::new(20_000, 0)), limit_day: Some(today()), ..Account::default() };
                 let wealth = |account: &Account| account.cash.decimal() + account.holding(&asset).decimal() * price.decimal();
                 let bought = lots.iter().try_fold(Quantity::ZERO, |sum, lot| sum.checked_add(*lot)).unwrap();
                 let mut steps = vec![(TradeSide::Buy, bought)];
@@ -682,7 +696,7 @@ mod tests {
                 for (side, quantity) in steps {
                     let before = wealth(&account);
                     let exact = price.exact_value(quantity).unwrap();
-                    match decide(&account, &trade_at(side, quantity, price), TODAY, &limits) {
+                    match decide(&account, &trade_at(side, quantity, price), today(), &limits) {
                         Ok(decision) => {
                             let effect = decision.trade.clone().unwrap();
                             prop_assert!(effect.total > Usd::ZERO, "{:?} {} executed for 0.00", side, quantity);
@@ -721,11 +735,11 @@ mod tests {
                 let (mut cash_sum, mut holding_sum) = (Decimal::ZERO, Decimal::ZERO);
                 let asset = AssetSymbol::parse("asset", "AAA").unwrap();
                 for operation in &operations {
-                    let Ok(decision) = decide(&account, operation, TODAY, &tiny_orders_allowed()) else { continue };
+                    let Ok(decision) = decide(&account, operation, today(), &tiny_orders_allowed()) else { continue };
                     cash_sum += decision.cash_delta;
-                    account.exists = true;
+                    account.state = crate::core::AccountState::Open;
                     account.cash = decision.cash;
-                    account.limit_day = decision.limit_day.clone();
+                    account.limit_day = Some(decision.limit_day);
                     account.deposited_today = decision.deposited_today;
                     account.withdrawn_today = decision.withdrawn_today;
                     if let Some(effect) = &decision.trade {

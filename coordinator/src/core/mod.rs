@@ -15,10 +15,10 @@ pub mod principal;
 pub mod records;
 pub mod time;
 
-pub use account::{Account, Holdings};
+pub use account::{Account, AccountState, Holdings};
 pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
 pub use ids::{AssetSymbol, EntryId, FieldError, LockId, OrderId, RequestId, UserId};
 pub use limits::Limits;
 pub use money::{Price, Quantity, Usd};
 pub use principal::Principal;
-pub use time::{Clock, Millis, SystemClock};
+pub use time::{Clock, Millis, SystemClock, UtcDay};

@@ -83,11 +83,6 @@ fn utc(at: Millis) -> time::OffsetDateTime {
         .expect("a u64 of milliseconds is within time's range")
 }
 
-/// The UTC calendar day of `at` as `YYYY-MM-DD`.
-pub fn utc_day(at: Millis) -> String {
-    UtcDay::of(at).to_string()
-}
-
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T19:02:27.123Z`.
 pub fn rfc3339(at: Millis) -> String {
     let instant = utc(at);
@@ -107,9 +102,9 @@ mod tests {
 
     #[test]
     fn formats_known_instants() {
-        assert_eq!(utc_day(0), "1970-01-01");
+        assert_eq!(UtcDay::of(0).to_string(), "1970-01-01");
         assert_eq!(rfc3339(1_795_719_747_123), "2026-11-26T19:02:27.123Z");
-        assert_eq!(utc_day(951_782_400_000), "2000-02-29");
+        assert_eq!(UtcDay::of(951_782_400_000).to_string(), "2000-02-29");
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
     }
 

@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use crate::core::batch::{BatchOutcome, decide_batch};
 use crate::core::decide::Rejection;
 use crate::core::records::{EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome};
-use crate::core::time::utc_day;
-use crate::core::{Decision, Millis, Operation, Price, Principal, RequestId, Trade, TradeSide, Usd};
+use crate::core::{Decision, Millis, Operation, Price, Principal, RequestId, Trade, TradeSide, Usd, UtcDay};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
 use crate::telemetry::metrics;
@@ -201,7 +200,7 @@ impl TransactionCoordinator {
             .iter()
             .map(|(_, waiter)| self.operation(&waiter.intent))
             .collect::<Result<Vec<_>, _>>()?;
-        let outcome = decide_batch(&held.account, &operations, &utc_day(now), &self.config.limits);
+        let outcome = decide_batch(&held.account, &operations, UtcDay::of(now), &self.config.limits);
         let stale_refusal = operations.iter().zip(&outcome.decisions).any(|(operation, decision)| {
             matches!(operation, Operation::Trade(_)) && decision.as_ref().is_err_and(Rejection::depends_on_catalog)
         });
@@ -860,7 +859,11 @@ mod tests {
             .unwrap();
         assert_eq!(receipt.entry.cash_after, usd("40"));
         let account = honest.account(&user("h")).await.unwrap();
-        assert_eq!(account.limit_day, honest.today(), "the local day, not the far one");
+        assert_eq!(
+            account.limit_day,
+            Some(honest.today()),
+            "the local day, not the far one"
+        );
         assert_eq!(account.withdrawn_today, usd("20"), "counted from zero on the local day");
     }
 }

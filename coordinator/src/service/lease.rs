@@ -177,7 +177,7 @@ impl TransactionCoordinator {
         };
         waiting.unavailable = None;
         let account_exists = model::account_from_item(&current)
-            .map(|account| account.exists)
+            .map(|account| account.exists())
             .unwrap_or(false);
         let holder = model::lease_from_item(&current);
         if let Some(far_ahead) = holder.as_ref().filter(|holder| holder.is_implausible(now)) {
@@ -295,7 +295,7 @@ mod tests {
             .acquire(&user("a"), "DEPOSIT", LEASE, false, None)
             .await
             .unwrap();
-        assert!(!first.account.exists, "no account before the first deposit");
+        assert!(!first.account.exists(), "no account before the first deposit");
         let busy = coordinator
             .acquire(&user("a"), "DEPOSIT", LEASE, false, None)
             .await

@@ -44,10 +44,9 @@ pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 
 use crate::core::decide::{Rejection, above_daily_limit};
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
-use crate::core::time::utc_day;
 use crate::core::{
     AssetSymbol, Clock, FieldError, Limits, Millis, Operation, Price, Principal, Quantity, RequestId, TradeSide, Usd,
-    UserId,
+    UserId, UtcDay,
 };
 use crate::storage::{Storage, StorageError};
 
@@ -368,8 +367,8 @@ impl TransactionCoordinator {
     }
 
     /// The UTC day the daily limits count, by this coordinator's clock.
-    pub fn today(&self) -> String {
-        utc_day(self.clock.now())
+    pub fn today(&self) -> UtcDay {
+        UtcDay::of(self.clock.now())
     }
 
     // -----------------------------------------------------------------------------------------

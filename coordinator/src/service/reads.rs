@@ -63,7 +63,7 @@ impl TransactionCoordinator {
         let item = self.storage.get(model::account_key(user)).await?;
         let account = item.as_ref().map(model::account_from_item).transpose()?;
         account
-            .filter(|account| account.exists)
+            .filter(|account| account.exists())
             .ok_or_else(|| ServiceError::NotFound(Missing::Account(user.clone())))
     }
 

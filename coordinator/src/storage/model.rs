@@ -27,7 +27,8 @@ use crate::core::records::{
     Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
 };
 use crate::core::{
-    Account, AssetSymbol, Decision, LockId, Millis, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
+    Account, AccountState, AssetSymbol, Decision, LockId, Millis, Price, Principal, Quantity, RequestId, TradeSide,
+    Usd, UserId, UtcDay,
 };
 
 const USER_PREFIX: &str = "USER#";
@@ -196,7 +197,7 @@ pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
 /// Whether the account item read with a lease was created by that very acquire: no account yet,
 /// and no earlier release (each bumps the version).
 pub fn created_by_this_lease(read: &Account) -> bool {
-    !read.exists && read.version == 0
+    !read.exists() && read.version == 0
 }
 
 /// Gives back a lease whose acquire created the item (a first deposit refused, say) by deleting
@@ -387,7 +388,7 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
         });
         items.push_part(TransactionPart::CatalogCheck, check);
     }
-    let account = if created_by_this_lease(commit.read) && !commit.after.exists && commit.extend_until.is_none() {
+    let account = if created_by_this_lease(commit.read) && !commit.after.exists() && commit.extend_until.is_none() {
         release_created_item(commit.user, commit.lock_id)
     } else {
         TransactItem::Update(account_update(commit))
@@ -429,7 +430,7 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
         ],
     );
     let values = &mut update_bindings.values;
-    if after.exists {
+    if after.exists() {
         set.extend(
             [
                 "cash = :cash",
@@ -441,7 +442,10 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
             .map(str::to_owned),
         );
         values.insert(":cash".to_owned(), n(after.cash));
-        values.insert(":day".to_owned(), s(&after.limit_day));
+        values.insert(
+            ":day".to_owned(),
+            s(after.limit_day.map(|day| day.to_string()).unwrap_or_default()),
+        );
         values.insert(":deposited".to_owned(), n(after.deposited_today));
         values.insert(":withdrawn".to_owned(), n(after.withdrawn_today));
         values.insert(":created_at_ms".to_owned(), n(commit.now));
@@ -660,10 +664,13 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
         }
     }
     Ok(Account {
-        exists: true,
+        state: AccountState::Open,
         cash: required(KIND, "cash", Usd::from_stored(cash))?,
         holdings,
-        limit_day: string(item, "limit_day").unwrap_or_default().to_owned(),
+        limit_day: match string(item, "limit_day") {
+            None | Some("") => None,
+            Some(raw) => Some(required(KIND, "limit_day", UtcDay::from_stored(raw))?),
+        },
         deposited_today: usd("deposited_today")?,
         withdrawn_today: usd("withdrawn_today")?,
         version: required(
@@ -1262,7 +1269,7 @@ mod tests {
             Value::M(BTreeMap::from([("BTC".to_owned(), n("0.25"))])),
         );
         let account = account_from_item(&item).unwrap();
-        assert!(account.exists);
+        assert!(account.exists());
         assert_eq!(account.cash.to_string(), "100.50");
         assert_eq!(account.version, 3);
         assert_eq!(
@@ -1276,7 +1283,7 @@ mod tests {
         let mut item = Item::new();
         item.insert("lock_id".to_owned(), s("x"));
         item.insert("version".to_owned(), n(0));
-        assert!(!account_from_item(&item).unwrap().exists);
+        assert!(!account_from_item(&item).unwrap().exists());
     }
 
     /// Every item kind is named by its key alone, a malformed item keeps its key and its error,

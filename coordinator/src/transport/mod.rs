@@ -275,7 +275,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
         let user = UserId::parse("user_id", &request.get_ref().user_id).map_err(invalid)?;
         let account = self.coordinator.account(&user).await.map_err(status_of)?;
-        let (deposited_today, withdrawn_today) = account.daily_totals(&self.coordinator.today());
+        let (deposited_today, withdrawn_today) = account.daily_totals(self.coordinator.today());
         Ok(Response::new(pb::Account {
             user_id: user.to_string(),
             cash_balance: account.cash.to_string(),
