@@ -73,6 +73,9 @@ impl TransactionCoordinator {
     /// Decides and commits `calls` under `held`; answers every call. Returns the lease if it
     /// is still held (extended for the calls that wait), None once it was given back.
     pub(super) async fn commit_batch(&self, held: HeldLease, mut calls: Vec<Call>) -> Option<HeldLease> {
+        for (_, waiter) in &calls {
+            waiter.state.decided_under(&held.lock_id);
+        }
         let mut sent: Vec<SentRound> = Vec::new();
         let ending = self.attempt_rounds(&held, &mut calls, &mut sent).await;
         match ending {

@@ -76,12 +76,12 @@ impl TransactionCoordinator {
         operation: &str,
         lease_duration: Duration,
         require_account: bool,
-        deadline: Option<Instant>,
+        bound: Option<(Instant, ServiceError)>,
     ) -> Result<HeldLease, ServiceError> {
         let lock_id = LockId::new_random();
         let started = Instant::now();
         let wait_limit = started + self.config.lease_wait_max;
-        let wait_until = deadline.map_or(wait_limit, |deadline| deadline.min(wait_limit));
+        let wait_until = bound.as_ref().map_or(wait_limit, |(until, _)| (*until).min(wait_limit));
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(LEASE_RETRY_DELAY_MIN)
             .with_max_delay(LEASE_RETRY_DELAY_MAX)
@@ -114,14 +114,14 @@ impl TransactionCoordinator {
                     waited_ms = started.elapsed().as_millis() as u64,
                     "gave up waiting for the lease"
                 );
-                let error = match (waiting.unavailable, deadline) {
+                let error = match (waiting.unavailable, bound) {
                     (Some(detail), _) => {
                         // An attempt whose reply was lost may have landed: give that lease back
                         // now instead of leaving the user blocked until it expires.
                         self.release_if_landed(user, &lock_id).await;
                         ServiceError::Unavailable(detail)
                     }
-                    (None, Some(deadline)) if deadline <= wait_limit => ServiceError::DeadlineExceeded,
+                    (None, Some((until, on_timeout))) if until <= wait_limit => on_timeout,
                     (None, _) => ServiceError::Busy,
                 };
                 metrics::lease_gave_up(&error, started.elapsed(), operation);
@@ -385,7 +385,10 @@ mod tests {
             .acquire(&user("d"), "DEPOSIT", LEASE, false, None)
             .await
             .unwrap();
-        let deadline = Some(Instant::now() + Duration::from_millis(5));
+        let deadline = Some((
+            Instant::now() + Duration::from_millis(5),
+            ServiceError::DeadlineExceeded,
+        ));
         let error = coordinator
             .acquire(&user("d"), "DEPOSIT", LEASE, false, deadline)
             .await

@@ -427,7 +427,7 @@ impl TransactionCoordinator {
     /// extend, on behalf of `principal`, who is recorded on what the commit writes; a refusal is
     /// rolled back in the same commit. With a request id, a retry of a request that already
     /// ended returns its recorded outcome instead of running again.
-    #[tracing::instrument(skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), outcome = tracing::field::Empty))]
+    #[tracing::instrument(name = "mutate", skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), lock_id = tracing::field::Empty, outcome = tracing::field::Empty))]
     pub async fn mutate_as(
         self: &Arc<Self>,
         principal: &Principal,

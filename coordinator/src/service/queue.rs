@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::commit::Call;
 use super::{BATCH_CALLS_MAX, Intent, Receipt, ServiceError, TransactionCoordinator};
-use crate::core::{Principal, RequestId, UserId};
+use crate::core::{LockId, Principal, RequestId, UserId};
 
 /// Queued: the driver has not taken it yet; it may still leave.
 const QUEUED: u8 = 0;
@@ -22,9 +22,10 @@ const TAKEN: u8 = 1;
 /// Left the queue (cancelled, deadline, wait limit) before the driver took it.
 const LEFT: u8 = 2;
 
-/// Whether a waiter is still queued, taken, or gone; shared by the waiter and the driver.
+/// Whether a waiter is still queued, taken, or gone, and the lease its call was decided under;
+/// shared by the waiter and the driver.
 #[derive(Debug, Clone, Default)]
-pub(super) struct WaiterState(Arc<AtomicU8>);
+pub(super) struct WaiterState(Arc<AtomicU8>, Arc<std::sync::OnceLock<LockId>>);
 
 impl WaiterState {
     /// The driver takes the waiter, unless it left first.
@@ -32,6 +33,11 @@ impl WaiterState {
         self.0
             .compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
+    }
+
+    /// Notes the lease the call is decided under, for its log lines.
+    pub(super) fn decided_under(&self, lease: &LockId) {
+        self.1.set(lease.clone()).ok();
     }
 
     /// The waiter leaves, unless the driver took it first.
@@ -226,7 +232,7 @@ impl TransactionCoordinator {
         let _leave_if_dropped = LeaveOnDrop(state.clone());
         let _waiting = crate::telemetry::metrics::Waiter::enter();
         let dropped = || ServiceError::Internal("the account's driver stopped without an answer".to_owned());
-        match tokio::time::timeout_at(wait_until, &mut answer).await {
+        let answer = match tokio::time::timeout_at(wait_until, &mut answer).await {
             Ok(answered) => answered.unwrap_or_else(|_| Err(dropped())),
             // Still queued: it leaves, and nothing of it was or will be applied.
             Err(_) if state.leave() => {
@@ -235,7 +241,11 @@ impl TransactionCoordinator {
             }
             // Taken into a batch just now: that batch's ending answers.
             Err(_) => answer.await.unwrap_or_else(|_| Err(dropped())),
+        };
+        if let Some(lease) = state.1.get() {
+            tracing::Span::current().record("lock_id", tracing::field::display(lease));
         }
+        answer
     }
 
     /// Drives `user`'s queue until it is empty: takes the next calls, holds the lease while
@@ -289,8 +299,12 @@ impl TransactionCoordinator {
         } else {
             "BATCH"
         };
-        let wait_until = batch.iter().map(|(_, waiter)| waiter.wait_until).min();
-        self.acquire(user, operation, lease, require_account, wait_until).await
+        // Waiting no longer than the most urgent call, and failing as it would.
+        let bound = batch
+            .iter()
+            .map(|(_, waiter)| (waiter.wait_until, waiter.on_timeout.clone()))
+            .min_by_key(|(until, _)| *until);
+        self.acquire(user, operation, lease, require_account, bound).await
     }
 }
 
