@@ -171,46 +171,8 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
         trade: None,
     };
     match operation {
-        Operation::Deposit(amount) => {
-            let used = deposited_today.checked_add(*amount).ok_or(Rejection::OutOfRange)?;
-            if used > limits.daily_deposit {
-                return Err(Rejection::DailyLimitExceeded {
-                    kind: "deposit",
-                    limit: limits.daily_deposit,
-                    used: deposited_today,
-                    requested: *amount,
-                });
-            }
-            Ok(Decision {
-                cash: account.cash.checked_add(*amount).ok_or(Rejection::OutOfRange)?,
-                cash_delta: amount.decimal(),
-                deposited_today: used,
-                ..unchanged
-            })
-        }
-        Operation::Withdraw(amount) => {
-            let used = withdrawn_today.checked_add(*amount).ok_or(Rejection::OutOfRange)?;
-            if used > limits.daily_withdrawal {
-                return Err(Rejection::DailyLimitExceeded {
-                    kind: "withdrawal",
-                    limit: limits.daily_withdrawal,
-                    used: withdrawn_today,
-                    requested: *amount,
-                });
-            }
-            if account.cash < *amount {
-                return Err(Rejection::InsufficientBalance {
-                    current: account.cash,
-                    required: *amount,
-                });
-            }
-            Ok(Decision {
-                cash: account.cash.checked_sub(*amount).ok_or(Rejection::OutOfRange)?,
-                cash_delta: -amount.decimal(),
-                withdrawn_today: used,
-                ..unchanged
-            })
-        }
+        Operation::Deposit(amount) => decide_deposit(*amount, limits, unchanged),
+        Operation::Withdraw(amount) => decide_withdrawal(*amount, limits, unchanged),
         Operation::Trade(trade) => {
             let effect = decide_trade(account, trade, limits)?;
             let (cash, cash_delta) = match trade.side {
@@ -225,6 +187,56 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
             })
         }
     }
+}
+
+/// A deposit on the account as `unchanged` describes it: within the day's deposit limit.
+fn decide_deposit(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
+    let used = unchanged
+        .deposited_today
+        .checked_add(amount)
+        .ok_or(Rejection::OutOfRange)?;
+    if used > limits.daily_deposit {
+        return Err(Rejection::DailyLimitExceeded {
+            kind: "deposit",
+            limit: limits.daily_deposit,
+            used: unchanged.deposited_today,
+            requested: amount,
+        });
+    }
+    Ok(Decision {
+        cash: unchanged.cash.checked_add(amount).ok_or(Rejection::OutOfRange)?,
+        cash_delta: amount.decimal(),
+        deposited_today: used,
+        ..unchanged
+    })
+}
+
+/// A withdrawal: within the day's withdrawal limit and the balance.
+fn decide_withdrawal(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
+    let used = unchanged
+        .withdrawn_today
+        .checked_add(amount)
+        .ok_or(Rejection::OutOfRange)?;
+    if used > limits.daily_withdrawal {
+        return Err(Rejection::DailyLimitExceeded {
+            kind: "withdrawal",
+            limit: limits.daily_withdrawal,
+            used: unchanged.withdrawn_today,
+            requested: amount,
+        });
+    }
+    if unchanged.cash < amount {
+        return Err(Rejection::InsufficientBalance {
+            current: unchanged.cash,
+            required: amount,
+        });
+    }
+    Ok(Decision {
+        cash: unchanged.cash.checked_sub(amount).ok_or(Rejection::OutOfRange)?,
+        cash_delta: -amount.decimal(),
+        withdrawn_today: used,
+        ..unchanged
+    })
 }
 
 fn decide_trade(account: &Account, trade: &Trade, limits: &Limits) -> Result<TradeEffect, Rejection> {

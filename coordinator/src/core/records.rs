@@ -3,7 +3,7 @@
 use rust_decimal::Decimal;
 
 use super::decide::TradeSide;
-use super::ids::{AssetSymbol, LockId, UserId};
+use super::ids::{AssetSymbol, LeaseId, UserId};
 use super::money::{Price, Quantity, Usd};
 use super::principal::Principal;
 use super::time::Millis;
@@ -11,7 +11,7 @@ use super::time::Millis;
 /// A user's lease as stored on the account item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub lock_id: LockId,
+    pub lock_id: LeaseId,
     /// The coordinator instance that took it (`--instance`).
     pub owner: String,
     /// Which run of that instance: a fresh id at every start. A live lease with this
