@@ -192,7 +192,7 @@ fn check_ledger_chain(ledger: &[LedgerEntry], problems: &mut Vec<String>) -> Led
         holdings: BTreeMap::new(),
     };
     for entry in ledger {
-        sums.cash += entry.cash_delta;
+        sums.cash += entry.cash_delta.decimal();
         if sums.cash != entry.cash_after.decimal() {
             problems.push(format!(
                 "ledger entry {} says cash {} but the entries sum to {}",
@@ -285,7 +285,8 @@ fn check_orders(
                     TradeSide::Buy => (order.quantity.decimal(), -order.total.decimal()),
                     TradeSide::Sell => (-order.quantity.decimal(), order.total.decimal()),
                 };
-                if trade.quantity_delta != quantity || entry.cash_delta != cash || trade.asset != order.asset {
+                if trade.quantity_delta != quantity || entry.cash_delta.decimal() != cash || trade.asset != order.asset
+                {
                     problems.push(format!(
                         "order {} does not match its ledger entry {}",
                         order.order_id, entry.entry_id

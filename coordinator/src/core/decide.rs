@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use super::account::Account;
 use super::ids::AssetSymbol;
 use super::limits::Limits;
-use super::money::{ORDER_VALUE_USD_MAX, Price, Quantity, Usd};
+use super::money::{ORDER_VALUE_USD_MAX, Price, Quantity, Usd, UsdDelta};
 use super::time::UtcDay;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub enum Operation {
 pub struct Decision {
     pub cash: Usd,
     /// Signed change of cash: the ledger entry's amount.
-    pub cash_delta: Decimal,
+    pub cash_delta: UsdDelta,
     pub limit_day: UtcDay,
     pub deposited_today: Usd,
     pub withdrawn_today: Usd,
@@ -164,7 +164,7 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
     let (deposited_today, withdrawn_today) = account.daily_totals(today);
     let unchanged = Decision {
         cash: account.cash,
-        cash_delta: Decimal::ZERO,
+        cash_delta: UsdDelta::ZERO,
         limit_day: today,
         deposited_today,
         withdrawn_today,
@@ -176,8 +176,8 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
         Operation::Trade(trade) => {
             let effect = decide_trade(account, trade, limits)?;
             let (cash, cash_delta) = match trade.side {
-                TradeSide::Buy => (account.cash.checked_sub(effect.total), -effect.total.decimal()),
-                TradeSide::Sell => (account.cash.checked_add(effect.total), effect.total.decimal()),
+                TradeSide::Buy => (account.cash.checked_sub(effect.total), UsdDelta::debit(effect.total)),
+                TradeSide::Sell => (account.cash.checked_add(effect.total), UsdDelta::credit(effect.total)),
             };
             Ok(Decision {
                 cash: cash.ok_or(Rejection::OutOfRange)?,
@@ -205,7 +205,7 @@ fn decide_deposit(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<D
     }
     Ok(Decision {
         cash: unchanged.cash.checked_add(amount).ok_or(Rejection::OutOfRange)?,
-        cash_delta: amount.decimal(),
+        cash_delta: UsdDelta::credit(amount),
         deposited_today: used,
         ..unchanged
     })
@@ -233,7 +233,7 @@ fn decide_withdrawal(amount: Usd, limits: &Limits, unchanged: Decision) -> Resul
     }
     Ok(Decision {
         cash: unchanged.cash.checked_sub(amount).ok_or(Rejection::OutOfRange)?,
-        cash_delta: -amount.decimal(),
+        cash_delta: UsdDelta::debit(amount),
         withdrawn_today: used,
         ..unchanged
     })
@@ -715,12 +715,12 @@ mod tests {
                             match side {
                                 TradeSide::Buy => {
                                     prop_assert!(effect.total.decimal() >= exact && effect.total.decimal() - exact < Decimal::new(1, 2));
-                                    prop_assert_eq!(decision.cash_delta, -effect.total.decimal());
+                                    prop_assert_eq!(decision.cash_delta.decimal(), -effect.total.decimal());
                                     paid += effect.total.decimal();
                                 }
                                 TradeSide::Sell => {
                                     prop_assert!(effect.total.decimal() <= exact && exact - effect.total.decimal() < Decimal::new(1, 2));
-                                    prop_assert_eq!(decision.cash_delta, effect.total.decimal());
+                                    prop_assert_eq!(decision.cash_delta.decimal(), effect.total.decimal());
                                     received += effect.total.decimal();
                                 }
                             }
@@ -748,7 +748,7 @@ mod tests {
                 let asset = AssetSymbol::parse("asset", "AAA").unwrap();
                 for operation in &operations {
                     let Ok(decision) = decide(&account, operation, today(), &tiny_orders_allowed()) else { continue };
-                    cash_sum += decision.cash_delta;
+                    cash_sum += decision.cash_delta.decimal();
                     account.state = crate::core::AccountState::Open;
                     account.cash = decision.cash;
                     account.limit_day = Some(decision.limit_day);

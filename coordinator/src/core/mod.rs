@@ -19,6 +19,6 @@ pub use account::{Account, AccountState, Holdings};
 pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
 pub use ids::{AssetSymbol, EntryId, FieldError, LeaseId, OrderId, RequestId, UserId};
 pub use limits::Limits;
-pub use money::{Price, Quantity, Usd};
+pub use money::{Price, Quantity, Usd, UsdDelta};
 pub use principal::Principal;
 pub use time::{Clock, Millis, SystemClock, UtcDay};

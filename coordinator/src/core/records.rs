@@ -4,7 +4,7 @@ use rust_decimal::Decimal;
 
 use super::decide::TradeSide;
 use super::ids::{AssetSymbol, LeaseId, UserId};
-use super::money::{Price, Quantity, Usd};
+use super::money::{Price, Quantity, Usd, UsdDelta};
 use super::principal::Principal;
 use super::time::Millis;
 
@@ -84,7 +84,7 @@ pub struct LedgerEntry {
     pub entry_id: String,
     pub user_id: UserId,
     pub kind: EntryKind,
-    pub cash_delta: Decimal,
+    pub cash_delta: UsdDelta,
     pub cash_after: Usd,
     pub trade: Option<LedgerTrade>,
     pub created_at_ms: Millis,

@@ -28,7 +28,7 @@ use crate::core::records::{
 };
 use crate::core::{
     Account, AccountState, AssetSymbol, Decision, LeaseId, Millis, Price, Principal, Quantity, RequestId, TradeSide,
-    Usd, UserId, UtcDay,
+    Usd, UsdDelta, UserId, UtcDay,
 };
 
 const USER_PREFIX: &str = "USER#";
@@ -507,7 +507,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
     let mut after = commit.read.clone();
     after.apply(commit.decision);
     after.version = commit.read.version + 1;
-    let debit = Usd::from_decimal((-commit.decision.cash_delta).max(Decimal::ZERO));
+    let debit = commit.decision.cash_delta.debited();
     let mut prices = BTreeMap::new();
     let mut holding_floors = BTreeMap::new();
     if let Some(trade) = &commit.decision.trade {
@@ -727,7 +727,11 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
             string(item, "user_id").and_then(|raw| UserId::parse("user_id", raw).ok()),
         )?,
         kind: required(KIND, "kind", string(item, "kind").and_then(EntryKind::parse))?,
-        cash_delta: decimal("cash_delta")?,
+        cash_delta: required(
+            KIND,
+            "cash_delta",
+            number(item, "cash_delta").and_then(UsdDelta::from_stored),
+        )?,
         cash_after: Usd::from_decimal(decimal("cash_after")?),
         trade,
         created_at_ms: required(
