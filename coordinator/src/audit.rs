@@ -150,87 +150,17 @@ fn check_user(
     lease_margin: Duration,
     report: &mut AuditReport,
 ) {
-    let mut problem = |text: String| report.discrepancies.push(format!("user {user}: {text}"));
+    let mut problems = Vec::new();
     let mut ledger = books.ledger.clone();
     ledger.sort_by(|a, b| (a.sequence, &a.entry_id).cmp(&(b.sequence, &b.entry_id)));
-
-    // The ledger's own chain: each entry's balance follows from the one before.
-    let mut running_cash = Decimal::ZERO;
-    let mut running_holdings: BTreeMap<String, Decimal> = BTreeMap::new();
-    for entry in &ledger {
-        running_cash += entry.cash_delta;
-        if running_cash != entry.cash_after.decimal() {
-            problem(format!(
-                "ledger entry {} says cash {} but the entries sum to {running_cash}",
-                entry.entry_id, entry.cash_after
-            ));
-        }
-        if let Some(trade) = &entry.trade {
-            *running_holdings.entry(trade.asset.to_string()).or_default() += trade.quantity_delta;
-        }
-        if running_cash < Decimal::ZERO {
-            problem(format!(
-                "cash went negative ({running_cash}) at ledger entry {}",
-                entry.entry_id
-            ));
-        }
-        if running_holdings.values().any(|quantity| *quantity < Decimal::ZERO) {
-            problem(format!("a holding went negative at ledger entry {}", entry.entry_id));
-        }
-    }
-
-    let lease = match &books.account {
-        Some((account, lease)) if account.exists() => {
-            report.accounts += 1;
-            if account.cash.decimal() != running_cash {
-                problem(format!(
-                    "cash {} differs from the ledger's sum {running_cash}",
-                    account.cash
-                ));
-            }
-            if account.cash.decimal() < Decimal::ZERO {
-                problem(format!("negative cash {}", account.cash));
-            }
-            let mut assets: Vec<String> = account.holdings.keys().map(ToString::to_string).collect();
-            assets.extend(running_holdings.keys().cloned());
-            assets.sort();
-            assets.dedup();
-            for asset in assets {
-                let held = account
-                    .holdings
-                    .iter()
-                    .find(|(symbol, _)| symbol.as_str() == asset)
-                    .map_or(Decimal::ZERO, |(_, quantity)| quantity.decimal());
-                let summed = running_holdings.get(&asset).copied().unwrap_or_default();
-                if held != summed {
-                    problem(format!("holding of {asset} is {held} but the ledger sums to {summed}"));
-                }
-                if held < Decimal::ZERO {
-                    problem(format!("negative holding of {asset}: {held}"));
-                }
-            }
-            lease.clone()
-        }
-        Some((_, lease)) => {
-            if !ledger.is_empty() {
-                problem("ledger entries but no account".to_owned());
-            }
-            lease.clone()
-        }
-        None => {
-            if !ledger.is_empty() {
-                problem("ledger entries but no account".to_owned());
-            }
-            None
-        }
-    };
+    let sums = check_ledger_chain(&ledger, &mut problems);
+    let lease = check_account(books, &ledger, &sums, report, &mut problems);
     report.ledger_entries += ledger.len();
-
     if let Some(lease) = lease {
         if lease.is_live(now) {
             report.live_leases += 1;
         } else if lease.expires_at_ms + (lease_margin.as_millis() as u64) < now {
-            problem(format!(
+            problems.push(format!(
                 "lease {} of {} expired {} s ago and was never released",
                 lease.lock_id,
                 lease.owner,
@@ -238,10 +168,109 @@ fn check_user(
             ));
         }
     }
+    check_orders(books, &ledger, orders_by_id, report, &mut problems);
+    for (record, entry_id) in &books.committed_records {
+        if !ledger.iter().any(|entry| &entry.entry_id == entry_id) {
+            problems.push(format!("{record} records entry {entry_id}, which does not exist"));
+        }
+    }
+    let prefixed = problems.into_iter().map(|problem| format!("user {user}: {problem}"));
+    report.discrepancies.extend(prefixed);
+}
 
-    // Orders against the ledger: CONFIRMED has exactly its entry, FAILED has none.
+/// What the ledger sums to: cash, and each holding by asset.
+struct LedgerSums {
+    cash: Decimal,
+    holdings: BTreeMap<String, Decimal>,
+}
+
+/// The ledger's own chain: each entry's balance follows from the one before, and nothing goes
+/// negative along the way.
+fn check_ledger_chain(ledger: &[LedgerEntry], problems: &mut Vec<String>) -> LedgerSums {
+    let mut sums = LedgerSums {
+        cash: Decimal::ZERO,
+        holdings: BTreeMap::new(),
+    };
+    for entry in ledger {
+        sums.cash += entry.cash_delta.decimal();
+        if sums.cash != entry.cash_after.decimal() {
+            problems.push(format!(
+                "ledger entry {} says cash {} but the entries sum to {}",
+                entry.entry_id, entry.cash_after, sums.cash
+            ));
+        }
+        if let Some(trade) = &entry.trade {
+            *sums.holdings.entry(trade.asset.to_string()).or_default() += trade.quantity_delta;
+        }
+        if sums.cash < Decimal::ZERO {
+            problems.push(format!(
+                "cash went negative ({}) at ledger entry {}",
+                sums.cash, entry.entry_id
+            ));
+        }
+        if sums.holdings.values().any(|quantity| *quantity < Decimal::ZERO) {
+            problems.push(format!("a holding went negative at ledger entry {}", entry.entry_id));
+        }
+    }
+    sums
+}
+
+/// The account against the ledger's sums; returns the lease the account item carries.
+fn check_account(
+    books: &UserBooks,
+    ledger: &[LedgerEntry],
+    sums: &LedgerSums,
+    report: &mut AuditReport,
+    problems: &mut Vec<String>,
+) -> Option<Lease> {
+    let Some((account, lease)) = books.account.as_ref().filter(|(account, _)| account.exists()) else {
+        if !ledger.is_empty() {
+            problems.push("ledger entries but no account".to_owned());
+        }
+        return books.account.as_ref().and_then(|(_, lease)| lease.clone());
+    };
+    report.accounts += 1;
+    if account.cash.decimal() != sums.cash {
+        problems.push(format!(
+            "cash {} differs from the ledger's sum {}",
+            account.cash, sums.cash
+        ));
+    }
+    if account.cash.decimal() < Decimal::ZERO {
+        problems.push(format!("negative cash {}", account.cash));
+    }
+    let mut assets: Vec<String> = account.holdings.keys().map(ToString::to_string).collect();
+    assets.extend(sums.holdings.keys().cloned());
+    assets.sort();
+    assets.dedup();
+    for asset in assets {
+        let held = account
+            .holdings
+            .iter()
+            .find(|(symbol, _)| symbol.as_str() == asset)
+            .map_or(Decimal::ZERO, |(_, quantity)| quantity.decimal());
+        let summed = sums.holdings.get(&asset).copied().unwrap_or_default();
+        if held != summed {
+            problems.push(format!("holding of {asset} is {held} but the ledger sums to {summed}"));
+        }
+        if held < Decimal::ZERO {
+            problems.push(format!("negative holding of {asset}: {held}"));
+        }
+    }
+    lease.clone()
+}
+
+/// Orders against the ledger: CONFIRMED has exactly its entry, FAILED has none, each has its
+/// identical by-id copy, and no entry names an order that does not exist.
+fn check_orders(
+    books: &UserBooks,
+    ledger: &[LedgerEntry],
+    orders_by_id: &BTreeMap<String, Order>,
+    report: &mut AuditReport,
+    problems: &mut Vec<String>,
+) {
     let mut entries_by_order: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
-    for entry in &ledger {
+    for entry in ledger {
         if let Some(trade) = &entry.trade {
             entries_by_order.entry(trade.order_id.as_str()).or_default().push(entry);
         }
@@ -249,43 +278,34 @@ fn check_user(
     for order in &books.orders {
         report.orders += 1;
         let entries = entries_by_order.remove(order.order_id.as_str()).unwrap_or_default();
-        match order.status {
-            OrderStatus::Confirmed => {
-                let [entry] = entries.as_slice() else {
-                    problem(format!(
-                        "CONFIRMED order {} has {} ledger entries",
-                        order.order_id,
-                        entries.len()
-                    ));
-                    continue;
-                };
+        match (order.status, entries.as_slice()) {
+            (OrderStatus::Confirmed, [entry]) => {
                 let trade = entry.trade.as_ref().expect("indexed by trade");
                 let (quantity, cash) = match order.side {
                     TradeSide::Buy => (order.quantity.decimal(), -order.total.decimal()),
                     TradeSide::Sell => (-order.quantity.decimal(), order.total.decimal()),
                 };
-                if trade.quantity_delta != quantity || entry.cash_delta != cash || trade.asset != order.asset {
-                    problem(format!(
+                if trade.quantity_delta != quantity || entry.cash_delta.decimal() != cash || trade.asset != order.asset
+                {
+                    problems.push(format!(
                         "order {} does not match its ledger entry {}",
                         order.order_id, entry.entry_id
                     ));
                 }
             }
-            OrderStatus::Failed if !entries.is_empty() => {
-                problem(format!("FAILED order {} has ledger entries", order.order_id));
-            }
-            OrderStatus::Failed => {}
+            (OrderStatus::Confirmed, entries) => problems.push(format!(
+                "CONFIRMED order {} has {} ledger entries",
+                order.order_id,
+                entries.len()
+            )),
+            (OrderStatus::Failed, []) => {}
+            (OrderStatus::Failed, _) => problems.push(format!("FAILED order {} has ledger entries", order.order_id)),
         }
         if orders_by_id.get(&order.order_id) != Some(order) {
-            problem(format!("order {} has no identical by-id copy", order.order_id));
+            problems.push(format!("order {} has no identical by-id copy", order.order_id));
         }
     }
     for order_id in entries_by_order.keys() {
-        problem(format!("ledger entries for order {order_id}, which does not exist"));
-    }
-    for (record, entry_id) in &books.committed_records {
-        if !ledger.iter().any(|entry| &entry.entry_id == entry_id) {
-            problem(format!("{record} records entry {entry_id}, which does not exist"));
-        }
+        problems.push(format!("ledger entries for order {order_id}, which does not exist"));
     }
 }

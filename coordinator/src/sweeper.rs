@@ -163,7 +163,7 @@ mod tests {
 
     use super::*;
     use crate::core::records::Lease;
-    use crate::core::{LockId, UserId};
+    use crate::core::{LeaseId, UserId};
     use crate::storage::embedded::EmbeddedEngine;
     use crate::storage::{Delete, Engine, Item, Page, Put, Query, StorageResult, Update};
 
@@ -271,7 +271,7 @@ mod tests {
         for index in 0..count {
             let user = UserId::parse("user_id", &format!("dead{index}")).unwrap();
             let lease = Lease {
-                lock_id: LockId::new_random(),
+                lock_id: LeaseId::new_random(),
                 owner: "gone".to_owned(),
                 incarnation: "gone".to_owned(),
                 operation: "DEPOSIT".to_owned(),

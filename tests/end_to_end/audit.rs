@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lockstep_coordinator::audit::audit;
 use lockstep_coordinator::core::records::Lease;
-use lockstep_coordinator::core::{Clock, LockId, SystemClock, UserId};
+use lockstep_coordinator::core::{Clock, LeaseId, SystemClock, UserId};
 use lockstep_coordinator::storage::{Put, Storage, Value, model};
 use lockstep_coordinator::sweeper::sweep;
 
@@ -61,7 +61,7 @@ async fn audit_finds_forgery_and_stale_leases(engine: EngineKind) {
     let user = UserId::parse("user_id", "audited").unwrap();
     let ten_minutes_ago = SystemClock.now() - 600_000;
     let dead = Lease {
-        lock_id: LockId::new_random(),
+        lock_id: LeaseId::new_random(),
         owner: "gone".into(),
         incarnation: "gone".into(),
         operation: "DEPOSIT".into(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use lockstep_coordinator::core::records::Lease;
-use lockstep_coordinator::core::{Clock, LockId, SystemClock, UserId};
+use lockstep_coordinator::core::{Clock, LeaseId, SystemClock, UserId};
 use lockstep_coordinator::storage::model;
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -63,7 +63,7 @@ async fn all_pages(http: &Http, address: std::net::SocketAddr, path: &str, key: 
 async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output = ()> {
     let user = UserId::parse("user_id", user).expect("user id");
     let lease = Lease {
-        lock_id: LockId::new_random(),
+        lock_id: LeaseId::new_random(),
         owner: "another-coordinator".to_owned(),
         incarnation: "a-run-that-died".to_owned(),
         operation: "WITHDRAWAL".to_owned(),

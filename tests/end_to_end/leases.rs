@@ -7,7 +7,7 @@ use lockstep_coordinator::core::UtcDay;
 use lockstep_coordinator::core::decide::decide;
 use lockstep_coordinator::core::records::{EntryKind, Lease, LedgerEntry};
 use lockstep_coordinator::core::time::ManualClock;
-use lockstep_coordinator::core::{Clock, Limits, LockId, Operation, SystemClock, Usd, UserId};
+use lockstep_coordinator::core::{Clock, LeaseId, Limits, Operation, SystemClock, Usd, UserId};
 use lockstep_coordinator::storage::{StorageError, model};
 use tonic::Code;
 
@@ -33,7 +33,7 @@ async fn take_lease_as_another_coordinator(
     lease_ms: u64,
 ) -> (Lease, lockstep_coordinator::core::Account) {
     let lease = Lease {
-        lock_id: LockId::new_random(),
+        lock_id: LeaseId::new_random(),
         owner: "coordinator-that-died".to_owned(),
         incarnation: "a-run-that-died".to_owned(),
         operation: "WITHDRAWAL".to_owned(),

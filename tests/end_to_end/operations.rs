@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lockstep_coordinator::core::records::Lease;
-use lockstep_coordinator::core::{Clock, LockId, SystemClock, UserId};
+use lockstep_coordinator::core::{Clock, LeaseId, SystemClock, UserId};
 use lockstep_coordinator::storage::embedded::EmbeddedEngine;
 use lockstep_coordinator::storage::{Storage, model};
 
@@ -52,7 +52,7 @@ async fn inspect_release_and_audit_through_the_running_server() {
     // A holder that died without releasing: its lease outlives it.
     let user = UserId::parse("user_id", "olivia").unwrap();
     let dead = Lease {
-        lock_id: LockId::new_random(),
+        lock_id: LeaseId::new_random(),
         owner: "gone-coordinator".to_owned(),
         incarnation: "gone".to_owned(),
         operation: "WITHDRAWAL".to_owned(),

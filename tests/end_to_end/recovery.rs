@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lockstep_coordinator::core::records::Lease;
 use lockstep_coordinator::core::time::ManualClock;
-use lockstep_coordinator::core::{Clock, LockId, SystemClock, UserId};
+use lockstep_coordinator::core::{Clock, LeaseId, SystemClock, UserId};
 use lockstep_coordinator::service::CommitHook;
 use lockstep_coordinator::storage::model;
 use tokio::sync::Notify;
@@ -79,7 +79,7 @@ async fn restarted_instance_reclaims_its_dead_lease(engine: EngineKind) {
     let app = spawn_app_with(engine, options("coordinator-a")).await;
     app.deposit("reclaimed", "10.00").await.expect("deposit");
     let dead_run = Lease {
-        lock_id: LockId::new_random(),
+        lock_id: LeaseId::new_random(),
         owner: "coordinator-a".to_owned(),
         incarnation: "a-run-that-died".to_owned(),
         operation: "DEPOSIT".to_owned(),

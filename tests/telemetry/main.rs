@@ -18,7 +18,7 @@ use std::time::Duration;
 use lockstep::coordinator::v1 as pb;
 use lockstep_coordinator::core::records::Lease;
 use lockstep_coordinator::core::time::ManualClock;
-use lockstep_coordinator::core::{Clock, LockId, UserId};
+use lockstep_coordinator::core::{Clock, LeaseId, UserId};
 use lockstep_coordinator::service::CommitHook;
 use lockstep_coordinator::storage::model;
 use serde_json::Value;
@@ -136,7 +136,7 @@ async fn metrics_count_a_scripted_workload() {
     // A busy lease: someone else holds it past the wait.
     let busy_user = UserId::parse("user_id", "busy").unwrap();
     let holder = Lease {
-        lock_id: LockId::new_random(),
+        lock_id: LeaseId::new_random(),
         owner: "someone-else".to_owned(),
         incarnation: "elsewhere".to_owned(),
         operation: "DEPOSIT".to_owned(),

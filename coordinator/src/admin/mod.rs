@@ -19,7 +19,7 @@ use lockstep::coordinator::v1 as pb;
 
 use crate::core::records::Lease;
 use crate::core::time::rfc3339;
-use crate::core::{LockId, UserId};
+use crate::core::{LeaseId, UserId};
 use crate::service::{PageRequest, ServiceError, TransactionCoordinator};
 use crate::storage::{StorageError, model};
 use crate::telemetry::{contention, metrics};
@@ -123,7 +123,7 @@ pub async fn release_lease(
     let Some(lease) = lease.filter(|lease| expected.is_none_or(|expected| lease.lock_id.as_str() == expected)) else {
         return Ok(pb::ReleaseLeaseReply { released: None });
     };
-    let release = model::release_lease(user, &LockId::from_stored(lease.lock_id.to_string()));
+    let release = model::release_lease(user, &LeaseId::from_stored(lease.lock_id.to_string()));
     match coordinator.storage().write(release).await {
         Ok(()) => {
             metrics::admin_released_lease();

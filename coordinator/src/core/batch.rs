@@ -44,7 +44,7 @@ pub fn decide_batch(account: &Account, operations: &[Operation], today: UtcDay, 
         .map(|operation| {
             let decision = decide(&after, operation, today, limits)?;
             after.apply(&decision);
-            cash_change += decision.cash_delta;
+            cash_change += decision.cash_delta.decimal();
             cash_floor = cash_floor.max(-cash_change);
             if let Some(effect) = &decision.trade {
                 let change = holding_changes.entry(effect.asset.clone()).or_default();

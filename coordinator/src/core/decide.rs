@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use super::account::Account;
 use super::ids::AssetSymbol;
 use super::limits::Limits;
-use super::money::{ORDER_VALUE_USD_MAX, Price, Quantity, Usd};
+use super::money::{ORDER_VALUE_USD_MAX, Price, Quantity, Usd, UsdDelta};
 use super::time::UtcDay;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub enum Operation {
 pub struct Decision {
     pub cash: Usd,
     /// Signed change of cash: the ledger entry's amount.
-    pub cash_delta: Decimal,
+    pub cash_delta: UsdDelta,
     pub limit_day: UtcDay,
     pub deposited_today: Usd,
     pub withdrawn_today: Usd,
@@ -164,58 +164,20 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
     let (deposited_today, withdrawn_today) = account.daily_totals(today);
     let unchanged = Decision {
         cash: account.cash,
-        cash_delta: Decimal::ZERO,
+        cash_delta: UsdDelta::ZERO,
         limit_day: today,
         deposited_today,
         withdrawn_today,
         trade: None,
     };
     match operation {
-        Operation::Deposit(amount) => {
-            let used = deposited_today.checked_add(*amount).ok_or(Rejection::OutOfRange)?;
-            if used > limits.daily_deposit {
-                return Err(Rejection::DailyLimitExceeded {
-                    kind: "deposit",
-                    limit: limits.daily_deposit,
-                    used: deposited_today,
-                    requested: *amount,
-                });
-            }
-            Ok(Decision {
-                cash: account.cash.checked_add(*amount).ok_or(Rejection::OutOfRange)?,
-                cash_delta: amount.decimal(),
-                deposited_today: used,
-                ..unchanged
-            })
-        }
-        Operation::Withdraw(amount) => {
-            let used = withdrawn_today.checked_add(*amount).ok_or(Rejection::OutOfRange)?;
-            if used > limits.daily_withdrawal {
-                return Err(Rejection::DailyLimitExceeded {
-                    kind: "withdrawal",
-                    limit: limits.daily_withdrawal,
-                    used: withdrawn_today,
-                    requested: *amount,
-                });
-            }
-            if account.cash < *amount {
-                return Err(Rejection::InsufficientBalance {
-                    current: account.cash,
-                    required: *amount,
-                });
-            }
-            Ok(Decision {
-                cash: account.cash.checked_sub(*amount).ok_or(Rejection::OutOfRange)?,
-                cash_delta: -amount.decimal(),
-                withdrawn_today: used,
-                ..unchanged
-            })
-        }
+        Operation::Deposit(amount) => decide_deposit(*amount, limits, unchanged),
+        Operation::Withdraw(amount) => decide_withdrawal(*amount, limits, unchanged),
         Operation::Trade(trade) => {
             let effect = decide_trade(account, trade, limits)?;
             let (cash, cash_delta) = match trade.side {
-                TradeSide::Buy => (account.cash.checked_sub(effect.total), -effect.total.decimal()),
-                TradeSide::Sell => (account.cash.checked_add(effect.total), effect.total.decimal()),
+                TradeSide::Buy => (account.cash.checked_sub(effect.total), UsdDelta::debit(effect.total)),
+                TradeSide::Sell => (account.cash.checked_add(effect.total), UsdDelta::credit(effect.total)),
             };
             Ok(Decision {
                 cash: cash.ok_or(Rejection::OutOfRange)?,
@@ -225,6 +187,56 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
             })
         }
     }
+}
+
+/// A deposit on the account as `unchanged` describes it: within the day's deposit limit.
+fn decide_deposit(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
+    let used = unchanged
+        .deposited_today
+        .checked_add(amount)
+        .ok_or(Rejection::OutOfRange)?;
+    if used > limits.daily_deposit {
+        return Err(Rejection::DailyLimitExceeded {
+            kind: "deposit",
+            limit: limits.daily_deposit,
+            used: unchanged.deposited_today,
+            requested: amount,
+        });
+    }
+    Ok(Decision {
+        cash: unchanged.cash.checked_add(amount).ok_or(Rejection::OutOfRange)?,
+        cash_delta: UsdDelta::credit(amount),
+        deposited_today: used,
+        ..unchanged
+    })
+}
+
+/// A withdrawal: within the day's withdrawal limit and the balance.
+fn decide_withdrawal(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
+    let used = unchanged
+        .withdrawn_today
+        .checked_add(amount)
+        .ok_or(Rejection::OutOfRange)?;
+    if used > limits.daily_withdrawal {
+        return Err(Rejection::DailyLimitExceeded {
+            kind: "withdrawal",
+            limit: limits.daily_withdrawal,
+            used: unchanged.withdrawn_today,
+            requested: amount,
+        });
+    }
+    if unchanged.cash < amount {
+        return Err(Rejection::InsufficientBalance {
+            current: unchanged.cash,
+            required: amount,
+        });
+    }
+    Ok(Decision {
+        cash: unchanged.cash.checked_sub(amount).ok_or(Rejection::OutOfRange)?,
+        cash_delta: UsdDelta::debit(amount),
+        withdrawn_today: used,
+        ..unchanged
+    })
 }
 
 fn decide_trade(account: &Account, trade: &Trade, limits: &Limits) -> Result<TradeEffect, Rejection> {
@@ -703,12 +715,12 @@ mod tests {
                             match side {
                                 TradeSide::Buy => {
                                     prop_assert!(effect.total.decimal() >= exact && effect.total.decimal() - exact < Decimal::new(1, 2));
-                                    prop_assert_eq!(decision.cash_delta, -effect.total.decimal());
+                                    prop_assert_eq!(decision.cash_delta.decimal(), -effect.total.decimal());
                                     paid += effect.total.decimal();
                                 }
                                 TradeSide::Sell => {
                                     prop_assert!(effect.total.decimal() <= exact && exact - effect.total.decimal() < Decimal::new(1, 2));
-                                    prop_assert_eq!(decision.cash_delta, effect.total.decimal());
+                                    prop_assert_eq!(decision.cash_delta.decimal(), effect.total.decimal());
                                     received += effect.total.decimal();
                                 }
                             }
@@ -736,7 +748,7 @@ mod tests {
                 let asset = AssetSymbol::parse("asset", "AAA").unwrap();
                 for operation in &operations {
                     let Ok(decision) = decide(&account, operation, today(), &tiny_orders_allowed()) else { continue };
-                    cash_sum += decision.cash_delta;
+                    cash_sum += decision.cash_delta.decimal();
                     account.state = crate::core::AccountState::Open;
                     account.cash = decision.cash;
                     account.limit_day = Some(decision.limit_day);

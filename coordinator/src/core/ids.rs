@@ -128,12 +128,13 @@ impl fmt::Display for RequestId {
     }
 }
 
-/// The id of one lease acquisition. A commit is fenced on it: only the holder of this exact id,
-/// before its expiry, can write the account.
+/// The id of one lease acquisition (the design's "lock id": stored as `lock_id` and logged as
+/// such). A commit is fenced on it: only the holder of this exact id, before its expiry, can
+/// write the account.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LockId(String);
+pub struct LeaseId(String);
 
-impl LockId {
+impl LeaseId {
     pub fn new_random() -> Self {
         Self(uuid::Uuid::new_v4().to_string())
     }
@@ -148,7 +149,7 @@ impl LockId {
     }
 }
 
-impl fmt::Display for LockId {
+impl fmt::Display for LeaseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

@@ -17,8 +17,8 @@ pub mod time;
 
 pub use account::{Account, AccountState, Holdings};
 pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
-pub use ids::{AssetSymbol, EntryId, FieldError, LockId, OrderId, RequestId, UserId};
+pub use ids::{AssetSymbol, EntryId, FieldError, LeaseId, OrderId, RequestId, UserId};
 pub use limits::Limits;
-pub use money::{Price, Quantity, Usd};
+pub use money::{Price, Quantity, Usd, UsdDelta};
 pub use principal::Principal;
 pub use time::{Clock, Millis, SystemClock, UtcDay};

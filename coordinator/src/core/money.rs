@@ -97,8 +97,12 @@ impl Usd {
         Self(rounded)
     }
 
+    /// Rebuilds an amount read back from storage: None for anything negative (a `Usd` never is).
     pub fn from_stored(raw: &str) -> Option<Self> {
-        Decimal::from_str(raw).ok().map(Self::from_decimal)
+        Decimal::from_str(raw)
+            .ok()
+            .filter(|value| !value.is_sign_negative())
+            .map(Self::from_decimal)
     }
 
     pub fn decimal(self) -> Decimal {
@@ -109,14 +113,62 @@ impl Usd {
         self.0.checked_add(other.0).map(Usd)
     }
 
+    /// `self - other`, or None if that would be negative (or overflow).
     pub fn checked_sub(self, other: Usd) -> Option<Usd> {
-        self.0.checked_sub(other.0).map(Usd)
+        self.0
+            .checked_sub(other.0)
+            .filter(|value| !value.is_sign_negative())
+            .map(Usd)
     }
 }
 
 impl fmt::Display for Usd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// A signed USD amount with exactly 2 decimals: how much a ledger entry changes cash, e.g.
+/// `-72.62` for a buy, `50.00` for a deposit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct UsdDelta(Decimal);
+
+impl UsdDelta {
+    pub const ZERO: UsdDelta = UsdDelta(Decimal::ZERO);
+
+    /// Cash coming in.
+    pub fn credit(amount: Usd) -> Self {
+        Self(amount.0)
+    }
+
+    /// Cash going out.
+    pub fn debit(amount: Usd) -> Self {
+        Self(-amount.0)
+    }
+
+    /// Rebuilds a delta read back from storage (rounded to cents).
+    pub fn from_stored(raw: &str) -> Option<Self> {
+        let mut value = Decimal::from_str(raw).ok()?;
+        value = value.round_dp_with_strategy(USD_SCALE, RoundingStrategy::MidpointNearestEven);
+        value.rescale(USD_SCALE);
+        Some(Self(value))
+    }
+
+    pub fn decimal(self) -> Decimal {
+        self.0
+    }
+
+    /// The amount taken out, if this is a debit.
+    pub fn debited(self) -> Usd {
+        Usd::from_decimal((-self.0).max(Decimal::ZERO))
+    }
+}
+
+impl fmt::Display for UsdDelta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut value = self.0;
+        value.rescale(USD_SCALE);
+        write!(f, "{value}")
     }
 }
 
@@ -296,6 +348,23 @@ mod tests {
                 "{quantity} at {price}"
             );
         }
+    }
+
+    /// `Usd` is never negative, whatever it is made from; a signed change is a `UsdDelta`.
+    #[test]
+    fn usd_is_never_negative_and_deltas_carry_the_sign() {
+        let ten = Usd::parse_amount("amount", "10").unwrap();
+        let twenty = Usd::parse_amount("amount", "20").unwrap();
+        assert_eq!(ten.checked_sub(twenty), None);
+        assert_eq!(twenty.checked_sub(ten), Some(ten));
+        assert_eq!(Usd::from_stored("-5"), None);
+        assert_eq!(Usd::from_stored("5").unwrap().to_string(), "5.00");
+        assert_eq!(UsdDelta::debit(ten).to_string(), "-10.00");
+        assert_eq!(UsdDelta::credit(ten).to_string(), "10.00");
+        assert_eq!(UsdDelta::debit(ten).debited(), ten);
+        assert_eq!(UsdDelta::credit(ten).debited(), Usd::ZERO);
+        assert_eq!(UsdDelta::from_stored("-72.625").unwrap().to_string(), "-72.62");
+        assert_eq!(UsdDelta::from_stored("abc"), None);
     }
 
     #[test]

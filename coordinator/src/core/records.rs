@@ -3,15 +3,15 @@
 use rust_decimal::Decimal;
 
 use super::decide::TradeSide;
-use super::ids::{AssetSymbol, LockId, UserId};
-use super::money::{Price, Quantity, Usd};
+use super::ids::{AssetSymbol, LeaseId, UserId};
+use super::money::{Price, Quantity, Usd, UsdDelta};
 use super::principal::Principal;
 use super::time::Millis;
 
 /// A user's lease as stored on the account item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub lock_id: LockId,
+    pub lock_id: LeaseId,
     /// The coordinator instance that took it (`--instance`).
     pub owner: String,
     /// Which run of that instance: a fresh id at every start. A live lease with this
@@ -84,7 +84,7 @@ pub struct LedgerEntry {
     pub entry_id: String,
     pub user_id: UserId,
     pub kind: EntryKind,
-    pub cash_delta: Decimal,
+    pub cash_delta: UsdDelta,
     pub cash_after: Usd,
     pub trade: Option<LedgerTrade>,
     pub created_at_ms: Millis,

@@ -457,7 +457,7 @@ fn answer_all(calls: Vec<Call>, answers: &[(usize, Answer)]) {
 fn assert_postconditions(before: &crate::core::Account, decision: &Decision) {
     debug_assert_eq!(
         decision.cash.decimal(),
-        before.cash.decimal() + decision.cash_delta,
+        before.cash.decimal() + decision.cash_delta.decimal(),
         "cash after = cash before + delta"
     );
     debug_assert!(decision.cash >= Usd::ZERO, "cash never goes negative");

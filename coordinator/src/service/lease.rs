@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
 use crate::core::records::Lease;
-use crate::core::{Account, LockId, Millis, UserId};
+use crate::core::{Account, LeaseId, Millis, UserId};
 use crate::storage::{StorageError, model};
 use crate::telemetry::metrics;
 
@@ -27,7 +27,7 @@ const _: () = assert!(LEASE_RETRY_DELAY_MIN.as_millis() < LEASE_RETRY_DELAY_MAX.
 
 /// Leases this process holds right now, released on graceful shutdown.
 #[derive(Debug, Default)]
-pub(super) struct HeldLeases(Mutex<HashMap<LockId, UserId>>);
+pub(super) struct HeldLeases(Mutex<HashMap<LeaseId, UserId>>);
 
 impl HeldLeases {
     fn insert(&self, held: &HeldLease) {
@@ -37,11 +37,11 @@ impl HeldLeases {
             .insert(held.lock_id.clone(), held.user.clone());
     }
 
-    pub(super) fn remove(&self, lock_id: &LockId) {
+    pub(super) fn remove(&self, lock_id: &LeaseId) {
         self.0.lock().expect("held-lease registry poisoned").remove(lock_id);
     }
 
-    fn drain(&self) -> Vec<(LockId, UserId)> {
+    fn drain(&self) -> Vec<(LeaseId, UserId)> {
         self.0.lock().expect("held-lease registry poisoned").drain().collect()
     }
 }
@@ -52,7 +52,7 @@ struct Waiting {
     /// The live lease of someone else that the latest attempt found.
     holder: Option<Lease>,
     /// A live lease of this instance's previous run (it died holding it), to take over.
-    orphan: Option<LockId>,
+    orphan: Option<LeaseId>,
     /// Set while the latest attempt found storage unavailable.
     unavailable: Option<String>,
 }
@@ -61,7 +61,7 @@ struct Waiting {
 #[derive(Debug, Clone)]
 pub struct HeldLease {
     pub user: UserId,
-    pub lock_id: LockId,
+    pub lock_id: LeaseId,
     pub expires_at: Millis,
     pub account: Account,
     /// When this process took it (for `lockstep_lease_hold_seconds`).
@@ -78,7 +78,7 @@ impl TransactionCoordinator {
         require_account: bool,
         bound: Option<(Instant, ServiceError)>,
     ) -> Result<HeldLease, ServiceError> {
-        let lock_id = LockId::new_random();
+        let lock_id = LeaseId::new_random();
         let started = Instant::now();
         let wait_limit = started + self.config.lease_wait_max;
         let wait_until = bound.as_ref().map_or(wait_limit, |(until, _)| (*until).min(wait_limit));
@@ -258,7 +258,7 @@ impl TransactionCoordinator {
 
     /// Releases the lease `lock_id` if an attempt whose reply was lost did take it; a no-op
     /// otherwise (the release is conditioned on the lock id).
-    async fn release_if_landed(&self, user: &UserId, lock_id: &LockId) {
+    async fn release_if_landed(&self, user: &UserId, lock_id: &LeaseId) {
         let release = model::release_lease(user, lock_id);
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::info!(lock_state = "RELEASED", "released a lease whose acquire reply was lost"),

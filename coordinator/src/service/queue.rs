@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::commit::Call;
 use super::{BATCH_CALLS_MAX, Intent, Receipt, ServiceError, TransactionCoordinator};
-use crate::core::{LockId, Principal, RequestId, UserId};
+use crate::core::{LeaseId, Principal, RequestId, UserId};
 
 /// Queued: the driver has not taken it yet; it may still leave.
 const QUEUED: u8 = 0;
@@ -25,7 +25,7 @@ const LEFT: u8 = 2;
 /// Whether a waiter is still queued, taken, or gone, and the lease its call was decided under;
 /// shared by the waiter and the driver.
 #[derive(Debug, Clone, Default)]
-pub(super) struct WaiterState(Arc<AtomicU8>, Arc<std::sync::OnceLock<LockId>>);
+pub(super) struct WaiterState(Arc<AtomicU8>, Arc<std::sync::OnceLock<LeaseId>>);
 
 impl WaiterState {
     /// The driver takes the waiter, unless it left first.
@@ -36,7 +36,7 @@ impl WaiterState {
     }
 
     /// Notes the lease the call is decided under, for its log lines.
-    pub(super) fn decided_under(&self, lease: &LockId) {
+    pub(super) fn decided_under(&self, lease: &LeaseId) {
         self.1.set(lease.clone()).ok();
     }
 

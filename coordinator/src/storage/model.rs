@@ -27,8 +27,8 @@ use crate::core::records::{
     Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
 };
 use crate::core::{
-    Account, AccountState, AssetSymbol, Decision, LockId, Millis, Price, Principal, Quantity, RequestId, TradeSide,
-    Usd, UserId, UtcDay,
+    Account, AccountState, AssetSymbol, Decision, LeaseId, Millis, Price, Principal, Quantity, RequestId, TradeSide,
+    Usd, UsdDelta, UserId, UtcDay,
 };
 
 const USER_PREFIX: &str = "USER#";
@@ -128,11 +128,11 @@ pub fn acquire_lease(user: &UserId, lease: &Lease, now: Millis, require_account:
 
 /// Takes over the lease `orphan` held by a previous run of this same coordinator instance (it
 /// died holding it): conditioned on that exact lock id, so it cannot steal from anyone else.
-pub fn reclaim_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: &LockId) -> Update {
+pub fn reclaim_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: &LeaseId) -> Update {
     take_lease(user, lease, now, require_account, Some(orphan))
 }
 
-fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: Option<&LockId>) -> Update {
+fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, orphan: Option<&LeaseId>) -> Update {
     // A lease expiring later than any clock within the tolerated skew could have set is free
     // too: a coordinator whose clock ran far ahead must not block a user for that long.
     let free = if orphan.is_some() {
@@ -183,7 +183,7 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
 /// ending, so it never deletes: an item that holds only a lease stays as a lease-free item then
 /// (deleting it would reset the version). A plain release of an item the acquire created, with
 /// nothing decided under it, is `release_created_item`.
-pub fn release_lease(user: &UserId, lock_id: &LockId) -> TransactItem {
+pub fn release_lease(user: &UserId, lock_id: &LeaseId) -> TransactItem {
     TransactItem::Update(Update {
         key: account_key(user),
         update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
@@ -204,7 +204,7 @@ pub fn created_by_this_lease(read: &Account) -> bool {
 /// the item, so a refused call leaves nothing behind: only while it is still this lease's and
 /// still no account. Used only when no commit was decided under the lease, so no late copy of
 /// one can meet the recreated item.
-pub fn release_created_item(user: &UserId, lock_id: &LockId) -> TransactItem {
+pub fn release_created_item(user: &UserId, lock_id: &LeaseId) -> TransactItem {
     TransactItem::Delete(Delete {
         key: account_key(user),
         condition: Some("lock_id = :lock AND attribute_not_exists(cash)".to_owned()),
@@ -215,7 +215,7 @@ pub fn release_created_item(user: &UserId, lock_id: &LockId) -> TransactItem {
 /// The sweeper's release of a lease whose holder never came back: only if it is still that
 /// lease and still expired. Like every release it bumps the version, so nothing decided under
 /// that lease can commit afterwards.
-pub fn release_expired_lease(account: &Key, lock_id: &LockId, now: Millis) -> TransactItem {
+pub fn release_expired_lease(account: &Key, lock_id: &LeaseId, now: Millis) -> TransactItem {
     TransactItem::Update(Update {
         key: account.clone(),
         update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
@@ -258,7 +258,7 @@ fn epoch_seconds(now: Millis) -> u64 {
 
 pub fn lease_from_item(item: &Item) -> Option<Lease> {
     Some(Lease {
-        lock_id: LockId::from_stored(string(item, "lock_id")?.to_owned()),
+        lock_id: LeaseId::from_stored(string(item, "lock_id")?.to_owned()),
         owner: string(item, "lock_owner").unwrap_or_default().to_owned(),
         incarnation: string(item, "lock_incarnation").unwrap_or_default().to_owned(),
         operation: string(item, "lock_operation").unwrap_or_default().to_owned(),
@@ -289,7 +289,7 @@ pub struct OperationWrites<'a> {
 #[derive(Debug, Clone)]
 pub struct BatchCommit<'a> {
     pub user: &'a UserId,
-    pub lock_id: &'a LockId,
+    pub lock_id: &'a LeaseId,
     /// The account as read with the lease (or left by the previous batch under it).
     pub read: &'a Account,
     /// The account after every accepted operation, at its next version: the read version plus
@@ -493,7 +493,7 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
 #[derive(Debug, Clone, Copy)]
 pub struct Commit<'a> {
     pub user: &'a UserId,
-    pub lock_id: &'a LockId,
+    pub lock_id: &'a LeaseId,
     /// The account as read with the lease: the commit is conditioned on its version.
     pub read: &'a Account,
     pub decision: &'a Decision,
@@ -507,7 +507,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
     let mut after = commit.read.clone();
     after.apply(commit.decision);
     after.version = commit.read.version + 1;
-    let debit = Usd::from_decimal((-commit.decision.cash_delta).max(Decimal::ZERO));
+    let debit = commit.decision.cash_delta.debited();
     let mut prices = BTreeMap::new();
     let mut holding_floors = BTreeMap::new();
     if let Some(trade) = &commit.decision.trade {
@@ -727,7 +727,11 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
             string(item, "user_id").and_then(|raw| UserId::parse("user_id", raw).ok()),
         )?,
         kind: required(KIND, "kind", string(item, "kind").and_then(EntryKind::parse))?,
-        cash_delta: decimal("cash_delta")?,
+        cash_delta: required(
+            KIND,
+            "cash_delta",
+            number(item, "cash_delta").and_then(UsdDelta::from_stored),
+        )?,
         cash_after: Usd::from_decimal(decimal("cash_after")?),
         trade,
         created_at_ms: required(

@@ -156,7 +156,7 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
             EntryKind::Buy => pb::EntryKind::Buy,
             EntryKind::Sell => pb::EntryKind::Sell,
         } as i32,
-        cash_delta: signed_usd(entry.cash_delta),
+        cash_delta: entry.cash_delta.to_string(),
         asset,
         quantity_delta,
         order_id,
@@ -164,13 +164,6 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         created_at: rfc3339(entry.created_at_ms),
         principal: entry.principal.to_string(),
     }
-}
-
-/// A signed USD amount with exactly 2 decimals, e.g. "-72.62".
-fn signed_usd(amount: rust_decimal::Decimal) -> String {
-    let mut amount = amount;
-    amount.rescale(crate::core::money::USD_SCALE);
-    amount.to_string()
 }
 
 fn asset_change_message(change: AssetChange) -> pb::AssetChange {
