@@ -371,7 +371,7 @@ pub fn check_history(history: &[Operation], ledger: &[LedgerEntry]) -> (Vec<Stri
         }
         match &operation.outcome {
             Outcome::Ok { transaction_id } => {
-                if !entries.iter().any(|entry| &entry.entry_id == transaction_id) {
+                if !entries.iter().any(|entry| entry.entry_id.as_str() == transaction_id) {
                     discrepancies.push(format!(
                         "request {request_id}: acknowledged entry {transaction_id} is not the one applied"
                     ));

@@ -121,7 +121,7 @@ fn sort_into_books(
             match record {
                 Ok(record) => {
                     if let RecordedOutcome::Committed { entry_id, .. } = record.outcome {
-                        books.committed_records.push((key.sk, entry_id));
+                        books.committed_records.push((key.sk, entry_id.to_string()));
                     }
                 }
                 Err(error) => malformed(&key, error),
@@ -129,7 +129,7 @@ fn sort_into_books(
         }
         StoredItem::OrderById { key, order } => match order {
             Ok(order) => {
-                orders_by_id.insert(order.order_id.clone(), order);
+                orders_by_id.insert(order.order_id.to_string(), order);
             }
             Err(error) => malformed(&key, error),
         },
@@ -170,7 +170,7 @@ fn check_user(
     }
     check_orders(books, &ledger, orders_by_id, report, &mut problems);
     for (record, entry_id) in &books.committed_records {
-        if !ledger.iter().any(|entry| &entry.entry_id == entry_id) {
+        if !ledger.iter().any(|entry| entry.entry_id.as_str() == entry_id) {
             problems.push(format!("{record} records entry {entry_id}, which does not exist"));
         }
     }
@@ -301,7 +301,7 @@ fn check_orders(
             (OrderStatus::Failed, []) => {}
             (OrderStatus::Failed, _) => problems.push(format!("FAILED order {} has ledger entries", order.order_id)),
         }
-        if orders_by_id.get(&order.order_id) != Some(order) {
+        if orders_by_id.get(order.order_id.as_str()) != Some(order) {
             problems.push(format!("order {} has no identical by-id copy", order.order_id));
         }
     }

@@ -84,7 +84,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
     let withdrawal = Operation::Withdraw(Usd::parse_amount("amount", "100.00").unwrap());
     let decision = decide(&read, &withdrawal, UtcDay::of(decided_at), &Limits::default()).expect("decided");
     let entry = LedgerEntry {
-        entry_id: uuid::Uuid::now_v7().to_string(),
+        entry_id: lockstep_coordinator::core::EntryId::new(),
         user_id: user.clone(),
         kind: EntryKind::Withdrawal,
         cash_delta: decision.cash_delta,

@@ -92,7 +92,7 @@ pub async fn inspect(
         last_entries: last_entries
             .into_iter()
             .map(|entry| pb::InspectedEntry {
-                entry_id: entry.entry_id,
+                entry_id: entry.entry_id.to_string(),
                 kind: entry.kind.as_str().to_owned(),
                 cash_delta: entry.cash_delta.to_string(),
                 cash_after: entry.cash_after.to_string(),

@@ -3,7 +3,7 @@
 use rust_decimal::Decimal;
 
 use super::decide::TradeSide;
-use super::ids::{AssetSymbol, LeaseId, UserId};
+use super::ids::{AssetSymbol, EntryId, LeaseId, OrderId, UserId};
 use super::money::{Price, Quantity, Usd, UsdDelta};
 use super::principal::Principal;
 use super::time::Millis;
@@ -81,7 +81,7 @@ impl EntryKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerEntry {
     /// UUID v7: sorts by creation time, so the newest-first page is a reverse key scan.
-    pub entry_id: String,
+    pub entry_id: EntryId,
     pub user_id: UserId,
     pub kind: EntryKind,
     pub cash_delta: UsdDelta,
@@ -101,7 +101,7 @@ pub struct LedgerEntry {
 pub struct LedgerTrade {
     pub asset: AssetSymbol,
     pub quantity_delta: Decimal,
-    pub order_id: String,
+    pub order_id: OrderId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +122,7 @@ impl OrderStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Order {
     /// UUID v7.
-    pub order_id: String,
+    pub order_id: OrderId,
     pub user_id: UserId,
     pub side: TradeSide,
     pub asset: AssetSymbol,
@@ -154,8 +154,8 @@ pub struct RequestRecord {
 pub enum RecordedOutcome {
     /// Committed: the ledger entry, and for trades the order and the holding after.
     Committed {
-        entry_id: String,
-        order_id: Option<String>,
+        entry_id: EntryId,
+        order_id: Option<OrderId>,
         holding: Option<Quantity>,
     },
     /// Refused under the lease (FAILED_PRECONDITION) with this message; nothing else written

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use crate::core::batch::{BatchOutcome, decide_batch};
 use crate::core::decide::Rejection;
 use crate::core::records::{EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome};
-use crate::core::{Decision, Millis, Operation, Price, Principal, RequestId, Trade, TradeSide, Usd, UtcDay};
+use crate::core::{
+    Decision, EntryId, Millis, Operation, OrderId, Price, Principal, RequestId, Trade, TradeSide, Usd, UtcDay,
+};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
 use crate::telemetry::metrics;
@@ -486,7 +488,7 @@ pub(super) fn order_of(
     now: Millis,
 ) -> Order {
     Order {
-        order_id: uuid::Uuid::now_v7().to_string(),
+        order_id: OrderId::new(),
         user_id: held.user.clone(),
         side: trade.side,
         asset: trade.asset.clone(),
@@ -512,7 +514,7 @@ fn records_of(
     version: u64,
     now: Millis,
 ) -> (LedgerEntry, Option<Order>) {
-    let entry_id = uuid::Uuid::now_v7().to_string();
+    let entry_id = EntryId::new();
     let (kind, trade_records) = match (operation, &decision.trade) {
         (Operation::Deposit(_), _) => (EntryKind::Deposit, None),
         (Operation::Withdraw(_), _) => (EntryKind::Withdrawal, None),

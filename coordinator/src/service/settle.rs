@@ -126,13 +126,13 @@ impl TransactionCoordinator {
                 order_id,
                 holding,
             } => {
-                let entry_key = model::ledger_key(user, &entry_id);
+                let entry_key = model::ledger_key(user, entry_id.as_str());
                 let entry = retry_safe(|| self.storage.get(entry_key.clone()))
                     .await?
                     .ok_or_else(|| ServiceError::Internal(format!("recorded ledger entry {entry_id} is missing")))?;
                 let trade = match (order_id, holding) {
                     (Some(order_id), Some(holding)) => {
-                        let order_key = model::order_key(&order_id);
+                        let order_key = model::order_key(order_id.as_str());
                         let order = retry_safe(|| self.storage.get(order_key.clone()))
                             .await?
                             .ok_or_else(|| ServiceError::Internal(format!("recorded order {order_id} is missing")))?;

@@ -27,8 +27,8 @@ use crate::core::records::{
     Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
 };
 use crate::core::{
-    Account, AccountState, AssetSymbol, Decision, LeaseId, Millis, Price, Principal, Quantity, RequestId, TradeSide,
-    Usd, UsdDelta, UserId, UtcDay,
+    Account, AccountState, AssetSymbol, Decision, EntryId, LeaseId, Millis, OrderId, Price, Principal, Quantity,
+    RequestId, TradeSide, Usd, UsdDelta, UserId, UtcDay,
 };
 
 const USER_PREFIX: &str = "USER#";
@@ -548,9 +548,9 @@ fn put_request_record(user: &UserId, request_id: &RequestId, record: &RequestRec
             holding,
         } => {
             item.insert("outcome".to_owned(), s("COMMITTED"));
-            item.insert("entry_id".to_owned(), s(entry_id));
+            item.insert("entry_id".to_owned(), s(entry_id.as_str()));
             if let Some(order_id) = order_id {
-                item.insert("order_id".to_owned(), s(order_id));
+                item.insert("order_id".to_owned(), s(order_id.as_str()));
             }
             if let Some(holding) = holding {
                 item.insert("holding".to_owned(), n(holding));
@@ -572,8 +572,8 @@ pub fn request_record_from_item(item: &Item) -> Result<RequestRecord, MalformedI
     const KIND: &str = "request record";
     let outcome = match string(item, "outcome") {
         Some("COMMITTED") => RecordedOutcome::Committed {
-            entry_id: required(KIND, "entry_id", string(item, "entry_id"))?.to_owned(),
-            order_id: string(item, "order_id").map(str::to_owned),
+            entry_id: EntryId::from_stored(required(KIND, "entry_id", string(item, "entry_id"))?),
+            order_id: string(item, "order_id").map(OrderId::from_stored),
             holding: number(item, "holding").and_then(Quantity::from_stored),
         },
         Some("REFUSED") => RecordedOutcome::Refused {
@@ -604,7 +604,7 @@ pub fn order_items(order: &Order) -> [Item; 2] {
             sk: format!("{ORDER_PREFIX}{}", order.order_id),
         },
     );
-    [by_user, order_item(order, order_key(&order.order_id))]
+    [by_user, order_item(order, order_key(order.order_id.as_str()))]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,8 +682,8 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
 }
 
 fn ledger_item(entry: &LedgerEntry) -> Item {
-    let mut item = key_attributes(&ledger_key(&entry.user_id, &entry.entry_id));
-    item.insert("entry_id".to_owned(), s(&entry.entry_id));
+    let mut item = key_attributes(&ledger_key(&entry.user_id, entry.entry_id.as_str()));
+    item.insert("entry_id".to_owned(), s(entry.entry_id.as_str()));
     item.insert("user_id".to_owned(), s(entry.user_id.as_str()));
     item.insert("kind".to_owned(), s(entry.kind.as_str()));
     item.insert("cash_delta".to_owned(), n(entry.cash_delta));
@@ -697,7 +697,7 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
     if let Some(trade) = &entry.trade {
         item.insert("asset".to_owned(), s(trade.asset.as_str()));
         item.insert("quantity_delta".to_owned(), n(trade.quantity_delta));
-        item.insert("order_id".to_owned(), s(&trade.order_id));
+        item.insert("order_id".to_owned(), s(trade.order_id.as_str()));
     }
     item
 }
@@ -715,12 +715,12 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         Some(asset) => Some(LedgerTrade {
             asset: required(KIND, "asset", AssetSymbol::parse("asset", asset).ok())?,
             quantity_delta: decimal("quantity_delta")?,
-            order_id: string(item, "order_id").unwrap_or_default().to_owned(),
+            order_id: OrderId::from_stored(string(item, "order_id").unwrap_or_default()),
         }),
         None => None,
     };
     Ok(LedgerEntry {
-        entry_id: required(KIND, "entry_id", string(item, "entry_id"))?.to_owned(),
+        entry_id: EntryId::from_stored(required(KIND, "entry_id", string(item, "entry_id"))?),
         user_id: required(
             KIND,
             "user_id",
@@ -747,7 +747,7 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
 
 fn order_item(order: &Order, key: Key) -> Item {
     let mut item = key_attributes(&key);
-    item.insert("order_id".to_owned(), s(&order.order_id));
+    item.insert("order_id".to_owned(), s(order.order_id.as_str()));
     item.insert("user_id".to_owned(), s(order.user_id.as_str()));
     item.insert("side".to_owned(), s(order.side.as_str()));
     item.insert("asset".to_owned(), s(order.asset.as_str()));
@@ -769,7 +769,7 @@ fn order_item(order: &Order, key: Key) -> Item {
 pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
     const KIND: &str = "order";
     Ok(Order {
-        order_id: required(KIND, "order_id", string(item, "order_id"))?.to_owned(),
+        order_id: OrderId::from_stored(required(KIND, "order_id", string(item, "order_id"))?),
         user_id: required(
             KIND,
             "user_id",

@@ -108,7 +108,7 @@ fn caller_deadline<T>(request: &Request<T>) -> Option<Instant> {
 
 fn cash_reply(user: &UserId, amount: Usd, receipt: Receipt) -> pb::CashReply {
     pb::CashReply {
-        transaction_id: receipt.entry.entry_id,
+        transaction_id: receipt.entry.entry_id.to_string(),
         user_id: user.to_string(),
         amount: amount.to_string(),
         cash_balance: receipt.entry.cash_after.to_string(),
@@ -117,7 +117,7 @@ fn cash_reply(user: &UserId, amount: Usd, receipt: Receipt) -> pb::CashReply {
 
 fn order_message(order: Order) -> pb::Order {
     pb::Order {
-        order_id: order.order_id,
+        order_id: order.order_id.to_string(),
         user_id: order.user_id.to_string(),
         side: match order.side {
             TradeSide::Buy => pb::OrderSide::Buy,
@@ -143,12 +143,12 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         Some(trade) => (
             trade.asset.to_string(),
             trade.quantity_delta.to_string(),
-            trade.order_id,
+            trade.order_id.to_string(),
         ),
         None => (String::new(), String::new(), String::new()),
     };
     pb::LedgerEntry {
-        transaction_id: entry.entry_id,
+        transaction_id: entry.entry_id.to_string(),
         user_id: entry.user_id.to_string(),
         kind: match entry.kind {
             EntryKind::Deposit => pb::EntryKind::Deposit,
@@ -219,7 +219,7 @@ impl CoordinatorService {
         Ok(Response::new(pb::OrderReply {
             cash_balance: receipt.entry.cash_after.to_string(),
             holding: holding.to_string(),
-            transaction_id: receipt.entry.entry_id,
+            transaction_id: receipt.entry.entry_id.to_string(),
             order: Some(order_message(order)),
         }))
     }
