@@ -134,6 +134,7 @@ impl From<LogFormatFlag> for lockstep::process::LogFormat {
 pub const LEASE_WAIT_LIMIT: Duration = Duration::from_secs(60);
 /// The longest `--request-retention-hours`: 30 days.
 pub const REQUEST_RETENTION_HOURS_MAX: u64 = 30 * 24;
+const _: () = assert!(REQUEST_RETENTION_HOURS_MAX * 3600 == crate::storage::model::REQUEST_RETENTION_MAX.as_secs());
 /// The longest `--sweep-interval-secs`: one day.
 pub const SWEEP_INTERVAL_SECS_MAX: u64 = 24 * 3600;
 /// The longest `--drain-ms`: ten minutes.

@@ -176,11 +176,27 @@ impl TransactionCoordinator {
             Err(error) => return Err(error.into()),
         };
         waiting.unavailable = None;
-        let account_exists = model::account_from_item(&current)
+        self.read_refusal(user, &lease, &current, now, require_account, waiting)
+    }
+
+    /// What the item returned with a refused acquire says: the lease is already ours (an
+    /// earlier try landed), an orphan of this instance to reclaim, someone else's to wait for,
+    /// no account, or free again (try at once).
+    fn read_refusal(
+        &self,
+        user: &UserId,
+        lease: &Lease,
+        current: &crate::storage::Item,
+        now: Millis,
+        require_account: bool,
+        waiting: &mut Waiting,
+    ) -> Result<Option<HeldLease>, ServiceError> {
+        let account_exists = model::account_from_item(current)
             .map(|account| account.exists())
             .unwrap_or(false);
-        let holder = model::lease_from_item(&current);
+        let holder = model::lease_from_item(current);
         if let Some(far_ahead) = holder.as_ref().filter(|holder| holder.is_implausible(now)) {
+            metrics::clock_skew_detected();
             tracing::warn!(
                 holder_owner = %far_ahead.owner,
                 expires_at_ms = far_ahead.expires_at_ms,
@@ -190,7 +206,7 @@ impl TransactionCoordinator {
         }
         match holder.filter(|holder| holder.is_live(now)) {
             // Our own earlier attempt did land (its reply was lost and the write retried).
-            Some(holder) if holder.lock_id == lease.lock_id => return self.held(user, holder, &current).map(Some),
+            Some(holder) if holder.lock_id == lease.lock_id => return self.held(user, holder, current).map(Some),
             // A previous run of this instance died holding it; taken over at once only while
             // this run holds the instance name's heartbeat (no live twin can be the holder).
             Some(holder)
@@ -284,6 +300,8 @@ impl TransactionCoordinator {
 mod tests {
     use super::*;
     use crate::core::time::ManualClock;
+    use std::sync::Arc;
+
     use crate::service::testing::{LEASE, coordinator, user};
 
     /// Acquire, then a second caller is refused as busy until the first releases.
@@ -394,5 +412,29 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(error, ServiceError::DeadlineExceeded);
+    }
+
+    /// Storage takes an acquire, loses its reply, then stops answering: the acquire gives up
+    /// UNAVAILABLE, and first gives back the lease that may have landed, so the user is not
+    /// blocked until it expires.
+    #[tokio::test]
+    async fn giving_up_on_unavailable_storage_releases_a_lease_that_landed() {
+        use crate::service::testing::{FlakyEngine, coordinator_on};
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine = Arc::new(FlakyEngine::new());
+        let config = crate::service::CoordinatorConfig {
+            lease_wait_max: Duration::from_millis(30),
+            ..crate::service::CoordinatorConfig::default()
+        };
+        let coordinator = coordinator_on(engine.clone(), &clock, config).await;
+        engine.lose_acquires(true);
+        let error = coordinator
+            .acquire(&user("e"), "DEPOSIT", LEASE, false, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ServiceError::Unavailable(_)), "{error:?}");
+        engine.lose_acquires(false);
+        let next = coordinator.acquire(&user("e"), "DEPOSIT", LEASE, false, None).await;
+        assert!(next.is_ok(), "the landed lease was given back at once: {next:?}");
     }
 }

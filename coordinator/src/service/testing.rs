@@ -67,6 +67,10 @@ pub enum NextTransaction {
 pub struct FlakyEngine {
     inner: EmbeddedEngine,
     next: AtomicU8,
+    /// While set, lease acquires (updates asking for the item back) reach storage once, with
+    /// the reply lost, and then not at all: storage "goes away" mid-acquire.
+    lose_acquires: std::sync::atomic::AtomicBool,
+    acquires_landed: std::sync::atomic::AtomicU32,
 }
 
 impl FlakyEngine {
@@ -74,7 +78,13 @@ impl FlakyEngine {
         Self {
             inner: EmbeddedEngine::in_memory().unwrap(),
             next: AtomicU8::new(NextTransaction::Fine as u8),
+            lose_acquires: Default::default(),
+            acquires_landed: Default::default(),
         }
+    }
+
+    pub fn lose_acquires(&self, lose: bool) {
+        self.lose_acquires.store(lose, Ordering::SeqCst);
     }
 
     pub fn arm(&self, fault: NextTransaction) {
@@ -94,6 +104,12 @@ impl Engine for FlakyEngine {
         self.inner.get(table, key).await
     }
     async fn update(&self, table: &str, update: Update) -> StorageResult<Option<Item>> {
+        if update.return_new && self.lose_acquires.load(Ordering::SeqCst) {
+            if self.acquires_landed.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.inner.update(table, update).await?;
+            }
+            return Err(StorageError::Unavailable("injected: storage went away".to_owned()));
+        }
         self.inner.update(table, update).await
     }
     async fn put(&self, table: &str, put: Put) -> StorageResult<()> {

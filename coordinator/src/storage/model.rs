@@ -240,16 +240,34 @@ pub fn release_expired_lease(account: &Key, lock_id: &LeaseId, now: Millis) -> T
 pub fn delete_expired_record(record: &Key, now: Millis) -> TransactItem {
     TransactItem::Delete(Delete {
         key: record.clone(),
-        condition: Some(format!("{TTL_ATTRIBUTE} < :now_seconds")),
-        bindings: bindings([], [(":now_seconds", n(epoch_seconds(now)))]),
+        condition: Some(format!(
+            "{TTL_ATTRIBUTE} < :now_seconds OR {TTL_ATTRIBUTE} > :implausible_seconds"
+        )),
+        bindings: bindings(
+            [],
+            [
+                (":now_seconds", n(epoch_seconds(now))),
+                (":implausible_seconds", n(implausible_record_expiry(now))),
+            ],
+        ),
     })
 }
 
 /// Whether a request record is past its retention at `now`: the sweeper's test, and the same
 /// comparison as the conditions that treat such a record as absent.
 pub fn request_record_expired(record: &RequestRecord, now: Millis) -> bool {
-    record.expires_at_seconds < epoch_seconds(now)
+    record.expires_at_seconds < epoch_seconds(now) || record.expires_at_seconds > implausible_record_expiry(now)
 }
+
+/// Request records expiring after this (epoch seconds) were stamped by a clock far ahead: no
+/// retention (at most `REQUEST_RETENTION_MAX`) from a clock within `CLOCK_SKEW_MAX` reaches it.
+/// Such a record is treated as expired rather than pinning its key (and its item) for that long.
+fn implausible_record_expiry(now: Millis) -> u64 {
+    epoch_seconds(now) + (REQUEST_RETENTION_MAX + crate::core::records::CLOCK_SKEW_MAX).as_secs()
+}
+
+/// The longest retention a request record can be given (`--request-retention-hours` bound).
+pub const REQUEST_RETENTION_MAX: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// `now` in whole seconds since the epoch, the unit of the TTL attribute.
 fn epoch_seconds(now: Millis) -> u64 {
@@ -454,22 +472,7 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
         condition.push("cash >= :cash_floor".to_owned());
         values.insert(":cash_floor".to_owned(), n(commit.cash_floor));
     }
-    let traded = commit.prices.keys().chain(commit.holding_floors.keys());
-    for (index, asset) in traded
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .enumerate()
-    {
-        let name = format!("#asset{index}");
-        set.push(format!("holdings.{name} = :holding{index}"));
-        update_bindings.names.insert(name.clone(), asset.as_str().to_owned());
-        let values = &mut update_bindings.values;
-        values.insert(format!(":holding{index}"), n(after.holding(asset)));
-        if let Some(floor) = commit.holding_floors.get(asset).filter(|floor| !floor.is_zero()) {
-            condition.push(format!("holdings.{name} >= :floor{index}"));
-            values.insert(format!(":floor{index}"), n(floor));
-        }
-    }
+    set_holdings(commit, &mut set, &mut condition, &mut update_bindings);
     let lease = match commit.extend_until {
         Some(until) => {
             set.push("lock_expires_at_ms = :extend_until".to_owned());
@@ -485,6 +488,27 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
         bindings: update_bindings,
         return_new: false,
         return_old_on_condition_failure: false,
+    }
+}
+
+/// The holding of every asset the batch traded, and its floor as a condition.
+fn set_holdings(commit: &BatchCommit<'_>, set: &mut Vec<String>, condition: &mut Vec<String>, bindings: &mut Bindings) {
+    let traded = commit.prices.keys().chain(commit.holding_floors.keys());
+    for (index, asset) in traded
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("#asset{index}");
+        set.push(format!("holdings.{name} = :holding{index}"));
+        bindings.names.insert(name.clone(), asset.as_str().to_owned());
+        bindings
+            .values
+            .insert(format!(":holding{index}"), n(commit.after.holding(asset)));
+        if let Some(floor) = commit.holding_floors.get(asset).filter(|floor| !floor.is_zero()) {
+            condition.push(format!("holdings.{name} >= :floor{index}"));
+            bindings.values.insert(format!(":floor{index}"), n(floor));
+        }
     }
 }
 
@@ -563,8 +587,16 @@ fn put_request_record(user: &UserId, request_id: &RequestId, record: &RequestRec
     }
     Put {
         item,
-        condition: Some(format!("attribute_not_exists(pk) OR {TTL_ATTRIBUTE} < :now_seconds")),
-        bindings: bindings([], [(":now_seconds", n(epoch_seconds(now)))]),
+        condition: Some(format!(
+            "attribute_not_exists(pk) OR {TTL_ATTRIBUTE} < :now_seconds OR {TTL_ATTRIBUTE} > :implausible_seconds"
+        )),
+        bindings: bindings(
+            [],
+            [
+                (":now_seconds", n(epoch_seconds(now))),
+                (":implausible_seconds", n(implausible_record_expiry(now))),
+            ],
+        ),
     }
 }
 

@@ -40,6 +40,7 @@ pub mod names {
     pub const ROLLBACKS: &str = "lockstep_rollbacks_total";
     pub const FENCED_COMMITS: &str = "lockstep_fenced_commits_total";
     pub const LEASE_EXPIRIES: &str = "lockstep_lease_expiries_total";
+    pub const CLOCK_SKEW: &str = "lockstep_clock_skew_detected_total";
     pub const UNCLEAR_COMMITS: &str = "lockstep_unclear_commits_total";
     pub const REPLAYS: &str = "lockstep_replays_total";
     pub const STORAGE_REQUESTS: &str = "lockstep_storage_requests_total";
@@ -141,6 +142,7 @@ struct Metrics {
     rollbacks: Family<Labels<1>, Counter>,
     fenced_commits: Counter,
     lease_expiries: Counter,
+    clock_skew: Counter,
     unclear_commits: Family<Labels<1>, Counter>,
     replays: Family<Labels<1>, Counter>,
     storage_requests: Family<Labels<2>, Counter>,
@@ -184,6 +186,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         rollbacks: Family::default(),
         fenced_commits: Counter::default(),
         lease_expiries: Counter::default(),
+        clock_skew: Counter::default(),
         unclear_commits: Family::default(),
         replays: Family::default(),
         storage_requests: Family::default(),
@@ -255,6 +258,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         LEASE_EXPIRIES,
         "Leases found expired: taken over from a dead holder, or lost before the committer's release.",
         &metrics.lease_expiries,
+    );
+    register(
+        r,
+        CLOCK_SKEW,
+        "Stored instants found further ahead of this coordinator's clock than the tolerated skew: its clock is behind, or a writer's is far ahead.",
+        &metrics.clock_skew,
     );
     register(
         r,
@@ -460,6 +469,11 @@ pub fn fenced() {
 
 pub fn lease_expired() {
     METRICS.lease_expiries.inc();
+}
+
+/// A stored instant lay further ahead of this clock than `CLOCK_SKEW_MAX` allows.
+pub fn clock_skew_detected() {
+    METRICS.clock_skew.inc();
 }
 
 pub fn unclear_commit(settled_as: Settled) {
