@@ -11,6 +11,7 @@ duration="${LOCKSTEP_BENCH_DURATION:-15}"
 mkdir -p "$out"
 work="$(mktemp -d)"
 pids=()
+loads=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -47,28 +48,60 @@ run() { # name, flags...
 pids+=($!)
 wait_for_port 8000
 "$bin/coordinator" --dynamodb-endpoint http://127.0.0.1:8000 create-tables
-"$bin/coordinator" --dynamodb-endpoint http://127.0.0.1:8000 --listen 127.0.0.1:50051 "${limits[@]}" 2>"$out/coordinator-endpoint.log" &
+"$bin/coordinator" --dynamodb-endpoint http://127.0.0.1:8000 --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 "${limits[@]}" 2>"$out/coordinator-endpoint.log" &
 coordinator=$!
 pids+=("$coordinator")
 wait_for_port 50051
-both=(--systems lockstep,baseline --dynamodb-endpoint http://127.0.0.1:8000)
+both=(--systems lockstep,baseline --dynamodb-endpoint http://127.0.0.1:8000 --metrics-url http://127.0.0.1:9464/metrics)
 run endpoint-uniform-16x100 "${both[@]}" --callers 16 --users 100
 run endpoint-hot-16x1 "${both[@]}" --callers 16 --workload hot
 peak_rss "$coordinator" "coordinator on the dynoxide HTTP server:"
 kill "$coordinator"
 wait "$coordinator" || true
 
+# 1b. Three coordinators on the same endpoint, one hot user shared by three loads at once.
+three=()
+for index in 1 2 3; do
+    "$bin/coordinator" --dynamodb-endpoint http://127.0.0.1:8000 --listen "127.0.0.1:5007$index" \
+        --metrics-listen "127.0.0.1:947$index" --instance "bench-$index" "${limits[@]}" 2>"$out/coordinator-three-$index.log" &
+    three+=($!)
+    pids+=($!)
+done
+for index in 1 2 3; do wait_for_port "5007$index"; done
+echo "== endpoint-hot-3-coordinators ($(uptime))" | tee -a "$out/commands.txt"
+prefix="three-$RANDOM"
+for index in 1 2 3; do
+    "$bin/lockstep-bench" --quiet --duration "$duration" --json --target "http://127.0.0.1:5007$index" \
+        --metrics-url "http://127.0.0.1:947$index/metrics" --workload hot --callers 6 --user-prefix "$prefix" \
+        >"$out/endpoint-hot-3-coordinators-$index.json" &
+    loads+=($!)
+done
+wait "${loads[@]}"
+for pid in "${three[@]}"; do peak_rss "$pid" "coordinator of three:"; kill "$pid"; wait "$pid" || true; done
+
 # 2. The embedded default.
-"$bin/coordinator" --data-dir "$work/lockstep-data" --listen 127.0.0.1:50052 "${limits[@]}" 2>"$out/coordinator-embedded.log" &
+"$bin/coordinator" --data-dir "$work/lockstep-data" --listen 127.0.0.1:50052 --metrics-listen 127.0.0.1:9465 "${limits[@]}" 2>"$out/coordinator-embedded.log" &
 coordinator=$!
 pids+=("$coordinator")
 wait_for_port 50052
-embedded=(--target http://127.0.0.1:50052)
+embedded=(--target http://127.0.0.1:50052 --metrics-url http://127.0.0.1:9465/metrics)
 run embedded-uniform-16x100 "${embedded[@]}" --callers 16 --users 100
 run embedded-uniform-64x1000 "${embedded[@]}" --callers 64 --users 1000
 run embedded-hot-16x1 "${embedded[@]}" --callers 16 --workload hot
 run embedded-design "${embedded[@]}" --workload design
 peak_rss "$coordinator" "coordinator embedded:"
+kill "$coordinator"
+wait "$coordinator" || true
+
+# 3. The embedded engine without group commit, for the comparison in docs/engines.md.
+"$bin/coordinator" --data-dir "$work/lockstep-data-solo" --listen 127.0.0.1:50053 --metrics-listen 127.0.0.1:9466 --group-commit off "${limits[@]}" 2>"$out/coordinator-embedded-solo.log" &
+coordinator=$!
+pids+=("$coordinator")
+wait_for_port 50053
+solo=(--target http://127.0.0.1:50053 --metrics-url http://127.0.0.1:9466/metrics)
+run embedded-no-group-commit-uniform-16x100 "${solo[@]}" --callers 16 --users 100
+run embedded-no-group-commit-uniform-64x1000 "${solo[@]}" --callers 64 --users 1000
+peak_rss "$coordinator" "coordinator embedded without group commit:"
 kill "$coordinator"
 wait "$coordinator" || true
 echo "results in $out"
