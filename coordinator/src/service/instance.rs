@@ -162,4 +162,30 @@ mod tests {
         restarted.claim_instance().await.unwrap();
         assert!(restarted.instance.may_reclaim(clock.now()));
     }
+
+    /// The dead run's last renewal, delayed in the network, lands while the new run waits: it
+    /// changes the beat, but it had expired when it landed, so the name is still taken over.
+    #[tokio::test]
+    async fn a_renewal_landing_late_from_a_dead_run_does_not_block_the_restart() {
+        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "lockstep");
+        storage.ensure_table().await.unwrap();
+        let clock = ManualClock::starting_at(1_000_000);
+        let dead = named(&storage, &clock);
+        dead.claim_instance().await.unwrap();
+        let late_renewal = model::renew_heartbeat(
+            "twin",
+            &dead.incarnation,
+            clock.now() + HEARTBEAT_TTL.as_millis() as u64,
+        );
+        let restarted = Arc::new(named(&storage, &clock));
+        let claim = tokio::spawn({
+            let restarted = Arc::clone(&restarted);
+            async move { restarted.claim_instance().await }
+        });
+        tokio::time::sleep(HEARTBEAT_TTL / 2).await;
+        storage.update(late_renewal).await.unwrap();
+        clock.advance(HEARTBEAT_TTL + HEARTBEAT_SETTLE);
+        claim.await.unwrap().expect("the late renewal had expired");
+        assert!(restarted.instance.may_reclaim(clock.now()));
+    }
 }

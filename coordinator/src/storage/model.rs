@@ -1236,9 +1236,13 @@ pub fn claim_heartbeat(
             values.push((":now", n(now)));
             "attribute_not_exists(incarnation) OR incarnation = :me OR heartbeat_expires_at_ms <= :now"
         }
+        // Unchanged since it was seen, or expired: a renewal delayed in the network past its
+        // own expiry (sent by a run that died meanwhile) changes the beat but proves no one
+        // alive, and the old run's hold ends at that expiry anyway.
         Some(seen) => {
             values.push((":seen_beat", s(&seen.beat)));
-            "beat = :seen_beat"
+            values.push((":now", n(now)));
+            "beat = :seen_beat OR heartbeat_expires_at_ms <= :now"
         }
     };
     heartbeat_update(instance, condition, values)
