@@ -2,6 +2,7 @@
 # The runs of docs/performance.md, by hand: release binaries, 15 s each, one after the other.
 #   cargo build --release -p lockstep-bench -p lockstep-coordinator --bin lockstep-bench --bin coordinator
 #   bench/measure.sh [OUTPUT_DIR]
+#   LOCKSTEP_BENCH_DURATION=15 LOCKSTEP_COORDINATOR_FLAGS="--known-accounts false" bench/measure.sh before
 # Writes one JSON object per run, an SVG per run and the coordinators' peak RSS into OUTPUT_DIR.
 set -euo pipefail
 
@@ -20,7 +21,9 @@ cleanup() {
 trap cleanup EXIT
 
 # Daily limits raised to the maximum: a hot user deposits far more than $10,000 in 15 s.
-limits=(--daily-deposit-limit 1000000 --daily-withdrawal-limit 1000000)
+# LOCKSTEP_COORDINATOR_FLAGS adds flags to every coordinator (e.g. "--known-accounts false").
+# shellcheck disable=SC2206 # split on purpose: a list of flags
+limits=(--daily-deposit-limit 1000000 --daily-withdrawal-limit 1000000 ${LOCKSTEP_COORDINATOR_FLAGS:-})
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
 
 wait_for_port() {

@@ -248,6 +248,12 @@ pub struct Settings {
     /// RESOURCE_EXHAUSTED at once, nothing written.
     #[arg(long, env = "LOCKSTEP_MAX_QUEUED_PER_USER", default_value_t = crate::service::QUEUED_PER_USER_MAX_DEFAULT, global = true)]
     pub max_queued_per_user: usize,
+    /// Commit straight away, without taking the lease, on an account as this coordinator last
+    /// left it, conditioned on its version (one storage request instead of two); another
+    /// writer makes that condition fail and the batch then takes the lease. `false`: every
+    /// batch takes the lease first.
+    #[arg(long, env = "LOCKSTEP_KNOWN_ACCOUNTS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub known_accounts: bool,
     /// Group commit: batch commits of several users sent as one transaction.
     #[arg(long, env = "LOCKSTEP_GROUP_COMMIT", value_enum, default_value_t = GroupCommitFlag::Auto, global = true)]
     pub group_commit: GroupCommitFlag,
@@ -330,6 +336,7 @@ impl Settings {
             max_inflight: self.max_inflight,
             max_queued_per_user: self.max_queued_per_user,
             price_change_max_percent: self.price_change_max_percent,
+            known_accounts: self.known_accounts,
         })
     }
 

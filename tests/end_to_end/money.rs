@@ -375,36 +375,41 @@ async fn daily_limits_hold_under_contention(engine: EngineKind) {
     assert_eq!(app.cash("limited").await, "5000.00");
 }
 
-/// A successful mutation costs at most two storage requests (acquire, commit-and-release); a
-/// refused one at most three.
+/// A successful mutation costs at most two storage requests (acquire, commit-and-release), and
+/// one on an account this coordinator last wrote (the commit, conditioned on the version it
+/// left); a refused one at most three.
 async fn storage_requests_per_mutation_within_budget(engine: EngineKind) {
-    let app = spawn_app(engine).await;
-    app.set_asset("AAA", "10", true).await;
-    let storage = app.storage.clone();
-    let spent = |before: u64| storage.requests() - before;
-    let before = app.storage.requests();
-    app.deposit("budget", "100.00").await.expect("first deposit");
-    assert_eq!(spent(before), 2, "first deposit (creates the account)");
-    let before = app.storage.requests();
-    app.deposit("budget", "100.00").await.expect("deposit");
-    assert_eq!(spent(before), 2, "deposit");
-    let before = app.storage.requests();
-    app.withdraw("budget", "50.00").await.expect("withdraw");
-    assert_eq!(spent(before), 2, "withdraw");
-    let before = app.storage.requests();
-    app.buy("budget", "AAA", "2").await.expect("buy");
-    assert_eq!(spent(before), 2, "buy");
-    let before = app.storage.requests();
-    app.sell("budget", "AAA", "1").await.expect("sell");
-    assert_eq!(spent(before), 2, "sell");
-    let before = app.storage.requests();
-    app.withdraw("budget", "100000.00")
-        .await
-        .expect_err("refused withdrawal");
-    assert!(spent(before) <= 3, "refused withdrawal");
-    let before = app.storage.requests();
-    app.sell("budget", "AAA", "5").await.expect_err("refused sell");
-    assert!(spent(before) <= 3, "refused sell");
+    for (known_accounts, per_call) in [(true, 1), (false, 2)] {
+        let options = AppOptions::default().flag("--known-accounts", known_accounts);
+        let app = spawn_app_with(engine, options).await;
+        app.set_asset("AAA", "10", true).await;
+        let storage = app.storage.clone();
+        let spent = |before: u64| storage.requests() - before;
+        let before = app.storage.requests();
+        app.deposit("budget", "100.00").await.expect("first deposit");
+        assert_eq!(spent(before), 2, "first deposit (creates the account)");
+        let before = app.storage.requests();
+        app.deposit("budget", "100.00").await.expect("deposit");
+        assert_eq!(spent(before), per_call, "deposit, known accounts {known_accounts}");
+        let before = app.storage.requests();
+        app.withdraw("budget", "50.00").await.expect("withdraw");
+        assert_eq!(spent(before), per_call, "withdraw, known accounts {known_accounts}");
+        let before = app.storage.requests();
+        app.buy("budget", "AAA", "2").await.expect("buy");
+        assert_eq!(spent(before), per_call, "buy, known accounts {known_accounts}");
+        let before = app.storage.requests();
+        app.sell("budget", "AAA", "1").await.expect("sell");
+        assert_eq!(spent(before), per_call, "sell, known accounts {known_accounts}");
+        let before = app.storage.requests();
+        app.withdraw("budget", "100000.00")
+            .await
+            .expect_err("refused withdrawal");
+        assert!(spent(before) <= 3, "refused withdrawal");
+        let before = app.storage.requests();
+        app.sell("budget", "AAA", "5").await.expect_err("refused sell");
+        assert!(spent(before) <= 3, "refused sell");
+        assert_eq!(app.cash("budget").await, "140.00");
+    }
 }
 
 /// Paging is newest first, cursors are opaque, and an exactly full last page has no cursor.

@@ -75,7 +75,7 @@ impl TransactionCoordinator {
     /// Decides and commits `calls` under `held`; answers every call. Returns the lease if it
     /// is still held (extended for the calls that wait), None once it was given back.
     pub(super) async fn commit_batch(&self, held: HeldLease, mut calls: Vec<Call>) -> Option<HeldLease> {
-        for (_, waiter) in &calls {
+        for (_, waiter) in calls.iter().filter(|_| held.stored) {
             waiter.state.decided_under(&held.lock_id);
         }
         let mut sent: Vec<SentRound> = Vec::new();
@@ -87,7 +87,14 @@ impl TransactionCoordinator {
                 extend_until,
             } => {
                 count_answers(&calls, &answers);
-                let lock_state = if extend_until.is_some() { "EXTENDED" } else { "RELEASED" };
+                let lock_state = match (held.stored, extend_until) {
+                    (false, _) => "NONE",
+                    (true, Some(_)) => "EXTENDED",
+                    (true, None) => "RELEASED",
+                };
+                if !held.stored {
+                    metrics::known_account_commit(metrics::KnownCommit::Applied);
+                }
                 tracing::info!(lock_state, calls = answers.len(), cash = %after.cash, "batch committed");
                 answer_all(calls, &answers);
                 self.after_commit(held, *after, extend_until)
@@ -104,14 +111,17 @@ impl TransactionCoordinator {
                 }
                 None
             }
+            Ending::Stopped(error) if !held.stored => self.recover_known(held, calls, sent, error).await,
             Ending::Stopped(error) => {
+                self.known.forget(&held.user);
                 self.settle(&held, calls, sent, error).await;
                 None
             }
         }
     }
 
-    /// The lease after a committed round: kept with the state the round wrote, or forgotten.
+    /// The lease after a committed round: kept with the state the round wrote, or given back
+    /// (or never taken), the state then remembered as this coordinator left it.
     fn after_commit(
         &self,
         mut held: HeldLease,
@@ -126,6 +136,65 @@ impl TransactionCoordinator {
             }
             None => {
                 self.held_leases.remove(&held.lock_id);
+                self.known.remember(&held.user, after);
+                None
+            }
+        }
+    }
+
+    /// A batch decided on a known account whose round the account's condition refused
+    /// (another writer came first) or whose outcome is unknown. The lease is taken as usual:
+    /// under it no copy of the round can apply any more (it needs the item lease-free at the
+    /// old version, and the lease's release moves the version). Then a round found applied
+    /// answers its calls; if none did, the calls are decided again under the lease, as if they
+    /// had just arrived. Returns the lease if it is still held.
+    async fn recover_known(
+        &self,
+        known: HeldLease,
+        calls: Vec<Call>,
+        sent: Vec<SentRound>,
+        error: ServiceError,
+    ) -> Option<HeldLease> {
+        let refused = matches!(error, ServiceError::LeaseLost);
+        if refused {
+            self.known.contended(&known.user);
+            metrics::known_account_commit(metrics::KnownCommit::Stale);
+            tracing::info!("known account changed by another writer; taking the lease");
+        } else {
+            self.known.forget(&known.user);
+            metrics::known_account_commit(metrics::KnownCommit::Unknown);
+            tracing::warn!(%error, "commit on a known account unclear; settling it under the lease");
+        }
+        let lease = match self.acquire_for(&known.user, &calls).await {
+            Ok(lease) => lease,
+            Err(acquire_error) => {
+                // A round that applied still answers. One that did not: refused, it can never
+                // apply (the version moved on), so the acquire's error stands; unknown, it may
+                // still apply until the version moves, so the outcome stays unknown.
+                match self.landed_round(&sent).await {
+                    Ok(Some(round)) => answer_from_round(calls, round),
+                    Ok(None) if refused => super::queue::answer_unleased(calls, &acquire_error),
+                    Ok(None) => answer_each(calls, &error),
+                    Err(read_error) => answer_each(calls, &read_error),
+                }
+                return None;
+            }
+        };
+        match self.landed_round(&sent).await {
+            Ok(Some(round)) => {
+                metrics::unclear_commit(metrics::Settled::Applied);
+                answer_from_round(calls, round);
+                Some(lease)
+            }
+            Ok(None) => {
+                if !refused {
+                    metrics::unclear_commit(metrics::Settled::NotApplied);
+                }
+                Box::pin(self.commit_batch(lease, calls)).await
+            }
+            Err(read_error) => {
+                self.release(&lease).await;
+                answer_each(calls, &read_error);
                 None
             }
         }
@@ -149,6 +218,8 @@ impl TransactionCoordinator {
                 Err(error) => return Ending::Stopped(error),
             };
             // Only refusals that write nothing, and more calls wait: no request at all.
+            // (On a known account even a refusal is sent: its condition confirms that the state
+            // it was decided on is still the stored one.)
             if round.accepted == 0 && round.transaction.items.len() == 1 && round.extend_until.is_some() {
                 return Ending::Kept(round.answers);
             }
@@ -219,9 +290,7 @@ impl TransactionCoordinator {
                 .await?;
             return Ok(None);
         }
-        let extend_until = self
-            .queues
-            .has_waiters(&held.user)
+        let extend_until = (held.stored && self.queues.has_waiters(&held.user))
             .then(|| now + self.config.lease_trade.as_millis() as u64);
         Ok(Some(self.build_round(
             held,
@@ -271,7 +340,7 @@ impl TransactionCoordinator {
         let operation_writes: Vec<_> = writes.iter().map(CallWrites::as_model).collect();
         let transaction = model::commit_batch(&model::BatchCommit {
             user: &held.user,
-            lock_id: &held.lock_id,
+            lock_id: held.stored.then_some(&held.lock_id),
             read: &held.account,
             after: &after,
             cash_floor: outcome.cash_floor,
@@ -446,6 +515,26 @@ fn count_answers(calls: &[Call], answers: &[(usize, Answer)]) {
 }
 
 /// Answers every call from `answers` (by position in the batch).
+/// Answers every call from the round that applied (a call it did not decide did not apply).
+fn answer_from_round(calls: Vec<Call>, round: &SentRound) {
+    for (id, waiter) in calls {
+        let answer = round
+            .answers
+            .iter()
+            .find(|(answered, _)| *answered == id)
+            .map_or(Err(ServiceError::NotApplied), |(_, answer)| {
+                answer.clone().into_result()
+            });
+        waiter.answer(answer);
+    }
+}
+
+fn answer_each(calls: Vec<Call>, error: &ServiceError) {
+    for (_, waiter) in calls {
+        waiter.answer(Err(error.clone()));
+    }
+}
+
 fn answer_all(calls: Vec<Call>, answers: &[(usize, Answer)]) {
     for (id, waiter) in calls {
         if let Some((_, answer)) = answers.iter().find(|(answered, _)| *answered == id) {
@@ -590,15 +679,131 @@ mod tests {
         (hook, parked, go)
     }
 
+    /// A coordinator whose first commit parks; it takes the lease for every batch (no known
+    /// accounts), so the tests of lease extension see it.
     async fn parked_coordinator() -> (Arc<TransactionCoordinator>, Arc<Notify>, Arc<Notify>) {
         let (hook, parked, go) = park_first_commit();
         let config = CoordinatorConfig {
             before_commit: Some(hook),
+            known_accounts: false,
             ..CoordinatorConfig::default()
         };
         let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
         let coordinator = coordinator_on(engine, &ManualClock::starting_at(1_000_000), config).await;
         (coordinator, parked, go)
+    }
+
+    /// After a commit that gave the lease back, the next call on that account is one
+    /// transaction, conditioned on the version the commit left, with no lease taken.
+    #[tokio::test]
+    async fn a_call_on_a_known_account_costs_one_request() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        coordinator
+            .mutate(&user("k"), Intent::Deposit(usd("100")), None, None)
+            .await
+            .unwrap();
+        for (intent, cash) in [(Intent::Withdraw(usd("30")), "70"), (Intent::Deposit(usd("5")), "75")] {
+            let before = coordinator.storage().requests();
+            let receipt = coordinator.mutate(&user("k"), intent, None, None).await.unwrap();
+            assert_eq!(receipt.entry.cash_after, usd(cash));
+            assert_eq!(coordinator.storage().requests() - before, 1, "one transaction");
+        }
+        let item = coordinator
+            .storage()
+            .get(model::account_key(&user("k")))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(model::lease_from_item(&item).is_none(), "no lease left behind");
+        assert_eq!(coordinator.account(&user("k")).await.unwrap().version, 3);
+    }
+
+    /// Two coordinators on one table: a writes, b writes the same account, then a's known
+    /// state is stale. a's commit on it is refused (nothing applies), a takes the lease, and
+    /// decides again on what b left; the user is then contended for a while (lease path).
+    #[tokio::test]
+    async fn a_stale_known_account_falls_back_to_the_lease() {
+        let engine: Arc<EmbeddedEngine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let clock = ManualClock::starting_at(1_000_000);
+        let a = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
+        let b = coordinator_on(engine, &clock, CoordinatorConfig::default()).await;
+        a.mutate(&user("s"), Intent::Deposit(usd("10")), None, None)
+            .await
+            .unwrap();
+        b.mutate(&user("s"), Intent::Deposit(usd("5")), None, None)
+            .await
+            .unwrap();
+        let before = a.storage().requests();
+        let receipt = a
+            .mutate(&user("s"), Intent::Withdraw(usd("12")), None, None)
+            .await
+            .expect("decided again on b's deposit");
+        assert_eq!(receipt.entry.cash_after, usd("3"));
+        assert_eq!(
+            a.storage().requests() - before,
+            3,
+            "the refused commit, the acquire, the commit"
+        );
+        let before = a.storage().requests();
+        a.mutate(&user("s"), Intent::Deposit(usd("1")), None, None)
+            .await
+            .unwrap();
+        assert_eq!(a.storage().requests() - before, 2, "contended: the lease path");
+        assert_eq!(a.account(&user("s")).await.unwrap().cash, usd("4"));
+    }
+
+    /// A commit on a known account parked while another coordinator writes the account: the
+    /// stale commit never applies, and each call is decided once on the real state.
+    #[tokio::test]
+    async fn a_paused_commit_on_a_known_account_cannot_apply_after_another_write() {
+        let engine: Arc<EmbeddedEngine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let clock = ManualClock::starting_at(1_000_000);
+        let plain = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
+        plain
+            .mutate(&user("p"), Intent::Deposit(usd("10")), None, None)
+            .await
+            .unwrap();
+        let (hook, parked, go) = park_first_commit();
+        let armed = Arc::new(AtomicBool::new(false));
+        let when_armed = {
+            let armed = Arc::clone(&armed);
+            CommitHook(Arc::new(move |user: &crate::core::UserId| {
+                let pause = armed.load(Ordering::SeqCst).then(|| (hook.0)(user));
+                Box::pin(async move {
+                    if let Some(pause) = pause {
+                        pause.await;
+                    }
+                })
+            }))
+        };
+        let config = CoordinatorConfig {
+            before_commit: Some(when_armed),
+            ..CoordinatorConfig::default()
+        };
+        let paused = coordinator_on(engine, &clock, config).await;
+        // paused learns the account with a commit of its own; then its next commit parks.
+        let learned = paused.mutate(&user("p"), Intent::Deposit(usd("1")), None, None).await;
+        assert_eq!(learned.unwrap().entry.cash_after, usd("11"));
+        armed.store(true, Ordering::SeqCst);
+        let withdrawal = {
+            let paused = Arc::clone(&paused);
+            tokio::spawn(async move { paused.mutate(&user("p"), Intent::Withdraw(usd("11")), None, None).await })
+        };
+        parked.notified().await;
+        plain
+            .mutate(&user("p"), Intent::Withdraw(usd("5")), None, None)
+            .await
+            .unwrap();
+        go.notify_one();
+        let refused = withdrawal.await.unwrap();
+        assert!(
+            matches!(
+                refused,
+                Err(ServiceError::Rejected(Rejection::InsufficientBalance { .. }))
+            ),
+            "decided again on 6.00: {refused:?}"
+        );
+        assert_eq!(plain.account(&user("p")).await.unwrap().cash, usd("6"));
     }
 
     /// A lone call: one acquire, then one transaction that commits and releases.

@@ -66,9 +66,27 @@ pub struct HeldLease {
     pub account: Account,
     /// When this process took it (for `lockstep_lease_hold_seconds`).
     pub acquired: Instant,
+    /// Whether the lease is in storage. False for a hold on a known account (`known`): no
+    /// lease was taken, the commit is conditioned on the account's version and on no lease
+    /// being on it, and there is nothing to give back.
+    pub stored: bool,
 }
 
 impl TransactionCoordinator {
+    /// A hold on `user`'s account as this coordinator last left it, if it knows it: no lease
+    /// is taken, and the commit is conditioned on the account being unchanged since.
+    pub(super) fn known_hold(&self, user: &UserId) -> Option<HeldLease> {
+        let account = self.known.get(user)?;
+        Some(HeldLease {
+            user: user.clone(),
+            lock_id: LeaseId::new_random(),
+            expires_at: Millis::MAX,
+            account,
+            acquired: Instant::now(),
+            stored: false,
+        })
+    }
+
     /// Takes `user`'s lease for `operation`, waiting while someone else holds it.
     pub(super) async fn acquire(
         &self,
@@ -247,6 +265,7 @@ impl TransactionCoordinator {
             expires_at: lease.expires_at_ms,
             account,
             acquired: Instant::now(),
+            stored: true,
         };
         self.held_leases.insert(&held);
         Ok(held)
@@ -256,6 +275,11 @@ impl TransactionCoordinator {
     /// is deleted instead: a call that committed nothing leaves nothing). Failure is logged, not returned:
     /// the lease expires by itself, and every later write checks the expiry.
     pub(super) async fn release(&self, held: &HeldLease) {
+        if !held.stored {
+            return;
+        }
+        // The release moves the version: what this process knew of the account is stale.
+        self.known.forget(&held.user);
         self.held_leases.remove(&held.lock_id);
         let release = if model::created_by_this_lease(&held.account) {
             model::release_created_item(&held.user, &held.lock_id)

@@ -20,6 +20,7 @@ mod asset_changes;
 mod catalog;
 mod commit;
 mod instance;
+mod known;
 mod lease;
 mod queue;
 mod reads;
@@ -139,6 +140,9 @@ pub struct CoordinatorConfig {
     pub max_queued_per_user: usize,
     /// Largest price move of one UpsertAsset without `force`, in percent of the old price.
     pub price_change_max_percent: u32,
+    /// Commit straight away, without a lease, on an account as this coordinator last left it
+    /// (`known`); off, every batch takes the lease first.
+    pub known_accounts: bool,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -171,6 +175,7 @@ impl Default for CoordinatorConfig {
             max_inflight: INFLIGHT_MAX_DEFAULT,
             max_queued_per_user: QUEUED_PER_USER_MAX_DEFAULT,
             price_change_max_percent: crate::settings::PRICE_CHANGE_MAX_PERCENT_DEFAULT,
+            known_accounts: true,
         }
     }
 }
@@ -335,11 +340,14 @@ pub struct TransactionCoordinator {
     instance: instance::InstanceHold,
     /// The queues' drivers, which outlive the calls that started them, awaited at shutdown.
     mutations: TaskTracker,
+    /// Accounts as this coordinator last left them, committed on without a lease.
+    known: known::KnownAccounts,
 }
 
 impl TransactionCoordinator {
     pub fn new(storage: Storage, clock: Arc<dyn Clock>, config: CoordinatorConfig) -> Self {
         let instance = instance::InstanceHold::new(config.named_instance);
+        let known = known::KnownAccounts::new(config.known_accounts);
         Self {
             storage,
             clock,
@@ -350,6 +358,7 @@ impl TransactionCoordinator {
             incarnation: uuid::Uuid::new_v4().to_string(),
             instance,
             mutations: TaskTracker::new(),
+            known,
         }
     }
 

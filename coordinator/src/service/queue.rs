@@ -260,13 +260,13 @@ impl TransactionCoordinator {
                 .enumerate()
                 .collect();
             if batch.is_empty() {
-                if let Some(held) = held {
+                if let Some(held) = held.filter(|held: &super::HeldLease| held.stored) {
                     self.release(&held).await;
                     crate::telemetry::metrics::lease_held("BATCH", held.acquired.elapsed());
                 }
                 return;
             }
-            let lease = match held.take() {
+            let lease = match held.take().or_else(|| self.known_hold(&user)) {
                 Some(lease) => lease,
                 None => match self.acquire_for(&user, &batch).await {
                     Ok(lease) => lease,
@@ -276,9 +276,9 @@ impl TransactionCoordinator {
                     }
                 },
             };
-            let acquired = lease.acquired;
+            let (acquired, stored) = (lease.acquired, lease.stored);
             held = self.commit_batch(lease, batch).await;
-            if held.is_none() {
+            if held.is_none() && stored {
                 crate::telemetry::metrics::lease_held("BATCH", acquired.elapsed());
             }
         }
@@ -286,7 +286,7 @@ impl TransactionCoordinator {
 
     /// Takes `user`'s lease for `batch`: long enough for its longest operation, requiring an
     /// account unless a deposit may create it, waiting no longer than its most urgent call.
-    async fn acquire_for(&self, user: &UserId, batch: &[Call]) -> Result<super::HeldLease, ServiceError> {
+    pub(super) async fn acquire_for(&self, user: &UserId, batch: &[Call]) -> Result<super::HeldLease, ServiceError> {
         let intents = || batch.iter().map(|(_, waiter)| &waiter.intent);
         let lease = intents()
             .map(|intent| intent.lease(&self.config))
@@ -310,7 +310,7 @@ impl TransactionCoordinator {
 
 /// Answers a batch whose lease could not be taken: a call whose wait ran out gets its own
 /// timeout error (busy, or its deadline), the others the acquire's error.
-fn answer_unleased(batch: Vec<Call>, error: &ServiceError) {
+pub(super) fn answer_unleased(batch: Vec<Call>, error: &ServiceError) {
     for (_, waiter) in batch {
         let answer = match error {
             ServiceError::Busy | ServiceError::DeadlineExceeded => waiter.on_timeout.clone(),

@@ -85,7 +85,7 @@ impl TransactionCoordinator {
     }
 
     /// The newest round sent whose marker is in storage, if any.
-    async fn landed_round<'a>(&self, sent: &'a [SentRound]) -> Result<Option<&'a SentRound>, ServiceError> {
+    pub(super) async fn landed_round<'a>(&self, sent: &'a [SentRound]) -> Result<Option<&'a SentRound>, ServiceError> {
         for round in sent.iter().rev() {
             let Some(marker) = &round.marker else { continue };
             if retry_safe(|| self.storage.get(marker.clone())).await?.is_some() {
@@ -188,7 +188,12 @@ mod tests {
     /// is ABORTED (not "may have applied"), and no late copy of it can apply.
     #[tokio::test]
     async fn a_lost_commit_is_known_not_applied() {
-        let (coordinator, engine) = flaky().await;
+        let engine = Arc::new(FlakyEngine::new());
+        let config = CoordinatorConfig {
+            known_accounts: false,
+            ..CoordinatorConfig::default()
+        };
+        let coordinator = coordinator_on(engine.clone(), &ManualClock::starting_at(1_000_000), config).await;
         coordinator
             .deposit(&Principal::local(), &user("b"), usd("1"), None, None)
             .await
@@ -203,6 +208,43 @@ mod tests {
         let account = coordinator.account(&user("b")).await.unwrap();
         assert_eq!(account.cash, usd("1"));
         assert_eq!(account.version, version + 1, "the fence bumped the version");
+    }
+
+    /// On a known account (no lease) a commit that never reached storage is settled under the
+    /// lease, which then fences any late copy: found not applied, the call is decided again and
+    /// applies once.
+    #[tokio::test]
+    async fn a_lost_commit_on_a_known_account_is_decided_again_under_the_lease() {
+        let (coordinator, engine) = flaky().await;
+        coordinator
+            .deposit(&Principal::local(), &user("b"), usd("1"), None, None)
+            .await
+            .unwrap();
+        engine.arm(NextTransaction::LoseRequest);
+        let receipt = coordinator
+            .deposit(&Principal::local(), &user("b"), usd("2"), None, None)
+            .await
+            .expect("applied once, under the lease");
+        assert_eq!(receipt.entry.cash_after, usd("3"));
+        assert_eq!(coordinator.account(&user("b")).await.unwrap().cash, usd("3"));
+    }
+
+    /// On a known account a commit whose reply was lost is found applied under the lease, and
+    /// answered once.
+    #[tokio::test]
+    async fn a_landed_commit_on_a_known_account_is_answered_once() {
+        let (coordinator, engine) = flaky().await;
+        coordinator
+            .deposit(&Principal::local(), &user("e"), usd("1"), None, None)
+            .await
+            .unwrap();
+        engine.arm(NextTransaction::LoseReply);
+        let receipt = coordinator
+            .deposit(&Principal::local(), &user("e"), usd("2"), None, None)
+            .await
+            .expect("found applied");
+        assert_eq!(receipt.entry.cash_after, usd("3"));
+        assert_eq!(coordinator.account(&user("e")).await.unwrap().cash, usd("3"));
     }
 
     /// A batch whose reply was lost is settled per call: each gets its own answer from the

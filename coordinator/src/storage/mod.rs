@@ -5,7 +5,7 @@
 //! (DynamoDB on SQLite) in-process, `dynamodb` sends them through aws-sdk-dynamodb to AWS or any
 //! compatible endpoint, and `translate` holds what the two translate alike (items, keys,
 //! bindings, and the condition every conditional request carries). `Storage` wraps the engine and counts requests, which is how tests hold
-//! the money path to its budget of two requests per successful mutation. Whole-table reads (the
+//! the money path to its budget of two requests per successful mutation (one on a known account). Whole-table reads (the
 //! audit, the sweeper, the tests) go through one bounded scan, `Storage::scan_table`, and name
 //! what they read with `model::classify`.
 

@@ -15,7 +15,8 @@
 //!
 //! The lease lives on the account item, so taking it (one conditional UpdateItem with
 //! ReturnValues = ALL_NEW) also reads the account consistently: a successful mutation costs
-//! exactly two requests, acquire and commit-and-release.
+//! two requests, acquire and commit-and-release, or one on an account the coordinator last wrote
+//! (the commit alone, conditioned on that version and on no lease).
 
 use std::collections::BTreeMap;
 
@@ -301,13 +302,17 @@ pub struct OperationWrites<'a> {
 /// has the price every accepted trade executed at, and the lease released or extended.
 ///
 /// The account update is fenced: it applies only if the lease is still this holder's, unexpired
-/// at `now`, and the account is at the version the batch read. The floors of the batch (the
+/// at `now`, and the account is at the version the batch read. Without a lease (`lock_id` None:
+/// the account as this coordinator last wrote it) it applies only if the account is still at
+/// that version with no lease on it: every other writer moves the version or holds a lease. The floors of the batch (the
 /// deepest any prefix of it goes below the read cash and holdings) are restated as conditions,
 /// so no commit can ever make either negative.
 #[derive(Debug, Clone)]
 pub struct BatchCommit<'a> {
     pub user: &'a UserId,
-    pub lock_id: &'a LeaseId,
+    /// The lease the batch was decided under; None when it was decided on the account as this
+    /// coordinator last wrote it, with no lease.
+    pub lock_id: Option<&'a LeaseId>,
     /// The account as read with the lease (or left by the previous batch under it).
     pub read: &'a Account,
     /// The account after every accepted operation, at its next version: the read version plus
@@ -406,10 +411,13 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
         });
         items.push_part(TransactionPart::CatalogCheck, check);
     }
-    let account = if created_by_this_lease(commit.read) && !commit.after.exists() && commit.extend_until.is_none() {
-        release_created_item(commit.user, commit.lock_id)
-    } else {
-        TransactItem::Update(account_update(commit))
+    let account = match commit.lock_id {
+        Some(lock_id)
+            if created_by_this_lease(commit.read) && !commit.after.exists() && commit.extend_until.is_none() =>
+        {
+            release_created_item(commit.user, lock_id)
+        }
+        _ => TransactItem::Update(account_update(commit)),
     };
     items.push_part(TransactionPart::Account, account);
     for (index, operation) in commit.operations.iter().enumerate() {
@@ -435,19 +443,20 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
     let (read, after) = (commit.read, commit.after);
     assert!(after.version > read.version, "every commit moves the version forward");
     let mut set = vec!["version = :next_version".to_owned()];
-    let mut condition: Vec<String> = ["lock_id = :lock", "lock_expires_at_ms > :now", "version = :version"]
-        .map(str::to_owned)
-        .to_vec();
-    let mut update_bindings = bindings(
-        [],
-        [
-            (":next_version", n(after.version)),
-            (":lock", s(commit.lock_id.as_str())),
-            (":now", n(commit.now)),
-            (":version", n(read.version)),
-        ],
-    );
+    let mut update_bindings = bindings([], [(":next_version", n(after.version)), (":version", n(read.version))]);
     let values = &mut update_bindings.values;
+    let mut condition: Vec<String> = match commit.lock_id {
+        Some(lock_id) => {
+            values.insert(":lock".to_owned(), s(lock_id.as_str()));
+            values.insert(":now".to_owned(), n(commit.now));
+            ["lock_id = :lock", "lock_expires_at_ms > :now", "version = :version"]
+                .map(str::to_owned)
+                .to_vec()
+        }
+        None => ["attribute_not_exists(lock_id)", "version = :version"]
+            .map(str::to_owned)
+            .to_vec(),
+    };
     if after.exists() {
         set.extend(
             [
@@ -473,13 +482,14 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
         values.insert(":cash_floor".to_owned(), n(commit.cash_floor));
     }
     set_holdings(commit, &mut set, &mut condition, &mut update_bindings);
-    let lease = match commit.extend_until {
-        Some(until) => {
+    let lease = match (commit.lock_id, commit.extend_until) {
+        (None, _) => String::new(),
+        (Some(_), Some(until)) => {
             set.push("lock_expires_at_ms = :extend_until".to_owned());
             update_bindings.values.insert(":extend_until".to_owned(), n(until));
             String::new()
         }
-        None => format!(" REMOVE {LEASE_ATTRIBUTES}"),
+        (Some(_), None) => format!(" REMOVE {LEASE_ATTRIBUTES}"),
     };
     Update {
         key: account_key(commit.user),
@@ -546,7 +556,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
     }];
     commit_batch(&BatchCommit {
         user: commit.user,
-        lock_id: commit.lock_id,
+        lock_id: Some(commit.lock_id),
         read: commit.read,
         after: &after,
         cash_floor: debit,

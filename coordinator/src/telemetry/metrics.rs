@@ -43,6 +43,7 @@ pub mod names {
     pub const CLOCK_SKEW: &str = "lockstep_clock_skew_detected_total";
     pub const UNCLEAR_COMMITS: &str = "lockstep_unclear_commits_total";
     pub const REPLAYS: &str = "lockstep_replays_total";
+    pub const KNOWN_ACCOUNT_COMMITS: &str = "lockstep_known_account_commits_total";
     pub const STORAGE_REQUESTS: &str = "lockstep_storage_requests_total";
     pub const STORAGE_DURATION: &str = "lockstep_storage_request_duration_seconds";
     pub const STORAGE_RETRIES: &str = "lockstep_storage_retries_total";
@@ -145,6 +146,7 @@ struct Metrics {
     clock_skew: Counter,
     unclear_commits: Family<Labels<1>, Counter>,
     replays: Family<Labels<1>, Counter>,
+    known_account_commits: Family<Labels<1>, Counter>,
     storage_requests: Family<Labels<2>, Counter>,
     storage_duration: HistogramFamily<1>,
     storage_retries: Counter,
@@ -189,6 +191,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         clock_skew: Counter::default(),
         unclear_commits: Family::default(),
         replays: Family::default(),
+        known_account_commits: Family::default(),
         storage_requests: Family::default(),
         storage_duration: Family::new_with_constructor(latency_buckets),
         storage_retries: Counter::default(),
@@ -276,6 +279,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         REPLAYS,
         "Retries of a request id answered with the recorded outcome, by operation.",
         &metrics.replays,
+    );
+    register(
+        r,
+        KNOWN_ACCOUNT_COMMITS,
+        "Batches committed without a lease on the account as this coordinator last left it, by outcome: applied, stale (another writer came first; the batch took the lease), unknown (settled under the lease).",
+        &metrics.known_account_commits,
     );
     register(
         r,
@@ -481,6 +490,25 @@ pub fn unclear_commit(settled_as: Settled) {
         .unclear_commits
         .get_or_create(&[("settled_as", settled_as.as_str())])
         .inc();
+}
+
+/// How a batch decided on a known account (no lease) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KnownCommit {
+    Applied,
+    /// Another writer moved the version or held a lease: nothing applied, the lease path took over.
+    Stale,
+    /// The reply was lost: settled under the lease.
+    Unknown,
+}
+
+pub fn known_account_commit(outcome: KnownCommit) {
+    let label = match outcome {
+        KnownCommit::Applied => "applied",
+        KnownCommit::Stale => "stale",
+        KnownCommit::Unknown => "unknown",
+    };
+    METRICS.known_account_commits.get_or_create(&[("outcome", label)]).inc();
 }
 
 pub fn replayed(operation: &str) {
