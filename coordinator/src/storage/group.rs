@@ -1,16 +1,18 @@
 //! Group commit: the batch commits of several users sent as one TransactWriteItems. On the
 //! embedded engine every transaction costs a SQLite transaction and an fsync behind one mutex;
-//! a group pays that once for all its members. Members never share an item (a transaction may
-//! touch an item once), so a member whose key another member already uses waits for the next
-//! group. A group that is cancelled is split by its cancellation reasons: the members whose
-//! items failed get their own reasons, the others are sent again. A group whose outcome is
-//! unknown answers every member with that error, and each settles its own user.
+//! a group pays that once for all its members. A transaction may touch an item once, so members
+//! never share an item they write: a member whose key another member already writes waits for
+//! the next group. Identical condition checks of one item (trades of several users checking the
+//! same catalog price) are the exception: the group sends the check once, and its outcome is
+//! every sharing member's. A group that is cancelled is split by its cancellation reasons: the
+//! members whose items failed get their own reasons, the others are sent again. A group whose
+//! outcome is unknown answers every member with that error, and each settles its own user.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CancellationReason, Key, Storage, StorageError, StorageResult, TransactItem};
+use super::{CancellationReason, ConditionCheck, Key, Storage, StorageError, StorageResult, TransactItem};
 
 /// Items in one transaction: DynamoDB's limit.
 pub const GROUP_ITEMS_MAX: usize = 100;
@@ -20,7 +22,6 @@ pub const GROUP_QUEUE_MAX: usize = 1024;
 /// One batch commit waiting to be sent in a group.
 struct Submission {
     items: Vec<TransactItem>,
-    keys: BTreeSet<(String, String)>,
     reply: oneshot::Sender<StorageResult<()>>,
 }
 
@@ -47,9 +48,8 @@ impl GroupCommit {
 
     /// Sends `items` in the next group and answers as a transaction of their own would.
     pub async fn transact(&self, items: Vec<TransactItem>) -> StorageResult<()> {
-        let keys = items.iter().map(item_key).map(|key| (key.pk, key.sk)).collect();
         let (reply, answer) = oneshot::channel();
-        let submission = Submission { items, keys, reply };
+        let submission = Submission { items, reply };
         if self.submissions.send(submission).await.is_err() {
             return Err(StorageError::Unavailable("the group committer stopped".to_owned()));
         }
@@ -73,14 +73,13 @@ async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
             waiting.push(next);
         }
         let group = take_group(&mut waiting);
-        let items: Vec<TransactItem> = group.iter().flat_map(|member| member.items.iter().cloned()).collect();
-        match storage.transact(items, None).await {
-            Ok(()) => group.into_iter().for_each(|member| answer(member, Ok(()))),
-            Err(StorageError::TransactionCanceled { reasons }) if group.len() > 1 => {
+        match storage.transact(group.items, None).await {
+            Ok(()) => group.members.into_iter().for_each(|member| answer(member, Ok(()))),
+            Err(StorageError::TransactionCanceled { reasons }) if group.members.len() > 1 => {
                 // The innocent go first into the next group, ahead of the newcomers. (If no
                 // member's items failed, the reasons explain nothing: all get the error.)
-                let size = group.len();
-                let innocent = split_cancelled(group, &reasons);
+                let size = group.members.len();
+                let innocent = split_cancelled(group.members, &group.positions, &reasons);
                 if innocent.len() == size {
                     let error = StorageError::TransactionCanceled { reasons };
                     innocent
@@ -90,45 +89,98 @@ async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
                     waiting.splice(0..0, innocent);
                 }
             }
-            Err(error) => group.into_iter().for_each(|member| answer(member, Err(error.clone()))),
+            Err(error) => group
+                .members
+                .into_iter()
+                .for_each(|member| answer(member, Err(error.clone()))),
         }
     }
 }
 
-/// Takes, in order, the waiting submissions that fit one transaction and share no item.
-fn take_group(waiting: &mut Vec<Submission>) -> Vec<Submission> {
-    let mut group = Vec::new();
-    let mut keys = BTreeSet::new();
-    let mut items = 0;
+/// Members sent together: their items as one transaction, and where each member's items are in
+/// it (a shared check sits at one position for all its members).
+struct Group {
+    members: Vec<Submission>,
+    items: Vec<TransactItem>,
+    positions: Vec<Vec<usize>>,
+}
+
+/// How a group already uses an item: written by a member, or checked (at a position).
+enum Use {
+    Written,
+    Checked(ConditionCheck, usize),
+}
+
+/// Takes, in order, the waiting submissions that fit one transaction and share no item (other
+/// than identical checks).
+fn take_group(waiting: &mut Vec<Submission>) -> Group {
+    let mut group = Group {
+        members: Vec::new(),
+        items: Vec::new(),
+        positions: Vec::new(),
+    };
+    let mut uses: HashMap<(String, String), Use> = HashMap::new();
     let mut rest = Vec::new();
     for submission in waiting.drain(..) {
-        let fits = items + submission.items.len() <= GROUP_ITEMS_MAX && keys.is_disjoint(&submission.keys);
-        if fits || group.is_empty() {
-            items += submission.items.len();
-            keys.extend(submission.keys.iter().cloned());
-            group.push(submission);
-        } else {
+        let shared = |item: &TransactItem| match (item, uses.get(&key_of(item))) {
+            (_, None) => Some(None),
+            (TransactItem::ConditionCheck(check), Some(Use::Checked(used, position))) if check == used => {
+                Some(Some(*position))
+            }
+            _ => None,
+        };
+        let placed: Option<Vec<Option<usize>>> = submission.items.iter().map(shared).collect();
+        let new_items = placed
+            .as_ref()
+            .map_or(0, |placed| placed.iter().filter(|position| position.is_none()).count());
+        let fits = placed.is_some() && group.items.len() + new_items <= GROUP_ITEMS_MAX;
+        if !fits && !group.members.is_empty() {
             rest.push(submission);
+            continue;
         }
+        let placed = placed.unwrap_or_else(|| vec![None; submission.items.len()]);
+        let mut positions = Vec::with_capacity(placed.len());
+        for (item, position) in submission.items.iter().zip(placed) {
+            let position = position.unwrap_or_else(|| {
+                group.items.push(item.clone());
+                group.items.len() - 1
+            });
+            let used = match item {
+                TransactItem::ConditionCheck(check) => Use::Checked(check.clone(), position),
+                _ => Use::Written,
+            };
+            uses.entry(key_of(item)).or_insert(used);
+            positions.push(position);
+        }
+        group.positions.push(positions);
+        group.members.push(submission);
     }
     *waiting = rest;
     group
 }
 
+fn key_of(item: &TransactItem) -> (String, String) {
+    let key = item_key(item);
+    (key.pk, key.sk)
+}
+
 /// Answers the members of a cancelled group whose items failed with their own reasons, and
 /// returns the others, whose items were all fine, to be sent again.
-fn split_cancelled(group: Vec<Submission>, reasons: &[CancellationReason]) -> Vec<Submission> {
+fn split_cancelled(
+    members: Vec<Submission>,
+    positions: &[Vec<usize>],
+    reasons: &[CancellationReason],
+) -> Vec<Submission> {
     let mut innocent = Vec::new();
-    let mut offset = 0;
-    for member in group {
-        let own: Vec<CancellationReason> = (offset..offset + member.items.len())
-            .map(|index| {
-                reasons.get(index).cloned().unwrap_or(CancellationReason {
+    for (member, positions) in members.into_iter().zip(positions) {
+        let own: Vec<CancellationReason> = positions
+            .iter()
+            .map(|position| {
+                reasons.get(*position).cloned().unwrap_or(CancellationReason {
                     code: "Unknown".to_owned(),
                 })
             })
             .collect();
-        offset += member.items.len();
         if own.iter().all(|reason| reason.code == "None") {
             innocent.push(member);
         } else {
@@ -236,6 +288,72 @@ mod tests {
             }
             other => panic!("the failed member's own cancellation: {other:?}"),
         }
+        assert_eq!(storage.requests() - before, 2, "the group, then the innocent again");
+    }
+
+    fn price_check(price: &str) -> TransactItem {
+        TransactItem::ConditionCheck(crate::storage::ConditionCheck {
+            key: Key {
+                pk: "ASSET".to_owned(),
+                sk: "SOL".to_owned(),
+            },
+            condition: "price = :price".to_owned(),
+            bindings: crate::storage::Bindings {
+                names: Default::default(),
+                values: [(":price".to_owned(), Value::N(price.to_owned()))].into(),
+            },
+        })
+    }
+
+    /// Trades of several users checking the same price share one group, the check sent once;
+    /// when it fails, every member that shares it gets the failure, and the others apply.
+    #[tokio::test]
+    async fn identical_checks_of_one_item_share_a_group() {
+        let (group, storage, _) = committer().await;
+        let asset = [
+            ("pk", Value::S("ASSET".to_owned())),
+            ("sk", Value::S("SOL".to_owned())),
+            ("price", Value::N("150".to_owned())),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+        storage
+            .transact(
+                vec![TransactItem::Put(Put {
+                    item: asset,
+                    condition: None,
+                    bindings: Default::default(),
+                })],
+                None,
+            )
+            .await
+            .unwrap();
+        let before = storage.requests();
+        let members = (0..4)
+            .map(|index| vec![price_check("150"), fresh_put(&format!("T{index}"))])
+            .collect();
+        let results = submit_together(&group, members).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(storage.requests() - before, 1, "one transaction, one check");
+
+        let before = storage.requests();
+        let members = vec![
+            vec![price_check("140"), fresh_put("S0")],
+            vec![fresh_put("S1")],
+            vec![price_check("140"), fresh_put("S2")],
+        ];
+        let results = submit_together(&group, members).await;
+        for failed in [&results[0], &results[2]] {
+            match failed {
+                Err(StorageError::TransactionCanceled { reasons }) => {
+                    assert_eq!(reasons.len(), 2, "the member's own items: {reasons:?}");
+                    assert!(reasons[0].condition_failed(), "{reasons:?}");
+                }
+                other => panic!("the shared check failed for both: {other:?}"),
+            }
+        }
+        assert!(results[1].is_ok(), "{results:?}");
         assert_eq!(storage.requests() - before, 2, "the group, then the innocent again");
     }
 
