@@ -77,6 +77,13 @@ impl TransactionCoordinator {
                 }
                 Err(StorageError::ConditionFailed { current }) => {
                     let holder = current.as_ref().and_then(model::heartbeat_from_item);
+                    // An earlier try of this very claim landed (its reply lost or late, and the
+                    // retry then met it): the name is ours.
+                    if let Some(ours) = holder.as_ref().filter(|holder| holder.incarnation == self.incarnation) {
+                        self.instance.hold_until(ours.expires_at);
+                        tracing::info!(%instance, "instance name claimed (an earlier try landed)");
+                        return Ok(());
+                    }
                     if seen.is_some() || holder.is_none() {
                         let incarnation = holder.map(|holder| holder.incarnation).unwrap_or_default();
                         return Err(InstanceError::NameInUse {
@@ -160,6 +167,34 @@ mod tests {
         renewing.abort();
         let restarted = named(&storage, &clock);
         restarted.claim_instance().await.unwrap();
+        assert!(restarted.instance.may_reclaim(clock.now()));
+    }
+
+    /// A try of the second claim that landed late (after the SDK gave up on it and sent it
+    /// again) makes the retry fail against the claim itself: the name is still ours.
+    #[tokio::test]
+    async fn a_claim_that_landed_before_its_retry_is_ours() {
+        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "lockstep");
+        storage.ensure_table().await.unwrap();
+        let clock = ManualClock::starting_at(1_000_000);
+        let dead = named(&storage, &clock);
+        dead.claim_instance().await.unwrap();
+        let restarted = Arc::new(named(&storage, &clock));
+        let claim = tokio::spawn({
+            let restarted = Arc::clone(&restarted);
+            async move { restarted.claim_instance().await }
+        });
+        tokio::time::sleep(HEARTBEAT_TTL / 2).await;
+        // The restarted run's own claim, as a delayed try of it would write it.
+        let item = storage.get(model::heartbeat_key("twin")).await.unwrap().unwrap();
+        let seen = model::heartbeat_from_item(&item).unwrap();
+        let now = clock.now();
+        let early = model::claim_heartbeat("twin", &restarted.incarnation, now + 60_000, now, Some(&seen));
+        storage.update(early).await.unwrap();
+        claim
+            .await
+            .unwrap()
+            .expect("the heartbeat holds this run's own incarnation");
         assert!(restarted.instance.may_reclaim(clock.now()));
     }
 

@@ -7,6 +7,8 @@
 //! - this file: bounds, [`CoordinatorConfig`], [`ServiceError`], [`Intent`] and the entry
 //!   point [`TransactionCoordinator::mutate`];
 //! - [`lease`]: taking, releasing and tracking the per-user lease;
+//! - [`known`]: accounts as this coordinator last wrote them, committed on without a lease
+//!   (conditioned on their version);
 //! - [`commit`]: deciding under the lease and committing, retried while nothing was written,
 //!   ending in exactly one [`commit::Ending`];
 //! - [`roll_back`]: a refusal under the lease (FAILED order, refusal record, release);

@@ -249,7 +249,8 @@ impl TransactionCoordinator {
     }
 
     /// Drives `user`'s queue until it is empty: takes the next calls, holds the lease while
-    /// more wait (each commit extends it), and gives it back with the last commit.
+    /// more wait (each commit extends it), and gives it back with the last commit. On an
+    /// account this coordinator wrote last (`known`) it takes no lease at all.
     async fn drive(self: Arc<Self>, user: UserId) {
         let mut held = None;
         loop {
