@@ -106,9 +106,7 @@ impl TransactionCoordinator {
             }
             Ending::Stopped(error) if sent.is_empty() => {
                 self.release(&held).await;
-                for (_, waiter) in calls {
-                    waiter.answer(Err(error.clone()));
-                }
+                answer_each(calls, &error);
                 None
             }
             Ending::Stopped(error) if !held.stored => self.recover_known(held, calls, sent, error).await,
@@ -529,7 +527,8 @@ fn answer_from_round(calls: Vec<Call>, round: &SentRound) {
     }
 }
 
-fn answer_each(calls: Vec<Call>, error: &ServiceError) {
+/// Answers every call with the same error.
+pub(super) fn answer_each(calls: Vec<Call>, error: &ServiceError) {
     for (_, waiter) in calls {
         waiter.answer(Err(error.clone()));
     }

@@ -6,7 +6,7 @@ use crate::core::{FieldError, RequestId, UserId};
 use crate::storage::{StorageError, model};
 use crate::telemetry::metrics::{self, Settled};
 
-use super::commit::{Answer, Call, SentRound};
+use super::commit::{Answer, Call, SentRound, answer_each};
 use super::{HeldLease, Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
 
 impl TransactionCoordinator {
@@ -34,17 +34,13 @@ impl TransactionCoordinator {
             tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
             metrics::unclear_commit(Settled::Unknown);
             let unknown = ServiceError::Unavailable(format!("commit outcome unknown: {error}"));
-            for (_, waiter) in calls {
-                waiter.answer(Err(unknown.clone()));
-            }
+            answer_each(calls, &unknown);
             return;
         }
         let landed = match self.landed_round(&sent).await {
             Ok(landed) => landed,
             Err(error) => {
-                for (_, waiter) in calls {
-                    waiter.answer(Err(error.clone()));
-                }
+                answer_each(calls, &error);
                 return;
             }
         };

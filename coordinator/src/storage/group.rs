@@ -122,14 +122,15 @@ fn take_group(waiting: &mut Vec<Submission>) -> Group {
     let mut uses: HashMap<(String, String), Use> = HashMap::new();
     let mut rest = Vec::new();
     for submission in waiting.drain(..) {
-        let shared = |item: &TransactItem| match (item, uses.get(&key_of(item))) {
+        let keys: Vec<(String, String)> = submission.items.iter().map(key_of).collect();
+        let shared = |(item, key): (&TransactItem, &(String, String))| match (item, uses.get(key)) {
             (_, None) => Some(None),
             (TransactItem::ConditionCheck(check), Some(Use::Checked(used, position))) if check == used => {
                 Some(Some(*position))
             }
             _ => None,
         };
-        let placed: Option<Vec<Option<usize>>> = submission.items.iter().map(shared).collect();
+        let placed: Option<Vec<Option<usize>>> = submission.items.iter().zip(&keys).map(shared).collect();
         let new_items = placed
             .as_ref()
             .map_or(0, |placed| placed.iter().filter(|position| position.is_none()).count());
@@ -140,7 +141,7 @@ fn take_group(waiting: &mut Vec<Submission>) -> Group {
         }
         let placed = placed.unwrap_or_else(|| vec![None; submission.items.len()]);
         let mut positions = Vec::with_capacity(placed.len());
-        for (item, position) in submission.items.iter().zip(placed) {
+        for ((item, key), position) in submission.items.iter().zip(keys).zip(placed) {
             let position = position.unwrap_or_else(|| {
                 group.items.push(item.clone());
                 group.items.len() - 1
@@ -149,7 +150,7 @@ fn take_group(waiting: &mut Vec<Submission>) -> Group {
                 TransactItem::ConditionCheck(check) => Use::Checked(check.clone(), position),
                 _ => Use::Written,
             };
-            uses.entry(key_of(item)).or_insert(used);
+            uses.entry(key).or_insert(used);
             positions.push(position);
         }
         group.positions.push(positions);
