@@ -13,7 +13,7 @@ use tonic_types::StatusExt;
 use lockstep::coordinator::v1 as pb;
 
 use crate::helpers::{AppOptions, EngineKind, TestApp, spawn_app_with};
-use crate::recovery::parking_hook;
+use lockstep_coordinator::service::CommitHook;
 
 /// A deposit sent on its own connection, in the background.
 async fn deposit_in_background(
@@ -39,7 +39,7 @@ fn assert_exhausted_with_advice(status: &tonic::Status) {
 
 /// A coordinator whose commits park until released, with the given bounds.
 async fn parked_app(engine: EngineKind, flags: &[(&str, &str)]) -> (TestApp, Arc<Notify>, Arc<Notify>) {
-    let (hook, parked, go) = parking_hook();
+    let (hook, parked, go) = CommitHook::parking();
     let mut options = AppOptions::default().before_commit(hook).flag("--lock-wait-ms", "5000");
     for (flag, value) in flags {
         options = options.flag(flag, value);

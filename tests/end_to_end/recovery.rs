@@ -1,7 +1,6 @@
 //! Recovery: a holder paused past its lease is fenced, a restarted instance reclaims the leases
 //! its previous run died holding, and graceful shutdown releases held leases; on every engine.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep_coordinator::core::records::Lease;
@@ -9,33 +8,15 @@ use lockstep_coordinator::core::time::ManualClock;
 use lockstep_coordinator::core::{Clock, LeaseId, SystemClock, UserId};
 use lockstep_coordinator::service::CommitHook;
 use lockstep_coordinator::storage::model;
-use tokio::sync::Notify;
 use tonic::Code;
 
 use crate::helpers::{AppOptions, EngineKind, TestApp, spawn_app_with, spawn_peer};
-
-/// A hook that parks every commit until the test lets it go, and says when one is parked.
-pub fn parking_hook() -> (CommitHook, Arc<Notify>, Arc<Notify>) {
-    let parked = Arc::new(Notify::new());
-    let go = Arc::new(Notify::new());
-    let hook = {
-        let (parked, go) = (Arc::clone(&parked), Arc::clone(&go));
-        CommitHook(Arc::new(move |_user: &UserId| {
-            let (parked, go) = (Arc::clone(&parked), Arc::clone(&go));
-            Box::pin(async move {
-                parked.notify_one();
-                go.notified().await;
-            })
-        }))
-    };
-    (hook, parked, go)
-}
 
 /// A holder decides, pauses past its lease, a second caller takes over and commits; the first
 /// one's commit is then refused and the state is the serial execution of the second alone.
 async fn holder_paused_past_its_lease_is_fenced(engine: EngineKind) {
     let clock = ManualClock::starting_at(1_795_000_000_000);
-    let (hook, parked, go) = parking_hook();
+    let (hook, parked, go) = CommitHook::parking();
     let paused = spawn_app_with(engine, AppOptions::default().clock(clock.clone()).before_commit(hook)).await;
     let successor = spawn_peer(&paused, AppOptions::default().clock(clock.clone())).await;
     successor.deposit("paused", "100.00").await.expect("deposit");
@@ -131,7 +112,7 @@ async fn a_live_twin_of_an_instance_refuses_to_start(engine: EngineKind) {
 /// Graceful shutdown releases the leases of RPCs still in flight when the drain time is up, so
 /// another coordinator does not wait for them to expire; the interrupted commit is fenced.
 async fn graceful_shutdown_releases_held_leases(engine: EngineKind) {
-    let (hook, parked, go) = parking_hook();
+    let (hook, parked, go) = CommitHook::parking();
     let mut stopping: TestApp = spawn_app_with(
         engine,
         AppOptions::default()

@@ -22,7 +22,6 @@ use lockstep_coordinator::core::{Clock, LeaseId, UserId};
 use lockstep_coordinator::service::CommitHook;
 use lockstep_coordinator::storage::model;
 use serde_json::Value;
-use tokio::sync::Notify;
 use tonic::Code;
 
 use helpers::{AppOptions, EngineKind, repo_root, spawn_app_with, spawn_peer};
@@ -91,23 +90,6 @@ fn referenced_families(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// A hook that parks every commit until the test lets it go, and says when one is parked.
-fn parking_hook() -> (CommitHook, Arc<Notify>, Arc<Notify>) {
-    let parked = Arc::new(Notify::new());
-    let go = Arc::new(Notify::new());
-    let hook = {
-        let (parked, go) = (Arc::clone(&parked), Arc::clone(&go));
-        CommitHook(Arc::new(move |_user: &UserId| {
-            let (parked, go) = (Arc::clone(&parked), Arc::clone(&go));
-            Box::pin(async move {
-                parked.notify_one();
-                go.notified().await;
-            })
-        }))
-    };
-    (hook, parked, go)
-}
-
 /// Deposits, a refusal, a busy lease and a fenced commit leave exactly their counts in
 /// `/metrics`; and every metric the dashboard and the alert rules name is exported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -124,7 +106,7 @@ async fn metrics_count_a_scripted_workload() {
         AppOptions::default().clock(clock.clone()).flag("--lock-wait-ms", "300"),
     )
     .await;
-    let (hook, parked, go) = parking_hook();
+    let (hook, parked, go) = CommitHook::parking();
     let paused = spawn_peer(&plain, AppOptions::default().clock(clock.clone()).before_commit(hook)).await;
 
     // Two deposits and a refusal.

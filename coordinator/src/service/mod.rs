@@ -155,6 +155,26 @@ pub struct CommitHook(pub Arc<PauseBeforeCommit>);
 /// The hook's function: given the user, the pause to await.
 pub type PauseBeforeCommit = dyn Fn(&UserId) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
 
+impl CommitHook {
+    /// A hook that parks every commit until `go` is notified, and notifies `parked` when one
+    /// is parked: (hook, parked, go).
+    pub fn parking() -> (Self, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+        let parked = Arc::new(tokio::sync::Notify::new());
+        let go = Arc::new(tokio::sync::Notify::new());
+        let hook = {
+            let (parked, go) = (Arc::clone(&parked), Arc::clone(&go));
+            CommitHook(Arc::new(move |_user: &UserId| {
+                let (parked, go) = (Arc::clone(&parked), Arc::clone(&go));
+                Box::pin(async move {
+                    parked.notify_one();
+                    go.notified().await;
+                })
+            }))
+        };
+        (hook, parked, go)
+    }
+}
+
 impl std::fmt::Debug for CommitHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CommitHook")
