@@ -251,7 +251,7 @@ mod tests {
         async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()> {
             self.inner.enable_ttl(table, attribute).await
         }
-        async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+        async fn transact(&self, table: &str, items: &[TransactItem], token: Option<String>) -> StorageResult<()> {
             self.inner.transact(table, items, token).await
         }
     }

@@ -111,7 +111,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
     clock.advance(Duration::from_secs(16));
     let refused = app
         .storage
-        .transact(model::commit(&stale_commit_at(clock.now())).items, None)
+        .transact(&model::commit(&stale_commit_at(clock.now())).items, None)
         .await;
     assert!(
         matches!(refused, Err(StorageError::TransactionCanceled { .. })),
@@ -123,7 +123,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
     assert_eq!(reply.cash_balance, "150.00");
 
     // The stale holder wakes up still believing it is before its expiry: refused all the same.
-    let refused = app.storage.transact(stale_commit, None).await;
+    let refused = app.storage.transact(&stale_commit, None).await;
     assert!(
         matches!(refused, Err(StorageError::TransactionCanceled { .. })),
         "{refused:?}"

@@ -50,7 +50,7 @@ impl TransactionCoordinator {
                 TransactItem::Put(model::put_asset_if_unchanged(asset, old.as_ref())),
                 TransactItem::Put(model::put_asset_change(&change)),
             ];
-            match self.storage.transact(items, None).await {
+            match self.storage.transact(&items, None).await {
                 Ok(()) => {
                     tracing::info!(
                         symbol = %asset.symbol,

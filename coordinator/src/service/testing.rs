@@ -127,7 +127,7 @@ impl Engine for FlakyEngine {
     async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()> {
         self.inner.enable_ttl(table, attribute).await
     }
-    async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+    async fn transact(&self, table: &str, items: &[TransactItem], token: Option<String>) -> StorageResult<()> {
         let lost = || Err(StorageError::Unavailable("injected: connection lost".to_owned()));
         match self.next.swap(NextTransaction::Fine as u8, Ordering::SeqCst) {
             1 => {

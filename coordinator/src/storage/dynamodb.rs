@@ -161,36 +161,36 @@ conditional_builders!(
     DeleteItemFluentBuilder,
 );
 
-fn transact_item(table: &str, item: TransactItem) -> StorageResult<TransactWriteItem> {
+fn transact_item(table: &str, item: &TransactItem) -> StorageResult<TransactWriteItem> {
     let invalid = |error: aws_sdk_dynamodb::error::BuildError| StorageError::Other(error.to_string());
     let builder = TransactWriteItem::builder();
     let builder = match item {
         TransactItem::Put(put) => builder.put(
             aws_sdk_dynamodb::types::Put::builder()
                 .set_item(Some(encode_item(&put.item)))
-                .conditional(table, put.condition, &put.bindings)
+                .conditional(table, put.condition.clone(), &put.bindings)
                 .build()
                 .map_err(invalid)?,
         ),
         TransactItem::Update(update) => builder.update(
             aws_sdk_dynamodb::types::Update::builder()
                 .set_key(Some(encode_key(&update.key)))
-                .update_expression(update.update)
-                .conditional(table, update.condition, &update.bindings)
+                .update_expression(&update.update)
+                .conditional(table, update.condition.clone(), &update.bindings)
                 .build()
                 .map_err(invalid)?,
         ),
         TransactItem::Delete(delete) => builder.delete(
             aws_sdk_dynamodb::types::Delete::builder()
                 .set_key(Some(encode_key(&delete.key)))
-                .conditional(table, delete.condition, &delete.bindings)
+                .conditional(table, delete.condition.clone(), &delete.bindings)
                 .build()
                 .map_err(invalid)?,
         ),
         TransactItem::ConditionCheck(check) => builder.condition_check(
             aws_sdk_dynamodb::types::ConditionCheck::builder()
                 .set_key(Some(encode_key(&check.key)))
-                .conditional(table, Some(check.condition), &check.bindings)
+                .conditional(table, Some(check.condition.clone()), &check.bindings)
                 .build()
                 .map_err(invalid)?,
         ),
@@ -372,9 +372,9 @@ impl Engine for DynamoDbEngine {
         Ok(())
     }
 
-    async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+    async fn transact(&self, table: &str, items: &[TransactItem], token: Option<String>) -> StorageResult<()> {
         let items = items
-            .into_iter()
+            .iter()
             .map(|item| transact_item(table, item))
             .collect::<StorageResult<Vec<_>>>()?;
         let result = self

@@ -130,7 +130,7 @@ macro_rules! conditional_requests {
 conditional_requests!(Option<String> => PutItemRequest, UpdateItemRequest, DeleteItemRequest, TransactPut, TransactUpdate, TransactDelete);
 conditional_requests!(String => TransactConditionCheck);
 
-fn transact_item(table: &str, item: TransactItem) -> TransactWriteItem {
+fn transact_item(table: &str, item: &TransactItem) -> TransactWriteItem {
     match item {
         TransactItem::Put(put) => TransactWriteItem {
             put: Some(
@@ -138,7 +138,7 @@ fn transact_item(table: &str, item: TransactItem) -> TransactWriteItem {
                     item: encode_item(&put.item),
                     ..Default::default()
                 }
-                .conditional(table, put.condition, &put.bindings),
+                .conditional(table, put.condition.clone(), &put.bindings),
             ),
             ..Default::default()
         },
@@ -146,10 +146,10 @@ fn transact_item(table: &str, item: TransactItem) -> TransactWriteItem {
             update: Some(
                 TransactUpdate {
                     key: encode_key(&update.key),
-                    update_expression: update.update,
+                    update_expression: update.update.clone(),
                     ..Default::default()
                 }
-                .conditional(table, update.condition, &update.bindings),
+                .conditional(table, update.condition.clone(), &update.bindings),
             ),
             ..Default::default()
         },
@@ -159,7 +159,7 @@ fn transact_item(table: &str, item: TransactItem) -> TransactWriteItem {
                     key: encode_key(&delete.key),
                     ..Default::default()
                 }
-                .conditional(table, delete.condition, &delete.bindings),
+                .conditional(table, delete.condition.clone(), &delete.bindings),
             ),
             ..Default::default()
         },
@@ -169,7 +169,7 @@ fn transact_item(table: &str, item: TransactItem) -> TransactWriteItem {
                     key: encode_key(&check.key),
                     ..Default::default()
                 }
-                .conditional(table, check.condition, &check.bindings),
+                .conditional(table, check.condition.clone(), &check.bindings),
             ),
             ..Default::default()
         },
@@ -306,9 +306,9 @@ impl Engine for EmbeddedEngine {
     /// the process) and scans its whole cache on every call that carries one, so each commit
     /// would cost O(commits in the last 10 minutes) and the cache would grow without bound under
     /// load. Lockstep's correctness never rests on it (see docs/recovery.md).
-    async fn transact(&self, table: &str, items: Vec<TransactItem>, _token: Option<String>) -> StorageResult<()> {
+    async fn transact(&self, table: &str, items: &[TransactItem], _token: Option<String>) -> StorageResult<()> {
         let request = TransactWriteItemsRequest {
-            transact_items: items.into_iter().map(|item| transact_item(table, item)).collect(),
+            transact_items: items.iter().map(|item| transact_item(table, item)).collect(),
             client_request_token: None,
             ..Default::default()
         };

@@ -121,7 +121,7 @@ impl Engine for FaultyEngine {
         self.inner.backup(path).await
     }
 
-    async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+    async fn transact(&self, table: &str, items: &[TransactItem], token: Option<String>) -> StorageResult<()> {
         self.around("TransactWriteItems", self.inner.transact(table, items, token))
             .await
     }

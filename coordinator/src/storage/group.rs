@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CancellationReason, ConditionCheck, Key, Storage, StorageError, StorageResult, TransactItem};
+use super::{CancellationReason, ConditionCheck, Storage, StorageError, StorageResult, TransactItem};
 
 /// Items in one transaction: DynamoDB's limit.
 pub const GROUP_ITEMS_MAX: usize = 100;
@@ -73,18 +73,21 @@ async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
             waiting.push(next);
         }
         let group = take_group(&mut waiting);
-        match storage.transact(group.items, None).await {
-            Ok(()) => group.members.into_iter().for_each(|member| answer(member, Ok(()))),
+        match storage.transact(&group.items, None).await {
+            Ok(()) => group
+                .members
+                .into_iter()
+                .for_each(|member| answer(member.reply, Ok(()))),
             Err(StorageError::TransactionCanceled { reasons }) if group.members.len() > 1 => {
                 // The innocent go first into the next group, ahead of the newcomers. (If no
                 // member's items failed, the reasons explain nothing: all get the error.)
                 let size = group.members.len();
-                let innocent = split_cancelled(group.members, &group.positions, &reasons);
+                let innocent = split_cancelled(group, &reasons);
                 if innocent.len() == size {
                     let error = StorageError::TransactionCanceled { reasons };
                     innocent
                         .into_iter()
-                        .for_each(|member| answer(member, Err(error.clone())));
+                        .for_each(|member| answer(member.reply, Err(error.clone())));
                 } else {
                     waiting.splice(0..0, innocent);
                 }
@@ -92,7 +95,7 @@ async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
             Err(error) => group
                 .members
                 .into_iter()
-                .for_each(|member| answer(member, Err(error.clone()))),
+                .for_each(|member| answer(member.reply, Err(error.clone()))),
         }
     }
 }
@@ -100,81 +103,129 @@ async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
 /// Members sent together: their items as one transaction, and where each member's items are in
 /// it (a shared check sits at one position for all its members).
 struct Group {
-    members: Vec<Submission>,
+    members: Vec<Member>,
     items: Vec<TransactItem>,
-    positions: Vec<Vec<usize>>,
+}
+
+/// A member of a group: its reply, and the positions of its items in the group's transaction.
+struct Member {
+    reply: oneshot::Sender<StorageResult<()>>,
+    positions: Vec<usize>,
+}
+
+impl Member {
+    /// The member as a submission again, its items copied back out of the group's.
+    fn resubmit(self, items: &[TransactItem]) -> Submission {
+        Submission {
+            items: self.positions.iter().map(|position| items[*position].clone()).collect(),
+            reply: self.reply,
+        }
+    }
 }
 
 /// How a group already uses an item: written by a member, or checked (at a position).
-enum Use {
+enum Use<'a> {
     Written,
-    Checked(ConditionCheck, usize),
+    Checked(&'a ConditionCheck, usize),
 }
 
 /// Takes, in order, the waiting submissions that fit one transaction and share no item (other
-/// than identical checks).
+/// than identical checks). The items move into the group; only the keys are looked at, borrowed.
 fn take_group(waiting: &mut Vec<Submission>) -> Group {
+    let placements = place(waiting);
     let mut group = Group {
         members: Vec::new(),
         items: Vec::new(),
-        positions: Vec::new(),
     };
-    let mut uses: HashMap<(String, String), Use> = HashMap::new();
     let mut rest = Vec::new();
-    for submission in waiting.drain(..) {
-        let keys: Vec<(String, String)> = submission.items.iter().map(key_of).collect();
-        let shared = |(item, key): (&TransactItem, &(String, String))| match (item, uses.get(key)) {
-            (_, None) => Some(None),
-            (TransactItem::ConditionCheck(check), Some(Use::Checked(used, position))) if check == used => {
-                Some(Some(*position))
-            }
-            _ => None,
-        };
-        let placed: Option<Vec<Option<usize>>> = submission.items.iter().zip(&keys).map(shared).collect();
-        let new_items = placed
-            .as_ref()
-            .map_or(0, |placed| placed.iter().filter(|position| position.is_none()).count());
-        let fits = placed.is_some() && group.items.len() + new_items <= GROUP_ITEMS_MAX;
-        if !fits && !group.members.is_empty() {
+    for (submission, placement) in waiting.drain(..).zip(placements) {
+        let Some(placement) = placement else {
             rest.push(submission);
             continue;
-        }
-        let placed = placed.unwrap_or_else(|| vec![None; submission.items.len()]);
-        let mut positions = Vec::with_capacity(placed.len());
-        for ((item, key), position) in submission.items.iter().zip(keys).zip(placed) {
-            let position = position.unwrap_or_else(|| {
-                group.items.push(item.clone());
+        };
+        let mut positions = Vec::with_capacity(placement.len());
+        for (item, shared) in submission.items.into_iter().zip(placement) {
+            positions.push(shared.unwrap_or_else(|| {
+                group.items.push(item);
                 group.items.len() - 1
-            });
-            let used = match item {
-                TransactItem::ConditionCheck(check) => Use::Checked(check.clone(), position),
-                _ => Use::Written,
-            };
-            uses.entry(key).or_insert(used);
-            positions.push(position);
+            }));
         }
-        group.positions.push(positions);
-        group.members.push(submission);
+        group.members.push(Member {
+            reply: submission.reply,
+            positions,
+        });
     }
     *waiting = rest;
     group
 }
 
-fn key_of(item: &TransactItem) -> (String, String) {
-    let key = item_key(item);
-    (key.pk, key.sk)
+/// For each waiting submission in order: `None` if it waits for a later group, or for each of
+/// its items the position of an identical check the group already sends (`Some`) or a new
+/// position (`None`). The first submission always goes, whatever its size.
+fn place(waiting: &[Submission]) -> Vec<Option<Vec<Option<usize>>>> {
+    let mut uses: HashMap<(&str, &str), Use<'_>> = HashMap::new();
+    let mut sent = 0;
+    let mut placements = Vec::with_capacity(waiting.len());
+    for submission in waiting {
+        let placed: Option<Vec<Option<usize>>> = submission
+            .items
+            .iter()
+            .map(|item| match (item, uses.get(&key_of(item))) {
+                (_, None) => Some(None),
+                (TransactItem::ConditionCheck(check), Some(Use::Checked(used, position))) if check == *used => {
+                    Some(Some(*position))
+                }
+                _ => None,
+            })
+            .collect();
+        let new_items = placed
+            .as_ref()
+            .map_or(0, |placed| placed.iter().filter(|position| position.is_none()).count());
+        let fits = placed.is_some() && sent + new_items <= GROUP_ITEMS_MAX;
+        if !fits && sent > 0 {
+            placements.push(None);
+            continue;
+        }
+        let placed = placed.unwrap_or_else(|| vec![None; submission.items.len()]);
+        for (item, shared) in submission.items.iter().zip(&placed) {
+            let position = shared.unwrap_or_else(|| {
+                sent += 1;
+                sent - 1
+            });
+            let used = match item {
+                TransactItem::ConditionCheck(check) => Use::Checked(check, position),
+                _ => Use::Written,
+            };
+            uses.entry(key_of(item)).or_insert(used);
+        }
+        placements.push(Some(placed));
+    }
+    placements
+}
+
+/// The key an item of a transaction touches, borrowed.
+fn key_of(item: &TransactItem) -> (&str, &str) {
+    fn text<'a>(item: &'a super::Item, name: &str) -> &'a str {
+        match item.get(name) {
+            Some(super::Value::S(text)) => text,
+            _ => "",
+        }
+    }
+    match item {
+        TransactItem::Put(put) => (text(&put.item, "pk"), text(&put.item, "sk")),
+        TransactItem::Update(update) => (&update.key.pk, &update.key.sk),
+        TransactItem::Delete(delete) => (&delete.key.pk, &delete.key.sk),
+        TransactItem::ConditionCheck(check) => (&check.key.pk, &check.key.sk),
+    }
 }
 
 /// Answers the members of a cancelled group whose items failed with their own reasons, and
 /// returns the others, whose items were all fine, to be sent again.
-fn split_cancelled(
-    members: Vec<Submission>,
-    positions: &[Vec<usize>],
-    reasons: &[CancellationReason],
-) -> Vec<Submission> {
+fn split_cancelled(group: Group, reasons: &[CancellationReason]) -> Vec<Submission> {
     let mut innocent = Vec::new();
-    for (member, positions) in members.into_iter().zip(positions) {
-        let own: Vec<CancellationReason> = positions
+    for member in group.members {
+        let own: Vec<CancellationReason> = member
+            .positions
             .iter()
             .map(|position| {
                 reasons.get(*position).cloned().unwrap_or(CancellationReason {
@@ -183,33 +234,16 @@ fn split_cancelled(
             })
             .collect();
         if own.iter().all(|reason| reason.code == "None") {
-            innocent.push(member);
+            innocent.push(member.resubmit(&group.items));
         } else {
-            answer(member, Err(StorageError::TransactionCanceled { reasons: own }));
+            answer(member.reply, Err(StorageError::TransactionCanceled { reasons: own }));
         }
     }
     innocent
 }
 
-fn answer(member: Submission, result: StorageResult<()>) {
-    member.reply.send(result).ok();
-}
-
-/// The key an item of a transaction touches.
-pub fn item_key(item: &TransactItem) -> Key {
-    let text = |item: &super::Item, name: &str| match item.get(name) {
-        Some(super::Value::S(text)) => text.clone(),
-        _ => String::new(),
-    };
-    match item {
-        TransactItem::Put(put) => Key {
-            pk: text(&put.item, "pk"),
-            sk: text(&put.item, "sk"),
-        },
-        TransactItem::Update(update) => update.key.clone(),
-        TransactItem::Delete(delete) => delete.key.clone(),
-        TransactItem::ConditionCheck(check) => check.key.clone(),
-    }
+fn answer(reply: oneshot::Sender<StorageResult<()>>, result: StorageResult<()>) {
+    reply.send(result).ok();
 }
 
 #[cfg(test)]
@@ -218,7 +252,7 @@ mod tests {
 
     use super::*;
     use crate::storage::embedded::EmbeddedEngine;
-    use crate::storage::{Put, Storage, Value};
+    use crate::storage::{Key, Put, Storage, Value};
 
     fn fresh_put(pk: &str) -> TransactItem {
         let item = [("pk", pk), ("sk", "X")]
@@ -277,7 +311,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_member_is_split_off_and_the_others_apply() {
         let (group, storage, _) = committer().await;
-        storage.transact(vec![fresh_put("TAKEN")], None).await.unwrap();
+        storage.transact(&[fresh_put("TAKEN")], None).await.unwrap();
         let before = storage.requests();
         let members = vec![vec![fresh_put("A")], vec![fresh_put("TAKEN")], vec![fresh_put("B")]];
         let results = submit_together(&group, members).await;
@@ -321,7 +355,7 @@ mod tests {
         .collect();
         storage
             .transact(
-                vec![TransactItem::Put(Put {
+                &[TransactItem::Put(Put {
                     item: asset,
                     condition: None,
                     bindings: Default::default(),

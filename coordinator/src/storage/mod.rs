@@ -172,7 +172,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()>;
     /// All items or none. `token` is the idempotency token (ClientRequestToken) where the
     /// engine honours one; Lockstep never relies on it for correctness.
-    async fn transact(&self, table: &str, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()>;
+    async fn transact(&self, table: &str, items: &[TransactItem], token: Option<String>) -> StorageResult<()>;
     /// A consistent copy of the whole store, taken while it serves, into a new file at `path`.
     /// Only the embedded engine has one; DynamoDB has its own backups (PITR, on-demand).
     async fn backup(&self, path: &std::path::Path) -> StorageResult<()> {
@@ -338,7 +338,7 @@ impl Storage {
         self.observe("Backup", self.engine.backup(path)).await
     }
 
-    pub async fn transact(&self, items: Vec<TransactItem>, token: Option<String>) -> StorageResult<()> {
+    pub async fn transact(&self, items: &[TransactItem], token: Option<String>) -> StorageResult<()> {
         self.send("TransactWriteItems", self.engine.transact(&self.table, items, token))
             .await
     }
@@ -348,7 +348,7 @@ impl Storage {
     pub async fn transact_batch(&self, items: Vec<TransactItem>) -> StorageResult<()> {
         match &self.group {
             Some(group) => group.transact(items).await,
-            None => self.transact(items, None).await,
+            None => self.transact(&items, None).await,
         }
     }
 }
