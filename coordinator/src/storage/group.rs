@@ -7,10 +7,17 @@
 //! every sharing member's. A group that is cancelled is split by its cancellation reasons: the
 //! members whose items failed get their own reasons, the others are sent again. A group whose
 //! outcome is unknown answers every member with that error, and each settles its own user.
+//!
+//! At most two groups are in flight: while one is at the engine, a second is sent only when it is
+//! full, so it waits at dynoxide's mutex and starts the moment the first ends, instead of the
+//! engine idling while the committer wakes, answers and forms it (about 10 % of the engine's
+//! time at 64 callers). Two groups in flight never share a written item: each member is one
+//! user's round, and a user's next round waits for the answer to its last.
 
 use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use super::{CancellationReason, ConditionCheck, Storage, StorageError, StorageResult, TransactItem};
 
@@ -18,6 +25,9 @@ use super::{CancellationReason, ConditionCheck, Storage, StorageError, StorageRe
 pub const GROUP_ITEMS_MAX: usize = 100;
 /// Submissions waiting for the committer: past it a commit waits to be queued (back-pressure).
 pub const GROUP_QUEUE_MAX: usize = 1024;
+/// Groups sent and not yet answered: a second one waits at the engine, so the engine need not
+/// wait for the committer between two groups.
+pub const GROUPS_IN_FLIGHT_MAX: usize = 2;
 
 /// One batch commit waiting to be sent in a group.
 struct Submission {
@@ -59,45 +69,76 @@ impl GroupCommit {
     }
 }
 
-/// The committer: takes what is waiting, sends it as one transaction, answers, repeats.
+/// The committer: takes what is waiting, sends it as one transaction, and while that one is in
+/// flight sends a second only when it is full (it then waits for the engine rather than the
+/// engine for it; a part-full one would only split what could still join it).
 async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
     let mut waiting: Vec<Submission> = Vec::new();
+    let mut in_flight = JoinSet::new();
+    let mut open = true;
     loop {
-        if waiting.is_empty() {
-            match receiver.recv().await {
-                Some(first) => waiting.push(first),
-                None => return,
-            }
-        }
         while let Ok(next) = receiver.try_recv() {
             waiting.push(next);
         }
-        let group = take_group(&mut waiting);
-        match storage.transact(&group.items, None).await {
-            Ok(()) => group
-                .members
-                .into_iter()
-                .for_each(|member| answer(member.reply, Ok(()))),
-            Err(StorageError::TransactionCanceled { reasons }) if group.members.len() > 1 => {
-                // The innocent go first into the next group, ahead of the newcomers. (If no
-                // member's items failed, the reasons explain nothing: all get the error.)
-                let size = group.members.len();
-                let innocent = split_cancelled(group, &reasons);
-                if innocent.len() == size {
-                    let error = StorageError::TransactionCanceled { reasons };
-                    innocent
-                        .into_iter()
-                        .for_each(|member| answer(member.reply, Err(error.clone())));
-                } else {
-                    waiting.splice(0..0, innocent);
-                }
+        if ready_to_send(&waiting, in_flight.len()) {
+            in_flight.spawn(send(storage.clone(), take_group(&mut waiting)));
+            continue;
+        }
+        if !open && waiting.is_empty() && in_flight.is_empty() {
+            return;
+        }
+        tokio::select! {
+            received = receiver.recv(), if open => match received {
+                Some(submission) => waiting.push(submission),
+                None => open = false,
+            },
+            // The innocent of a cancelled group go first into the next, ahead of the newcomers.
+            Some(Ok(innocent)) = in_flight.join_next() => {
+                waiting.splice(0..0, innocent);
             }
-            Err(error) => group
-                .members
-                .into_iter()
-                .for_each(|member| answer(member.reply, Err(error.clone()))),
         }
     }
+}
+
+/// Whether the waiting submissions go out now: always when no group is in flight; beside one in
+/// flight, only when they fill a transaction.
+fn ready_to_send(waiting: &[Submission], in_flight: usize) -> bool {
+    match in_flight {
+        _ if waiting.is_empty() => false,
+        0 => true,
+        n if n < GROUPS_IN_FLIGHT_MAX => {
+            waiting.iter().map(|submission| submission.items.len()).sum::<usize>() >= GROUP_ITEMS_MAX
+        }
+        _ => false,
+    }
+}
+
+/// Sends one group and answers its members; returns those to send again (the innocent members
+/// of a cancelled group).
+async fn send(storage: Storage, group: Group) -> Vec<Submission> {
+    match storage.transact(&group.items, None).await {
+        Ok(()) => group
+            .members
+            .into_iter()
+            .for_each(|member| answer(member.reply, Ok(()))),
+        Err(StorageError::TransactionCanceled { reasons }) if group.members.len() > 1 => {
+            // If no member's items failed, the reasons explain nothing: all get the error.
+            let size = group.members.len();
+            let innocent = split_cancelled(group, &reasons);
+            if innocent.len() < size {
+                return innocent;
+            }
+            let error = StorageError::TransactionCanceled { reasons };
+            innocent
+                .into_iter()
+                .for_each(|member| answer(member.reply, Err(error.clone())));
+        }
+        Err(error) => group
+            .members
+            .into_iter()
+            .for_each(|member| answer(member.reply, Err(error.clone()))),
+    }
+    Vec::new()
 }
 
 /// Members sent together: their items as one transaction, and where each member's items are in
@@ -390,6 +431,60 @@ mod tests {
         }
         assert!(results[1].is_ok(), "{results:?}");
         assert_eq!(storage.requests() - before, 2, "the group, then the innocent again");
+    }
+
+    /// A second group goes out beside one in flight only when it fills a transaction.
+    #[test]
+    fn a_second_group_goes_out_only_when_full() {
+        let waiting = |items: usize| -> Vec<Submission> {
+            (0..items)
+                .map(|index| Submission {
+                    items: vec![fresh_put(&format!("W{index}"))],
+                    reply: oneshot::channel().0,
+                })
+                .collect()
+        };
+        assert!(!ready_to_send(&waiting(0), 0), "nothing to send");
+        assert!(ready_to_send(&waiting(1), 0), "nothing in flight: send at once");
+        assert!(!ready_to_send(&waiting(GROUP_ITEMS_MAX - 1), 1), "part-full waits");
+        assert!(
+            ready_to_send(&waiting(GROUP_ITEMS_MAX), 1),
+            "full goes beside the one in flight"
+        );
+        assert!(!ready_to_send(&waiting(3 * GROUP_ITEMS_MAX), GROUPS_IN_FLIGHT_MAX));
+    }
+
+    /// Many members at once (several full groups, two in flight), some of them failing: each
+    /// is answered as its own transaction would be, and every innocent one applies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_members_across_groups_in_flight_are_each_answered() {
+        let (group, storage, _) = committer().await;
+        let taken = |index: usize| index % 7 == 3;
+        for index in (0..400).filter(|index| taken(*index)) {
+            storage
+                .transact(&[fresh_put(&format!("M{index}"))], None)
+                .await
+                .unwrap();
+        }
+        let before = storage.requests();
+        let members = (0..400).map(|index| vec![fresh_put(&format!("M{index}"))]).collect();
+        let results = submit_together(&group, members).await;
+        for (index, result) in results.iter().enumerate() {
+            match result {
+                Ok(()) => assert!(!taken(index), "M{index} was taken and still applied"),
+                Err(StorageError::TransactionCanceled { reasons }) => {
+                    assert!(
+                        taken(index) && reasons.len() == 1 && reasons[0].condition_failed(),
+                        "M{index}: {reasons:?}"
+                    );
+                }
+                Err(other) => panic!("M{index}: {other:?}"),
+            }
+        }
+        assert!(
+            storage.requests() - before >= 4,
+            "400 items need at least four transactions"
+        );
     }
 
     /// Two commits touching one item never share a transaction.
