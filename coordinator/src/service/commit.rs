@@ -35,6 +35,9 @@ pub(super) enum Answer {
         error: ServiceError,
         /// A refusal record was written with it (the call has a request id).
         recorded: bool,
+        /// A refused trade's FAILED order when no record goes with it: if the round is found not
+        /// applied, the refusal still stands, and settle writes this order on its own.
+        unrecorded_order: Option<Box<Order>>,
     },
 }
 

@@ -30,13 +30,15 @@ impl TransactionCoordinator {
                 self.record(intent, RecordedOutcome::Refused { message }, now),
             )
         });
+        let order = failed_order(held, &waiter.principal, operation, rejection, now);
         CallWrites {
             entry: None,
-            order: failed_order(held, &waiter.principal, operation, rejection, now),
             answer: Answer::Refuse {
                 error: refusal_error(held, rejection.clone()),
                 recorded: record.is_some(),
+                unrecorded_order: order.clone().filter(|_| record.is_none()).map(Box::new),
             },
+            order,
             record,
         }
     }

@@ -1,7 +1,7 @@
 //! Settle what is not known: a commit whose reply was lost or refused after a try of it may have
 //! landed, and a request id whose outcome was recorded by an earlier execution.
 
-use crate::core::records::RecordedOutcome;
+use crate::core::records::{Order, RecordedOutcome};
 use crate::core::{FieldError, RequestId, UserId};
 use crate::storage::{StorageError, model};
 use crate::telemetry::metrics::{self, Settled};
@@ -71,12 +71,42 @@ impl TransactionCoordinator {
             };
             let result = match (landed.map(|round| answer_in(&round.answers)), answer_in(last)) {
                 (Some(Some(answer)), _) => answer.into_result(),
-                // Not applied: a refusal that needed no write stands; anything else did not happen.
-                (_, Some(Answer::Refuse { error, recorded: false })) => Err(error),
+                // Not applied: a refusal without a record stands (a trade's FAILED order is
+                // written now, on its own); anything else did not happen.
+                (
+                    _,
+                    Some(Answer::Refuse {
+                        error,
+                        recorded: false,
+                        unrecorded_order,
+                    }),
+                ) => {
+                    if let Some(order) = unrecorded_order {
+                        self.record_failed_order(&order).await;
+                    }
+                    Err(error)
+                }
                 (_, Some(Answer::Refuse { recorded: true, .. })) => Err(ServiceError::LeaseLost),
                 _ => Err(not_applied.clone()),
             };
             waiter.answer(result);
+        }
+    }
+
+    /// Writes the FAILED order of a refusal whose round did not apply (after the fence, so the
+    /// round can no longer write it). Both copies are fresh items, so a try that landed makes a
+    /// retry fail its condition, which means written. If storage keeps failing, the refusal is
+    /// still the answer, and the missing order is logged.
+    async fn record_failed_order(&self, order: &Order) {
+        let items = model::order_puts(order);
+        let written = retry_safe(|| self.storage.transact(&items, None)).await;
+        match written {
+            Ok(()) => {}
+            Err(StorageError::TransactionCanceled { reasons })
+                if reasons.iter().any(|reason| reason.condition_failed()) => {}
+            Err(error) => {
+                tracing::error!(order_id = %order.order_id, %error, "the FAILED order of a refused trade could not be recorded");
+            }
         }
     }
 
@@ -153,9 +183,13 @@ mod tests {
     use super::*;
     use crate::core::Principal;
     use crate::core::decide::Rejection;
+    use crate::core::records::OrderStatus;
     use crate::core::time::ManualClock;
-    use crate::service::testing::{FlakyEngine, LEASE, NextTransaction, coordinator, coordinator_on, usd, user};
-    use crate::service::{CoordinatorConfig, Intent};
+    use crate::core::{AssetSymbol, TradeSide};
+    use crate::service::testing::{
+        FlakyEngine, LEASE, NextTransaction, coordinator, coordinator_on, quantity, usd, user,
+    };
+    use crate::service::{CoordinatorConfig, Intent, PageRequest, TradeRequest};
 
     async fn flaky() -> (Arc<TransactionCoordinator>, Arc<FlakyEngine>) {
         let engine = Arc::new(FlakyEngine::new());
@@ -241,6 +275,47 @@ mod tests {
             .expect("found applied");
         assert_eq!(receipt.entry.cash_after, usd("3"));
         assert_eq!(coordinator.account(&user("e")).await.unwrap().cash, usd("3"));
+    }
+
+    /// A refused trade without a request id whose round never reached storage: the refusal
+    /// stands, and its FAILED order is written after the fence, once.
+    #[tokio::test]
+    async fn a_refused_trade_in_a_lost_round_still_leaves_its_failed_order() {
+        let engine = Arc::new(FlakyEngine::new());
+        let config = CoordinatorConfig {
+            known_accounts: false,
+            ..CoordinatorConfig::default()
+        };
+        let coordinator = coordinator_on(engine.clone(), &ManualClock::starting_at(1_000_000), config).await;
+        coordinator
+            .deposit(&Principal::local(), &user("f"), usd("10"), None, None)
+            .await
+            .unwrap();
+        engine.arm(NextTransaction::LoseRequest);
+        let trade = TradeRequest {
+            side: TradeSide::Sell,
+            asset: AssetSymbol::parse("asset", "SOL").unwrap(),
+            quantity: quantity("1"),
+            limit_price: None,
+        };
+        let refused = coordinator
+            .mutate(&user("f"), Intent::Trade(trade), None, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, ServiceError::Rejected(Rejection::InsufficientHoldings { .. })),
+            "{refused:?}"
+        );
+        let orders = coordinator.orders(&user("f"), PageRequest::first(10)).await.unwrap();
+        assert_eq!(orders.items.len(), 1, "{:?}", orders.items);
+        assert_eq!(orders.items[0].status, OrderStatus::Failed);
+        assert_eq!(
+            orders.items[0].failure_reason.as_deref(),
+            Some(refused.to_string().as_str())
+        );
+        let by_id = coordinator.order(&orders.items[0].order_id).await.unwrap();
+        assert_eq!(by_id.status, OrderStatus::Failed);
+        assert_eq!(coordinator.account(&user("f")).await.unwrap().cash, usd("10"));
     }
 
     /// A batch whose reply was lost is settled per call: each gets its own answer from the
