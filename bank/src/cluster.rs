@@ -1,8 +1,10 @@
 //! Coordinator processes for the bank test: started from the real `coordinator` binary on fixed
 //! loopback ports, killed with SIGKILL and restarted under the same instance name.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ConstantBackoff, ConstantBuilder};
@@ -41,12 +43,24 @@ pub fn coordinator_binary() -> PathBuf {
     binary
 }
 
-/// A free loopback port, for a coordinator that must come back on the same address.
+/// Ports `free_port` handed out in this process.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A free loopback port, for a coordinator that must come back on the same address, and never
+/// one handed out before in this process: the port is free only until the coordinator binds it
+/// (and again whenever it is killed), so two nodes, of one bank run or of two running side by
+/// side in one test binary, could otherwise be given the same port and one run's clients would
+/// talk to the other's coordinator.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free loopback port")
+            .port();
+        if HANDED_OUT.lock().expect("ports handed out").insert(port) {
+            return port;
+        }
+    }
 }
 
 /// One coordinator process slot: same port, instance name and flags across restarts.
@@ -99,7 +113,8 @@ impl Node {
                     .iter()
                     .map(|(key, value)| (key.as_str(), value.as_str())),
             )
-            .env("RUST_LOG", "warn")
+            // Warnings, and the server's own lines: "serving gRPC" says which process serves.
+            .env("RUST_LOG", "warn,lockstep_coordinator::server=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -117,7 +132,12 @@ impl Node {
                     self.instance, tail
                 )));
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            // Started when this start's process says it serves on the port and the port accepts
+            // connections: a port that merely accepts may be some other process's (this one then
+            // fails to bind it and exits, which the check above reports).
+            if self.serving_lines() >= self.starts
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
+            {
                 return Ok(());
             }
             tokio::time::sleep(pause).await;
@@ -126,6 +146,17 @@ impl Node {
             "{} did not start within {START_TIMEOUT:?}",
             self.instance
         )))
+    }
+
+    /// How many times the log says a process of this node served gRPC on its port: one line per
+    /// start that got that far.
+    fn serving_lines(&self) -> usize {
+        let address = format!("127.0.0.1:{}", self.port);
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("serving gRPC") && line.contains(&address))
+            .count()
     }
 
     /// SIGKILL: no drain, no lease release, nothing flushed that was not already durable.
