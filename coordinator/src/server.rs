@@ -175,34 +175,117 @@ pub async fn run_secured(
     shutdown: impl Future<Output = ()> + Send + 'static,
     security: Security,
 ) -> Result<(), StartError> {
+    let address = listener.local_addr().map_err(serve_error)?;
+    let health_only = match health_listener {
+        Some(listener) => Some((listener.local_addr().map_err(serve_error)?, listener)),
+        None => None,
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
+    let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = grpc_server(listener, &coordinator, health_service.clone(), &security, async {
+        stopped.await.ok();
+    })?;
+    // Nothing fails from here on: the tasks beside the server start.
     let ready = crate::telemetry::health::starting(&health, coordinator.storage()).await;
     let probe = tokio::spawn(crate::telemetry::health::follow_storage(
         coordinator.storage().clone(),
         health.clone(),
         ready,
     ));
-    let heartbeat = tokio::spawn({
-        let coordinator = Arc::clone(&coordinator);
-        async move { coordinator.renew_instance_periodically().await }
-    });
-    let sweeper = coordinator
-        .config()
-        .sweep_interval
-        .map(|interval| tokio::spawn(sweep_periodically(Arc::clone(&coordinator), interval)));
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lockstep::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| StartError::Serve(error.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lockstep::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|error| StartError::Serve(error.to_string()))?;
-    let address = listener
-        .local_addr()
-        .map_err(|error| StartError::Serve(error.to_string()))?;
+    let mut beside = Beside::start(&coordinator, &security);
+    beside.0.push(probe.abort_handle());
+    announce(address, &security);
+    if let Some((address, listener)) = health_only {
+        beside.0.push(serve_health_only(address, listener, health_service));
+    }
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            beside.stop();
+            return result.map_err(serve_error);
+        }
+        () = shutdown => {}
+    }
+    // Probes learn of the shutdown before anything stops: both names NOT_SERVING first.
+    probe.abort();
+    crate::telemetry::health::shutting_down(&health).await;
+    tracing::info!(
+        drain_ms = drain_timeout.as_millis() as u64,
+        "shutting down: no new connections, draining in-flight RPCs"
+    );
+    stop_accepting.send(()).ok();
+    drain(&coordinator, server, tokio::time::Instant::now() + drain_timeout).await;
+    beside.stop();
+    let released = coordinator.release_held_leases().await;
+    tracing::info!(released, "stopped");
+    Ok(())
+}
+
+fn serve_error(error: impl std::fmt::Display) -> StartError {
+    StartError::Serve(error.to_string())
+}
+
+/// The tasks that run beside the gRPC server (storage probe, instance heartbeat, sweeper, token
+/// reload, the plain health listener), stopped together.
+struct Beside(Vec<tokio::task::AbortHandle>);
+
+impl Beside {
+    fn start(coordinator: &Arc<TransactionCoordinator>, security: &Security) -> Self {
+        let heartbeat = tokio::spawn({
+            let coordinator = Arc::clone(coordinator);
+            async move { coordinator.renew_instance_periodically().await }
+        });
+        let mut tasks = vec![heartbeat.abort_handle()];
+        if let Some(interval) = coordinator.config().sweep_interval {
+            tasks.push(tokio::spawn(sweep_periodically(Arc::clone(coordinator), interval)).abort_handle());
+        }
+        if let Some(tokens) = security.tokens.clone() {
+            tasks.push(tokio::spawn(tokens.reload_on_sighup()).abort_handle());
+        }
+        Self(tasks)
+    }
+
+    fn stop(&self) {
+        self.0.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+}
+
+/// The gRPC server on `listener`: coordinator, admin, health and reflection (v1 and v1alpha),
+/// behind the RPC telemetry and authentication layers, with TLS when configured; it stops
+/// accepting when `stop_accepting` completes.
+fn grpc_server(
+    listener: TcpListener,
+    coordinator: &Arc<TransactionCoordinator>,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    security: &Security,
+    stop_accepting: impl Future<Output = ()> + Send + 'static,
+) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, StartError> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(lockstep::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(serve_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(serve_error)?;
+    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    if let Some(tls) = security.tls.clone() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|error| StartError::Serve(format!("TLS: {error}")))?;
+    }
+    Ok(builder
+        .layer(crate::telemetry::rpc::RpcLayer)
+        .layer(AuthLayer::new(Arc::clone(&security.authenticator)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(coordinator))))
+        .add_service(crate::admin::grpc::AdminService::server(Arc::clone(coordinator)))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop_accepting))
+}
+
+/// Logs how the server is reached: its mode, TLS, and the address.
+fn announce(address: std::net::SocketAddr, security: &Security) {
     let tls = security.tls.is_some();
     match security.mode {
         Mode::Local => tracing::info!(
@@ -215,81 +298,37 @@ pub async fn run_secured(
     }
     // `address` stays the last field of this line: tests and scripts read the port from it.
     tracing::info!(%address, "serving gRPC");
-    let reload = security
-        .tokens
-        .clone()
-        .map(|tokens| tokio::spawn(tokens.reload_on_sighup()));
+}
 
-    let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    if let Some(tls) = security.tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|error| StartError::Serve(format!("TLS: {error}")))?;
-    }
-    let server = builder
-        .layer(crate::telemetry::rpc::RpcLayer)
-        .layer(AuthLayer::new(Arc::clone(&security.authenticator)))
-        .add_service(health_service.clone())
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(
-            &coordinator,
-        ))))
-        .add_service(crate::admin::grpc::AdminService::server(Arc::clone(&coordinator)))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-            stopped.await.ok();
-        });
-    // Health alone, in plain text and open, for probes that can speak neither TLS nor tokens
-    // (Kubernetes' gRPC probe): `--health-listen`.
-    let health_only = match health_listener {
-        Some(listener) => {
-            tracing::info!(address = %listener.local_addr().map_err(|error| StartError::Serve(error.to_string()))?, "serving health checks");
-            let health_server = tonic::transport::Server::builder()
-                .add_service(health_service.clone())
-                .serve_with_incoming(TcpIncoming::from(listener));
-            Some(tokio::spawn(health_server))
-        }
-        None => None,
-    };
-    let mut server = std::pin::pin!(server);
-    tokio::select! {
-        result = &mut server => {
-            probe.abort();
-            heartbeat.abort();
-            sweeper.iter().for_each(tokio::task::JoinHandle::abort);
-            reload.iter().for_each(tokio::task::JoinHandle::abort);
-            health_only.iter().for_each(tokio::task::JoinHandle::abort);
-            return result.map_err(|error| StartError::Serve(error.to_string()));
-        }
-        () = shutdown => {}
-    }
-    // Probes learn of the shutdown before anything stops: both names NOT_SERVING first.
-    probe.abort();
-    crate::telemetry::health::shutting_down(&health).await;
-    tracing::info!(
-        drain_ms = drain_timeout.as_millis() as u64,
-        "shutting down: no new connections, draining in-flight RPCs"
-    );
-    stop_accepting.send(()).ok();
-    let drain_until = tokio::time::Instant::now() + drain_timeout;
-    if tokio::time::timeout_at(drain_until, &mut server).await.is_err() {
+/// Health alone, in plain text and open, for probes that can speak neither TLS nor tokens
+/// (Kubernetes' gRPC probe): `--health-listen`.
+fn serve_health_only(
+    address: std::net::SocketAddr,
+    listener: TcpListener,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> tokio::task::AbortHandle {
+    tracing::info!(%address, "serving health checks");
+    let health_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming(TcpIncoming::from(listener));
+    tokio::spawn(health_server).abort_handle()
+}
+
+/// Waits, until `until`, for in-flight RPCs to finish (the server stopped accepting), then for
+/// mutations whose callers went away: they still run, and their leases are released by their
+/// own commits or roll-backs, so they finish before what is left is released.
+async fn drain(
+    coordinator: &TransactionCoordinator,
+    server: std::pin::Pin<&mut impl Future<Output = Result<(), tonic::transport::Error>>>,
+    until: tokio::time::Instant,
+) {
+    if tokio::time::timeout_at(until, server).await.is_err() {
         tracing::warn!("in-flight RPCs did not finish within the drain timeout");
     }
-    // Mutations whose callers went away still run; their leases are released by their own
-    // commits or roll-backs, so wait for them before releasing what is left.
-    let remaining = drain_until.saturating_duration_since(tokio::time::Instant::now());
+    let remaining = until.saturating_duration_since(tokio::time::Instant::now());
     if !coordinator.wait_for_mutations(remaining).await {
         tracing::warn!("detached mutations did not finish within the drain timeout");
     }
-    probe.abort();
-    heartbeat.abort();
-    sweeper.iter().for_each(tokio::task::JoinHandle::abort);
-    reload.iter().for_each(tokio::task::JoinHandle::abort);
-    health_only.iter().for_each(tokio::task::JoinHandle::abort);
-    let released = coordinator.release_held_leases().await;
-    tracing::info!(released, "stopped");
-    Ok(())
 }
 
 /// Runs the sweeper every `interval`, first after one interval, while this coordinator holds
