@@ -93,8 +93,12 @@ async fn run(storage: Storage, mut receiver: mpsc::Receiver<Submission>) {
                 None => open = false,
             },
             // The innocent of a cancelled group go first into the next, ahead of the newcomers.
-            Some(Ok(innocent)) = in_flight.join_next() => {
-                waiting.splice(0..0, innocent);
+            // (A group task that panicked dropped its members' replies: each sees the committer
+            // stopped, UNAVAILABLE, and settles.)
+            Some(joined) = in_flight.join_next() => {
+                if let Ok(innocent) = joined {
+                    waiting.splice(0..0, innocent);
+                }
             }
         }
     }
