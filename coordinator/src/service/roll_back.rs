@@ -74,9 +74,8 @@ mod tests {
     use super::*;
     use crate::core::RequestId;
     use crate::core::time::ManualClock;
-    use crate::core::{AssetSymbol, TradeSide};
-    use crate::service::testing::{LEASE, coordinator, quantity, usd, user};
-    use crate::service::{Intent, PageRequest, TradeRequest};
+    use crate::service::testing::{LEASE, coordinator, refused_sell_leaves_one_failed_order, usd, user};
+    use crate::service::{Intent, PageRequest};
 
     /// A refusal with a request id records it and frees the lease; the retry replays it.
     #[tokio::test]
@@ -116,27 +115,7 @@ mod tests {
             .mutate(&user("b"), Intent::Deposit(usd("10")), None, None)
             .await
             .unwrap();
-        let trade = TradeRequest {
-            side: TradeSide::Sell,
-            asset: AssetSymbol::parse("asset", "SOL").unwrap(),
-            quantity: quantity("1"),
-            limit_price: None,
-        };
-        let refused = coordinator
-            .mutate(&user("b"), Intent::Trade(trade), None, None)
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            refused,
-            ServiceError::Rejected(Rejection::InsufficientHoldings { .. })
-        ));
-        let orders = coordinator.orders(&user("b"), PageRequest::first(10)).await.unwrap();
-        assert_eq!(orders.items.len(), 1);
-        assert_eq!(orders.items[0].status, OrderStatus::Failed);
-        assert_eq!(
-            orders.items[0].failure_reason.as_deref(),
-            Some(refused.to_string().as_str())
-        );
+        refused_sell_leaves_one_failed_order(&coordinator, &user("b")).await;
         let ledger = coordinator.ledger(&user("b"), PageRequest::first(10)).await.unwrap();
         assert_eq!(ledger.items.len(), 1, "only the deposit");
     }

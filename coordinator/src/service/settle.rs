@@ -183,18 +183,31 @@ mod tests {
     use super::*;
     use crate::core::Principal;
     use crate::core::decide::Rejection;
-    use crate::core::records::OrderStatus;
     use crate::core::time::ManualClock;
-    use crate::core::{AssetSymbol, TradeSide};
     use crate::service::testing::{
-        FlakyEngine, LEASE, NextTransaction, coordinator, coordinator_on, quantity, usd, user,
+        FlakyEngine, LEASE, NextTransaction, coordinator, coordinator_on, refused_sell_leaves_one_failed_order, usd,
+        user,
     };
-    use crate::service::{CoordinatorConfig, Intent, PageRequest, TradeRequest};
+    use crate::service::{CoordinatorConfig, Intent};
 
     async fn flaky() -> (Arc<TransactionCoordinator>, Arc<FlakyEngine>) {
+        flaky_with(CoordinatorConfig::default()).await
+    }
+
+    /// Without known accounts: every batch takes the lease, so a lost commit is settled by the
+    /// fence and the markers.
+    async fn flaky_on_the_lease() -> (Arc<TransactionCoordinator>, Arc<FlakyEngine>) {
+        flaky_with(CoordinatorConfig {
+            known_accounts: false,
+            ..CoordinatorConfig::default()
+        })
+        .await
+    }
+
+    async fn flaky_with(config: CoordinatorConfig) -> (Arc<TransactionCoordinator>, Arc<FlakyEngine>) {
         let engine = Arc::new(FlakyEngine::new());
         let clock = ManualClock::starting_at(1_000_000);
-        let coordinator = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
+        let coordinator = coordinator_on(engine.clone(), &clock, config).await;
         (coordinator, engine)
     }
 
@@ -218,12 +231,7 @@ mod tests {
     /// is ABORTED (not "may have applied"), and no late copy of it can apply.
     #[tokio::test]
     async fn a_lost_commit_is_known_not_applied() {
-        let engine = Arc::new(FlakyEngine::new());
-        let config = CoordinatorConfig {
-            known_accounts: false,
-            ..CoordinatorConfig::default()
-        };
-        let coordinator = coordinator_on(engine.clone(), &ManualClock::starting_at(1_000_000), config).await;
+        let (coordinator, engine) = flaky_on_the_lease().await;
         coordinator
             .deposit(&Principal::local(), &user("b"), usd("1"), None, None)
             .await
@@ -281,40 +289,13 @@ mod tests {
     /// stands, and its FAILED order is written after the fence, once.
     #[tokio::test]
     async fn a_refused_trade_in_a_lost_round_still_leaves_its_failed_order() {
-        let engine = Arc::new(FlakyEngine::new());
-        let config = CoordinatorConfig {
-            known_accounts: false,
-            ..CoordinatorConfig::default()
-        };
-        let coordinator = coordinator_on(engine.clone(), &ManualClock::starting_at(1_000_000), config).await;
+        let (coordinator, engine) = flaky_on_the_lease().await;
         coordinator
             .deposit(&Principal::local(), &user("f"), usd("10"), None, None)
             .await
             .unwrap();
         engine.arm(NextTransaction::LoseRequest);
-        let trade = TradeRequest {
-            side: TradeSide::Sell,
-            asset: AssetSymbol::parse("asset", "SOL").unwrap(),
-            quantity: quantity("1"),
-            limit_price: None,
-        };
-        let refused = coordinator
-            .mutate(&user("f"), Intent::Trade(trade), None, None)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(refused, ServiceError::Rejected(Rejection::InsufficientHoldings { .. })),
-            "{refused:?}"
-        );
-        let orders = coordinator.orders(&user("f"), PageRequest::first(10)).await.unwrap();
-        assert_eq!(orders.items.len(), 1, "{:?}", orders.items);
-        assert_eq!(orders.items[0].status, OrderStatus::Failed);
-        assert_eq!(
-            orders.items[0].failure_reason.as_deref(),
-            Some(refused.to_string().as_str())
-        );
-        let by_id = coordinator.order(&orders.items[0].order_id).await.unwrap();
-        assert_eq!(by_id.status, OrderStatus::Failed);
+        refused_sell_leaves_one_failed_order(&coordinator, &user("f")).await;
         assert_eq!(coordinator.account(&user("f")).await.unwrap().cash, usd("10"));
     }
 

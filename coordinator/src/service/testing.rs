@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use super::{CoordinatorConfig, TransactionCoordinator};
+use super::{CoordinatorConfig, Intent, PageRequest, ServiceError, TradeRequest, TransactionCoordinator};
+use crate::core::decide::Rejection;
+use crate::core::records::OrderStatus;
 use crate::core::time::ManualClock;
-use crate::core::{Quantity, Usd, UserId};
+use crate::core::{AssetSymbol, Quantity, TradeSide, Usd, UserId};
 use crate::storage::embedded::EmbeddedEngine;
 use crate::storage::{
     Delete, Engine, Item, Key, Page, Put, Query, Storage, StorageError, StorageResult, TransactItem, Update,
@@ -49,6 +51,43 @@ pub fn usd(raw: &str) -> Usd {
 
 pub fn quantity(raw: &str) -> Quantity {
     Quantity::parse_trade("quantity", raw).unwrap()
+}
+
+/// A market sell of `raw_quantity` of `asset`.
+pub fn sell(asset: &str, raw_quantity: &str) -> Intent {
+    Intent::Trade(TradeRequest {
+        side: TradeSide::Sell,
+        asset: AssetSymbol::parse("asset", asset).unwrap(),
+        quantity: quantity(raw_quantity),
+        limit_price: None,
+    })
+}
+
+/// Sells 1 SOL for `user`, who holds none: the refusal (insufficient holdings), after checking
+/// that it left exactly one order, FAILED with the refusal's message, found by user and by id.
+pub async fn refused_sell_leaves_one_failed_order(
+    coordinator: &Arc<TransactionCoordinator>,
+    user: &UserId,
+) -> ServiceError {
+    let refused = coordinator
+        .mutate(user, sell("SOL", "1"), None, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, ServiceError::Rejected(Rejection::InsufficientHoldings { .. })),
+        "{refused:?}"
+    );
+    let orders = coordinator.orders(user, PageRequest::first(10)).await.unwrap();
+    assert_eq!(orders.items.len(), 1, "{:?}", orders.items);
+    let order = &orders.items[0];
+    assert_eq!(order.status, OrderStatus::Failed);
+    assert_eq!(order.failure_reason.as_deref(), Some(refused.to_string().as_str()));
+    assert_eq!(
+        coordinator.order(&order.order_id).await.unwrap(),
+        *order,
+        "the copy by id"
+    );
+    refused
 }
 
 /// What the next transaction sent through a `FlakyEngine` suffers.
