@@ -78,8 +78,8 @@ impl TransactionCoordinator {
     /// Decides and commits `calls` under `held`; answers every call. Returns the lease if it
     /// is still held (extended for the calls that wait), None once it was given back.
     pub(super) async fn commit_batch(&self, held: HeldLease, mut calls: Vec<Call>) -> Option<HeldLease> {
-        for (_, waiter) in calls.iter().filter(|_| held.stored) {
-            waiter.state.decided_under(&held.lock_id);
+        if let Some(lock_id) = &held.lock_id {
+            calls.iter().for_each(|(_, waiter)| waiter.state.decided_under(lock_id));
         }
         let mut sent: Vec<SentRound> = Vec::new();
         let ending = self.attempt_rounds(&held, &mut calls, &mut sent).await;
@@ -90,12 +90,12 @@ impl TransactionCoordinator {
                 extend_until,
             } => {
                 count_answers(&calls, &answers);
-                let lock_state = match (held.stored, extend_until) {
+                let lock_state = match (held.is_stored(), extend_until) {
                     (false, _) => "NONE",
                     (true, Some(_)) => "EXTENDED",
                     (true, None) => "RELEASED",
                 };
-                if !held.stored {
+                if !held.is_stored() {
                     metrics::known_account_commit(metrics::KnownCommit::Applied);
                 }
                 tracing::info!(lock_state, calls = answers.len(), cash = %after.cash, "batch committed");
@@ -112,12 +112,14 @@ impl TransactionCoordinator {
                 answer_each(calls, &error);
                 None
             }
-            Ending::Stopped(error) if !held.stored => self.recover_known(held, calls, sent, error).await,
-            Ending::Stopped(error) => {
-                self.known.forget(&held.user);
-                self.settle(&held, calls, sent, error).await;
-                None
-            }
+            Ending::Stopped(error) => match &held.lock_id {
+                None => self.recover_known(held, calls, sent, error).await,
+                Some(lock_id) => {
+                    self.known.forget(&held.user);
+                    self.settle(&held.user, lock_id, calls, sent, error).await;
+                    None
+                }
+            },
         }
     }
 
@@ -136,7 +138,9 @@ impl TransactionCoordinator {
                 Some(held)
             }
             None => {
-                self.held_leases.remove(&held.lock_id);
+                if let Some(lock_id) = &held.lock_id {
+                    self.held_leases.remove(lock_id);
+                }
                 self.known.remember(&held.user, after);
                 None
             }
@@ -291,7 +295,7 @@ impl TransactionCoordinator {
                 .await?;
             return Ok(None);
         }
-        let extend_until = (held.stored && self.queues.has_waiters(&held.user))
+        let extend_until = (held.is_stored() && self.queues.has_waiters(&held.user))
             .then(|| now + self.config.lease_trade.as_millis() as u64);
         Ok(Some(self.build_round(
             held,
@@ -341,7 +345,7 @@ impl TransactionCoordinator {
         let operation_writes: Vec<_> = writes.iter().map(CallWrites::as_model).collect();
         let transaction = model::commit_batch(&model::BatchCommit {
             user: &held.user,
-            lock_id: held.stored.then_some(&held.lock_id),
+            lock_id: held.lock_id.as_ref(),
             read: &held.account,
             after: &after,
             cash_floor: outcome.cash_floor,
@@ -496,11 +500,7 @@ impl Answer {
 fn count_answers(calls: &[Call], answers: &[(usize, Answer)]) {
     for (id, waiter) in calls {
         let name = waiter.intent.name();
-        match answers
-            .iter()
-            .find(|(answered, _)| answered == id)
-            .map(|(_, answer)| answer)
-        {
+        match answer_to(answers, *id) {
             Some(Answer::Commit(_)) => metrics::committed(name),
             Some(Answer::Refuse {
                 error: ServiceError::Rejected(rejection),
@@ -515,17 +515,19 @@ fn count_answers(calls: &[Call], answers: &[(usize, Answer)]) {
     }
 }
 
-/// Answers every call from `answers` (by position in the batch).
+/// The answer a round decided for the call at position `id` of the batch, if it decided one.
+pub(super) fn answer_to(answers: &[(usize, Answer)], id: usize) -> Option<&Answer> {
+    answers
+        .iter()
+        .find(|(answered, _)| *answered == id)
+        .map(|(_, answer)| answer)
+}
+
 /// Answers every call from the round that applied (a call it did not decide did not apply).
 fn answer_from_round(calls: Vec<Call>, round: &SentRound) {
     for (id, waiter) in calls {
-        let answer = round
-            .answers
-            .iter()
-            .find(|(answered, _)| *answered == id)
-            .map_or(Err(ServiceError::NotApplied), |(_, answer)| {
-                answer.clone().into_result()
-            });
+        let answer =
+            answer_to(&round.answers, id).map_or(Err(ServiceError::NotApplied), |answer| answer.clone().into_result());
         waiter.answer(answer);
     }
 }
@@ -537,9 +539,10 @@ pub(super) fn answer_each(calls: Vec<Call>, error: &ServiceError) {
     }
 }
 
+/// Answers every call from `answers` (by position in the batch).
 fn answer_all(calls: Vec<Call>, answers: &[(usize, Answer)]) {
     for (id, waiter) in calls {
-        if let Some((_, answer)) = answers.iter().find(|(answered, _)| *answered == id) {
+        if let Some(answer) = answer_to(answers, id) {
             waiter.answer(answer.clone().into_result());
         }
     }

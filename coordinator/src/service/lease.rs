@@ -30,11 +30,11 @@ const _: () = assert!(LEASE_RETRY_DELAY_MIN.as_millis() < LEASE_RETRY_DELAY_MAX.
 pub(super) struct HeldLeases(Mutex<HashMap<LeaseId, UserId>>);
 
 impl HeldLeases {
-    fn insert(&self, held: &HeldLease) {
+    fn insert(&self, lock_id: &LeaseId, user: &UserId) {
         self.0
             .lock()
             .expect("held-lease registry poisoned")
-            .insert(held.lock_id.clone(), held.user.clone());
+            .insert(lock_id.clone(), user.clone());
     }
 
     pub(super) fn remove(&self, lock_id: &LeaseId) {
@@ -61,15 +61,21 @@ struct Waiting {
 #[derive(Debug, Clone)]
 pub struct HeldLease {
     pub user: UserId,
-    pub lock_id: LeaseId,
+    /// The lease's id in storage. None for a hold on a known account (`known`): no lease was
+    /// taken, the commit is conditioned on the account's version and on no lease being on it,
+    /// and there is nothing to give back.
+    pub lock_id: Option<LeaseId>,
     pub expires_at: Millis,
     pub account: Account,
     /// When this process took it (for `lockstep_lease_hold_seconds`).
     pub acquired: Instant,
-    /// Whether the lease is in storage. False for a hold on a known account (`known`): no
-    /// lease was taken, the commit is conditioned on the account's version and on no lease
-    /// being on it, and there is nothing to give back.
-    pub stored: bool,
+}
+
+impl HeldLease {
+    /// Whether a lease is in storage (not a hold on a known account).
+    pub fn is_stored(&self) -> bool {
+        self.lock_id.is_some()
+    }
 }
 
 impl TransactionCoordinator {
@@ -79,11 +85,10 @@ impl TransactionCoordinator {
         let account = self.known.get(user)?;
         Some(HeldLease {
             user: user.clone(),
-            lock_id: LeaseId::new_random(),
+            lock_id: None,
             expires_at: Millis::MAX,
             account,
             acquired: Instant::now(),
-            stored: false,
         })
     }
 
@@ -259,32 +264,28 @@ impl TransactionCoordinator {
             expires_at = lease.expires_at_ms,
             "lease acquired"
         );
-        let held = HeldLease {
+        self.held_leases.insert(&lease.lock_id, user);
+        Ok(HeldLease {
             user: user.clone(),
-            lock_id: lease.lock_id,
+            lock_id: Some(lease.lock_id),
             expires_at: lease.expires_at_ms,
             account,
             acquired: Instant::now(),
-            stored: true,
-        };
-        self.held_leases.insert(&held);
-        Ok(held)
+        })
     }
 
     /// Gives the lease back without writing anything else (an item the acquire itself created
     /// is deleted instead: a call that committed nothing leaves nothing). Failure is logged, not returned:
     /// the lease expires by itself, and every later write checks the expiry.
     pub(super) async fn release(&self, held: &HeldLease) {
-        if !held.stored {
-            return;
-        }
+        let Some(lock_id) = &held.lock_id else { return };
         // The release moves the version: what this process knew of the account is stale.
         self.known.forget(&held.user);
-        self.held_leases.remove(&held.lock_id);
+        self.held_leases.remove(lock_id);
         let release = if model::created_by_this_lease(&held.account) {
-            model::release_created_item(&held.user, &held.lock_id)
+            model::release_created_item(&held.user, lock_id)
         } else {
-            model::release_lease(&held.user, &held.lock_id)
+            model::release_lease(&held.user, lock_id)
         };
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::debug!(lock_state = "RELEASED", "lease released"),

@@ -261,7 +261,7 @@ impl TransactionCoordinator {
                 .enumerate()
                 .collect();
             if batch.is_empty() {
-                if let Some(held) = held.filter(|held: &super::HeldLease| held.stored) {
+                if let Some(held) = held.filter(super::HeldLease::is_stored) {
                     self.release(&held).await;
                     crate::telemetry::metrics::lease_held("BATCH", held.acquired.elapsed());
                 }
@@ -277,7 +277,7 @@ impl TransactionCoordinator {
                     }
                 },
             };
-            let (acquired, stored) = (lease.acquired, lease.stored);
+            let (acquired, stored) = (lease.acquired, lease.is_stored());
             held = self.commit_batch(lease, batch).await;
             if held.is_none() && stored {
                 crate::telemetry::metrics::lease_held("BATCH", acquired.elapsed());

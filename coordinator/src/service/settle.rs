@@ -2,12 +2,12 @@
 //! landed, and a request id whose outcome was recorded by an earlier execution.
 
 use crate::core::records::{Order, RecordedOutcome};
-use crate::core::{FieldError, RequestId, UserId};
+use crate::core::{FieldError, LeaseId, RequestId, UserId};
 use crate::storage::{StorageError, model};
 use crate::telemetry::metrics::{self, Settled};
 
-use super::commit::{Answer, Call, SentRound, answer_each};
-use super::{HeldLease, Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
+use super::commit::{Answer, Call, SentRound, answer_each, answer_to};
+use super::{Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
 
 impl TransactionCoordinator {
     /// Settles a batch whose last round's outcome is not known to be "applied": after a refusal
@@ -21,9 +21,16 @@ impl TransactionCoordinator {
     /// None applied: the outcome is known (not applied), so each call is answered `if_none`
     /// (an unknown ending becoming `NotApplied`, ABORTED and safe to retry), except a refusal
     /// that wrote nothing, which stands.
-    pub(super) async fn settle(&self, held: &HeldLease, calls: Vec<Call>, sent: Vec<SentRound>, if_none: ServiceError) {
-        self.held_leases.remove(&held.lock_id);
-        let release = model::release_lease(&held.user, &held.lock_id);
+    pub(super) async fn settle(
+        &self,
+        user: &UserId,
+        lock_id: &LeaseId,
+        calls: Vec<Call>,
+        sent: Vec<SentRound>,
+        if_none: ServiceError,
+    ) {
+        self.held_leases.remove(lock_id);
+        let release = model::release_lease(user, lock_id);
         if let Err(error) = retry_safe(|| self.storage.write(release.clone()))
             .await
             .or_else(|error| match error {
@@ -63,12 +70,7 @@ impl TransactionCoordinator {
         };
         let last = sent.last().map(|round| round.answers.as_slice()).unwrap_or_default();
         for (id, waiter) in calls {
-            let answer_in = |answers: &[(usize, Answer)]| {
-                answers
-                    .iter()
-                    .find(|(answered, _)| *answered == id)
-                    .map(|(_, answer)| answer.clone())
-            };
+            let answer_in = |answers: &[(usize, Answer)]| answer_to(answers, id).cloned();
             let result = match (landed.map(|round| answer_in(&round.answers)), answer_in(last)) {
                 (Some(Some(answer)), _) => answer.into_result(),
                 // Not applied: a refusal without a record stands (a trade's FAILED order is

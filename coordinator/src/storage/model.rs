@@ -637,7 +637,6 @@ pub fn request_record_from_item(item: &Item) -> Result<RequestRecord, MalformedI
     })
 }
 
-/// Both copies of an order: under its user (for ListOrders) and under its id (for GetOrder).
 /// The two fresh Puts of an order (under its user and under its id), written on their own.
 pub fn order_puts(order: &Order) -> Vec<TransactItem> {
     order_items(order)
@@ -646,6 +645,7 @@ pub fn order_puts(order: &Order) -> Vec<TransactItem> {
         .collect()
 }
 
+/// Both copies of an order: under its user (for ListOrders) and under its id (for GetOrder).
 pub fn order_items(order: &Order) -> [Item; 2] {
     let by_user = order_item(
         order,
