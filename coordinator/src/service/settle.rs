@@ -9,6 +9,16 @@ use crate::telemetry::metrics::{self, Settled};
 use super::commit::{Answer, Call, SentRound, answer_each, answer_to};
 use super::{Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
 
+/// The calls of a round decided on the account as stored: those before its first accepted call
+/// (every later one was decided on the state the accepted calls would have left).
+fn decided_on_stored_state(answers: &[(usize, Answer)]) -> Vec<usize> {
+    answers
+        .iter()
+        .take_while(|(_, answer)| !matches!(answer, Answer::Commit(_)))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 impl TransactionCoordinator {
     /// Settles a batch whose last round's outcome is not known to be "applied": after a refusal
     /// by the account's condition (the lease was lost, or an earlier try of a round landed and a
@@ -69,12 +79,16 @@ impl TransactionCoordinator {
             other => other,
         };
         let last = sent.last().map(|round| round.answers.as_slice()).unwrap_or_default();
+        let decided_on_stored_state = decided_on_stored_state(last);
         for (id, waiter) in calls {
             let answer_in = |answers: &[(usize, Answer)]| answer_to(answers, id).cloned();
             let result = match (landed.map(|round| answer_in(&round.answers)), answer_in(last)) {
                 (Some(Some(answer)), _) => answer.into_result(),
                 // Not applied: a refusal without a record stands (a trade's FAILED order is
-                // written now, on its own); anything else did not happen.
+                // written now, on its own) when it was decided on the state as stored, before
+                // any accepted call of the round; one decided after an accepted call rested on
+                // a state that never existed, so it did not happen either. Anything else did
+                // not happen.
                 (
                     _,
                     Some(Answer::Refuse {
@@ -82,7 +96,7 @@ impl TransactionCoordinator {
                         recorded: false,
                         unrecorded_order,
                     }),
-                ) => {
+                ) if decided_on_stored_state.contains(&id) => {
                     if let Some(order) = unrecorded_order {
                         self.record_failed_order(&order).await;
                     }
@@ -335,6 +349,52 @@ mod tests {
         ));
         assert!(answers[2].is_ok(), "{:?}", answers[2]);
         assert_eq!(coordinator.account(&user("c")).await.unwrap().cash, usd("12"));
+    }
+
+    /// Issue 15's hostile test: a round [Withdraw 80 accepted, Withdraw 50 refused "Current:
+    /// $20.00"] that never reached storage. The refusal was decided on a balance that never
+    /// existed, so it is not final: both calls are told the round did not apply (ABORTED, safe
+    /// to retry), and a retry of the second is decided on the real balance.
+    #[tokio::test]
+    async fn a_refusal_decided_after_an_accepted_call_of_a_lost_round_is_not_final() {
+        let (coordinator, engine) = flaky_on_the_lease().await;
+        coordinator
+            .deposit(&Principal::local(), &user("g"), usd("100"), None, None)
+            .await
+            .unwrap();
+        let held = coordinator
+            .acquire(&user("g"), "WITHDRAWAL", LEASE, true, None)
+            .await
+            .unwrap();
+        let call = |id: usize, amount: &str| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let waiter = crate::service::queue::Waiter {
+                principal: Principal::local(),
+                intent: Intent::Withdraw(usd(amount)),
+                request_id: None,
+                state: Default::default(),
+                reply,
+                wait_until: tokio::time::Instant::now() + LEASE,
+                on_timeout: ServiceError::Busy,
+            };
+            ((id, waiter), answer)
+        };
+        let (first, first_answer) = call(0, "80");
+        let (second, second_answer) = call(1, "50");
+        engine.arm(NextTransaction::LoseRequest);
+        assert!(coordinator.commit_batch(held, vec![first, second]).await.is_none());
+        assert_eq!(first_answer.await.unwrap().unwrap_err(), ServiceError::NotApplied);
+        assert_eq!(
+            second_answer.await.unwrap().unwrap_err(),
+            ServiceError::NotApplied,
+            "a refusal quoting $20.00, a balance that never existed, is not an answer"
+        );
+        assert_eq!(coordinator.account(&user("g")).await.unwrap().cash, usd("100"));
+        let retried = coordinator
+            .withdraw(&Principal::local(), &user("g"), usd("50"), None, None)
+            .await
+            .unwrap();
+        assert_eq!(retried.entry.cash_after, usd("50"));
     }
 
     /// A request id reused with other parameters is refused, naming the field.
