@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::core::limits::{DAILY_DEPOSIT_USD_DEFAULT, DAILY_WITHDRAWAL_USD_DEFAULT};
+use crate::core::limits::{DAILY_DEPOSIT_USD_DEFAULT, DAILY_TRANSFER_USD_DEFAULT, DAILY_WITHDRAWAL_USD_DEFAULT};
 use crate::core::money::{ORDER_VALUE_USD_MAX, ORDER_VALUE_USD_MIN};
 use crate::core::records::LEASE_DURATION_MAX;
 use crate::core::{FieldError, Limits, Usd};
@@ -212,6 +212,14 @@ pub struct Settings {
         global = true
     )]
     pub daily_withdrawal_limit: String,
+    /// Transfers a user sends per UTC day, USD (counted on the sender).
+    #[arg(
+        long,
+        env = "LOCKSTEP_DAILY_TRANSFER_LIMIT",
+        default_value_t = Usd::from_decimal(DAILY_TRANSFER_USD_DEFAULT).to_string(),
+        global = true
+    )]
+    pub daily_transfer_limit: String,
     /// Smallest total of one buy or sell, USD, after rounding (costs round up to the cent,
     /// proceeds down); smaller orders are refused. At least 0.01.
     #[arg(
@@ -328,6 +336,7 @@ impl Settings {
             limits: Limits {
                 daily_deposit: Usd::parse_amount("--daily-deposit-limit", &self.daily_deposit_limit)?,
                 daily_withdrawal: Usd::parse_amount("--daily-withdrawal-limit", &self.daily_withdrawal_limit)?,
+                daily_transfer: Usd::parse_amount("--daily-transfer-limit", &self.daily_transfer_limit)?,
                 order_value_min: self.order_value_min()?,
             },
             request_retention: Duration::from_secs(self.request_retention_hours.saturating_mul(3600)),

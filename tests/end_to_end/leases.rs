@@ -90,6 +90,7 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
         cash_delta: decision.cash_delta,
         cash_after: decision.cash,
         trade: None,
+        transfer: None,
         created_at_ms: decided_at,
         request_id: None,
         sequence: read.version + 1,

@@ -237,12 +237,14 @@ pub fn format_inspection(reply: &pb::InspectReply) -> String {
     );
     let _ = writeln!(
         text,
-        "today ({}): deposited {} of {}, withdrawn {} of {}",
+        "today ({}): deposited {} of {}, withdrawn {} of {}, transferred {} of {}",
         reply.today,
         reply.deposited_today,
         reply.daily_deposit_limit,
         reply.withdrawn_today,
-        reply.daily_withdrawal_limit
+        reply.daily_withdrawal_limit,
+        reply.transferred_today,
+        reply.daily_transfer_limit
     );
     match &reply.lease {
         Some(lease) => {

@@ -87,6 +87,8 @@ pub async fn inspect(
         withdrawn_today: withdrawn.to_string(),
         daily_deposit_limit: limits.daily_deposit.to_string(),
         daily_withdrawal_limit: limits.daily_withdrawal.to_string(),
+        transferred_today: account.transferred_on(today).to_string(),
+        daily_transfer_limit: limits.daily_transfer.to_string(),
         version: account.version,
         lease: lease.as_ref().map(|lease| lease_message(lease, now)),
         last_entries: last_entries

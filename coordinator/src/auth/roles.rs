@@ -63,6 +63,7 @@ pub const RULES: &[(&str, Access)] = &[
     ("/lockstep.coordinator.v1.Coordinator/Withdraw", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/PlaceBuy", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/PlaceSell", MUTATE),
+    ("/lockstep.coordinator.v1.Coordinator/Transfer", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/GetAccount", READ),
     ("/lockstep.coordinator.v1.Coordinator/GetOrder", READ),
     ("/lockstep.coordinator.v1.Coordinator/ListOrders", READ),

@@ -29,6 +29,8 @@ pub struct Account {
     pub limit_day: Option<UtcDay>,
     pub deposited_today: Usd,
     pub withdrawn_today: Usd,
+    /// Sent by Transfer on `limit_day`.
+    pub transferred_today: Usd,
     /// Bumped by every commit; a commit is conditioned on the version it decided on.
     pub version: u64,
 }
@@ -50,6 +52,7 @@ impl Account {
         self.limit_day = Some(decision.limit_day);
         self.deposited_today = decision.deposited_today;
         self.withdrawn_today = decision.withdrawn_today;
+        self.transferred_today = decision.transferred_today;
         if let Some(effect) = &decision.trade {
             self.holdings.insert(effect.asset.clone(), effect.holding);
         }
@@ -61,6 +64,15 @@ impl Account {
             (self.deposited_today, self.withdrawn_today)
         } else {
             (Usd::ZERO, Usd::ZERO)
+        }
+    }
+
+    /// The total sent by Transfer as it counts on `day`: zero when the stored day is older.
+    pub fn transferred_on(&self, day: UtcDay) -> Usd {
+        if self.limit_day == Some(day) {
+            self.transferred_today
+        } else {
+            Usd::ZERO
         }
     }
 }

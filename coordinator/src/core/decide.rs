@@ -65,6 +65,7 @@ pub struct Decision {
     pub limit_day: UtcDay,
     pub deposited_today: Usd,
     pub withdrawn_today: Usd,
+    pub transferred_today: Usd,
     /// For trades: the traded asset, its new holding, the signed change and the cash total.
     pub trade: Option<TradeEffect>,
 }
@@ -153,23 +154,7 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
     if !account.exists() && !matches!(operation, Operation::Deposit(_)) {
         return Err(Rejection::AccountNotFound);
     }
-    // Days only move forward: a coordinator whose clock is behind another's (around midnight)
-    // keeps counting on the later day already stored, instead of resetting its totals. But a
-    // stored day more than one day ahead was written by a clock far ahead: it is not allowed
-    // to freeze the totals until then, and this clock's day is used instead.
-    let today = match account.limit_day {
-        Some(stored) if stored > today && stored <= today.next() => stored,
-        _ => today,
-    };
-    let (deposited_today, withdrawn_today) = account.daily_totals(today);
-    let unchanged = Decision {
-        cash: account.cash,
-        cash_delta: UsdDelta::ZERO,
-        limit_day: today,
-        deposited_today,
-        withdrawn_today,
-        trade: None,
-    };
+    let unchanged = unchanged(account, today);
     match operation {
         Operation::Deposit(amount) => decide_deposit(*amount, limits, unchanged),
         Operation::Withdraw(amount) => decide_withdrawal(*amount, limits, unchanged),
@@ -186,6 +171,29 @@ pub fn decide(account: &Account, operation: &Operation, today: UtcDay, limits: &
                 ..unchanged
             })
         }
+    }
+}
+
+/// The decision that changes nothing: the account's cash, and its daily totals as they count on
+/// the day the limits use.
+pub fn unchanged(account: &Account, today: UtcDay) -> Decision {
+    // Days only move forward: a coordinator whose clock is behind another's (around midnight)
+    // keeps counting on the later day already stored, instead of resetting its totals. But a
+    // stored day more than one day ahead was written by a clock far ahead: it is not allowed
+    // to freeze the totals until then, and this clock's day is used instead.
+    let today = match account.limit_day {
+        Some(stored) if stored > today && stored <= today.next() => stored,
+        _ => today,
+    };
+    let (deposited_today, withdrawn_today) = account.daily_totals(today);
+    Decision {
+        cash: account.cash,
+        cash_delta: UsdDelta::ZERO,
+        limit_day: today,
+        deposited_today,
+        withdrawn_today,
+        transferred_today: account.transferred_on(today),
+        trade: None,
     }
 }
 
@@ -754,6 +762,7 @@ mod tests {
                     account.limit_day = Some(decision.limit_day);
                     account.deposited_today = decision.deposited_today;
                     account.withdrawn_today = decision.withdrawn_today;
+                    account.transferred_today = decision.transferred_today;
                     if let Some(effect) = &decision.trade {
                         holding_sum += effect.quantity_delta;
                         account.holdings.insert(effect.asset.clone(), effect.holding);

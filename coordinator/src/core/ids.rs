@@ -207,6 +207,56 @@ uuid_id!(
     /// A ledger entry's id, which is also the transaction id a mutation's reply carries.
     EntryId
 );
+uuid_id!(
+    /// A transfer's id: the same on the sender's TRANSFER_OUT and the receiver's TRANSFER_IN.
+    TransferId
+);
+
+/// Longest memo of a transfer, in characters: a payment reference or a short note, as card
+/// and bank statements show them.
+pub const MEMO_LENGTH_MAX: usize = 140;
+
+/// A transfer's note: at most 140 printable characters (any script, no control characters),
+/// stored on both ledger entries and returned as given. Empty means none.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Memo(String);
+
+impl Memo {
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldError> {
+        if raw.chars().count() > MEMO_LENGTH_MAX {
+            return Err(FieldError::new(
+                field,
+                format!("must be at most {MEMO_LENGTH_MAX} characters"),
+            ));
+        }
+        if let Some(bad) = raw.chars().find(|c| c.is_control()) {
+            return Err(FieldError::new(
+                field,
+                format!("must hold printable characters only (found {bad:?})"),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// Rebuilds a memo read back from storage.
+    pub fn from_stored(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Memo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -231,6 +281,21 @@ mod tests {
         let id = OrderId::parse("order_id", "0190A2B4-0000-7000-8000-000000000000").unwrap();
         assert_eq!(id.as_str(), "0190a2b4-0000-7000-8000-000000000000");
         assert_eq!(OrderId::parse("order_id", "nope").unwrap_err().field, "order_id");
+    }
+
+    #[test]
+    fn memo_rules() {
+        assert!(Memo::parse("memo", "").unwrap().is_empty());
+        assert_eq!(Memo::parse("memo", "rent — März").unwrap().as_str(), "rent — März");
+        assert!(Memo::parse("memo", &"é".repeat(140)).is_ok());
+        let long = Memo::parse("memo", &"a".repeat(141)).unwrap_err();
+        assert_eq!(
+            (long.field, long.reason.as_str()),
+            ("memo", "must be at most 140 characters")
+        );
+        for bad in ["a\nb", "tab\there", "nul\0", "esc\u{1b}[31m"] {
+            assert_eq!(Memo::parse("memo", bad).unwrap_err().field, "memo", "{bad:?}");
+        }
     }
 
     #[test]

@@ -14,10 +14,11 @@ pub mod money;
 pub mod principal;
 pub mod records;
 pub mod time;
+pub mod transfer;
 
 pub use account::{Account, AccountState, Holdings};
 pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
-pub use ids::{AssetSymbol, EntryId, FieldError, LeaseId, OrderId, RequestId, UserId};
+pub use ids::{AssetSymbol, EntryId, FieldError, LeaseId, Memo, OrderId, RequestId, TransferId, UserId};
 pub use limits::Limits;
 pub use money::{Price, Quantity, Usd, UsdDelta};
 pub use principal::Principal;

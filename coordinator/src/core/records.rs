@@ -3,7 +3,7 @@
 use rust_decimal::Decimal;
 
 use super::decide::TradeSide;
-use super::ids::{AssetSymbol, EntryId, LeaseId, OrderId, UserId};
+use super::ids::{AssetSymbol, EntryId, LeaseId, Memo, OrderId, TransferId, UserId};
 use super::money::{Price, Quantity, Usd, UsdDelta};
 use super::principal::Principal;
 use super::time::Millis;
@@ -53,6 +53,10 @@ pub enum EntryKind {
     Withdrawal,
     Buy,
     Sell,
+    /// Cash sent to another account by Transfer.
+    TransferOut,
+    /// Cash received from another account by Transfer.
+    TransferIn,
 }
 
 impl EntryKind {
@@ -62,6 +66,8 @@ impl EntryKind {
             EntryKind::Withdrawal => "WITHDRAWAL",
             EntryKind::Buy => "BUY",
             EntryKind::Sell => "SELL",
+            EntryKind::TransferOut => "TRANSFER_OUT",
+            EntryKind::TransferIn => "TRANSFER_IN",
         }
     }
 
@@ -71,6 +77,8 @@ impl EntryKind {
             "WITHDRAWAL" => EntryKind::Withdrawal,
             "BUY" => EntryKind::Buy,
             "SELL" => EntryKind::Sell,
+            "TRANSFER_OUT" => EntryKind::TransferOut,
+            "TRANSFER_IN" => EntryKind::TransferIn,
             _ => return None,
         })
     }
@@ -87,6 +95,8 @@ pub struct LedgerEntry {
     pub cash_delta: UsdDelta,
     pub cash_after: Usd,
     pub trade: Option<LedgerTrade>,
+    /// For transfers: the transfer's id, the other party and the memo.
+    pub transfer: Option<LedgerTransfer>,
     pub created_at_ms: Millis,
     /// The caller's idempotency key, when it gave one.
     pub request_id: Option<String>,
@@ -102,6 +112,15 @@ pub struct LedgerTrade {
     pub asset: AssetSymbol,
     pub quantity_delta: Decimal,
     pub order_id: OrderId,
+}
+
+/// What a transfer's ledger entry adds: both parties' entries carry the same `transfer_id`,
+/// and each names the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerTransfer {
+    pub transfer_id: TransferId,
+    pub counterparty: UserId,
+    pub memo: Memo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +150,8 @@ pub struct Order {
     pub status: OrderStatus,
     /// The catalog price used (or seen, for a refused order).
     pub price: Price,
-    /// quantity x price, rounded half-even to cents.
+    /// quantity x price in USD, rounded to the cent against the customer (a buy up, a sell
+    /// down).
     pub total: Usd,
     pub failure_reason: Option<String>,
     pub created_at_ms: Millis,

@@ -438,7 +438,7 @@ impl TransactionCoordinator {
                 None
             }
             // Fenced, or a round of ours already landed and a retry of it was refused.
-            TransactionPart::Account => Some(Ending::Stopped(ServiceError::LeaseLost)),
+            TransactionPart::Account | TransactionPart::Counterparty => Some(Ending::Stopped(ServiceError::LeaseLost)),
             TransactionPart::CatalogCheck => {
                 tracing::info!("catalog changed since it was cached; re-reading it");
                 self.catalog.refresh(&self.storage).await.err().map(Ending::Stopped)
@@ -464,6 +464,11 @@ impl TransactionCoordinator {
                     price: asset.price,
                     active: asset.active,
                 })
+            }
+            Intent::Transfer(_) => {
+                return Err(ServiceError::Internal(
+                    "a transfer is committed on its own, never in a batch".to_owned(),
+                ));
             }
         })
     }
@@ -645,6 +650,7 @@ fn records_of(
         trade: ledger_trade,
         created_at_ms: now,
         request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
+        transfer: None,
         sequence: version,
         principal: principal.clone(),
     };

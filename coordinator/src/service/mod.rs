@@ -30,6 +30,7 @@ mod roll_back;
 mod settle;
 #[cfg(test)]
 mod testing;
+mod transfer;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,9 +48,10 @@ pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 
 use crate::core::decide::{Rejection, above_daily_limit};
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
+use crate::core::transfer::above_daily_transfer_limit;
 use crate::core::{
-    AssetSymbol, Clock, FieldError, Limits, Millis, Operation, Price, Principal, Quantity, RequestId, TradeSide, Usd,
-    UserId, UtcDay,
+    AssetSymbol, Clock, FieldError, Limits, Memo, Millis, Operation, Price, Principal, Quantity, RequestId, TradeSide,
+    Usd, UserId, UtcDay,
 };
 use crate::storage::{Storage, StorageError};
 
@@ -291,12 +293,24 @@ pub struct TradeRequest {
     pub limit_price: Option<Price>,
 }
 
+/// A validated transfer request.
+#[derive(Debug, Clone)]
+pub struct TransferRequest {
+    /// The sender, whose request id keys the call.
+    pub from: UserId,
+    /// The receiver: another user, who must have an account.
+    pub to: UserId,
+    pub amount: Usd,
+    pub memo: Memo,
+}
+
 /// A mutation as the caller asked for it, validated, before the lease.
 #[derive(Debug, Clone)]
 pub enum Intent {
     Deposit(Usd),
     Withdraw(Usd),
     Trade(TradeRequest),
+    Transfer(TransferRequest),
 }
 
 impl Intent {
@@ -306,6 +320,7 @@ impl Intent {
             Intent::Deposit(_) => "DEPOSIT",
             Intent::Withdraw(_) => "WITHDRAWAL",
             Intent::Trade(trade) => trade.side.as_str(),
+            Intent::Transfer(_) => "TRANSFER",
         }
     }
 
@@ -321,15 +336,41 @@ impl Intent {
                     .unwrap_or_default();
                 format!("{} {} {}{limit}", self.name(), trade.quantity, trade.asset)
             }
+            Intent::Transfer(transfer) => {
+                let memo = if transfer.memo.is_empty() {
+                    String::new()
+                } else {
+                    format!(" memo {:?}", transfer.memo.as_str())
+                };
+                format!("{} {} to {}{memo}", self.name(), transfer.amount, transfer.to)
+            }
         }
     }
 
     fn lease(&self, config: &CoordinatorConfig) -> Duration {
         match self {
             Intent::Deposit(_) => config.lease_deposit,
-            Intent::Withdraw(_) => config.lease_withdraw,
+            // A transfer is a withdrawal on one side and a deposit on the other.
+            Intent::Withdraw(_) | Intent::Transfer(_) => config.lease_withdraw,
             Intent::Trade(_) => config.lease_trade,
         }
+    }
+
+    /// Whose queue the call waits in, for a call made for `user`. A transfer waits in the queue
+    /// of the first of its two accounts in the global (sorted) order, and borrows the other
+    /// from its queue: every coordinator takes a transfer's accounts in that one order, so two
+    /// transfers between the same accounts in opposite directions never wait on each other.
+    fn queue_account<'a>(&'a self, user: &'a UserId) -> &'a UserId {
+        match self {
+            Intent::Transfer(transfer) => (&transfer.from).min(&transfer.to),
+            _ => user,
+        }
+    }
+
+    /// Whether the call is committed on its own, never in a batch with others: a transfer,
+    /// whose transaction spans two accounts.
+    fn is_solo(&self) -> bool {
+        matches!(self, Intent::Transfer(_))
     }
 
     /// Only a deposit may create an account; everything else needs one.
@@ -441,6 +482,28 @@ impl TransactionCoordinator {
             .await
     }
 
+    /// Moves `request.amount` from `request.from` to `request.to`: both accounts and both
+    /// ledger entries in one fenced transaction (`transfer`). The request id is keyed on the
+    /// sender.
+    pub async fn transfer(
+        self: &Arc<Self>,
+        principal: &Principal,
+        request: TransferRequest,
+        request_id: Option<RequestId>,
+        deadline: Option<Instant>,
+    ) -> Result<Receipt, ServiceError> {
+        if request.from == request.to {
+            return Err(FieldError::new(
+                "to_user_id",
+                "must differ from from_user_id: a transfer needs two accounts",
+            )
+            .into());
+        }
+        let from = request.from.clone();
+        self.mutate_as(principal, &from, Intent::Transfer(request), request_id, deadline)
+            .await
+    }
+
     /// `mutate_as` the local principal: the service's own tests, which run without a transport.
     #[cfg(test)]
     pub(crate) async fn mutate(
@@ -509,6 +572,12 @@ impl TransactionCoordinator {
                     _ => Operation::Withdraw(*amount),
                 };
                 if let Some(rejection) = above_daily_limit(&operation, &self.config.limits) {
+                    crate::telemetry::metrics::refused(intent.name(), &rejection);
+                    return Err(ServiceError::Rejected(rejection));
+                }
+            }
+            Intent::Transfer(transfer) => {
+                if let Some(rejection) = above_daily_transfer_limit(transfer.amount, &self.config.limits) {
                     crate::telemetry::metrics::refused(intent.name(), &rejection);
                     return Err(ServiceError::Rejected(rejection));
                 }

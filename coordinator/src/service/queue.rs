@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::commit::Call;
-use super::{BATCH_CALLS_MAX, Intent, Receipt, ServiceError, TransactionCoordinator};
+use super::{BATCH_CALLS_MAX, HeldLease, Intent, Receipt, ServiceError, TransactionCoordinator};
 use crate::core::{LeaseId, Principal, RequestId, UserId};
 
 /// Queued: the driver has not taken it yet; it may still leave.
@@ -70,9 +70,63 @@ impl Waiter {
     }
 }
 
+/// A request to lend an account to the driver of a transfer that needs it, waiting in the
+/// account's queue like a call: when it reaches the front, the account's driver hands over its
+/// hold (a lease it carries, if any) and pauses until the transfer gives a hold back.
+#[derive(Debug)]
+pub(super) struct LendRequest {
+    pub state: WaiterState,
+    pub lent: oneshot::Sender<Lent>,
+}
+
+/// An account lent to a transfer: the lease its driver carried (None if it carried none), and
+/// where the transfer gives back what it leaves held (None once released with the commit).
+#[derive(Debug)]
+pub(super) struct Lent {
+    pub held: Option<HeldLease>,
+    pub back: oneshot::Sender<Option<HeldLease>>,
+}
+
+/// What waits in an account's queue.
+#[derive(Debug)]
+pub(super) enum Queued {
+    Call(Box<Waiter>),
+    Lend(LendRequest),
+}
+
+impl Queued {
+    fn state(&self) -> &WaiterState {
+        match self {
+            Queued::Call(waiter) => &waiter.state,
+            Queued::Lend(request) => &request.state,
+        }
+    }
+
+    /// Whether it is served on its own: a loan, or a call that is never batched (a transfer).
+    fn is_solo(&self) -> bool {
+        match self {
+            Queued::Call(waiter) => waiter.intent.is_solo(),
+            Queued::Lend(_) => true,
+        }
+    }
+}
+
+/// What the driver takes from the front of a queue next.
+#[derive(Debug)]
+pub(super) enum Taken {
+    /// Nothing waits: the driver stops (the queue's entry is gone).
+    Nothing,
+    /// Calls to decide and commit together.
+    Batch(Vec<Waiter>),
+    /// A call committed on its own (a transfer).
+    Solo(Box<Waiter>),
+    /// A transfer driven from another queue borrows this account.
+    Lend(LendRequest),
+}
+
 #[derive(Debug, Default)]
 struct UserQueue {
-    waiters: VecDeque<Waiter>,
+    waiters: VecDeque<Queued>,
 }
 
 /// Where a new call goes.
@@ -93,7 +147,7 @@ pub(super) struct AccountQueues {
 
 impl AccountQueues {
     /// Queues `waiter` for `user`, unless `per_user_max` calls already wait there.
-    pub fn enqueue(&self, user: &UserId, waiter: Waiter, per_user_max: usize) -> Result<Enqueued, Box<Waiter>> {
+    pub fn enqueue(&self, user: &UserId, waiter: Queued, per_user_max: usize) -> Result<Enqueued, Box<Queued>> {
         let mut queues = self.queues.lock().expect("account queues poisoned");
         match queues.get_mut(user) {
             Some(queue) if queue.waiters.len() >= per_user_max => Err(Box::new(waiter)),
@@ -112,33 +166,52 @@ impl AccountQueues {
 
     /// Takes up to `limit` queued calls from the front, skipping the ones that left, and
     /// stopping before a request id already in the batch (two records of one id cannot share a
-    /// transaction; the later one replays the earlier's outcome in the next batch). An empty
-    /// batch means the queue is empty, and the driver must stop: its entry is removed under
+    /// transaction; the later one replays the earlier's outcome in the next batch) and before a
+    /// solo entry (a transfer or a loan), which is taken alone when it is at the front.
+    /// `Nothing` means the queue is empty, and the driver must stop: its entry is removed under
     /// the same lock, so the next call starts a new driver.
-    pub fn take_batch(&self, user: &UserId, limit: usize) -> Vec<Waiter> {
+    pub fn take_batch(&self, user: &UserId, limit: usize) -> Taken {
         let mut queues = self.queues.lock().expect("account queues poisoned");
         let Some(queue) = queues.get_mut(user) else {
-            return Vec::new();
+            return Taken::Nothing;
         };
         let mut batch: Vec<Waiter> = Vec::new();
         while batch.len() < limit {
             let Some(front) = queue.waiters.front() else { break };
-            let duplicate = front
-                .request_id
-                .as_ref()
-                .is_some_and(|id| batch.iter().any(|taken| taken.request_id.as_ref() == Some(id)));
+            if front.is_solo() {
+                if !batch.is_empty() {
+                    break;
+                }
+                let solo = queue.waiters.pop_front().expect("front exists");
+                if !solo.state().take() {
+                    continue;
+                }
+                return match solo {
+                    Queued::Call(waiter) => Taken::Solo(waiter),
+                    Queued::Lend(request) => Taken::Lend(request),
+                };
+            }
+            let duplicate = match front {
+                Queued::Call(front) => front
+                    .request_id
+                    .as_ref()
+                    .is_some_and(|id| batch.iter().any(|taken| taken.request_id.as_ref() == Some(id))),
+                Queued::Lend(_) => false,
+            };
             if duplicate {
                 break;
             }
-            let waiter = queue.waiters.pop_front().expect("front exists");
-            if waiter.state.take() {
-                batch.push(waiter);
+            if let Queued::Call(waiter) = queue.waiters.pop_front().expect("front exists")
+                && waiter.state.take()
+            {
+                batch.push(*waiter);
             }
         }
         if batch.is_empty() && queue.waiters.is_empty() {
             queues.remove(user);
+            return Taken::Nothing;
         }
-        batch
+        Taken::Batch(batch)
     }
 
     /// Whether calls for `user` are waiting behind the batch being committed: then the commit
@@ -149,7 +222,7 @@ impl AccountQueues {
             queue
                 .waiters
                 .iter()
-                .any(|waiter| waiter.state.0.load(Ordering::SeqCst) == QUEUED)
+                .any(|waiter| waiter.state().0.load(Ordering::SeqCst) == QUEUED)
         })
     }
 
@@ -221,13 +294,15 @@ impl TransactionCoordinator {
             wait_until,
             on_timeout: on_timeout.clone(),
         };
-        match self.queues.enqueue(user, waiter, self.config.max_queued_per_user) {
+        let queue_user = waiter.intent.queue_account(user).clone();
+        match self.queues.enqueue(
+            &queue_user,
+            Queued::Call(Box::new(waiter)),
+            self.config.max_queued_per_user,
+        ) {
             Err(_) => return Err(ServiceError::Overloaded("calls queued for this user")),
             Ok(Enqueued::Queued) => {}
-            Ok(Enqueued::StartDriver) => {
-                let (coordinator, user) = (Arc::clone(self), user.clone());
-                self.mutations.spawn(async move { coordinator.drive(user).await });
-            }
+            Ok(Enqueued::StartDriver) => self.start_driver(queue_user),
         }
         let _leave_if_dropped = LeaveOnDrop(state.clone());
         let _waiting = crate::telemetry::metrics::Waiter::enter();
@@ -248,25 +323,38 @@ impl TransactionCoordinator {
         answer
     }
 
+    /// Starts the driver of `user`'s queue, which runs until the queue is empty.
+    pub(super) fn start_driver(self: &Arc<Self>, user: UserId) {
+        let coordinator = Arc::clone(self);
+        self.mutations.spawn(async move { coordinator.drive(user).await });
+    }
+
     /// Drives `user`'s queue until it is empty: takes the next calls, holds the lease while
     /// more wait (each commit extends it), and gives it back with the last commit. On an
-    /// account this coordinator wrote last (`known`) it takes no lease at all.
+    /// account this coordinator wrote last (`known`) it takes no lease at all. A transfer is
+    /// run on its own, and a loan hands the account (and any lease carried) to the transfer
+    /// that borrows it until that transfer gives it back.
     async fn drive(self: Arc<Self>, user: UserId) {
         let mut held = None;
         loop {
-            let batch: Vec<Call> = self
-                .queues
-                .take_batch(&user, BATCH_CALLS_MAX)
-                .into_iter()
-                .enumerate()
-                .collect();
-            if batch.is_empty() {
-                if let Some(held) = held.filter(super::HeldLease::is_stored) {
-                    self.release(&held).await;
-                    crate::telemetry::metrics::lease_held("BATCH", held.acquired.elapsed());
+            let batch: Vec<Call> = match self.queues.take_batch(&user, BATCH_CALLS_MAX) {
+                Taken::Nothing => {
+                    if let Some(held) = held.filter(super::HeldLease::is_stored) {
+                        self.release(&held).await;
+                        crate::telemetry::metrics::lease_held("BATCH", held.acquired.elapsed());
+                    }
+                    return;
                 }
-                return;
-            }
+                Taken::Lend(request) => {
+                    held = lend(request, held).await;
+                    continue;
+                }
+                Taken::Solo(waiter) => {
+                    held = self.run_transfer(&user, held, *waiter).await;
+                    continue;
+                }
+                Taken::Batch(batch) => batch.into_iter().enumerate().collect(),
+            };
             let lease = match held.take().or_else(|| self.known_hold(&user)) {
                 Some(lease) => lease,
                 None => match self.acquire_for(&user, &batch).await {
@@ -307,6 +395,18 @@ impl TransactionCoordinator {
             .min_by_key(|(until, _)| *until);
         self.acquire(user, operation, lease, require_account, bound).await
     }
+}
+
+/// Hands `held` to the transfer that asked for the account, and waits for what it gives back.
+/// A borrower that went away before taking it leaves the hold as it was.
+async fn lend(request: LendRequest, held: Option<HeldLease>) -> Option<HeldLease> {
+    let (back, given_back) = oneshot::channel();
+    if let Err(lent) = request.lent.send(Lent { held, back }) {
+        return lent.held;
+    }
+    // A borrower always answers (it runs in a driver, which nothing cancels); should it fail,
+    // any lease it held expires by itself.
+    given_back.await.unwrap_or(None)
 }
 
 /// Answers a batch whose lease could not be taken: a call whose wait ran out gets its own

@@ -25,11 +25,12 @@ use rust_decimal::Decimal;
 use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactItem, Update, Value};
 use crate::core::asset_change::AssetChange;
 use crate::core::records::{
-    Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome, RequestRecord,
+    Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, LedgerTransfer, Order, OrderStatus, RecordedOutcome,
+    RequestRecord,
 };
 use crate::core::{
-    Account, AccountState, AssetSymbol, Decision, EntryId, LeaseId, Millis, OrderId, Price, Principal, Quantity,
-    RequestId, TradeSide, Usd, UsdDelta, UserId, UtcDay,
+    Account, AccountState, AssetSymbol, Decision, EntryId, LeaseId, Memo, Millis, OrderId, Price, Principal, Quantity,
+    RequestId, TradeSide, TransferId, Usd, UsdDelta, UserId, UtcDay,
 };
 
 const USER_PREFIX: &str = "USER#";
@@ -335,6 +336,8 @@ pub enum TransactionPart {
     RequestRecord { operation: usize },
     /// The account update or lease release: fenced, or the version moved.
     Account,
+    /// A transfer's second account (the first is `Account`): fenced, or the version moved.
+    Counterparty,
     /// A catalog check of a trade: the price or active flag changed.
     CatalogCheck,
 }
@@ -377,7 +380,7 @@ impl NamedItems {
         };
         let rank = |part: &TransactionPart| match part {
             TransactionPart::RequestRecord { .. } => 0,
-            TransactionPart::Account => 1,
+            TransactionPart::Account | TransactionPart::Counterparty => 1,
             TransactionPart::CatalogCheck => 2,
         };
         self.parts
@@ -390,6 +393,21 @@ impl NamedItems {
     /// The key whose presence proves this transaction applied, if it writes a fresh item.
     pub fn marker(&self) -> Option<&Key> {
         self.marker.as_ref()
+    }
+
+    /// Appends `other`'s items, its parts renamed by `rename`, into one transaction.
+    fn append(&mut self, other: NamedItems, rename: impl Fn(TransactionPart) -> TransactionPart) {
+        let offset = self.items.len();
+        self.items.extend(other.items);
+        self.parts.extend(
+            other
+                .parts
+                .into_iter()
+                .map(|(position, part)| (position + offset, rename(part))),
+        );
+        if self.marker.is_none() {
+            self.marker = other.marker;
+        }
     }
 }
 
@@ -464,6 +482,7 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
                 "limit_day = :day",
                 "deposited_today = :deposited",
                 "withdrawn_today = :withdrawn",
+                "transferred_today = :transferred",
                 "created_at_ms = if_not_exists(created_at_ms, :created_at_ms)",
             ]
             .map(str::to_owned),
@@ -475,6 +494,7 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
         );
         values.insert(":deposited".to_owned(), n(after.deposited_today));
         values.insert(":withdrawn".to_owned(), n(after.withdrawn_today));
+        values.insert(":transferred".to_owned(), n(after.transferred_today));
         values.insert(":created_at_ms".to_owned(), n(commit.now));
     }
     if commit.cash_floor > Usd::ZERO {
@@ -520,6 +540,69 @@ fn set_holdings(commit: &BatchCommit<'_>, set: &mut Vec<String>, condition: &mut
             bindings.values.insert(format!(":floor{index}"), n(floor));
         }
     }
+}
+
+/// One account of a transfer: its fenced update to `after` (lease released), and its ledger
+/// entry when the transfer was accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferParty<'a> {
+    pub user: &'a UserId,
+    /// The lease held on it; None for the account as this coordinator last wrote it.
+    pub lock_id: Option<&'a LeaseId>,
+    pub read: &'a Account,
+    /// The account after the transfer (or, for a refusal, as read), at its next version.
+    pub after: &'a Account,
+    /// What the transfer takes from its cash (the sender's amount; zero for the receiver),
+    /// restated as a condition.
+    pub cash_floor: Usd,
+    pub entry: Option<&'a LedgerEntry>,
+}
+
+/// Everything a transfer writes, as one transaction: both accounts (`first` in the global
+/// order, whose part is `Account`, then `second`, whose part is `Counterparty`), each fenced as
+/// a batch commit is and its lease released; both ledger entries; the sender's request record.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferCommit<'a> {
+    pub first: TransferParty<'a>,
+    pub second: TransferParty<'a>,
+    /// The request record, keyed on the sender (`first` when `sender_is_first`).
+    pub record: Option<(&'a RequestId, &'a RequestRecord)>,
+    pub sender_is_first: bool,
+    pub now: Millis,
+}
+
+/// Builds a transfer's one transaction (at most 5 items).
+pub fn commit_transfer(commit: &TransferCommit<'_>) -> NamedItems {
+    let part = |party: &TransferParty<'_>, record| {
+        let operations = [OperationWrites {
+            entry: party.entry,
+            order: None,
+            record,
+        }];
+        commit_batch(&BatchCommit {
+            user: party.user,
+            lock_id: party.lock_id,
+            read: party.read,
+            after: party.after,
+            cash_floor: party.cash_floor,
+            holding_floors: &BTreeMap::new(),
+            prices: &BTreeMap::new(),
+            operations: &operations,
+            extend_until: None,
+            now: commit.now,
+        })
+    };
+    let (first_record, second_record) = if commit.sender_is_first {
+        (commit.record, None)
+    } else {
+        (None, commit.record)
+    };
+    let mut items = part(&commit.first, first_record);
+    items.append(part(&commit.second, second_record), |part| match part {
+        TransactionPart::Account => TransactionPart::Counterparty,
+        other => other,
+    });
+    items
 }
 
 /// Everything one mutation writes, as decided under the lease, and released with it: a batch
@@ -723,6 +806,11 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
         },
         deposited_today: usd("deposited_today")?,
         withdrawn_today: usd("withdrawn_today")?,
+        // Accounts written before transfers existed have none: nothing was sent.
+        transferred_today: match number(item, "transferred_today") {
+            None => Usd::ZERO,
+            Some(_) => usd("transferred_today")?,
+        },
         version: required(
             KIND,
             "version",
@@ -749,6 +837,13 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
         item.insert("quantity_delta".to_owned(), n(trade.quantity_delta));
         item.insert("order_id".to_owned(), s(trade.order_id.as_str()));
     }
+    if let Some(transfer) = &entry.transfer {
+        item.insert("transfer_id".to_owned(), s(transfer.transfer_id.as_str()));
+        item.insert("counterparty".to_owned(), s(transfer.counterparty.as_str()));
+        if !transfer.memo.is_empty() {
+            item.insert("memo".to_owned(), s(transfer.memo.as_str()));
+        }
+    }
     item
 }
 
@@ -769,6 +864,18 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         }),
         None => None,
     };
+    let transfer = match string(item, "transfer_id") {
+        Some(transfer_id) => Some(LedgerTransfer {
+            transfer_id: TransferId::from_stored(transfer_id),
+            counterparty: required(
+                KIND,
+                "counterparty",
+                string(item, "counterparty").and_then(|raw| UserId::parse("counterparty", raw).ok()),
+            )?,
+            memo: Memo::from_stored(string(item, "memo").unwrap_or_default()),
+        }),
+        None => None,
+    };
     Ok(LedgerEntry {
         entry_id: EntryId::from_stored(required(KIND, "entry_id", string(item, "entry_id"))?),
         user_id: required(
@@ -784,6 +891,7 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         )?,
         cash_after: Usd::from_decimal(decimal("cash_after")?),
         trade,
+        transfer,
         created_at_ms: required(
             KIND,
             "created_at_ms",

@@ -360,7 +360,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     // Every series of a known, bounded label set starts at zero: a rate() or an alert on it
     // works before the first event, and the scrape declares every family.
-    const OPERATIONS: [&str; 4] = ["DEPOSIT", "WITHDRAWAL", "BUY", "SELL"];
+    const OPERATIONS: [&str; 5] = ["DEPOSIT", "WITHDRAWAL", "BUY", "SELL", "TRANSFER"];
     for operation in OPERATIONS {
         for outcome in ["acquired", "acquired_after_wait", "busy", "deadline", "unavailable"] {
             let _ = metrics
@@ -582,6 +582,7 @@ pub fn operation_label(operation: &str) -> &'static str {
         "WITHDRAWAL" => "WITHDRAWAL",
         "BUY" => "BUY",
         "SELL" => "SELL",
+        "TRANSFER" => "TRANSFER",
         "BATCH" => "BATCH",
         _ => "other",
     }

@@ -13,8 +13,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::core::asset_change::AssetChange;
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
-use crate::core::{AssetSymbol, FieldError, OrderId, Price, Quantity, RequestId, TradeSide, Usd, UserId};
-use crate::service::{PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator};
+use crate::core::{AssetSymbol, FieldError, Memo, OrderId, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::service::{PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator, TransferRequest};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
@@ -139,6 +139,14 @@ fn order_message(order: Order) -> pb::Order {
 }
 
 fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
+    let (transfer_id, counterparty_user_id, memo) = match entry.transfer {
+        Some(transfer) => (
+            transfer.transfer_id.to_string(),
+            transfer.counterparty.to_string(),
+            transfer.memo.to_string(),
+        ),
+        None => (String::new(), String::new(), String::new()),
+    };
     let (asset, quantity_delta, order_id) = match entry.trade {
         Some(trade) => (
             trade.asset.to_string(),
@@ -155,6 +163,8 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
             EntryKind::Withdrawal => pb::EntryKind::Withdrawal,
             EntryKind::Buy => pb::EntryKind::Buy,
             EntryKind::Sell => pb::EntryKind::Sell,
+            EntryKind::TransferOut => pb::EntryKind::TransferOut,
+            EntryKind::TransferIn => pb::EntryKind::TransferIn,
         } as i32,
         cash_delta: entry.cash_delta.to_string(),
         asset,
@@ -163,7 +173,29 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         cash_balance: entry.cash_after.to_string(),
         created_at: rfc3339(entry.created_at_ms),
         principal: entry.principal.to_string(),
+        transfer_id,
+        counterparty_user_id,
+        memo,
     }
+}
+
+/// The reply to a transfer, from the sender's ledger entry (also when replayed).
+fn transfer_reply(receipt: Receipt) -> Result<pb::TransferReply, Status> {
+    let entry = receipt.entry;
+    let transfer = entry.transfer.ok_or_else(|| {
+        status_of(ServiceError::Internal(
+            "a committed transfer without its transfer id".to_owned(),
+        ))
+    })?;
+    Ok(pb::TransferReply {
+        transfer_id: transfer.transfer_id.to_string(),
+        from_user_id: entry.user_id.to_string(),
+        to_user_id: transfer.counterparty.to_string(),
+        amount: entry.cash_delta.debited().to_string(),
+        memo: transfer.memo.to_string(),
+        cash_balance: entry.cash_after.to_string(),
+        transaction_id: entry.entry_id.to_string(),
+    })
 }
 
 fn asset_change_message(change: AssetChange) -> pb::AssetChange {
@@ -265,6 +297,25 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.place(request, TradeSide::Sell).await
     }
 
+    async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransferReply>, Status> {
+        let deadline = deadline_of(&request);
+        let principal = crate::auth::principal_of(&request);
+        let message = request.into_inner();
+        let transfer = TransferRequest {
+            from: UserId::parse("from_user_id", &message.from_user_id).map_err(invalid)?,
+            to: UserId::parse("to_user_id", &message.to_user_id).map_err(invalid)?,
+            amount: Usd::parse_amount("amount", &message.amount).map_err(invalid)?,
+            memo: Memo::parse("memo", &message.memo).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let receipt = self
+            .coordinator
+            .transfer(&principal, transfer, request_id, deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(transfer_reply(receipt)?))
+    }
+
     async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
         let user = UserId::parse("user_id", &request.get_ref().user_id).map_err(invalid)?;
         let account = self.coordinator.account(&user).await.map_err(status_of)?;
@@ -283,6 +334,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .collect(),
             deposited_today: deposited_today.to_string(),
             withdrawn_today: withdrawn_today.to_string(),
+            transferred_today: account.transferred_on(self.coordinator.today()).to_string(),
         }))
     }
 
