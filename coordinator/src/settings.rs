@@ -51,7 +51,7 @@ pub enum Command {
     Inspect {
         user: String,
         /// Ledger entries to show, newest first.
-        #[arg(long, default_value_t = crate::admin::INSPECT_ENTRIES_DEFAULT)]
+        #[arg(long, default_value_t = INSPECT_ENTRIES_DEFAULT)]
         entries: u32,
         /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
         #[arg(long)]
@@ -84,35 +84,12 @@ pub enum Command {
     Restore { path: PathBuf },
     /// The users whose lease was most often found busy, from the running coordinator.
     ContendedUsers {
-        #[arg(long, default_value_t = crate::admin::CONTENDED_USERS_DEFAULT)]
+        #[arg(long, default_value_t = CONTENDED_USERS_DEFAULT)]
         limit: u32,
         /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
         #[arg(long)]
         server: Option<String>,
     },
-}
-
-impl Command {
-    /// The operator command and its `--server`, for the commands `admin::cli` runs.
-    pub fn admin(self) -> Option<(crate::admin::cli::AdminCommand, Option<String>)> {
-        use crate::admin::cli::AdminCommand;
-        Some(match self {
-            Command::Audit {
-                lease_margin_secs,
-                server,
-            } => (AdminCommand::Audit { lease_margin_secs }, server),
-            Command::Inspect { user, entries, server } => (AdminCommand::Inspect { user, entries }, server),
-            Command::ReleaseLease {
-                user,
-                lock_id,
-                yes,
-                server,
-            } => (AdminCommand::ReleaseLease { user, lock_id, yes }, server),
-            Command::Backup { path, server } => (AdminCommand::Backup { path }, server),
-            Command::ContendedUsers { limit, server } => (AdminCommand::ContendedUsers { limit }, server),
-            Command::Serve | Command::CreateTables | Command::HashToken | Command::Restore { .. } => return None,
-        })
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -308,9 +285,12 @@ pub struct Settings {
     pub price_change_max_percent: u32,
 }
 
-/// Default of --price-change-max-percent: a fat-fingered price (an extra or a missing digit) is
-/// a 90 % or 900 % move; real moves within one admin call stay well under half.
-pub const PRICE_CHANGE_MAX_PERCENT_DEFAULT: u32 = 50;
+pub use crate::core::asset_change::PRICE_CHANGE_MAX_PERCENT_DEFAULT;
+
+/// Ledger entries `inspect` shows by default.
+pub const INSPECT_ENTRIES_DEFAULT: u32 = 5;
+/// Contended users listed by default.
+pub const CONTENDED_USERS_DEFAULT: u32 = 10;
 
 impl Settings {
     pub fn storage_kind(&self) -> StorageKind {

@@ -305,3 +305,34 @@ pub fn format_contended(reply: &pb::ContendedUsersReply) -> String {
         .map(|user| format!("{} busy {} times (± {})\n", user.user_id, user.count, user.error))
         .collect()
 }
+
+/// The subcommands `settings` parses that are operator commands: this layer knows them, so
+/// `settings` stays below `admin`.
+impl crate::settings::Command {
+    /// The operator command and its `--server`, for the commands `admin::cli` runs.
+    pub fn admin(self) -> Option<(AdminCommand, Option<String>)> {
+        Some(match self {
+            crate::settings::Command::Audit {
+                lease_margin_secs,
+                server,
+            } => (AdminCommand::Audit { lease_margin_secs }, server),
+            crate::settings::Command::Inspect { user, entries, server } => {
+                (AdminCommand::Inspect { user, entries }, server)
+            }
+            crate::settings::Command::ReleaseLease {
+                user,
+                lock_id,
+                yes,
+                server,
+            } => (AdminCommand::ReleaseLease { user, lock_id, yes }, server),
+            crate::settings::Command::Backup { path, server } => (AdminCommand::Backup { path }, server),
+            crate::settings::Command::ContendedUsers { limit, server } => {
+                (AdminCommand::ContendedUsers { limit }, server)
+            }
+            crate::settings::Command::Serve
+            | crate::settings::Command::CreateTables
+            | crate::settings::Command::HashToken
+            | crate::settings::Command::Restore { .. } => return None,
+        })
+    }
+}

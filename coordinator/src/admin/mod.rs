@@ -24,11 +24,9 @@ use crate::service::{PageRequest, ServiceError, TransactionCoordinator};
 use crate::storage::{StorageError, model};
 use crate::telemetry::{contention, metrics};
 
-/// Ledger entries `inspect` shows by default, and at most.
-pub const INSPECT_ENTRIES_DEFAULT: u32 = 5;
+pub use crate::settings::{CONTENDED_USERS_DEFAULT, INSPECT_ENTRIES_DEFAULT};
+/// Ledger entries `inspect` shows at most.
 pub const INSPECT_ENTRIES_MAX: u32 = 100;
-/// Contended users listed by default.
-pub const CONTENDED_USERS_DEFAULT: u32 = 10;
 
 fn lease_message(lease: &Lease, now: u64) -> pb::InspectedLease {
     pb::InspectedLease {

@@ -11,6 +11,10 @@ use super::principal::Principal;
 use super::records::Asset;
 use super::time::Millis;
 
+/// Default of --price-change-max-percent: a fat-fingered price (an extra or a missing digit) is
+/// a 90 % or 900 % move; real moves within one admin call stay well under half.
+pub const PRICE_CHANGE_MAX_PERCENT_DEFAULT: u32 = 50;
+
 /// One kept change of the catalog, written in the same transaction as the asset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssetChange {

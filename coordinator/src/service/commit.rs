@@ -64,6 +64,14 @@ enum Ending {
     Stopped(ServiceError),
 }
 
+/// How one decision and commit of a batch ended.
+enum BatchEnd {
+    /// Every call answered; the lease if it is still held.
+    Done(Option<HeldLease>),
+    /// A known account's batch found not applied, to decide again under this lease.
+    DecideAgain(HeldLease, Vec<Call>),
+}
+
 /// One decided round, before it is sent.
 struct Round {
     answers: Vec<(usize, Answer)>,
@@ -77,13 +85,33 @@ struct Round {
 impl TransactionCoordinator {
     /// Decides and commits `calls` under `held`; answers every call. Returns the lease if it
     /// is still held (extended for the calls that wait), None once it was given back.
-    pub(super) async fn commit_batch(&self, held: HeldLease, mut calls: Vec<Call>) -> Option<HeldLease> {
+    pub(super) async fn commit_batch(&self, held: HeldLease, calls: Vec<Call>) -> Option<HeldLease> {
+        let (mut held, mut calls) = (held, calls);
+        // At most twice: a batch on a known account that must be decided again is decided under
+        // the lease, and a batch under a lease is never decided again here.
+        loop {
+            let again = held.lock_id.is_none();
+            match self.commit_batch_once(held, calls).await {
+                BatchEnd::Done(lease) => return lease,
+                BatchEnd::DecideAgain(lease, returned) => {
+                    assert!(
+                        again && lease.is_stored(),
+                        "only a known account's batch is decided again, under the lease"
+                    );
+                    (held, calls) = (lease, returned);
+                }
+            }
+        }
+    }
+
+    /// One decision and commit of `calls` under `held`.
+    async fn commit_batch_once(&self, held: HeldLease, mut calls: Vec<Call>) -> BatchEnd {
         if let Some(lock_id) = &held.lock_id {
             calls.iter().for_each(|(_, waiter)| waiter.state.decided_under(lock_id));
         }
         let mut sent: Vec<SentRound> = Vec::new();
         let ending = self.attempt_rounds(&held, &mut calls, &mut sent).await;
-        match ending {
+        BatchEnd::Done(match ending {
             Ending::Committed {
                 answers,
                 after,
@@ -113,14 +141,14 @@ impl TransactionCoordinator {
                 None
             }
             Ending::Stopped(error) => match &held.lock_id {
-                None => self.recover_known(held, calls, sent, error).await,
+                None => return self.recover_known(held, calls, sent, error).await,
                 Some(lock_id) => {
                     self.known.forget(&held.user);
                     self.settle(&held.user, lock_id, calls, sent, error).await;
                     None
                 }
             },
-        }
+        })
     }
 
     /// The lease after a committed round: kept with the state the round wrote, or given back
@@ -159,7 +187,7 @@ impl TransactionCoordinator {
         calls: Vec<Call>,
         sent: Vec<SentRound>,
         error: ServiceError,
-    ) -> Option<HeldLease> {
+    ) -> BatchEnd {
         let refused = matches!(error, ServiceError::LeaseLost);
         if refused {
             self.known.contended(&known.user);
@@ -182,25 +210,25 @@ impl TransactionCoordinator {
                     Ok(None) => answer_each(calls, &error),
                     Err(read_error) => answer_each(calls, &read_error),
                 }
-                return None;
+                return BatchEnd::Done(None);
             }
         };
         match self.landed_round(&sent).await {
             Ok(Some(round)) => {
                 metrics::unclear_commit(metrics::Settled::Applied);
                 answer_from_round(calls, round);
-                Some(lease)
+                BatchEnd::Done(Some(lease))
             }
             Ok(None) => {
                 if !refused {
                     metrics::unclear_commit(metrics::Settled::NotApplied);
                 }
-                Box::pin(self.commit_batch(lease, calls)).await
+                BatchEnd::DecideAgain(lease, calls)
             }
             Err(read_error) => {
                 self.release(&lease).await;
                 answer_each(calls, &read_error);
-                None
+                BatchEnd::Done(None)
             }
         }
     }
@@ -335,7 +363,7 @@ impl TransactionCoordinator {
                 Err(rejection) => self.refused_writes(held, waiter, operation, rejection, now),
             });
         }
-        debug_assert_eq!(
+        assert_eq!(
             state.cash, outcome.after.cash,
             "the batch's state is its decisions applied in order"
         );
@@ -555,20 +583,22 @@ fn answer_all(calls: Vec<Call>, answers: &[(usize, Answer)]) {
 
 /// A decision's postconditions, checked where the state changes: cash moves by exactly the
 /// delta, nothing goes negative, and the holding moves by exactly the traded quantity.
+/// Always on (TigerBeetle's paired assertions): a decision that breaks one is a programmer error
+/// that must never reach storage.
 fn assert_postconditions(before: &crate::core::Account, decision: &Decision) {
-    debug_assert_eq!(
+    assert_eq!(
         decision.cash.decimal(),
         before.cash.decimal() + decision.cash_delta.decimal(),
         "cash after = cash before + delta"
     );
-    debug_assert!(decision.cash >= Usd::ZERO, "cash never goes negative");
+    assert!(decision.cash >= Usd::ZERO, "cash never goes negative");
     if let Some(effect) = &decision.trade {
-        debug_assert_eq!(
+        assert_eq!(
             effect.holding.decimal(),
             before.holding(&effect.asset).decimal() + effect.quantity_delta,
             "holding after = holding before + quantity delta"
         );
-        debug_assert!(
+        assert!(
             !effect.holding.decimal().is_sign_negative(),
             "holdings never go negative"
         );

@@ -147,7 +147,12 @@ impl TransactionCoordinator {
                     (None, Some((until, on_timeout))) if until <= wait_limit => on_timeout,
                     (None, _) => ServiceError::Busy,
                 };
-                metrics::lease_gave_up(&error, started.elapsed(), operation);
+                let outcome = match &error {
+                    ServiceError::Unavailable(_) => metrics::LeaseOutcome::Unavailable,
+                    ServiceError::DeadlineExceeded => metrics::LeaseOutcome::Deadline,
+                    _ => metrics::LeaseOutcome::Busy,
+                };
+                metrics::lease_gave_up(outcome, started.elapsed(), operation);
                 return Err(error);
             };
             waiter.get_or_insert_with(metrics::Waiter::enter);

@@ -198,7 +198,7 @@ impl Default for CoordinatorConfig {
             sweep_interval: None,
             max_inflight: INFLIGHT_MAX_DEFAULT,
             max_queued_per_user: QUEUED_PER_USER_MAX_DEFAULT,
-            price_change_max_percent: crate::settings::PRICE_CHANGE_MAX_PERCENT_DEFAULT,
+            price_change_max_percent: crate::core::asset_change::PRICE_CHANGE_MAX_PERCENT_DEFAULT,
             known_accounts: true,
         }
     }

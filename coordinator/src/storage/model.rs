@@ -420,6 +420,7 @@ fn item_key(item: &Item) -> Option<Key> {
 
 /// Builds the batch's one transaction.
 pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
+    assert_books_balance(commit);
     let mut items = NamedItems::default();
     for (asset, price) in commit.prices {
         let check = TransactItem::ConditionCheck(ConditionCheck {
@@ -453,6 +454,41 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
         }
     }
     items
+}
+
+/// Paired with the decision's own assertions, where the account is encoded for storage and
+/// always on: the cash written equals the cash read plus every ledger entry's delta written
+/// with it, and each traded holding the same with its quantity deltas. A mismatch is a
+/// programmer error that would put the books out of balance; it never reaches storage.
+fn assert_books_balance(commit: &BatchCommit<'_>) {
+    if !commit.after.exists() {
+        return;
+    }
+    let entries = || commit.operations.iter().filter_map(|operation| operation.entry);
+    let cash_moved: Decimal = entries().map(|entry| entry.cash_delta.decimal()).sum();
+    assert_eq!(
+        commit.after.cash.decimal(),
+        commit.read.cash.decimal() + cash_moved,
+        "cash written = cash read + the deltas of the entries written with it"
+    );
+    for asset in commit.prices.keys().chain(commit.holding_floors.keys()) {
+        let moved: Decimal = entries()
+            .filter_map(|entry| entry.trade.as_ref())
+            .filter(|trade| trade.asset == *asset)
+            .map(|trade| trade.quantity_delta)
+            .sum();
+        assert_eq!(
+            commit.after.holding(asset).decimal(),
+            commit.read.holding(asset).decimal() + moved,
+            "holding written = holding read + the quantity deltas of the entries written with it"
+        );
+    }
+    if let Some(last) = entries().next_back() {
+        assert_eq!(
+            last.cash_after, commit.after.cash,
+            "the last entry's balance is the account's"
+        );
+    }
 }
 
 /// The fenced update of the account item: its state after the batch (when the batch made it an

@@ -588,14 +588,8 @@ pub fn operation_label(operation: &str) -> &'static str {
     }
 }
 
-/// A lease acquisition gave up with `error` (ABORTED busy, DEADLINE_EXCEEDED or UNAVAILABLE).
-pub fn lease_gave_up(error: &crate::service::ServiceError, wait: Duration, operation: &str) {
-    use crate::service::ServiceError;
-    let outcome = match error {
-        ServiceError::Unavailable(_) => LeaseOutcome::Unavailable,
-        ServiceError::DeadlineExceeded => LeaseOutcome::Deadline,
-        _ => LeaseOutcome::Busy,
-    };
+/// A lease acquisition gave up (`outcome`: busy, deadline or unavailable).
+pub fn lease_gave_up(outcome: LeaseOutcome, wait: Duration, operation: &str) {
     lease_acquired(outcome, wait, operation);
 }
 
