@@ -109,7 +109,7 @@ pub async fn connect_storage(settings: &Settings) -> Result<Storage, StartError>
     } else {
         engine
     };
-    Ok(Storage::new(engine, settings.table.as_str()))
+    Ok(Storage::new(engine, settings.table.as_str()).observed_by(crate::telemetry::metrics::storage_observer()))
 }
 
 /// Creates the table on the configured storage (the `create-tables` command).

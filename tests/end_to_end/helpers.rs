@@ -139,6 +139,11 @@ pub fn sdk_engine(endpoint: &str) -> DynamoDbEngine {
     DynamoDbEngine::local(endpoint)
 }
 
+/// Storage whose requests reach the metrics, as the binary wires it (`server::connect_storage`).
+fn observed(storage: Storage) -> Storage {
+    storage.observed_by(lockstep_coordinator::telemetry::metrics::storage_observer())
+}
+
 /// Fresh, empty storage on `engine`, with its table created.
 pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
     let table = format!("lockstep-{}", uuid::Uuid::new_v4().simple());
@@ -148,7 +153,7 @@ pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
             let engine = EmbeddedEngine::open(data_dir.path()).expect("open embedded engine");
             // With group commit, as the binary runs the embedded engine by default.
             (
-                Storage::new(Arc::new(engine), table).with_group_commit(),
+                observed(Storage::new(Arc::new(engine), table)).with_group_commit(),
                 StorageGuard {
                     _data_dir: Some(data_dir),
                     ..StorageGuard::default()
@@ -160,7 +165,7 @@ pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
                 .await
                 .expect("start dynoxide's HTTP server");
             (
-                Storage::new(Arc::new(sdk_engine(server.endpoint())), table),
+                observed(Storage::new(Arc::new(sdk_engine(server.endpoint())), table)),
                 StorageGuard {
                     _dynoxide: Some(server),
                     ..StorageGuard::default()
@@ -172,7 +177,7 @@ pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
                 .await
                 .expect("moto start task");
             (
-                Storage::new(Arc::new(sdk_engine(&moto.endpoint)), table),
+                observed(Storage::new(Arc::new(sdk_engine(&moto.endpoint)), table)),
                 StorageGuard {
                     _moto: Some(moto),
                     ..StorageGuard::default()

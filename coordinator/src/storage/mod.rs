@@ -21,8 +21,62 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::telemetry::health::Activity;
-use crate::telemetry::metrics;
+/// Called with every request's DynamoDB action name, outcome label ([`outcome_label`]) and
+/// duration: how telemetry learns of storage without storage knowing telemetry.
+pub type RequestObserver = fn(&'static str, &'static str, std::time::Duration);
+
+/// When storage last answered a request, and when a request last found it unavailable: what
+/// readiness (`telemetry::health`) is read from.
+#[derive(Debug, Default)]
+pub struct Activity {
+    last_answer: AtomicU64,
+    last_failure: AtomicU64,
+}
+
+/// The process's epoch for `Activity`'s stamps.
+static EPOCH: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
+
+impl Activity {
+    /// One request's outcome: `answered` unless storage was unavailable.
+    pub fn observe(&self, answered: bool) {
+        let slot = if answered {
+            &self.last_answer
+        } else {
+            &self.last_failure
+        };
+        // Milliseconds since the process's epoch, plus one (0 means "never").
+        slot.store(EPOCH.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// Some(true) if storage answered within `window`, Some(false) if requests only failed in
+    /// it, None if nothing was sent in it.
+    pub fn verdict(&self, window: std::time::Duration) -> Option<bool> {
+        let now = EPOCH.elapsed().as_millis() as u64 + 1;
+        let recent = |slot: &AtomicU64| {
+            let stamp = slot.load(Ordering::Relaxed);
+            stamp > 0 && std::time::Duration::from_millis(now.saturating_sub(stamp)) < window
+        };
+        if recent(&self.last_answer) {
+            Some(true)
+        } else if recent(&self.last_failure) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+/// The `outcome` label of a storage request.
+pub fn outcome_label<T>(result: &StorageResult<T>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(StorageError::ConditionFailed { .. }) => "condition_failed",
+        Err(StorageError::TransactionCanceled { .. }) => "transaction_canceled",
+        Err(StorageError::Unavailable(_)) => "unavailable",
+        Err(StorageError::Conflict(_)) => "conflict",
+        Err(StorageError::ScanBoundReached { .. }) | Err(StorageError::Other(_)) => "error",
+    }
+}
 
 /// Items read per page of a whole-table scan: DynamoDB stops a page at 1 MB anyway, and 500 of
 /// Lockstep's items (well under 1 KB each, a few holdings included) stay below it.
@@ -193,6 +247,8 @@ pub struct Storage {
     activity: Arc<Activity>,
     /// Where batch commits go when group commit is on (`with_group_commit`).
     group: Option<group::GroupCommit>,
+    /// Told of every request (`observed_by`): the metrics, in a serving coordinator.
+    observer: Option<RequestObserver>,
 }
 
 impl Storage {
@@ -203,7 +259,15 @@ impl Storage {
             requests: Arc::new(AtomicU64::new(0)),
             activity: Arc::new(Activity::default()),
             group: None,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of every request from now on (set it before `with_group_commit`, whose
+    /// committer sends through a clone).
+    pub fn observed_by(mut self, observer: RequestObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Sends batch commits (`transact_batch`) of several users in one transaction where they
@@ -219,9 +283,9 @@ impl Storage {
         &self.activity
     }
 
-    /// Sends one request through the engine: counted, timed, and its outcome exported
-    /// (`lockstep_storage_requests_total`, `lockstep_storage_request_duration_seconds`) and
-    /// remembered for health.
+    /// Sends one request through the engine: counted, timed, its outcome told to the observer
+    /// (the metrics `lockstep_storage_requests_total`, `lockstep_storage_request_duration_seconds`)
+    /// and remembered for health.
     async fn send<T>(
         &self,
         operation: &'static str,
@@ -239,7 +303,9 @@ impl Storage {
     ) -> StorageResult<T> {
         let started = std::time::Instant::now();
         let result = call.await;
-        metrics::storage_request(operation, metrics::storage_outcome(&result), started.elapsed());
+        if let Some(observer) = &self.observer {
+            observer(operation, outcome_label(&result), started.elapsed());
+        }
         self.activity
             .observe(!matches!(result, Err(StorageError::Unavailable(_))));
         result

@@ -12,8 +12,6 @@
 //! recovery. On AWS the probe is a DescribeTable (no capacity units, but a control-plane call):
 //! 8,640 a day per idle coordinator instead of 86,400 (docs/operations.md).
 
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic_health::ServingStatus;
@@ -36,48 +34,7 @@ const _: () = assert!(ANSWERED_WITHIN.as_millis() < IDLE_PROBE_INTERVAL.as_milli
 /// The name readiness is reported under; "" is liveness.
 pub const READINESS_SERVICE: &str = "lockstep.coordinator.v1.Coordinator";
 
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Milliseconds since the process's epoch, plus one (0 means "never").
-fn stamp() -> u64 {
-    EPOCH.elapsed().as_millis() as u64 + 1
-}
-
-fn age(stamp_ms: u64) -> Option<Duration> {
-    (stamp_ms > 0).then(|| Duration::from_millis((EPOCH.elapsed().as_millis() as u64 + 1).saturating_sub(stamp_ms)))
-}
-
-/// When storage last answered a request, and when a request last found it unavailable.
-#[derive(Debug, Default)]
-pub struct Activity {
-    last_answer: AtomicU64,
-    last_failure: AtomicU64,
-}
-
-impl Activity {
-    /// One request's outcome: `answered` unless storage was unavailable.
-    pub fn observe(&self, answered: bool) {
-        let slot = if answered {
-            &self.last_answer
-        } else {
-            &self.last_failure
-        };
-        slot.store(stamp(), Ordering::Relaxed);
-    }
-
-    /// Some(true) if storage answered within `window`, Some(false) if requests only failed in
-    /// it, None if nothing was sent in it.
-    pub fn verdict(&self, window: Duration) -> Option<bool> {
-        let recent = |slot: &AtomicU64| age(slot.load(Ordering::Relaxed)).is_some_and(|age| age < window);
-        if recent(&self.last_answer) {
-            Some(true)
-        } else if recent(&self.last_failure) {
-            Some(false)
-        } else {
-            None
-        }
-    }
-}
+pub use crate::storage::Activity;
 
 /// Marks the process live, and ready if storage answers a probe now; returns whether it did
 /// (what [`follow_storage`] starts from).

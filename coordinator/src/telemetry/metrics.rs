@@ -518,7 +518,8 @@ pub fn replayed(operation: &str) {
         .inc();
 }
 
-/// One storage request: `operation` is DynamoDB's action name, `outcome` from [`storage_outcome`].
+/// One storage request: `operation` is DynamoDB's action name, `outcome` from
+/// [`crate::storage::outcome_label`].
 pub fn storage_request(operation: &'static str, outcome: &'static str, elapsed: Duration) {
     METRICS
         .storage_requests
@@ -644,17 +645,9 @@ pub fn rule_of(rejection: &Rejection) -> &'static str {
     }
 }
 
-/// The `outcome` label of a storage request.
-pub fn storage_outcome<T>(result: &Result<T, crate::storage::StorageError>) -> &'static str {
-    use crate::storage::StorageError;
-    match result {
-        Ok(_) => "ok",
-        Err(StorageError::ConditionFailed { .. }) => "condition_failed",
-        Err(StorageError::TransactionCanceled { .. }) => "transaction_canceled",
-        Err(StorageError::Unavailable(_)) => "unavailable",
-        Err(StorageError::Conflict(_)) => "conflict",
-        Err(StorageError::ScanBoundReached { .. }) | Err(StorageError::Other(_)) => "error",
-    }
+/// The observer that exports every storage request as metrics (`Storage::observed_by`).
+pub fn storage_observer() -> crate::storage::RequestObserver {
+    storage_request
 }
 
 #[cfg(test)]
