@@ -1,5 +1,5 @@
 //! Bearer tokens: the auth file (principals, their roles and the SHA-256 of their token, never
-//! the token itself), constant-time lookup, and reload on SIGHUP.
+//! the token itself), constant-time lookup, and reload (on SIGHUP, `server::answer_hangups`).
 //!
 //! The file has one principal a line, three fields separated by spaces or tabs; `#` starts a
 //! comment:
@@ -199,17 +199,18 @@ impl TokenStore {
         }
     }
 
-    /// Reloads on every SIGHUP until the task is aborted.
-    pub async fn reload_on_sighup(self: Arc<Self>) {
-        let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; the auth file will not be reloaded");
-                return;
+    /// Reads the file again and takes it only if it says something else than the table in
+    /// force: for a rotation that may have happened while the coordinator was starting, whose
+    /// SIGHUP came before anything listened for it. Quiet when nothing changed.
+    pub fn reload_if_changed(&self) {
+        match read_table(&self.path) {
+            Ok(table) if table == *self.current() => {}
+            Ok(_) => {
+                self.reload().ok();
             }
-        };
-        while hangups.recv().await.is_some() {
-            self.reload().ok();
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), %error, "auth file refused; keeping the previous one");
+            }
         }
     }
 }
