@@ -1,5 +1,7 @@
 //! The coordinator process's life (issue 18): SIGHUP never stops it, with or without an auth
-//! file, in the middle of its start or while it serves. Each test runs the real binary.
+//! file, in the middle of its start or while it serves; and its data dir is its own while it
+//! runs, so `coordinator restore` and a second coordinator on that dir refuse instead of writing
+//! beside it. Each test runs the real binary.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,9 +15,9 @@ use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use lockstep_coordinator::auth::hash_token;
 
 use crate::auth::with_token;
-use crate::durability::coordinator_binary;
+use crate::durability::{coordinator_binary, start_coordinator_process};
 
-/// How long a coordinator may take to start on a loaded machine.
+/// How long a coordinator may take to start, or a refused one to exit, on a loaded machine.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A coordinator process started with `arguments` (and RUST_LOG=info), its stderr lines sent to
@@ -255,5 +257,108 @@ async fn sighup_during_start_with_an_auth_file_neither_stops_nor_loses_a_rotatio
     let refused = deposit(&address, "rotation", "10.00", Some(FIRST)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "the old token is gone");
     assert_running(&mut child, &lines, &mut seen, "after start");
+    terminate(child);
+}
+
+/// Runs the coordinator binary to completion (it must exit within START_TIMEOUT): exit code
+/// and stderr.
+fn run_to_exit(arguments: &[&str]) -> (Option<i32>, String) {
+    let (mut child, lines) = spawn_coordinator(arguments);
+    let deadline = Instant::now() + START_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            child.kill().ok();
+            child.wait().ok();
+            let seen: Vec<String> = lines.try_iter().collect();
+            panic!(
+                "`coordinator {}` did not exit: it runs beside the live coordinator; its log:\n{}",
+                arguments.join(" "),
+                seen.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let stderr: Vec<String> = lines.try_iter().collect();
+    (status.code(), stderr.join("\n"))
+}
+
+/// What `audit` without --server reports for `data_dir`: its exit code and stdout.
+fn offline_audit(data_dir: &Path) -> (Option<i32>, String) {
+    let output = Command::new(coordinator_binary())
+        .args(["audit", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run audit");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+/// While a coordinator runs on a data dir, `coordinator restore` into that dir, a second
+/// coordinator on it and an offline audit of it refuse, naming the dir and that another
+/// coordinator holds it, and the live data is untouched; once it stops, restore works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_data_dir_refuses_restore_and_a_second_coordinator() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("data");
+    let data_dir_arg = data_dir.to_str().expect("UTF-8 path");
+    let (child, address) = start_coordinator_process(&data_dir);
+    assert_eq!(
+        deposit(&address, "kept", "10.00", None).await.expect("deposit"),
+        "10.00"
+    );
+    let backup = dir.path().join("backup.sqlite3");
+    let backup_arg = backup.to_str().expect("UTF-8 path");
+    let (code, stderr) = run_to_exit(&["backup", backup_arg, "--server", &address]);
+    assert_eq!(code, Some(0), "backup through the server: {stderr}");
+    assert_eq!(deposit(&address, "kept", "5.00", None).await.expect("deposit"), "15.00");
+
+    let (code, stderr) = run_to_exit(&["restore", backup_arg, "--data-dir", data_dir_arg]);
+    assert_ne!(code, Some(0), "restore into a live data dir must refuse: {stderr}");
+    assert!(
+        stderr.contains(&format!("data dir {data_dir_arg} is in use")) && stderr.contains("another coordinator"),
+        "the refusal names the dir and its holder: {stderr}"
+    );
+    assert_eq!(
+        deposit(&address, "kept", "1.00", None).await.expect("deposit"),
+        "16.00",
+        "the live data was not rolled back"
+    );
+
+    let (code, stderr) = run_to_exit(&["--listen", "127.0.0.1:0", "--data-dir", data_dir_arg]);
+    assert_ne!(code, Some(0), "a second coordinator on the same data dir must refuse");
+    assert!(
+        stderr.contains(&format!("data dir {data_dir_arg} is in use")) && stderr.contains("another coordinator"),
+        "{stderr}"
+    );
+    let (code, output) = offline_audit(&data_dir);
+    assert_eq!(
+        code,
+        Some(2),
+        "an offline audit of a live data dir cannot run: {output}"
+    );
+    assert!(output.contains("is in use"), "{output}");
+    assert_eq!(
+        deposit(&address, "kept", "1.00", None)
+            .await
+            .expect("the first one serves on"),
+        "17.00"
+    );
+
+    terminate(child);
+    let (code, stderr) = run_to_exit(&["restore", backup_arg, "--data-dir", data_dir_arg]);
+    assert_eq!(code, Some(0), "restore once the coordinator stopped: {stderr}");
+    let (child, address) = start_coordinator_process(&data_dir);
+    assert_eq!(
+        deposit(&address, "kept", "0.50", None).await.expect("deposit"),
+        "10.50",
+        "the backup is in place"
+    );
     terminate(child);
 }
