@@ -98,3 +98,16 @@ pub async fn shutdown_signal() {
 pub fn catch_hangups() -> std::io::Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
 }
+
+/// For a process with nothing to reload (the services in `clients/`): SIGHUP is caught, so a
+/// fleet-wide one does not stop it, and each is logged as such.
+#[cfg(unix)]
+pub fn ignore_hangups() -> std::io::Result<()> {
+    let mut hangups = catch_hangups()?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received: nothing to reload");
+        }
+    });
+    Ok(())
+}

@@ -260,6 +260,49 @@ async fn sighup_during_start_with_an_auth_file_neither_stops_nor_loses_a_rotatio
     terminate(child);
 }
 
+/// user-service and order-service survive SIGHUP too (a fleet-wide one meant for coordinators'
+/// auth files), and log that they have nothing to reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_never_stops_the_services() {
+    for service in ["user-service", "order-service"] {
+        let binary = coordinator_binary().with_file_name(service);
+        let mut child = Command::new(&binary)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {}: {error}", binary.display()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !seen.iter().any(|line: &String| line.contains("serving HTTP")) {
+            assert_running(&mut child, &lines, &mut seen, "before serving");
+            assert!(Instant::now() < deadline, "{service} did not serve");
+            std::thread::sleep(Duration::from_millis(20));
+            drain_lines(&lines, &mut seen);
+        }
+        hang_up(child.id());
+        assert!(
+            wait_for_another_line(&lines, &mut seen, "nothing to reload"),
+            "{service} logs the SIGHUP:\n{}",
+            seen.join("\n")
+        );
+        assert_running(&mut child, &lines, &mut seen, "on a SIGHUP");
+        terminate(child);
+    }
+}
+
 /// Runs the coordinator binary to completion (it must exit within START_TIMEOUT): exit code
 /// and stderr.
 fn run_to_exit(arguments: &[&str]) -> (Option<i32>, String) {
