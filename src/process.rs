@@ -1,5 +1,6 @@
-//! What every Lockstep binary does the same way around its server: logging to stderr, and
-//! stopping on SIGINT or SIGTERM. The coordinator and the services in `clients/` all use these.
+//! What every Lockstep binary does the same way around its server: logging to stderr, stopping
+//! on SIGINT or SIGTERM, and surviving SIGHUP. The coordinator and the services in `clients/`
+//! use these.
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -85,4 +86,28 @@ pub async fn shutdown_signal() {
         () = terminate => "SIGTERM",
     };
     tracing::info!(signal, "shutdown signal received");
+}
+
+/// Listens for SIGHUP, and so takes it away from its default action (terminating the process)
+/// for the rest of the process's life: tokio never restores the default, even when every
+/// listener is dropped. The coordinator calls this first thing in `main`, because operators send
+/// SIGHUP to a whole fleet to reload auth files (README, Rotation), and a coordinator started
+/// without one, or still starting, must not die of it. Each call gives a listener of its own that
+/// sees every SIGHUP from then on. Fails only when the OS refuses the handler.
+#[cfg(unix)]
+pub fn catch_hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// For a process with nothing to reload (the services in `clients/`): SIGHUP is caught, so a
+/// fleet-wide one does not stop it, and each is logged as such.
+#[cfg(unix)]
+pub fn ignore_hangups() -> std::io::Result<()> {
+    let mut hangups = catch_hangups()?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received: nothing to reload");
+        }
+    });
+    Ok(())
 }

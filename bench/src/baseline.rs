@@ -1,4 +1,4 @@
-//! The design's own flow (shared/reference/transaction-atomicity-design.md), as a simple client
+//! The design's own flow (docs/design-baseline.md), as a simple client
 //! talking DIRECTLY to a DynamoDB endpoint, for comparison with Lockstep on the same server:
 //!
 //! 1. acquire the user's lock: a conditional put of `LOCK#<user>` (absent, or expired);

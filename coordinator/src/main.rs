@@ -10,6 +10,16 @@ use lockstep_coordinator::settings::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before anything else, so that no moment of start-up dies of a fleet-wide SIGHUP; the
+    // listener itself is not read here (the server answers SIGHUP with its own, see
+    // `server::answer_hangups`), only kept for the life of the process.
+    let _hangups = match lockstep::process::catch_hangups() {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            eprintln!("coordinator: cannot catch SIGHUP, which would then stop this process: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let cli = Cli::parse();
     #[cfg(feature = "otlp")]
     let _exporter = match &cli.settings.otlp_endpoint {

@@ -239,14 +239,37 @@ impl Beside {
         if let Some(interval) = coordinator.config().sweep_interval {
             tasks.push(tokio::spawn(sweep_periodically(Arc::clone(coordinator), interval)).abort_handle());
         }
-        if let Some(tokens) = security.tokens.clone() {
-            tasks.push(tokio::spawn(tokens.reload_on_sighup()).abort_handle());
-        }
+        tasks.push(tokio::spawn(answer_hangups(security.tokens.clone())).abort_handle());
         Self(tasks)
     }
 
     fn stop(&self) {
         self.0.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+}
+
+/// Answers every SIGHUP while serving: the auth file is reloaded, or, without one, the log says
+/// there is nothing to reload. The process survives SIGHUP either way (`main` caught it first
+/// thing); a rotation that happened while the coordinator was starting, after the file was first
+/// read and before this listener existed, is taken up at once.
+async fn answer_hangups(tokens: Option<Arc<crate::auth::TokenStore>>) {
+    let mut hangups = match lockstep::process::catch_hangups() {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; the auth file will not be reloaded");
+            return;
+        }
+    };
+    if let Some(tokens) = &tokens {
+        tokens.reload_if_changed();
+    }
+    while hangups.recv().await.is_some() {
+        match &tokens {
+            Some(tokens) => {
+                tokens.reload().ok();
+            }
+            None => tracing::info!("SIGHUP received: no --auth-file, nothing to reload"),
+        }
     }
 }
 

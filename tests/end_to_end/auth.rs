@@ -443,8 +443,9 @@ async fn deposit_over(
 }
 
 /// mTLS: no client certificate and another CA's certificate fail the handshake and write
-/// nothing; a valid certificate's CN is the principal, with the roles the auth file gives it;
-/// a certificate the auth file does not name has no role; a token decides over a certificate.
+/// nothing; a valid certificate's CN is the principal, with the roles of the auth file's `-`
+/// line of that name; a certificate the auth file does not name, or names only on a token
+/// line, has no role; a token decides over a certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_authenticates_by_the_certificate_subject() {
     let pki = Pki::new();
@@ -486,6 +487,23 @@ async fn mutual_tls_authenticates_by_the_certificate_subject() {
     assert!(
         refused.unwrap_err().starts_with("PermissionDenied"),
         "the token decides"
+    );
+    let named_like_a_token = pki.client("trader-svc");
+    let refused = deposit_over(tls_client(&app, &pki, Some(&named_like_a_token)).await, "mtls", None).await;
+    assert_eq!(
+        refused.unwrap_err(),
+        "PermissionDenied: /lockstep.coordinator.v1.Coordinator/Deposit needs the trader role; trader-svc has no role",
+        "a certificate named like a token line does not get that token's roles"
+    );
+    let refused = deposit_over(
+        tls_client(&app, &pki, Some(&gateway)).await,
+        "mtls",
+        Some("not-a-listed-token-0123456789"),
+    )
+    .await;
+    assert!(
+        refused.unwrap_err().starts_with("Unauthenticated"),
+        "an unknown token is refused, not completed by the certificate's `-` line"
     );
 
     let mut client = tls_client(&app, &pki, Some(&gateway)).await.expect("connect");

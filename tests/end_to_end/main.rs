@@ -11,6 +11,7 @@ mod grpcurl;
 mod health;
 mod helpers;
 mod leases;
+mod lifecycle;
 mod money;
 mod operations;
 mod python_stubs;

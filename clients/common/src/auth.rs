@@ -4,8 +4,11 @@
 //!
 //! A route under `/users/{id}/...` needs a token whose `sub` is `{id}`; handlers check other
 //! user ids (the body of `POST /orders`, the owner of an order) with [`EndUser::require`].
-//! Missing, malformed, expired or wrongly signed tokens are 401; a valid token for another
-//! user is 403. `GET /health` is open. Without JWT flags (the local default) nothing is checked.
+//! Missing, malformed, expired, not yet valid (`nbf`) or wrongly signed tokens are 401, and so
+//! are tokens of another issuer or audience when `--jwt-issuer` / `--jwt-audience` are set
+//! (then the claim is required); without `--jwt-audience` an `aud` claim is accepted unchecked,
+//! as an identity provider puts one in every token. A valid token for another user is 403.
+//! `GET /health` is open. Without JWT flags (the local default) nothing is checked.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +25,11 @@ use tonic::Code;
 
 use crate::error::ApiError;
 
-/// Clock skew tolerated on `exp` and `nbf` between the token issuer and this service.
+/// Clock skew tolerated on `exp` and `nbf` between the token issuer and this service. Hosts kept
+/// by NTP agree within a second, but an issuer whose clock runs a few seconds ahead mints tokens
+/// whose `nbf` is "now" by its clock and which a client uses at once: without a leeway they would
+/// be refused for nothing. 30 s covers a badly drifting host and still refuses a token that
+/// becomes valid later (tomorrow's, or one issued for a later session).
 pub const JWT_LEEWAY_SECONDS: u64 = 30;
 
 /// The algorithms a service verifies; one per deployment, so a token cannot choose its own.
@@ -49,6 +56,14 @@ pub struct EndUserSettings {
     /// The JWT algorithm: hs256 (default with a secret), rs256 or es256 (with a public key).
     #[arg(long, env = "LOCKSTEP_JWT_ALGORITHM", value_enum)]
     pub jwt_algorithm: Option<JwtAlgorithm>,
+    /// Accept only JWTs whose `iss` is this (the identity provider's issuer URL); the claim is
+    /// then required. Unset: `iss` is not checked.
+    #[arg(long, env = "LOCKSTEP_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Accept only JWTs whose `aud` names this (this service's client id or URL at the identity
+    /// provider); the claim is then required. Unset: `aud` is accepted without a check.
+    #[arg(long, env = "LOCKSTEP_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
     /// Serve on a non-loopback address without JWT authentication. Never in production.
     #[arg(long, env = "LOCKSTEP_INSECURE")]
     pub insecure: bool,
@@ -85,7 +100,15 @@ impl EndUserAuth {
             &settings.jwt_public_key_file,
             settings.jwt_algorithm,
         ) {
-            (None, None, None) => return Ok(EndUserAuth::Off),
+            (None, None, None) => {
+                if settings.jwt_issuer.is_some() || settings.jwt_audience.is_some() {
+                    return Err(
+                        "--jwt-issuer and --jwt-audience need --jwt-hs256-secret-file or --jwt-public-key-file"
+                            .to_owned(),
+                    );
+                }
+                return Ok(EndUserAuth::Off);
+            }
             (Some(_), Some(_), _) => {
                 return Err("give --jwt-hs256-secret-file or --jwt-public-key-file, not both".to_owned());
             }
@@ -117,13 +140,34 @@ impl EndUserAuth {
                 return Err("--jwt-algorithm needs --jwt-hs256-secret-file or --jwt-public-key-file".to_owned());
             }
         };
+        Ok(Self::jwt(key, algorithm, settings))
+    }
+
+    /// Verification with `key` and `algorithm`, and the claims `settings` ask for.
+    fn jwt(key: DecodingKey, algorithm: Algorithm, settings: &EndUserSettings) -> Self {
         let mut validation = Validation::new(algorithm);
         validation.leeway = JWT_LEEWAY_SECONDS;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Ok(EndUserAuth::Jwt {
+        // jsonwebtoken checks `nbf` only when asked; `exp` it checks by default.
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(issuer) = &settings.jwt_issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        match &settings.jwt_audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            // jsonwebtoken refuses any token with an `aud` when no audience is set; an identity
+            // provider puts one in every token, so without the flag it is not checked at all.
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        EndUserAuth::Jwt {
             key: Arc::new(key),
             validation: Arc::new(validation),
-        })
+        }
     }
 
     pub fn is_on(&self) -> bool {
@@ -146,9 +190,13 @@ impl EndUserAuth {
             let reason = match error.kind() {
                 ErrorKind::ExpiredSignature => "the token has expired",
                 ErrorKind::InvalidSignature => "the token's signature is not valid",
-                ErrorKind::ImmatureSignature => "the token is not valid yet",
+                ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
                 ErrorKind::InvalidAlgorithm => "the token's algorithm is not the one this service accepts",
-                ErrorKind::MissingRequiredClaim(_) => "the token lacks exp or sub",
+                ErrorKind::InvalidIssuer => "the token's issuer (iss) is not the one this service accepts",
+                ErrorKind::InvalidAudience => "the token is not meant for this service (aud)",
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    return unauthorized(&format!("the token lacks {claim}"));
+                }
                 _ => "the token is not a valid JWT",
             };
             unauthorized(reason)
@@ -289,6 +337,140 @@ mod tests {
         assert_eq!(percent_decoded("a%2"), "a%2");
         assert!(EndUser(Some("bob".to_owned())).require("alice").is_err());
         assert!(EndUser(None).require("alice").is_ok());
+    }
+
+    const SECRET: &str = "a-shared-hs256-secret-of-at-least-32-bytes";
+
+    /// HS256 verification with these --jwt-issuer and --jwt-audience.
+    fn hs256(issuer: Option<&str>, audience: Option<&str>) -> EndUserAuth {
+        let settings = EndUserSettings {
+            jwt_issuer: issuer.map(str::to_owned),
+            jwt_audience: audience.map(str::to_owned),
+            ..EndUserSettings::default()
+        };
+        EndUserAuth::jwt(DecodingKey::from_secret(SECRET.as_bytes()), Algorithm::HS256, &settings)
+    }
+
+    /// What `auth` says of a token with `claims` (to which `sub` and a `exp` in 10 minutes are
+    /// added): the subject, or the 401 message.
+    fn verdict(auth: &EndUserAuth, mut claims: serde_json::Value) -> Result<String, String> {
+        let now = jsonwebtoken::get_current_timestamp();
+        claims["sub"] = "alice".into();
+        claims["exp"] = (now + 600).into();
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        let header = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
+        match auth.subject(Some(&header)) {
+            Ok(user) => Ok(user.0.unwrap()),
+            Err(error) => {
+                assert_eq!(error.status, StatusCode::UNAUTHORIZED);
+                Err(error.message)
+            }
+        }
+    }
+
+    /// `nbf` is checked, with JWT_LEEWAY_SECONDS of skew: tomorrow's token is refused today, a
+    /// token from an issuer a few seconds ahead is not.
+    #[test]
+    fn not_before_is_checked_with_the_leeway() {
+        let auth = hs256(None, None);
+        let now = jsonwebtoken::get_current_timestamp();
+        assert_eq!(
+            verdict(&auth, serde_json::json!({ "nbf": now + 86_400 })),
+            Err("the token is not valid yet (nbf)".to_owned())
+        );
+        assert_eq!(
+            verdict(&auth, serde_json::json!({ "nbf": now + JWT_LEEWAY_SECONDS + 60 })),
+            Err("the token is not valid yet (nbf)".to_owned())
+        );
+        assert_eq!(
+            verdict(&auth, serde_json::json!({ "nbf": now + JWT_LEEWAY_SECONDS / 2 })),
+            Ok("alice".to_owned())
+        );
+        assert_eq!(
+            verdict(&auth, serde_json::json!({ "nbf": now - 60 })),
+            Ok("alice".to_owned())
+        );
+        assert_eq!(verdict(&auth, serde_json::json!({})), Ok("alice".to_owned()));
+    }
+
+    /// Without --jwt-audience and --jwt-issuer, an identity provider's token (with `aud` and
+    /// `iss`) is accepted, whatever they say.
+    #[test]
+    fn without_the_flags_aud_and_iss_are_accepted_unchecked() {
+        let auth = hs256(None, None);
+        for claims in [
+            serde_json::json!({ "aud": "some-client-id", "iss": "https://idp.example.com" }),
+            serde_json::json!({ "aud": ["one", "two"] }),
+        ] {
+            assert_eq!(verdict(&auth, claims), Ok("alice".to_owned()));
+        }
+    }
+
+    /// With --jwt-issuer and --jwt-audience, both claims are required and must match.
+    #[test]
+    fn with_the_flags_iss_and_aud_are_required_and_checked() {
+        let auth = hs256(Some("https://idp.example.com"), Some("lockstep-user-service"));
+        let good = serde_json::json!({ "iss": "https://idp.example.com", "aud": "lockstep-user-service" });
+        assert_eq!(verdict(&auth, good), Ok("alice".to_owned()));
+        let among_others = serde_json::json!({
+            "iss": "https://idp.example.com",
+            "aud": ["lockstep-user-service", "another-api"],
+        });
+        assert_eq!(verdict(&auth, among_others), Ok("alice".to_owned()));
+        for (claims, message) in [
+            (
+                serde_json::json!({ "iss": "https://idp.example.com", "aud": "another-api" }),
+                "the token is not meant for this service (aud)",
+            ),
+            (
+                serde_json::json!({ "iss": "https://evil.example.com", "aud": "lockstep-user-service" }),
+                "the token's issuer (iss) is not the one this service accepts",
+            ),
+            (
+                serde_json::json!({ "iss": "https://idp.example.com" }),
+                "the token lacks aud",
+            ),
+            (
+                serde_json::json!({ "aud": "lockstep-user-service" }),
+                "the token lacks iss",
+            ),
+        ] {
+            assert_eq!(verdict(&auth, claims), Err(message.to_owned()));
+        }
+    }
+
+    /// The flags have environment fallbacks, and need a key to check tokens with.
+    #[test]
+    fn issuer_and_audience_flags_parse_and_need_a_key() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            end_users: EndUserSettings,
+        }
+        let flags = <Flags as clap::Parser>::try_parse_from([
+            "service",
+            "--jwt-issuer",
+            "https://idp.example.com",
+            "--jwt-audience",
+            "lockstep",
+        ])
+        .unwrap();
+        assert_eq!(flags.end_users.jwt_issuer.as_deref(), Some("https://idp.example.com"));
+        assert_eq!(flags.end_users.jwt_audience.as_deref(), Some("lockstep"));
+        let error = EndUserAuth::from_settings(&flags.end_users).unwrap_err();
+        assert!(error.contains("need --jwt-hs256-secret-file"), "{error}");
+        let help = <Flags as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(
+            help.contains("LOCKSTEP_JWT_ISSUER") && help.contains("LOCKSTEP_JWT_AUDIENCE"),
+            "{help}"
+        );
     }
 
     /// A network address needs JWT or --insecure.

@@ -77,9 +77,10 @@ pub async fn run_with_auth(
     .await
 }
 
-/// A service binary's `main` once its settings are parsed: starts logging, binds `listen`, and
-/// serves `routes` through [`run`] until SIGINT/SIGTERM. Failures go to stderr, prefixed with the
-/// binary's `name`.
+/// A service binary's `main` once its settings are parsed: survives SIGHUP (it has nothing to
+/// reload, and a fleet-wide SIGHUP meant for coordinators must not stop it), starts logging, binds
+/// `listen`, and serves `routes` through [`run`] until SIGINT/SIGTERM. Failures go to stderr,
+/// prefixed with the binary's `name`.
 pub async fn run_binary(
     name: &str,
     listen: SocketAddr,
@@ -87,6 +88,10 @@ pub async fn run_binary(
     end_user_settings: &EndUserSettings,
     routes: Router<CoordinatorConnection>,
 ) -> ExitCode {
+    if let Err(error) = lockstep::process::ignore_hangups() {
+        eprintln!("{name}: cannot catch SIGHUP, which would then stop this process: {error}");
+        return ExitCode::from(2);
+    }
     lockstep::process::init_tracing();
     let end_users = match EndUserAuth::from_settings(end_user_settings)
         .and_then(|auth| check_listen(listen, &auth, end_user_settings.insecure).map(|()| auth))

@@ -182,7 +182,8 @@ async fn on_storage(settings: &Settings, command: AdminCommand) -> Result<ExitCo
 }
 
 /// `coordinator restore PATH`: replaces the embedded store under `--data-dir` with a backup.
-/// Run it with the coordinator stopped: the running process owns the file.
+/// Refused (exit 2, naming the data dir) while a coordinator runs on it: opening the engine
+/// takes the data dir's lock, which the running process holds.
 pub async fn restore(settings: &Settings, path: &Path) -> ExitCode {
     if settings.storage_kind() != StorageKind::Embedded {
         eprintln!("coordinator restore: only the embedded store; DynamoDB restores through AWS (PITR, backups)");

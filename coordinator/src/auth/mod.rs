@@ -95,8 +95,10 @@ impl Authenticator {
         self.tokens.is_none() && !self.client_certificates
     }
 
-    /// A bearer token, when the call has one, decides; else the client certificate. The token
-    /// never appears in a status or a log line.
+    /// A bearer token, when the call has one, decides, with the roles of its line; else the
+    /// client certificate, with the roles of the `-` line of its subject's name only (none
+    /// otherwise, even when a token line has that name: see [`tokens`]). The token never
+    /// appears in a status or a log line.
     pub fn authenticate(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> Result<Caller, Status> {
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let token = value
@@ -133,7 +135,12 @@ impl Authenticator {
             let roles = self
                 .tokens
                 .as_ref()
-                .and_then(|store| store.current().by_name(&principal).map(|grant| grant.roles.clone()))
+                .and_then(|store| {
+                    store
+                        .current()
+                        .by_certificate(&principal)
+                        .map(|grant| grant.roles.clone())
+                })
                 .unwrap_or_default();
             return Ok(Caller { principal, roles });
         }

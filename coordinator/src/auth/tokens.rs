@@ -1,5 +1,5 @@
 //! Bearer tokens: the auth file (principals, their roles and the SHA-256 of their token, never
-//! the token itself), constant-time lookup, and reload on SIGHUP.
+//! the token itself), constant-time lookup, and reload (on SIGHUP, `server::answer_hangups`).
 //!
 //! The file has one principal a line, three fields separated by spaces or tabs; `#` starts a
 //! comment:
@@ -11,8 +11,12 @@
 //! order-gateway  trader         -
 //! ```
 //!
-//! A `-` hash names a principal that authenticates only with a client certificate whose
-//! subject is that name; the file gives it its roles.
+//! One rule says who gets a line's roles: a line with a hash grants them only to callers that
+//! present that token, and a `-` line only to callers whose client certificate's subject is
+//! that name. A certificate named like a token line gets nothing from it (a certificate is not a
+//! token, and whoever names a certificate after a token principal must not become it), and a
+//! token never reaches a `-` line (it has no hash to match). Names are unique in the file, so a
+//! principal is one or the other.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -155,9 +159,12 @@ impl AuthTable {
         found
     }
 
-    /// The grant named `principal` (a certificate's subject).
-    pub fn by_name(&self, principal: &Principal) -> Option<&Grant> {
-        self.grants.iter().find(|grant| &grant.principal == principal)
+    /// The certificate-only (`-`) grant named `principal`, a client certificate's subject; a
+    /// token line of that name gives a certificate nothing.
+    pub fn by_certificate(&self, principal: &Principal) -> Option<&Grant> {
+        self.grants
+            .iter()
+            .find(|grant| &grant.principal == principal && grant.digest.is_none())
     }
 }
 
@@ -199,17 +206,18 @@ impl TokenStore {
         }
     }
 
-    /// Reloads on every SIGHUP until the task is aborted.
-    pub async fn reload_on_sighup(self: Arc<Self>) {
-        let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; the auth file will not be reloaded");
-                return;
+    /// Reads the file again and takes it only if it says something else than the table in
+    /// force: for a rotation that may have happened while the coordinator was starting, whose
+    /// SIGHUP came before anything listened for it. Quiet when nothing changed.
+    pub fn reload_if_changed(&self) {
+        match read_table(&self.path) {
+            Ok(table) if table == *self.current() => {}
+            Ok(_) => {
+                self.reload().ok();
             }
-        };
-        while hangups.recv().await.is_some() {
-            self.reload().ok();
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), %error, "auth file refused; keeping the previous one");
+            }
         }
     }
 }
@@ -243,13 +251,24 @@ mod tests {
         assert_eq!(grant.roles, BTreeSet::from([Role::Trader]));
         assert!(table.by_token("0123456789abcdef-tradeR").is_none());
         assert!(table.by_token("").is_none());
-        assert_eq!(
-            table
-                .by_name(&Principal::parse("n", "gateway").unwrap())
-                .unwrap()
-                .digest,
-            None
+    }
+
+    /// A certificate gets the roles of a `-` line of its name only, never those of a token line
+    /// of that name; a token never reaches a `-` line.
+    #[test]
+    fn certificates_and_tokens_each_get_only_their_own_lines() {
+        let table = table();
+        let name = |raw: &str| Principal::parse("n", raw).unwrap();
+        let gateway = table.by_certificate(&name("gateway")).expect("the - line");
+        assert_eq!(gateway.roles, BTreeSet::from([Role::Trader]));
+        assert!(
+            table.by_certificate(&name("user-service")).is_none(),
+            "a certificate named like a token line gets nothing from it"
         );
+        assert!(table.by_certificate(&name("nobody")).is_none());
+        for token in ["-", "gateway", ""] {
+            assert!(table.by_token(token).is_none(), "{token:?}");
+        }
     }
 
     /// Bad lines are refused with the line number and the reason.

@@ -6,9 +6,14 @@
 //! transaction; dynoxide opens the file in WAL mode and leaves SQLite's default synchronous=FULL
 //! (Lockstep never calls its bulk-loading mode, which turns syncing off), so an acknowledged
 //! commit survives `kill -9` (tests/end_to_end/durability.rs).
+//!
+//! One process at a time opens a data dir: the engine holds an exclusive lock on
+//! `<data-dir>/LOCK` for its life ([`LOCK_FILE`]), so a second coordinator or an offline operator
+//! command (`restore` above all) on a live data dir is refused instead of writing beside it.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use dynoxide::Database;
 use dynoxide::actions::{
@@ -37,10 +42,69 @@ use super::{
 
 /// The SQLite file inside the data directory.
 pub const DATABASE_FILE: &str = "lockstep.sqlite3";
+/// The lock file inside the data directory: whoever opened the store holds an exclusive `flock`
+/// on it until it exits (the OS drops the lock of a process that dies, even by `kill -9`).
+pub const LOCK_FILE: &str = "LOCK";
 
 #[derive(Clone)]
 pub struct EmbeddedEngine {
     database: Database,
+    /// The data directory's lock, held as long as any clone of the engine lives; None in memory.
+    _lock: Option<Arc<DataDirLock>>,
+}
+
+/// The exclusive lock on a data directory. SQLite alone lets two processes open the same file,
+/// so without it a second coordinator would serve the same accounts beside the first (each
+/// trusting its own known-account versions and group commits), and `coordinator restore` would
+/// replace the store under a running coordinator, rolling the live service back.
+#[derive(Debug)]
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock on `data_dir` without waiting, and writes this process's id into the file
+    /// for whoever is refused next. The error names the directory and the holder.
+    fn acquire(data_dir: &Path) -> StorageResult<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|error| StorageError::Other(format!("cannot open {}: {error}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                file.read_to_string(&mut holder).ok();
+                let holder = match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (process {pid})"),
+                };
+                return Err(StorageError::Other(format!(
+                    "data dir {} is in use: another coordinator{holder} holds its lock {}; stop it first, or give \
+                     operator commands --server to reach it",
+                    data_dir.display(),
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(StorageError::Other(format!("cannot lock {}: {error}", path.display())));
+            }
+        }
+        // Only informative: the lock is the flock, not these bytes.
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "cannot write the process id into the lock file");
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 impl std::fmt::Debug for EmbeddedEngine {
@@ -50,22 +114,29 @@ impl std::fmt::Debug for EmbeddedEngine {
 }
 
 impl EmbeddedEngine {
-    /// Opens (or creates) the database file under `data_dir`.
+    /// Opens (or creates) the database file under `data_dir`, and holds the directory's lock for
+    /// as long as the engine (any clone of it) lives: refused while another process, or another
+    /// engine of this one, has it open.
     pub fn open(data_dir: &Path) -> StorageResult<Self> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| StorageError::Other(format!("cannot create data dir {}: {error}", data_dir.display())))?;
+        let lock = DataDirLock::acquire(data_dir)?;
         let path = data_dir.join(DATABASE_FILE);
         let path = path
             .to_str()
             .ok_or_else(|| StorageError::Other(format!("data dir is not UTF-8: {}", path.display())))?;
         let database = Database::new(path).map_err(map_error)?;
-        Ok(Self { database })
+        Ok(Self {
+            database,
+            _lock: Some(Arc::new(lock)),
+        })
     }
 
     /// An in-memory database, for tests that need no durability.
     pub fn in_memory() -> StorageResult<Self> {
         Ok(Self {
             database: Database::memory().map_err(map_error)?,
+            _lock: None,
         })
     }
 
