@@ -58,8 +58,6 @@ enum Ending {
         after: Box<crate::core::Account>,
         extend_until: Option<Millis>,
     },
-    /// Nothing to write and more calls wait: the refusals are answered, the lease kept as is.
-    Kept(Vec<(usize, Answer)>),
     /// Stopped with `error` before a known outcome: any round sent must be settled.
     Stopped(ServiceError),
 }
@@ -78,7 +76,6 @@ struct Round {
     transaction: model::NamedItems,
     /// The account after the round, at its next version.
     after: crate::core::Account,
-    accepted: usize,
     extend_until: Option<Millis>,
 }
 
@@ -129,11 +126,6 @@ impl TransactionCoordinator {
                 tracing::info!(lock_state, calls = answers.len(), cash = %after.cash, "batch committed");
                 answer_all(calls, &answers);
                 self.after_commit(held, *after, extend_until)
-            }
-            Ending::Kept(answers) => {
-                count_answers(&calls, &answers);
-                answer_all(calls, &answers);
-                Some(held)
             }
             Ending::Stopped(error) if sent.is_empty() => {
                 self.release(&held).await;
@@ -250,12 +242,9 @@ impl TransactionCoordinator {
                 Ok(None) => continue,
                 Err(error) => return Ending::Stopped(error),
             };
-            // Only refusals that write nothing, and more calls wait: no request at all.
-            // (On a known account even a refusal is sent: its condition confirms that the state
-            // it was decided on is still the stored one.)
-            if round.accepted == 0 && round.transaction.items.len() == 1 && round.extend_until.is_some() {
-                return Ending::Kept(round.answers);
-            }
+            // Every round is sent, refusals alone too: its condition (the lease id, or the known
+            // version) confirms that the state it was decided on is still the stored one, so no
+            // refusal rests on this coordinator's clock (issue 18).
             if let Some(CommitHook(pause)) = &self.config.before_commit {
                 pause(&held.user).await;
             }
@@ -392,7 +381,6 @@ impl TransactionCoordinator {
             answers,
             transaction,
             after,
-            accepted,
             extend_until,
         }
     }
