@@ -914,6 +914,90 @@ mod tests {
         assert!(matches!(replayed, Err(ServiceError::RefusedEarlier(_))), "{replayed:?}");
     }
 
+    /// Issue 18: a round of refusals that write nothing, while more calls wait, is still sent
+    /// (the account's conditioned update alone): storage, not this coordinator's clock, confirms
+    /// the state the refusals were decided on. 17 refusals behind a parked deposit: the parked
+    /// commit (which released the lease: nothing waited when it was decided), one acquire, a
+    /// round of 16 refusals that extends the lease, and a round of the last one. (Answered on the
+    /// clock, the round of 16 sent nothing: 3.)
+    #[tokio::test]
+    async fn a_round_of_refusals_while_calls_wait_is_confirmed_by_storage() {
+        let (coordinator, parked, go) = parked_coordinator().await;
+        let first = {
+            let coordinator = Arc::clone(&coordinator);
+            tokio::spawn(async move {
+                coordinator
+                    .mutate(&user("r"), Intent::Deposit(usd("10")), None, None)
+                    .await
+            })
+        };
+        parked.notified().await;
+        let refused: Vec<_> = (0..=super::super::BATCH_CALLS_MAX)
+            .map(|_| {
+                let coordinator = Arc::clone(&coordinator);
+                tokio::spawn(async move {
+                    coordinator
+                        .mutate(&user("r"), Intent::Withdraw(usd("50")), None, None)
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let before = coordinator.storage().requests();
+        go.notify_one();
+        first.await.unwrap().unwrap();
+        for call in refused {
+            assert!(matches!(
+                call.await.unwrap(),
+                Err(ServiceError::Rejected(Rejection::InsufficientBalance { .. }))
+            ));
+        }
+        assert_eq!(
+            coordinator.storage().requests() - before,
+            4,
+            "the parked commit, the acquire, a round of 16 refusals (sent, not answered on the clock), the last refusal's round"
+        );
+    }
+
+    /// A refusal decided under a lease that a peer (its clock ahead) took over before the round
+    /// reached storage is not final: the peer may have changed the account since the read. The
+    /// round is fenced, and the call is answered ABORTED, to be decided again on the real state.
+    #[tokio::test]
+    async fn a_refusal_under_a_lease_taken_over_is_not_final() {
+        let engine: Arc<EmbeddedEngine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let clock = ManualClock::starting_at(1_000_000);
+        let (hook, parked, go) = park_first_commit();
+        let config = CoordinatorConfig {
+            before_commit: Some(hook),
+            known_accounts: false,
+            ..CoordinatorConfig::default()
+        };
+        let slow = coordinator_on(engine.clone(), &clock, config).await;
+        let ahead = ManualClock::starting_at(1_000_000 + 60_000);
+        let peer = coordinator_on(engine, &ahead, CoordinatorConfig::default()).await;
+        peer.mutate(&user("t"), Intent::Deposit(usd("10")), None, None)
+            .await
+            .unwrap();
+        let refused = {
+            let slow = Arc::clone(&slow);
+            tokio::spawn(async move { slow.mutate(&user("t"), Intent::Withdraw(usd("50")), None, None).await })
+        };
+        parked.notified().await;
+        // The peer's clock is past the slow coordinator's lease: it takes over and deposits.
+        peer.mutate(&user("t"), Intent::Deposit(usd("100")), None, None)
+            .await
+            .unwrap();
+        go.notify_one();
+        let answer = refused.await.unwrap().unwrap_err();
+        assert_eq!(
+            answer,
+            ServiceError::LeaseLost,
+            "not 'Insufficient balance. Current: $10.00' after a deposit of 100 was acknowledged"
+        );
+        let retried = slow.mutate(&user("t"), Intent::Withdraw(usd("50")), None, None).await;
+        assert_eq!(retried.unwrap().entry.cash_after, usd("60"));
+    }
+
     /// Two calls with the same request id queued together: the second replays the first.
     #[tokio::test]
     async fn a_duplicate_request_id_in_the_queue_replays() {

@@ -41,19 +41,20 @@ impl TransactionCoordinator {
     ) {
         self.held_leases.remove(lock_id);
         let release = model::release_lease(user, lock_id);
-        if let Err(error) = retry_safe(|| self.storage.write(release.clone()))
-            .await
-            .or_else(|error| match error {
-                StorageError::ConditionFailed { .. } => Ok(()),
-                error => Err(error),
-            })
-        {
-            tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
-            metrics::unclear_commit(Settled::Unknown);
-            let unknown = ServiceError::Unavailable(format!("commit outcome unknown: {error}"));
-            answer_each(calls, &unknown);
-            return;
-        }
+        // Whether the lease was still ours at the fence: then nobody else wrote the account since
+        // it was read, and a refusal decided on that state stands. Not ours (another holder took
+        // it over, or a round of ours landed and released it): the read state may be gone.
+        let still_ours = match retry_safe(|| self.storage.write(release.clone())).await {
+            Ok(()) => true,
+            Err(StorageError::ConditionFailed { .. }) => false,
+            Err(error) => {
+                tracing::error!(%error, "commit outcome still unknown; the lease will expire by itself");
+                metrics::unclear_commit(Settled::Unknown);
+                let unknown = ServiceError::Unavailable(format!("commit outcome unknown: {error}"));
+                answer_each(calls, &unknown);
+                return;
+            }
+        };
         let landed = match self.landed_round(&sent).await {
             Ok(landed) => landed,
             Err(error) => {
@@ -79,16 +80,21 @@ impl TransactionCoordinator {
             other => other,
         };
         let last = sent.last().map(|round| round.answers.as_slice()).unwrap_or_default();
-        let decided_on_stored_state = decided_on_stored_state(last);
+        let decided_on_stored_state = if still_ours {
+            decided_on_stored_state(last)
+        } else {
+            Vec::new()
+        };
         for (id, waiter) in calls {
             let answer_in = |answers: &[(usize, Answer)]| answer_to(answers, id).cloned();
             let result = match (landed.map(|round| answer_in(&round.answers)), answer_in(last)) {
                 (Some(Some(answer)), _) => answer.into_result(),
                 // Not applied: a refusal without a record stands (a trade's FAILED order is
                 // written now, on its own) when it was decided on the state as stored, before
-                // any accepted call of the round; one decided after an accepted call rested on
-                // a state that never existed, so it did not happen either. Anything else did
-                // not happen.
+                // any accepted call of the round, under a lease still ours at the fence; one
+                // decided after an accepted call rested on a state that never existed, and one
+                // under a lease taken over on a state that may have changed since, so neither
+                // is an answer. Anything else did not happen.
                 (
                     _,
                     Some(Answer::Refuse {
