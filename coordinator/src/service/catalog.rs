@@ -64,7 +64,8 @@ impl Catalog {
         if let Some(asset) = self.cached(symbol).filter(|asset| asset.active) {
             return Ok(asset);
         }
-        self.refresh_if_older_than(storage, CATALOG_REFRESH_INTERVAL).await?;
+        // A refusal is final, so it never rests on the cache: read the catalog again first.
+        self.refresh_since(storage, Instant::now()).await?;
         self.cached(symbol)
             .ok_or_else(|| ServiceError::NotFound(Missing::Asset(symbol.clone())))
     }
@@ -73,6 +74,20 @@ impl Catalog {
     pub async fn refresh_if_older_than(&self, storage: &Storage, age: Duration) -> Result<(), ServiceError> {
         let mut refreshed_at = self.refreshed_at.lock().await;
         if refreshed_at.is_some_and(|at| at.elapsed() < age) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.load(storage).await?;
+        *refreshed_at = Some(started);
+        Ok(())
+    }
+
+    /// Makes sure the cache holds a load that started at or after `asked`: reloads unless such a
+    /// load already finished. Callers that ask together share one load, so a burst of refusals
+    /// costs one read, not one each.
+    pub async fn refresh_since(&self, storage: &Storage, asked: Instant) -> Result<(), ServiceError> {
+        let mut refreshed_at = self.refreshed_at.lock().await;
+        if refreshed_at.is_some_and(|at| at >= asked) {
             return Ok(());
         }
         let started = Instant::now();

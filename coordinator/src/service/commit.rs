@@ -302,13 +302,14 @@ impl TransactionCoordinator {
         let stale_refusal = operations.iter().zip(&outcome.decisions).any(|(operation, decision)| {
             matches!(operation, Operation::Trade(_)) && decision.as_ref().is_err_and(Rejection::depends_on_catalog)
         });
-        // Before refusing on a cached price, check it against the stored catalog once: another
-        // coordinator may have changed it. (An accepted trade is checked by its commit's
-        // condition instead.)
+        // Before refusing on a cached price, read the stored catalog once (a load that started
+        // after this decision, shared with other batches deciding now): another coordinator may
+        // have changed it a moment ago, and a refusal is final. (An accepted trade is checked by
+        // its commit's condition instead.)
         if stale_refusal && !*catalog_checked {
             *catalog_checked = true;
             self.catalog
-                .refresh_if_older_than(&self.storage, super::CATALOG_REFRESH_INTERVAL)
+                .refresh_since(&self.storage, tokio::time::Instant::now())
                 .await?;
             return Ok(None);
         }
@@ -996,6 +997,56 @@ mod tests {
         );
         let retried = slow.mutate(&user("t"), Intent::Withdraw(usd("50")), None, None).await;
         assert_eq!(retried.unwrap().entry.cash_after, usd("60"));
+    }
+
+    /// Issue 18: a trade is never refused on a price (or active flag) that another coordinator
+    /// changed a moment ago, however recently this coordinator's cache was loaded: the catalog
+    /// is read again before such a refusal.
+    #[tokio::test]
+    async fn a_trade_is_never_refused_on_a_catalog_another_coordinator_just_changed() {
+        let engine: Arc<EmbeddedEngine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let clock = ManualClock::starting_at(1_000_000);
+        let trader = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
+        let admin = coordinator_on(engine, &clock, CoordinatorConfig::default()).await;
+        trader
+            .deposit(&Principal::local(), &user("q"), usd("1000"), None, None)
+            .await
+            .unwrap();
+        let symbol = |raw: &str| AssetSymbol::parse("asset", raw).unwrap();
+        let asset = |raw: &str, price: &str, active| crate::core::records::Asset {
+            symbol: symbol(raw),
+            price: Price::parse("price", price).unwrap(),
+            active,
+        };
+        // SOL moves from 145.25 to 130.00; the trader's cache (loaded just now) still says 145.25.
+        admin
+            .upsert_asset(&Principal::local(), asset("SOL", "130.00", true), false)
+            .await
+            .unwrap();
+        let buy = |asset_symbol: &str, limit: Option<&str>| TradeRequest {
+            side: TradeSide::Buy,
+            asset: symbol(asset_symbol),
+            quantity: quantity("1"),
+            limit_price: limit.map(|raw| Price::parse("limit_price", raw).unwrap()),
+        };
+        let receipt = trader
+            .trade(&Principal::local(), &user("q"), buy("SOL", Some("140")), None, None)
+            .await
+            .expect("bought at the stored 130.00, not refused on the cached 145.25");
+        assert_eq!(receipt.trade.unwrap().0.price, Price::parse("price", "130").unwrap());
+        // LUNA is activated by the other coordinator: not refused as inactive from the cache.
+        admin
+            .upsert_asset(&Principal::local(), asset("LUNA", "0.0001", true), false)
+            .await
+            .unwrap();
+        let luna = TradeRequest {
+            quantity: quantity("20000"),
+            ..buy("LUNA", None)
+        };
+        trader
+            .trade(&Principal::local(), &user("q"), luna, None, None)
+            .await
+            .expect("LUNA is active in storage");
     }
 
     /// Two calls with the same request id queued together: the second replays the first.
