@@ -178,9 +178,18 @@ pub enum RecordedOutcome {
         order_id: Option<OrderId>,
         holding: Option<Quantity>,
     },
-    /// Refused under the lease (FAILED_PRECONDITION) with this message; nothing else written
-    /// except, for trades, the FAILED order.
-    Refused { message: String },
+    /// Refused under the lease with this message and code; nothing else written except, for
+    /// trades, the FAILED order. A retry gets the same code and message.
+    Refused { message: String, code: RefusalCode },
+}
+
+/// The status a recorded refusal answered with, and answers again on replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalCode {
+    /// A business rule (FAILED_PRECONDITION).
+    FailedPrecondition,
+    /// The account does not exist (NOT_FOUND).
+    NotFound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -61,11 +61,16 @@ impl Catalog {
     /// inactive (another coordinator may have added or re-activated it) and is older than
     /// `CATALOG_REFRESH_INTERVAL`.
     pub async fn asset(&self, storage: &Storage, symbol: &AssetSymbol) -> Result<Asset, ServiceError> {
-        if let Some(asset) = self.cached(symbol).filter(|asset| asset.active) {
-            return Ok(asset);
+        match self.cached(symbol) {
+            Some(asset) if asset.active => return Ok(asset),
+            // Inactive in the cache: a refusal is final, so it never rests on the cache (another
+            // coordinator may have just activated it); read the catalog again first.
+            Some(_) => self.refresh_since(storage, Instant::now()).await?,
+            // Unknown: at most one read per interval, so a flood of made-up symbols cannot turn
+            // into a flood of catalog reads. A symbol created elsewhere less than a second ago
+            // may be NOT_FOUND, which writes nothing; a retry finds it.
+            None => self.refresh_if_older_than(storage, CATALOG_REFRESH_INTERVAL).await?,
         }
-        // A refusal is final, so it never rests on the cache: read the catalog again first.
-        self.refresh_since(storage, Instant::now()).await?;
         self.cached(symbol)
             .ok_or_else(|| ServiceError::NotFound(Missing::Asset(symbol.clone())))
     }

@@ -4,7 +4,7 @@
 //! calls), and the call's answer is the refusal.
 
 use crate::core::decide::Rejection;
-use crate::core::records::{Order, OrderStatus, RecordedOutcome};
+use crate::core::records::{Order, OrderStatus, RecordedOutcome, RefusalCode};
 use crate::core::{Millis, Operation, Principal, Usd};
 
 use super::commit::{Answer, CallWrites, order_of};
@@ -24,10 +24,14 @@ impl TransactionCoordinator {
         let (intent, request_id) = (&waiter.intent, waiter.request_id.as_ref());
         tracing::info!(reason = %rejection, operation = intent.name(), "refused under the lease");
         let message = rejection.to_string();
+        let code = match rejection {
+            Rejection::AccountNotFound => RefusalCode::NotFound,
+            _ => RefusalCode::FailedPrecondition,
+        };
         let record = request_id.map(|id| {
             (
                 id.clone(),
-                self.record(intent, RecordedOutcome::Refused { message }, now),
+                self.record(intent, RecordedOutcome::Refused { message, code }, now),
             )
         });
         let order = failed_order(held, &waiter.principal, operation, rejection, now);
@@ -104,6 +108,44 @@ mod tests {
             .unwrap_err();
         assert_eq!(replayed, ServiceError::RefusedEarlier(refused.to_string()));
         assert_eq!(coordinator.account(&user("a")).await.unwrap().cash, usd("10"));
+    }
+
+    /// Issue 18: a refusal recorded as NOT_FOUND replays as NOT_FOUND with the same message, not
+    /// FAILED_PRECONDITION. A withdrawal with a request id decided before a deposit that opens
+    /// the account, in one batch, is refused "Account … not found" and recorded so.
+    #[tokio::test]
+    async fn a_replayed_not_found_keeps_its_code() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        let held = coordinator
+            .acquire(&user("nf"), "BATCH", LEASE, false, None)
+            .await
+            .unwrap();
+        let request_id = RequestId::parse_optional("request_id", "nf-1").unwrap();
+        let call = |id: usize, intent: Intent, request_id: Option<RequestId>| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let waiter = crate::service::queue::Waiter {
+                principal: crate::core::Principal::local(),
+                intent,
+                request_id,
+                state: Default::default(),
+                reply,
+                wait_until: tokio::time::Instant::now() + LEASE,
+                on_timeout: ServiceError::Busy,
+            };
+            ((id, waiter), answer)
+        };
+        let (withdrawal, refused) = call(0, Intent::Withdraw(usd("5")), request_id.clone());
+        let (deposit, deposited) = call(1, Intent::Deposit(usd("10")), None);
+        coordinator.commit_batch(held, vec![withdrawal, deposit]).await;
+        let first = refused.await.unwrap().unwrap_err();
+        assert_eq!(first, ServiceError::NotFound(Missing::Account(user("nf"))));
+        deposited.await.unwrap().unwrap();
+        let replayed = coordinator
+            .mutate(&user("nf"), Intent::Withdraw(usd("5")), request_id, None)
+            .await
+            .unwrap_err();
+        assert_eq!(replayed, first, "the same code and message");
+        assert_eq!(replayed.to_string(), "Account nf not found");
     }
 
     /// A refused trade leaves one FAILED order with its reason, and no ledger entry.

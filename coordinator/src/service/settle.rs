@@ -1,13 +1,13 @@
 //! Settle what is not known: a commit whose reply was lost or refused after a try of it may have
 //! landed, and a request id whose outcome was recorded by an earlier execution.
 
-use crate::core::records::{Order, RecordedOutcome};
+use crate::core::records::{Order, RecordedOutcome, RefusalCode};
 use crate::core::{FieldError, LeaseId, RequestId, UserId};
 use crate::storage::{StorageError, model};
 use crate::telemetry::metrics::{self, Settled};
 
 use super::commit::{Answer, Call, SentRound, answer_each, answer_to};
-use super::{Intent, Receipt, ServiceError, TransactionCoordinator, retry_safe};
+use super::{Intent, Missing, Receipt, ServiceError, TransactionCoordinator, retry_safe};
 
 /// The calls of a round decided on the account as stored: those before its first accepted call
 /// (every later one was decided on the state the accepted calls would have left).
@@ -168,7 +168,15 @@ impl TransactionCoordinator {
         }
         tracing::info!(%request_id, "replaying the recorded outcome");
         match record.outcome {
-            RecordedOutcome::Refused { message } => Err(ServiceError::RefusedEarlier(message)),
+            // The same code and message as the first execution answered.
+            RecordedOutcome::Refused {
+                code: RefusalCode::NotFound,
+                ..
+            } => Err(ServiceError::NotFound(Missing::Account(user.clone()))),
+            RecordedOutcome::Refused {
+                message,
+                code: RefusalCode::FailedPrecondition,
+            } => Err(ServiceError::RefusedEarlier(message)),
             RecordedOutcome::Committed {
                 entry_id,
                 order_id,

@@ -288,6 +288,7 @@ impl TransactionCoordinator {
                 },
                 (None, refusal) => RecordedOutcome::Refused {
                     message: refusal.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    code: crate::core::records::RefusalCode::FailedPrecondition,
                 },
             };
             let record = waiter

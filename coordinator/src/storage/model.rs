@@ -26,7 +26,7 @@ use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactIte
 use crate::core::asset_change::AssetChange;
 use crate::core::records::{
     Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, LedgerTransfer, Order, OrderStatus, RecordedOutcome,
-    RequestRecord,
+    RefusalCode, RequestRecord,
 };
 use crate::core::{
     Account, AccountState, AssetSymbol, Decision, EntryId, LeaseId, Memo, Millis, OrderId, Price, Principal, Quantity,
@@ -709,9 +709,12 @@ fn put_request_record(user: &UserId, request_id: &RequestId, record: &RequestRec
                 item.insert("holding".to_owned(), n(holding));
             }
         }
-        RecordedOutcome::Refused { message } => {
+        RecordedOutcome::Refused { message, code } => {
             item.insert("outcome".to_owned(), s("REFUSED"));
             item.insert("message".to_owned(), s(message));
+            if *code == RefusalCode::NotFound {
+                item.insert("refusal_code".to_owned(), s("NOT_FOUND"));
+            }
         }
     }
     Put {
@@ -739,6 +742,11 @@ pub fn request_record_from_item(item: &Item) -> Result<RequestRecord, MalformedI
         },
         Some("REFUSED") => RecordedOutcome::Refused {
             message: string(item, "message").unwrap_or_default().to_owned(),
+            // Records written before codes were kept were all FAILED_PRECONDITION refusals.
+            code: match string(item, "refusal_code") {
+                Some("NOT_FOUND") => RefusalCode::NotFound,
+                _ => RefusalCode::FailedPrecondition,
+            },
         },
         _ => {
             return Err(MalformedItem {
