@@ -12,8 +12,8 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::auth::layer::AuthLayer;
 use crate::auth::{Mode, Security};
+use crate::core::Clock;
 use crate::core::records::Asset;
-use crate::core::{AssetSymbol, Clock, Price};
 use crate::service::TransactionCoordinator;
 use crate::settings::{Settings, StorageKind};
 use crate::storage::dynamodb::DynamoDbEngine;
@@ -21,8 +21,7 @@ use crate::storage::embedded::EmbeddedEngine;
 use crate::storage::{Engine, Storage, StorageError};
 use crate::transport::CoordinatorService;
 
-/// The catalog seeded on first start when no --catalog is given: fixed prices, no price feed.
-pub const DEFAULT_CATALOG: &str = include_str!("../catalog.json");
+pub use crate::service::DEFAULT_CATALOG;
 /// Concurrent calls on one HTTP/2 connection; past it the client queues them itself. Together
 /// with `--max-inflight` (across connections) it bounds the work one coordinator accepts.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -43,28 +42,9 @@ pub enum StartError {
     Instance(#[from] crate::service::InstanceError),
 }
 
-#[derive(serde::Deserialize)]
-struct CatalogEntry {
-    symbol: String,
-    price: String,
-    active: bool,
-}
-
 /// Parses a catalog file: a JSON list of `{"symbol", "price", "active"}`.
 pub fn parse_catalog(json: &str) -> Result<Vec<Asset>, StartError> {
-    let entries: Vec<CatalogEntry> =
-        serde_json::from_str(json).map_err(|error| StartError::Catalog(error.to_string()))?;
-    entries
-        .into_iter()
-        .map(|entry| {
-            Ok(Asset {
-                symbol: AssetSymbol::parse("symbol", &entry.symbol)
-                    .map_err(|error| StartError::Catalog(error.to_string()))?,
-                price: Price::parse("price", &entry.price).map_err(|error| StartError::Catalog(error.to_string()))?,
-                active: entry.active,
-            })
-        })
-        .collect()
+    crate::service::parse_catalog(json).map_err(StartError::Catalog)
 }
 
 /// Opens the configured storage. The embedded engine creates its table on first start; on an
@@ -237,7 +217,13 @@ impl Beside {
         });
         let mut tasks = vec![heartbeat.abort_handle()];
         if let Some(interval) = coordinator.config().sweep_interval {
-            tasks.push(tokio::spawn(sweep_periodically(Arc::clone(coordinator), interval)).abort_handle());
+            let sweeper = crate::sweeper::sweep_periodically(
+                coordinator.storage().clone(),
+                coordinator.config().owner.clone(),
+                coordinator.clock(),
+                interval,
+            );
+            tasks.push(tokio::spawn(sweeper).abort_handle());
         }
         tasks.push(tokio::spawn(answer_hangups(security.tokens.clone())).abort_handle());
         Self(tasks)
@@ -353,61 +339,6 @@ async fn drain(
         tracing::warn!("detached mutations did not finish within the drain timeout");
     }
 }
-
-/// Runs the sweeper every `interval`, first after one interval, while this coordinator holds
-/// the sweeper lease (held for two intervals, renewed at each). Also logs the most contended
-/// users at each interval.
-async fn sweep_periodically(coordinator: Arc<TransactionCoordinator>, interval: Duration) {
-    use crate::telemetry::metrics;
-    loop {
-        tokio::time::sleep(interval).await;
-        log_contended_users();
-        let storage = coordinator.storage();
-        let owner = &coordinator.config().owner;
-        match crate::sweeper::take_sweeper_lease(storage, owner, coordinator.now(), interval * 2).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::debug!("another coordinator holds the sweeper lease; not sweeping");
-                metrics::swept("skipped", 0, 0);
-                continue;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "could not take the sweeper lease; retrying at the next interval");
-                metrics::swept("failed", 0, 0);
-                continue;
-            }
-        }
-        match crate::sweeper::sweep(storage, coordinator.now()).await {
-            Ok(report) => {
-                metrics::swept("done", report.released_leases as u64, report.deleted_records as u64);
-                tracing::info!(
-                    released_leases = report.released_leases,
-                    deleted_records = report.deleted_records,
-                    "sweep done"
-                )
-            }
-            Err(error) => {
-                metrics::swept("failed", 0, 0);
-                tracing::warn!(%error, "sweep failed; retrying at the next interval")
-            }
-        }
-    }
-}
-
-/// Users whose lease was most often found busy, logged beside each sweep.
-fn log_contended_users() {
-    let top = crate::telemetry::contention::top(CONTENDED_USERS_LOGGED);
-    if !top.is_empty() {
-        let users: Vec<String> = top
-            .iter()
-            .map(|contended| format!("{}={}", contended.user, contended.count))
-            .collect();
-        tracing::info!(contended_users = %users.join(","), "most contended users so far");
-    }
-}
-
-/// How many of the most contended users each periodic log line names.
-pub const CONTENDED_USERS_LOGGED: usize = 5;
 
 /// Resolves on SIGINT or SIGTERM; shared with the services in `clients/`.
 pub use lockstep::process::shutdown_signal;

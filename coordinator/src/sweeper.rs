@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use crate::core::Millis;
+use crate::core::{Clock, Millis};
 use crate::storage::model::{self, StoredItem};
 use crate::storage::{Key, Storage, StorageError, TransactItem};
 
@@ -154,6 +154,59 @@ async fn sweep_pausing(storage: &Storage, now: Millis, retry_pause: Duration) ->
     }
     Ok(report)
 }
+
+/// Runs the sweeper every `interval`, first after one interval, while this coordinator holds
+/// the sweeper lease (held for two intervals, renewed at each). Also logs the most contended
+/// users at each interval.
+pub async fn sweep_periodically(storage: Storage, owner: String, clock: std::sync::Arc<dyn Clock>, interval: Duration) {
+    use crate::telemetry::metrics;
+    loop {
+        tokio::time::sleep(interval).await;
+        log_contended_users();
+        match take_sweeper_lease(&storage, &owner, clock.now(), interval * 2).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!("another coordinator holds the sweeper lease; not sweeping");
+                metrics::swept("skipped", 0, 0);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not take the sweeper lease; retrying at the next interval");
+                metrics::swept("failed", 0, 0);
+                continue;
+            }
+        }
+        match sweep(&storage, clock.now()).await {
+            Ok(report) => {
+                metrics::swept("done", report.released_leases as u64, report.deleted_records as u64);
+                tracing::info!(
+                    released_leases = report.released_leases,
+                    deleted_records = report.deleted_records,
+                    "sweep done"
+                )
+            }
+            Err(error) => {
+                metrics::swept("failed", 0, 0);
+                tracing::warn!(%error, "sweep failed; retrying at the next interval")
+            }
+        }
+    }
+}
+
+/// Users whose lease was most often found busy, logged beside each sweep.
+fn log_contended_users() {
+    let top = crate::telemetry::contention::top(CONTENDED_USERS_LOGGED);
+    if !top.is_empty() {
+        let users: Vec<String> = top
+            .iter()
+            .map(|contended| format!("{}={}", contended.user, contended.count))
+            .collect();
+        tracing::info!(contended_users = %users.join(","), "most contended users so far");
+    }
+}
+
+/// How many of the most contended users each periodic log line names.
+pub const CONTENDED_USERS_LOGGED: usize = 5;
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{Missing, ServiceError, TransactionCoordinator, retry_safe};
 use crate::core::records::Asset;
-use crate::core::{AssetSymbol, Principal};
+use crate::core::{AssetSymbol, Price, Principal};
 use crate::storage::{Storage, StorageError, model};
 
 /// Pages read when loading the catalog; the catalog is a handful of assets, this is a bound
@@ -126,6 +126,31 @@ impl Catalog {
             "the catalog has more than {CATALOG_PAGES_MAX} pages of assets; refusing to serve part of it"
         )))
     }
+}
+
+/// The catalog seeded on first start when no --catalog is given: fixed prices, no price feed.
+pub const DEFAULT_CATALOG: &str = include_str!("../../catalog.json");
+
+#[derive(serde::Deserialize)]
+struct CatalogEntry {
+    symbol: String,
+    price: String,
+    active: bool,
+}
+
+/// Parses a catalog file: a JSON list of `{"symbol", "price", "active"}`; the error says why not.
+pub fn parse_catalog(json: &str) -> Result<Vec<Asset>, String> {
+    let entries: Vec<CatalogEntry> = serde_json::from_str(json).map_err(|error| error.to_string())?;
+    entries
+        .into_iter()
+        .map(|entry| {
+            Ok(Asset {
+                symbol: AssetSymbol::parse("symbol", &entry.symbol).map_err(|error| error.to_string())?,
+                price: Price::parse("price", &entry.price).map_err(|error| error.to_string())?,
+                active: entry.active,
+            })
+        })
+        .collect()
 }
 
 impl TransactionCoordinator {

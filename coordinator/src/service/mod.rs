@@ -41,7 +41,7 @@ use backon::{ExponentialBuilder, Retryable};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-pub use catalog::{CATALOG_ASSETS_MAX, CATALOG_REFRESH_INTERVAL, Catalog};
+pub use catalog::{CATALOG_ASSETS_MAX, CATALOG_REFRESH_INTERVAL, Catalog, DEFAULT_CATALOG, parse_catalog};
 pub use instance::{HEARTBEAT_INTERVAL, HEARTBEAT_TTL, InstanceError};
 pub use lease::HeldLease;
 pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
@@ -431,6 +431,11 @@ impl TransactionCoordinator {
 
     pub fn config(&self) -> &CoordinatorConfig {
         &self.config
+    }
+
+    /// This coordinator's clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
     }
 
     /// Now, by this coordinator's clock.

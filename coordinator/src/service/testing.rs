@@ -36,7 +36,7 @@ pub async fn coordinator_on(
     let storage = Storage::new(engine, "lockstep");
     storage.ensure_table().await.unwrap();
     let coordinator = TransactionCoordinator::new(storage, Arc::new(clock.clone()), config);
-    let catalog = crate::server::parse_catalog(crate::server::DEFAULT_CATALOG).unwrap();
+    let catalog = super::parse_catalog(super::DEFAULT_CATALOG).unwrap();
     coordinator.seed_catalog(&catalog).await.unwrap();
     Arc::new(coordinator)
 }
