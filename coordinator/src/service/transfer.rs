@@ -190,7 +190,7 @@ impl TransactionCoordinator {
     /// Decides and commits the transfer on the two held accounts, retried while nothing was
     /// written (a stale known account, a transaction conflict).
     async fn transfer_attempts(
-        &self,
+        self: &Arc<Self>,
         first: &mut Party,
         second: &mut Party,
         waiter: &Waiter,
@@ -200,6 +200,12 @@ impl TransactionCoordinator {
         let mut last_error = ServiceError::Internal("no commit attempted".to_owned());
         for _attempt in 0..COMMIT_ATTEMPTS_MAX {
             self.hold(first, bound).await?;
+            if second.back.is_none() {
+                // Given back below while the first account's lease was taken: borrow it again,
+                // now after the first, in the global order.
+                let lent = self.borrow(&second.user, bound).await?;
+                (second.hold, second.back) = (lent.held, Some(lent.back));
+            }
             self.hold(second, bound).await?;
             let now = self.clock.now();
             let (first_hold, second_hold) = (hold_of(first)?, hold_of(second)?);
@@ -389,10 +395,16 @@ impl TransactionCoordinator {
                     metrics::known_account_commit(metrics::KnownCommit::Stale);
                     self.known.contended(&refused.user);
                     refused.hold = None;
-                    if part == TransactionPart::Account
-                        && let Some(held) = other.hold.take()
-                    {
-                        self.release(&held).await;
+                    // The first account's lease may be waited for: nothing of the second may be
+                    // held meanwhile, neither its lease nor the loan from its queue, or two
+                    // transfers could wait on each other across coordinators.
+                    if part == TransactionPart::Account {
+                        if let Some(held) = other.hold.take() {
+                            self.release(&held).await;
+                        }
+                        if let Some(back) = other.back.take() {
+                            back.send(None).ok();
+                        }
                     }
                     last_error = ServiceError::Unavailable("transfer accounts kept changing".to_owned());
                 }
