@@ -17,4 +17,5 @@ mod python_stubs;
 mod readme;
 mod recovery;
 mod services;
+mod transfers;
 mod validation;
