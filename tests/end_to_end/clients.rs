@@ -60,7 +60,7 @@ async fn all_pages(http: &Http, address: std::net::SocketAddr, path: &str, key: 
 
 /// Takes `user`'s lease directly in storage, as another coordinator in the middle of an
 /// operation would; returns what releases it.
-async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output = ()> {
+pub(crate) async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output = ()> {
     let user = UserId::parse("user_id", user).expect("user id");
     let lease = Lease {
         lock_id: LeaseId::new_random(),

@@ -532,6 +532,45 @@ async fn opposite_transfers_through_several_coordinators(engine: EngineKind, kno
     assert_audit_clean(&app).await;
 }
 
+/// A transfer waits for its accounts in one order: while it waits for its sender (first in the
+/// order), it holds nothing of its receiver, so a deposit to the receiver is not held up. Here the
+/// sender's account is one this coordinator wrote last (known) while another coordinator holds
+/// its lease: the transfer's first commit is refused, and it must take the sender's lease with
+/// the receiver free. (With `--known-accounts false` the transfer waits for the sender's lease
+/// before it borrows the receiver, and this passes; with the default it fails: the receiver stays
+/// lent to the transfer while it waits, which is how opposite transfers through three
+/// coordinators end in a cycle broken only by a lease's expiry.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_waiting_for_its_sender_does_not_hold_its_receiver() {
+    let app = spawn_app_with(
+        EngineKind::Embedded,
+        AppOptions::default().flag("--lock-wait-ms", "3000"),
+    )
+    .await;
+    app.deposit("order-a", "100.00").await.expect("deposit order-a");
+    app.deposit("order-b", "100.00").await.expect("deposit order-b");
+    let release = crate::clients::hold_lease(&app, "order-a").await;
+    let waiting = {
+        let mut client = app.client().await;
+        tokio::spawn(async move {
+            client
+                .transfer(transfer_request("order-a", "order-b", "1.00", "", ""))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    app.deposit("order-b", "1.00").await.expect("a deposit to the receiver");
+    let took = started.elapsed();
+    release.await;
+    let transfer = waiting.await.expect("transfer task");
+    assert!(
+        took < Duration::from_millis(1000),
+        "a deposit to the receiver waited {took:?} behind a transfer waiting for its sender ({:?})",
+        transfer.map(|reply| reply.into_inner().cash_balance)
+    );
+}
+
 crate::on_every_engine!(
     a_transfer_moves_the_money,
     every_refusal_writes_nothing,
