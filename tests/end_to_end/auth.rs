@@ -155,11 +155,12 @@ async fn table(storage: &Storage) -> Vec<Item> {
     items
 }
 
-const RPCS: [&str; 11] = [
+const RPCS: [&str; 12] = [
     "Deposit",
     "Withdraw",
     "PlaceBuy",
     "PlaceSell",
+    "Transfer",
     "GetAccount",
     "GetOrder",
     "ListOrders",
@@ -203,6 +204,18 @@ async fn call(client: &mut CoordinatorClient<Channel>, rpc: &str, token: Option<
             .map(drop),
         "PlaceBuy" => client.place_buy(with_token(order(), token)).await.map(drop),
         "PlaceSell" => client.place_sell(with_token(order(), token)).await.map(drop),
+        "Transfer" => client
+            .transfer(with_token(
+                pb::TransferRequest {
+                    from_user_id: user,
+                    to_user_id: "table-payee".to_owned(),
+                    amount: "1.00".to_owned(),
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
         "GetAccount" => client
             .get_account(with_token(pb::GetAccountRequest { user_id: user }, token))
             .await
@@ -400,6 +413,72 @@ async fn every_role_against_every_rpc() {
         .changes;
     assert_eq!(changes.len(), 1, "{changes:?}");
     assert_eq!(changes[0].principal, "admin-svc");
+}
+
+/// Transfer is a trader's: a reader's or an admin's token is PERMISSION_DENIED naming the role
+/// needed and writes nothing, no token is UNAUTHENTICATED; a trader's moves the money, and both
+/// ledger entries name the trader as the principal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_trader_may_transfer() {
+    let (app, _dir) = spawn_with_tokens().await;
+    let mut client = app.client().await;
+    for user in ["payer", "payee"] {
+        let deposit = pb::DepositRequest {
+            user_id: user.to_owned(),
+            amount: "50.00".to_owned(),
+            ..Default::default()
+        };
+        client
+            .deposit(with_token(deposit, Some(TRADER_TOKEN)))
+            .await
+            .expect("deposit");
+    }
+    let request = || pb::TransferRequest {
+        from_user_id: "payer".to_owned(),
+        to_user_id: "payee".to_owned(),
+        amount: "20.00".to_owned(),
+        memo: "roles".to_owned(),
+        request_id: String::new(),
+    };
+    let before = table(&app.storage).await;
+    let denied = client
+        .transfer(with_token(request(), Some(READER_TOKEN)))
+        .await
+        .expect_err("a reader may not transfer");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert_eq!(
+        denied.message(),
+        "/lockstep.coordinator.v1.Coordinator/Transfer needs the trader role; reader-svc has reader"
+    );
+    let denied = client
+        .transfer(with_token(request(), Some(ADMIN_TOKEN)))
+        .await
+        .expect_err("nor may an admin");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied.message().contains("needs the trader role"),
+        "{}",
+        denied.message()
+    );
+    let anonymous = client
+        .transfer(with_token(request(), None))
+        .await
+        .expect_err("no token");
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+    assert_eq!(table(&app.storage).await, before, "a refused caller wrote something");
+
+    let reply = client
+        .transfer(with_token(request(), Some(TRADER_TOKEN)))
+        .await
+        .expect("a trader may transfer")
+        .into_inner();
+    assert_eq!(reply.cash_balance, "30.00");
+    for user in ["payer", "payee"] {
+        let entries = app.full_ledger_as(user, READER_TOKEN).await;
+        assert_eq!(entries.len(), 2, "{user}: {entries:?}");
+        assert_eq!(entries[0].transfer_id, reply.transfer_id, "{user}");
+        assert_eq!(entries[0].principal, "trader-svc", "{user}");
+    }
 }
 
 pub async fn tls_client(
@@ -835,7 +914,8 @@ fn jwt(
 
 /// The services behind JWT authentication, calling a coordinator that requires a trader token:
 /// a valid token of the path's user passes; expired, wrongly signed and missing tokens are 401;
-/// another user's token is 403, in the path and in the body of POST /orders.
+/// another user's token is 403, in the path (a transfer's sender too) and in the body of
+/// POST /orders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_authenticate_end_users_with_jwts() {
     let (app, dir) = spawn_with_tokens().await;
@@ -951,10 +1031,43 @@ async fn services_authenticate_end_users_with_jwts() {
     )
     .await;
     assert_eq!(own_order.data()["user_id"], "alice");
+    // A transfer is the path's user's: another user's token may not send alice's money.
+    send(
+        services.user,
+        Method::POST,
+        "/users/bob/deposit",
+        bob.clone(),
+        Some(r#"{"amount": "1.00"}"#),
+    )
+    .await
+    .data();
+    let transfer_body = Some(r#"{"to_user_id": "bob", "amount": "10.00"}"#);
+    let stolen = send(
+        services.user,
+        Method::POST,
+        "/users/alice/transfers",
+        bob.clone(),
+        transfer_body,
+    )
+    .await;
+    stolen.error(StatusCode::FORBIDDEN);
+    let sent = send(
+        services.user,
+        Method::POST,
+        "/users/alice/transfers",
+        alice.clone(),
+        transfer_body,
+    )
+    .await;
+    assert_eq!(sent.data()["to_user_id"], "bob");
     let health = send(services.user, Method::GET, "/health", None, None).await;
     assert_eq!(health.status, StatusCode::OK);
     let cash = app.full_ledger_as("alice", READER_TOKEN).await;
-    assert_eq!(cash.len(), 2, "the refusals wrote nothing: {cash:?}");
+    assert_eq!(
+        cash.len(),
+        3,
+        "deposit, buy, transfer: the refusals wrote nothing: {cash:?}"
+    );
 
     // ES256 with a public key file: the issuer's key passes, another key does not.
     let issuer = KeyPair::generate().expect("ES256 key");

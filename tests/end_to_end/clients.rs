@@ -60,7 +60,7 @@ async fn all_pages(http: &Http, address: std::net::SocketAddr, path: &str, key: 
 
 /// Takes `user`'s lease directly in storage, as another coordinator in the middle of an
 /// operation would; returns what releases it.
-async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output = ()> {
+pub(crate) async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output = ()> {
     let user = UserId::parse("user_id", user).expect("user id");
     let lease = Lease {
         lock_id: LeaseId::new_random(),
@@ -609,4 +609,159 @@ async fn unavailable_is_retried_with_the_same_request_id_and_applies_once() {
     assert_eq!(balance.data()["cash_balance"], "10.00");
     let ledger = http.get(services.user, "/users/gina/transactions").await;
     assert_eq!(ledger.data()["transactions"].as_array().map(Vec::len), Some(1));
+}
+
+/// `POST /users/{id}/transfers` sends the path's user's cash to `to_user_id`: the reply is the
+/// sender's side, the balance shows `transferred_today`, both ledgers show the transfer with its
+/// id, counterparty and memo (optional); a retry with the same Idempotency-Key applies once, and
+/// the same key with other parameters is a 400 on request_id; each refusal maps to its HTTP
+/// status (422 short of cash or over the daily limit, 404 for a receiver with no account, 400
+/// naming the field for oneself or a bad memo) and moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_transfers_through_user_service() {
+    let app = spawn_app_with(
+        EngineKind::Embedded,
+        AppOptions::default().flag("--daily-transfer-limit", "100.00"),
+    )
+    .await;
+    let services = spawn_services(app.address).await;
+    let http = Http::default();
+    http.post(services.user, "/users/hana/deposit", r#"{"amount": "200.00"}"#)
+        .await
+        .data();
+    http.post(services.user, "/users/ivan/deposit", r#"{"amount": "5.00"}"#)
+        .await
+        .data();
+    let send = |key: &'static str, body: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                services.user,
+                "/users/hana/transfers",
+                &[("Idempotency-Key", key)],
+                Some(body),
+            )
+            .await
+        }
+    };
+
+    let body = r#"{"to_user_id": "ivan", "amount": "30.00", "memo": "rent"}"#;
+    let first = send("hana-transfer-1", body).await;
+    let sent = first.data();
+    assert_eq!(
+        (
+            sent["from_user_id"].as_str(),
+            sent["to_user_id"].as_str(),
+            sent["amount"].as_str(),
+            sent["memo"].as_str(),
+            sent["cash_balance"].as_str()
+        ),
+        (Some("hana"), Some("ivan"), Some("30.00"), Some("rent"), Some("170.00"))
+    );
+    uuid::Uuid::parse_str(sent["transfer_id"].as_str().expect("transfer id")).expect("a UUID");
+    let again = send("hana-transfer-1", body).await;
+    assert_eq!(again.data(), sent, "same Idempotency-Key, same reply");
+    assert_eq!(again.header("idempotency-key"), Some("hana-transfer-1"));
+    let reused = send(
+        "hana-transfer-1",
+        r#"{"to_user_id": "ivan", "amount": "31.00", "memo": "rent"}"#,
+    )
+    .await;
+    assert_eq!(reused.error(StatusCode::BAD_REQUEST)["field"], "request_id");
+
+    // The memo is optional.
+    let plain = http
+        .post(
+            services.user,
+            "/users/hana/transfers",
+            r#"{"to_user_id": "ivan", "amount": "20.00"}"#,
+        )
+        .await;
+    assert_eq!(plain.data()["memo"], "");
+    assert!(
+        plain.header("idempotency-key").is_some(),
+        "a generated key to retry with"
+    );
+
+    let balance = http.get(services.user, "/users/hana/balance").await;
+    assert_eq!(balance.data()["cash_balance"], "150.00", "applied once, twice sent");
+    assert_eq!(balance.data()["transferred_today"], "50.00");
+    let received = http.get(services.user, "/users/ivan/balance").await;
+    assert_eq!(received.data()["cash_balance"], "55.00");
+    let ivan = http.get(services.user, "/users/ivan/transactions").await;
+    let entries = ivan.data()["transactions"].as_array().expect("transactions").clone();
+    assert_eq!(entries.len(), 3, "deposit and two transfers in: {entries:?}");
+    let older_in = &entries[1];
+    assert_eq!(older_in["kind"], "transfer_in");
+    assert_eq!(older_in["transfer_id"], sent["transfer_id"]);
+    assert_eq!(older_in["counterparty_user_id"], "hana");
+    assert_eq!(older_in["memo"], "rent");
+    assert_eq!(older_in["cash_delta"], "30.00");
+    let hana = http.get(services.user, "/users/hana/transactions?limit=1").await;
+    let newest_out = &hana.data()["transactions"][0];
+    assert_eq!(newest_out["kind"], "transfer_out");
+    assert_eq!(newest_out["cash_delta"], "-20.00");
+    assert_eq!(newest_out["counterparty_user_id"], "ivan");
+    assert_eq!(newest_out["memo"], Value::Null, "no memo");
+
+    let refusals = [
+        (
+            r#"{"to_user_id": "ivan", "amount": "150.01"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "message",
+            "Daily transfer limit exceeded. Limit: $100.00, Requested: $150.01",
+        ),
+        (
+            r#"{"to_user_id": "ivan", "amount": "60.00"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "message",
+            "Daily transfer limit exceeded. Limit: $100.00, Used today: $50.00, Requested: $60.00",
+        ),
+        (
+            r#"{"to_user_id": "ivann", "amount": "1.00"}"#,
+            StatusCode::NOT_FOUND,
+            "message",
+            "Account ivann not found",
+        ),
+        (
+            r#"{"to_user_id": "hana", "amount": "1.00"}"#,
+            StatusCode::BAD_REQUEST,
+            "field",
+            "to_user_id",
+        ),
+        (
+            r#"{"to_user_id": "ivan", "amount": "1.00", "memo": "two\nlines"}"#,
+            StatusCode::BAD_REQUEST,
+            "field",
+            "memo",
+        ),
+        (
+            r#"{"to_user_id": "ivan", "amount": 1.5}"#,
+            StatusCode::BAD_REQUEST,
+            "code",
+            "InvalidArgument",
+        ),
+    ];
+    for (body, status, key, expected) in refusals {
+        let reply = http.post(services.user, "/users/hana/transfers", body).await;
+        assert_eq!(reply.error(status)[key], expected, "{body}");
+    }
+    // Short of cash: ivan has 55.00.
+    let short = http
+        .post(
+            services.user,
+            "/users/ivan/transfers",
+            r#"{"to_user_id": "hana", "amount": "55.01"}"#,
+        )
+        .await;
+    assert_eq!(
+        short.error(StatusCode::UNPROCESSABLE_ENTITY)["message"],
+        "Insufficient balance. Current: $55.00, Required: $55.01"
+    );
+    assert_eq!(app.cash("hana").await, "150.00", "no refusal moved anything");
+    assert_eq!(app.cash("ivan").await, "55.00");
+    http.get(services.user, "/users/ivann/balance")
+        .await
+        .error(StatusCode::NOT_FOUND);
 }

@@ -41,6 +41,7 @@ async fn grpcurl_lists_describes_and_calls_without_proto_files() {
         "rpc Withdraw",
         "rpc PlaceBuy",
         "rpc PlaceSell",
+        "rpc Transfer",
         "rpc ListLedger",
     ] {
         assert!(described.contains(rpc), "{rpc} not described: {described}");

@@ -18,4 +18,5 @@ mod python_stubs;
 mod readme;
 mod recovery;
 mod services;
+mod transfers;
 mod validation;

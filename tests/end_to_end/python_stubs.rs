@@ -1,6 +1,6 @@
 //! `proto/` compiles unchanged with grpcio-tools (pinned in scripts/requirements-test.txt), and
-//! the generated Python client calls a running coordinator: Deposit, Withdraw, PlaceBuy and
-//! PlaceSell, checked by tests/python/stub_client.py.
+//! the generated Python client calls a running coordinator: Deposit, Withdraw, PlaceBuy,
+//! PlaceSell and Transfer, checked by tests/python/stub_client.py.
 
 use std::path::PathBuf;
 
@@ -61,7 +61,11 @@ async fn python_client_calls_over_tls_with_a_token() {
         .expect("ledger")
         .into_inner()
         .entries;
-    assert_eq!(entries.len(), 4, "four mutations, each applied once");
+    assert_eq!(
+        entries.len(),
+        5,
+        "five mutations (the last a transfer), each applied once"
+    );
     assert!(
         entries.iter().all(|entry| entry.principal == "trader-svc"),
         "{entries:?}"
@@ -94,8 +98,8 @@ async fn python_client_calls(app: &TestApp, environment: &[(&str, &str)]) {
     if environment.is_empty() {
         assert_eq!(
             app.full_ledger("python-stub").await.len(),
-            4,
-            "four mutations, each applied once"
+            5,
+            "five mutations (the last a transfer), each applied once"
         );
     }
 }

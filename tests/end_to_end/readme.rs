@@ -71,6 +71,15 @@ async fn readme_grpcurl_session_runs_as_written() {
         json(line, output)
     };
     assert_eq!(output_of("Coordinator/Deposit")["cashBalance"], "100.00");
+    let transfer = output_of("Coordinator/Transfer");
+    assert_eq!(
+        (&transfer["fromUserId"], &transfer["toUserId"]),
+        (&Value::from("alice"), &Value::from("bob"))
+    );
+    assert_eq!(transfer["amount"], "25.00");
+    assert_eq!(transfer["memo"], "concert tickets");
+    assert_eq!(transfer["cashBalance"], "75.00", "alice's balance after the transfer");
+    assert!(transfer["transferId"].is_string(), "{transfer}");
     assert_eq!(
         output_of("Coordinator/PlaceBuy")["order"]["status"],
         "ORDER_STATUS_CONFIRMED"
@@ -78,6 +87,7 @@ async fn readme_grpcurl_session_runs_as_written() {
     assert_eq!(output_of("Coordinator/PlaceSell")["holding"], "0.25");
     let account = output_of("Coordinator/GetAccount");
     assert_eq!(account["cashBalance"], output_of("Coordinator/Withdraw")["cashBalance"]);
+    assert_eq!(account["transferredToday"], "25.00");
     let ledger = output_of("Coordinator/ListLedger");
     assert_eq!(ledger["entries"].as_array().map(Vec::len), Some(2));
     assert!(ledger["nextPageToken"].is_string(), "a second page: {ledger}");
@@ -112,6 +122,8 @@ async fn readme_curl_session_runs_as_written() {
         buy,
         sell,
         withdraw,
+        receiver_deposit,
+        transfer,
         balance,
         ledger,
         orders,
@@ -128,8 +140,22 @@ async fn readme_curl_session_runs_as_written() {
     // 100.00 - 72.63 (0.5 × 145.25 = 72.625, a buy rounds up) + 36.31 (0.25 × 145.25 = 36.3125,
     // a sell rounds down) - 20.00.
     assert_eq!(withdraw["cash_balance"], "43.68");
-    assert_eq!(balance["cash_balance"], "43.68", "the deposit applied once");
+    assert_eq!(receiver_deposit["cash_balance"], "5.00");
+    assert_eq!(
+        (transfer["to_user_id"].as_str(), transfer["memo"].as_str()),
+        (Some("carol"), Some("lunch"))
+    );
+    assert_eq!(transfer["cash_balance"], "33.68", "the sender's balance");
+    assert_eq!(balance["cash_balance"], "33.68", "the deposit applied once");
+    assert_eq!(balance["transferred_today"], "10.00");
     assert_eq!(ledger["transactions"].as_array().map(Vec::len), Some(2));
+    let newest = &ledger["transactions"][0];
+    assert_eq!(newest["kind"], "transfer_out");
+    assert_eq!(newest["transfer_id"], transfer["transfer_id"]);
+    assert_eq!(
+        (newest["counterparty_user_id"].as_str(), newest["memo"].as_str()),
+        (Some("carol"), Some("lunch"))
+    );
     assert!(ledger["next_cursor"].is_string(), "a second page: {ledger}");
     assert_eq!(
         orders["orders"][0]["order_id"], sell["order"]["order_id"],

@@ -1,7 +1,7 @@
 """A Python client generated from proto/ by grpcio-tools calls a running coordinator.
 
-Makes Deposit, Withdraw, PlaceBuy and PlaceSell (and a refusal of each kind a caller must
-handle) and checks every reply. Exits non-zero with a message at the first mismatch.
+Makes Deposit, Withdraw, PlaceBuy, PlaceSell and Transfer (and a refusal of each kind a caller
+must handle) and checks every reply. Exits non-zero with a message at the first mismatch.
 
     python -m grpc_tools.protoc -I proto --python_out=OUT --grpc_python_out=OUT \
         proto/lockstep/coordinator/v1/coordinator.proto
@@ -100,6 +100,53 @@ def main(address):
         account = coordinator.GetAccount(pb.GetAccountRequest(user_id=USER), timeout=TIMEOUT_SECONDS)
         expect("GetAccount cash_balance", account.cash_balance, "161.87")
         expect("GetAccount holdings", [(h.asset, h.quantity) for h in account.holdings], [("SOL", "1.5")])
+
+        receiver = USER + "-receiver"
+        coordinator.Deposit(pb.DepositRequest(user_id=receiver, amount="1.00"), timeout=TIMEOUT_SECONDS)
+        transfer = pb.TransferRequest(
+            from_user_id=USER,
+            to_user_id=receiver,
+            amount="61.87",
+            memo="from Python",
+            request_id="python-transfer-1",
+        )
+        reply = coordinator.Transfer(transfer, timeout=TIMEOUT_SECONDS)
+        expect("Transfer from_user_id", reply.from_user_id, USER)
+        expect("Transfer to_user_id", reply.to_user_id, receiver)
+        expect("Transfer amount", reply.amount, "61.87")
+        expect("Transfer memo", reply.memo, "from Python")
+        expect("Transfer cash_balance (the sender's)", reply.cash_balance, "100.00")
+        expect("Transfer transfer_id is a UUID", len(reply.transfer_id), 36)
+        retried = coordinator.Transfer(transfer, timeout=TIMEOUT_SECONDS)
+        expect("Transfer retried with the same request_id", retried, reply)
+        error = expect_code(
+            "Transfer to an account that does not exist",
+            lambda: coordinator.Transfer(
+                pb.TransferRequest(from_user_id=USER, to_user_id=USER + "-typo", amount="1.00"),
+                timeout=TIMEOUT_SECONDS,
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        expect("NOT_FOUND message", error.details(), f"Account {USER}-typo not found")
+        error = expect_code(
+            "Transfer to oneself",
+            lambda: coordinator.Transfer(
+                pb.TransferRequest(from_user_id=USER, to_user_id=USER, amount="1.00"), timeout=TIMEOUT_SECONDS
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        expect("Transfer to oneself names to_user_id", error.details().split(":")[0], "to_user_id")
+
+        received = coordinator.ListLedger(pb.ListLedgerRequest(user_id=receiver, page_size=10), timeout=TIMEOUT_SECONDS)
+        newest = received.entries[0]
+        expect("receiver's entry kind", newest.kind, pb.ENTRY_KIND_TRANSFER_IN)
+        expect("receiver's entry transfer_id", newest.transfer_id, reply.transfer_id)
+        expect("receiver's entry counterparty", newest.counterparty_user_id, USER)
+        expect("receiver's entry memo", newest.memo, "from Python")
+        expect("receiver's entry cash_balance", newest.cash_balance, "62.87")
+        account = coordinator.GetAccount(pb.GetAccountRequest(user_id=USER), timeout=TIMEOUT_SECONDS)
+        expect("GetAccount cash_balance after the transfer", account.cash_balance, "100.00")
+        expect("GetAccount transferred_today", account.transferred_today, "61.87")
     print("ok")
 
 

@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `POST /users/{id}/deposit` `{"amount": "100.00"}` | Deposit |
 //! | `POST /users/{id}/withdraw` `{"amount": "25.50"}` | Withdraw |
-//! | `GET /users/{id}/balance` | GetAccount (cash and holdings) |
+//! | `POST /users/{id}/transfers` `{"to_user_id": "bob", "amount": "25.00", "memo": "rent"}` (memo optional) | Transfer from `{id}` |
+//! | `GET /users/{id}/balance` | GetAccount (cash, holdings and today's totals) |
 //! | `GET /users/{id}/transactions?cursor=&limit=` | ListLedger (newest first) |
 //! | `GET /health` | grpc.health.v1 Check |
 //!
@@ -36,7 +37,7 @@ use serde_json::{Value, json};
 #[command(
     name = "user-service",
     version,
-    about = "Lockstep user-service: deposits, withdrawals, balances over HTTP"
+    about = "Lockstep user-service: deposits, withdrawals, transfers, balances over HTTP"
 )]
 pub struct Settings {
     /// Address to serve HTTP on.
@@ -54,6 +55,7 @@ pub fn routes() -> Router<CoordinatorConnection> {
     Router::new()
         .route("/users/{id}/deposit", post(deposit))
         .route("/users/{id}/withdraw", post(withdraw))
+        .route("/users/{id}/transfers", post(transfer))
         .route("/users/{id}/balance", get(balance))
         .route("/users/{id}/transactions", get(transactions))
 }
@@ -102,6 +104,47 @@ async fn withdraw(
     ok(cash_json(reply))
 }
 
+/// A transfer from the user in the path; the end user's token must be the sender's, as for
+/// every `/users/{id}` route.
+#[derive(Deserialize)]
+struct TransferBody {
+    to_user_id: String,
+    /// USD as a decimal string, e.g. "25.00".
+    amount: String,
+    /// Optional note for both parties; absent, null and "" are all no memo.
+    #[serde(default)]
+    memo: Option<String>,
+}
+
+async fn transfer(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+    Path(user_id): Path<String>,
+    JsonBody(body): JsonBody<TransferBody>,
+) -> ApiResult<Value> {
+    let request = pb::TransferRequest {
+        from_user_id: user_id,
+        to_user_id: body.to_user_id,
+        amount: body.amount,
+        memo: body.memo.unwrap_or_default(),
+        request_id: context.request_id.clone(),
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.transfer(request).await
+        })
+        .await?;
+    ok(json!({
+        "transfer_id": reply.transfer_id,
+        "transaction_id": reply.transaction_id,
+        "from_user_id": reply.from_user_id,
+        "to_user_id": reply.to_user_id,
+        "amount": reply.amount,
+        "memo": reply.memo,
+        "cash_balance": reply.cash_balance,
+    }))
+}
+
 async fn balance(
     State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
@@ -124,6 +167,7 @@ async fn balance(
         "holdings": holdings,
         "deposited_today": account.deposited_today,
         "withdrawn_today": account.withdrawn_today,
+        "transferred_today": account.transferred_today,
     }))
 }
 
@@ -167,6 +211,9 @@ fn entry_json(entry: &pb::LedgerEntry) -> Value {
         "asset": Some(&entry.asset).filter(|asset| !asset.is_empty()),
         "quantity_delta": Some(&entry.quantity_delta).filter(|quantity| !quantity.is_empty()),
         "order_id": Some(&entry.order_id).filter(|order| !order.is_empty()),
+        "transfer_id": Some(&entry.transfer_id).filter(|transfer| !transfer.is_empty()),
+        "counterparty_user_id": Some(&entry.counterparty_user_id).filter(|user| !user.is_empty()),
+        "memo": Some(&entry.memo).filter(|memo| !memo.is_empty()),
         "cash_balance": entry.cash_balance,
         "created_at": entry.created_at,
     })
