@@ -339,7 +339,7 @@ pub async fn open_accounts(endpoints: &[String], users: &[String], seed: u64) ->
             user,
             Request::Deposit(request),
             Action::Deposit {
-                amount: Decimal::new(1000_00, 2),
+                amount: Decimal::new(100_000, 2),
             },
             request_id,
             "DEPOSIT 1000.00".into(),
