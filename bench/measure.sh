@@ -20,10 +20,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Daily limits raised to the maximum: a hot user deposits far more than $10,000 in 15 s.
+# Daily limits raised to the maximum: a hot user deposits far more than $10,000 in 15 s (and a
+# payer of the transfer runs may send more than $5,000).
 # LOCKSTEP_COORDINATOR_FLAGS adds flags to every coordinator (e.g. "--known-accounts false").
 # shellcheck disable=SC2206 # split on purpose: a list of flags
-limits=(--daily-deposit-limit 1000000 --daily-withdrawal-limit 1000000 ${LOCKSTEP_COORDINATOR_FLAGS:-})
+limits=(--daily-deposit-limit 1000000 --daily-withdrawal-limit 1000000 --daily-transfer-limit 1000000 ${LOCKSTEP_COORDINATOR_FLAGS:-})
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
 
 wait_for_port() {
@@ -114,6 +115,10 @@ run embedded-uniform-16x100 "${embedded[@]}" --callers 16 --users 100
 run embedded-uniform-64x1000 "${embedded[@]}" --callers 64 --users 1000
 run embedded-hot-16x1 "${embedded[@]}" --callers 16 --workload hot
 run embedded-design "${embedded[@]}" --workload design
+# Transfers against deposits on the same users and callers (docs/performance.md, Transfers).
+run embedded-deposit-16x100 "${embedded[@]}" --callers 16 --users 100 --withdraw-weight 0 --buy-weight 0
+run embedded-transfer-16x100 "${embedded[@]}" --callers 16 --users 100 --workload transfer
+run embedded-hot-receiver-16x100 "${embedded[@]}" --callers 16 --users 100 --workload hot-receiver
 peak_rss "$coordinator" "coordinator embedded:"
 kill "$coordinator"
 wait "$coordinator" || true

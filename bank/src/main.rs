@@ -15,9 +15,9 @@ enum Engine {
 /// The defaults of every flag: the CI run on the endpoint engine.
 const CI: BankConfig = BankConfig::ci(BankEngine::Endpoint);
 
-/// Jepsen-style bank test: random deposits, withdrawals, buys and sells with request ids, under
-/// storage faults and coordinator kills; then the audit and the history check. Without flags it
-/// is the CI run on the endpoint.
+/// Jepsen-style bank test: random deposits, withdrawals, buys, sells and transfers with request
+/// ids, under storage faults and coordinator kills; then the audit and the history check. Without
+/// flags it is the CI run on the endpoint.
 #[derive(Debug, Parser)]
 struct Arguments {
     #[arg(long, value_enum, default_value_t = Engine::Endpoint)]

@@ -7,17 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep_coordinator::audit::{AuditReport, audit};
-use lockstep_coordinator::core::records::LedgerEntry;
+use lockstep_coordinator::core::records::{EntryKind, LedgerEntry};
 use lockstep_coordinator::core::{Clock, SystemClock};
 use lockstep_coordinator::storage::dynamodb::DynamoDbEngine;
 use lockstep_coordinator::storage::embedded::EmbeddedEngine;
 use lockstep_coordinator::storage::model::{self, StoredItem};
 use lockstep_coordinator::storage::{Storage, StorageError};
+use rust_decimal::Decimal;
 
 use crate::cluster::Node;
 use crate::dynoxide_server::DynoxideServer;
 use crate::fault_proxy::{FaultConfig, FaultProxy};
-use crate::workload::{self, Operation, Outcome};
+use crate::workload::{self, Action, Operation, Outcome};
 
 /// Grace after expiry before the audit calls an unreleased lease stale: a killed coordinator's
 /// leases expire within the longest lease (25 s).
@@ -112,6 +113,8 @@ fn common_flags(auth_file: &Path) -> Vec<String> {
         "--daily-deposit-limit",
         "1000000",
         "--daily-withdrawal-limit",
+        "1000000",
+        "--daily-transfer-limit",
         "1000000",
         "--lock-wait-ms",
         "3000",
@@ -257,8 +260,8 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
     let audit_report = audit(&storage, SystemClock.now(), AUDIT_LEASE_MARGIN)
         .await
         .map_err(std::io::Error::other)?;
-    let ledger = all_ledger_entries(&storage).await.map_err(std::io::Error::other)?;
-    let (discrepancies, unknown_applied) = check_history(&history, &ledger);
+    let books = read_books(&storage).await.map_err(std::io::Error::other)?;
+    let (discrepancies, unknown_applied) = check_history(&history, &books);
     drop(dynoxide_server);
 
     let count = |matches: fn(&Outcome) -> bool| history.iter().filter(|operation| matches(&operation.outcome)).count();
@@ -320,79 +323,482 @@ fn count_injected_in_logs(nodes: &[Node]) -> std::io::Result<u64> {
     Ok(injected)
 }
 
-async fn all_ledger_entries(storage: &Storage) -> Result<Vec<LedgerEntry>, StorageError> {
-    let mut entries = Vec::new();
+/// What the table holds at the end: every ledger entry, and each open account's cash.
+#[derive(Debug, Default)]
+pub struct Books {
+    pub ledger: Vec<LedgerEntry>,
+    pub cash: BTreeMap<String, Decimal>,
+}
+
+async fn read_books(storage: &Storage) -> Result<Books, StorageError> {
+    let mut books = Books::default();
+    let malformed = |error: model::MalformedItem| StorageError::Other(error.to_string());
     let mut scan = storage.scan_table();
     while let Some(page) = scan.next_page().await? {
         for item in &page {
-            if let StoredItem::LedgerEntry { entry, .. } = model::classify(item) {
-                entries.push(entry.map_err(|error| StorageError::Other(error.to_string()))?);
+            match model::classify(item) {
+                StoredItem::LedgerEntry { entry, .. } => books.ledger.push(entry.map_err(malformed)?),
+                StoredItem::Account { user, account, .. } => {
+                    let account = account.map_err(malformed)?;
+                    if account.exists() {
+                        books.cash.insert(user, account.cash.decimal());
+                    }
+                }
+                _ => {}
             }
         }
     }
-    Ok(entries)
+    Ok(books)
+}
+
+/// One ledger entry an operation should have written: on whose account, of which kind, moving
+/// how much cash (None for a trade, whose cash the coordinator decides).
+struct Expected<'a> {
+    user: &'a str,
+    kind: EntryKind,
+    cash: Option<Decimal>,
+}
+
+/// The entries `operation` writes if it applies: one on its user, and for a transfer a
+/// TRANSFER_OUT on the sender and a TRANSFER_IN on the receiver.
+fn expected_entries(operation: &Operation) -> Vec<Expected<'_>> {
+    let on_user = |kind, cash| Expected {
+        user: &operation.user,
+        kind,
+        cash,
+    };
+    match &operation.action {
+        Action::Deposit { amount } => vec![on_user(EntryKind::Deposit, Some(*amount))],
+        Action::Withdraw { amount } => vec![on_user(EntryKind::Withdrawal, Some(-*amount))],
+        Action::Buy => vec![on_user(EntryKind::Buy, None)],
+        Action::Sell => vec![on_user(EntryKind::Sell, None)],
+        Action::Transfer { to, amount } => vec![
+            on_user(EntryKind::TransferOut, Some(-*amount)),
+            Expected {
+                user: to,
+                kind: EntryKind::TransferIn,
+                cash: Some(*amount),
+            },
+        ],
+    }
+}
+
+/// Whether `entries` are exactly what `operation` writes when it applies (and, for a transfer,
+/// one transfer naming both parties).
+fn entries_match(operation: &Operation, entries: &[&LedgerEntry]) -> bool {
+    let expected = expected_entries(operation);
+    let one_transfer = entries
+        .iter()
+        .map(|entry| entry.transfer.as_ref().map(|transfer| transfer.transfer_id.as_str()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == 1;
+    entries.len() == expected.len()
+        && one_transfer
+        && expected.iter().all(|wanted| {
+            entries.iter().any(|entry| {
+                let counterparty_ok = match (&operation.action, &entry.transfer) {
+                    (Action::Transfer { to, .. }, Some(transfer)) => {
+                        let other = if entry.kind == EntryKind::TransferOut {
+                            to
+                        } else {
+                            &operation.user
+                        };
+                        transfer.counterparty.as_str() == other
+                    }
+                    (Action::Transfer { .. }, None) => false,
+                    (_, transfer) => transfer.is_none(),
+                };
+                entry.user_id.as_str() == wanted.user
+                    && entry.kind == wanted.kind
+                    && wanted.cash.is_none_or(|cash| entry.cash_delta.decimal() == cash)
+                    && counterparty_ok
+            })
+        })
+}
+
+/// Money in and out of the bank by applied operations: deposits − withdrawals − buys + sells.
+#[derive(Debug, Default)]
+struct Flows {
+    deposits: Decimal,
+    withdrawals: Decimal,
+    buys: Decimal,
+    sells: Decimal,
 }
 
 /// The final state must be explained by the acknowledged operations plus a subset of the
-/// unknown ones: every ledger entry belongs to an ok or unknown operation, at most once; every
-/// ok operation has exactly its entry; no failed operation left one. With the audit (cash and
-/// holdings equal the ledger, nothing negative) this is the whole bank invariant.
-pub fn check_history(history: &[Operation], ledger: &[LedgerEntry]) -> (Vec<String>, usize) {
+/// unknown ones. The subset is what the ledger shows, and it must be whole: every entry belongs
+/// to an ok or unknown operation, at most once; an ok operation has all its entries (a transfer
+/// both, on the sender and on the receiver), a failed one none, an unknown one all or none. Then
+/// the books are added up from what the clients asked for: each account's cash is its opening
+/// deposit plus the amounts of the operations on it that applied, and all accounts together hold
+/// the acknowledged (and applied unknown) deposits − withdrawals − buys + sells, transfers moving
+/// money without making any. With the audit (cash and holdings equal the ledger, transfers
+/// whole, nothing negative) this is the whole bank invariant. Returns the discrepancies and how
+/// many unknown operations applied.
+pub fn check_history(history: &[Operation], books: &Books) -> (Vec<String>, usize) {
     let mut discrepancies = Vec::new();
     let operations: BTreeMap<&str, &Operation> = history
         .iter()
         .map(|operation| (operation.request_id.as_str(), operation))
         .collect();
+    // A TRANSFER_IN carries no request id (the id is the sender's): it belongs to the request of
+    // the TRANSFER_OUT with its transfer id.
+    let mut request_of_transfer: BTreeMap<&str, &str> = BTreeMap::new();
+    for entry in &books.ledger {
+        if let (EntryKind::TransferOut, Some(transfer), Some(request_id)) =
+            (entry.kind, &entry.transfer, entry.request_id.as_deref())
+        {
+            request_of_transfer.insert(transfer.transfer_id.as_str(), request_id);
+        }
+    }
     let mut entries_per_request: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
-    for entry in ledger {
+    for entry in &books.ledger {
         if entry.principal.as_str() != workload::CLIENT_PRINCIPAL {
             discrepancies.push(format!(
                 "ledger entry {} was moved by {}, not by the bank's clients",
                 entry.entry_id, entry.principal
             ));
         }
-        match entry.request_id.as_deref() {
-            Some(request_id) => entries_per_request.entry(request_id).or_default().push(entry),
-            None => discrepancies.push(format!("ledger entry {} has no request id", entry.entry_id)),
-        }
-    }
-    let mut unknown_applied = 0;
-    for (request_id, entries) in &entries_per_request {
-        let Some(operation) = operations.get(request_id) else {
-            discrepancies.push(format!("ledger entries for request {request_id}, which no client sent"));
-            continue;
+        let request_id = match (entry.kind, &entry.transfer) {
+            (EntryKind::TransferIn, Some(transfer)) => request_of_transfer.get(transfer.transfer_id.as_str()).copied(),
+            _ => entry.request_id.as_deref(),
         };
-        if entries.len() > 1 {
-            discrepancies.push(format!(
-                "request {request_id} ({}) applied {} times",
-                operation.description,
-                entries.len()
-            ));
-        }
-        match &operation.outcome {
-            Outcome::Ok { transaction_id } => {
-                if !entries.iter().any(|entry| entry.entry_id.as_str() == transaction_id) {
-                    discrepancies.push(format!(
-                        "request {request_id}: acknowledged entry {transaction_id} is not the one applied"
-                    ));
-                }
-            }
-            Outcome::Failed { code, message } => discrepancies.push(format!(
-                "request {request_id} ({}) was reported failed ({code:?}: {message}) but applied",
-                operation.description
+        match request_id {
+            Some(request_id) => entries_per_request.entry(request_id).or_default().push(entry),
+            None => discrepancies.push(format!(
+                "ledger entry {} ({} of {}) belongs to no request",
+                entry.entry_id,
+                entry.kind.as_str(),
+                entry.user_id
             )),
-            Outcome::Unknown { .. } => unknown_applied += 1,
         }
     }
+    for request_id in entries_per_request.keys() {
+        if !operations.contains_key(request_id) {
+            discrepancies.push(format!("ledger entries for request {request_id}, which no client sent"));
+        }
+    }
+
+    let mut unknown_applied = 0;
+    let mut expected_cash: BTreeMap<&str, Decimal> = BTreeMap::new();
+    let mut flows = Flows::default();
     for operation in history {
-        if let Outcome::Ok { transaction_id } = &operation.outcome
-            && !entries_per_request.contains_key(operation.request_id.as_str())
-        {
+        let request_id = operation.request_id.as_str();
+        let entries = entries_per_request
+            .get(request_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let described = format!("request {request_id} ({} by {})", operation.description, operation.user);
+        let applied = match (&operation.outcome, entries) {
+            (Outcome::Failed { .. } | Outcome::Unknown { .. }, []) => false,
+            (Outcome::Failed { code, message }, _) => {
+                discrepancies.push(format!(
+                    "{described} was reported failed ({code:?}: {message}) but applied {} entries",
+                    entries.len()
+                ));
+                continue;
+            }
+            (Outcome::Ok { transaction_id, .. }, []) => {
+                discrepancies.push(format!(
+                    "{described} was acknowledged as {transaction_id} but is not in the ledger"
+                ));
+                continue;
+            }
+            (outcome, entries) => {
+                if !entries_match(operation, entries) {
+                    let found: Vec<String> = entries
+                        .iter()
+                        .map(|entry| format!("{} {} of {}", entry.kind.as_str(), entry.cash_delta, entry.user_id))
+                        .collect();
+                    discrepancies.push(format!(
+                        "{described} applied as [{}], not as its {} whole entries (applied twice, or half)",
+                        found.join(", "),
+                        expected_entries(operation).len()
+                    ));
+                    continue;
+                }
+                if let Outcome::Ok {
+                    transaction_id,
+                    transfer_id,
+                    ..
+                } = outcome
+                {
+                    let own = entries
+                        .iter()
+                        .find(|entry| entry.user_id.as_str() == operation.user)
+                        .expect("a matching set has an entry on the operation's user");
+                    let own_transfer = own.transfer.as_ref().map(|transfer| transfer.transfer_id.to_string());
+                    if own.entry_id.as_str() != transaction_id || own_transfer != *transfer_id {
+                        discrepancies.push(format!(
+                            "{described}: acknowledged entry {transaction_id} (transfer {transfer_id:?}) is not the one applied ({}, transfer {own_transfer:?})",
+                            own.entry_id
+                        ));
+                    }
+                } else {
+                    unknown_applied += 1;
+                }
+                true
+            }
+        };
+        if !applied {
+            continue;
+        }
+        add_effects(operation, entries, &mut expected_cash, &mut flows);
+    }
+
+    for (user, cash) in &books.cash {
+        let expected = expected_cash.get(user.as_str()).copied().unwrap_or_default();
+        if *cash != expected {
             discrepancies.push(format!(
-                "request {} ({}) was acknowledged as {transaction_id} but is not in the ledger",
-                operation.request_id, operation.description
+                "account {user} holds {cash}, but the operations on it that applied explain {expected}"
             ));
         }
+    }
+    for user in expected_cash.keys() {
+        if !books.cash.contains_key(*user) {
+            discrepancies.push(format!("operations applied on {user}, which has no account"));
+        }
+    }
+    let total: Decimal = books.cash.values().sum();
+    let explained = flows.deposits - flows.withdrawals - flows.buys + flows.sells;
+    if total != explained {
+        discrepancies.push(format!(
+            "the accounts hold {total} in all, but the deposits {} − withdrawals {} − buys {} + sells {} that applied explain {explained}",
+            flows.deposits, flows.withdrawals, flows.buys, flows.sells
+        ));
     }
     (discrepancies, unknown_applied)
+}
+
+/// Adds what an applied operation did to each account's expected cash and to the bank's flows:
+/// amounts as the client asked for them; a trade's cash from its reply when acknowledged, else
+/// from its entry (the audit checks the entry against the order).
+fn add_effects<'a>(
+    operation: &'a Operation,
+    entries: &[&LedgerEntry],
+    expected_cash: &mut BTreeMap<&'a str, Decimal>,
+    flows: &mut Flows,
+) {
+    let mut credit = |user: &'a str, cash: Decimal| *expected_cash.entry(user).or_default() += cash;
+    let trade_cash = || match &operation.outcome {
+        Outcome::Ok {
+            trade_cash: Some(cash), ..
+        } => *cash,
+        _ => entries
+            .first()
+            .map(|entry| entry.cash_delta.decimal())
+            .unwrap_or_default(),
+    };
+    match &operation.action {
+        Action::Deposit { amount } => {
+            credit(&operation.user, *amount);
+            flows.deposits += amount;
+        }
+        Action::Withdraw { amount } => {
+            credit(&operation.user, -*amount);
+            flows.withdrawals += amount;
+        }
+        Action::Buy => {
+            let cash = trade_cash();
+            credit(&operation.user, cash);
+            flows.buys -= cash;
+        }
+        Action::Sell => {
+            let cash = trade_cash();
+            credit(&operation.user, cash);
+            flows.sells += cash;
+        }
+        Action::Transfer { to, amount } => {
+            credit(&operation.user, -*amount);
+            credit(to, *amount);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_coordinator::core::records::LedgerTransfer;
+    use lockstep_coordinator::core::{EntryId, Memo, Principal, TransferId, Usd, UsdDelta, UserId};
+    use tonic::Code;
+
+    use super::*;
+
+    fn decimal(raw: &str) -> Decimal {
+        raw.parse().unwrap()
+    }
+
+    fn entry(owner: &str, kind: EntryKind, delta: &str, request_id: Option<&str>) -> LedgerEntry {
+        LedgerEntry {
+            entry_id: EntryId::new(),
+            user_id: UserId::parse("user_id", owner).unwrap(),
+            kind,
+            cash_delta: UsdDelta::from_stored(delta).unwrap(),
+            cash_after: Usd::ZERO,
+            trade: None,
+            transfer: None,
+            created_at_ms: 1,
+            request_id: request_id.map(str::to_owned),
+            sequence: 1,
+            principal: Principal::parse("principal", workload::CLIENT_PRINCIPAL).unwrap(),
+        }
+    }
+
+    fn operation(request_id: &str, user: &str, action: Action, outcome: Outcome) -> Operation {
+        Operation {
+            request_id: request_id.to_owned(),
+            user: user.to_owned(),
+            action,
+            description: request_id.to_owned(),
+            outcome,
+            attempts: 1,
+        }
+    }
+
+    /// Both accounts opened with 100.00 (their deposits acknowledged).
+    fn opened() -> (Vec<Operation>, Books) {
+        let mut history = Vec::new();
+        let mut books = Books::default();
+        for user in ["ann", "bob"] {
+            let request_id = format!("open-{user}");
+            let deposit = entry(user, EntryKind::Deposit, "100.00", Some(&request_id));
+            let ok = Outcome::Ok {
+                transaction_id: deposit.entry_id.to_string(),
+                transfer_id: None,
+                trade_cash: None,
+            };
+            let amount = decimal("100.00");
+            history.push(operation(&request_id, user, Action::Deposit { amount }, ok));
+            books.ledger.push(deposit);
+            books.cash.insert(user.to_owned(), amount);
+        }
+        (history, books)
+    }
+
+    /// A transfer of 30.00 from ann to bob with request `t-1`: its two entries, and the books
+    /// after it.
+    fn transfer_entries(books: &mut Books) -> (String, String) {
+        let transfer_id = TransferId::new();
+        let transfer = |counterparty: &str| LedgerTransfer {
+            transfer_id: transfer_id.clone(),
+            counterparty: UserId::parse("counterparty", counterparty).unwrap(),
+            memo: Memo::from_stored(workload::TRANSFER_MEMO),
+        };
+        let mut out = entry("ann", EntryKind::TransferOut, "-30.00", Some("t-1"));
+        out.transfer = Some(transfer("bob"));
+        let mut into = entry("bob", EntryKind::TransferIn, "30.00", None);
+        into.transfer = Some(transfer("ann"));
+        let ids = (out.entry_id.to_string(), transfer_id.to_string());
+        books.ledger.extend([out, into]);
+        books.cash.insert("ann".to_owned(), decimal("70.00"));
+        books.cash.insert("bob".to_owned(), decimal("130.00"));
+        ids
+    }
+
+    fn transfer_action() -> Action {
+        Action::Transfer {
+            to: "bob".to_owned(),
+            amount: decimal("30.00"),
+        }
+    }
+
+    fn unknown() -> Outcome {
+        Outcome::Unknown {
+            last: "Unavailable".to_owned(),
+        }
+    }
+
+    /// An acknowledged transfer is on both ledgers and explains both balances.
+    #[test]
+    fn an_acknowledged_transfer_is_on_both_accounts() {
+        let (mut history, mut books) = opened();
+        let (transaction_id, transfer_id) = transfer_entries(&mut books);
+        let ok = Outcome::Ok {
+            transaction_id,
+            transfer_id: Some(transfer_id),
+            trade_cash: None,
+        };
+        history.push(operation("t-1", "ann", transfer_action(), ok.clone()));
+        assert_eq!(check_history(&history, &books), (vec![], 0));
+
+        // Its receiver's half lost: the transfer is half applied, the sender's cash is
+        // unexplained, and money vanished from the bank.
+        let mut half = Books {
+            ledger: books.ledger[..3].to_vec(),
+            cash: books.cash.clone(),
+        };
+        half.cash.insert("bob".to_owned(), decimal("100.00"));
+        let (found, _) = check_history(&history, &half);
+        assert!(
+            found.len() == 3 && found[0].contains("request t-1") && found[0].contains("not as its 2 whole entries"),
+            "{found:?}"
+        );
+        assert!(found[1].starts_with("account ann holds 70.00"), "{found:?}");
+        assert!(found[2].starts_with("the accounts hold 170.00 in all"), "{found:?}");
+    }
+
+    /// A failed transfer is on neither account; an unknown one on both (applied) or neither.
+    #[test]
+    fn failed_is_on_neither_and_unknown_on_both_or_neither() {
+        let failed = Outcome::Failed {
+            code: Code::FailedPrecondition,
+            message: "Insufficient balance".to_owned(),
+        };
+        let (mut history, books) = opened();
+        history.push(operation("t-1", "ann", transfer_action(), failed.clone()));
+        assert_eq!(check_history(&history, &books), (vec![], 0));
+        let (mut history, mut applied) = opened();
+        transfer_entries(&mut applied);
+        history.push(operation("t-1", "ann", transfer_action(), failed));
+        let (found, _) = check_history(&history, &applied);
+        assert!(
+            found.len() == 3 && found[0].contains("was reported failed"),
+            "{found:?}"
+        );
+        assert!(found[1].starts_with("account ann holds 70.00"), "{found:?}");
+
+        let (mut history, books) = opened();
+        history.push(operation("t-1", "ann", transfer_action(), unknown()));
+        assert_eq!(check_history(&history, &books), (vec![], 0));
+        let mut applied = Books {
+            ledger: books.ledger.clone(),
+            cash: books.cash.clone(),
+        };
+        transfer_entries(&mut applied);
+        assert_eq!(check_history(&history, &applied), (vec![], 1));
+        let mut only_in = Books {
+            ledger: applied.ledger.clone(),
+            cash: books.cash.clone(),
+        };
+        only_in.ledger.retain(|entry| entry.kind != EntryKind::TransferOut);
+        only_in.cash.insert("bob".to_owned(), decimal("130.00"));
+        let (found, _) = check_history(&history, &only_in);
+        assert!(found[0].contains("belongs to no request"), "{found:?}");
+        assert!(
+            found.iter().any(|line| line.starts_with("account bob holds 130.00")),
+            "{found:?}"
+        );
+    }
+
+    /// Balances are added up from the amounts the clients asked for, not from the ledger's deltas.
+    #[test]
+    fn a_wrong_amount_is_found() {
+        let (mut history, mut books) = opened();
+        let (transaction_id, transfer_id) = transfer_entries(&mut books);
+        let ok = Outcome::Ok {
+            transaction_id,
+            transfer_id: Some(transfer_id),
+            trade_cash: None,
+        };
+        let asked = Action::Transfer {
+            to: "bob".to_owned(),
+            amount: decimal("3.00"),
+        };
+        history.push(operation("t-1", "ann", asked, ok));
+        let (found, _) = check_history(&history, &books);
+        assert!(
+            found.len() == 3 && found[0].contains("not as its 2 whole entries"),
+            "{found:?}"
+        );
+    }
 }

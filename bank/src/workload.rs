@@ -1,10 +1,12 @@
-//! The clients: random deposits, withdrawals, buys and sells, each with its own request id,
-//! retried with that same id on UNAVAILABLE, ABORTED and deadline errors. Every operation ends
-//! in the history as ok, failed (definitely not applied) or unknown (may have applied).
+//! The clients: random deposits, withdrawals, buys, sells and transfers between the bank's users,
+//! each with its own request id, retried with that same id on UNAVAILABLE, ABORTED and deadline
+//! errors. Every operation ends in the history as ok, failed (definitely not applied) or unknown
+//! (may have applied), with what it asked for, so the verdict can add up what it should have done.
 
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+use rust_decimal::Decimal;
 
 use lockstep::coordinator::v1 as pb;
 use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
@@ -25,10 +27,38 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// (1.00) at the built-in catalog's prices (ADA 0.45, DOGE 0.12345678, SOL 145.25).
 pub const ASSETS: [&str; 3] = ["ADA", "DOGE", "SOL"];
 
+/// The memo of the workload's transfers.
+pub const TRANSFER_MEMO: &str = "bank transfer";
+
+/// What an operation asked for: the amounts a client knows before the coordinator decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Deposit {
+        amount: Decimal,
+    },
+    Withdraw {
+        amount: Decimal,
+    },
+    /// A market buy or sell: its cash is decided by the coordinator from the catalog price.
+    Buy,
+    Sell,
+    /// Cash from the operation's user to `to`.
+    Transfer {
+        to: String,
+        amount: Decimal,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The coordinator acknowledged it: applied exactly once, with this ledger entry.
-    Ok { transaction_id: String },
+    /// The coordinator acknowledged it: applied exactly once, with this ledger entry (the sender's
+    /// TRANSFER_OUT for a transfer). `transfer_id` is a transfer's; `trade_cash` the cash a trade
+    /// moved by its reply's order total (negative for a buy).
+    Ok {
+        transaction_id: String,
+        transfer_id: Option<String>,
+        trade_cash: Option<Decimal>,
+    },
     /// Definitely not applied (a business refusal, or every attempt refused before any effect).
     Failed { code: Code, message: String },
     /// Some attempt's fate is unknown and no later attempt settled it: may or may not have applied.
@@ -38,7 +68,9 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Operation {
     pub request_id: String,
+    /// The account the request id is keyed on: the sender of a transfer.
     pub user: String,
+    pub action: Action,
     pub description: String,
     pub outcome: Outcome,
     pub attempts: u32,
@@ -50,6 +82,15 @@ enum Request {
     Withdraw(pb::WithdrawRequest),
     Buy(pb::PlaceOrderRequest),
     Sell(pb::PlaceOrderRequest),
+    Transfer(pb::TransferRequest),
+}
+
+/// What an acknowledged call answered.
+#[derive(Debug, Clone)]
+struct Acknowledged {
+    transaction_id: String,
+    transfer_id: Option<String>,
+    trade_cash: Option<Decimal>,
 }
 
 /// Lazily connected channels, one per coordinator; an attempt goes to a random one, as behind
@@ -68,10 +109,17 @@ pub fn channels(endpoints: &[String]) -> Vec<CoordinatorClient<Channel>> {
         .collect()
 }
 
-fn random_request(random: &mut fastrand::Rng, user: &str, request_id: &str) -> (Request, String) {
+/// A random operation for `user`, with `request_id`; a transfer goes to another of `users`.
+fn random_request(
+    random: &mut fastrand::Rng,
+    user: &str,
+    users: &[String],
+    request_id: &str,
+) -> (Request, Action, String) {
     let cents = |random: &mut fastrand::Rng, whole: std::ops::Range<u32>| {
         format!("{}.{:02}", random.u32(whole), random.u32(0..100))
     };
+    let decimal = |amount: &str| amount.parse::<Decimal>().expect("a plain amount");
     let asset = ASSETS[random.usize(..ASSETS.len())];
     let quantity = match asset {
         // Worth 1.45 to 85.70.
@@ -88,29 +136,62 @@ fn random_request(random: &mut fastrand::Rng, user: &str, request_id: &str) -> (
         limit_price: None,
         request_id: request_id.to_owned(),
     };
-    match random.u32(0..4) {
+    let others: Vec<&String> = users.iter().filter(|other| *other != user).collect();
+    let kinds = if others.is_empty() { 4 } else { 5 };
+    match random.u32(0..kinds) {
         0 => {
             let amount = cents(random, 1..200);
             let description = format!("DEPOSIT {amount}");
+            let action = Action::Deposit {
+                amount: decimal(&amount),
+            };
             let request = pb::DepositRequest {
                 user_id: user.to_owned(),
                 amount,
                 request_id: request_id.to_owned(),
             };
-            (Request::Deposit(request), description)
+            (Request::Deposit(request), action, description)
         }
         1 => {
             let amount = cents(random, 1..150);
             let description = format!("WITHDRAW {amount}");
+            let action = Action::Withdraw {
+                amount: decimal(&amount),
+            };
             let request = pb::WithdrawRequest {
                 user_id: user.to_owned(),
                 amount,
                 request_id: request_id.to_owned(),
             };
-            (Request::Withdraw(request), description)
+            (Request::Withdraw(request), action, description)
         }
-        2 => (Request::Buy(order(&quantity)), format!("BUY {quantity} {asset}")),
-        _ => (Request::Sell(order(&quantity)), format!("SELL {quantity} {asset}")),
+        2 => (
+            Request::Buy(order(&quantity)),
+            Action::Buy,
+            format!("BUY {quantity} {asset}"),
+        ),
+        3 => (
+            Request::Sell(order(&quantity)),
+            Action::Sell,
+            format!("SELL {quantity} {asset}"),
+        ),
+        _ => {
+            let to = others[random.usize(..others.len())].clone();
+            let amount = cents(random, 1..150);
+            let description = format!("TRANSFER {amount} to {to}");
+            let action = Action::Transfer {
+                to: to.clone(),
+                amount: decimal(&amount),
+            };
+            let request = pb::TransferRequest {
+                from_user_id: user.to_owned(),
+                to_user_id: to,
+                amount,
+                memo: TRANSFER_MEMO.to_owned(),
+                request_id: request_id.to_owned(),
+            };
+            (Request::Transfer(request), action, description)
+        }
     }
 }
 
@@ -136,17 +217,37 @@ fn authorized<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-async fn send(client: &mut CoordinatorClient<Channel>, request: &Request) -> Result<String, tonic::Status> {
+async fn send(client: &mut CoordinatorClient<Channel>, request: &Request) -> Result<Acknowledged, tonic::Status> {
+    let cash = |reply: pb::CashReply| Acknowledged {
+        transaction_id: reply.transaction_id,
+        transfer_id: None,
+        trade_cash: None,
+    };
+    // A trade's cash is its order's total, out for a buy and in for a sell; a total that does not
+    // parse is left to the verdict, which then finds the trade unexplained.
+    let trade = |reply: pb::OrderReply, sign: Decimal| Acknowledged {
+        transaction_id: reply.transaction_id,
+        transfer_id: None,
+        trade_cash: reply
+            .order
+            .and_then(|order| order.total.parse::<Decimal>().ok())
+            .map(|total| total * sign),
+    };
     Ok(match request.clone() {
-        Request::Deposit(request) => client.deposit(authorized(request)).await?.into_inner().transaction_id,
-        Request::Withdraw(request) => client.withdraw(authorized(request)).await?.into_inner().transaction_id,
-        Request::Buy(request) => client.place_buy(authorized(request)).await?.into_inner().transaction_id,
-        Request::Sell(request) => {
-            client
-                .place_sell(authorized(request))
-                .await?
-                .into_inner()
-                .transaction_id
+        Request::Deposit(request) => cash(client.deposit(authorized(request)).await?.into_inner()),
+        Request::Withdraw(request) => cash(client.withdraw(authorized(request)).await?.into_inner()),
+        Request::Buy(request) => trade(
+            client.place_buy(authorized(request)).await?.into_inner(),
+            Decimal::NEGATIVE_ONE,
+        ),
+        Request::Sell(request) => trade(client.place_sell(authorized(request)).await?.into_inner(), Decimal::ONE),
+        Request::Transfer(request) => {
+            let reply = client.transfer(authorized(request)).await?.into_inner();
+            Acknowledged {
+                transaction_id: reply.transaction_id,
+                transfer_id: Some(reply.transfer_id),
+                trade_cash: None,
+            }
         }
     })
 }
@@ -157,6 +258,7 @@ async fn run_operation(
     random: &mut fastrand::Rng,
     user: &str,
     request: Request,
+    action: Action,
     request_id: String,
     description: String,
 ) -> Operation {
@@ -176,7 +278,13 @@ async fn run_operation(
         attempts += 1;
         let node = random.usize(..clients.len());
         match send(&mut clients[node], &request).await {
-            Ok(transaction_id) => break Outcome::Ok { transaction_id },
+            Ok(acknowledged) => {
+                break Outcome::Ok {
+                    transaction_id: acknowledged.transaction_id,
+                    transfer_id: acknowledged.transfer_id,
+                    trade_cash: acknowledged.trade_cash,
+                };
+            }
             Err(status) => match status.code() {
                 Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument => {
                     break Outcome::Failed {
@@ -206,6 +314,7 @@ async fn run_operation(
     Operation {
         request_id,
         user: user.to_owned(),
+        action,
         description,
         outcome,
         attempts,
@@ -229,6 +338,9 @@ pub async fn open_accounts(endpoints: &[String], users: &[String], seed: u64) ->
             &mut random,
             user,
             Request::Deposit(request),
+            Action::Deposit {
+                amount: Decimal::new(100_000, 2),
+            },
             request_id,
             "DEPOSIT 1000.00".into(),
         )
@@ -254,8 +366,17 @@ pub async fn client(
         let user = users[random.usize(..users.len())].clone();
         let request_id = format!("c{index}-{sequence}-{seed}");
         sequence += 1;
-        let (request, description) = random_request(&mut random, &user, &request_id);
-        history.push(run_operation(&mut clients, &mut random, &user, request, request_id, description).await);
+        let (request, action, description) = random_request(&mut random, &user, &users, &request_id);
+        let operation = run_operation(
+            &mut clients,
+            &mut random,
+            &user,
+            request,
+            action,
+            request_id,
+            description,
+        );
+        history.push(operation.await);
     }
     history
 }

@@ -197,6 +197,7 @@ impl Baseline {
             Operation::Deposit => LOCK_TIMEOUT_DEPOSIT_SECONDS,
             Operation::Withdraw => LOCK_TIMEOUT_WITHDRAW_SECONDS,
             Operation::Buy | Operation::Sell => LOCK_TIMEOUT_TRADE_SECONDS,
+            Operation::Transfer => unreachable!("the plan refuses the baseline with transfers"),
         };
         match self.acquire(user, &lock_id, operation, timeout).await {
             Ok(true) => {}
@@ -313,6 +314,7 @@ impl Baseline {
             Operation::Withdraw => -WITHDRAW_CENTS,
             Operation::Buy => -TRADE_CENTS,
             Operation::Sell => TRADE_CENTS,
+            Operation::Transfer => unreachable!("the plan refuses the baseline with transfers"),
         };
         if let Operation::Deposit | Operation::Withdraw = operation {
             if cash + cash_delta < 0 {

@@ -4,8 +4,9 @@
 //!
 //! # Layout
 //! - [`settings`]: the command line (clap), the one place flags and their defaults live.
-//! - [`workload`]: pure choices: which user, which operation, the amounts, the intended send
-//!   times of the open loop (fixed rate or a ramp).
+//! - [`workload`]: pure choices: which user, which operation (a transfer's payer and payee:
+//!   random pairs, or everyone paying one hot receiver), the amounts, the intended send times of
+//!   the open loop (fixed rate or a ramp).
 //! - [`load`]: the closed and open loops, the latency histogram, outcome counts, the progress bar.
 //! - [`lockstep_target`]: one call per operation through the generated gRPC client, each with a
 //!   unique `request_id`.
@@ -31,7 +32,9 @@ use crate::load::Plan;
 use crate::lockstep_target::LockstepTarget;
 use crate::report::{StorageRequests, SystemReport};
 use crate::settings::{Settings, SystemKind, WorkloadKind};
-use crate::workload::{Arrivals, DESIGN_RATE_END_PER_SECOND, DESIGN_RATE_START_PER_SECOND, Mix, Operation, Users};
+use crate::workload::{
+    Arrivals, Call, DESIGN_RATE_END_PER_SECOND, DESIGN_RATE_START_PER_SECOND, Mix, Operation, Payees, Users,
+};
 
 /// Funding calls in flight at once during setup.
 const SETUP_CONCURRENCY: usize = 16;
@@ -58,25 +61,42 @@ pub enum System {
 }
 
 impl System {
-    pub async fn call(&self, user: &str, operation: Operation) -> &'static str {
+    pub async fn call(&self, call: &Call) -> &'static str {
         match self {
-            System::Lockstep(target) => target.call(user, operation).await,
-            System::Baseline(baseline) => baseline.call(user, operation).await,
+            System::Lockstep(target) => target.call(call).await,
+            System::Baseline(baseline) => baseline.call(&call.user, call.operation).await,
         }
     }
 }
 
 /// What the settings ask for, checked.
 pub fn plan(settings: &Settings) -> Result<Plan, BenchError> {
-    let mix = Mix::new(
-        settings.deposit_weight,
-        settings.withdraw_weight,
-        settings.buy_weight,
-        settings.sell_weight,
-    )
-    .ok_or_else(|| BenchError::Settings("every operation weight is 0".to_owned()))?;
+    let weighted = || {
+        Mix::new(
+            settings.deposit_weight,
+            settings.withdraw_weight,
+            settings.buy_weight,
+            settings.sell_weight,
+        )
+        .ok_or_else(|| BenchError::Settings("every operation weight is 0".to_owned()))
+    };
+    let (mix, payees) = match settings.workload {
+        WorkloadKind::Transfer => (Mix::only(Operation::Transfer), Payees::Uniform),
+        WorkloadKind::HotReceiver => (Mix::only(Operation::Transfer), Payees::Hot),
+        WorkloadKind::Uniform | WorkloadKind::Hot | WorkloadKind::Design => (weighted()?, Payees::Uniform),
+    };
+    if mix.weight(Operation::Transfer) > 0 {
+        if settings.systems.contains(&SystemKind::Baseline) {
+            return Err(BenchError::Settings(
+                "the design's flow has no transfer: run the transfer workloads with --systems lockstep".into(),
+            ));
+        }
+        if settings.users < 2 {
+            return Err(BenchError::Settings("transfers need --users 2 or more".into()));
+        }
+    }
     let (user_count, arrivals) = match settings.workload {
-        WorkloadKind::Uniform => (settings.users, None),
+        WorkloadKind::Uniform | WorkloadKind::Transfer | WorkloadKind::HotReceiver => (settings.users, None),
         WorkloadKind::Hot => (1, None),
         WorkloadKind::Design => (
             1,
@@ -128,6 +148,7 @@ pub fn plan(settings: &Settings) -> Result<Plan, BenchError> {
             count: user_count,
         },
         mix,
+        payees,
         seed,
         in_flight_max: settings.in_flight_max,
         progress: !settings.quiet,
@@ -277,10 +298,19 @@ pub fn describe(plan: &Plan, settings: &Settings) -> String {
         Arrivals::Open { start, end } => format!("open loop, {start} → {end}/s"),
     };
     format!(
-        "{:?} workload, {} user(s), {arrivals}, {} s",
-        settings.workload, plan.users.count, settings.duration
+        "{} workload, {} user(s), {arrivals}, {} s",
+        workload_name(settings.workload),
+        plan.users.count,
+        settings.duration
     )
-    .to_lowercase()
+}
+
+/// The workload as its flag spells it (`hot-receiver`).
+fn workload_name(workload: WorkloadKind) -> String {
+    clap::ValueEnum::to_possible_value(&workload).map_or_else(
+        || format!("{workload:?}").to_lowercase(),
+        |value| value.get_name().to_owned(),
+    )
 }
 
 /// The JSON object `--json` prints.
@@ -288,7 +318,7 @@ pub fn json(settings: &Settings, reports: &[SystemReport]) -> serde_json::Value 
     let plan = plan(settings).ok();
     serde_json::json!({
         "run": plan.as_ref().map(|plan| describe(plan, settings)),
-        "workload": format!("{:?}", settings.workload).to_lowercase(),
+        "workload": workload_name(settings.workload),
         "duration_seconds": settings.duration,
         "systems": reports.iter().map(SystemReport::json).collect::<Vec<_>>(),
     })
@@ -297,6 +327,32 @@ pub fn json(settings: &Settings, reports: &[SystemReport]) -> serde_json::Value 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(arguments: &[&str]) -> Settings {
+        let all = std::iter::once("lockstep-bench").chain(arguments.iter().copied());
+        <settings::Cli as clap::Parser>::parse_from(all).settings
+    }
+
+    /// The transfer workloads send transfers only, between at least two users, and never to the
+    /// baseline, whose flow has no transfer.
+    #[test]
+    fn transfer_workloads_plan_transfers_only() {
+        for (workload, payees) in [("transfer", Payees::Uniform), ("hot-receiver", Payees::Hot)] {
+            let plan = plan(&settings(&["--workload", workload, "--users", "100"])).expect("a plan");
+            assert_eq!(
+                (plan.mix, plan.payees, plan.users.count),
+                (Mix::only(Operation::Transfer), payees, 100)
+            );
+            let refused = plan_error(&["--workload", workload, "--systems", "lockstep,baseline"]);
+            assert!(refused.contains("no transfer"), "{refused}");
+            assert!(plan_error(&["--workload", workload, "--users", "1"]).contains("--users 2"));
+        }
+        assert_eq!(plan(&settings(&[])).expect("a plan").mix.weight(Operation::Transfer), 0);
+    }
+
+    fn plan_error(arguments: &[&str]) -> String {
+        plan(&settings(arguments)).expect_err("refused").to_string()
+    }
 
     /// Funding amounts become integer units exactly; anything else is refused.
     #[test]

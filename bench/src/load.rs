@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::System;
-use crate::workload::{Arrivals, Mix, Operation, Users, intended_offset};
+use crate::workload::{Arrivals, Mix, Operation, Payees, Users, intended_offset};
 
 /// The histogram's range: 1 µs to 10 minutes, 3 significant digits.
 const LATENCY_MICROSECONDS_MAX: u64 = 600_000_000;
@@ -31,6 +31,8 @@ pub struct Plan {
     pub calls_max: Option<u64>,
     pub users: Users,
     pub mix: Mix,
+    /// Whom transfers pay.
+    pub payees: Payees,
     pub seed: u64,
     /// Open loop: calls in flight at most; past it the sender waits, and the wait counts in the
     /// latency of the calls it delays.
@@ -156,15 +158,15 @@ async fn closed_loop(system: System, plan: &Plan, callers: usize, start: Instant
         let claimed = claimed.clone();
         let users = plan.users.clone();
         let mix = plan.mix;
+        let payees = plan.payees;
         let calls_max = plan.calls_max.unwrap_or(u64::MAX);
         let mut random = fastrand::Rng::with_seed(plan.seed.wrapping_add(caller as u64));
         tasks.spawn(async move {
             while Instant::now() < end && claimed.fetch_add(1, Ordering::Relaxed) < calls_max {
-                let user = users.random(&mut random);
-                let operation = mix.random(&mut random);
+                let call = users.call(&mix, payees, &mut random);
                 let sent = Instant::now();
-                let outcome = system.call(&user, operation).await;
-                recorder.record(operation, sent.elapsed(), outcome);
+                let outcome = system.call(&call).await;
+                recorder.record(call.operation, sent.elapsed(), outcome);
             }
         });
     }
@@ -197,14 +199,13 @@ async fn open_loop(
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let user = plan.users.random(&mut random);
-        let operation = plan.mix.random(&mut random);
+        let call = plan.users.call(&plan.mix, plan.payees, &mut random);
         let system = system.clone();
         let recorder = recorder.clone();
         tasks.spawn(async move {
-            let outcome = system.call(&user, operation).await;
+            let outcome = system.call(&call).await;
             // From the intended send time: a late send is the system's delay too.
-            recorder.record(operation, intended.elapsed(), outcome);
+            recorder.record(call.operation, intended.elapsed(), outcome);
             drop(permit);
         });
         while let Some(joined) = tasks.try_join_next() {

@@ -8,7 +8,9 @@ use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::BenchError;
-use crate::workload::{DEPOSIT_AMOUNT_USD, Operation, TRADE_ASSET, TRADE_QUANTITY, WITHDRAW_AMOUNT_USD};
+use crate::workload::{
+    Call, DEPOSIT_AMOUNT_USD, Operation, TRADE_ASSET, TRADE_QUANTITY, TRANSFER_AMOUNT_USD, WITHDRAW_AMOUNT_USD,
+};
 
 /// A connection must be up within this, or the coordinator is not running.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,10 +65,11 @@ impl LockstepTarget {
         Ok(())
     }
 
-    /// Sends one operation and returns its gRPC code name (`OK`, `ABORTED`, ...).
-    pub async fn call(&self, user: &str, operation: Operation) -> &'static str {
+    /// Sends one call and returns its gRPC code name (`OK`, `ABORTED`, ...).
+    pub async fn call(&self, call: &Call) -> &'static str {
         let mut client = self.client.clone();
-        let result = match operation {
+        let user = call.user.as_str();
+        let result = match call.operation {
             Operation::Deposit => client
                 .deposit(self.request(pb::DepositRequest {
                     user_id: user.to_owned(),
@@ -89,6 +92,16 @@ impl LockstepTarget {
                 .map(drop),
             Operation::Sell => client
                 .place_sell(self.request(order(user, TRADE_QUANTITY)))
+                .await
+                .map(drop),
+            Operation::Transfer => client
+                .transfer(self.request(pb::TransferRequest {
+                    from_user_id: user.to_owned(),
+                    to_user_id: call.receiver.clone().expect("a transfer names its payee"),
+                    amount: TRANSFER_AMOUNT_USD.to_owned(),
+                    memo: String::new(),
+                    request_id: unique_request_id(),
+                }))
                 .await
                 .map(drop),
         };

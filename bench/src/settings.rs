@@ -36,6 +36,10 @@ pub enum WorkloadKind {
     Hot,
     /// The design's load test: one user, open loop ramping 30 → 50 calls per second.
     Design,
+    /// Transfers of $1.00 between uniform random pairs of --users users (the weights are ignored).
+    Transfer,
+    /// Transfers of $1.00 from --users - 1 users, uniform, all to the remaining one: a hot receiver.
+    HotReceiver,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

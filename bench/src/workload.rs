@@ -16,6 +16,9 @@ pub const TRADE_QUANTITY: &str = "0.035";
 /// The same quantity in thousandths, the baseline's unit for holdings.
 pub const TRADE_QUANTITY_THOUSANDTHS: i64 = 35;
 const _: () = assert!(TRADE_PRICE_CENTS * TRADE_QUANTITY_THOUSANDTHS / 1000 >= 100);
+/// Amount of a transfer: small, so that a payer's funding and the default daily transfer limit
+/// ($5,000.00 per sender) both last thousands of transfers.
+pub const TRANSFER_AMOUNT_USD: &str = "1.00";
 
 /// The design document's load test: one user, arrivals ramping from 30 to 50 per second.
 pub const DESIGN_RATE_START_PER_SECOND: f64 = 30.0;
@@ -27,10 +30,18 @@ pub enum Operation {
     Withdraw,
     Buy,
     Sell,
+    /// Cash from the call's user to another (see [`Payees`]).
+    Transfer,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 4] = [Operation::Deposit, Operation::Withdraw, Operation::Buy, Operation::Sell];
+    pub const ALL: [Operation; 5] = [
+        Operation::Deposit,
+        Operation::Withdraw,
+        Operation::Buy,
+        Operation::Sell,
+        Operation::Transfer,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -38,21 +49,30 @@ impl Operation {
             Operation::Withdraw => "withdraw",
             Operation::Buy => "buy",
             Operation::Sell => "sell",
+            Operation::Transfer => "transfer",
         }
     }
 }
 
-/// Relative weights of the four mutations; at least one is positive.
+/// Relative weights of the mutations; at least one is positive.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mix {
-    weights: [u32; 4],
+    weights: [u32; 5],
 }
 
 impl Mix {
-    /// The weights in the order of [`Operation::ALL`]; `None` when all are zero.
+    /// Weights of the four single-account mutations, in the order of [`Operation::ALL`], and no
+    /// transfers; `None` when all are zero.
     pub fn new(deposit: u32, withdraw: u32, buy: u32, sell: u32) -> Option<Mix> {
-        let weights = [deposit, withdraw, buy, sell];
+        let weights = [deposit, withdraw, buy, sell, 0];
         (weights.iter().map(|&weight| u64::from(weight)).sum::<u64>() > 0).then_some(Mix { weights })
+    }
+
+    /// Every call is `operation`.
+    pub fn only(operation: Operation) -> Mix {
+        let mut weights = [0; 5];
+        weights[operation as usize] = 1;
+        Mix { weights }
     }
 
     pub fn weight(&self, operation: Operation) -> u32 {
@@ -101,6 +121,54 @@ impl Users {
     pub fn random(&self, random: &mut fastrand::Rng) -> String {
         self.id(random.usize(0..self.count))
     }
+
+    /// The next call: its operation drawn from `mix`, its user uniform; a transfer's payer and
+    /// payee as `payees` says (two distinct users, so at least two users for transfers).
+    pub fn call(&self, mix: &Mix, payees: Payees, random: &mut fastrand::Rng) -> Call {
+        let operation = mix.random(random);
+        if operation != Operation::Transfer {
+            return Call {
+                user: self.random(random),
+                operation,
+                receiver: None,
+            };
+        }
+        assert!(self.count >= 2, "a transfer needs two users (checked by the plan)");
+        let (payer, payee) = match payees {
+            Payees::Uniform => {
+                let payer = random.usize(0..self.count);
+                // Uniform over the others: skip the payer's own index.
+                let other = random.usize(0..self.count - 1);
+                (payer, if other >= payer { other + 1 } else { other })
+            }
+            Payees::Hot => (random.usize(1..self.count), HOT_RECEIVER),
+        };
+        Call {
+            user: self.id(payer),
+            operation,
+            receiver: Some(self.id(payee)),
+        }
+    }
+}
+
+/// The user every transfer of the hot-receiver workload pays.
+pub const HOT_RECEIVER: usize = 0;
+
+/// Whom a transfer pays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payees {
+    /// Another user, uniform: random pairs.
+    Uniform,
+    /// Always user [`HOT_RECEIVER`]; every other user pays it.
+    Hot,
+}
+
+/// One call: on whose account, which operation, and the payee of a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub user: String,
+    pub operation: Operation,
+    pub receiver: Option<String>,
 }
 
 /// When calls are sent.
@@ -149,6 +217,35 @@ mod tests {
             [Operation::Deposit, Operation::Deposit, Operation::Buy, Operation::Sell]
         );
         assert_eq!(Mix::new(0, 0, 0, 0), None);
+    }
+
+    /// A transfer pays another user: uniform pairs are distinct and reach everyone; the hot
+    /// receiver is paid by everyone else and never pays.
+    #[test]
+    fn transfers_pay_another_user() {
+        let users = Users {
+            prefix: "u".to_owned(),
+            count: 3,
+        };
+        let mix = Mix::only(Operation::Transfer);
+        let mut random = fastrand::Rng::with_seed(7);
+        let mut pairs = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let call = users.call(&mix, Payees::Uniform, &mut random);
+            let receiver = call.receiver.expect("a payee");
+            assert_ne!(call.user, receiver);
+            pairs.insert((call.user, receiver));
+        }
+        assert_eq!(pairs.len(), 6, "every ordered pair of 3 users: {pairs:?}");
+        let mut payers = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let call = users.call(&mix, Payees::Hot, &mut random);
+            assert_eq!(call.receiver.as_deref(), Some("u0"));
+            payers.insert(call.user);
+        }
+        assert_eq!(payers.into_iter().collect::<Vec<_>>(), ["u1", "u2"]);
+        let deposit = users.call(&Mix::only(Operation::Deposit), Payees::Hot, &mut random);
+        assert_eq!((deposit.operation, deposit.receiver), (Operation::Deposit, None));
     }
 
     /// A fixed rate spaces arrivals evenly and stops at the end of the run.

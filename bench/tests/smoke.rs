@@ -156,6 +156,31 @@ async fn every_mode_runs_and_reports() {
     assert_coherent(report, "lockstep");
     assert!(report["storage_requests"]["not_counted"].is_string(), "{report}");
 
+    // Transfers, between random pairs and to one hot receiver: each call is a transfer, and the
+    // accounts funded above have the cash for every one.
+    for workload in ["transfer", "hot-receiver"] {
+        let transfers = bench(&[
+            "--target",
+            &target,
+            "--workload",
+            workload,
+            "--users",
+            "4",
+            "--callers",
+            "4",
+            "--duration",
+            "60",
+            "--calls",
+            "40",
+        ])
+        .await;
+        let report = &transfers["systems"][0];
+        assert_coherent(report, "lockstep");
+        assert_eq!(transfers["workload"], workload);
+        assert_eq!(report["operations"]["transfer"].as_u64(), Some(40), "{report}");
+        assert_eq!(report["ok"].as_u64(), Some(40), "{report}");
+    }
+
     let compared = bench(&[
         "--target",
         &target,

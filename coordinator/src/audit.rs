@@ -1,7 +1,9 @@
 //! The audit: reads every item of the table and checks the books. Cash and every holding equal
 //! the sums of the ledger; nothing is negative; each CONFIRMED order has its ledger entry and each
-//! FAILED one has none; no lease outlived its expiry by more than a margin. Read-only; used by
-//! `coordinator audit` and by the tests.
+//! FAILED one has none; every transfer has its two entries, a TRANSFER_OUT and a TRANSFER_IN
+//! naming each other, of opposite amounts; all accounts together hold what deposits, withdrawals
+//! and trades explain (transfers only move money); no lease outlived its expiry by more than a
+//! margin. Read-only; used by `coordinator audit` and by the tests.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 
-use crate::core::records::{Lease, LedgerEntry, Order, OrderStatus, RecordedOutcome};
+use crate::core::records::{EntryKind, Lease, LedgerEntry, Order, OrderStatus, RecordedOutcome};
 use crate::core::{Account, Millis, TradeSide};
 use crate::storage::model::{self, StoredItem};
 use crate::storage::{Key, Storage, StorageError};
@@ -34,6 +36,8 @@ pub struct AuditReport {
     pub orders: usize,
     pub request_records: usize,
     pub live_leases: usize,
+    /// Distinct transfer ids on ledger entries.
+    pub transfers: usize,
     pub discrepancies: Vec<String>,
 }
 
@@ -47,8 +51,8 @@ impl fmt::Display for AuditReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "audit: {} accounts, {} ledger entries, {} orders, {} request records, {} live leases",
-            self.accounts, self.ledger_entries, self.orders, self.request_records, self.live_leases
+            "audit: {} accounts, {} ledger entries, {} orders, {} request records, {} live leases, {} transfers",
+            self.accounts, self.ledger_entries, self.orders, self.request_records, self.live_leases, self.transfers
         )?;
         if self.discrepancies.is_empty() {
             return writeln!(f, "audit: OK, 0 discrepancies");
@@ -75,6 +79,17 @@ pub async fn audit(storage: &Storage, now: Millis, lease_margin: Duration) -> Re
     for (user, books) in &users {
         check_user(user, books, &orders_by_id, now, lease_margin, &mut report);
     }
+    let entries = || users.values().flat_map(|books| books.ledger.iter());
+    let transfers = check_transfers(entries());
+    report.transfers = transfers.count;
+    report.discrepancies.extend(transfers.problems);
+    let total_cash = users
+        .values()
+        .filter_map(|books| books.account.as_ref())
+        .filter(|(account, _)| account.exists())
+        .map(|(account, _)| account.cash.decimal())
+        .sum();
+    report.discrepancies.extend(check_conservation(total_cash, entries()));
     Ok(report)
 }
 
@@ -307,5 +322,344 @@ fn check_orders(
     }
     for order_id in entries_by_order.keys() {
         problems.push(format!("ledger entries for order {order_id}, which does not exist"));
+    }
+}
+
+/// What the transfer check found: how many transfers, and what is wrong with them.
+#[derive(Debug, Default)]
+struct TransferFindings {
+    count: usize,
+    problems: Vec<String>,
+}
+
+/// Every transfer id has exactly two entries: a TRANSFER_OUT on the sender taking money out and a
+/// TRANSFER_IN on the receiver putting the same amount in, each naming the other party, with one
+/// memo. A half-transfer created or destroyed money on one side only. `entries` is the whole
+/// ledger, every user's.
+fn check_transfers<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> TransferFindings {
+    let mut findings = TransferFindings::default();
+    let mut by_transfer: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
+    for entry in entries {
+        let is_transfer_kind = matches!(entry.kind, EntryKind::TransferOut | EntryKind::TransferIn);
+        match (&entry.transfer, is_transfer_kind) {
+            (Some(transfer), true) => by_transfer
+                .entry(transfer.transfer_id.as_str())
+                .or_default()
+                .push(entry),
+            (None, true) => findings.problems.push(format!(
+                "user {}: ledger entry {} is {} but carries no transfer id",
+                entry.user_id,
+                entry.entry_id,
+                entry.kind.as_str()
+            )),
+            (Some(transfer), false) => findings.problems.push(format!(
+                "user {}: ledger entry {} is {} but carries transfer id {}",
+                entry.user_id,
+                entry.entry_id,
+                entry.kind.as_str(),
+                transfer.transfer_id
+            )),
+            (None, false) => {}
+        }
+    }
+    findings.count = by_transfer.len();
+    for (transfer_id, entries) in by_transfer {
+        let of_kind = |kind: EntryKind| -> Vec<&LedgerEntry> {
+            entries.iter().copied().filter(|entry| entry.kind == kind).collect()
+        };
+        let (outs, ins) = (of_kind(EntryKind::TransferOut), of_kind(EntryKind::TransferIn));
+        let ([out], [into]) = (outs.as_slice(), ins.as_slice()) else {
+            let named: Vec<String> = entries
+                .iter()
+                .map(|entry| format!("{} of {} ({})", entry.kind.as_str(), entry.user_id, entry.entry_id))
+                .collect();
+            findings.problems.push(format!(
+                "transfer {transfer_id}: {} TRANSFER_OUT and {} TRANSFER_IN entries, not one of each: {}",
+                outs.len(),
+                ins.len(),
+                named.join(", ")
+            ));
+            continue;
+        };
+        let (out_transfer, in_transfer) = match (&out.transfer, &into.transfer) {
+            (Some(out_transfer), Some(in_transfer)) => (out_transfer, in_transfer),
+            _ => unreachable!("grouped by the transfer id they carry"),
+        };
+        let sent = out.cash_delta.decimal();
+        let received = into.cash_delta.decimal();
+        if sent >= Decimal::ZERO || received != -sent {
+            findings.problems.push(format!(
+                "transfer {transfer_id}: TRANSFER_OUT of {} moves {sent} but TRANSFER_IN of {} moves {received}",
+                out.user_id, into.user_id
+            ));
+        }
+        if out_transfer.counterparty != into.user_id || in_transfer.counterparty != out.user_id {
+            findings.problems.push(format!(
+                "transfer {transfer_id}: TRANSFER_OUT of {} names {} and TRANSFER_IN of {} names {}",
+                out.user_id, out_transfer.counterparty, into.user_id, in_transfer.counterparty
+            ));
+        }
+        if out.user_id == into.user_id {
+            findings.problems.push(format!(
+                "transfer {transfer_id}: sender and receiver are both {}",
+                out.user_id
+            ));
+        }
+        if out_transfer.memo != in_transfer.memo {
+            findings.problems.push(format!(
+                "transfer {transfer_id}: the memos differ ({:?} and {:?})",
+                out_transfer.memo.as_str(),
+                in_transfer.memo.as_str()
+            ));
+        }
+    }
+    findings
+}
+
+/// Conservation: all accounts together hold what came in and went out of the system, deposits
+/// − withdrawals − buys + sells; transfers only move money between accounts, so their entries
+/// sum to zero. `total_cash` is the sum of every open account's cash, `entries` the whole ledger.
+fn check_conservation<'a>(total_cash: Decimal, entries: impl Iterator<Item = &'a LedgerEntry>) -> Option<String> {
+    let mut by_kind: BTreeMap<&'static str, Decimal> = BTreeMap::new();
+    for entry in entries {
+        *by_kind.entry(entry.kind.as_str()).or_default() += entry.cash_delta.decimal();
+    }
+    let sum = |kind: EntryKind| by_kind.get(kind.as_str()).copied().unwrap_or_default();
+    // Money out as a positive amount (subtracted, so that none is "-0").
+    let out = |kind: EntryKind| Decimal::ZERO - sum(kind);
+    let (deposits, withdrawals) = (sum(EntryKind::Deposit), out(EntryKind::Withdrawal));
+    let (buys, sells) = (out(EntryKind::Buy), sum(EntryKind::Sell));
+    let transfers = sum(EntryKind::TransferOut) + sum(EntryKind::TransferIn);
+    let explained = deposits - withdrawals - buys + sells;
+    (total_cash != explained).then(|| {
+        format!(
+            "conservation: the accounts hold {total_cash} in all, but deposits {deposits} − withdrawals \
+             {withdrawals} − buys {buys} + sells {sells} = {explained} (transfer entries sum to {transfers})"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::core::records::LedgerTransfer;
+    use crate::core::{Clock, EntryId, Memo, Principal, SystemClock, TransferId, Usd, UsdDelta, UserId};
+    use crate::service::{CoordinatorConfig, TransactionCoordinator, TransferRequest};
+    use crate::storage::embedded::EmbeddedEngine;
+    use crate::storage::{Put, Value};
+
+    fn user(raw: &str) -> UserId {
+        UserId::parse("user_id", raw).unwrap()
+    }
+
+    fn usd(raw: &str) -> Usd {
+        Usd::parse_amount("amount", raw).unwrap()
+    }
+
+    /// A ledger entry of `kind` moving `delta` on `owner`, for a transfer when `transfer` is set.
+    fn entry(owner: &str, kind: EntryKind, delta: &str, transfer: Option<(&TransferId, &str, &str)>) -> LedgerEntry {
+        LedgerEntry {
+            entry_id: EntryId::new(),
+            user_id: user(owner),
+            kind,
+            cash_delta: UsdDelta::from_stored(delta).unwrap(),
+            cash_after: Usd::ZERO,
+            trade: None,
+            transfer: transfer.map(|(transfer_id, counterparty, memo)| LedgerTransfer {
+                transfer_id: transfer_id.clone(),
+                counterparty: user(counterparty),
+                memo: Memo::from_stored(memo),
+            }),
+            created_at_ms: 1,
+            request_id: None,
+            sequence: 1,
+            principal: Principal::local(),
+        }
+    }
+
+    /// The two entries of a transfer of `amount` from `from` to `to`.
+    fn transfer_pair(from: &str, to: &str, amount: &str) -> [LedgerEntry; 2] {
+        let transfer_id = TransferId::new();
+        [
+            entry(
+                from,
+                EntryKind::TransferOut,
+                &format!("-{amount}"),
+                Some((&transfer_id, to, "rent")),
+            ),
+            entry(to, EntryKind::TransferIn, amount, Some((&transfer_id, from, "rent"))),
+        ]
+    }
+
+    /// A whole transfer is clean; half of one, either half, is named by its transfer id.
+    #[test]
+    fn a_half_transfer_is_found() {
+        let [out, into] = transfer_pair("ann", "bob", "30.00");
+        let whole = check_transfers([&out, &into].into_iter());
+        assert_eq!((whole.count, whole.problems.len()), (1, 0), "{:?}", whole.problems);
+        for half in [&out, &into] {
+            let findings = check_transfers([half].into_iter());
+            assert_eq!(findings.count, 1);
+            let transfer_id = half.transfer.as_ref().unwrap().transfer_id.as_str();
+            assert_eq!(findings.problems.len(), 1, "{:?}", findings.problems);
+            assert!(
+                findings.problems[0].starts_with(&format!("transfer {transfer_id}: "))
+                    && findings.problems[0].contains("not one of each"),
+                "{:?}",
+                findings.problems
+            );
+        }
+        let [second_out, _] = transfer_pair("ann", "bob", "30.00");
+        let mut doubled = second_out.clone();
+        doubled.transfer = out.transfer.clone();
+        let findings = check_transfers([&out, &doubled, &into].into_iter());
+        assert!(
+            findings.problems[0].contains("2 TRANSFER_OUT and 1 TRANSFER_IN"),
+            "{:?}",
+            findings.problems
+        );
+    }
+
+    /// Entries of one transfer id must move opposite amounts, name each other, and agree on the memo.
+    #[test]
+    fn a_mismatched_pair_is_found() {
+        let problems = |out: &LedgerEntry, into: &LedgerEntry| check_transfers([out, into].into_iter()).problems;
+        let [out, into] = transfer_pair("ann", "bob", "30.00");
+
+        let mut more = into.clone();
+        more.cash_delta = UsdDelta::from_stored("31.00").unwrap();
+        let found = problems(&out, &more);
+        assert!(
+            found.len() == 1 && found[0].contains("moves -30.00 but TRANSFER_IN of bob moves 31.00"),
+            "{found:?}"
+        );
+
+        let mut elsewhere = into.clone();
+        elsewhere.user_id = user("cat");
+        let found = problems(&out, &elsewhere);
+        assert!(
+            found.len() == 1 && found[0].contains("TRANSFER_OUT of ann names bob and TRANSFER_IN of cat names ann"),
+            "{found:?}"
+        );
+
+        let mut memo = into.clone();
+        memo.transfer.as_mut().unwrap().memo = Memo::from_stored("other");
+        let found = problems(&out, &memo);
+        assert!(found.len() == 1 && found[0].contains("memos differ"), "{found:?}");
+
+        let mut untagged = out.clone();
+        untagged.transfer = None;
+        let found = check_transfers([&untagged].into_iter()).problems;
+        assert!(
+            found.len() == 1 && found[0].contains("TRANSFER_OUT but carries no transfer id"),
+            "{found:?}"
+        );
+    }
+
+    /// Transfers move money without making any: the accounts' total is deposits − withdrawals −
+    /// buys + sells, and a half-transfer breaks it.
+    #[test]
+    fn conservation_counts_deposits_withdrawals_and_trades_only() {
+        let deposit = entry("ann", EntryKind::Deposit, "100.00", None);
+        let withdrawal = entry("ann", EntryKind::Withdrawal, "-10.00", None);
+        let buy = entry("ann", EntryKind::Buy, "-5.08", None);
+        let sell = entry("ann", EntryKind::Sell, "2.54", None);
+        let [out, into] = transfer_pair("ann", "bob", "30.00");
+        let all = [&deposit, &withdrawal, &buy, &sell, &out, &into];
+        let total = Decimal::new(8746, 2);
+        assert_eq!(check_conservation(total, all.into_iter()), None);
+        let half = [&deposit, &withdrawal, &buy, &sell, &into];
+        let found = check_conservation(Decimal::new(11746, 2), half.into_iter()).expect("money from nowhere");
+        assert!(
+            found.starts_with("conservation: the accounts hold 117.46 in all, but deposits 100.00")
+                && found.contains("= 87.46 (transfer entries sum to 30.00)"),
+            "{found}"
+        );
+    }
+
+    /// Through the real books: a committed transfer audits clean. Then a TRANSFER_IN is forged
+    /// behind the coordinator's back, with the receiver's cash raised to match (so the receiver's
+    /// own books balance) and its TRANSFER_OUT never written: money from nowhere, which only the
+    /// transfer and conservation checks can see.
+    #[tokio::test]
+    async fn the_audit_finds_a_forged_half_transfer() {
+        let storage = Storage::new(Arc::new(EmbeddedEngine::in_memory().unwrap()), "lockstep");
+        storage.ensure_table().await.unwrap();
+        let coordinator = Arc::new(TransactionCoordinator::new(
+            storage.clone(),
+            Arc::new(SystemClock),
+            CoordinatorConfig::default(),
+        ));
+        let local = Principal::local();
+        for (owner, amount) in [("ann", "100.00"), ("bob", "10.00")] {
+            coordinator
+                .deposit(&local, &user(owner), usd(amount), None, None)
+                .await
+                .unwrap();
+        }
+        let request = TransferRequest {
+            from: user("ann"),
+            to: user("bob"),
+            amount: usd("30.00"),
+            memo: Memo::from_stored("rent"),
+        };
+        coordinator.transfer(&local, request, None, None).await.unwrap();
+        let margin = LEASE_MARGIN_DEFAULT;
+        let report = audit(&storage, SystemClock.now(), margin).await.unwrap();
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(
+            (report.accounts, report.ledger_entries, report.transfers),
+            (2, 4, 1),
+            "{report}"
+        );
+
+        let transfer_id = TransferId::new();
+        let entry_id = EntryId::new();
+        let key = model::ledger_key(&user("bob"), entry_id.as_str());
+        let s = |text: &str| Value::S(text.to_owned());
+        let n = |number: &str| Value::N(number.to_owned());
+        let forged_entry = BTreeMap::from([
+            ("pk".to_owned(), s(&key.pk)),
+            ("sk".to_owned(), s(&key.sk)),
+            ("entry_id".to_owned(), s(entry_id.as_str())),
+            ("user_id".to_owned(), s("bob")),
+            ("kind".to_owned(), s("TRANSFER_IN")),
+            ("cash_delta".to_owned(), n("5.00")),
+            ("cash_after".to_owned(), n("45.00")),
+            ("created_at_ms".to_owned(), n("1")),
+            ("sequence".to_owned(), n("99")),
+            ("principal".to_owned(), s("local")),
+            ("transfer_id".to_owned(), s(transfer_id.as_str())),
+            ("counterparty".to_owned(), s("ann")),
+        ]);
+        let mut forged_account = storage
+            .get(model::account_key(&user("bob")))
+            .await
+            .unwrap()
+            .expect("bob's account");
+        forged_account.insert("cash".to_owned(), n("45.00"));
+        for item in [forged_entry, forged_account] {
+            let put = Put {
+                item,
+                condition: None,
+                bindings: Default::default(),
+            };
+            storage.put(put).await.unwrap();
+        }
+        let report = audit(&storage, SystemClock.now(), margin).await.unwrap();
+        assert_eq!(report.transfers, 2, "{report}");
+        assert_eq!(report.discrepancies.len(), 2, "{report}");
+        assert_eq!(
+            report.discrepancies[0],
+            format!(
+                "transfer {transfer_id}: 0 TRANSFER_OUT and 1 TRANSFER_IN entries, not one of each: TRANSFER_IN of bob ({entry_id})"
+            )
+        );
+        assert_eq!(
+            report.discrepancies[1],
+            "conservation: the accounts hold 115.00 in all, but deposits 110.00 − withdrawals 0 − buys 0 + sells 0 = 110.00 (transfer entries sum to 5.00)"
+        );
     }
 }
