@@ -16,6 +16,7 @@ pub mod coordinator {
     }
 }
 
+mod log_filter;
 pub mod process;
 
 /// The encoded `FileDescriptorSet` of `proto/`, for gRPC server reflection.

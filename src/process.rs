@@ -4,7 +4,7 @@
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+use tracing_subscriber::{Layer, Registry};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,7 +26,7 @@ pub fn init_tracing() {
 /// `init_tracing` in the given format, with `extra` (e.g. an OpenTelemetry exporter layer)
 /// seeing every span and event the filter lets through.
 pub fn init_tracing_with(format: LogFormat, extra: Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = crate::log_filter::from_env();
     let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let lines = match format {
         LogFormat::Text => lines
@@ -48,21 +48,7 @@ pub fn init_tracing_with(format: LogFormat, extra: Box<dyn tracing_subscriber::L
 
 /// `init_tracing` in the given format.
 pub fn init_tracing_as(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .flatten_event(true)
-            .init(),
-    }
+    init_tracing_with(format, Box::new(tracing_subscriber::layer::Identity::new()));
 }
 
 /// Resolves on SIGINT or SIGTERM, whichever comes first.

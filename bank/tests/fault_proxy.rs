@@ -40,6 +40,7 @@ fn client(endpoint: &str, retry: RetryConfig) -> Client {
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+        .http_client(lockstep_coordinator::storage::dynamodb::https_client())
         .endpoint_url(endpoint)
         .retry_config(retry)
         .timeout_config(

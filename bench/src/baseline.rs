@@ -26,6 +26,7 @@ use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
 };
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 
 use crate::BenchError;
 use crate::workload::{Operation, TRADE_PRICE_CENTS, TRADE_QUANTITY_THOUSANDTHS};
@@ -104,6 +105,12 @@ impl Baseline {
                 None,
                 "lockstep-bench",
             ))
+            // The SDK's default client is off (Cargo.toml): rustls on *ring*, as the coordinator's.
+            .http_client(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(Provider::Rustls(CryptoMode::Ring))
+                    .build_https(),
+            )
             .endpoint_url(endpoint)
             .timeout_config(
                 TimeoutConfig::builder()

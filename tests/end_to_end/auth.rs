@@ -904,6 +904,8 @@ fn jwt(
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs() as i64;
+    // The services install it too; this test process signs before any service starts.
+    lockstep_client_common::jwt_ring::install();
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(algorithm),
         &serde_json::json!({ "sub": subject, "exp": now + expires_in_seconds }),

@@ -95,6 +95,7 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
 
 impl EndUserAuth {
     pub fn from_settings(settings: &EndUserSettings) -> Result<Self, String> {
+        crate::jwt_ring::install();
         let (key, algorithm) = match (
             &settings.jwt_hs256_secret_file,
             &settings.jwt_public_key_file,

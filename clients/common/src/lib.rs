@@ -18,6 +18,7 @@
 //! - [`auth`]: end users' JWTs on the services' routes (`sub` must own the user in the path
 //!   or body; 401 / 403), and the listen-address rule; the coordinator credentials (TLS, client
 //!   certificate, bearer token) are in [`coordinator`] and [`settings`].
+//! - [`jwt_ring`]: jsonwebtoken's HS256, RS256 and ES256 on *ring*, installed by [`auth`].
 //! - [`error`]: [`ApiError`], the one place a gRPC status becomes an HTTP status and JSON error.
 //! - [`server`]: what every service binary does alike: [`run`](server::run) serves a service's
 //!   routes until shutdown and drains in-flight requests; [`run_binary`](server::run_binary) is
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod coordinator;
 pub mod error;
 pub mod http;
+pub mod jwt_ring;
 pub mod server;
 pub mod settings;
 

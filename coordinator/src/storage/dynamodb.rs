@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::SharedHttpClient;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -16,6 +17,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus, TransactWriteItem,
 };
+use aws_smithy_http_client::tls;
 
 use super::translate::{Conditional, decode_item, decode_key, encode_bindings, encode_item, encode_key, engine_value};
 use super::{
@@ -48,7 +50,8 @@ impl DynamoDbEngine {
     /// An engine from the usual AWS configuration chain (AWS_* environment, profile, instance
     /// role), with an optional endpoint and region override.
     pub async fn from_environment(endpoint: Option<&str>, region: Option<&str>) -> Self {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        // The credential providers (STS, SSO, IMDS, the container endpoint) use it too.
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https_client());
         if let Some(endpoint) = endpoint {
             loader = loader.endpoint_url(endpoint);
         }
@@ -73,6 +76,7 @@ impl DynamoDbEngine {
                     None,
                     "lockstep-local",
                 ))
+                .http_client(https_client())
                 .endpoint_url(endpoint),
         )
     }
@@ -93,6 +97,16 @@ impl DynamoDbEngine {
             client: Client::from_conf(config),
         }
     }
+}
+
+/// The HTTP client of every AWS request (DynamoDB and the credential providers): HTTPS through
+/// rustls on *ring*, certificates from the platform's roots, plain HTTP for local endpoints. The
+/// SDK's default client (its `default-https-client` feature) would be the same rustls on aws-lc-rs,
+/// a large C library to build; a FIPS deployment switches back (docs/deploy.md, Build time).
+pub fn https_client() -> SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .build_https()
 }
 
 /// Error codes that mean "not now" rather than "no": throttling and server-side failures.
