@@ -146,6 +146,8 @@ impl EndUserAuth {
 
     /// Verification with `key` and `algorithm`, and the claims `settings` ask for.
     fn jwt(key: DecodingKey, algorithm: Algorithm, settings: &EndUserSettings) -> Self {
+        // Every verifier is built here, so jsonwebtoken has its ring provider before any use.
+        crate::jwt_ring::install();
         let mut validation = Validation::new(algorithm);
         validation.leeway = JWT_LEEWAY_SECONDS;
         // jsonwebtoken checks `nbf` only when asked; `exp` it checks by default.
