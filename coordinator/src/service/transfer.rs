@@ -150,17 +150,20 @@ impl TransactionCoordinator {
             party.hold = Some(known);
             return Ok(());
         }
-        let lease = self
-            .acquire(
-                &party.user,
-                "TRANSFER",
-                self.config.lease_withdraw,
-                true,
-                Some((bound.until, bound.on_timeout.clone())),
-            )
-            .await?;
-        party.hold = Some(lease);
+        party.hold = Some(self.acquire_for_transfer(&party.user, bound).await?);
         Ok(())
+    }
+
+    /// Takes `user`'s lease for a transfer: the account must exist; no longer than `bound`.
+    async fn acquire_for_transfer(&self, user: &UserId, bound: &Bound) -> Result<HeldLease, ServiceError> {
+        self.acquire(
+            user,
+            "TRANSFER",
+            self.config.lease_withdraw,
+            true,
+            Some((bound.until, bound.on_timeout.clone())),
+        )
+        .await
     }
 
     /// Borrows `user`'s account from its queue: waits behind the calls queued there (starting
@@ -446,16 +449,7 @@ impl TransactionCoordinator {
                 Some(hold) if hold.is_stored() => hold,
                 _ => {
                     self.known.forget(&party.user);
-                    match self
-                        .acquire(
-                            &party.user,
-                            "TRANSFER",
-                            self.config.lease_withdraw,
-                            true,
-                            Some((bound.until, bound.on_timeout.clone())),
-                        )
-                        .await
-                    {
+                    match self.acquire_for_transfer(&party.user, bound).await {
                         Ok(lease) => lease,
                         // Someone else holds the lease: the attempt cannot apply while it is
                         // there, and its release moves the version. Fenced as well.
