@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::decide::Decision;
+use super::decision::Decision;
 use super::ids::AssetSymbol;
 use super::money::{Quantity, Usd};
 use super::time::UtcDay;

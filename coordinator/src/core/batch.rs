@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::account::Account;
-use super::decide::{Decision, Operation, Rejection, decide};
+use super::decision::{Decision, Rejection};
 use super::ids::AssetSymbol;
 use super::limits::Limits;
 use super::money::{Quantity, Usd};
+use super::ops::{Operation, Quote, decide};
 use super::time::UtcDay;
 
 /// What a batch decides: one answer per operation, in order, and the account after all of them.
@@ -33,7 +34,12 @@ impl BatchOutcome {
 }
 
 /// Decides `operations` in order on `account` as of the UTC day `today`.
-pub fn decide_batch(account: &Account, operations: &[Operation], today: UtcDay, limits: &Limits) -> BatchOutcome {
+pub fn decide_batch(
+    account: &Account,
+    operations: &[(&Operation, Option<Quote>)],
+    today: UtcDay,
+    limits: &Limits,
+) -> BatchOutcome {
     let mut after = account.clone();
     let mut cash_change = Decimal::ZERO;
     let mut cash_floor = Decimal::ZERO;
@@ -41,8 +47,8 @@ pub fn decide_batch(account: &Account, operations: &[Operation], today: UtcDay, 
     let mut holding_floors: BTreeMap<AssetSymbol, Decimal> = BTreeMap::new();
     let decisions = operations
         .iter()
-        .map(|operation| {
-            let decision = decide(&after, operation, today, limits)?;
+        .map(|(operation, quote)| {
+            let decision = decide(&after, operation, quote.as_ref(), today, limits)?;
             after.apply(&decision);
             cash_change += decision.cash_delta.decimal();
             cash_floor = cash_floor.max(-cash_change);
@@ -69,7 +75,7 @@ pub fn decide_batch(account: &Account, operations: &[Operation], today: UtcDay, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{Price, Trade, TradeSide};
+    use crate::core::{Price, TradeRequest, TradeSide};
 
     fn today() -> UtcDay {
         UtcDay::from_stored("2026-11-27").unwrap()
@@ -80,14 +86,24 @@ mod tests {
     }
 
     fn trade(side: TradeSide, quantity: &str) -> Operation {
-        Operation::Trade(Trade {
+        Operation::Trade(TradeRequest {
             side,
             asset: AssetSymbol::parse("asset", "SOL").unwrap(),
             quantity: Quantity::parse_trade("quantity", quantity).unwrap(),
             limit_price: None,
+        })
+    }
+
+    /// Each operation with its quote: every trade at 10.
+    fn quoted(operations: &[Operation]) -> Vec<(&Operation, Option<Quote>)> {
+        let quote = Quote {
             price: Price::parse("price", "10").unwrap(),
             active: true,
-        })
+        };
+        operations
+            .iter()
+            .map(|operation| (operation, matches!(operation, Operation::Trade(_)).then_some(quote)))
+            .collect()
     }
 
     /// Each operation sees the state the previous one left; a refusal changes nothing.
@@ -100,7 +116,7 @@ mod tests {
             Operation::Withdraw(usd("50")),
             trade(TradeSide::Sell, "2"),
         ];
-        let outcome = decide_batch(&Account::default(), &operations, today(), &Limits::default());
+        let outcome = decide_batch(&Account::default(), &quoted(&operations), today(), &Limits::default());
         let accepted: Vec<bool> = outcome.decisions.iter().map(Result::is_ok).collect();
         assert_eq!(accepted, [true, false, true, true, true]);
         assert_eq!(outcome.after.cash, usd("20"));
@@ -129,7 +145,7 @@ mod tests {
             Operation::Deposit(usd("500")),
             trade(TradeSide::Buy, "1"),
         ];
-        let outcome = decide_batch(&account, &operations, today(), &Limits::default());
+        let outcome = decide_batch(&account, &quoted(&operations), today(), &Limits::default());
         assert!(outcome.decisions.iter().all(Result::is_ok));
         // -30, then +30 from the sale, then -50: the deepest prefix is -50.
         assert_eq!(outcome.cash_floor, usd("50"));

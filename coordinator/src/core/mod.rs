@@ -7,19 +7,20 @@
 pub mod account;
 pub mod asset_change;
 pub mod batch;
-pub mod decide;
+pub mod decision;
 pub mod ids;
 pub mod limits;
 pub mod money;
+pub mod ops;
 pub mod principal;
 pub mod records;
 pub mod time;
-pub mod transfer;
 
 pub use account::{Account, AccountState, Holdings};
-pub use decide::{Decision, Operation, Rejection, Trade, TradeSide};
+pub use decision::{Decision, Rejection};
 pub use ids::{AssetSymbol, EntryId, FieldError, LeaseId, Memo, OrderId, RequestId, TransferId, UserId};
 pub use limits::Limits;
 pub use money::{Price, Quantity, Usd, UsdDelta};
+pub use ops::{Operation, Quote, TradeRequest, TradeSide, TransferRequest};
 pub use principal::Principal;
 pub use time::{Clock, Millis, SystemClock, UtcDay};

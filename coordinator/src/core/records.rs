@@ -2,7 +2,6 @@
 
 use rust_decimal::Decimal;
 
-use super::decide::TradeSide;
 use super::ids::{AssetSymbol, EntryId, LeaseId, Memo, OrderId, TransferId, UserId};
 use super::money::{Price, Quantity, Usd, UsdDelta};
 use super::principal::Principal;
@@ -121,6 +120,22 @@ pub struct LedgerTransfer {
     pub transfer_id: TransferId,
     pub counterparty: UserId,
     pub memo: Memo,
+}
+
+/// Which way a trade goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TradeSide {
+    Buy,
+    Sell,
+}
+
+impl TradeSide {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TradeSide::Buy => "BUY",
+            TradeSide::Sell => "SELL",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,23 +9,18 @@
 use std::collections::BTreeMap;
 
 use crate::core::batch::{BatchOutcome, decide_batch};
-use crate::core::decide::Rejection;
-use crate::core::records::{EntryKind, LedgerEntry, LedgerTrade, Order, OrderStatus, RecordedOutcome};
-use crate::core::{
-    Decision, EntryId, Millis, Operation, OrderId, Price, Principal, RequestId, Trade, TradeSide, Usd, UtcDay,
-};
+use crate::core::ops::{self, Quote};
+use crate::core::records::{LedgerEntry, Order, RecordedOutcome};
+use crate::core::{Decision, Millis, Operation, Price, Rejection, RequestId, UtcDay};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
 use crate::telemetry::metrics;
 
-use super::queue::Waiter;
+use super::queue::{Call, Waiter};
 use super::{
-    COMMIT_ATTEMPTS_MAX, COMMIT_LEASE_MARGIN, CommitHook, HeldLease, Intent, Missing, Receipt, ServiceError,
+    COMMIT_ATTEMPTS_MAX, COMMIT_LEASE_MARGIN, CommitHook, HeldLease, Missing, Receipt, ServiceError,
     TransactionCoordinator,
 };
-
-/// A call of the batch, with its position in the batch as taken from the queue.
-pub(super) type Call = (usize, Waiter);
 
 /// What a round decided for one call.
 #[derive(Debug, Clone)]
@@ -296,11 +291,11 @@ impl TransactionCoordinator {
     ) -> Result<Option<Round>, ServiceError> {
         let operations = calls
             .iter()
-            .map(|(_, waiter)| self.operation(&waiter.intent))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(_, waiter)| Ok((&waiter.operation, self.quote(&waiter.operation)?)))
+            .collect::<Result<Vec<_>, ServiceError>>()?;
         let outcome = decide_batch(&held.account, &operations, UtcDay::of(now), &self.config.limits);
-        let stale_refusal = operations.iter().zip(&outcome.decisions).any(|(operation, decision)| {
-            matches!(operation, Operation::Trade(_)) && decision.as_ref().is_err_and(Rejection::depends_on_catalog)
+        let stale_refusal = operations.iter().zip(&outcome.decisions).any(|((_, quote), decision)| {
+            quote.is_some() && decision.as_ref().is_err_and(Rejection::depends_on_catalog)
         });
         // Before refusing on a cached price, read the stored catalog once (a load that started
         // after this decision, shared with other batches deciding now): another coordinator may
@@ -330,7 +325,7 @@ impl TransactionCoordinator {
         &self,
         held: &HeldLease,
         calls: &[Call],
-        operations: &[Operation],
+        operations: &[(&Operation, Option<Quote>)],
         outcome: BatchOutcome,
         extend_until: Option<Millis>,
         now: Millis,
@@ -338,19 +333,19 @@ impl TransactionCoordinator {
         let mut state = held.account.clone();
         let mut writes = Vec::with_capacity(calls.len());
         let mut prices: BTreeMap<_, Price> = BTreeMap::new();
-        for (((_, waiter), operation), decision) in calls.iter().zip(operations).zip(&outcome.decisions) {
+        for (((_, waiter), (_, quote)), decision) in calls.iter().zip(operations).zip(&outcome.decisions) {
             writes.push(match decision {
                 Ok(decision) => {
-                    assert_postconditions(&state, decision);
+                    ops::assert_postconditions(&state, decision);
                     state.version += 1;
                     let version = state.version;
                     state.apply(decision);
                     if let Some(effect) = &decision.trade {
                         prices.insert(effect.asset.clone(), effect.price);
                     }
-                    self.accepted_writes(held, waiter, operation, decision, version, now)
+                    self.accepted_writes(held, waiter, decision, version, now)
                 }
-                Err(rejection) => self.refused_writes(held, waiter, operation, rejection, now),
+                Err(rejection) => self.refused_writes(held, waiter, quote.as_ref(), rejection, now),
             });
         }
         assert_eq!(
@@ -391,13 +386,12 @@ impl TransactionCoordinator {
         &self,
         held: &HeldLease,
         waiter: &Waiter,
-        operation: &Operation,
         decision: &Decision,
         version: u64,
         now: Millis,
     ) -> CallWrites {
-        let (intent, request_id) = (&waiter.intent, waiter.request_id.as_ref());
-        let (entry, order) = records_of(held, &waiter.principal, operation, decision, request_id, version, now);
+        let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
+        let (entry, order) = ops::records(operation, decision, waiter.origin(&held.user, now), version);
         let holding = decision.trade.as_ref().map(|effect| effect.holding);
         let record = request_id.map(|request_id| {
             let outcome = RecordedOutcome::Committed {
@@ -405,7 +399,7 @@ impl TransactionCoordinator {
                 order_id: order.as_ref().map(|order| order.order_id.clone()),
                 holding,
             };
-            (request_id.clone(), self.record(intent, outcome, now))
+            (request_id.clone(), self.record(operation, outcome, now))
         });
         let receipt = Receipt {
             trade: order.clone().zip(holding),
@@ -424,10 +418,10 @@ impl TransactionCoordinator {
     fn answer_unknown_assets(&self, calls: &mut Vec<Call>) {
         let (unknown, known): (Vec<Call>, Vec<Call>) = std::mem::take(calls)
             .into_iter()
-            .partition(|(_, waiter)| self.operation(&waiter.intent).is_err());
+            .partition(|(_, waiter)| self.quote(&waiter.operation).is_err());
         *calls = known;
         for (_, waiter) in unknown {
-            let error = self.operation(&waiter.intent).expect_err("partitioned on it");
+            let error = self.quote(&waiter.operation).expect_err("partitioned on it");
             waiter.answer(Err(error));
         }
     }
@@ -449,8 +443,8 @@ impl TransactionCoordinator {
                     .request_id
                     .clone()
                     .expect("a request record implies a request id");
-                let recorded = self.recorded_outcome(&held.user, &request_id, &waiter.intent).await;
-                metrics::replayed(waiter.intent.name());
+                let recorded = self.recorded_outcome(&held.user, &request_id, &waiter.operation).await;
+                metrics::replayed(waiter.operation.name());
                 waiter.answer(recorded);
                 None
             }
@@ -463,31 +457,25 @@ impl TransactionCoordinator {
         }
     }
 
-    /// The operation to decide: for trades, with the catalog entry as cached now.
-    pub(super) fn operation(&self, intent: &Intent) -> Result<Operation, ServiceError> {
-        Ok(match intent {
-            Intent::Deposit(amount) => Operation::Deposit(*amount),
-            Intent::Withdraw(amount) => Operation::Withdraw(*amount),
-            Intent::Trade(request) => {
+    /// The quote a trade is decided at: the catalog entry as cached now. None for the other
+    /// operations.
+    pub(super) fn quote(&self, operation: &Operation) -> Result<Option<Quote>, ServiceError> {
+        match operation {
+            Operation::Trade(request) => {
                 let asset = self
                     .catalog
                     .cached(&request.asset)
                     .ok_or_else(|| ServiceError::NotFound(Missing::Asset(request.asset.clone())))?;
-                Operation::Trade(Trade {
-                    side: request.side,
-                    asset: request.asset.clone(),
-                    quantity: request.quantity,
-                    limit_price: request.limit_price,
+                Ok(Some(Quote {
                     price: asset.price,
                     active: asset.active,
-                })
+                }))
             }
-            Intent::Transfer(_) => {
-                return Err(ServiceError::Internal(
-                    "a transfer is committed on its own, never in a batch".to_owned(),
-                ));
-            }
-        })
+            Operation::Transfer(_) => Err(ServiceError::Internal(
+                "a transfer is committed on its own, never in a batch".to_owned(),
+            )),
+            Operation::Deposit(_) | Operation::Withdraw(_) => Ok(None),
+        }
     }
 }
 
@@ -521,7 +509,7 @@ impl Answer {
 /// Counts what a round that applied did, call by call: commits, and refusals by rule.
 fn count_answers(calls: &[Call], answers: &[(usize, Answer)]) {
     for (id, waiter) in calls {
-        let name = waiter.intent.name();
+        let name = waiter.operation.name();
         match answer_to(answers, *id) {
             Some(Answer::Commit(_)) => metrics::committed(name),
             Some(Answer::Refuse {
@@ -570,112 +558,6 @@ fn answer_all(calls: Vec<Call>, answers: &[(usize, Answer)]) {
     }
 }
 
-/// A decision's postconditions, checked where the state changes: cash moves by exactly the
-/// delta, nothing goes negative, and the holding moves by exactly the traded quantity.
-/// Always on (TigerBeetle's paired assertions): a decision that breaks one is a programmer error
-/// that must never reach storage.
-fn assert_postconditions(before: &crate::core::Account, decision: &Decision) {
-    assert_eq!(
-        decision.cash.decimal(),
-        before.cash.decimal() + decision.cash_delta.decimal(),
-        "cash after = cash before + delta"
-    );
-    assert!(decision.cash >= Usd::ZERO, "cash never goes negative");
-    if let Some(effect) = &decision.trade {
-        assert_eq!(
-            effect.holding.decimal(),
-            before.holding(&effect.asset).decimal() + effect.quantity_delta,
-            "holding after = holding before + quantity delta"
-        );
-        assert!(
-            !effect.holding.decimal().is_sign_negative(),
-            "holdings never go negative"
-        );
-    }
-}
-
-/// A new order for `trade` under `held`'s user, placed by `principal`, with a fresh
-/// time-ordered id.
-pub(super) fn order_of(
-    held: &HeldLease,
-    principal: &Principal,
-    trade: &Trade,
-    status: OrderStatus,
-    price: Price,
-    total: Usd,
-    now: Millis,
-) -> Order {
-    Order {
-        order_id: OrderId::new(),
-        user_id: held.user.clone(),
-        side: trade.side,
-        asset: trade.asset.clone(),
-        quantity: trade.quantity,
-        limit_price: trade.limit_price,
-        status,
-        price,
-        total,
-        failure_reason: None,
-        created_at_ms: now,
-        principal: principal.clone(),
-    }
-}
-
-/// The ledger entry, and for trades the CONFIRMED order, that a decision commits; `version` is
-/// the account's version after it (the entry's sequence).
-fn records_of(
-    held: &HeldLease,
-    principal: &Principal,
-    operation: &Operation,
-    decision: &Decision,
-    request_id: Option<&RequestId>,
-    version: u64,
-    now: Millis,
-) -> (LedgerEntry, Option<Order>) {
-    let entry_id = EntryId::new();
-    let (kind, trade_records) = match (operation, &decision.trade) {
-        (Operation::Deposit(_), _) => (EntryKind::Deposit, None),
-        (Operation::Withdraw(_), _) => (EntryKind::Withdrawal, None),
-        (Operation::Trade(trade), Some(effect)) => {
-            let order = order_of(
-                held,
-                principal,
-                trade,
-                OrderStatus::Confirmed,
-                effect.price,
-                effect.total,
-                now,
-            );
-            let ledger_trade = LedgerTrade {
-                asset: effect.asset.clone(),
-                quantity_delta: effect.quantity_delta,
-                order_id: order.order_id.clone(),
-            };
-            let kind = match trade.side {
-                TradeSide::Buy => EntryKind::Buy,
-                TradeSide::Sell => EntryKind::Sell,
-            };
-            (kind, Some((order, ledger_trade)))
-        }
-        (Operation::Trade(_), None) => unreachable!("a trade decision always carries its effect"),
-    };
-    let (order, ledger_trade) = trade_records.unzip();
-    let entry = LedgerEntry {
-        entry_id,
-        user_id: held.user.clone(),
-        kind,
-        cash_delta: decision.cash_delta,
-        cash_after: decision.cash,
-        trade: ledger_trade,
-        created_at_ms: now,
-        request_id: request_id.map(|request_id| request_id.as_str().to_owned()),
-        transfer: None,
-        sequence: version,
-        principal: principal.clone(),
-    };
-    (entry, order)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -685,7 +567,7 @@ mod tests {
 
     use super::*;
     use crate::core::time::ManualClock;
-    use crate::core::{AssetSymbol, Clock};
+    use crate::core::{AssetSymbol, Clock, Principal, TradeSide};
     use crate::service::testing::{LEASE, coordinator, coordinator_on, quantity, usd, user};
     use crate::service::{CoordinatorConfig, TradeRequest};
     use crate::storage::embedded::EmbeddedEngine;
@@ -729,12 +611,15 @@ mod tests {
     async fn a_call_on_a_known_account_costs_one_request() {
         let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
         coordinator
-            .mutate(&user("k"), Intent::Deposit(usd("100")), None, None)
+            .mutate(&user("k"), Operation::Deposit(usd("100")), None, None)
             .await
             .unwrap();
-        for (intent, cash) in [(Intent::Withdraw(usd("30")), "70"), (Intent::Deposit(usd("5")), "75")] {
+        for (operation, cash) in [
+            (Operation::Withdraw(usd("30")), "70"),
+            (Operation::Deposit(usd("5")), "75"),
+        ] {
             let before = coordinator.storage().requests();
-            let receipt = coordinator.mutate(&user("k"), intent, None, None).await.unwrap();
+            let receipt = coordinator.mutate(&user("k"), operation, None, None).await.unwrap();
             assert_eq!(receipt.entry.cash_after, usd(cash));
             assert_eq!(coordinator.storage().requests() - before, 1, "one transaction");
         }
@@ -757,15 +642,15 @@ mod tests {
         let clock = ManualClock::starting_at(1_000_000);
         let a = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
         let b = coordinator_on(engine, &clock, CoordinatorConfig::default()).await;
-        a.mutate(&user("s"), Intent::Deposit(usd("10")), None, None)
+        a.mutate(&user("s"), Operation::Deposit(usd("10")), None, None)
             .await
             .unwrap();
-        b.mutate(&user("s"), Intent::Deposit(usd("5")), None, None)
+        b.mutate(&user("s"), Operation::Deposit(usd("5")), None, None)
             .await
             .unwrap();
         let before = a.storage().requests();
         let receipt = a
-            .mutate(&user("s"), Intent::Withdraw(usd("12")), None, None)
+            .mutate(&user("s"), Operation::Withdraw(usd("12")), None, None)
             .await
             .expect("decided again on b's deposit");
         assert_eq!(receipt.entry.cash_after, usd("3"));
@@ -775,7 +660,7 @@ mod tests {
             "the refused commit, the acquire, the commit"
         );
         let before = a.storage().requests();
-        a.mutate(&user("s"), Intent::Deposit(usd("1")), None, None)
+        a.mutate(&user("s"), Operation::Deposit(usd("1")), None, None)
             .await
             .unwrap();
         assert_eq!(a.storage().requests() - before, 2, "contended: the lease path");
@@ -790,7 +675,7 @@ mod tests {
         let clock = ManualClock::starting_at(1_000_000);
         let plain = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
         plain
-            .mutate(&user("p"), Intent::Deposit(usd("10")), None, None)
+            .mutate(&user("p"), Operation::Deposit(usd("10")), None, None)
             .await
             .unwrap();
         let (hook, parked, go) = park_first_commit();
@@ -812,16 +697,22 @@ mod tests {
         };
         let paused = coordinator_on(engine, &clock, config).await;
         // paused learns the account with a commit of its own; then its next commit parks.
-        let learned = paused.mutate(&user("p"), Intent::Deposit(usd("1")), None, None).await;
+        let learned = paused
+            .mutate(&user("p"), Operation::Deposit(usd("1")), None, None)
+            .await;
         assert_eq!(learned.unwrap().entry.cash_after, usd("11"));
         armed.store(true, Ordering::SeqCst);
         let withdrawal = {
             let paused = Arc::clone(&paused);
-            tokio::spawn(async move { paused.mutate(&user("p"), Intent::Withdraw(usd("11")), None, None).await })
+            tokio::spawn(async move {
+                paused
+                    .mutate(&user("p"), Operation::Withdraw(usd("11")), None, None)
+                    .await
+            })
         };
         parked.notified().await;
         plain
-            .mutate(&user("p"), Intent::Withdraw(usd("5")), None, None)
+            .mutate(&user("p"), Operation::Withdraw(usd("5")), None, None)
             .await
             .unwrap();
         go.notify_one();
@@ -842,7 +733,7 @@ mod tests {
         let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
         let before = coordinator.storage().requests();
         let receipt = coordinator
-            .mutate(&user("a"), Intent::Deposit(usd("100")), None, None)
+            .mutate(&user("a"), Operation::Deposit(usd("100")), None, None)
             .await
             .unwrap();
         assert_eq!(receipt.entry.cash_after, usd("100"));
@@ -862,20 +753,20 @@ mod tests {
     #[tokio::test]
     async fn queued_calls_commit_together_with_a_refusal_in_the_middle() {
         let (coordinator, parked, go) = parked_coordinator().await;
-        let call = |intent: Intent, id: String| {
+        let call = |operation: Operation, id: String| {
             let coordinator = Arc::clone(&coordinator);
             let request_id = RequestId::parse_optional("request_id", &id).unwrap();
-            tokio::spawn(async move { coordinator.mutate(&user("b"), intent, request_id, None).await })
+            tokio::spawn(async move { coordinator.mutate(&user("b"), operation, request_id, None).await })
         };
-        let first = call(Intent::Deposit(usd("10")), "b-0".to_owned());
+        let first = call(Operation::Deposit(usd("10")), "b-0".to_owned());
         parked.notified().await;
         let mut queued = vec![
-            call(Intent::Withdraw(usd("4")), "b-1".to_owned()),
-            call(Intent::Withdraw(usd("50")), "b-2".to_owned()),
-            call(Intent::Deposit(usd("1")), "b-3".to_owned()),
+            call(Operation::Withdraw(usd("4")), "b-1".to_owned()),
+            call(Operation::Withdraw(usd("50")), "b-2".to_owned()),
+            call(Operation::Deposit(usd("1")), "b-3".to_owned()),
         ];
         for index in 4..=super::super::BATCH_CALLS_MAX + 1 {
-            queued.push(call(Intent::Deposit(usd("1")), format!("b-{index}")));
+            queued.push(call(Operation::Deposit(usd("1")), format!("b-{index}")));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let before = coordinator.storage().requests();
@@ -910,7 +801,7 @@ mod tests {
         );
         let request_id = RequestId::parse_optional("request_id", "b-2").unwrap();
         let replayed = coordinator
-            .mutate(&user("b"), Intent::Withdraw(usd("50")), request_id, None)
+            .mutate(&user("b"), Operation::Withdraw(usd("50")), request_id, None)
             .await;
         assert!(matches!(replayed, Err(ServiceError::RefusedEarlier(_))), "{replayed:?}");
     }
@@ -928,7 +819,7 @@ mod tests {
             let coordinator = Arc::clone(&coordinator);
             tokio::spawn(async move {
                 coordinator
-                    .mutate(&user("r"), Intent::Deposit(usd("10")), None, None)
+                    .mutate(&user("r"), Operation::Deposit(usd("10")), None, None)
                     .await
             })
         };
@@ -938,7 +829,7 @@ mod tests {
                 let coordinator = Arc::clone(&coordinator);
                 tokio::spawn(async move {
                     coordinator
-                        .mutate(&user("r"), Intent::Withdraw(usd("50")), None, None)
+                        .mutate(&user("r"), Operation::Withdraw(usd("50")), None, None)
                         .await
                 })
             })
@@ -976,16 +867,19 @@ mod tests {
         let slow = coordinator_on(engine.clone(), &clock, config).await;
         let ahead = ManualClock::starting_at(1_000_000 + 60_000);
         let peer = coordinator_on(engine, &ahead, CoordinatorConfig::default()).await;
-        peer.mutate(&user("t"), Intent::Deposit(usd("10")), None, None)
+        peer.mutate(&user("t"), Operation::Deposit(usd("10")), None, None)
             .await
             .unwrap();
         let refused = {
             let slow = Arc::clone(&slow);
-            tokio::spawn(async move { slow.mutate(&user("t"), Intent::Withdraw(usd("50")), None, None).await })
+            tokio::spawn(async move {
+                slow.mutate(&user("t"), Operation::Withdraw(usd("50")), None, None)
+                    .await
+            })
         };
         parked.notified().await;
         // The peer's clock is past the slow coordinator's lease: it takes over and deposits.
-        peer.mutate(&user("t"), Intent::Deposit(usd("100")), None, None)
+        peer.mutate(&user("t"), Operation::Deposit(usd("100")), None, None)
             .await
             .unwrap();
         go.notify_one();
@@ -995,7 +889,9 @@ mod tests {
             ServiceError::LeaseLost,
             "not 'Insufficient balance. Current: $10.00' after a deposit of 100 was acknowledged"
         );
-        let retried = slow.mutate(&user("t"), Intent::Withdraw(usd("50")), None, None).await;
+        let retried = slow
+            .mutate(&user("t"), Operation::Withdraw(usd("50")), None, None)
+            .await;
         assert_eq!(retried.unwrap().entry.cash_after, usd("60"));
     }
 
@@ -1058,7 +954,7 @@ mod tests {
             let request_id = RequestId::parse_optional("request_id", id).unwrap();
             tokio::spawn(async move {
                 coordinator
-                    .mutate(&user("c"), Intent::Deposit(usd("7")), request_id, None)
+                    .mutate(&user("c"), Operation::Deposit(usd("7")), request_id, None)
                     .await
             })
         };
@@ -1128,7 +1024,7 @@ mod tests {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let waiter = Waiter {
             principal: Principal::local(),
-            intent: Intent::Deposit(usd("5")),
+            operation: Operation::Deposit(usd("5")),
             request_id: None,
             state: Default::default(),
             reply,

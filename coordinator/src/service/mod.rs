@@ -4,7 +4,7 @@
 //! fenced transaction, or on refusal roll back.
 //!
 //! # Layout
-//! - this file: bounds, [`CoordinatorConfig`], [`ServiceError`], [`Intent`] and the entry
+//! - this file: bounds, [`CoordinatorConfig`], [`ServiceError`], [`Operation`] and the entry
 //!   point [`TransactionCoordinator::mutate`];
 //! - [`lease`]: taking, releasing and tracking the per-user lease;
 //! - [`known`]: accounts as this coordinator last wrote them, committed on without a lease
@@ -46,12 +46,12 @@ pub use instance::{HEARTBEAT_INTERVAL, HEARTBEAT_TTL, InstanceError};
 pub use lease::HeldLease;
 pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 
-use crate::core::decide::{Rejection, above_daily_limit};
+pub use crate::core::ops::{Operation, TradeRequest, TransferRequest};
+
+use crate::core::ops::LeaseKind;
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
-use crate::core::transfer::above_daily_transfer_limit;
 use crate::core::{
-    AssetSymbol, Clock, FieldError, Limits, Memo, Millis, Operation, Price, Principal, Quantity, RequestId, TradeSide,
-    Usd, UserId, UtcDay,
+    AssetSymbol, Clock, FieldError, Limits, Millis, Principal, Quantity, Rejection, RequestId, Usd, UserId, UtcDay,
 };
 use crate::storage::{Storage, StorageError};
 
@@ -284,98 +284,14 @@ pub struct Receipt {
     pub replayed: bool,
 }
 
-/// A validated trade request, before the catalog price is known.
-#[derive(Debug, Clone)]
-pub struct TradeRequest {
-    pub side: TradeSide,
-    pub asset: AssetSymbol,
-    pub quantity: Quantity,
-    pub limit_price: Option<Price>,
-}
-
-/// A validated transfer request.
-#[derive(Debug, Clone)]
-pub struct TransferRequest {
-    /// The sender, whose request id keys the call.
-    pub from: UserId,
-    /// The receiver: another user, who must have an account.
-    pub to: UserId,
-    pub amount: Usd,
-    pub memo: Memo,
-}
-
-/// A mutation as the caller asked for it, validated, before the lease.
-#[derive(Debug, Clone)]
-pub enum Intent {
-    Deposit(Usd),
-    Withdraw(Usd),
-    Trade(TradeRequest),
-    Transfer(TransferRequest),
-}
-
-impl Intent {
-    /// The name used in leases, logs and ledger entries.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Intent::Deposit(_) => "DEPOSIT",
-            Intent::Withdraw(_) => "WITHDRAWAL",
-            Intent::Trade(trade) => trade.side.as_str(),
-            Intent::Transfer(_) => "TRANSFER",
+impl CoordinatorConfig {
+    /// The lease an operation of `kind` takes.
+    fn lease(&self, kind: LeaseKind) -> Duration {
+        match kind {
+            LeaseKind::Deposit => self.lease_deposit,
+            LeaseKind::Withdraw => self.lease_withdraw,
+            LeaseKind::Trade => self.lease_trade,
         }
-    }
-
-    /// The operation and every parameter, e.g. `BUY 0.5 SOL limit 140`: a retry with the same
-    /// request id must match it exactly.
-    pub fn fingerprint(&self) -> String {
-        match self {
-            Intent::Deposit(amount) | Intent::Withdraw(amount) => format!("{} {amount}", self.name()),
-            Intent::Trade(trade) => {
-                let limit = trade
-                    .limit_price
-                    .map(|limit| format!(" limit {limit}"))
-                    .unwrap_or_default();
-                format!("{} {} {}{limit}", self.name(), trade.quantity, trade.asset)
-            }
-            Intent::Transfer(transfer) => {
-                let memo = if transfer.memo.is_empty() {
-                    String::new()
-                } else {
-                    format!(" memo {:?}", transfer.memo.as_str())
-                };
-                format!("{} {} to {}{memo}", self.name(), transfer.amount, transfer.to)
-            }
-        }
-    }
-
-    fn lease(&self, config: &CoordinatorConfig) -> Duration {
-        match self {
-            Intent::Deposit(_) => config.lease_deposit,
-            // A transfer is a withdrawal on one side and a deposit on the other.
-            Intent::Withdraw(_) | Intent::Transfer(_) => config.lease_withdraw,
-            Intent::Trade(_) => config.lease_trade,
-        }
-    }
-
-    /// Whose queue the call waits in, for a call made for `user`. A transfer waits in the queue
-    /// of the first of its two accounts in the global (sorted) order, and borrows the other
-    /// from its queue: every coordinator takes a transfer's accounts in that one order, so two
-    /// transfers between the same accounts in opposite directions never wait on each other.
-    fn queue_account<'a>(&'a self, user: &'a UserId) -> &'a UserId {
-        match self {
-            Intent::Transfer(transfer) => (&transfer.from).min(&transfer.to),
-            _ => user,
-        }
-    }
-
-    /// Whether the call is committed on its own, never in a batch with others: a transfer,
-    /// whose transaction spans two accounts.
-    fn is_solo(&self) -> bool {
-        matches!(self, Intent::Transfer(_))
-    }
-
-    /// Only a deposit may create an account; everything else needs one.
-    fn requires_account(&self) -> bool {
-        !matches!(self, Intent::Deposit(_))
     }
 }
 
@@ -459,7 +375,7 @@ impl TransactionCoordinator {
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate_as(principal, user, Intent::Deposit(amount), request_id, deadline)
+        self.mutate_as(principal, user, Operation::Deposit(amount), request_id, deadline)
             .await
     }
 
@@ -471,7 +387,7 @@ impl TransactionCoordinator {
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate_as(principal, user, Intent::Withdraw(amount), request_id, deadline)
+        self.mutate_as(principal, user, Operation::Withdraw(amount), request_id, deadline)
             .await
     }
 
@@ -483,7 +399,7 @@ impl TransactionCoordinator {
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate_as(principal, user, Intent::Trade(request), request_id, deadline)
+        self.mutate_as(principal, user, Operation::Trade(request), request_id, deadline)
             .await
     }
 
@@ -505,7 +421,7 @@ impl TransactionCoordinator {
             .into());
         }
         let from = request.from.clone();
-        self.mutate_as(principal, &from, Intent::Transfer(request), request_id, deadline)
+        self.mutate_as(principal, &from, Operation::Transfer(request), request_id, deadline)
             .await
     }
 
@@ -514,11 +430,11 @@ impl TransactionCoordinator {
     pub(crate) async fn mutate(
         self: &Arc<Self>,
         user: &UserId,
-        intent: Intent,
+        operation: Operation,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.mutate_as(&Principal::local(), user, intent, request_id, deadline)
+        self.mutate_as(&Principal::local(), user, operation, request_id, deadline)
             .await
     }
 
@@ -526,20 +442,23 @@ impl TransactionCoordinator {
     /// extend, on behalf of `principal`, who is recorded on what the commit writes; a refusal is
     /// rolled back in the same commit. With a request id, a retry of a request that already
     /// ended returns its recorded outcome instead of running again.
-    #[tracing::instrument(name = "mutate", skip_all, fields(user = %user, operation = intent.name(), intent = %intent.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), lock_id = tracing::field::Empty, outcome = tracing::field::Empty))]
+    #[tracing::instrument(name = "mutate", skip_all, fields(user = %user, operation = operation.name(), intent = %operation.fingerprint(), request_id = request_id.as_ref().map(RequestId::as_str), lock_id = tracing::field::Empty, outcome = tracing::field::Empty))]
     pub async fn mutate_as(
         self: &Arc<Self>,
         principal: &Principal,
         user: &UserId,
-        intent: Intent,
+        operation: Operation,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
         let _in_flight = crate::telemetry::metrics::InFlight::enter();
         let started = Instant::now();
-        let name = intent.name();
-        let result = match self.check_before_queueing(&intent).await {
-            Ok(()) => self.queue_and_wait(principal, user, intent, request_id, deadline).await,
+        let name = operation.name();
+        let result = match self.check_before_queueing(&operation).await {
+            Ok(()) => {
+                self.queue_and_wait(principal, user, operation, request_id, deadline)
+                    .await
+            }
             Err(error) => Err(error),
         };
         let outcome = match &result {
@@ -561,32 +480,18 @@ impl TransactionCoordinator {
 
     /// Refusals that need no lease: an unknown or inactive asset, an amount above the whole
     /// daily limit. Nothing to write, no wait.
-    async fn check_before_queueing(&self, intent: &Intent) -> Result<(), ServiceError> {
-        match intent {
-            Intent::Trade(request) => {
-                let asset = self.catalog.asset(&self.storage, &request.asset).await?;
-                if !asset.active {
-                    let rejection = Rejection::AssetInactive(asset.symbol);
-                    crate::telemetry::metrics::refused(intent.name(), &rejection);
-                    return Err(ServiceError::Rejected(rejection));
-                }
+    async fn check_before_queueing(&self, operation: &Operation) -> Result<(), ServiceError> {
+        if let Operation::Trade(request) = operation {
+            let asset = self.catalog.asset(&self.storage, &request.asset).await?;
+            if !asset.active {
+                let rejection = Rejection::AssetInactive(asset.symbol);
+                crate::telemetry::metrics::refused(operation.name(), &rejection);
+                return Err(ServiceError::Rejected(rejection));
             }
-            Intent::Deposit(amount) | Intent::Withdraw(amount) => {
-                let operation = match intent {
-                    Intent::Deposit(_) => Operation::Deposit(*amount),
-                    _ => Operation::Withdraw(*amount),
-                };
-                if let Some(rejection) = above_daily_limit(&operation, &self.config.limits) {
-                    crate::telemetry::metrics::refused(intent.name(), &rejection);
-                    return Err(ServiceError::Rejected(rejection));
-                }
-            }
-            Intent::Transfer(transfer) => {
-                if let Some(rejection) = above_daily_transfer_limit(transfer.amount, &self.config.limits) {
-                    crate::telemetry::metrics::refused(intent.name(), &rejection);
-                    return Err(ServiceError::Rejected(rejection));
-                }
-            }
+        }
+        if let Some(rejection) = operation.refused_before_lease(&self.config.limits) {
+            crate::telemetry::metrics::refused(operation.name(), &rejection);
+            return Err(ServiceError::Rejected(rejection));
         }
         Ok(())
     }
@@ -598,10 +503,10 @@ impl TransactionCoordinator {
         tokio::time::timeout(timeout, self.mutations.wait()).await.is_ok()
     }
 
-    /// A request record of `intent` with `outcome`, kept for the configured retention.
-    fn record(&self, intent: &Intent, outcome: RecordedOutcome, now: Millis) -> RequestRecord {
+    /// A request record of `operation` with `outcome`, kept for the configured retention.
+    fn record(&self, operation: &Operation, outcome: RecordedOutcome, now: Millis) -> RequestRecord {
         RequestRecord {
-            fingerprint: intent.fingerprint(),
+            fingerprint: operation.fingerprint(),
             outcome,
             expires_at_seconds: (now / 1000).saturating_add(self.config.request_retention.as_secs()),
         }

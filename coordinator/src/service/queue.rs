@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::commit::Call;
-use super::{BATCH_CALLS_MAX, HeldLease, Intent, Receipt, ServiceError, TransactionCoordinator};
-use crate::core::{LeaseId, Principal, RequestId, UserId};
+use super::{BATCH_CALLS_MAX, HeldLease, Operation, Receipt, ServiceError, TransactionCoordinator};
+use crate::core::ops::Origin;
+use crate::core::{LeaseId, Millis, Principal, RequestId, UserId};
 
 /// Queued: the driver has not taken it yet; it may still leave.
 const QUEUED: u8 = 0;
@@ -53,7 +53,7 @@ impl WaiterState {
 pub(super) struct Waiter {
     /// Who asked: recorded on the ledger entry and order the call's commit writes.
     pub principal: Principal,
-    pub intent: Intent,
+    pub operation: Operation,
     pub request_id: Option<RequestId>,
     pub state: WaiterState,
     pub reply: oneshot::Sender<Result<Receipt, ServiceError>>,
@@ -68,7 +68,20 @@ impl Waiter {
     pub fn answer(self, result: Result<Receipt, ServiceError>) {
         self.reply.send(result).ok();
     }
+
+    /// Who, why and when, for the records of the call's commit on `user`'s account.
+    pub fn origin<'a>(&'a self, user: &'a UserId, now: Millis) -> Origin<'a> {
+        Origin {
+            user,
+            principal: &self.principal,
+            request_id: self.request_id.as_ref(),
+            now,
+        }
+    }
 }
+
+/// A call of a batch, with its position in the batch as taken from the queue.
+pub(super) type Call = (usize, Waiter);
 
 /// A request to lend an account to the driver of a transfer that needs it, waiting in the
 /// account's queue like a call: when it reaches the front, the account's driver hands over its
@@ -105,7 +118,7 @@ impl Queued {
     /// Whether it is served on its own: a loan, or a call that is never batched (a transfer).
     fn is_solo(&self) -> bool {
         match self {
-            Queued::Call(waiter) => waiter.intent.is_solo(),
+            Queued::Call(waiter) => waiter.operation.is_solo(),
             Queued::Lend(_) => true,
         }
     }
@@ -274,7 +287,7 @@ impl TransactionCoordinator {
         self: &Arc<Self>,
         principal: &Principal,
         user: &UserId,
-        intent: Intent,
+        operation: Operation,
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
@@ -287,14 +300,14 @@ impl TransactionCoordinator {
         let state = WaiterState::default();
         let waiter = Waiter {
             principal: principal.clone(),
-            intent,
+            operation,
             request_id,
             state: state.clone(),
             reply,
             wait_until,
             on_timeout: on_timeout.clone(),
         };
-        let queue_user = waiter.intent.queue_account(user).clone();
+        let queue_user = waiter.operation.accounts(user).first().clone();
         match self.queues.enqueue(
             &queue_user,
             Queued::Call(Box::new(waiter)),
@@ -376,14 +389,14 @@ impl TransactionCoordinator {
     /// Takes `user`'s lease for `batch`: long enough for its longest operation, requiring an
     /// account unless a deposit may create it, waiting no longer than its most urgent call.
     pub(super) async fn acquire_for(&self, user: &UserId, batch: &[Call]) -> Result<super::HeldLease, ServiceError> {
-        let intents = || batch.iter().map(|(_, waiter)| &waiter.intent);
-        let lease = intents()
-            .map(|intent| intent.lease(&self.config))
+        let operations = || batch.iter().map(|(_, waiter)| &waiter.operation);
+        let lease = operations()
+            .map(|operation| self.config.lease(operation.lease_kind()))
             .max()
             .unwrap_or_default();
-        let require_account = intents().all(Intent::requires_account);
-        let first = intents().next().map(Intent::name).unwrap_or("BATCH");
-        let operation = if intents().all(|intent| intent.name() == first) {
+        let require_account = operations().all(Operation::requires_account);
+        let first = operations().next().map(Operation::name).unwrap_or("BATCH");
+        let operation = if operations().all(|operation| operation.name() == first) {
             first
         } else {
             "BATCH"

@@ -3,11 +3,11 @@
 //! in the batch's one transaction (which also gives the lease back or keeps it for the next
 //! calls), and the call's answer is the refusal.
 
-use crate::core::decide::Rejection;
-use crate::core::records::{Order, OrderStatus, RecordedOutcome, RefusalCode};
-use crate::core::{Millis, Operation, Principal, Usd};
+use crate::core::ops::{self, Quote};
+use crate::core::records::{RecordedOutcome, RefusalCode};
+use crate::core::{Millis, Rejection};
 
-use super::commit::{Answer, CallWrites, order_of};
+use super::commit::{Answer, CallWrites};
 use super::queue::Waiter;
 use super::{HeldLease, Missing, ServiceError, TransactionCoordinator};
 
@@ -17,12 +17,12 @@ impl TransactionCoordinator {
         &self,
         held: &HeldLease,
         waiter: &Waiter,
-        operation: &Operation,
+        quote: Option<&Quote>,
         rejection: &Rejection,
         now: Millis,
     ) -> CallWrites {
-        let (intent, request_id) = (&waiter.intent, waiter.request_id.as_ref());
-        tracing::info!(reason = %rejection, operation = intent.name(), "refused under the lease");
+        let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
+        tracing::info!(reason = %rejection, operation = operation.name(), "refused under the lease");
         let message = rejection.to_string();
         let code = match rejection {
             Rejection::AccountNotFound => RefusalCode::NotFound,
@@ -31,10 +31,10 @@ impl TransactionCoordinator {
         let record = request_id.map(|id| {
             (
                 id.clone(),
-                self.record(intent, RecordedOutcome::Refused { message, code }, now),
+                self.record(operation, RecordedOutcome::Refused { message, code }, now),
             )
         });
-        let order = failed_order(held, &waiter.principal, operation, rejection, now);
+        let order = ops::failed_order(operation, quote, rejection, waiter.origin(&held.user, now));
         CallWrites {
             entry: None,
             answer: Answer::Refuse {
@@ -46,23 +46,6 @@ impl TransactionCoordinator {
             record,
         }
     }
-}
-
-/// For a refused trade, the FAILED order that records it; nothing for cash operations.
-fn failed_order(
-    held: &HeldLease,
-    principal: &Principal,
-    operation: &Operation,
-    rejection: &Rejection,
-    now: Millis,
-) -> Option<Order> {
-    let Operation::Trade(trade) = operation else {
-        return None;
-    };
-    let total = trade.total().unwrap_or(Usd::ZERO);
-    let mut order = order_of(held, principal, trade, OrderStatus::Failed, trade.price, total, now);
-    order.failure_reason = Some(rejection.to_string());
-    Some(order)
 }
 
 /// The error a refusal answers with.
@@ -79,7 +62,7 @@ mod tests {
     use crate::core::RequestId;
     use crate::core::time::ManualClock;
     use crate::service::testing::{LEASE, coordinator, refused_sell_leaves_one_failed_order, usd, user};
-    use crate::service::{Intent, PageRequest};
+    use crate::service::{Operation, PageRequest};
 
     /// A refusal with a request id records it and frees the lease; the retry replays it.
     #[tokio::test]
@@ -87,12 +70,12 @@ mod tests {
         let clock = ManualClock::starting_at(1_000_000);
         let coordinator = coordinator(&clock).await;
         coordinator
-            .mutate(&user("a"), Intent::Deposit(usd("10")), None, None)
+            .mutate(&user("a"), Operation::Deposit(usd("10")), None, None)
             .await
             .unwrap();
         let request_id = RequestId::parse_optional("request_id", "w-1").unwrap();
         let refused = coordinator
-            .mutate(&user("a"), Intent::Withdraw(usd("20")), request_id.clone(), None)
+            .mutate(&user("a"), Operation::Withdraw(usd("20")), request_id.clone(), None)
             .await
             .unwrap_err();
         assert!(matches!(
@@ -103,7 +86,7 @@ mod tests {
         assert!(held.is_ok(), "the refusal released the lease: {held:?}");
         coordinator.release(&held.unwrap()).await;
         let replayed = coordinator
-            .mutate(&user("a"), Intent::Withdraw(usd("20")), request_id, None)
+            .mutate(&user("a"), Operation::Withdraw(usd("20")), request_id, None)
             .await
             .unwrap_err();
         assert_eq!(replayed, ServiceError::RefusedEarlier(refused.to_string()));
@@ -121,11 +104,11 @@ mod tests {
             .await
             .unwrap();
         let request_id = RequestId::parse_optional("request_id", "nf-1").unwrap();
-        let call = |id: usize, intent: Intent, request_id: Option<RequestId>| {
+        let call = |id: usize, operation: Operation, request_id: Option<RequestId>| {
             let (reply, answer) = tokio::sync::oneshot::channel();
             let waiter = crate::service::queue::Waiter {
                 principal: crate::core::Principal::local(),
-                intent,
+                operation,
                 request_id,
                 state: Default::default(),
                 reply,
@@ -134,14 +117,14 @@ mod tests {
             };
             ((id, waiter), answer)
         };
-        let (withdrawal, refused) = call(0, Intent::Withdraw(usd("5")), request_id.clone());
-        let (deposit, deposited) = call(1, Intent::Deposit(usd("10")), None);
+        let (withdrawal, refused) = call(0, Operation::Withdraw(usd("5")), request_id.clone());
+        let (deposit, deposited) = call(1, Operation::Deposit(usd("10")), None);
         coordinator.commit_batch(held, vec![withdrawal, deposit]).await;
         let first = refused.await.unwrap().unwrap_err();
         assert_eq!(first, ServiceError::NotFound(Missing::Account(user("nf"))));
         deposited.await.unwrap().unwrap();
         let replayed = coordinator
-            .mutate(&user("nf"), Intent::Withdraw(usd("5")), request_id, None)
+            .mutate(&user("nf"), Operation::Withdraw(usd("5")), request_id, None)
             .await
             .unwrap_err();
         assert_eq!(replayed, first, "the same code and message");
@@ -154,7 +137,7 @@ mod tests {
         let clock = ManualClock::starting_at(1_000_000);
         let coordinator = coordinator(&clock).await;
         coordinator
-            .mutate(&user("b"), Intent::Deposit(usd("10")), None, None)
+            .mutate(&user("b"), Operation::Deposit(usd("10")), None, None)
             .await
             .unwrap();
         refused_sell_leaves_one_failed_order(&coordinator, &user("b")).await;

@@ -6,8 +6,9 @@ use crate::core::{FieldError, LeaseId, RequestId, UserId};
 use crate::storage::{StorageError, model};
 use crate::telemetry::metrics::{self, Settled};
 
-use super::commit::{Answer, Call, SentRound, answer_each, answer_to};
-use super::{Intent, Missing, Receipt, ServiceError, TransactionCoordinator, retry_safe};
+use super::commit::{Answer, SentRound, answer_each, answer_to};
+use super::queue::Call;
+use super::{Missing, Operation, Receipt, ServiceError, TransactionCoordinator, retry_safe};
 
 /// The calls of a round decided on the account as stored: those before its first accepted call
 /// (every later one was decided on the state the accepted calls would have left).
@@ -143,12 +144,12 @@ impl TransactionCoordinator {
         Ok(None)
     }
 
-    /// The recorded outcome of `request_id`, if its parameters match `intent`.
+    /// The recorded outcome of `request_id`, if its parameters match `operation`.
     pub(super) async fn recorded_outcome(
         &self,
         user: &UserId,
         request_id: &RequestId,
-        intent: &Intent,
+        operation: &Operation,
     ) -> Result<Receipt, ServiceError> {
         let record_key = model::request_key(user, request_id);
         let Some(item) = retry_safe(|| self.storage.get(record_key.clone())).await? else {
@@ -158,11 +159,11 @@ impl TransactionCoordinator {
             )));
         };
         let record = model::request_record_from_item(&item)?;
-        if record.fingerprint != intent.fingerprint() {
+        if record.fingerprint != operation.fingerprint() {
             let reason = format!(
                 "was already used for {}; this request is {}",
                 record.fingerprint,
-                intent.fingerprint()
+                operation.fingerprint()
             );
             return Err(FieldError::new("request_id", reason).into());
         }
@@ -212,13 +213,13 @@ mod tests {
 
     use super::*;
     use crate::core::Principal;
-    use crate::core::decide::Rejection;
+    use crate::core::Rejection;
     use crate::core::time::ManualClock;
     use crate::service::testing::{
         FlakyEngine, LEASE, NextTransaction, coordinator, coordinator_on, refused_sell_leaves_one_failed_order, usd,
         user,
     };
-    use crate::service::{CoordinatorConfig, Intent};
+    use crate::service::{CoordinatorConfig, Operation};
 
     async fn flaky() -> (Arc<TransactionCoordinator>, Arc<FlakyEngine>) {
         flaky_with(CoordinatorConfig::default()).await
@@ -340,16 +341,16 @@ mod tests {
             .unwrap();
         engine.arm(NextTransaction::LoseReply);
         let calls = [
-            Intent::Withdraw(usd("3")),
-            Intent::Withdraw(usd("100")),
-            Intent::Deposit(usd("5")),
+            Operation::Withdraw(usd("3")),
+            Operation::Withdraw(usd("100")),
+            Operation::Deposit(usd("5")),
         ];
         let mut handles = Vec::new();
-        for (index, intent) in calls.into_iter().enumerate() {
+        for (index, operation) in calls.into_iter().enumerate() {
             let coordinator = Arc::clone(&coordinator);
             let request_id = RequestId::parse_optional("request_id", &format!("c-{index}")).unwrap();
             handles.push(tokio::spawn(async move {
-                coordinator.mutate(&user("c"), intent, request_id, None).await
+                coordinator.mutate(&user("c"), operation, request_id, None).await
             }));
         }
         let mut answers = Vec::new();
@@ -384,7 +385,7 @@ mod tests {
             let (reply, answer) = tokio::sync::oneshot::channel();
             let waiter = crate::service::queue::Waiter {
                 principal: Principal::local(),
-                intent: Intent::Withdraw(usd(amount)),
+                operation: Operation::Withdraw(usd(amount)),
                 request_id: None,
                 state: Default::default(),
                 reply,
@@ -417,11 +418,11 @@ mod tests {
         let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
         let request_id = RequestId::parse_optional("request_id", "r-1").unwrap();
         coordinator
-            .mutate(&user("d"), Intent::Deposit(usd("5")), request_id.clone(), None)
+            .mutate(&user("d"), Operation::Deposit(usd("5")), request_id.clone(), None)
             .await
             .unwrap();
         let error = coordinator
-            .mutate(&user("d"), Intent::Deposit(usd("6")), request_id, None)
+            .mutate(&user("d"), Operation::Deposit(usd("6")), request_id, None)
             .await
             .unwrap_err();
         assert!(

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use super::{CoordinatorConfig, Intent, PageRequest, ServiceError, TradeRequest, TransactionCoordinator};
-use crate::core::decide::Rejection;
+use super::{CoordinatorConfig, Operation, PageRequest, ServiceError, TradeRequest, TransactionCoordinator};
+use crate::core::Rejection;
 use crate::core::records::OrderStatus;
 use crate::core::time::ManualClock;
 use crate::core::{AssetSymbol, Quantity, TradeSide, Usd, UserId};
@@ -54,8 +54,8 @@ pub fn quantity(raw: &str) -> Quantity {
 }
 
 /// A market sell of `raw_quantity` of `asset`.
-pub fn sell(asset: &str, raw_quantity: &str) -> Intent {
-    Intent::Trade(TradeRequest {
+pub fn sell(asset: &str, raw_quantity: &str) -> Operation {
+    Operation::Trade(TradeRequest {
         side: TradeSide::Sell,
         asset: AssetSymbol::parse("asset", asset).unwrap(),
         quantity: quantity(raw_quantity),

@@ -20,16 +20,16 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::core::records::{EntryKind, LedgerEntry, LedgerTransfer, RecordedOutcome};
-use crate::core::transfer::{TransferRefusal, decide_transfer};
-use crate::core::{Account, Decision, EntryId, TransferId, UserId, UtcDay};
+use crate::core::ops::transfer::{self, Side, TransferRefusal};
+use crate::core::records::RecordedOutcome;
+use crate::core::{Account, Decision, TransferId, UserId, UtcDay};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{Key, StorageError};
 use crate::telemetry::metrics;
 
 use super::queue::{Enqueued, LendRequest, Lent, Queued, Waiter, WaiterState};
 use super::{
-    COMMIT_ATTEMPTS_MAX, COMMIT_LEASE_MARGIN, HeldLease, Intent, Missing, Receipt, ServiceError,
+    COMMIT_ATTEMPTS_MAX, COMMIT_LEASE_MARGIN, HeldLease, Missing, Operation, Receipt, ServiceError,
     TransactionCoordinator, TransferRequest, retry_safe,
 };
 
@@ -87,7 +87,7 @@ impl TransactionCoordinator {
         held: Option<HeldLease>,
         waiter: Waiter,
     ) -> Option<HeldLease> {
-        let Intent::Transfer(request) = waiter.intent.clone() else {
+        let Operation::Transfer(request) = waiter.operation.clone() else {
             waiter.answer(Err(ServiceError::Internal(
                 "only a transfer runs on its own".to_owned(),
             )));
@@ -224,7 +224,7 @@ impl TransactionCoordinator {
             } else {
                 (second_hold, first_hold)
             };
-            let decided = decide_transfer(
+            let decided = transfer::decide(
                 &sender.account,
                 &receiver.account,
                 request.amount,
@@ -245,41 +245,22 @@ impl TransactionCoordinator {
                 }
             };
             let transfer_id = TransferId::new();
-            let entry = |user: &UserId, hold: &HeldLease, decision: &Option<Decision>, kind, counterparty: &UserId| {
-                decision.as_ref().map(|decision| LedgerEntry {
-                    entry_id: EntryId::new(),
-                    user_id: user.clone(),
-                    kind,
-                    cash_delta: decision.cash_delta,
-                    cash_after: decision.cash,
-                    trade: None,
-                    transfer: Some(LedgerTransfer {
-                        transfer_id: transfer_id.clone(),
-                        counterparty: counterparty.clone(),
-                        memo: request.memo.clone(),
-                    }),
-                    created_at_ms: now,
-                    request_id: (kind == EntryKind::TransferOut)
-                        .then(|| waiter.request_id.as_ref().map(|id| id.as_str().to_owned()))
-                        .flatten(),
-                    sequence: hold.account.version + 1,
-                    principal: waiter.principal.clone(),
+            let entry = |side, hold: &HeldLease, decision: &Option<Decision>| {
+                decision.as_ref().map(|decision| {
+                    transfer::entry(
+                        request,
+                        &transfer_id,
+                        side,
+                        decision,
+                        hold.account.version + 1,
+                        &waiter.principal,
+                        waiter.request_id.as_ref(),
+                        now,
+                    )
                 })
             };
-            let out_entry = entry(
-                &request.from,
-                sender,
-                &sender_decision,
-                EntryKind::TransferOut,
-                &request.to,
-            );
-            let in_entry = entry(
-                &request.to,
-                receiver,
-                &receiver_decision,
-                EntryKind::TransferIn,
-                &request.from,
-            );
+            let out_entry = entry(Side::Sender, sender, &sender_decision);
+            let in_entry = entry(Side::Receiver, receiver, &receiver_decision);
             let after = |hold: &HeldLease, decision: &Option<Decision>| {
                 let mut after = hold.account.clone();
                 if let Some(decision) = decision {
@@ -303,7 +284,7 @@ impl TransactionCoordinator {
             let record = waiter
                 .request_id
                 .as_ref()
-                .map(|id| (id.clone(), self.record(&waiter.intent, outcome, now)));
+                .map(|id| (id.clone(), self.record(&waiter.operation, outcome, now)));
             let sender_party = model::TransferParty {
                 user: &request.from,
                 lock_id: sender.lock_id.as_ref(),
@@ -372,7 +353,9 @@ impl TransactionCoordinator {
                         .request_id
                         .as_ref()
                         .expect("a request record implies a request id");
-                    return self.recorded_outcome(&request.from, request_id, &waiter.intent).await;
+                    return self
+                        .recorded_outcome(&request.from, request_id, &waiter.operation)
+                        .await;
                 }
                 Some(part @ (TransactionPart::Account | TransactionPart::Counterparty)) => {
                     // A try of this very attempt may have landed (its reply lost, the retry
@@ -505,7 +488,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::core::decide::Rejection;
+    use crate::core::Rejection;
+    use crate::core::records::EntryKind;
     use crate::core::time::ManualClock;
     use crate::core::{Memo, Principal, RequestId, Usd};
     use crate::service::testing::{FlakyEngine, NextTransaction, coordinator, coordinator_on, usd, user};

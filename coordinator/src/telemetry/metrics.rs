@@ -21,8 +21,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::core::Rejection;
 use crate::core::UserId;
-use crate::core::decide::Rejection;
 
 /// Distinct gRPC method names kept as label values; any further one is counted as "other", so
 /// a client calling made-up method names cannot grow the series without bound.
@@ -461,7 +461,7 @@ pub fn committed(operation: &str) {
 pub fn refused(operation: &str, rule: &Rejection) {
     METRICS
         .refusals
-        .get_or_create(&[("operation", operation_label(operation)), ("rule", rule_of(rule))])
+        .get_or_create(&[("operation", operation_label(operation)), ("rule", rule.rule())])
         .inc();
 }
 
@@ -576,7 +576,7 @@ pub fn admin_released_lease() {
     METRICS.admin_lease_releases.inc();
 }
 
-/// The `operation` label: the service's operation names (`Intent::name`), anything else "other".
+/// The `operation` label: the service's operation names (`Operation::name`), anything else "other".
 pub fn operation_label(operation: &str) -> &'static str {
     match operation {
         "DEPOSIT" => "DEPOSIT",
@@ -625,23 +625,6 @@ impl Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         waiters(-1);
-    }
-}
-
-/// The `rule` label of a refusal.
-pub fn rule_of(rejection: &Rejection) -> &'static str {
-    match rejection {
-        Rejection::AccountNotFound => "account_not_found",
-        Rejection::InsufficientBalance { .. } => "insufficient_balance",
-        Rejection::InsufficientHoldings { .. } => "insufficient_holdings",
-        Rejection::DailyLimitExceeded { .. } => "daily_limit_exceeded",
-        Rejection::AssetInactive(_) => "asset_inactive",
-        Rejection::PriceAboveLimit { .. } => "price_above_limit",
-        Rejection::PriceBelowLimit { .. } => "price_below_limit",
-        Rejection::OrderValueTooLarge { .. } => "order_value_too_large",
-        Rejection::OrderValueTooSmall { .. } => "order_value_too_small",
-        Rejection::AboveDailyLimit { .. } => "above_daily_limit",
-        Rejection::OutOfRange => "out_of_range",
     }
 }
 

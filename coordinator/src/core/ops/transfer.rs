@@ -1,15 +1,92 @@
-//! Deciding a transfer: cash from one account to another, both read under their leases (or as
-//! this coordinator last wrote them). Pure, like `decide`: the caller commits both accounts'
-//! new states, the two ledger entries and the sender's request record in one transaction.
+//! Transfer: cash from one account to another, both read under their leases (or as this
+//! coordinator last wrote them), decided here and committed in one transaction with the two
+//! ledger entries (TRANSFER_OUT on the sender, TRANSFER_IN on the receiver, one transfer id) and
+//! the sender's request record. The request id is the sender's; the receiver must have an
+//! account (money never goes to a typo).
 //!
 //! The assertions here are always on (TigerBeetle's paired assertions): a transfer that could
 //! create or destroy a cent is a programmer error, never an expected refusal.
 
-use super::account::Account;
-use super::decide::{Decision, Rejection, unchanged};
-use super::limits::Limits;
-use super::money::{Usd, UsdDelta};
-use super::time::UtcDay;
+use super::unchanged;
+use crate::core::account::Account;
+use crate::core::decision::{Decision, Rejection};
+use crate::core::ids::{EntryId, Memo, RequestId, TransferId, UserId};
+use crate::core::limits::Limits;
+use crate::core::money::{Usd, UsdDelta};
+use crate::core::principal::Principal;
+use crate::core::records::{EntryKind, LedgerEntry, LedgerTransfer};
+use crate::core::time::{Millis, UtcDay};
+
+/// The name in leases, logs, metrics and request records.
+pub const NAME: &str = "TRANSFER";
+
+/// A validated transfer request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRequest {
+    /// The sender, whose request id keys the call.
+    pub from: UserId,
+    /// The receiver: another user, who must have an account.
+    pub to: UserId,
+    pub amount: Usd,
+    pub memo: Memo,
+}
+
+impl TransferRequest {
+    /// `TRANSFER 10.00 to bob memo "rent"`: a retry with the same request id must match it.
+    pub fn fingerprint(&self) -> String {
+        let memo = if self.memo.is_empty() {
+            String::new()
+        } else {
+            format!(" memo {:?}", self.memo.as_str())
+        };
+        format!("{NAME} {} to {}{memo}", self.amount, self.to)
+    }
+}
+
+/// Which side of a transfer a ledger entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Sender,
+    Receiver,
+}
+
+/// The ledger entry of one side of a committed transfer. `sequence` is that account's version
+/// after the commit; only the sender's entry carries the request id (it keys the call).
+#[allow(clippy::too_many_arguments)]
+pub fn entry(
+    request: &TransferRequest,
+    transfer_id: &TransferId,
+    side: Side,
+    decision: &Decision,
+    sequence: u64,
+    principal: &Principal,
+    request_id: Option<&RequestId>,
+    now: Millis,
+) -> LedgerEntry {
+    let (user, counterparty, kind) = match side {
+        Side::Sender => (&request.from, &request.to, EntryKind::TransferOut),
+        Side::Receiver => (&request.to, &request.from, EntryKind::TransferIn),
+    };
+    LedgerEntry {
+        entry_id: EntryId::new(),
+        user_id: user.clone(),
+        kind,
+        cash_delta: decision.cash_delta,
+        cash_after: decision.cash,
+        trade: None,
+        transfer: Some(LedgerTransfer {
+            transfer_id: transfer_id.clone(),
+            counterparty: counterparty.clone(),
+            memo: request.memo.clone(),
+        }),
+        created_at_ms: now,
+        request_id: request_id
+            .filter(|_| side == Side::Sender)
+            .map(|id| id.as_str().to_owned()),
+        sequence,
+        principal: principal.clone(),
+    }
+}
 
 /// What a transfer decides: the sender's and the receiver's next state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +108,7 @@ pub enum TransferRefusal {
 
 /// The refusal of a transfer whose amount alone is above the whole daily transfer limit: it
 /// holds whatever the accounts, so it is answered before any lease.
-pub fn above_daily_transfer_limit(amount: Usd, limits: &Limits) -> Option<Rejection> {
+pub fn above_daily_limit(amount: Usd, limits: &Limits) -> Option<Rejection> {
     (amount > limits.daily_transfer).then_some(Rejection::AboveDailyLimit {
         kind: "transfer",
         limit: limits.daily_transfer,
@@ -40,7 +117,7 @@ pub fn above_daily_transfer_limit(amount: Usd, limits: &Limits) -> Option<Reject
 }
 
 /// Decides moving `amount` from `sender` to `receiver` as of the UTC day `today`.
-pub fn decide_transfer(
+pub fn decide(
     sender: &Account,
     receiver: &Account,
     amount: Usd,
@@ -147,7 +224,7 @@ mod tests {
     /// transfer total counts it; nothing else moves.
     #[test]
     fn a_transfer_moves_the_amount_and_counts_it_on_the_sender() {
-        let decision = decide_transfer(&open("100"), &open("5"), usd("30.25"), today(), &Limits::default()).unwrap();
+        let decision = decide(&open("100"), &open("5"), usd("30.25"), today(), &Limits::default()).unwrap();
         assert_eq!(decision.sender.cash, usd("69.75"));
         assert_eq!(decision.receiver.cash, usd("35.25"));
         assert_eq!(decision.sender.transferred_today, usd("30.25"));
@@ -163,14 +240,14 @@ mod tests {
         let limits = Limits::default();
         let missing = Account::default();
         assert_eq!(
-            decide_transfer(&missing, &open("1"), usd("1"), today(), &limits),
+            decide(&missing, &open("1"), usd("1"), today(), &limits),
             Err(TransferRefusal::SenderMissing)
         );
         assert_eq!(
-            decide_transfer(&open("10"), &missing, usd("1"), today(), &limits),
+            decide(&open("10"), &missing, usd("1"), today(), &limits),
             Err(TransferRefusal::ReceiverMissing)
         );
-        let short = decide_transfer(&open("10"), &open("0"), usd("10.01"), today(), &limits);
+        let short = decide(&open("10"), &open("0"), usd("10.01"), today(), &limits);
         match short {
             Err(TransferRefusal::Rejected(rejection)) => assert_eq!(
                 rejection.to_string(),
@@ -187,7 +264,7 @@ mod tests {
         let limits = Limits::default();
         let mut sender = open("20000");
         sender.transferred_today = usd("4990");
-        let refused = decide_transfer(&sender, &open("0"), usd("20"), today(), &limits);
+        let refused = decide(&sender, &open("0"), usd("20"), today(), &limits);
         match refused {
             Err(TransferRefusal::Rejected(rejection)) => assert_eq!(
                 rejection.to_string(),
@@ -196,11 +273,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let tomorrow = today().next();
-        let decision = decide_transfer(&sender, &open("0"), usd("20"), tomorrow, &limits).unwrap();
+        let decision = decide(&sender, &open("0"), usd("20"), tomorrow, &limits).unwrap();
         assert_eq!(decision.sender.transferred_today, usd("20"));
-        assert!(above_daily_transfer_limit(usd("5000"), &limits).is_none());
+        assert!(above_daily_limit(usd("5000"), &limits).is_none());
         assert_eq!(
-            above_daily_transfer_limit(usd("5000.01"), &limits).unwrap().to_string(),
+            above_daily_limit(usd("5000.01"), &limits).unwrap().to_string(),
             "Daily transfer limit exceeded. Limit: $5000.00, Requested: $5000.01"
         );
     }
@@ -224,7 +301,7 @@ mod tests {
                         continue;
                     }
                     let amount = Usd::from_decimal(Decimal::new(cents, 2));
-                    let Ok(decision) = decide_transfer(&accounts[from], &accounts[to], amount, today(), &Limits::default()) else { continue };
+                    let Ok(decision) = decide(&accounts[from], &accounts[to], amount, today(), &Limits::default()) else { continue };
                     sums[from] += decision.sender.cash_delta.decimal();
                     sums[to] += decision.receiver.cash_delta.decimal();
                     accounts[from].apply(&decision.sender);

@@ -1,0 +1,291 @@
+//! The operations, one file each: its request type, name, fingerprint, lease, the accounts it
+//! touches, its pure decision, the records it writes and its pre-lease refusals.
+//!
+//! | operation | file | accounts | committed |
+//! |---|---|---|---|
+//! | Deposit | `deposit.rs` | the user's | in a batch of the user's queue |
+//! | Withdraw | `withdraw.rs` | the user's | in a batch of the user's queue |
+//! | PlaceBuy, PlaceSell | `trade.rs` | the user's | in a batch, conditioned on the quote's price |
+//! | Transfer | `transfer.rs` | sender's and receiver's | alone, both leases, one transaction |
+//!
+//! Adding an operation is one new file here, one arm of `Operation` (the compiler then names
+//! every `match` to extend), the proto message and its tests (docs/flow.md, "Adding an
+//! operation"). Nothing here does I/O: `service` feeds the decision what storage returned.
+
+pub mod deposit;
+pub mod trade;
+pub mod transfer;
+pub mod withdraw;
+
+use super::account::Account;
+use super::decision::{Decision, Rejection};
+use super::ids::{EntryId, RequestId, UserId};
+use super::limits::Limits;
+use super::money::Usd;
+use super::principal::Principal;
+use super::records::{LedgerEntry, Order};
+use super::time::{Millis, UtcDay};
+
+pub use trade::{Quote, TradeRequest, TradeSide};
+pub use transfer::TransferRequest;
+
+/// A mutation as the caller asked for it, validated before any lease: the one type the queue,
+/// the batch, request records, metrics and roll back all work with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Deposit(Usd),
+    Withdraw(Usd),
+    Trade(TradeRequest),
+    Transfer(TransferRequest),
+}
+
+/// Which configured lease duration an operation takes (`--lease-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseKind {
+    Deposit,
+    Withdraw,
+    Trade,
+}
+
+/// The accounts an operation touches, sorted and without duplicates: the one global order in
+/// which every coordinator takes their leases (TiKV's latches sort their keys the same way), so
+/// two operations that need the same accounts never wait on each other in a circle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSet(Vec<UserId>);
+
+impl AccountSet {
+    pub fn new(mut accounts: Vec<UserId>) -> Self {
+        accounts.sort();
+        accounts.dedup();
+        assert!(!accounts.is_empty(), "an operation touches at least one account");
+        AccountSet(accounts)
+    }
+
+    /// The first account in the global order: whose queue the operation waits in.
+    pub fn first(&self) -> &UserId {
+        &self.0[0]
+    }
+
+    /// Every account, in the global order.
+    pub fn iter(&self) -> impl Iterator<Item = &UserId> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Operation {
+    /// The name used in leases, logs, metrics and ledger entries.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Deposit(_) => deposit::NAME,
+            Operation::Withdraw(_) => withdraw::NAME,
+            Operation::Trade(trade) => trade.name(),
+            Operation::Transfer(_) => transfer::NAME,
+        }
+    }
+
+    /// The operation and every parameter, e.g. `BUY 0.5 SOL limit 140`: a retry with the same
+    /// request id must match it exactly.
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Operation::Deposit(amount) => deposit::fingerprint(*amount),
+            Operation::Withdraw(amount) => withdraw::fingerprint(*amount),
+            Operation::Trade(trade) => trade.fingerprint(),
+            Operation::Transfer(transfer) => transfer.fingerprint(),
+        }
+    }
+
+    /// The lease it takes. A transfer is a withdrawal on one side and a deposit on the other.
+    pub fn lease_kind(&self) -> LeaseKind {
+        match self {
+            Operation::Deposit(_) => LeaseKind::Deposit,
+            Operation::Withdraw(_) | Operation::Transfer(_) => LeaseKind::Withdraw,
+            Operation::Trade(_) => LeaseKind::Trade,
+        }
+    }
+
+    /// The accounts it touches, for a call made for `user`.
+    pub fn accounts(&self, user: &UserId) -> AccountSet {
+        match self {
+            Operation::Transfer(transfer) => AccountSet::new(vec![transfer.from.clone(), transfer.to.clone()]),
+            _ => AccountSet::new(vec![user.clone()]),
+        }
+    }
+
+    /// Whether it is committed on its own, never in a batch with others: an operation whose
+    /// transaction spans more than one account.
+    pub fn is_solo(&self) -> bool {
+        matches!(self, Operation::Transfer(_))
+    }
+
+    /// Only a deposit may create an account; everything else needs one.
+    pub fn requires_account(&self) -> bool {
+        !matches!(self, Operation::Deposit(_))
+    }
+
+    /// The refusal that holds whatever the accounts (an amount above the whole daily limit):
+    /// answered before any lease, with nothing written.
+    pub fn refused_before_lease(&self, limits: &Limits) -> Option<Rejection> {
+        match self {
+            Operation::Deposit(amount) => deposit::above_daily_limit(*amount, limits),
+            Operation::Withdraw(amount) => withdraw::above_daily_limit(*amount, limits),
+            Operation::Trade(_) => None,
+            Operation::Transfer(transfer) => transfer::above_daily_limit(transfer.amount, limits),
+        }
+    }
+}
+
+/// Decides `operation` on `account` as of the UTC day `today`; a trade at `quote`, the catalog
+/// entry its commit will be conditioned on.
+///
+/// # Panics
+/// On a transfer (decided on its two accounts by `transfer::decide`) or a trade without its
+/// quote: both are programmer errors of the caller.
+pub fn decide(
+    account: &Account,
+    operation: &Operation,
+    quote: Option<&Quote>,
+    today: UtcDay,
+    limits: &Limits,
+) -> Result<Decision, Rejection> {
+    if !account.exists() && operation.requires_account() {
+        return Err(Rejection::AccountNotFound);
+    }
+    let unchanged = unchanged(account, today);
+    let decision = match operation {
+        Operation::Deposit(amount) => deposit::decide(*amount, limits, unchanged),
+        Operation::Withdraw(amount) => withdraw::decide(*amount, limits, unchanged),
+        Operation::Trade(request) => {
+            let quote = quote.expect("a trade is decided at its quote");
+            trade::decide(account, request, quote, limits, unchanged)
+        }
+        Operation::Transfer(_) => unreachable!("a transfer is decided on both its accounts by transfer::decide"),
+    }?;
+    assert_postconditions(account, &decision);
+    Ok(decision)
+}
+
+/// The decision that changes nothing: the account's cash, and its daily totals as they count on
+/// the day the limits use.
+pub fn unchanged(account: &Account, today: UtcDay) -> Decision {
+    // Days only move forward: a coordinator whose clock is behind another's (around midnight)
+    // keeps counting on the later day already stored, instead of resetting its totals. But a
+    // stored day more than one day ahead was written by a clock far ahead: it is not allowed
+    // to freeze the totals until then, and this clock's day is used instead.
+    let today = match account.limit_day {
+        Some(stored) if stored > today && stored <= today.next() => stored,
+        _ => today,
+    };
+    let (deposited_today, withdrawn_today) = account.daily_totals(today);
+    Decision {
+        cash: account.cash,
+        cash_delta: super::money::UsdDelta::ZERO,
+        limit_day: today,
+        deposited_today,
+        withdrawn_today,
+        transferred_today: account.transferred_on(today),
+        trade: None,
+    }
+}
+
+/// A decision's postconditions, checked where the state changes: cash moves by exactly the
+/// delta, nothing goes negative, and the holding moves by exactly the traded quantity.
+/// Always on (TigerBeetle's paired assertions): a decision that breaks one is a programmer error
+/// that must never reach storage. `storage::model` checks the same where an account is encoded
+/// and decoded.
+pub fn assert_postconditions(before: &Account, decision: &Decision) {
+    assert_eq!(
+        decision.cash.decimal(),
+        before.cash.decimal() + decision.cash_delta.decimal(),
+        "cash after = cash before + delta"
+    );
+    assert!(decision.cash >= Usd::ZERO, "cash never goes negative");
+    if let Some(effect) = &decision.trade {
+        assert_eq!(
+            effect.holding.decimal(),
+            before.holding(&effect.asset).decimal() + effect.quantity_delta,
+            "holding after = holding before + quantity delta"
+        );
+        assert!(
+            !effect.holding.decimal().is_sign_negative(),
+            "holdings never go negative"
+        );
+    }
+}
+
+/// Who, why and when: what every record of a committed call carries besides the decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub user: &'a UserId,
+    pub principal: &'a Principal,
+    pub request_id: Option<&'a RequestId>,
+    pub now: Millis,
+}
+
+/// The ledger entry, and for a trade the CONFIRMED order, that an accepted single-account
+/// `decision` commits; `sequence` is the account's version after it.
+///
+/// # Panics
+/// On a transfer, whose two entries `transfer::entry` writes.
+pub fn records(
+    operation: &Operation,
+    decision: &Decision,
+    origin: Origin<'_>,
+    sequence: u64,
+) -> (LedgerEntry, Option<Order>) {
+    let (kind, trade_records) = match operation {
+        Operation::Deposit(_) => (deposit::ENTRY_KIND, None),
+        Operation::Withdraw(_) => (withdraw::ENTRY_KIND, None),
+        Operation::Trade(request) => {
+            let effect = decision.trade.as_ref().expect("a trade decision carries its effect");
+            let executed = trade::executed(origin.user, origin.principal, request, effect, origin.now);
+            (request.entry_kind(), Some(executed))
+        }
+        Operation::Transfer(_) => unreachable!("a transfer's entries are written by transfer::entry"),
+    };
+    let (order, ledger_trade) = trade_records.unzip();
+    let entry = LedgerEntry {
+        entry_id: EntryId::new(),
+        user_id: origin.user.clone(),
+        kind,
+        cash_delta: decision.cash_delta,
+        cash_after: decision.cash,
+        trade: ledger_trade,
+        created_at_ms: origin.now,
+        request_id: origin.request_id.map(|request_id| request_id.as_str().to_owned()),
+        transfer: None,
+        sequence,
+        principal: origin.principal.clone(),
+    };
+    (entry, order)
+}
+
+/// For a refused trade, the FAILED order that records it; nothing for cash operations.
+pub fn failed_order(
+    operation: &Operation,
+    quote: Option<&Quote>,
+    rejection: &Rejection,
+    origin: Origin<'_>,
+) -> Option<Order> {
+    let (Operation::Trade(request), Some(quote)) = (operation, quote) else {
+        return None;
+    };
+    Some(trade::failed(
+        origin.user,
+        origin.principal,
+        request,
+        quote,
+        rejection,
+        origin.now,
+    ))
+}
+
+#[cfg(test)]
+mod tests;
