@@ -7,6 +7,7 @@
 //! one way the lease is given back or kept.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::core::batch::{BatchOutcome, decide_batch};
 use crate::core::ops::{self, Quote};
@@ -17,6 +18,7 @@ use crate::storage::{CancellationReason, StorageError};
 use crate::telemetry::metrics;
 
 use super::queue::{Call, Waiter};
+use super::roll_back::refused_writes;
 use super::{
     COMMIT_ATTEMPTS_MAX, COMMIT_LEASE_MARGIN, CommitHook, HeldLease, Missing, Receipt, ServiceError,
     TransactionCoordinator,
@@ -310,108 +312,15 @@ impl TransactionCoordinator {
         }
         let extend_until = (held.is_stored() && self.queues.has_waiters(&held.user))
             .then(|| now + self.config.lease_trade.as_millis() as u64);
-        Ok(Some(self.build_round(
+        Ok(Some(build_round(
             held,
             calls,
             &operations,
             outcome,
             extend_until,
             now,
+            self.config.request_retention,
         )))
-    }
-
-    /// Every call's records and answer, and the one transaction that writes them.
-    fn build_round(
-        &self,
-        held: &HeldLease,
-        calls: &[Call],
-        operations: &[(&Operation, Option<Quote>)],
-        outcome: BatchOutcome,
-        extend_until: Option<Millis>,
-        now: Millis,
-    ) -> Round {
-        let mut state = held.account.clone();
-        let mut writes = Vec::with_capacity(calls.len());
-        let mut prices: BTreeMap<_, Price> = BTreeMap::new();
-        for (((_, waiter), (_, quote)), decision) in calls.iter().zip(operations).zip(&outcome.decisions) {
-            writes.push(match decision {
-                Ok(decision) => {
-                    ops::assert_postconditions(&state, decision);
-                    state.version += 1;
-                    let version = state.version;
-                    state.apply(decision);
-                    if let Some(effect) = &decision.trade {
-                        prices.insert(effect.asset.clone(), effect.price);
-                    }
-                    self.accepted_writes(held, waiter, decision, version, now)
-                }
-                Err(rejection) => self.refused_writes(held, waiter, quote.as_ref(), rejection, now),
-            });
-        }
-        assert_eq!(
-            state.cash, outcome.after.cash,
-            "the batch's state is its decisions applied in order"
-        );
-        let accepted = outcome.accepted();
-        let mut after = outcome.after;
-        after.version = held.account.version + accepted.max(1) as u64;
-        let operation_writes: Vec<_> = writes.iter().map(CallWrites::as_model).collect();
-        let transaction = model::commit_batch(&model::BatchCommit {
-            user: &held.user,
-            lock_id: held.lock_id.as_ref(),
-            read: &held.account,
-            after: &after,
-            cash_floor: outcome.cash_floor,
-            holding_floors: &outcome.holding_floors,
-            prices: &prices,
-            operations: &operation_writes,
-            extend_until,
-            now,
-        });
-        let answers = calls
-            .iter()
-            .zip(writes)
-            .map(|((id, _), writes)| (*id, writes.answer))
-            .collect();
-        Round {
-            answers,
-            transaction,
-            after,
-            extend_until,
-        }
-    }
-
-    /// An accepted call's ledger entry, order and request record.
-    fn accepted_writes(
-        &self,
-        held: &HeldLease,
-        waiter: &Waiter,
-        decision: &Decision,
-        version: u64,
-        now: Millis,
-    ) -> CallWrites {
-        let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
-        let (entry, order) = ops::records(operation, decision, waiter.origin(&held.user, now), version);
-        let holding = decision.trade.as_ref().map(|effect| effect.holding);
-        let record = request_id.map(|request_id| {
-            let outcome = RecordedOutcome::Committed {
-                entry_id: entry.entry_id.clone(),
-                order_id: order.as_ref().map(|order| order.order_id.clone()),
-                holding,
-            };
-            (request_id.clone(), self.record(operation, outcome, now))
-        });
-        let receipt = Receipt {
-            trade: order.clone().zip(holding),
-            entry: entry.clone(),
-            replayed: false,
-        };
-        CallWrites {
-            entry: Some(entry),
-            order,
-            record,
-            answer: Answer::Commit(Box::new(receipt)),
-        }
     }
 
     /// Answers, at once, the calls whose asset left the catalog since they were queued.
@@ -476,6 +385,105 @@ impl TransactionCoordinator {
             )),
             Operation::Deposit(_) | Operation::Withdraw(_) => Ok(None),
         }
+    }
+}
+
+/// Every call's records and answer, and the one transaction that writes them: a step with
+/// explicit inputs (the lease held, the calls and their decisions, the instant and the request
+/// records' retention), no coordinator state.
+fn build_round(
+    held: &HeldLease,
+    calls: &[Call],
+    operations: &[(&Operation, Option<Quote>)],
+    outcome: BatchOutcome,
+    extend_until: Option<Millis>,
+    now: Millis,
+    retention: Duration,
+) -> Round {
+    let mut state = held.account.clone();
+    let mut writes = Vec::with_capacity(calls.len());
+    let mut prices: BTreeMap<_, Price> = BTreeMap::new();
+    for (((_, waiter), (_, quote)), decision) in calls.iter().zip(operations).zip(&outcome.decisions) {
+        writes.push(match decision {
+            Ok(decision) => {
+                ops::assert_postconditions(&state, decision);
+                state.version += 1;
+                let version = state.version;
+                state.apply(decision);
+                if let Some(effect) = &decision.trade {
+                    prices.insert(effect.asset.clone(), effect.price);
+                }
+                accepted_writes(held, waiter, decision, version, now, retention)
+            }
+            Err(rejection) => refused_writes(held, waiter, quote.as_ref(), rejection, now, retention),
+        });
+    }
+    assert_eq!(
+        state.cash, outcome.after.cash,
+        "the batch's state is its decisions applied in order"
+    );
+    let accepted = outcome.accepted();
+    let mut after = outcome.after;
+    after.version = held.account.version + accepted.max(1) as u64;
+    let operation_writes: Vec<_> = writes.iter().map(CallWrites::as_model).collect();
+    let transaction = model::commit_batch(&model::BatchCommit {
+        user: &held.user,
+        lock_id: held.lock_id.as_ref(),
+        read: &held.account,
+        after: &after,
+        cash_floor: outcome.cash_floor,
+        holding_floors: &outcome.holding_floors,
+        prices: &prices,
+        operations: &operation_writes,
+        extend_until,
+        now,
+    });
+    let answers = calls
+        .iter()
+        .zip(writes)
+        .map(|((id, _), writes)| (*id, writes.answer))
+        .collect();
+    Round {
+        answers,
+        transaction,
+        after,
+        extend_until,
+    }
+}
+
+/// An accepted call's ledger entry, order and request record.
+fn accepted_writes(
+    held: &HeldLease,
+    waiter: &Waiter,
+    decision: &Decision,
+    version: u64,
+    now: Millis,
+    retention: Duration,
+) -> CallWrites {
+    let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
+    let (entry, order) = ops::records(operation, decision, waiter.origin(&held.user, now), version);
+    let holding = decision.trade.as_ref().map(|effect| effect.holding);
+    let record = request_id.map(|request_id| {
+        let outcome = RecordedOutcome::Committed {
+            entry_id: entry.entry_id.clone(),
+            order_id: order.as_ref().map(|order| order.order_id.clone()),
+            holding,
+        };
+        (
+            request_id.clone(),
+            ops::request_record(operation, outcome, now, retention),
+        )
+    });
+    let receipt = Receipt {
+        trade: order.clone().zip(holding),
+        entry: entry.clone(),
+        replayed: false,
+    };
+    CallWrites {
+        entry: Some(entry),
+        order,
+        record,
+        answer: Answer::Commit(Box::new(receipt)),
     }
 }
 

@@ -49,7 +49,7 @@ pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
 pub use crate::core::ops::{Operation, TradeRequest, TransferRequest};
 
 use crate::core::ops::LeaseKind;
-use crate::core::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
+use crate::core::records::{LedgerEntry, Order};
 use crate::core::{
     AssetSymbol, Clock, FieldError, Limits, Millis, Principal, Quantity, Rejection, RequestId, Usd, UserId, UtcDay,
 };
@@ -95,8 +95,8 @@ const _: () = assert!(COMMIT_LEASE_MARGIN.as_millis() < LEASE_DEPOSIT.as_millis(
 const _: () = assert!(PAGE_SIZE_DEFAULT <= PAGE_SIZE_MAX);
 const _: () = assert!(SAFE_RETRY_ATTEMPTS >= 1);
 const _: () = assert!(
-    BATCH_CALLS_MAX * 4 + 1 + BATCH_CALLS_MAX <= 100,
-    "DynamoDB's transaction item limit"
+    BATCH_CALLS_MAX * 4 + 1 + BATCH_CALLS_MAX <= crate::storage::model::TRANSACTION_ITEMS_MAX,
+    "DynamoDB's transaction item limit: per call an entry, an order (two items) and a record; the account; a catalog check per traded asset"
 );
 
 /// Runs `call` again while storage is unavailable, up to `SAFE_RETRY_ATTEMPTS` times in all.
@@ -501,14 +501,5 @@ impl TransactionCoordinator {
     pub async fn wait_for_mutations(&self, timeout: Duration) -> bool {
         self.mutations.close();
         tokio::time::timeout(timeout, self.mutations.wait()).await.is_ok()
-    }
-
-    /// A request record of `operation` with `outcome`, kept for the configured retention.
-    fn record(&self, operation: &Operation, outcome: RecordedOutcome, now: Millis) -> RequestRecord {
-        RequestRecord {
-            fingerprint: operation.fingerprint(),
-            outcome,
-            expires_at_seconds: (now / 1000).saturating_add(self.config.request_retention.as_secs()),
-        }
     }
 }

@@ -3,48 +3,49 @@
 //! in the batch's one transaction (which also gives the lease back or keeps it for the next
 //! calls), and the call's answer is the refusal.
 
+use std::time::Duration;
+
 use crate::core::ops::{self, Quote};
 use crate::core::records::{RecordedOutcome, RefusalCode};
 use crate::core::{Millis, Rejection};
 
 use super::commit::{Answer, CallWrites};
 use super::queue::Waiter;
-use super::{HeldLease, Missing, ServiceError, TransactionCoordinator};
+use super::{HeldLease, Missing, ServiceError};
 
-impl TransactionCoordinator {
-    /// A refused call's FAILED order (trades), refusal record (with a request id) and answer.
-    pub(super) fn refused_writes(
-        &self,
-        held: &HeldLease,
-        waiter: &Waiter,
-        quote: Option<&Quote>,
-        rejection: &Rejection,
-        now: Millis,
-    ) -> CallWrites {
-        let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
-        tracing::info!(reason = %rejection, operation = operation.name(), "refused under the lease");
-        let message = rejection.to_string();
-        let code = match rejection {
-            Rejection::AccountNotFound => RefusalCode::NotFound,
-            _ => RefusalCode::FailedPrecondition,
-        };
-        let record = request_id.map(|id| {
-            (
-                id.clone(),
-                self.record(operation, RecordedOutcome::Refused { message, code }, now),
-            )
-        });
-        let order = ops::failed_order(operation, quote, rejection, waiter.origin(&held.user, now));
-        CallWrites {
-            entry: None,
-            answer: Answer::Refuse {
-                error: refusal_error(held, rejection.clone()),
-                recorded: record.is_some(),
-                unrecorded_order: order.clone().filter(|_| record.is_none()).map(Box::new),
-            },
-            order,
-            record,
-        }
+/// A refused call's FAILED order (trades), refusal record (with a request id, kept for
+/// `retention`) and answer.
+pub(super) fn refused_writes(
+    held: &HeldLease,
+    waiter: &Waiter,
+    quote: Option<&Quote>,
+    rejection: &Rejection,
+    now: Millis,
+    retention: Duration,
+) -> CallWrites {
+    let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
+    tracing::info!(reason = %rejection, operation = operation.name(), "refused under the lease");
+    let message = rejection.to_string();
+    let code = match rejection {
+        Rejection::AccountNotFound => RefusalCode::NotFound,
+        _ => RefusalCode::FailedPrecondition,
+    };
+    let record = request_id.map(|id| {
+        (
+            id.clone(),
+            ops::request_record(operation, RecordedOutcome::Refused { message, code }, now, retention),
+        )
+    });
+    let order = ops::failed_order(operation, quote, rejection, waiter.origin(&held.user, now));
+    CallWrites {
+        entry: None,
+        answer: Answer::Refuse {
+            error: refusal_error(held, rejection.clone()),
+            recorded: record.is_some(),
+            unrecorded_order: order.clone().filter(|_| record.is_none()).map(Box::new),
+        },
+        order,
+        record,
     }
 }
 

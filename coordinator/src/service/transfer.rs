@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::core::ops;
 use crate::core::ops::transfer::{self, Side, TransferRefusal};
 use crate::core::records::RecordedOutcome;
 use crate::core::{Account, Decision, TransferId, UserId, UtcDay};
@@ -281,10 +282,12 @@ impl TransactionCoordinator {
                     code: crate::core::records::RefusalCode::FailedPrecondition,
                 },
             };
-            let record = waiter
-                .request_id
-                .as_ref()
-                .map(|id| (id.clone(), self.record(&waiter.operation, outcome, now)));
+            let record = waiter.request_id.as_ref().map(|id| {
+                (
+                    id.clone(),
+                    ops::request_record(&waiter.operation, outcome, now, self.config.request_retention),
+                )
+            });
             let sender_party = model::TransferParty {
                 user: &request.from,
                 lock_id: sender.lock_id.as_ref(),

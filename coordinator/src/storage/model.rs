@@ -352,8 +352,17 @@ pub struct NamedItems {
     marker: Option<Key>,
 }
 
+/// DynamoDB's limit on the items of one TransactWriteItems (and of dynoxide's).
+pub const TRANSACTION_ITEMS_MAX: usize = 100;
+
 impl NamedItems {
     fn push(&mut self, item: TransactItem) -> usize {
+        // Always on: the batch size is bounded at compile time (`service::BATCH_CALLS_MAX`);
+        // a transaction past the limit would be refused whole by storage, after deciding.
+        assert!(
+            self.items.len() < TRANSACTION_ITEMS_MAX,
+            "a transaction holds at most {TRANSACTION_ITEMS_MAX} items"
+        );
         self.items.push(item);
         self.items.len() - 1
     }

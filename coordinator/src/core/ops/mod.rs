@@ -17,13 +17,15 @@ pub mod trade;
 pub mod transfer;
 pub mod withdraw;
 
+use std::time::Duration;
+
 use super::account::Account;
 use super::decision::{Decision, Rejection};
 use super::ids::{EntryId, RequestId, UserId};
 use super::limits::Limits;
 use super::money::Usd;
 use super::principal::Principal;
-use super::records::{LedgerEntry, Order};
+use super::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
 use super::time::{Millis, UtcDay};
 
 pub use trade::{Quote, TradeRequest, TradeSide};
@@ -265,6 +267,21 @@ pub fn records(
         principal: origin.principal.clone(),
     };
     (entry, order)
+}
+
+/// The request record of `operation` with `outcome`, kept for `retention` from `now`: what a
+/// retry with the same request id is answered from.
+pub fn request_record(
+    operation: &Operation,
+    outcome: RecordedOutcome,
+    now: Millis,
+    retention: Duration,
+) -> RequestRecord {
+    RequestRecord {
+        fingerprint: operation.fingerprint(),
+        outcome,
+        expires_at_seconds: (now / 1000).saturating_add(retention.as_secs()),
+    }
 }
 
 /// For a refused trade, the FAILED order that records it; nothing for cash operations.
