@@ -94,12 +94,17 @@ impl TransactionCoordinator {
             )));
             return held;
         };
-        let second_user = if request.from == *user {
-            request.to.clone()
-        } else {
-            request.from.clone()
-        };
-        assert!(*user < second_user, "a transfer runs in the queue of its first account");
+        // The accounts in the one global order: the call waits in the first one's queue, and the
+        // others are borrowed after it, in order (two for a transfer: sender and receiver are
+        // never the same, which `transport` refuses).
+        let accounts = waiter.operation.accounts(user);
+        assert_eq!(
+            accounts.first(),
+            user,
+            "an operation runs in the queue of its first account"
+        );
+        assert_eq!(accounts.len(), 2, "a transfer touches two accounts");
+        let second_user = accounts.iter().nth(1).expect("two accounts").clone();
         let bound = Bound {
             until: waiter.wait_until,
             on_timeout: waiter.on_timeout.clone(),
@@ -128,11 +133,11 @@ impl TransactionCoordinator {
             .transfer_attempts(&mut first, &mut second, &waiter, &request, &bound)
             .await;
         match &result {
-            Ok(receipt) if receipt.replayed => metrics::replayed("TRANSFER"),
-            Ok(_) => metrics::committed("TRANSFER"),
+            Ok(receipt) if receipt.replayed => metrics::replayed(transfer::NAME),
+            Ok(_) => metrics::committed(transfer::NAME),
             Err(ServiceError::Rejected(rejection)) => {
-                metrics::refused("TRANSFER", rejection);
-                metrics::rolled_back("TRANSFER");
+                metrics::refused(transfer::NAME, rejection);
+                metrics::rolled_back(transfer::NAME);
             }
             Err(_) => {}
         }
@@ -159,7 +164,7 @@ impl TransactionCoordinator {
     async fn acquire_for_transfer(&self, user: &UserId, bound: &Bound) -> Result<HeldLease, ServiceError> {
         self.acquire(
             user,
-            "TRANSFER",
+            transfer::NAME,
             self.config.lease_withdraw,
             true,
             Some((bound.until, bound.on_timeout.clone())),
@@ -241,7 +246,7 @@ impl TransactionCoordinator {
                     return Err(ServiceError::NotFound(Missing::Account(request.to.clone())));
                 }
                 Err(TransferRefusal::Rejected(rejection)) => {
-                    tracing::info!(reason = %rejection, operation = "TRANSFER", "refused under the lease");
+                    tracing::info!(reason = %rejection, operation = transfer::NAME, "refused under the lease");
                     (None, None, Some(rejection))
                 }
             };

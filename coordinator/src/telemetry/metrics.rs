@@ -578,15 +578,12 @@ pub fn admin_released_lease() {
 
 /// The `operation` label: the service's operation names (`Operation::name`), anything else "other".
 pub fn operation_label(operation: &str) -> &'static str {
-    match operation {
-        "DEPOSIT" => "DEPOSIT",
-        "WITHDRAWAL" => "WITHDRAWAL",
-        "BUY" => "BUY",
-        "SELL" => "SELL",
-        "TRANSFER" => "TRANSFER",
-        "BATCH" => "BATCH",
-        _ => "other",
-    }
+    crate::core::ops::NAMES
+        .iter()
+        .chain(&["BATCH"])
+        .find(|name| **name == operation)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// A lease acquisition gave up (`outcome`: busy, deadline or unavailable).

@@ -31,6 +31,9 @@ use super::time::{Millis, UtcDay};
 pub use trade::{Quote, TradeRequest, TradeSide};
 pub use transfer::TransferRequest;
 
+/// Every operation's name: the bounded values of the `operation` label of the metrics.
+pub const NAMES: [&str; 5] = [deposit::NAME, withdraw::NAME, trade::BUY, trade::SELL, transfer::NAME];
+
 /// A mutation as the caller asked for it, validated before any lease: the one type the queue,
 /// the batch, request records, metrics and roll back all work with.
 #[derive(Debug, Clone, PartialEq, Eq)]

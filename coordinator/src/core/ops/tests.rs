@@ -88,6 +88,31 @@ fn above_daily_limit(operation: &Operation, limits: &Limits) -> Option<Rejection
     operation.refused_before_lease(limits)
 }
 
+/// Every operation's name is one of the bounded metric labels, and a side's name is the one its
+/// orders store.
+#[test]
+fn every_name_is_a_metric_label() {
+    let (buy, _) = trade(TradeSide::Buy, "1", "1", None);
+    let (sell, _) = trade(TradeSide::Sell, "1", "1", None);
+    let transfer = Operation::Transfer(TransferRequest {
+        from: crate::core::UserId::parse("from_user_id", "a").unwrap(),
+        to: crate::core::UserId::parse("to_user_id", "b").unwrap(),
+        amount: usd("1"),
+        memo: crate::core::Memo::default(),
+    });
+    for operation in [
+        Operation::Deposit(usd("1")),
+        Operation::Withdraw(usd("1")),
+        buy,
+        sell,
+        transfer,
+    ] {
+        assert!(NAMES.contains(&operation.name()), "{}", operation.name());
+    }
+    assert_eq!(TradeSide::Buy.as_str(), trade::BUY);
+    assert_eq!(TradeSide::Sell.as_str(), trade::SELL);
+}
+
 #[test]
 fn first_deposit_creates_the_account() {
     let decision = decide(

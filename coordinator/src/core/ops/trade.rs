@@ -14,6 +14,10 @@ pub use crate::core::records::TradeSide;
 use crate::core::records::{EntryKind, LedgerTrade, Order, OrderStatus};
 use crate::core::time::Millis;
 
+/// The names of the two sides in leases, logs, metrics and request records.
+pub const BUY: &str = "BUY";
+pub const SELL: &str = "SELL";
+
 /// A validated trade request, before the catalog price is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TradeRequest {
@@ -33,7 +37,10 @@ pub struct Quote {
 impl TradeRequest {
     /// `BUY` or `SELL`: the name in leases, logs, metrics and request records.
     pub fn name(&self) -> &'static str {
-        self.side.as_str()
+        match self.side {
+            TradeSide::Buy => BUY,
+            TradeSide::Sell => SELL,
+        }
     }
 
     /// `BUY 0.5 SOL limit 140`: a retry with the same request id must match it exactly.
