@@ -17,6 +17,7 @@
 //! [`run`] is what the binary calls and what the smoke test exercises through the binary.
 
 pub mod baseline;
+pub mod latency_proxy;
 pub mod load;
 pub mod lockstep_target;
 pub mod metrics;
@@ -205,7 +206,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
     for kind in &settings.systems {
         let report = match kind {
             SystemKind::Lockstep => {
-                let target = LockstepTarget::connect(&settings.target, timeout).await?;
+                let target = LockstepTarget::connect(&settings.addresses(), timeout).await?;
                 // A wrong --metrics-url fails now, not after funding every account.
                 if let Some(url) = &settings.metrics_url {
                     metrics::storage_requests(url).await?;
@@ -234,7 +235,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
                 };
                 SystemReport {
                     system: "lockstep",
-                    address: settings.target.clone(),
+                    address: settings.addresses().join(","),
                     tally,
                     storage_requests,
                 }

@@ -1,6 +1,8 @@
 //! A Lockstep coordinator over gRPC, through the generated client: one call per operation, each
 //! with its own `request_id` and a deadline.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lockstep::coordinator::v1 as pb;
@@ -15,26 +17,42 @@ use crate::workload::{
 /// A connection must be up within this, or the coordinator is not running.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One HTTP/2 connection to the coordinator, shared by every caller (as ghz does by default).
+/// One HTTP/2 connection to each coordinator, shared by every caller (as ghz does by default);
+/// with several coordinators, each call goes to the next one in turn.
 #[derive(Debug, Clone)]
 pub struct LockstepTarget {
-    client: CoordinatorClient<Channel>,
+    clients: Arc<[CoordinatorClient<Channel>]>,
+    next: Arc<AtomicUsize>,
     timeout: Duration,
 }
 
 impl LockstepTarget {
-    pub async fn connect(url: &str, timeout: Duration) -> Result<LockstepTarget, BenchError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|error| BenchError::Connect(format!("{url}: {error}")))?
-            .connect_timeout(CONNECT_TIMEOUT);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|error| BenchError::Connect(format!("{url}: {error} (is the coordinator running?)")))?;
+    pub async fn connect(urls: &[String], timeout: Duration) -> Result<LockstepTarget, BenchError> {
+        let mut clients = Vec::with_capacity(urls.len());
+        for url in urls {
+            let endpoint = Endpoint::from_shared(url.to_owned())
+                .map_err(|error| BenchError::Connect(format!("{url}: {error}")))?
+                .connect_timeout(CONNECT_TIMEOUT);
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|error| BenchError::Connect(format!("{url}: {error} (is the coordinator running?)")))?;
+            clients.push(CoordinatorClient::new(channel));
+        }
+        if clients.is_empty() {
+            return Err(BenchError::Settings("no coordinator to call".to_owned()));
+        }
         Ok(LockstepTarget {
-            client: CoordinatorClient::new(channel),
+            clients: clients.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             timeout,
         })
+    }
+
+    /// The client of the coordinator whose turn it is.
+    fn client(&self) -> CoordinatorClient<Channel> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.clients[turn % self.clients.len()].clone()
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -46,7 +64,7 @@ impl LockstepTarget {
     /// Funds `user` before the run: `cash` dollars, and `quantity` of the traded asset when sells
     /// are in the mix. Not counted.
     pub async fn fund(&self, user: &str, cash: &str, quantity: Option<&str>) -> Result<(), BenchError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let deposit = pb::DepositRequest {
             user_id: user.to_owned(),
             amount: cash.to_owned(),
@@ -67,7 +85,7 @@ impl LockstepTarget {
 
     /// Sends one call and returns its gRPC code name (`OK`, `ABORTED`, ...).
     pub async fn call(&self, call: &Call) -> &'static str {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let user = call.user.as_str();
         let result = match call.operation {
             Operation::Deposit => client

@@ -8,8 +8,13 @@ use lockstep_bench::settings::{Cli, Command};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::ServeDynoxide { listen, file }) = cli.command {
-        return serve_dynoxide(&listen, file.as_deref()).await;
+    if let Some(Command::ServeDynoxide {
+        listen,
+        file,
+        latency_ms,
+    }) = cli.command
+    {
+        return serve_dynoxide(&listen, file.as_deref(), latency_ms).await;
     }
     let settings = cli.settings;
     match lockstep_bench::run(&settings).await {
@@ -33,8 +38,13 @@ async fn main() -> ExitCode {
     }
 }
 
-/// dynoxide's HTTP server on `listen` until Ctrl-C.
-async fn serve_dynoxide(listen: &str, file: Option<&std::path::Path>) -> ExitCode {
+/// dynoxide's HTTP server on `listen` until Ctrl-C; with a latency, behind a proxy on `listen`
+/// that delays every chunk that long each way (dynoxide itself on another loopback port).
+async fn serve_dynoxide(listen: &str, file: Option<&std::path::Path>, latency_ms: f64) -> ExitCode {
+    if !(latency_ms.is_finite() && (0.0..=10_000.0).contains(&latency_ms)) {
+        eprintln!("lockstep-bench: --latency-ms {latency_ms}: a number of milliseconds from 0 to 10000");
+        return ExitCode::FAILURE;
+    }
     let database = match file {
         Some(path) => dynoxide::Database::new(&path.display().to_string()),
         None => dynoxide::Database::memory(),
@@ -52,6 +62,28 @@ async fn serve_dynoxide(listen: &str, file: Option<&std::path::Path>) -> ExitCod
             eprintln!("lockstep-bench: cannot listen on {listen}: {error}");
             return ExitCode::FAILURE;
         }
+    };
+    let listener = if latency_ms > 0.0 {
+        let inner = match tokio::net::TcpListener::bind("127.0.0.1:0").await.and_then(|inner| {
+            let address = inner.local_addr()?;
+            Ok((inner, address))
+        }) {
+            Ok(inner) => inner,
+            Err(error) => {
+                eprintln!("lockstep-bench: cannot listen on loopback: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let delay = std::time::Duration::from_secs_f64(latency_ms / 1000.0);
+        tokio::spawn(lockstep_bench::latency_proxy::serve(
+            listener,
+            inner.1.to_string(),
+            delay,
+        ));
+        println!("every chunk to and from dynoxide delayed {latency_ms} ms each way");
+        inner.0
+    } else {
+        listener
     };
     println!("dynoxide serving DynamoDB's API on http://{listen} (Ctrl-C stops it)");
     let stopped = async {

@@ -25,6 +25,10 @@ pub enum Command {
         /// SQLite file to serve; in memory without it.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Delay every chunk this many milliseconds each way (request and reply), as storage in a
+        /// region is about 2.5 ms away; connections are not serialised. 0: no delay.
+        #[arg(long, default_value_t = 0.0)]
+        latency_ms: f64,
     },
 }
 
@@ -55,6 +59,11 @@ pub struct Settings {
     /// The coordinator's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub target: String,
+    /// Several coordinators sharing one table, comma-separated: calls go to each in turn
+    /// (round robin per call, as a balancer in front of them would spread them). Replaces
+    /// --target.
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Vec<String>,
     /// Which systems to run, one after the other, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "lockstep")]
     pub systems: Vec<SystemKind>,
@@ -125,4 +134,15 @@ pub struct Settings {
     /// Seed of the user and operation choices; random by default.
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+impl Settings {
+    /// The coordinators to call: --targets, or else --target.
+    pub fn addresses(&self) -> Vec<String> {
+        if self.targets.is_empty() {
+            vec![self.target.clone()]
+        } else {
+            self.targets.clone()
+        }
+    }
 }

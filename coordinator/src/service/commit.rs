@@ -438,6 +438,14 @@ fn build_round(
         extend_until,
         now,
     });
+    // Always on: each call's `items_max` bounds what it writes, so `take_batch`'s count bounds
+    // the transaction (the account item is the one `BATCH_ITEMS_MAX` leaves out).
+    let counted: usize = calls.iter().map(|(_, waiter)| waiter.items_max()).sum();
+    assert!(
+        transaction.items.len() <= counted + 1,
+        "a batch wrote {} items, more than the {counted} its calls count and the account",
+        transaction.items.len()
+    );
     let answers = calls
         .iter()
         .zip(writes)
@@ -755,7 +763,8 @@ mod tests {
     }
 
     /// Calls that queue behind a commit are decided in order on the running balance and
-    /// committed together, up to `BATCH_CALLS_MAX` a transaction; a refusal in the middle is that
+    /// committed together, as many as `BATCH_ITEMS_MAX` items allow (49 such calls) in a
+    /// transaction; a refusal in the middle is that
     /// call's answer alone; while more calls wait, a commit extends the lease instead of
     /// releasing it, so the next batch needs no acquire.
     #[tokio::test]
@@ -773,7 +782,9 @@ mod tests {
             call(Operation::Withdraw(usd("50")), "b-2".to_owned()),
             call(Operation::Deposit(usd("1")), "b-3".to_owned()),
         ];
-        for index in 4..=super::super::BATCH_CALLS_MAX + 1 {
+        // Each call with a request id counts two items (entry, record): one full batch, and one more.
+        let per_batch = super::super::BATCH_ITEMS_MAX / 2;
+        for index in 4..=per_batch + 1 {
             queued.push(call(Operation::Deposit(usd("1")), format!("b-{index}")));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -791,12 +802,11 @@ mod tests {
         ));
         assert_eq!(results[2].as_ref().unwrap().entry.cash_after, usd("7"));
         let last = results.last().unwrap().as_ref().unwrap();
-        assert_eq!(last.entry.cash_after, usd("21"));
+        assert_eq!(last.entry.cash_after, usd(&(per_batch + 5).to_string()));
         assert_eq!(
             coordinator.storage().requests() - before,
             4,
-            "the parked commit, one acquire, a commit of {} calls that extends the lease, and a commit of the last call",
-            super::super::BATCH_CALLS_MAX
+            "the parked commit, one acquire, a commit of {per_batch} calls that extends the lease, and a commit of the last call"
         );
         let sequences: Vec<u64> = results
             .iter()
@@ -816,10 +826,10 @@ mod tests {
 
     /// Issue 18: a round of refusals that write nothing, while more calls wait, is still sent
     /// (the account's conditioned update alone): storage, not this coordinator's clock, confirms
-    /// the state the refusals were decided on. 17 refusals behind a parked deposit: the parked
+    /// the state the refusals were decided on. 100 refusals behind a parked deposit: the parked
     /// commit (which released the lease: nothing waited when it was decided), one acquire, a
-    /// round of 16 refusals that extends the lease, and a round of the last one. (Answered on the
-    /// clock, the round of 16 sent nothing: 3.)
+    /// round of 99 refusals that extends the lease, and a round of the last one. (Answered on the
+    /// clock, the round of 99 sent nothing: 3.)
     #[tokio::test]
     async fn a_round_of_refusals_while_calls_wait_is_confirmed_by_storage() {
         let (coordinator, parked, go) = parked_coordinator().await;
@@ -832,7 +842,8 @@ mod tests {
             })
         };
         parked.notified().await;
-        let refused: Vec<_> = (0..=super::super::BATCH_CALLS_MAX)
+        // Without a request id a withdrawal counts one item: one full batch, and one more.
+        let refused: Vec<_> = (0..=super::super::BATCH_ITEMS_MAX)
             .map(|_| {
                 let coordinator = Arc::clone(&coordinator);
                 tokio::spawn(async move {
@@ -855,7 +866,7 @@ mod tests {
         assert_eq!(
             coordinator.storage().requests() - before,
             4,
-            "the parked commit, the acquire, a round of 16 refusals (sent, not answered on the clock), the last refusal's round"
+            "the parked commit, the acquire, a round of 99 refusals (sent, not answered on the clock), the last refusal's round"
         );
     }
 

@@ -77,10 +77,12 @@ pub const REQUEST_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub const SAFE_RETRY_ATTEMPTS: usize = 4;
 /// First pause between such attempts; it grows fourfold each time (20, 80, 320 ms).
 pub const SAFE_RETRY_DELAY: Duration = Duration::from_millis(20);
-/// Calls of one user decided and committed together in one transaction. Each writes at most
-/// four items (ledger entry, two order items, request record), plus the account update and a
-/// price check per asset: 16 calls stay well under DynamoDB's 100 items per transaction.
-pub const BATCH_CALLS_MAX: usize = 16;
+/// Items of one user's calls decided and committed together in one transaction: DynamoDB's 100
+/// items less the account's own. Each call counts the items it may write
+/// (`Operation::items_max`): 49 deposits or withdrawals with request ids, 99 without, 19 trades.
+pub const BATCH_ITEMS_MAX: usize = crate::storage::model::TRANSACTION_ITEMS_MAX - 1;
+/// The most one call counts: a trade with its request record.
+pub const CALL_ITEMS_MAX: usize = 5;
 /// Default bound on mutations in flight (queued or being decided) in one coordinator.
 pub const INFLIGHT_MAX_DEFAULT: usize = 4096;
 /// Default bound on calls queued for one user in one coordinator.
@@ -94,10 +96,7 @@ const _: () = assert!(LEASE_WITHDRAW.as_millis() <= LEASE_TRADE.as_millis());
 const _: () = assert!(COMMIT_LEASE_MARGIN.as_millis() < LEASE_DEPOSIT.as_millis());
 const _: () = assert!(PAGE_SIZE_DEFAULT <= PAGE_SIZE_MAX);
 const _: () = assert!(SAFE_RETRY_ATTEMPTS >= 1);
-const _: () = assert!(
-    BATCH_CALLS_MAX * 4 + 1 + BATCH_CALLS_MAX <= crate::storage::model::TRANSACTION_ITEMS_MAX,
-    "DynamoDB's transaction item limit: per call an entry, an order (two items) and a record; the account; a catalog check per traded asset"
-);
+const _: () = assert!(CALL_ITEMS_MAX <= BATCH_ITEMS_MAX, "the largest call fits in a batch");
 
 /// Runs `call` again while storage is unavailable, up to `SAFE_RETRY_ATTEMPTS` times in all.
 /// Only for requests whose repetition cannot apply anything twice.

@@ -8,12 +8,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::{BATCH_CALLS_MAX, HeldLease, Operation, Receipt, ServiceError, TransactionCoordinator};
+use super::{BATCH_ITEMS_MAX, HeldLease, Operation, Receipt, ServiceError, TransactionCoordinator};
 use crate::core::ops::Origin;
 use crate::core::{LeaseId, Millis, Principal, RequestId, UserId};
+
+/// After a commit, a driver waits at most this fraction of the commit's time (1/20: 5 %) for the
+/// callers it answered to call again before it takes the next batch (`AccountQueues::gather`).
+const GATHER_SHARE_OF_COMMIT: u32 = 20;
 
 /// Queued: the driver has not taken it yet; it may still leave.
 const QUEUED: u8 = 0;
@@ -67,6 +71,11 @@ impl Waiter {
     /// Sends the call's answer; a caller that went away meanwhile does not hear it.
     pub fn answer(self, result: Result<Receipt, ServiceError>) {
         self.reply.send(result).ok();
+    }
+
+    /// The most items the call adds to its batch's transaction.
+    pub fn items_max(&self) -> usize {
+        self.operation.items_max(self.request_id.is_some())
     }
 
     /// Who, why and when, for the records of the call's commit on `user`'s account.
@@ -140,6 +149,8 @@ pub(super) enum Taken {
 #[derive(Debug, Default)]
 struct UserQueue {
     waiters: VecDeque<Queued>,
+    /// Told of every call queued, for a driver gathering its next batch (`gather`).
+    arrived: Arc<Notify>,
 }
 
 /// Where a new call goes.
@@ -166,6 +177,7 @@ impl AccountQueues {
             Some(queue) if queue.waiters.len() >= per_user_max => Err(Box::new(waiter)),
             Some(queue) => {
                 queue.waiters.push_back(waiter);
+                queue.arrived.notify_one();
                 Ok(Enqueued::Queued)
             }
             None => {
@@ -177,20 +189,20 @@ impl AccountQueues {
         }
     }
 
-    /// Takes up to `limit` queued calls from the front, skipping the ones that left, and
+    /// Takes queued calls from the front while their items fit in `items_max`, skipping the ones that left, and
     /// stopping before a request id already in the batch (two records of one id cannot share a
     /// transaction; the later one replays the earlier's outcome in the next batch) and before a
     /// solo entry (a transfer or a loan), which is taken alone when it is at the front.
     /// `Nothing` means the queue is empty, and the driver must stop: its entry is removed under
     /// the same lock, so the next call starts a new driver.
-    pub fn take_batch(&self, user: &UserId, limit: usize) -> Taken {
+    pub fn take_batch(&self, user: &UserId, items_max: usize) -> Taken {
         let mut queues = self.queues.lock().expect("account queues poisoned");
         let Some(queue) = queues.get_mut(user) else {
             return Taken::Nothing;
         };
         let mut batch: Vec<Waiter> = Vec::new();
-        while batch.len() < limit {
-            let Some(front) = queue.waiters.front() else { break };
+        let mut items = 0;
+        while let Some(front) = queue.waiters.front() {
             if front.is_solo() {
                 if !batch.is_empty() {
                     break;
@@ -211,12 +223,17 @@ impl AccountQueues {
                     .is_some_and(|id| batch.iter().any(|taken| taken.request_id.as_ref() == Some(id))),
                 Queued::Lend(_) => false,
             };
-            if duplicate {
+            let fits = match front {
+                Queued::Call(front) => items + front.items_max() <= items_max,
+                Queued::Lend(_) => true,
+            };
+            if duplicate || !fits {
                 break;
             }
             if let Queued::Call(waiter) = queue.waiters.pop_front().expect("front exists")
                 && waiter.state.take()
             {
+                items += waiter.items_max();
                 batch.push(*waiter);
             }
         }
@@ -225,6 +242,44 @@ impl AccountQueues {
             return Taken::Nothing;
         }
         Taken::Batch(batch)
+    }
+
+    /// Waits until `user`'s queue holds `more` calls beyond those queued now, or as many as one
+    /// batch takes, and no longer than `until`: the callers a commit just answered, if they call
+    /// again at once (closed loop), join the calls that queued during the commit in one full
+    /// batch instead of waiting for the next commit.
+    pub async fn gather(&self, user: &UserId, more: usize, until: Instant) {
+        let Some((target, arrived)) = self.queued(user).map(|(calls, _, arrived)| (calls + more, arrived)) else {
+            return;
+        };
+        loop {
+            match self.queued(user) {
+                Some((calls, items, _)) if calls < target && items < BATCH_ITEMS_MAX => {}
+                _ => return,
+            }
+            if tokio::time::timeout_at(until, arrived.notified()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The calls queued for `user` (still waiting), their items and the queue's arrival signal.
+    fn queued(&self, user: &UserId) -> Option<(usize, usize, Arc<Notify>)> {
+        let queues = self.queues.lock().expect("account queues poisoned");
+        let queue = queues.get(user)?;
+        let waiting = || {
+            queue
+                .waiters
+                .iter()
+                .filter(|waiter| waiter.state().0.load(Ordering::SeqCst) == QUEUED)
+        };
+        let items = waiting()
+            .map(|waiter| match waiter {
+                Queued::Call(call) => call.items_max(),
+                Queued::Lend(_) => 0,
+            })
+            .sum();
+        Some((waiting().count(), items, Arc::clone(&queue.arrived)))
     }
 
     /// Whether calls for `user` are waiting behind the batch being committed: then the commit
@@ -350,7 +405,7 @@ impl TransactionCoordinator {
     async fn drive(self: Arc<Self>, user: UserId) {
         let mut held = None;
         loop {
-            let batch: Vec<Call> = match self.queues.take_batch(&user, BATCH_CALLS_MAX) {
+            let batch: Vec<Call> = match self.queues.take_batch(&user, BATCH_ITEMS_MAX) {
                 Taken::Nothing => {
                     if let Some(held) = held.filter(super::HeldLease::is_stored) {
                         self.release(&held).await;
@@ -379,10 +434,16 @@ impl TransactionCoordinator {
                 },
             };
             let (acquired, stored) = (lease.acquired, lease.is_stored());
+            let (answered, committing) = (batch.len(), Instant::now());
             held = self.commit_batch(lease, batch).await;
             if held.is_none() && stored {
                 crate::telemetry::metrics::lease_held("BATCH", acquired.elapsed());
             }
+            // Full batches: wait a moment (at most a twentieth of the commit just made) for the
+            // callers just answered to call again, so they share the next commit with the calls
+            // that queued during this one instead of taking turns with them.
+            let linger = committing.elapsed() / GATHER_SHARE_OF_COMMIT;
+            self.queues.gather(&user, answered, Instant::now() + linger).await;
         }
     }
 

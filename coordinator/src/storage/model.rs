@@ -357,7 +357,7 @@ pub const TRANSACTION_ITEMS_MAX: usize = 100;
 
 impl NamedItems {
     fn push(&mut self, item: TransactItem) -> usize {
-        // Always on: the batch size is bounded at compile time (`service::BATCH_CALLS_MAX`);
+        // Always on: the batch size is bounded by the items its calls count (`service::BATCH_ITEMS_MAX`);
         // a transaction past the limit would be refused whole by storage, after deciding.
         assert!(
             self.items.len() < TRANSACTION_ITEMS_MAX,

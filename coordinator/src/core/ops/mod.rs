@@ -130,6 +130,20 @@ impl Operation {
         matches!(self, Operation::Transfer(_))
     }
 
+    /// The most items one call of it adds to its batch's transaction, accepted or refused, with
+    /// (`recorded`) or without a request record: a ledger entry; for a trade its order (two
+    /// items: by user and by id) and the catalog check of its asset. The batch's account item is
+    /// counted once per batch (`service::BATCH_ITEMS_MAX`). A transfer is never batched; its own
+    /// transaction holds five items at most.
+    pub fn items_max(&self, recorded: bool) -> usize {
+        let own = match self {
+            Operation::Deposit(_) | Operation::Withdraw(_) => 1,
+            Operation::Trade(_) => 4,
+            Operation::Transfer(_) => 4,
+        };
+        own + usize::from(recorded)
+    }
+
     /// Only a deposit may create an account; everything else needs one.
     pub fn requires_account(&self) -> bool {
         !matches!(self, Operation::Deposit(_))
