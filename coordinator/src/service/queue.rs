@@ -439,11 +439,15 @@ impl TransactionCoordinator {
             if held.is_none() && stored {
                 crate::telemetry::metrics::lease_held("BATCH", acquired.elapsed());
             }
-            // Full batches: wait a moment (at most a twentieth of the commit just made) for the
-            // callers just answered to call again, so they share the next commit with the calls
-            // that queued during this one instead of taking turns with them.
-            let linger = committing.elapsed() / GATHER_SHARE_OF_COMMIT;
-            self.queues.gather(&user, answered, Instant::now() + linger).await;
+            // Full batches: on a hot account (more than one call in the batch just committed),
+            // wait a moment (at most a twentieth of that commit's time) for the callers just
+            // answered to call again, so they share the next commit with the calls that queued
+            // during this one instead of taking turns with them. A batch of one is the common
+            // case of many quiet accounts, whose callers move on to other accounts: no wait.
+            if answered > 1 {
+                let linger = committing.elapsed() / GATHER_SHARE_OF_COMMIT;
+                self.queues.gather(&user, answered, Instant::now() + linger).await;
+            }
         }
     }
 
