@@ -228,7 +228,9 @@ impl TransactionCoordinator {
     async fn attempt_rounds(&self, held: &HeldLease, calls: &mut Vec<Call>, sent: &mut Vec<SentRound>) -> Ending {
         let mut last_error = ServiceError::Internal("no commit attempted".to_owned());
         let mut catalog_checked = false;
-        for _attempt in 0..COMMIT_ATTEMPTS_MAX {
+        let mut attempt = 0;
+        while attempt < COMMIT_ATTEMPTS_MAX {
+            attempt += 1;
             let now = self.clock.now();
             if now + COMMIT_LEASE_MARGIN.as_millis() as u64 >= held.expires_at {
                 return Ending::Stopped(ServiceError::LeaseLost);
@@ -274,8 +276,13 @@ impl TransactionCoordinator {
                     return Ending::Stopped(error.into());
                 }
             };
-            if let Some(ending) = self.after_cancellation(held, calls, &transaction, &reasons).await {
-                return ending;
+            match self.after_cancellation(held, calls, &transaction, &reasons).await {
+                AfterCancellation::Ended(ending) => return ending,
+                // Calls whose request ids were used before left the batch, answered from their
+                // records: the round says nothing about the others, so it does not count as an
+                // attempt (each such round removes at least one call, so this ends).
+                AfterCancellation::Replayed => attempt -= 1,
+                AfterCancellation::Retry => {}
             }
             last_error = ServiceError::Unavailable(format!("transaction cancelled: {reasons:?}"));
         }
@@ -344,24 +351,39 @@ impl TransactionCoordinator {
         calls: &mut Vec<Call>,
         transaction: &model::NamedItems,
         reasons: &[CancellationReason],
-    ) -> Option<Ending> {
-        match transaction.refused_part(reasons)? {
-            TransactionPart::RequestRecord { operation } => {
-                let (_, waiter) = calls.remove(operation);
-                let request_id = waiter
-                    .request_id
-                    .clone()
-                    .expect("a request record implies a request id");
-                let recorded = self.recorded_outcome(&held.user, &request_id, &waiter.operation).await;
-                metrics::replayed(waiter.operation.name());
-                waiter.answer(recorded);
-                None
+    ) -> AfterCancellation {
+        let Some(part) = transaction.refused_part(reasons) else {
+            return AfterCancellation::Retry;
+        };
+        match part {
+            TransactionPart::RequestRecord { .. } => {
+                // Every call whose record was refused leaves at once, from the last position
+                // down so that the positions stay valid.
+                let mut replayed = transaction.refused_records(reasons);
+                replayed.sort_unstable_by(|a, b| b.cmp(a));
+                replayed.dedup();
+                for position in replayed {
+                    let (_, waiter) = calls.remove(position);
+                    let request_id = waiter
+                        .request_id
+                        .clone()
+                        .expect("a request record implies a request id");
+                    let recorded = self.recorded_outcome(&held.user, &request_id, &waiter.operation).await;
+                    metrics::replayed(waiter.operation.name());
+                    waiter.answer(recorded);
+                }
+                AfterCancellation::Replayed
             }
             // Fenced, or a round of ours already landed and a retry of it was refused.
-            TransactionPart::Account | TransactionPart::Counterparty => Some(Ending::Stopped(ServiceError::LeaseLost)),
+            TransactionPart::Account | TransactionPart::Counterparty => {
+                AfterCancellation::Ended(Ending::Stopped(ServiceError::LeaseLost))
+            }
             TransactionPart::CatalogCheck => {
                 tracing::info!("catalog changed since it was cached; re-reading it");
-                self.catalog.refresh(&self.storage).await.err().map(Ending::Stopped)
+                match self.catalog.refresh(&self.storage).await {
+                    Ok(()) => AfterCancellation::Retry,
+                    Err(error) => AfterCancellation::Ended(Ending::Stopped(error)),
+                }
             }
         }
     }
@@ -493,6 +515,16 @@ fn accepted_writes(
         record,
         answer: Answer::Commit(Box::new(receipt)),
     }
+}
+
+/// What a cancelled round leads to.
+enum AfterCancellation {
+    /// The batch ends so.
+    Ended(Ending),
+    /// Calls with used request ids left the batch, answered from their records: try the rest.
+    Replayed,
+    /// Nothing was written and nothing changed in the batch (a catalog re-read): try again.
+    Retry,
 }
 
 /// What one call of a round writes, and its answer if the round applies.
@@ -824,6 +856,76 @@ mod tests {
         assert!(matches!(replayed, Err(ServiceError::RefusedEarlier(_))), "{replayed:?}");
     }
 
+    /// No operation counts more items than `CALL_ITEMS_MAX`, which a batch always has room for.
+    #[test]
+    fn every_call_fits_in_a_batch() {
+        let buy = Operation::Trade(TradeRequest {
+            side: TradeSide::Buy,
+            asset: AssetSymbol::parse("asset", "SOL").unwrap(),
+            quantity: quantity("1"),
+            limit_price: None,
+        });
+        let transfer = Operation::Transfer(crate::service::TransferRequest {
+            from: user("a"),
+            to: user("b"),
+            amount: usd("1"),
+            memo: crate::core::Memo::default(),
+        });
+        for operation in [
+            Operation::Deposit(usd("1")),
+            Operation::Withdraw(usd("1")),
+            buy,
+            transfer,
+        ] {
+            for recorded in [false, true] {
+                assert!(operation.items_max(recorded) <= super::super::CALL_ITEMS_MAX);
+            }
+        }
+    }
+
+    /// A full batch at DynamoDB's limit reaches storage and applies: 99 deposits without request
+    /// ids (an entry each) and the account, 100 items in one transaction.
+    #[tokio::test]
+    async fn a_batch_of_exactly_one_hundred_items_commits() {
+        let (coordinator, parked, go) = parked_coordinator().await;
+        let first = {
+            let coordinator = Arc::clone(&coordinator);
+            tokio::spawn(async move {
+                coordinator
+                    .mutate(&user("h"), Operation::Deposit(usd("1")), None, None)
+                    .await
+            })
+        };
+        parked.notified().await;
+        let deposits: Vec<_> = (0..super::super::BATCH_ITEMS_MAX)
+            .map(|_| {
+                let coordinator = Arc::clone(&coordinator);
+                tokio::spawn(async move {
+                    coordinator
+                        .mutate(&user("h"), Operation::Deposit(usd("1")), None, None)
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let before = coordinator.storage().requests();
+        go.notify_one();
+        first.await.unwrap().unwrap();
+        let mut sequences = Vec::new();
+        for deposit in deposits {
+            sequences.push(deposit.await.unwrap().unwrap().entry.sequence);
+        }
+        assert_eq!(
+            coordinator.storage().requests() - before,
+            3,
+            "the parked commit, the acquire, one commit of 99 deposits (100 items)"
+        );
+        sequences.sort_unstable();
+        assert_eq!(sequences, (2..=100).collect::<Vec<u64>>());
+        let account = coordinator.account(&user("h")).await.unwrap();
+        assert_eq!(account.cash, usd("100"));
+    }
+
     /// Issue 18: a round of refusals that write nothing, while more calls wait, is still sent
     /// (the account's conditioned update alone): storage, not this coordinator's clock, confirms
     /// the state the refusals were decided on. 100 refusals behind a parked deposit: the parked
@@ -962,6 +1064,57 @@ mod tests {
             .trade(&Principal::local(), &user("q"), luna, None, None)
             .await
             .expect("LUNA is active in storage");
+    }
+
+    /// Retries of calls that committed earlier (their request ids used), queued in one batch with
+    /// new calls: each retry replays its record and the new calls commit. Rounds that only send
+    /// retries away do not count against `COMMIT_ATTEMPTS_MAX` (before, the fifth retry in a
+    /// batch made the whole batch fail).
+    #[tokio::test]
+    async fn many_retries_in_one_batch_replay_and_the_rest_commits() {
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let clock = ManualClock::starting_at(1_000_000);
+        let earlier = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
+        let deposit = |coordinator: &Arc<TransactionCoordinator>, id: String| {
+            let coordinator = Arc::clone(coordinator);
+            let request_id = RequestId::parse_optional("request_id", &id).unwrap();
+            tokio::spawn(async move {
+                coordinator
+                    .mutate(&user("m"), Operation::Deposit(usd("1")), request_id, None)
+                    .await
+            })
+        };
+        let mut originals = Vec::new();
+        for index in 0..6 {
+            originals.push(deposit(&earlier, format!("r-{index}")).await.unwrap().unwrap());
+        }
+        let (hook, parked, go) = park_first_commit();
+        let config = CoordinatorConfig {
+            before_commit: Some(hook),
+            known_accounts: false,
+            ..CoordinatorConfig::default()
+        };
+        let coordinator = coordinator_on(engine, &clock, config).await;
+        let first = deposit(&coordinator, "w".to_owned());
+        parked.notified().await;
+        let retries: Vec<_> = (0..6)
+            .map(|index| deposit(&coordinator, format!("r-{index}")))
+            .collect();
+        let fresh: Vec<_> = (0..4)
+            .map(|index| deposit(&coordinator, format!("n-{index}")))
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        go.notify_one();
+        first.await.unwrap().unwrap();
+        for (retry, original) in retries.into_iter().zip(&originals) {
+            let replayed = retry.await.unwrap().unwrap();
+            assert!(replayed.replayed);
+            assert_eq!(replayed.entry.entry_id, original.entry.entry_id);
+        }
+        for call in fresh {
+            assert!(!call.await.unwrap().unwrap().replayed);
+        }
+        assert_eq!(coordinator.account(&user("m")).await.unwrap().cash, usd("11"));
     }
 
     /// Two calls with the same request id queued together: the second replays the first.

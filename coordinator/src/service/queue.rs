@@ -223,8 +223,10 @@ impl AccountQueues {
                     .is_some_and(|id| batch.iter().any(|taken| taken.request_id.as_ref() == Some(id))),
                 Queued::Lend(_) => false,
             };
+            // A call alone always fits (`CALL_ITEMS_MAX` <= `BATCH_ITEMS_MAX`, and `build_round`
+            // asserts the count), so a non-empty queue never gives an empty batch.
             let fits = match front {
-                Queued::Call(front) => items + front.items_max() <= items_max,
+                Queued::Call(front) => batch.is_empty() || items + front.items_max() <= items_max,
                 Queued::Lend(_) => true,
             };
             if duplicate || !fits {

@@ -399,6 +399,25 @@ impl NamedItems {
             .min_by_key(rank)
     }
 
+    /// The positions in the batch (`TransactionPart::RequestRecord { operation }`) of every call
+    /// whose request record's condition failed in a cancelled transaction: request ids used
+    /// before, each to be answered from its record. DynamoDB reports every item's reason; an
+    /// engine that reports only the first gives one.
+    pub fn refused_records(&self, reasons: &[super::CancellationReason]) -> Vec<usize> {
+        self.parts
+            .iter()
+            .filter(|(position, _)| {
+                reasons
+                    .get(*position)
+                    .is_some_and(super::CancellationReason::condition_failed)
+            })
+            .filter_map(|(_, part)| match part {
+                TransactionPart::RequestRecord { operation } => Some(*operation),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The key whose presence proves this transaction applied, if it writes a fresh item.
     pub fn marker(&self) -> Option<&Key> {
         self.marker.as_ref()
