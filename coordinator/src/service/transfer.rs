@@ -129,9 +129,19 @@ impl TransactionCoordinator {
                 return first.give_back();
             }
         };
-        let result = self
+        let result = match self
             .transfer_attempts(&mut first, &mut second, &waiter, &request, &bound)
-            .await;
+            .await
+        {
+            // A missing party writes nothing, so a request id used before answers from its
+            // record first: with other parameters (a retry that now names a receiver who has no
+            // account) that is INVALID_ARGUMENT on the request id, as for every other reuse.
+            Err(ServiceError::NotFound(missing)) => {
+                self.recorded_or(&request.from, &waiter, ServiceError::NotFound(missing))
+                    .await
+            }
+            other => other,
+        };
         match &result {
             Ok(receipt) if receipt.replayed => metrics::replayed(transfer::NAME),
             Ok(_) => metrics::committed(transfer::NAME),
@@ -144,6 +154,24 @@ impl TransactionCoordinator {
         waiter.answer(result);
         second.give_back();
         first.give_back()
+    }
+
+    /// The recorded outcome of the call's request id on `sender`, if it was used before;
+    /// otherwise `error`.
+    async fn recorded_or(
+        &self,
+        sender: &UserId,
+        waiter: &Waiter,
+        error: ServiceError,
+    ) -> Result<Receipt, ServiceError> {
+        let Some(request_id) = &waiter.request_id else {
+            return Err(error);
+        };
+        let record_key = model::request_key(sender, request_id);
+        match retry_safe(|| self.storage.get(record_key.clone())).await? {
+            Some(_) => self.recorded_outcome(sender, request_id, &waiter.operation).await,
+            None => Err(error),
+        }
     }
 
     /// Holds `party`'s account if nothing holds it yet: as this coordinator last wrote it, or
@@ -644,6 +672,12 @@ mod tests {
         assert_eq!(cash(&coordinator, "bob").await, usd("11"));
         let other = send(&coordinator, request("ann", "bob", "10", "other"), Some("t-1")).await;
         assert!(matches!(other, Err(ServiceError::InvalidArgument(field)) if field.field == "request_id"));
+        // The used key naming a receiver who has no account: still the key's reuse.
+        let typo = send(&coordinator, request("ann", "bobb", "10", "rent"), Some("t-1")).await;
+        assert!(
+            matches!(&typo, Err(ServiceError::InvalidArgument(field)) if field.field == "request_id"),
+            "{typo:?}"
+        );
         let refused = send(&coordinator, request("bob", "ann", "50", ""), Some("t-2")).await;
         assert!(matches!(refused, Err(ServiceError::Rejected(_))), "{refused:?}");
         fund(&coordinator, "bob", "100").await;
