@@ -19,27 +19,12 @@ pub fn fingerprint(amount: Usd) -> String {
 
 /// An amount above the whole daily deposit limit: refused before any lease, whatever the account.
 pub fn above_daily_limit(amount: Usd, limits: &Limits) -> Option<Rejection> {
-    (amount > limits.daily_deposit).then_some(Rejection::AboveDailyLimit {
-        kind: "deposit",
-        limit: limits.daily_deposit,
-        requested: amount,
-    })
+    super::above_whole_daily_limit("deposit", limits.daily_deposit, amount)
 }
 
 /// A deposit on the account as `unchanged` describes it: within the day's deposit limit.
 pub fn decide(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
-    let used = unchanged
-        .deposited_today
-        .checked_add(amount)
-        .ok_or(Rejection::OutOfRange)?;
-    if used > limits.daily_deposit {
-        return Err(Rejection::DailyLimitExceeded {
-            kind: "deposit",
-            limit: limits.daily_deposit,
-            used: unchanged.deposited_today,
-            requested: amount,
-        });
-    }
+    let used = super::count_against_daily_limit("deposit", limits.daily_deposit, unchanged.deposited_today, amount)?;
     Ok(Decision {
         cash: unchanged.cash.checked_add(amount).ok_or(Rejection::OutOfRange)?,
         cash_delta: UsdDelta::credit(amount),

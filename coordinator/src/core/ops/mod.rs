@@ -161,6 +161,30 @@ impl Operation {
     }
 }
 
+/// `amount` more against a daily limit (named `kind` in messages) of which `used` is already
+/// counted today: the new total, or why not.
+fn count_against_daily_limit(kind: &'static str, limit: Usd, used: Usd, amount: Usd) -> Result<Usd, Rejection> {
+    let total = used.checked_add(amount).ok_or(Rejection::OutOfRange)?;
+    if total > limit {
+        return Err(Rejection::DailyLimitExceeded {
+            kind,
+            limit,
+            used,
+            requested: amount,
+        });
+    }
+    Ok(total)
+}
+
+/// An amount above a whole daily limit: refused before any lease, whatever the account.
+fn above_whole_daily_limit(kind: &'static str, limit: Usd, amount: Usd) -> Option<Rejection> {
+    (amount > limit).then_some(Rejection::AboveDailyLimit {
+        kind,
+        limit,
+        requested: amount,
+    })
+}
+
 /// Decides `operation` on `account` as of the UTC day `today`; a trade at `quote`, the catalog
 /// entry its commit will be conditioned on.
 ///

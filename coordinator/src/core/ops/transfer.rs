@@ -109,11 +109,7 @@ pub enum TransferRefusal {
 /// The refusal of a transfer whose amount alone is above the whole daily transfer limit: it
 /// holds whatever the accounts, so it is answered before any lease.
 pub fn above_daily_limit(amount: Usd, limits: &Limits) -> Option<Rejection> {
-    (amount > limits.daily_transfer).then_some(Rejection::AboveDailyLimit {
-        kind: "transfer",
-        limit: limits.daily_transfer,
-        requested: amount,
-    })
+    super::above_whole_daily_limit("transfer", limits.daily_transfer, amount)
 }
 
 /// Decides moving `amount` from `sender` to `receiver` as of the UTC day `today`.
@@ -132,18 +128,13 @@ pub fn decide(
     }
     let reject = TransferRefusal::Rejected;
     let sender_unchanged = unchanged(sender, today);
-    let used = sender_unchanged
-        .transferred_today
-        .checked_add(amount)
-        .ok_or(reject(Rejection::OutOfRange))?;
-    if used > limits.daily_transfer {
-        return Err(reject(Rejection::DailyLimitExceeded {
-            kind: "transfer",
-            limit: limits.daily_transfer,
-            used: sender_unchanged.transferred_today,
-            requested: amount,
-        }));
-    }
+    let used = super::count_against_daily_limit(
+        "transfer",
+        limits.daily_transfer,
+        sender_unchanged.transferred_today,
+        amount,
+    )
+    .map_err(reject)?;
     if sender.cash < amount {
         return Err(reject(Rejection::InsufficientBalance {
             current: sender.cash,

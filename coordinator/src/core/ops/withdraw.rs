@@ -18,28 +18,14 @@ pub fn fingerprint(amount: Usd) -> String {
 
 /// An amount above the whole daily withdrawal limit: refused before any lease.
 pub fn above_daily_limit(amount: Usd, limits: &Limits) -> Option<Rejection> {
-    (amount > limits.daily_withdrawal).then_some(Rejection::AboveDailyLimit {
-        kind: "withdrawal",
-        limit: limits.daily_withdrawal,
-        requested: amount,
-    })
+    super::above_whole_daily_limit("withdrawal", limits.daily_withdrawal, amount)
 }
 
 /// A withdrawal on the account as `unchanged` describes it: within the day's withdrawal limit
 /// and the balance.
 pub fn decide(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
-    let used = unchanged
-        .withdrawn_today
-        .checked_add(amount)
-        .ok_or(Rejection::OutOfRange)?;
-    if used > limits.daily_withdrawal {
-        return Err(Rejection::DailyLimitExceeded {
-            kind: "withdrawal",
-            limit: limits.daily_withdrawal,
-            used: unchanged.withdrawn_today,
-            requested: amount,
-        });
-    }
+    let used =
+        super::count_against_daily_limit("withdrawal", limits.daily_withdrawal, unchanged.withdrawn_today, amount)?;
     if unchanged.cash < amount {
         return Err(Rejection::InsufficientBalance {
             current: unchanged.cash,
