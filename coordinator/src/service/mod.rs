@@ -81,8 +81,6 @@ pub const SAFE_RETRY_DELAY: Duration = Duration::from_millis(20);
 /// items less the account's own. Each call counts the items it may write
 /// (`Operation::items_max`): 49 deposits or withdrawals with request ids, 99 without, 19 trades.
 pub const BATCH_ITEMS_MAX: usize = crate::storage::model::TRANSACTION_ITEMS_MAX - 1;
-/// The most one call counts: a trade with its request record.
-pub const CALL_ITEMS_MAX: usize = 5;
 /// Default bound on mutations in flight (queued or being decided) in one coordinator.
 pub const INFLIGHT_MAX_DEFAULT: usize = 4096;
 /// Default bound on calls queued for one user in one coordinator.
@@ -96,7 +94,10 @@ const _: () = assert!(LEASE_WITHDRAW.as_millis() <= LEASE_TRADE.as_millis());
 const _: () = assert!(COMMIT_LEASE_MARGIN.as_millis() < LEASE_DEPOSIT.as_millis());
 const _: () = assert!(PAGE_SIZE_DEFAULT <= PAGE_SIZE_MAX);
 const _: () = assert!(SAFE_RETRY_ATTEMPTS >= 1);
-const _: () = assert!(CALL_ITEMS_MAX <= BATCH_ITEMS_MAX, "the largest call fits in a batch");
+const _: () = assert!(
+    crate::core::ops::CALL_ITEMS_MAX <= BATCH_ITEMS_MAX,
+    "the largest call fits in a batch"
+);
 
 /// Runs `call` again while storage is unavailable, up to `SAFE_RETRY_ATTEMPTS` times in all.
 /// Only for requests whose repetition cannot apply anything twice.

@@ -44,6 +44,9 @@ pub enum Operation {
     Transfer(TransferRequest),
 }
 
+/// The most items one call counts (`Operation::items_max`): a trade with its request record.
+pub const CALL_ITEMS_MAX: usize = 5;
+
 /// Which configured lease duration an operation takes (`--lease-*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseKind {

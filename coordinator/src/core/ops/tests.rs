@@ -88,10 +88,8 @@ fn above_daily_limit(operation: &Operation, limits: &Limits) -> Option<Rejection
     operation.refused_before_lease(limits)
 }
 
-/// Every operation's name is one of the bounded metric labels, and a side's name is the one its
-/// orders store.
-#[test]
-fn every_name_is_a_metric_label() {
+/// One operation of every kind (both trade sides).
+fn one_of_each() -> Vec<Operation> {
     let (buy, _) = trade(TradeSide::Buy, "1", "1", None);
     let (sell, _) = trade(TradeSide::Sell, "1", "1", None);
     let transfer = Operation::Transfer(TransferRequest {
@@ -100,17 +98,34 @@ fn every_name_is_a_metric_label() {
         amount: usd("1"),
         memo: crate::core::Memo::default(),
     });
-    for operation in [
+    vec![
         Operation::Deposit(usd("1")),
         Operation::Withdraw(usd("1")),
         buy,
         sell,
         transfer,
-    ] {
+    ]
+}
+
+/// Every operation's name is one of the bounded metric labels, and a side's name is the one its
+/// orders store.
+#[test]
+fn every_name_is_a_metric_label() {
+    for operation in one_of_each() {
         assert!(NAMES.contains(&operation.name()), "{}", operation.name());
     }
     assert_eq!(TradeSide::Buy.as_str(), trade::BUY);
     assert_eq!(TradeSide::Sell.as_str(), trade::SELL);
+}
+
+/// No operation counts more items than `CALL_ITEMS_MAX`, which a batch always has room for.
+#[test]
+fn every_call_fits_in_a_batch() {
+    for operation in one_of_each() {
+        for recorded in [false, true] {
+            assert!(operation.items_max(recorded) <= CALL_ITEMS_MAX);
+        }
+    }
 }
 
 #[test]
