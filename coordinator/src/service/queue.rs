@@ -251,17 +251,18 @@ impl AccountQueues {
     /// again at once (closed loop), join the calls that queued during the commit in one full
     /// batch instead of waiting for the next commit.
     pub async fn gather(&self, user: &UserId, more: usize, until: Instant) {
-        let Some((target, arrived)) = self.queued(user).map(|(calls, _, arrived)| (calls + more, arrived)) else {
+        let Some((mut calls, mut items, arrived)) = self.queued(user) else {
             return;
         };
-        loop {
-            match self.queued(user) {
-                Some((calls, items, _)) if calls < target && items < BATCH_ITEMS_MAX => {}
-                _ => return,
-            }
+        let target = calls + more;
+        while calls < target && items < BATCH_ITEMS_MAX {
             if tokio::time::timeout_at(until, arrived.notified()).await.is_err() {
                 return;
             }
+            let Some((now_calls, now_items, _)) = self.queued(user) else {
+                return;
+            };
+            (calls, items) = (now_calls, now_items);
         }
     }
 
