@@ -158,7 +158,19 @@ impl TransactionCoordinator {
                 "request record {request_id} vanished"
             )));
         };
-        let record = model::request_record_from_item(&item)?;
+        self.answer_from_record(user, request_id, operation, &item).await
+    }
+
+    /// The answer that the stored request record `item` of `request_id` gives a call of
+    /// `operation`: its original outcome, or INVALID_ARGUMENT if its parameters differ.
+    pub(super) async fn answer_from_record(
+        &self,
+        user: &UserId,
+        request_id: &RequestId,
+        operation: &Operation,
+        item: &crate::storage::Item,
+    ) -> Result<Receipt, ServiceError> {
+        let record = model::request_record_from_item(item)?;
         if record.fingerprint != operation.fingerprint() {
             let reason = format!(
                 "was already used for {}; this request is {}",

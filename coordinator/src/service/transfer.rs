@@ -169,7 +169,10 @@ impl TransactionCoordinator {
         };
         let record_key = model::request_key(sender, request_id);
         match retry_safe(|| self.storage.get(record_key.clone())).await? {
-            Some(_) => self.recorded_outcome(sender, request_id, &waiter.operation).await,
+            Some(record) => {
+                self.answer_from_record(sender, request_id, &waiter.operation, &record)
+                    .await
+            }
             None => Err(error),
         }
     }
