@@ -652,6 +652,21 @@ mod tests {
         (coordinator, parked, go)
     }
 
+    /// `operation` for `who` on `coordinator`, in a task of its own (so that it can queue).
+    fn spawn_call(
+        coordinator: &Arc<TransactionCoordinator>,
+        who: &str,
+        operation: Operation,
+        request_id: Option<&str>,
+    ) -> tokio::task::JoinHandle<Result<Receipt, ServiceError>> {
+        let coordinator = Arc::clone(coordinator);
+        let (who, request_id) = (
+            user(who),
+            request_id.map(|id| RequestId::parse_optional("request_id", id).unwrap().unwrap()),
+        );
+        tokio::spawn(async move { coordinator.mutate(&who, operation, request_id, None).await })
+    }
+
     /// After a commit that gave the lease back, the next call on that account is one
     /// transaction, conditioned on the version the commit left, with no lease taken.
     #[tokio::test]
@@ -801,11 +816,7 @@ mod tests {
     #[tokio::test]
     async fn queued_calls_commit_together_with_a_refusal_in_the_middle() {
         let (coordinator, parked, go) = parked_coordinator().await;
-        let call = |operation: Operation, id: String| {
-            let coordinator = Arc::clone(&coordinator);
-            let request_id = RequestId::parse_optional("request_id", &id).unwrap();
-            tokio::spawn(async move { coordinator.mutate(&user("b"), operation, request_id, None).await })
-        };
+        let call = |operation: Operation, id: String| spawn_call(&coordinator, "b", operation, Some(&id));
         let first = call(Operation::Deposit(usd("10")), "b-0".to_owned());
         parked.notified().await;
         let mut queued = vec![
@@ -860,24 +871,10 @@ mod tests {
     #[tokio::test]
     async fn a_batch_of_exactly_one_hundred_items_commits() {
         let (coordinator, parked, go) = parked_coordinator().await;
-        let first = {
-            let coordinator = Arc::clone(&coordinator);
-            tokio::spawn(async move {
-                coordinator
-                    .mutate(&user("h"), Operation::Deposit(usd("1")), None, None)
-                    .await
-            })
-        };
+        let first = spawn_call(&coordinator, "h", Operation::Deposit(usd("1")), None);
         parked.notified().await;
         let deposits: Vec<_> = (0..super::super::BATCH_ITEMS_MAX)
-            .map(|_| {
-                let coordinator = Arc::clone(&coordinator);
-                tokio::spawn(async move {
-                    coordinator
-                        .mutate(&user("h"), Operation::Deposit(usd("1")), None, None)
-                        .await
-                })
-            })
+            .map(|_| spawn_call(&coordinator, "h", Operation::Deposit(usd("1")), None))
             .collect();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let before = coordinator.storage().requests();
@@ -907,25 +904,11 @@ mod tests {
     #[tokio::test]
     async fn a_round_of_refusals_while_calls_wait_is_confirmed_by_storage() {
         let (coordinator, parked, go) = parked_coordinator().await;
-        let first = {
-            let coordinator = Arc::clone(&coordinator);
-            tokio::spawn(async move {
-                coordinator
-                    .mutate(&user("r"), Operation::Deposit(usd("10")), None, None)
-                    .await
-            })
-        };
+        let first = spawn_call(&coordinator, "r", Operation::Deposit(usd("10")), None);
         parked.notified().await;
         // Without a request id a withdrawal counts one item: one full batch, and one more.
         let refused: Vec<_> = (0..=super::super::BATCH_ITEMS_MAX)
-            .map(|_| {
-                let coordinator = Arc::clone(&coordinator);
-                tokio::spawn(async move {
-                    coordinator
-                        .mutate(&user("r"), Operation::Withdraw(usd("50")), None, None)
-                        .await
-                })
-            })
+            .map(|_| spawn_call(&coordinator, "r", Operation::Withdraw(usd("50")), None))
             .collect();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let before = coordinator.storage().requests();
@@ -1048,13 +1031,7 @@ mod tests {
         let clock = ManualClock::starting_at(1_000_000);
         let earlier = coordinator_on(engine.clone(), &clock, CoordinatorConfig::default()).await;
         let deposit = |coordinator: &Arc<TransactionCoordinator>, id: String| {
-            let coordinator = Arc::clone(coordinator);
-            let request_id = RequestId::parse_optional("request_id", &id).unwrap();
-            tokio::spawn(async move {
-                coordinator
-                    .mutate(&user("m"), Operation::Deposit(usd("1")), request_id, None)
-                    .await
-            })
+            spawn_call(coordinator, "m", Operation::Deposit(usd("1")), Some(&id))
         };
         let mut originals = Vec::new();
         for index in 0..6 {
@@ -1093,15 +1070,7 @@ mod tests {
     #[tokio::test]
     async fn a_duplicate_request_id_in_the_queue_replays() {
         let (coordinator, parked, go) = parked_coordinator().await;
-        let call = |id: &str| {
-            let coordinator = Arc::clone(&coordinator);
-            let request_id = RequestId::parse_optional("request_id", id).unwrap();
-            tokio::spawn(async move {
-                coordinator
-                    .mutate(&user("c"), Operation::Deposit(usd("7")), request_id, None)
-                    .await
-            })
-        };
+        let call = |id: &str| spawn_call(&coordinator, "c", Operation::Deposit(usd("7")), Some(id));
         let first = call("warm-up");
         parked.notified().await;
         let (once, twice) = (call("dup"), call("dup"));
