@@ -11,6 +11,7 @@ const PROTO_ROOT: &str = "proto";
 const PROTO_FILES: &[&str] = &[
     "proto/lockstep/coordinator/v1/coordinator.proto",
     "proto/lockstep/coordinator/v1/admin.proto",
+    "proto/lockstep/coordinator/v1/peer.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

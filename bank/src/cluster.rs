@@ -88,6 +88,17 @@ impl Node {
         }
     }
 
+    /// Account affinity on: peers reach this node at its endpoint and authenticate with the
+    /// token in `peer_token_file` (the `peer` role in the auth file).
+    pub fn advertise(&mut self, peer_token_file: &Path) {
+        self.arguments.extend([
+            "--advertise-address".to_owned(),
+            self.endpoint(),
+            "--peer-token-file".to_owned(),
+            peer_token_file.display().to_string(),
+        ]);
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -188,10 +188,16 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
                 ..FaultConfig::default()
             };
             let started = FaultProxy::start(upstream, fault_config).await?;
+            // Account affinity on, as deploy/ runs several coordinators: each user's calls meet
+            // at one owner, forwarded there by the others; kills re-home the owner's users.
+            let peer_token_file = work.path().join("peer-token");
+            std::fs::write(&peer_token_file, workload::PEER_TOKEN)?;
             for index in 0..config.coordinators {
                 let mut flags = common_flags(&auth_file);
                 flags.extend(["--dynamodb-endpoint".to_owned(), started.endpoint()]);
-                nodes.push(Node::new(index, flags, test_credentials(), work.path()));
+                let mut node = Node::new(index, flags, test_credentials(), work.path());
+                node.advertise(&peer_token_file);
+                nodes.push(node);
             }
             proxy = Some(started);
             Some(storage)

@@ -201,11 +201,15 @@ pub const CLIENT_TOKEN: &str = "bank-client-token-0123456789abcdef";
 /// The principal the auth file names for [`CLIENT_TOKEN`].
 pub const CLIENT_PRINCIPAL: &str = "bank-client";
 
-/// The auth file line of the bank's clients.
+/// The token the coordinators send each other when forwarding (account affinity).
+pub const PEER_TOKEN: &str = "bank-peer-token-0123456789abcdef";
+
+/// The auth file lines of the bank's clients and of the coordinators as each other's peers.
 pub fn auth_file() -> String {
     format!(
-        "{CLIENT_PRINCIPAL} trader {}\n",
-        lockstep_coordinator::auth::hash_token(CLIENT_TOKEN)
+        "{CLIENT_PRINCIPAL} trader {}\nbank-peer peer {}\n",
+        lockstep_coordinator::auth::hash_token(CLIENT_TOKEN),
+        lockstep_coordinator::auth::hash_token(PEER_TOKEN)
     )
 }
 

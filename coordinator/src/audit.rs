@@ -153,6 +153,7 @@ fn sort_into_books(
         | StoredItem::AssetChange { .. }
         | StoredItem::InstanceHeartbeat { .. }
         | StoredItem::SweeperLease { .. }
+        | StoredItem::Member { .. }
         | StoredItem::Foreign { .. } => {}
     }
 }

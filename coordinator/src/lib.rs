@@ -21,10 +21,13 @@
 //!   safe-default rule for the listen address; a tower layer in front of every service.
 //! - [`audit`]: reads the whole table and checks the books (`coordinator audit`, and tests).
 //!   [`sweeper`]: releases leases whose holder died and deletes expired request records.
+//! - [`affinity`]: account affinity across the coordinators of one table: who is live, which
+//!   one owns an account, and forwarding a mutation to its owner (the `Peer` service).
 //! - [`telemetry`]: metrics (`--metrics-listen`), the per-call span and log line, W3C trace
 //!   context, and health read from storage's recent answers.
 
 pub mod admin;
+pub mod affinity;
 pub mod audit;
 pub mod auth;
 pub mod core;

@@ -102,6 +102,8 @@ async fn serve(settings: &lockstep_coordinator::settings::Settings) -> Result<()
     // Settings first: a refused listen address or a bad certificate stops before storage opens.
     let security = lockstep_coordinator::auth::Security::from_flags(&settings.auth_flags(), settings.listen)
         .map_err(server::StartError::Settings)?;
+    let peers =
+        lockstep_coordinator::affinity::peer_setup(&settings.affinity_flags()).map_err(server::StartError::Settings)?;
     if settings.insecure {
         tracing::warn!(
             listen = %settings.listen,
@@ -121,6 +123,9 @@ async fn serve(settings: &lockstep_coordinator::settings::Settings) -> Result<()
     let storage = server::open_storage(settings).await?;
     let coordinator =
         server::build_coordinator(storage, Arc::new(SystemClock), settings, settings.catalog.as_deref()).await?;
+    let affinity = peers.map(|(address, credentials)| {
+        lockstep_coordinator::affinity::Affinity::new(&coordinator.config().owner, &address, credentials)
+    });
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|error| server::StartError::Serve(format!("cannot listen on {}: {error}", settings.listen)))?;
@@ -130,13 +135,14 @@ async fn serve(settings: &lockstep_coordinator::settings::Settings) -> Result<()
         })?),
         None => None,
     };
-    server::run_secured(
+    server::run_clustered(
         listener,
         health_listener,
         coordinator,
         settings.drain_timeout(),
         server::shutdown_signal(),
         security,
+        affinity,
     )
     .await
 }

@@ -10,6 +10,8 @@ use lockstep::coordinator::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::affinity::Affinity;
+use crate::affinity::forward::Forwarder;
 use crate::auth::layer::AuthLayer;
 use crate::auth::{Mode, Security};
 use crate::core::Clock;
@@ -146,7 +148,7 @@ pub async fn run(
 
 /// `run` with TLS and authentication as `security` says: every call passes the auth layer
 /// (credentials, then the role table) before any service sees it, and the auth file is reloaded
-/// on SIGHUP while serving.
+/// on SIGHUP while serving. Without account affinity (`run_clustered`).
 pub async fn run_secured(
     listener: TcpListener,
     health_listener: Option<TcpListener>,
@@ -155,6 +157,30 @@ pub async fn run_secured(
     shutdown: impl Future<Output = ()> + Send + 'static,
     security: Security,
 ) -> Result<(), StartError> {
+    run_clustered(
+        listener,
+        health_listener,
+        coordinator,
+        drain_timeout,
+        shutdown,
+        security,
+        None,
+    )
+    .await
+}
+
+/// `run_secured` with account affinity when `affinity` is given: this coordinator announces
+/// itself to the others of its table, forwards the mutations of accounts it does not own to
+/// their owners, and leaves the membership first thing on shutdown.
+pub async fn run_clustered(
+    listener: TcpListener,
+    health_listener: Option<TcpListener>,
+    coordinator: Arc<TransactionCoordinator>,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    security: Security,
+    affinity: Option<Affinity>,
+) -> Result<(), StartError> {
     let address = listener.local_addr().map_err(serve_error)?;
     let health_only = match health_listener {
         Some(listener) => Some((listener.local_addr().map_err(serve_error)?, listener)),
@@ -162,9 +188,17 @@ pub async fn run_secured(
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = grpc_server(listener, &coordinator, health_service.clone(), &security, async {
-        stopped.await.ok();
-    })?;
+    let forwarder = affinity.as_ref().map(|affinity| Arc::clone(&affinity.forwarder));
+    let server = grpc_server(
+        listener,
+        &coordinator,
+        forwarder,
+        health_service.clone(),
+        &security,
+        async {
+            stopped.await.ok();
+        },
+    )?;
     // Nothing fails from here on: the tasks beside the server start.
     let ready = crate::telemetry::health::starting(&health, coordinator.storage()).await;
     let probe = tokio::spawn(crate::telemetry::health::follow_storage(
@@ -172,7 +206,7 @@ pub async fn run_secured(
         health.clone(),
         ready,
     ));
-    let mut beside = Beside::start(&coordinator, &security);
+    let mut beside = Beside::start(&coordinator, &security, affinity.as_ref());
     beside.0.push(probe.abort_handle());
     announce(address, &security);
     if let Some((address, listener)) = health_only {
@@ -189,6 +223,10 @@ pub async fn run_secured(
     // Probes learn of the shutdown before anything stops: both names NOT_SERVING first.
     probe.abort();
     crate::telemetry::health::shutting_down(&health).await;
+    if let Some(affinity) = &affinity {
+        // Peers stop forwarding here within one listing; what they send meanwhile is served.
+        crate::affinity::leave(coordinator.storage(), &affinity.membership, coordinator.incarnation()).await;
+    }
     tracing::info!(
         drain_ms = drain_timeout.as_millis() as u64,
         "shutting down: no new connections, draining in-flight RPCs"
@@ -210,12 +248,21 @@ fn serve_error(error: impl std::fmt::Display) -> StartError {
 struct Beside(Vec<tokio::task::AbortHandle>);
 
 impl Beside {
-    fn start(coordinator: &Arc<TransactionCoordinator>, security: &Security) -> Self {
+    fn start(coordinator: &Arc<TransactionCoordinator>, security: &Security, affinity: Option<&Affinity>) -> Self {
         let heartbeat = tokio::spawn({
             let coordinator = Arc::clone(coordinator);
             async move { coordinator.renew_instance_periodically().await }
         });
         let mut tasks = vec![heartbeat.abort_handle()];
+        if let Some(affinity) = affinity {
+            let membership = crate::affinity::keep_membership(
+                coordinator.storage().clone(),
+                coordinator.clock(),
+                Arc::clone(&affinity.membership),
+                coordinator.incarnation().to_owned(),
+            );
+            tasks.push(tokio::spawn(membership).abort_handle());
+        }
         if let Some(interval) = coordinator.config().sweep_interval {
             let sweeper = crate::sweeper::sweep_periodically(
                 coordinator.storage().clone(),
@@ -259,12 +306,13 @@ async fn answer_hangups(tokens: Option<Arc<crate::auth::TokenStore>>) {
     }
 }
 
-/// The gRPC server on `listener`: coordinator, admin, health and reflection (v1 and v1alpha),
+/// The gRPC server on `listener`: coordinator, peer, admin, health and reflection (v1 and v1alpha),
 /// behind the RPC telemetry and authentication layers, with TLS when configured; it stops
 /// accepting when `stop_accepting` completes.
 fn grpc_server(
     listener: TcpListener,
     coordinator: &Arc<TransactionCoordinator>,
+    forwarder: Option<Arc<Forwarder>>,
     health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     security: &Security,
     stop_accepting: impl Future<Output = ()> + Send + 'static,
@@ -276,6 +324,7 @@ fn grpc_server(
     };
     let reflection_v1 = reflection().build_v1().map_err(serve_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(serve_error)?;
+    let coordinator_service = CoordinatorService::new(Arc::clone(coordinator)).with_forwarder(forwarder);
     let mut builder = tonic::transport::Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     if let Some(tls) = security.tls.clone() {
         builder = builder
@@ -288,7 +337,8 @@ fn grpc_server(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(coordinator))))
+        .add_service(CoordinatorServer::new(coordinator_service.clone()))
+        .add_service(coordinator_service.peer_server())
         .add_service(crate::admin::grpc::AdminService::server(Arc::clone(coordinator)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop_accepting))
 }

@@ -276,6 +276,20 @@ pub struct Settings {
     /// one a line: `name roles sha256`. Reloaded on SIGHUP.
     #[arg(long, env = "LOCKSTEP_AUTH_FILE", global = true)]
     pub auth_file: Option<PathBuf>,
+    /// Account affinity (docs/scale-out.md): the address the other coordinators of the table
+    /// dial to reach this one (`http://host:port` or `https://host:port`; in Kubernetes the pod's
+    /// name through the headless Service). With it, each account's mutations are served by one
+    /// owner among the live coordinators, and forwarded there by the others.
+    #[arg(long, env = "LOCKSTEP_ADVERTISE_ADDRESS", global = true)]
+    pub advertise_address: Option<String>,
+    /// A file holding the bearer token this coordinator sends to its peers when forwarding; its
+    /// line in the peers' --auth-file has the `peer` role.
+    #[arg(long, env = "LOCKSTEP_PEER_TOKEN_FILE", global = true)]
+    pub peer_token_file: Option<PathBuf>,
+    /// The CA (PEM) that the peers' server certificates chain to, for an https:// address. With
+    /// --tls-client-ca, this coordinator presents its own --tls-cert to its peers.
+    #[arg(long, env = "LOCKSTEP_PEER_CA", global = true)]
+    pub peer_ca: Option<PathBuf>,
     /// Serve on a non-loopback address without TLS and authentication. Never in production.
     #[arg(long, env = "LOCKSTEP_INSECURE", global = true)]
     pub insecure: bool,
@@ -396,6 +410,19 @@ impl Settings {
             tls_client_ca: self.tls_client_ca.clone(),
             auth_file: self.auth_file.clone(),
             insecure: self.insecure,
+        }
+    }
+
+    pub fn affinity_flags(&self) -> crate::affinity::AffinityFlags {
+        crate::affinity::AffinityFlags {
+            advertise_address: self.advertise_address.clone(),
+            peer_token_file: self.peer_token_file.clone(),
+            peer_ca: self.peer_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            authenticated: self.auth_file.is_some() || self.tls_client_ca.is_some(),
+            embedded: self.storage_kind() == StorageKind::Embedded,
         }
     }
 

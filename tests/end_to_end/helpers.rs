@@ -12,6 +12,7 @@ use std::time::Duration;
 use lockstep::coordinator::v1 as pb;
 use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use lockstep_bank::dynoxide_server::DynoxideServer;
+use lockstep_coordinator::affinity::{Affinity, peer_setup};
 use lockstep_coordinator::core::time::ManualClock;
 use lockstep_coordinator::core::{Clock, SystemClock};
 use lockstep_coordinator::server;
@@ -193,6 +194,8 @@ pub async fn fresh_storage(engine: EngineKind) -> (Storage, StorageGuard) {
 #[derive(Debug, Clone, Default)]
 pub struct AppOptions {
     pub flags: Vec<String>,
+    /// Account affinity on, advertising the test server's own address (`--advertise-address`).
+    pub affinity: bool,
     pub clock: Option<ManualClock>,
     pub before_commit: Option<CommitHook>,
 }
@@ -201,6 +204,13 @@ impl AppOptions {
     pub fn flag(mut self, name: &str, value: impl ToString) -> Self {
         self.flags.push(name.to_owned());
         self.flags.push(value.to_string());
+        self
+    }
+
+    /// Account affinity on: the coordinator advertises its own address, announces itself in
+    /// the table and forwards calls for accounts its peers own.
+    pub fn affinity(mut self) -> Self {
+        self.affinity = true;
         self
     }
 
@@ -219,6 +229,8 @@ impl AppOptions {
 pub struct TestApp {
     pub address: SocketAddr,
     pub storage: Storage,
+    /// Account affinity, when the options turned it on: membership and forward counts.
+    pub affinity: Option<Affinity>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     _guard: Option<StorageGuard>,
@@ -400,25 +412,40 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
     // TLS and authentication from the flags, as the binary reads them (none: local mode).
     let security =
         lockstep_coordinator::auth::Security::from_flags(&settings.auth_flags(), address).expect("auth settings");
+    let affinity = options.affinity.then(|| {
+        let mut flags = settings.affinity_flags();
+        flags.advertise_address = Some(format!("http://{address}"));
+        // The coordinators of one test share its one storage in this process, whatever engine.
+        flags.embedded = false;
+        let (advertised, credentials) = peer_setup(&flags)
+            .expect("affinity settings")
+            .expect("an advertise address");
+        Affinity::new(&coordinator.config().owner, &advertised, credentials)
+    });
     let (stop, stopped) = oneshot::channel::<()>();
     let drain = Duration::from_millis(settings.drain_ms);
-    let server = tokio::spawn(async move {
-        server::run_secured(
-            listener,
-            None,
-            coordinator,
-            drain,
-            async {
-                stopped.await.ok();
-            },
-            security,
-        )
-        .await
-        .expect("coordinator server");
+    let server = tokio::spawn({
+        let affinity = affinity.clone();
+        async move {
+            server::run_clustered(
+                listener,
+                None,
+                coordinator,
+                drain,
+                async {
+                    stopped.await.ok();
+                },
+                security,
+                affinity,
+            )
+            .await
+            .expect("coordinator server");
+        }
     });
     TestApp {
         address,
         storage,
+        affinity,
         stop: Some(stop),
         server: Some(server),
         _guard: None,

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real coordinator on a loopback port, over real storage engines
 //! (embedded dynoxide, dynoxide's HTTP server, moto's server), compiled into one binary.
 
+mod affinity;
 mod audit;
 mod auth;
 mod bounded;

@@ -12,16 +12,20 @@ pub enum Role {
     Reader,
     /// UpsertAsset and the admin service.
     Admin,
+    /// Another coordinator of the same table: `Peer/Forward` only, which serves a mutation in
+    /// the name of the principal the forwarding coordinator authenticated.
+    Peer,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Trader, Role::Reader, Role::Admin];
+    pub const ALL: [Role; 4] = [Role::Trader, Role::Reader, Role::Admin, Role::Peer];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Trader => "trader",
             Role::Reader => "reader",
             Role::Admin => "admin",
+            Role::Peer => "peer",
         }
     }
 
@@ -50,6 +54,7 @@ pub enum Access {
 const MUTATE: Access = Access::AnyOf(&[Role::Trader]);
 const READ: Access = Access::AnyOf(&[Role::Trader, Role::Reader]);
 const ADMIN: Access = Access::AnyOf(&[Role::Admin]);
+const PEER: Access = Access::AnyOf(&[Role::Peer]);
 
 /// The role table: a path, or a prefix ending in `/` that covers a whole service. The first
 /// match wins. A path that matches nothing is refused to everyone (default deny): a new RPC
@@ -72,6 +77,7 @@ pub const RULES: &[(&str, Access)] = &[
     ("/lockstep.coordinator.v1.Coordinator/ListAssetChanges", READ),
     ("/lockstep.coordinator.v1.Coordinator/UpsertAsset", ADMIN),
     ("/lockstep.coordinator.v1.Admin/", ADMIN),
+    ("/lockstep.coordinator.v1.Peer/Forward", PEER),
 ];
 
 /// What `path` requires; None when the table does not name it (nobody may call it).
@@ -111,6 +117,7 @@ mod tests {
         );
         assert_eq!(roles(&format!("{COORDINATOR}UpsertAsset")), vec![Role::Admin]);
         assert_eq!(roles("/lockstep.coordinator.v1.Admin/Drain"), vec![Role::Admin]);
+        assert_eq!(roles("/lockstep.coordinator.v1.Peer/Forward"), vec![Role::Peer]);
         assert_eq!(access_of("/grpc.health.v1.Health/Check"), Some(Access::Open));
         assert_eq!(
             access_of("/grpc.health.v1.Health/"),

@@ -341,6 +341,11 @@ impl TransactionCoordinator {
         }
     }
 
+    /// This run of the coordinator: a fresh random id at every start.
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+
     pub fn storage(&self) -> &Storage {
         &self.storage
     }

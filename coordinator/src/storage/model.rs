@@ -1254,6 +1254,11 @@ pub enum StoredItem {
         key: Key,
         heartbeat: Option<Heartbeat>,
     },
+    /// A coordinator's announcement as a member of the table (None if malformed).
+    Member {
+        key: Key,
+        member: Option<Member>,
+    },
     /// The sweeper lease: which coordinator sweeps, until when.
     SweeperLease {
         key: Key,
@@ -1318,6 +1323,11 @@ pub fn classify(item: &Item) -> StoredItem {
         return StoredItem::Asset {
             key,
             asset: asset_from_item(item),
+        };
+    } else if pk == MEMBERS_PK {
+        return StoredItem::Member {
+            key,
+            member: member_from_item(item),
         };
     } else if pk == SWEEPER_PK && sk == SWEEPER_SK {
         return StoredItem::SweeperLease { key };
@@ -1490,6 +1500,84 @@ pub fn heartbeat_from_item(item: &Item) -> Option<Heartbeat> {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Members (account affinity, docs/scale-out.md)
+
+const MEMBERS_PK: &str = "MEMBERS";
+/// Largest page of the member list read at once; a table is shared by a handful of coordinators.
+pub const MEMBERS_PAGE_SIZE: u32 = 100;
+
+/// One live coordinator of the table as it announces itself: its name (`--instance`, or the
+/// random name of an unnamed run), the address its peers dial (`--advertise-address`), which run
+/// wrote it, and until when it counts as live (the writer's clock, milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub address: String,
+    pub incarnation: String,
+    pub expires_at: Millis,
+}
+
+pub fn member_key(name: &str) -> Key {
+    Key {
+        pk: MEMBERS_PK.to_owned(),
+        sk: name.to_owned(),
+    }
+}
+
+/// Announces (or renews) `member`. Unconditional: a name belongs to one live run (a named
+/// instance holds its heartbeat, an unnamed one has a random name).
+pub fn put_member(member: &Member) -> Put {
+    let mut item = key_attributes(&member_key(&member.name));
+    item.insert("address".to_owned(), s(&member.address));
+    item.insert("incarnation".to_owned(), s(&member.incarnation));
+    item.insert("member_expires_at_ms".to_owned(), n(member.expires_at));
+    Put {
+        item,
+        condition: None,
+        bindings: Bindings::default(),
+    }
+}
+
+/// Removes this run's announcement (a coordinator leaving on drain), only if it is still this
+/// run's.
+pub fn delete_member(name: &str, incarnation: &str) -> Delete {
+    Delete {
+        key: member_key(name),
+        condition: Some("incarnation = :me".to_owned()),
+        bindings: bindings([], [(":me", s(incarnation))]),
+    }
+}
+
+/// Removes an announcement that ran out before `before` and was not renewed since (a run that
+/// died without leaving).
+pub fn delete_expired_member(name: &str, before: Millis) -> Delete {
+    Delete {
+        key: member_key(name),
+        condition: Some("member_expires_at_ms <= :before".to_owned()),
+        bindings: bindings([], [(":before", n(before))]),
+    }
+}
+
+pub fn members_query(start_after: Option<Key>) -> Query {
+    Query {
+        pk: MEMBERS_PK.to_owned(),
+        sk_prefix: String::new(),
+        newest_first: false,
+        limit: MEMBERS_PAGE_SIZE,
+        start_after,
+    }
+}
+
+pub fn member_from_item(item: &Item) -> Option<Member> {
+    Some(Member {
+        name: string(item, "sk")?.to_owned(),
+        address: string(item, "address")?.to_owned(),
+        incarnation: string(item, "incarnation")?.to_owned(),
+        expires_at: number(item, "member_expires_at_ms")?.parse().ok()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1540,6 +1628,7 @@ mod tests {
             StoredItem::AssetChange { .. } => "asset change".to_owned(),
             StoredItem::InstanceHeartbeat { .. } => "heartbeat".to_owned(),
             StoredItem::SweeperLease { .. } => "sweeper lease".to_owned(),
+            StoredItem::Member { .. } => "member".to_owned(),
             StoredItem::Foreign { key } => format!("foreign {key:?}"),
         };
         let by_user = Key {
@@ -1561,6 +1650,7 @@ mod tests {
             ),
             (item_at(asset_key(&AssetSymbol::parse("a", "BTC").unwrap())), "asset"),
             (item_at(heartbeat_key("coordinator-1")), "heartbeat"),
+            (item_at(member_key("coordinator-1")), "member"),
             (
                 item_at(asset_change_key(&AssetSymbol::parse("a", "BTC").unwrap(), "c1")),
                 "asset change",

@@ -44,6 +44,7 @@ pub mod names {
     pub const UNCLEAR_COMMITS: &str = "lockstep_unclear_commits_total";
     pub const REPLAYS: &str = "lockstep_replays_total";
     pub const KNOWN_ACCOUNT_COMMITS: &str = "lockstep_known_account_commits_total";
+    pub const FORWARDS: &str = "lockstep_forwards_total";
     pub const STORAGE_REQUESTS: &str = "lockstep_storage_requests_total";
     pub const STORAGE_DURATION: &str = "lockstep_storage_request_duration_seconds";
     pub const STORAGE_RETRIES: &str = "lockstep_storage_retries_total";
@@ -147,6 +148,7 @@ struct Metrics {
     unclear_commits: Family<Labels<1>, Counter>,
     replays: Family<Labels<1>, Counter>,
     known_account_commits: Family<Labels<1>, Counter>,
+    forwards: Family<Labels<1>, Counter>,
     storage_requests: Family<Labels<2>, Counter>,
     storage_duration: HistogramFamily<1>,
     storage_retries: Counter,
@@ -192,6 +194,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         unclear_commits: Family::default(),
         replays: Family::default(),
         known_account_commits: Family::default(),
+        forwards: Family::default(),
         storage_requests: Family::default(),
         storage_duration: Family::new_with_constructor(latency_buckets),
         storage_retries: Counter::default(),
@@ -285,6 +288,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         KNOWN_ACCOUNT_COMMITS,
         "Batches committed without a lease on the account as this coordinator last left it, by outcome: applied, stale (another writer came first; the batch took the lease), unknown (settled under the lease).",
         &metrics.known_account_commits,
+    );
+    register(
+        r,
+        FORWARDS,
+        "Mutations for an account another coordinator owns, by outcome: forwarded (the owner answered), served_here (the owner could not be reached; served through the lease path here), failed (the owner was lost mid-call and the call had no request id: UNAVAILABLE).",
+        &metrics.forwards,
     );
     register(
         r,
@@ -509,6 +518,11 @@ pub fn known_account_commit(outcome: KnownCommit) {
         KnownCommit::Unknown => "unknown",
     };
     METRICS.known_account_commits.get_or_create(&[("outcome", label)]).inc();
+}
+
+/// A mutation for another coordinator's account: `outcome` as [`names::FORWARDS`] says.
+pub fn forwarded(outcome: &'static str) {
+    METRICS.forwards.get_or_create(&[("outcome", outcome)]).inc();
 }
 
 pub fn replayed(operation: &str) {

@@ -10,20 +10,39 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::affinity::forward::{Forwarder, Origin, Routed, TRACE_HEADERS};
 use crate::core::asset_change::AssetChange;
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
-use crate::core::{AssetSymbol, FieldError, Memo, OrderId, Price, Quantity, RequestId, TradeSide, Usd, UserId};
+use crate::core::{
+    AssetSymbol, FieldError, Memo, OrderId, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
+};
 use crate::service::{PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator, TransferRequest};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
     coordinator: Arc<TransactionCoordinator>,
+    /// Account affinity (`--advertise-address`): mutations for accounts another coordinator
+    /// owns go there. None: every call is served here.
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl CoordinatorService {
     pub fn new(coordinator: Arc<TransactionCoordinator>) -> Self {
-        Self { coordinator }
+        Self {
+            coordinator,
+            forwarder: None,
+        }
+    }
+
+    pub fn with_forwarder(mut self, forwarder: Option<Arc<Forwarder>>) -> Self {
+        self.forwarder = forwarder;
+        self
+    }
+
+    /// The `Peer` service (forwarded calls) over the same coordinator.
+    pub fn peer_server(&self) -> pb::peer_server::PeerServer<PeerService> {
+        pb::peer_server::PeerServer::new(PeerService(self.clone()))
     }
 }
 
@@ -104,6 +123,19 @@ fn caller_deadline<T>(request: &Request<T>) -> Option<Instant> {
         _ => return None,
     };
     Instant::now().checked_add(timeout)
+}
+
+/// Where a call came from: its deadline, principal and trace context, as received.
+fn origin_of<T>(request: &Request<T>) -> Origin {
+    Origin {
+        deadline: deadline_of(request),
+        principal: crate::auth::principal_of(request),
+        trace: TRACE_HEADERS
+            .into_iter()
+            .filter_map(|name| Some((name, request.metadata().get(name)?.clone())))
+            .collect(),
+        forwarded: false,
+    }
 }
 
 fn cash_reply(user: &UserId, amount: Usd, receipt: Receipt) -> pb::CashReply {
@@ -218,15 +250,108 @@ fn asset_message(asset: Asset) -> pb::Asset {
     }
 }
 
+/// A forwarded call's reply of the wrong kind: the owner and this coordinator disagree on the
+/// protocol (a version mismatch during a rollout).
+fn mismatched_reply() -> Status {
+    Status::internal("the owner coordinator answered with another kind of reply")
+}
+
 impl CoordinatorService {
-    async fn place(
+    /// Where the call for `account` is served: here, or the owner's answer.
+    async fn route(
         &self,
-        request: Request<pb::PlaceOrderRequest>,
+        origin: &Origin,
+        account: &UserId,
+        request_id: &Option<RequestId>,
+        call: impl FnOnce() -> pb::forward_request::Call,
+    ) -> Routed {
+        match &self.forwarder {
+            Some(forwarder) => forwarder.route(origin, account, request_id.is_some(), call).await,
+            None => Routed::Here,
+        }
+    }
+
+    async fn deposit_from(&self, origin: Origin, message: pb::DepositRequest) -> Result<pb::CashReply, Status> {
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        if let Routed::There(reply) = self
+            .route(&origin, &user, &request_id, || {
+                pb::forward_request::Call::Deposit(message.clone())
+            })
+            .await
+        {
+            return match (*reply)? {
+                pb::forward_reply::Reply::Cash(reply) => Ok(reply),
+                _ => Err(mismatched_reply()),
+            };
+        }
+        let receipt = self
+            .coordinator
+            .deposit(&origin.principal, &user, amount, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(cash_reply(&user, amount, receipt))
+    }
+
+    async fn withdraw_from(&self, origin: Origin, message: pb::WithdrawRequest) -> Result<pb::CashReply, Status> {
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        if let Routed::There(reply) = self
+            .route(&origin, &user, &request_id, || {
+                pb::forward_request::Call::Withdraw(message.clone())
+            })
+            .await
+        {
+            return match (*reply)? {
+                pb::forward_reply::Reply::Cash(reply) => Ok(reply),
+                _ => Err(mismatched_reply()),
+            };
+        }
+        let receipt = self
+            .coordinator
+            .withdraw(&origin.principal, &user, amount, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(cash_reply(&user, amount, receipt))
+    }
+
+    async fn transfer_from(&self, origin: Origin, message: pb::TransferRequest) -> Result<pb::TransferReply, Status> {
+        let transfer = TransferRequest {
+            from: UserId::parse("from_user_id", &message.from_user_id).map_err(invalid)?,
+            to: UserId::parse("to_user_id", &message.to_user_id).map_err(invalid)?,
+            amount: Usd::parse_amount("amount", &message.amount).map_err(invalid)?,
+            memo: Memo::parse("memo", &message.memo).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        // The sender's owner runs it (the request record is the sender's), taking the
+        // receiver's lease through the lease path when another coordinator owns the receiver.
+        if let Routed::There(reply) = self
+            .route(&origin, &transfer.from, &request_id, || {
+                pb::forward_request::Call::Transfer(message.clone())
+            })
+            .await
+        {
+            return match (*reply)? {
+                pb::forward_reply::Reply::Transfer(reply) => Ok(reply),
+                _ => Err(mismatched_reply()),
+            };
+        }
+        let receipt = self
+            .coordinator
+            .transfer(&origin.principal, transfer, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        transfer_reply(receipt)
+    }
+
+    async fn place_from(
+        &self,
+        origin: Origin,
+        message: pb::PlaceOrderRequest,
         side: TradeSide,
-    ) -> Result<Response<pb::OrderReply>, Status> {
-        let deadline = deadline_of(&request);
-        let principal = crate::auth::principal_of(&request);
-        let message = request.into_inner();
+    ) -> Result<pb::OrderReply, Status> {
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let trade = TradeRequest {
             side,
@@ -240,80 +365,96 @@ impl CoordinatorService {
                 .map_err(invalid)?,
         };
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        if let Routed::There(reply) = self
+            .route(&origin, &user, &request_id, || match side {
+                TradeSide::Buy => pb::forward_request::Call::PlaceBuy(message.clone()),
+                TradeSide::Sell => pb::forward_request::Call::PlaceSell(message.clone()),
+            })
+            .await
+        {
+            return match (*reply)? {
+                pb::forward_reply::Reply::Order(reply) => Ok(reply),
+                _ => Err(mismatched_reply()),
+            };
+        }
         let receipt = self
             .coordinator
-            .trade(&principal, &user, trade, request_id, deadline)
+            .trade(&origin.principal, &user, trade, request_id, origin.deadline)
             .await
             .map_err(status_of)?;
         let (order, holding) = receipt
             .trade
             .ok_or_else(|| status_of(ServiceError::Internal("a committed trade without its order".to_owned())))?;
-        Ok(Response::new(pb::OrderReply {
+        Ok(pb::OrderReply {
             cash_balance: receipt.entry.cash_after.to_string(),
             holding: holding.to_string(),
             transaction_id: receipt.entry.entry_id.to_string(),
             order: Some(order_message(order)),
-        }))
+        })
+    }
+}
+
+/// `Peer/Forward`: a mutation another coordinator sent to this one, the account's owner. The
+/// auth layer let only a `peer` through, so the principal it names is believed. Served here
+/// whatever this coordinator's own view of the owner: one hop at most.
+#[derive(Debug, Clone)]
+pub struct PeerService(CoordinatorService);
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
+        let mut origin = origin_of(&request);
+        let message = request.into_inner();
+        origin.principal = Principal::parse("principal", &message.principal).map_err(invalid)?;
+        origin.forwarded = true;
+        use pb::forward_reply::Reply;
+        use pb::forward_request::Call;
+        let service = &self.0;
+        let reply = match message.call {
+            Some(Call::Deposit(call)) => Reply::Cash(service.deposit_from(origin, call).await?),
+            Some(Call::Withdraw(call)) => Reply::Cash(service.withdraw_from(origin, call).await?),
+            Some(Call::PlaceBuy(call)) => Reply::Order(service.place_from(origin, call, TradeSide::Buy).await?),
+            Some(Call::PlaceSell(call)) => Reply::Order(service.place_from(origin, call, TradeSide::Sell).await?),
+            Some(Call::Transfer(call)) => Reply::Transfer(service.transfer_from(origin, call).await?),
+            None => return Err(invalid(FieldError::new("call", "is required"))),
+        };
+        Ok(Response::new(pb::ForwardReply { reply: Some(reply) }))
     }
 }
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::CashReply>, Status> {
-        let deadline = deadline_of(&request);
-        let principal = crate::auth::principal_of(&request);
-        let message = request.into_inner();
-        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
-        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let receipt = self
-            .coordinator
-            .deposit(&principal, &user, amount, request_id, deadline)
-            .await
-            .map_err(status_of)?;
-        Ok(Response::new(cash_reply(&user, amount, receipt)))
+        let origin = origin_of(&request);
+        self.deposit_from(origin, request.into_inner()).await.map(Response::new)
     }
 
     async fn withdraw(&self, request: Request<pb::WithdrawRequest>) -> Result<Response<pb::CashReply>, Status> {
-        let deadline = deadline_of(&request);
-        let principal = crate::auth::principal_of(&request);
-        let message = request.into_inner();
-        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
-        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let receipt = self
-            .coordinator
-            .withdraw(&principal, &user, amount, request_id, deadline)
+        let origin = origin_of(&request);
+        self.withdraw_from(origin, request.into_inner())
             .await
-            .map_err(status_of)?;
-        Ok(Response::new(cash_reply(&user, amount, receipt)))
+            .map(Response::new)
     }
 
     async fn place_buy(&self, request: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
-        self.place(request, TradeSide::Buy).await
+        let origin = origin_of(&request);
+        self.place_from(origin, request.into_inner(), TradeSide::Buy)
+            .await
+            .map(Response::new)
     }
 
     async fn place_sell(&self, request: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
-        self.place(request, TradeSide::Sell).await
+        let origin = origin_of(&request);
+        self.place_from(origin, request.into_inner(), TradeSide::Sell)
+            .await
+            .map(Response::new)
     }
 
     async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransferReply>, Status> {
-        let deadline = deadline_of(&request);
-        let principal = crate::auth::principal_of(&request);
-        let message = request.into_inner();
-        let transfer = TransferRequest {
-            from: UserId::parse("from_user_id", &message.from_user_id).map_err(invalid)?,
-            to: UserId::parse("to_user_id", &message.to_user_id).map_err(invalid)?,
-            amount: Usd::parse_amount("amount", &message.amount).map_err(invalid)?,
-            memo: Memo::parse("memo", &message.memo).map_err(invalid)?,
-        };
-        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let receipt = self
-            .coordinator
-            .transfer(&principal, transfer, request_id, deadline)
+        let origin = origin_of(&request);
+        self.transfer_from(origin, request.into_inner())
             .await
-            .map_err(status_of)?;
-        Ok(Response::new(transfer_reply(receipt)?))
+            .map(Response::new)
     }
 
     async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {

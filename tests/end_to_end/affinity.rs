@@ -1,0 +1,425 @@
+//! Account affinity (issue 19, docs/scale-out.md): several coordinators on one table, each
+//! account served by one owner, calls forwarded there over the `Peer` service. Real coordinators
+//! on loopback ports over dynoxide's HTTP server; a fake owner where a test must see exactly what
+//! a forward carries.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockstep::coordinator::v1 as pb;
+use lockstep_coordinator::affinity::forward::ForwardCounts;
+use lockstep_coordinator::affinity::{Peer, rendezvous_owner};
+use lockstep_coordinator::auth::hash_token;
+use lockstep_coordinator::core::{Clock, SystemClock, UserId};
+use lockstep_coordinator::storage::model::{self, Member};
+use pb::peer_client::PeerClient;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status};
+
+use crate::auth::{TRADER_TOKEN, with_token};
+use crate::helpers::{AppOptions, EngineKind, TestApp, spawn_app_with, spawn_peer};
+
+const PEER_TOKEN: &str = "peer-token-0123456789abcdef";
+
+/// Waits until `app` sees `count` live coordinators, itself included.
+async fn wait_for_members(app: &TestApp, count: usize) {
+    let membership = &app.affinity.as_ref().expect("affinity on").membership;
+    for _ in 0..200 {
+        if membership.live().len() == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} live coordinators seen, {count} expected", membership.live().len());
+}
+
+fn name_of(app: &TestApp) -> String {
+    app.affinity
+        .as_ref()
+        .expect("affinity on")
+        .membership
+        .me()
+        .name
+        .to_string()
+}
+
+fn counts(app: &TestApp) -> ForwardCounts {
+    app.affinity.as_ref().expect("affinity on").forwarder.counts()
+}
+
+/// The owner's name of `user` among coordinators named `names`.
+fn owner(names: &[String], user: &str) -> String {
+    let peers: Vec<Peer> = names
+        .iter()
+        .map(|name| Peer {
+            name: name.as_str().into(),
+            address: "unused".into(),
+        })
+        .collect();
+    rendezvous_owner(&peers, user).expect("a member").name.to_string()
+}
+
+/// A user whose owner among `names` is `wanted`.
+fn user_owned_by(names: &[String], wanted: &str, prefix: &str) -> String {
+    (0..10_000)
+        .map(|index| format!("{prefix}-{index}"))
+        .find(|user| owner(names, user) == wanted)
+        .expect("some user hashes to every member")
+}
+
+/// Announces a coordinator that is not one of the test's apps, live for an hour.
+async fn announce(app: &TestApp, name: &str, address: &str) {
+    let member = Member {
+        name: name.to_owned(),
+        address: address.to_owned(),
+        incarnation: "test".to_owned(),
+        expires_at: SystemClock.now() + 3_600_000,
+    };
+    app.storage
+        .put(model::put_member(&member))
+        .await
+        .expect("announce the member");
+}
+
+fn deposit(user: &str, amount: &str, request_id: &str) -> pb::DepositRequest {
+    pb::DepositRequest {
+        user_id: user.to_owned(),
+        amount: amount.to_owned(),
+        request_id: request_id.to_owned(),
+    }
+}
+
+/// Three coordinators, every user's deposits sent to all three at once: each call that reached
+/// a non-owner is forwarded (none served there), every balance is exact, and each coordinator
+/// forwarded exactly the calls of the users it does not own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_calls_of_one_account_meet_at_its_owner() {
+    let first = spawn_app_with(EngineKind::DynoxideHttp, AppOptions::default().affinity()).await;
+    let second = spawn_peer(&first, AppOptions::default().affinity()).await;
+    let third = spawn_peer(&first, AppOptions::default().affinity()).await;
+    let apps = [&first, &second, &third];
+    for app in apps {
+        wait_for_members(app, 3).await;
+    }
+    let names: Vec<String> = apps.iter().map(|app| name_of(app)).collect();
+    let users: Vec<String> = (0..12).map(|index| format!("affine-{index}")).collect();
+    let mut clients = Vec::new();
+    for app in apps {
+        clients.push(app.client().await);
+    }
+    for round in 0..3 {
+        let mut calls = tokio::task::JoinSet::new();
+        for user in &users {
+            for (index, client) in clients.iter().enumerate() {
+                let request = deposit(user, "10.00", &format!("{user}-{round}-{index}"));
+                let mut client = client.clone();
+                calls.spawn(async move { client.deposit(request).await });
+            }
+        }
+        while let Some(result) = calls.join_next().await {
+            result.expect("task").expect("deposit");
+        }
+    }
+    for (app, name) in apps.iter().zip(&names) {
+        let foreign = users.iter().filter(|user| owner(&names, user) != *name).count() as u64;
+        assert_eq!(
+            counts(app),
+            ForwardCounts {
+                forwarded: 3 * foreign,
+                served_here: 0,
+                failed: 0
+            },
+            "{name}"
+        );
+    }
+    for user in &users {
+        assert_eq!(first.cash(user).await, "90.00", "{user}");
+    }
+    // A transfer is run by its sender's owner.
+    let sender = user_owned_by(&names, &names[1], "affine");
+    let receiver = users.iter().find(|user| **user != sender).expect("another user");
+    let before = counts(&first).forwarded;
+    let transfer = pb::TransferRequest {
+        from_user_id: sender.clone(),
+        to_user_id: receiver.clone(),
+        amount: "5.00".to_owned(),
+        memo: "rent".to_owned(),
+        request_id: "affine-transfer".to_owned(),
+    };
+    let reply = first
+        .client()
+        .await
+        .transfer(transfer)
+        .await
+        .expect("transfer")
+        .into_inner();
+    assert_eq!((reply.cash_balance.as_str(), reply.memo.as_str()), ("85.00", "rent"));
+    assert_eq!(counts(&first).forwarded, before + 1);
+    assert_eq!(first.cash(receiver).await, "95.00");
+}
+
+/// What a fake owner saw of each forward, and how it answers: amount "1.00" is refused.
+#[derive(Clone, Default)]
+struct FakeOwner {
+    seen: Arc<Mutex<Vec<(MetadataMap, pb::ForwardRequest)>>>,
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for FakeOwner {
+    async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
+        let metadata = request.metadata().clone();
+        let message = request.into_inner();
+        self.seen.lock().unwrap().push((metadata, message.clone()));
+        let Some(pb::forward_request::Call::Deposit(deposit)) = message.call else {
+            return Err(Status::unimplemented("deposits only"));
+        };
+        if deposit.amount == "1.00" {
+            return Err(Status::failed_precondition(
+                "refused by the owner: a rule it alone knows",
+            ));
+        }
+        Ok(Response::new(pb::ForwardReply {
+            reply: Some(pb::forward_reply::Reply::Cash(pb::CashReply {
+                transaction_id: "from-the-owner".to_owned(),
+                user_id: deposit.user_id,
+                amount: deposit.amount,
+                cash_balance: "123.45".to_owned(),
+            })),
+        }))
+    }
+}
+
+/// A forward carries the caller's principal (authenticated here, believed there because the
+/// peer token has the peer role), its deadline and trace context, and this coordinator's peer
+/// token; the owner's answer, reply or error, reaches the caller unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forward_carries_principal_deadline_and_trace_and_relays_the_answer_unchanged() {
+    let fake = FakeOwner::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let fake_address = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::peer_server::PeerServer::new(fake.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let auth_file = dir.path().join("auth");
+    std::fs::write(
+        &auth_file,
+        format!(
+            "trader-svc trader {}\ncoordinators peer {}\n",
+            hash_token(TRADER_TOKEN),
+            hash_token(PEER_TOKEN)
+        ),
+    )
+    .expect("auth file");
+    let token_file = dir.path().join("peer-token");
+    std::fs::write(&token_file, format!("{PEER_TOKEN}\n")).expect("token file");
+    let options = AppOptions::default()
+        .affinity()
+        .flag("--auth-file", auth_file.display())
+        .flag("--peer-token-file", token_file.display());
+    let app = spawn_app_with(EngineKind::DynoxideHttp, options).await;
+    announce(&app, "fake-owner", &fake_address).await;
+    wait_for_members(&app, 2).await;
+    let names = [name_of(&app), "fake-owner".to_owned()];
+    let user = user_owned_by(&names, "fake-owner", "carried");
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    let mut request = with_token(deposit(&user, "25.00", "carried-1"), Some(TRADER_TOKEN));
+    request.set_timeout(Duration::from_secs(5));
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().unwrap());
+    let reply = app
+        .client()
+        .await
+        .deposit(request)
+        .await
+        .expect("forwarded")
+        .into_inner();
+    assert_eq!(
+        reply,
+        pb::CashReply {
+            transaction_id: "from-the-owner".to_owned(),
+            user_id: user.clone(),
+            amount: "25.00".to_owned(),
+            cash_balance: "123.45".to_owned(),
+        }
+    );
+    {
+        let seen = fake.seen.lock().unwrap();
+        let (metadata, message) = seen.last().expect("the owner saw the forward");
+        assert_eq!(message.principal, "trader-svc");
+        assert_eq!(
+            message.call,
+            Some(pb::forward_request::Call::Deposit(deposit(&user, "25.00", "carried-1")))
+        );
+        assert_eq!(
+            metadata.get("authorization").unwrap().to_str().unwrap(),
+            format!("Bearer {PEER_TOKEN}")
+        );
+        assert_eq!(metadata.get("traceparent").unwrap().to_str().unwrap(), traceparent);
+        let timeout = metadata
+            .get("grpc-timeout")
+            .expect("the deadline travels")
+            .to_str()
+            .unwrap();
+        let (digits, unit) = timeout.split_at(timeout.len() - 1);
+        let left = match unit {
+            "m" => Duration::from_millis(digits.parse().unwrap()),
+            "u" => Duration::from_micros(digits.parse().unwrap()),
+            "n" => Duration::from_nanos(digits.parse().unwrap()),
+            "S" => Duration::from_secs(digits.parse().unwrap()),
+            other => panic!("unexpected unit {other} in {timeout}"),
+        };
+        assert!(
+            left <= Duration::from_secs(5) && left > Duration::from_secs(4),
+            "{timeout}"
+        );
+    }
+
+    let mut refused = with_token(deposit(&user, "1.00", "carried-2"), Some(TRADER_TOKEN));
+    refused.set_timeout(Duration::from_secs(5));
+    let status = app
+        .client()
+        .await
+        .deposit(refused)
+        .await
+        .expect_err("the owner refused");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(status.message(), "refused by the owner: a rule it alone knows");
+    assert_eq!(counts(&app).forwarded, 2);
+    // Nothing was written here: the owner answered for the account.
+    let user_id = UserId::parse("user_id", &user).expect("a valid user id");
+    let account = app.storage.get(model::account_key(&user_id)).await.expect("read");
+    assert!(account.is_none(), "the forwarding coordinator wrote {account:?}");
+}
+
+/// A call that arrives through Peer/Forward is served where it arrives, even when that
+/// coordinator believes another one owns the account: no forward loop can form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_call_is_never_forwarded_again() {
+    let first = spawn_app_with(EngineKind::DynoxideHttp, AppOptions::default().affinity()).await;
+    let second = spawn_peer(&first, AppOptions::default().affinity()).await;
+    wait_for_members(&first, 2).await;
+    wait_for_members(&second, 2).await;
+    let names = [name_of(&first), name_of(&second)];
+    let user = user_owned_by(&names, &names[1], "hop");
+    let mut peer = PeerClient::connect(format!("http://{}", first.address))
+        .await
+        .expect("connect");
+    let reply = peer
+        .forward(pb::ForwardRequest {
+            principal: "someone".to_owned(),
+            call: Some(pb::forward_request::Call::Deposit(deposit(&user, "7.00", "hop-1"))),
+        })
+        .await
+        .expect("served by the first coordinator")
+        .into_inner();
+    assert!(matches!(
+        reply.reply,
+        Some(pb::forward_reply::Reply::Cash(ref cash)) if cash.cash_balance == "7.00"
+    ));
+    assert_eq!(counts(&first), ForwardCounts::default(), "served where it arrived");
+    assert_eq!(counts(&second), ForwardCounts::default());
+    let entries = first.full_ledger(&user).await;
+    assert_eq!(entries[0].principal, "someone", "the forwarded principal is recorded");
+    // The same account through the Coordinator service is forwarded: the owner is the second.
+    first.deposit(&user, "1.00").await.expect("deposit");
+    assert_eq!(counts(&first).forwarded, 1);
+}
+
+/// An owner that cannot be reached (its announcement live, nothing listening) costs no
+/// availability: the call is served here through the lease path, at once, and later calls
+/// skip the dead owner instead of trying it again each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_owner_falls_back_to_serving_here() {
+    let app = spawn_app_with(EngineKind::DynoxideHttp, AppOptions::default().affinity()).await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address")
+    };
+    announce(&app, "ghost", &format!("http://{closed}")).await;
+    wait_for_members(&app, 2).await;
+    let names = [name_of(&app), "ghost".to_owned()];
+    let user = user_owned_by(&names, "ghost", "ghosted");
+    let started = std::time::Instant::now();
+    let reply = app.deposit(&user, "3.00").await.expect("served here");
+    assert_eq!(reply.cash_balance, "3.00");
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    app.deposit(&user, "4.00").await.expect("served here again");
+    assert_eq!(
+        counts(&app),
+        ForwardCounts {
+            forwarded: 0,
+            served_here: 2,
+            failed: 0
+        }
+    );
+    assert_eq!(app.cash(&user).await, "7.00");
+}
+
+/// Only the peer role may forward (a trader cannot name another principal through it), and the
+/// peer role alone calls nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_peer_may_forward_and_a_peer_may_do_nothing_else() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let auth_file = dir.path().join("auth");
+    std::fs::write(
+        &auth_file,
+        format!(
+            "trader-svc trader {}\ncoordinators peer {}\n",
+            hash_token(TRADER_TOKEN),
+            hash_token(PEER_TOKEN)
+        ),
+    )
+    .expect("auth file");
+    let app = spawn_app_with(
+        EngineKind::Embedded,
+        AppOptions::default().flag("--auth-file", auth_file.display()),
+    )
+    .await;
+    let forward = || pb::ForwardRequest {
+        principal: "victim".to_owned(),
+        call: Some(pb::forward_request::Call::Deposit(deposit("victim", "1.00", ""))),
+    };
+    let mut peer = PeerClient::connect(format!("http://{}", app.address))
+        .await
+        .expect("connect");
+    let status = peer
+        .forward(with_token(forward(), Some(TRADER_TOKEN)))
+        .await
+        .expect_err("a trader cannot forward");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("needs the peer role"), "{}", status.message());
+    let status = peer.forward(with_token(forward(), None)).await.expect_err("anonymous");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = app
+        .client()
+        .await
+        .deposit(with_token(deposit("victim", "1.00", ""), Some(PEER_TOKEN)))
+        .await
+        .expect_err("a peer token does not trade");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    peer.forward(with_token(forward(), Some(PEER_TOKEN)))
+        .await
+        .expect("a peer forwards");
+}
+
+/// A coordinator that shuts down leaves the membership at once, so its peers stop forwarding
+/// to it within one listing rather than when its announcement runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_that_shuts_down_leaves_at_once() {
+    let first = spawn_app_with(EngineKind::DynoxideHttp, AppOptions::default().affinity()).await;
+    let mut second = spawn_peer(&first, AppOptions::default().affinity()).await;
+    wait_for_members(&first, 2).await;
+    second.shut_down().await;
+    let left = std::time::Instant::now();
+    wait_for_members(&first, 1).await;
+    assert!(
+        left.elapsed() < lockstep_coordinator::affinity::MEMBER_TTL,
+        "{:?}",
+        left.elapsed()
+    );
+}
