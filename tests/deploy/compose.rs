@@ -75,7 +75,10 @@ fn every_flag_and_variable_exists() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 4, "create-tables, coordinator, user-service and order-service");
+    assert_eq!(
+        checked, 6,
+        "create-tables, three coordinators, user-service and order-service"
+    );
 }
 
 /// The table exists before the coordinator starts: storage healthy, then a one-shot
@@ -91,35 +94,62 @@ fn create_tables_runs_once_before_the_coordinator() {
     assert_eq!(create["depends_on"]["dynamodb"]["condition"], "service_healthy");
     assert_eq!(create["restart"], "no");
     assert!(service(&compose, "dynamodb").get("healthcheck").is_some());
-    let coordinator = service(&compose, "coordinator");
-    assert_eq!(
-        coordinator["depends_on"]["create-tables"]["condition"],
-        "service_completed_successfully"
-    );
-    let storage = |service: &Value| -> Vec<(String, String)> {
-        environment(service)
+    for name in COORDINATORS {
+        let coordinator = service(&compose, name);
+        assert_eq!(
+            coordinator["depends_on"]["create-tables"]["condition"],
+            "service_completed_successfully",
+            "{name}"
+        );
+        let storage = |service: &Value| -> Vec<(String, String)> {
+            environment(service)
+                .into_iter()
+                .filter(|(name, _)| {
+                    ["LOCKSTEP_DYNAMODB_ENDPOINT", "LOCKSTEP_TABLE", "LOCKSTEP_REGION"].contains(&name.as_str())
+                })
+                .collect()
+        };
+        assert_eq!(storage(create).len(), 3);
+        assert_eq!(
+            storage(create),
+            storage(coordinator),
+            "create-tables and {name} use other storage"
+        );
+        let endpoint = environment(coordinator)
             .into_iter()
-            .filter(|(name, _)| {
-                ["LOCKSTEP_DYNAMODB_ENDPOINT", "LOCKSTEP_TABLE", "LOCKSTEP_REGION"].contains(&name.as_str())
-            })
-            .collect()
-    };
-    assert_eq!(storage(create).len(), 3);
-    assert_eq!(
-        storage(create),
-        storage(coordinator),
-        "create-tables and serve use other storage"
-    );
-    let endpoint = environment(coordinator)
-        .into_iter()
-        .find(|(name, _)| name == "LOCKSTEP_DYNAMODB_ENDPOINT")
-        .map(|(_, value)| value)
-        .expect("an endpoint");
-    assert!(endpoint.starts_with("http://dynamodb:"), "{endpoint}");
-    let named_instance = environment(coordinator)
-        .into_iter()
-        .any(|(name, value)| name == "LOCKSTEP_INSTANCE" && !value.is_empty());
-    assert!(named_instance, "the coordinator has no stable --instance");
+            .find(|(name, _)| name == "LOCKSTEP_DYNAMODB_ENDPOINT")
+            .map(|(_, value)| value)
+            .expect("an endpoint");
+        assert!(endpoint.starts_with("http://dynamodb:"), "{endpoint}");
+    }
+}
+
+/// The coordinators of the demo, on one table.
+const COORDINATORS: [&str; 3] = ["coordinator-1", "coordinator-2", "coordinator-3"];
+
+/// Three coordinators with account affinity: each has its own stable --instance and advertises
+/// its own service name at its listen port; all answer to the alias the services call.
+#[test]
+fn three_coordinators_advertise_themselves() {
+    let compose = compose();
+    let mut instances = std::collections::BTreeSet::new();
+    for name in COORDINATORS {
+        let coordinator = service(&compose, name);
+        let environment: std::collections::BTreeMap<String, String> = environment(coordinator).into_iter().collect();
+        let instance = environment.get("LOCKSTEP_INSTANCE").expect("LOCKSTEP_INSTANCE");
+        assert!(instances.insert(instance.clone()), "{name} repeats --instance {instance}");
+        let port = port_of(&environment["LOCKSTEP_LISTEN"]);
+        assert_eq!(
+            environment.get("LOCKSTEP_ADVERTISE_ADDRESS").map(String::as_str),
+            Some(format!("http://{name}:{port}").as_str()),
+            "{name} advertises another address than its own"
+        );
+        assert_eq!(
+            strings(coordinator["networks"]["default"].get("aliases")),
+            ["coordinator"],
+            "{name}"
+        );
+    }
 }
 
 /// Each process listens on 0.0.0.0 at its binary's default port, publishes it on the host's
@@ -128,13 +158,15 @@ fn create_tables_runs_once_before_the_coordinator() {
 fn ports_match_the_binaries_defaults() {
     let compose = compose();
     let coordinator_port = port_of(Help::of("coordinator").default_of("--listen"));
-    for (name, variable) in [
-        ("coordinator", "LOCKSTEP_LISTEN"),
-        ("user-service", "LOCKSTEP_USER_SERVICE_LISTEN"),
-        ("order-service", "LOCKSTEP_ORDER_SERVICE_LISTEN"),
+    for (name, binary, variable) in [
+        ("coordinator-1", "coordinator", "LOCKSTEP_LISTEN"),
+        ("coordinator-2", "coordinator", "LOCKSTEP_LISTEN"),
+        ("coordinator-3", "coordinator", "LOCKSTEP_LISTEN"),
+        ("user-service", "user-service", "LOCKSTEP_USER_SERVICE_LISTEN"),
+        ("order-service", "order-service", "LOCKSTEP_ORDER_SERVICE_LISTEN"),
     ] {
         let service = service(&compose, name);
-        let default_port = port_of(Help::of(name).default_of("--listen"));
+        let default_port = port_of(Help::of(binary).default_of("--listen"));
         let environment = environment(service);
         let listen = environment
             .iter()
@@ -142,12 +174,19 @@ fn ports_match_the_binaries_defaults() {
             .map(|(_, value)| value.as_str())
             .unwrap_or_else(|| panic!("{name} sets no {variable}"));
         assert_eq!(listen, format!("0.0.0.0:{default_port}"), "{name} {variable}");
+        // The first coordinator is the one grpcurl reaches from the host; the others only
+        // through the alias and their peers.
+        let published: Vec<String> = if matches!(name, "coordinator-2" | "coordinator-3") {
+            Vec::new()
+        } else {
+            vec![format!("127.0.0.1:{default_port}:{default_port}")]
+        };
         assert_eq!(
             strings(service.get("ports")),
-            [format!("127.0.0.1:{default_port}:{default_port}")],
+            published,
             "{name} publishes other ports, or not on loopback only"
         );
-        if name != "coordinator" {
+        if binary != "coordinator" {
             let url = environment
                 .iter()
                 .find(|(each, _)| each == "LOCKSTEP_COORDINATOR_URL")

@@ -176,6 +176,43 @@ fn the_instance_is_the_pod_name() {
     );
 }
 
+/// Account affinity: each coordinator advertises its own pod's name through the StatefulSet's
+/// headless governing Service, at the gRPC port, over https; peers authenticate with a token
+/// and check the coordinators' CA, both from a mounted Secret.
+#[test]
+fn each_coordinator_advertises_its_pod_through_the_headless_service() {
+    let resources = resources();
+    let statefulset = resource(&resources, "StatefulSet", "lockstep-coordinator");
+    let governing = statefulset["spec"]["serviceName"].as_str().expect("serviceName");
+    let headless = resource(&resources, "Service", governing);
+    assert_eq!(headless["spec"]["clusterIP"], "None", "{governing} is not headless");
+    let namespace = statefulset["metadata"]["namespace"].as_str().expect("namespace");
+    let pod = &statefulset["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let port = port_of(&env_text(container, "LOCKSTEP_LISTEN"));
+    assert_eq!(
+        argument(container, "--advertise-address").as_deref(),
+        Some(format!("https://$(LOCKSTEP_INSTANCE).{governing}.{namespace}.svc:{port}").as_str())
+    );
+    let mounted = |flag: &str| {
+        let path = argument(container, flag).unwrap_or_else(|| panic!("no {flag}"));
+        let mounts = container["volumeMounts"].as_array().expect("volume mounts");
+        let mount = mounts
+            .iter()
+            .find(|mount| path.starts_with(mount["mountPath"].as_str().unwrap_or("-")))
+            .unwrap_or_else(|| panic!("{flag} {path} is not under a mounted volume"));
+        let volume = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|volume| volume["name"] == mount["name"])
+            .expect("the mount's volume");
+        volume["secret"]["secretName"].as_str().expect("a Secret").to_owned()
+    };
+    assert_eq!(mounted("--peer-token-file"), "lockstep-coordinator-peer");
+    assert_eq!(mounted("--peer-ca"), "lockstep-coordinator-peer");
+}
+
 /// Readiness asks the coordinator's named health service (storage), liveness and start-up ask
 /// "" (the process), both through Kubernetes' gRPC probe on the health listener's port.
 #[test]
