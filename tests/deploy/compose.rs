@@ -97,8 +97,7 @@ fn create_tables_runs_once_before_the_coordinator() {
     for name in COORDINATORS {
         let coordinator = service(&compose, name);
         assert_eq!(
-            coordinator["depends_on"]["create-tables"]["condition"],
-            "service_completed_successfully",
+            coordinator["depends_on"]["create-tables"]["condition"], "service_completed_successfully",
             "{name}"
         );
         let storage = |service: &Value| -> Vec<(String, String)> {
@@ -137,7 +136,10 @@ fn three_coordinators_advertise_themselves() {
         let coordinator = service(&compose, name);
         let environment: std::collections::BTreeMap<String, String> = environment(coordinator).into_iter().collect();
         let instance = environment.get("LOCKSTEP_INSTANCE").expect("LOCKSTEP_INSTANCE");
-        assert!(instances.insert(instance.clone()), "{name} repeats --instance {instance}");
+        assert!(
+            instances.insert(instance.clone()),
+            "{name} repeats --instance {instance}"
+        );
         let port = port_of(&environment["LOCKSTEP_LISTEN"]);
         assert_eq!(
             environment.get("LOCKSTEP_ADVERTISE_ADDRESS").map(String::as_str),

@@ -376,7 +376,11 @@ mod tests {
     fn careless_affinity_settings_are_refused_naming_the_flag() {
         let refused = |flags: AffinityFlags| peer_setup(&flags).expect_err("refused");
         assert!(peer_setup(&AffinityFlags::default()).unwrap().is_none());
-        assert!(peer_setup(&flags("http://coordinator-0.peers:50051")).unwrap().is_some());
+        assert!(
+            peer_setup(&flags("http://coordinator-0.peers:50051"))
+                .unwrap()
+                .is_some()
+        );
         for address in ["coordinator-0:50051", "ftp://host:1", "http://host:1/path", "http://"] {
             let error = refused(flags(address));
             assert!(error.starts_with("--advertise-address"), "{address}: {error}");

@@ -97,8 +97,9 @@ impl AuthTable {
             let roles = roles
                 .split(',')
                 .map(|raw| {
-                    Role::parse(raw)
-                        .ok_or_else(|| format!("line {number}: unknown role {raw:?} (roles: trader, reader, admin)"))
+                    Role::parse(raw).ok_or_else(|| {
+                        format!("line {number}: unknown role {raw:?} (roles: trader, reader, admin, peer)")
+                    })
                 })
                 .collect::<Result<BTreeSet<Role>, String>>()?;
             let digest = match digest {
