@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 
-use crate::core::records::{EntryKind, Lease, LedgerEntry, Order, OrderStatus, RecordedOutcome};
+use crate::core::records::{Asset, EntryKind, Lease, LedgerEntry, Order, OrderStatus, RecordedOutcome};
 use crate::core::{Account, Millis, TradeSide};
 use crate::storage::model::{self, StoredItem};
 use crate::storage::{Key, Storage, StorageError};
@@ -70,12 +70,20 @@ pub async fn audit(storage: &Storage, now: Millis, lease_margin: Duration) -> Re
     let mut report = AuditReport::default();
     let mut users: BTreeMap<String, UserBooks> = BTreeMap::new();
     let mut orders_by_id: BTreeMap<String, Order> = BTreeMap::new();
+    let mut prices = Prices::default();
     let mut scan = storage.scan_table();
     while let Some(page) = scan.next_page().await? {
         for item in &page {
-            sort_into_books(model::classify(item), &mut users, &mut orders_by_id, &mut report);
+            sort_into_books(
+                model::classify(item),
+                &mut users,
+                &mut orders_by_id,
+                &mut prices,
+                &mut report,
+            );
         }
     }
+    report.discrepancies.extend(prices.problems());
     for (user, books) in &users {
         check_user(user, books, &orders_by_id, now, lease_margin, &mut report);
     }
@@ -93,11 +101,37 @@ pub async fn audit(storage: &Storage, now: Millis, lease_margin: Duration) -> Re
     Ok(report)
 }
 
+/// The catalog items and the copies of their prices that trades check.
+#[derive(Default)]
+struct Prices {
+    catalog: BTreeMap<String, Asset>,
+    copies: Vec<(Key, Asset)>,
+}
+
+impl Prices {
+    /// Every copy must hold its catalog item's price and flag: UpsertAsset writes them together,
+    /// so a copy that differs would let a trade execute at a price not in force.
+    fn problems(&self) -> Vec<String> {
+        self.copies
+            .iter()
+            .filter_map(|(key, copy)| match self.catalog.get(copy.symbol.as_str()) {
+                Some(asset) if asset.price == copy.price && asset.active == copy.active => None,
+                Some(asset) => Some(format!(
+                    "{}: price copy {} (active {}) differs from the catalog's {} (active {})",
+                    key.pk, copy.price, copy.active, asset.price, asset.active
+                )),
+                None => Some(format!("{}: price copy of an asset the catalog does not hold", key.pk)),
+            })
+            .collect()
+    }
+}
+
 /// Files one item under its user (or its order id); a malformed item is a discrepancy.
 fn sort_into_books(
     item: StoredItem,
     users: &mut BTreeMap<String, UserBooks>,
     orders_by_id: &mut BTreeMap<String, Order>,
+    prices: &mut Prices,
     report: &mut AuditReport,
 ) {
     let mut malformed = |key: &Key, error: model::MalformedItem| {
@@ -148,9 +182,18 @@ fn sort_into_books(
             }
             Err(error) => malformed(&key, error),
         },
-        // The catalog holds no money, and what Lockstep did not write is not its books.
-        StoredItem::Asset { .. }
-        | StoredItem::AssetChange { .. }
+        StoredItem::Asset { key, asset } => match asset {
+            Ok(asset) => {
+                prices.catalog.insert(asset.symbol.to_string(), asset);
+            }
+            Err(error) => malformed(&key, error),
+        },
+        StoredItem::PriceCopy { key, asset } => match asset {
+            Ok(asset) => prices.copies.push((key, asset)),
+            Err(error) => malformed(&key, error),
+        },
+        // No money here, and what Lockstep did not write is not its books.
+        StoredItem::AssetChange { .. }
         | StoredItem::InstanceHeartbeat { .. }
         | StoredItem::SweeperLease { .. }
         | StoredItem::Member { .. }

@@ -508,7 +508,69 @@ async fn selling_in_lots_that_round_up_gains_nothing(engine: EngineKind) {
     assert_eq!(tiny.full_ledger("farmer").await.len(), 3);
 }
 
+/// Trades race UpsertAsset flipping one asset's price between two values, through two
+/// coordinators on one table (trades check per-user copies of the price, spread over
+/// partitions; UpsertAsset writes the catalog item and every copy in one transaction): every
+/// confirmed order executed at exactly one of the two prices, its total is its quantity at that
+/// price, and the audit, which compares every copy with the catalog item, is clean.
+async fn trades_racing_price_changes_each_use_one_price_in_force(engine: EngineKind) {
+    let options = AppOptions::default().flag("--daily-deposit-limit", "1000000");
+    let app = spawn_app_with(engine, options.clone()).await;
+    let peer = spawn_peer(&app, options).await;
+    app.set_asset("SOL", "100.00", true).await;
+    let users: Vec<String> = (0..engine.scale(16, 4)).map(|index| format!("racer-{index}")).collect();
+    for user in &users {
+        app.deposit(user, "100000.00").await.expect("deposit");
+    }
+    let rounds = engine.scale(8, 3);
+    let mut buyers = tokio::task::JoinSet::new();
+    for (index, user) in users.iter().enumerate() {
+        let mut client = if index % 2 == 0 {
+            app.client().await
+        } else {
+            peer.client().await
+        };
+        let user = user.clone();
+        buyers.spawn(async move {
+            let mut orders = Vec::new();
+            for _ in 0..rounds {
+                let result = client.place_buy(order_request(&user, "SOL", "0.5")).await;
+                expect_business_outcome(&result);
+                if let Ok(reply) = result {
+                    orders.push(reply.into_inner().order.expect("an order"));
+                }
+            }
+            orders
+        });
+    }
+    let prices = ["101.00", "100.00"];
+    for flip in 0..engine.scale(12, 4) {
+        let through = if flip % 2 == 0 { &app } else { &peer };
+        through.set_asset("SOL", prices[flip % 2], true).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut confirmed = 0;
+    while let Some(orders) = buyers.join_next().await {
+        for order in orders.expect("buyer task") {
+            let price = decimal(&order.price);
+            assert!(
+                prices.iter().any(|candidate| decimal(candidate) == price),
+                "order {} executed at {price}, never a price in force",
+                order.order_id
+            );
+            assert_eq!(decimal(&order.total), decimal("0.5") * price, "{order:?}");
+            confirmed += 1;
+        }
+    }
+    assert!(confirmed >= users.len(), "the trades made progress: {confirmed}");
+    let report = lockstep_coordinator::audit::audit(&app.storage, SystemClock.now(), Duration::from_secs(60))
+        .await
+        .expect("audit");
+    assert!(report.is_clean(), "{report}");
+}
+
 crate::on_every_engine!(
+    trades_racing_price_changes_each_use_one_price_in_force,
     selling_in_lots_that_round_up_gains_nothing,
     ledger_pages_end_exactly,
     scenario_1_concurrent_withdrawals,

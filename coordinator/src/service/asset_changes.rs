@@ -1,6 +1,7 @@
 //! UpsertAsset's guarded write and its history: the stored asset is read, the price move is
-//! checked against `--price-change-max-percent` (unless forced), and the asset and its change
-//! record are written in one transaction conditioned on the asset being as read.
+//! checked against `--price-change-max-percent` (unless forced), and the asset, every copy of its
+//! price and its change record are written in one transaction conditioned on the asset being as
+//! read.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -46,10 +47,10 @@ impl TransactionCoordinator {
                 new: asset.clone(),
                 forced: force,
             };
-            let items = vec![
-                TransactItem::Put(model::put_asset_if_unchanged(asset, old.as_ref())),
-                TransactItem::Put(model::put_asset_change(&change)),
-            ];
+            // The catalog item first (its condition decides a retry), every price copy, and
+            // the change record: a trade checks one copy, and all change together.
+            let mut items = model::put_asset_everywhere(asset, old.as_ref());
+            items.push(TransactItem::Put(model::put_asset_change(&change)));
             match self.storage.transact(&items, None).await {
                 Ok(()) => {
                     tracing::info!(

@@ -184,7 +184,40 @@ impl TransactionCoordinator {
                 Err(error) => return Err(error.into()),
             }
         }
+        self.make_price_copies().await?;
         self.catalog.refresh(&self.storage).await
+    }
+
+    /// Creates the price copies of every catalog item that lacks them (seeded just now, or
+    /// written before the copies existed), then marks the item. Copies are created only where
+    /// none exists, and the mark only lands on an item still as read: an UpsertAsset meanwhile
+    /// writes its own copies, so no copy ever holds a price the catalog item does not.
+    async fn make_price_copies(&self) -> Result<(), ServiceError> {
+        let mut start_after = None;
+        for _ in 0..CATALOG_PAGES_MAX {
+            let page = retry_safe(|| self.storage.query(model::assets_query(start_after.clone()))).await?;
+            for item in page.items.iter().filter(|item| !model::has_price_copies(item)) {
+                let asset = model::asset_from_item(item)?;
+                for put in model::put_price_copies(&asset, true) {
+                    match retry_safe(|| self.storage.put(put.clone())).await {
+                        Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                match retry_safe(|| self.storage.update(model::mark_price_copies(&asset))).await {
+                    Ok(_) | Err(StorageError::ConditionFailed { .. }) => {}
+                    Err(error) => return Err(error.into()),
+                }
+                tracing::info!(symbol = %asset.symbol, copies = model::PRICE_COPIES, "price copies created");
+            }
+            start_after = page.last_key;
+            if start_after.is_none() {
+                return Ok(());
+            }
+        }
+        Err(ServiceError::Internal(format!(
+            "the catalog has more than {CATALOG_PAGES_MAX} pages"
+        )))
     }
 }
 
@@ -224,6 +257,117 @@ mod tests {
             coordinator.storage().requests(),
             before,
             "ListAssets serves the fresh cache"
+        );
+    }
+
+    /// A user for each price copy of `symbol`: every copy some trade checks.
+    fn one_user_per_copy(symbol: &AssetSymbol) -> Vec<crate::core::UserId> {
+        let mut found: BTreeMap<String, crate::core::UserId> = BTreeMap::new();
+        for index in 0.. {
+            let user = crate::core::UserId::parse("user_id", &format!("copy-{index}")).unwrap();
+            found.entry(model::price_copy_key(symbol, &user).pk).or_insert(user);
+            if found.len() == model::PRICE_COPIES as usize {
+                return found.into_values().collect();
+            }
+        }
+        unreachable!()
+    }
+
+    /// The stored copy of `symbol`'s price that `user`'s trades check.
+    async fn copy_seen_by(
+        coordinator: &TransactionCoordinator,
+        symbol: &AssetSymbol,
+        user: &crate::core::UserId,
+    ) -> Asset {
+        let item = coordinator
+            .storage()
+            .get(model::price_copy_key(symbol, user))
+            .await
+            .unwrap()
+            .expect("the copy exists");
+        model::asset_from_item(&item).unwrap()
+    }
+
+    /// UpsertAsset changes every copy of the price a trade checks together with the catalog
+    /// item: whichever copy a user's trade checks, it holds the price in force, and a commit
+    /// decided at the old price is refused on every one of them.
+    #[tokio::test]
+    async fn an_upsert_changes_every_price_copy_at_once() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        let sol = symbol("SOL");
+        let users = one_user_per_copy(&sol);
+        let before = coordinator.catalog.cached(&sol).unwrap();
+        for user in &users {
+            assert_eq!(copy_seen_by(&coordinator, &sol, user).await, before, "seeded");
+        }
+        let after = Asset {
+            price: Price::parse("price", "101.5").unwrap(),
+            ..before.clone()
+        };
+        coordinator
+            .upsert_asset(&Principal::local(), after.clone(), true)
+            .await
+            .unwrap();
+        for user in &users {
+            assert_eq!(copy_seen_by(&coordinator, &sol, user).await, after);
+            let stale = crate::storage::TransactItem::ConditionCheck(crate::storage::ConditionCheck {
+                key: model::price_copy_key(&sol, user),
+                condition: "price = :price AND active = :active".to_owned(),
+                bindings: crate::storage::Bindings {
+                    names: BTreeMap::new(),
+                    values: [
+                        (":price".to_owned(), crate::storage::Value::N(before.price.to_string())),
+                        (":active".to_owned(), crate::storage::Value::Bool(true)),
+                    ]
+                    .into(),
+                },
+            });
+            let refused = coordinator.storage().transact(&[stale], None).await;
+            assert!(
+                matches!(refused, Err(StorageError::TransactionCanceled { .. })),
+                "{user}: {refused:?}"
+            );
+        }
+    }
+
+    /// A catalog written before the copies existed (items without them) gets its copies at
+    /// start, at the stored price, and trades then commit against them.
+    #[tokio::test]
+    async fn a_catalog_from_before_the_copies_gets_them_at_start() {
+        let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
+        let legacy = Asset {
+            symbol: symbol("OLDCOIN"),
+            price: Price::parse("price", "3.25").unwrap(),
+            active: true,
+        };
+        coordinator
+            .storage()
+            .put(model::put_asset(&legacy, false))
+            .await
+            .unwrap();
+        let user = crate::core::UserId::parse("user_id", "legacy-trader").unwrap();
+        assert!(
+            coordinator
+                .storage()
+                .get(model::price_copy_key(&legacy.symbol, &user))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        coordinator.seed_catalog(&[]).await.unwrap();
+        assert_eq!(copy_seen_by(&coordinator, &legacy.symbol, &user).await, legacy);
+        let item = coordinator
+            .storage()
+            .get(model::asset_key(&legacy.symbol))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(model::has_price_copies(&item), "marked, so the next start does nothing");
+        let before = coordinator.storage().requests();
+        coordinator.seed_catalog(&[]).await.unwrap();
+        assert!(
+            coordinator.storage().requests() - before <= 3,
+            "one catalog read, one refresh"
         );
     }
 

@@ -1174,7 +1174,9 @@ mod tests {
             .cached(&AssetSymbol::parse("asset", "SOL").unwrap())
             .unwrap();
         sol.price = Price::parse("price", "150").unwrap();
-        coordinator.storage().put(model::put_asset(&sol, false)).await.unwrap();
+        let old = coordinator.catalog.cached(&sol.symbol);
+        let everywhere = model::put_asset_everywhere(&sol, old.as_ref());
+        coordinator.storage().transact(&everywhere, None).await.unwrap();
         let trade = TradeRequest {
             side: TradeSide::Buy,
             asset: sol.symbol.clone(),

@@ -103,6 +103,34 @@ pub fn asset_key(symbol: &AssetSymbol) -> Key {
     }
 }
 
+const PRICE_COPY_PREFIX: &str = "PRICE#";
+const PRICE_COPY_SK: &str = "PRICE";
+/// Copies of each asset's price and active flag, each under its own partition key, written
+/// together with the catalog item by UpsertAsset (one transaction) and checked by trade commits,
+/// each user always the same copy. No item is then checked by every trade: one asset's trades
+/// spread over this many partitions (docs/deploy.md, "How many coordinators per table").
+pub const PRICE_COPIES: u32 = 16;
+
+/// The copy of `symbol`'s price that `user`'s trades check.
+pub fn price_copy_key(symbol: &AssetSymbol, user: &UserId) -> Key {
+    price_copy_key_at(symbol, price_copy_of(user))
+}
+
+fn price_copy_key_at(symbol: &AssetSymbol, copy: u32) -> Key {
+    Key {
+        pk: format!("{PRICE_COPY_PREFIX}{symbol}#{copy}"),
+        sk: PRICE_COPY_SK.to_owned(),
+    }
+}
+
+/// Which copy `user` checks: FNV-1a of the user id, stable across builds and coordinators.
+fn price_copy_of(user: &UserId) -> u32 {
+    let hash = user.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % u64::from(PRICE_COPIES)) as u32
+}
+
 fn key_attributes(key: &Key) -> Item {
     BTreeMap::from([("pk".to_owned(), s(&key.pk)), ("sk".to_owned(), s(&key.sk))])
 }
@@ -452,7 +480,7 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
     let mut items = NamedItems::default();
     for (asset, price) in commit.prices {
         let check = TransactItem::ConditionCheck(ConditionCheck {
-            key: asset_key(asset),
+            key: price_copy_key(asset, commit.user),
             condition: "price = :price AND active = :active".to_owned(),
             bindings: bindings([], [(":price", n(price)), (":active", Value::Bool(true))]),
         });
@@ -1078,6 +1106,75 @@ pub fn put_asset(asset: &Asset, only_if_new: bool) -> Put {
     }
 }
 
+/// Puts of every copy of `asset`'s price (`PRICE_COPIES` of them); with `only_if_new`, copies
+/// that exist are left as they are (an upgrade creating the copies of a catalog written before
+/// them never overwrites what an UpsertAsset wrote meanwhile).
+pub fn put_price_copies(asset: &Asset, only_if_new: bool) -> Vec<Put> {
+    (0..PRICE_COPIES)
+        .map(|copy| {
+            let mut item = key_attributes(&price_copy_key_at(&asset.symbol, copy));
+            item.insert("symbol".to_owned(), s(asset.symbol.as_str()));
+            item.insert("price".to_owned(), n(asset.price));
+            item.insert("active".to_owned(), Value::Bool(asset.active));
+            if only_if_new {
+                put_new(item)
+            } else {
+                Put {
+                    item,
+                    condition: None,
+                    bindings: Bindings::default(),
+                }
+            }
+        })
+        .collect()
+}
+
+/// The catalog item of `asset` and every copy of its price, for one transaction: what a trade
+/// checks changes everywhere at once or nowhere.
+pub fn put_asset_everywhere(asset: &Asset, old: Option<&Asset>) -> Vec<TransactItem> {
+    let mut catalog_item = put_asset_if_unchanged(asset, old);
+    catalog_item
+        .item
+        .insert(PRICE_COPIES_ATTRIBUTE.to_owned(), n(PRICE_COPIES));
+    std::iter::once(catalog_item)
+        .chain(put_price_copies(asset, false))
+        .map(TransactItem::Put)
+        .collect()
+}
+
+/// On a catalog item: how many price copies were written with it. A catalog written before the
+/// copies existed lacks it, and a coordinator creates them at start ([`mark_price_copies`]).
+const PRICE_COPIES_ATTRIBUTE: &str = "price_copies";
+
+/// Whether the catalog item's price copies are known to exist.
+pub fn has_price_copies(item: &Item) -> bool {
+    number(item, PRICE_COPIES_ATTRIBUTE).and_then(|raw| raw.parse::<u32>().ok()) == Some(PRICE_COPIES)
+}
+
+/// Records on the catalog item that its copies exist, only if it still holds the price and flag
+/// the copies were made from (an UpsertAsset in between wrote its own copies and the mark).
+pub fn mark_price_copies(asset: &Asset) -> Update {
+    Update {
+        key: asset_key(&asset.symbol),
+        update: "SET #copies = :copies".to_owned(),
+        condition: Some("#price = :price AND #active = :active".to_owned()),
+        bindings: bindings(
+            [
+                ("#copies", PRICE_COPIES_ATTRIBUTE),
+                ("#price", "price"),
+                ("#active", "active"),
+            ],
+            [
+                (":copies", n(PRICE_COPIES)),
+                (":price", n(asset.price)),
+                (":active", Value::Bool(asset.active)),
+            ],
+        ),
+        return_new: false,
+        return_old_on_condition_failure: false,
+    }
+}
+
 pub fn asset_from_item(item: &Item) -> Result<Asset, MalformedItem> {
     const KIND: &str = "asset";
     Ok(Asset {
@@ -1244,6 +1341,11 @@ pub enum StoredItem {
         key: Key,
         asset: Parsed<Asset>,
     },
+    /// A copy of an asset's price, checked by trade commits.
+    PriceCopy {
+        key: Key,
+        asset: Parsed<Asset>,
+    },
     /// A kept change of an asset (UpsertAsset's history).
     AssetChange {
         key: Key,
@@ -1321,6 +1423,11 @@ pub fn classify(item: &Item) -> StoredItem {
         };
     } else if pk == ASSET_PK {
         return StoredItem::Asset {
+            key,
+            asset: asset_from_item(item),
+        };
+    } else if pk.starts_with(PRICE_COPY_PREFIX) && sk == PRICE_COPY_SK {
+        return StoredItem::PriceCopy {
             key,
             asset: asset_from_item(item),
         };
@@ -1629,6 +1736,7 @@ mod tests {
             StoredItem::InstanceHeartbeat { .. } => "heartbeat".to_owned(),
             StoredItem::SweeperLease { .. } => "sweeper lease".to_owned(),
             StoredItem::Member { .. } => "member".to_owned(),
+            StoredItem::PriceCopy { .. } => "price copy".to_owned(),
             StoredItem::Foreign { key } => format!("foreign {key:?}"),
         };
         let by_user = Key {
@@ -1651,6 +1759,13 @@ mod tests {
             (item_at(asset_key(&AssetSymbol::parse("a", "BTC").unwrap())), "asset"),
             (item_at(heartbeat_key("coordinator-1")), "heartbeat"),
             (item_at(member_key("coordinator-1")), "member"),
+            (
+                item_at(price_copy_key(
+                    &AssetSymbol::parse("a", "BTC").unwrap(),
+                    &UserId::parse("u", "alice").unwrap(),
+                )),
+                "price copy",
+            ),
             (
                 item_at(asset_change_key(&AssetSymbol::parse("a", "BTC").unwrap(), "c1")),
                 "asset change",
