@@ -15,6 +15,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::helpers::{AppOptions, EngineKind, TestApp, order_request, spawn_app, spawn_app_with, spawn_peer};
+use lockstep_coordinator::storage::{
+    Delete, Engine, Item, Key, Page, Put, Query, Storage, StorageResult, TransactItem, Update, capacity,
+};
 
 fn decimal(raw: &str) -> Decimal {
     Decimal::from_str(raw).unwrap_or_else(|_| panic!("not a decimal: {raw:?}"))
@@ -409,6 +412,152 @@ async fn storage_requests_per_mutation_within_budget(engine: EngineKind) {
         app.sell("budget", "AAA", "5").await.expect_err("refused sell");
         assert!(spent(before) <= 3, "refused sell");
         assert_eq!(app.cash("budget").await, "140.00");
+    }
+}
+
+/// Sends every request to the embedded engine and keeps each transaction's items.
+#[derive(Debug)]
+struct Recording {
+    inner: lockstep_coordinator::storage::embedded::EmbeddedEngine,
+    transactions: std::sync::Mutex<Vec<Vec<TransactItem>>>,
+}
+
+#[async_trait::async_trait]
+impl Engine for Recording {
+    async fn create_table(&self, table: &str) -> StorageResult<()> {
+        self.inner.create_table(table).await
+    }
+    async fn table_exists(&self, table: &str) -> StorageResult<bool> {
+        self.inner.table_exists(table).await
+    }
+    async fn get(&self, table: &str, key: Key) -> StorageResult<Option<Item>> {
+        self.inner.get(table, key).await
+    }
+    async fn update(&self, table: &str, update: Update) -> StorageResult<Option<Item>> {
+        self.inner.update(table, update).await
+    }
+    async fn put(&self, table: &str, put: Put) -> StorageResult<()> {
+        self.inner.put(table, put).await
+    }
+    async fn delete(&self, table: &str, delete: Delete) -> StorageResult<()> {
+        self.inner.delete(table, delete).await
+    }
+    async fn query(&self, table: &str, query: Query) -> StorageResult<Page> {
+        self.inner.query(table, query).await
+    }
+    async fn scan(&self, table: &str, limit: u32, start_after: Option<Key>) -> StorageResult<Page> {
+        self.inner.scan(table, limit, start_after).await
+    }
+    async fn enable_ttl(&self, table: &str, attribute: &str) -> StorageResult<()> {
+        self.inner.enable_ttl(table, attribute).await
+    }
+    async fn transact(&self, table: &str, items: &[TransactItem], token: Option<String>) -> StorageResult<()> {
+        self.transactions.lock().unwrap().push(items.to_vec());
+        self.inner.transact(table, items, token).await
+    }
+}
+
+/// What an operation costs on DynamoDB (docs/performance.md, "What an operation costs"), counted
+/// from the items each commit sends: 16 callers at once on one hot user, deposits and buys with
+/// request ids, through the real server. Each commit costs exactly 2 units for the account, 2
+/// for each asset's price check, and per call 4 (deposit: ledger entry and request record) or 8
+/// (buy: ledger entry, the order twice, request record); every item under 1 KB. In the full
+/// batches this load makes, a deposit costs less than the design's flow (4 write units and 1 read
+/// unit: lock, read, balance, record, release), a buy a little more than its 6 and 2 (the order
+/// is kept by user and by id, and the request record makes a retry exactly-once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capacity_units_per_operation_counted_from_the_items_sent() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let recording = Arc::new(Recording {
+        inner: lockstep_coordinator::storage::embedded::EmbeddedEngine::open(data_dir.path()).expect("engine"),
+        transactions: std::sync::Mutex::default(),
+    });
+    let storage = Storage::new(Arc::clone(&recording) as Arc<dyn Engine>, "capacity");
+    storage.ensure_table().await.expect("table");
+    let app = crate::helpers::spawn_on(
+        storage.clone(),
+        AppOptions::default().flag("--daily-deposit-limit", "1000000"),
+    )
+    .await;
+    app.set_asset("AAA", "10.00", true).await;
+    app.deposit("costly", "1.00").await.expect("open the account");
+    let mut sizes: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for (kind, per_call) in [("deposit", 4_u64), ("buy", 8)] {
+        recording.transactions.lock().unwrap().clear();
+        for round in 0..4 {
+            let mut calls = tokio::task::JoinSet::new();
+            for caller in 0..16 {
+                let mut client = app.client().await;
+                let request_id = format!("{kind}-{round}-{caller}");
+                calls.spawn(async move {
+                    if kind == "deposit" {
+                        let request = pb::DepositRequest {
+                            user_id: "costly".to_owned(),
+                            amount: "100.00".to_owned(),
+                            request_id,
+                        };
+                        client.deposit(request).await.map(|_| ())
+                    } else {
+                        let mut request = order_request("costly", "AAA", "1");
+                        request.request_id = request_id;
+                        client.place_buy(request).await.map(|_| ())
+                    }
+                });
+            }
+            while let Some(result) = calls.join_next().await {
+                result.expect("task").expect(kind);
+            }
+        }
+        let transactions = recording.transactions.lock().unwrap().clone();
+        let (mut units, mut calls) = (0, 0);
+        for items in &transactions {
+            for item in items {
+                let key = match item {
+                    TransactItem::Put(_) => continue,
+                    TransactItem::Update(update) => &update.key,
+                    TransactItem::Delete(delete) => &delete.key,
+                    TransactItem::ConditionCheck(check) => &check.key,
+                };
+                let stored = storage.get(key.clone()).await.expect("read").unwrap_or_default();
+                sizes.insert((key.pk.clone(), key.sk.clone()), capacity::item_size(&stored));
+            }
+            let size_of = |key: &Key| sizes[&(key.pk.clone(), key.sk.clone())];
+            let ledger_puts = items
+                .iter()
+                .filter(|item| matches!(item, TransactItem::Put(put) if put.item.get("sk").is_some_and(|sk| matches!(sk, lockstep_coordinator::storage::Value::S(sk) if sk.starts_with("LEDGER#")))))
+                .count() as u64;
+            let fixed = if kind == "buy" { 4 } else { 2 };
+            let spent = capacity::transaction_units(items, size_of);
+            assert_eq!(spent, fixed + per_call * ledger_puts, "{kind}: {items:?}");
+            units += spent;
+            calls += ledger_puts;
+        }
+        assert_eq!(calls, 64, "{kind}: every call committed once");
+        assert!(
+            transactions.len() as u64 * 2 <= calls,
+            "{kind}: {} commits for 64 calls: the calls were batched",
+            transactions.len()
+        );
+        let per_call_units = units as f64 / calls as f64;
+        println!(
+            "{kind}: {units} write units for {calls} calls in {} commits: {per_call_units:.2} a call",
+            transactions.len()
+        );
+        let design = if kind == "deposit" { 4.0 + 1.0 } else { 6.0 + 2.0 };
+        if kind == "deposit" {
+            assert!(
+                per_call_units < design,
+                "{per_call_units} against the design's {design}"
+            );
+        } else {
+            assert!(
+                per_call_units < design + 1.0,
+                "{per_call_units} against the design's {design}"
+            );
+        }
+    }
+    for ((pk, sk), size) in &sizes {
+        assert!(*size < capacity::KB, "{pk} {sk} is {size} bytes: more than one unit");
     }
 }
 

@@ -9,6 +9,7 @@
 //! audit, the sweeper, the tests) go through one bounded scan, `Storage::scan_table`, and name
 //! what they read with `model::classify`.
 
+pub mod capacity;
 pub mod dynamodb;
 pub mod embedded;
 #[cfg(feature = "fault-injection")]
