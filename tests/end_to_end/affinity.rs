@@ -407,6 +407,66 @@ async fn only_a_peer_may_forward_and_a_peer_may_do_nothing_else() {
         .expect("a peer forwards");
 }
 
+/// Peers over TLS with tokens, as the Kubernetes manifests run them: each coordinator serves
+/// https with the test PKI's certificate, advertises an https address, checks its peers against
+/// `--peer-ca` and presents its peer token; a trader's call to one is forwarded to the owner and
+/// recorded under the trader's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_forward_over_tls_with_a_peer_token() {
+    let pki = crate::auth::Pki::new();
+    let auth_file = pki.path("auth");
+    std::fs::write(
+        &auth_file,
+        format!(
+            "trader-svc trader {}\ncoordinators peer {}\n",
+            hash_token(TRADER_TOKEN),
+            hash_token(PEER_TOKEN)
+        ),
+    )
+    .expect("auth file");
+    let token_file = pki.path("peer-token");
+    std::fs::write(&token_file, PEER_TOKEN).expect("token file");
+    let options = || {
+        pki.server_flags(AppOptions::default(), false)
+            .affinity()
+            .flag("--auth-file", auth_file.display())
+            .flag("--peer-token-file", token_file.display())
+            .flag("--peer-ca", pki.path("ca.pem").display())
+    };
+    let first = spawn_app_with(EngineKind::DynoxideHttp, options()).await;
+    let second = spawn_peer(&first, options()).await;
+    wait_for_members(&first, 2).await;
+    wait_for_members(&second, 2).await;
+    let names = [name_of(&first), name_of(&second)];
+    let user = user_owned_by(&names, &names[1], "secure");
+    let mut client = crate::auth::tls_client(&first, &pki, None).await.expect("TLS client");
+    let reply = client
+        .deposit(with_token(deposit(&user, "12.00", "secure-1"), Some(TRADER_TOKEN)))
+        .await
+        .expect("forwarded over TLS")
+        .into_inner();
+    assert_eq!(reply.cash_balance, "12.00");
+    assert_eq!(
+        counts(&first),
+        ForwardCounts {
+            forwarded: 1,
+            served_here: 0,
+            failed: 0
+        }
+    );
+    let request = pb::ListLedgerRequest {
+        user_id: user.clone(),
+        ..Default::default()
+    };
+    let entries = client
+        .list_ledger(with_token(request, Some(TRADER_TOKEN)))
+        .await
+        .expect("ledger")
+        .into_inner()
+        .entries;
+    assert_eq!(entries[0].principal, "trader-svc");
+}
+
 /// A coordinator that shuts down leaves the membership at once, so its peers stop forwarding
 /// to it within one listing rather than when its announcement runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

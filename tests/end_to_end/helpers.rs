@@ -414,7 +414,9 @@ pub async fn spawn_on(storage: Storage, options: AppOptions) -> TestApp {
         lockstep_coordinator::auth::Security::from_flags(&settings.auth_flags(), address).expect("auth settings");
     let affinity = options.affinity.then(|| {
         let mut flags = settings.affinity_flags();
-        flags.advertise_address = Some(format!("http://{address}"));
+        // Over TLS when the server serves it (the test PKI's server certificate names 127.0.0.1).
+        let scheme = if settings.tls_cert.is_some() { "https" } else { "http" };
+        flags.advertise_address = Some(format!("{scheme}://{address}"));
         // The coordinators of one test share its one storage in this process, whatever engine.
         flags.embedded = false;
         let (advertised, credentials) = peer_setup(&flags)
