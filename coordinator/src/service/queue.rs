@@ -8,6 +8,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
@@ -18,6 +20,14 @@ use crate::core::{LeaseId, Millis, Principal, RequestId, UserId};
 /// After a commit, a driver waits at most this fraction of the commit's time (1/20: 5 %) for the
 /// callers it answered to call again before it takes the next batch (`AccountQueues::gather`).
 const GATHER_SHARE_OF_COMMIT: u32 = 20;
+/// ... unless this account's answered callers are known to come back together a little later
+/// (closed-loop callers behind a forwarding coordinator: two more hops), well within the commit:
+/// then the driver waits for them, up to this fraction (1/4) of the commit's time. Callers who do
+/// not come back together (an open loop: arrivals spread over the whole commit) never teach it a
+/// return time that short, and keep the 5 % bound.
+const GATHER_LEARNED_SHARE_OF_COMMIT: u32 = 4;
+/// The share of a batch's answered callers whose return is timed: three in four.
+const RETURN_SHARE: (usize, usize) = (3, 4);
 
 /// Queued: the driver has not taken it yet; it may still leave.
 const QUEUED: u8 = 0;
@@ -151,6 +161,32 @@ struct UserQueue {
     waiters: VecDeque<Queued>,
     /// Told of every call queued, for a driver gathering its next batch (`gather`).
     arrived: Arc<Notify>,
+    /// When the driver last answered a batch of several calls, and how many calls must arrive
+    /// since for `RETURN_SHARE` of them to have come back.
+    answered: Option<(Instant, usize)>,
+    /// Calls queued since `answered`.
+    arrivals_since: usize,
+    /// How long after an answer `RETURN_SHARE` of the answered callers have called again,
+    /// smoothed over batches (an exponential average, 1/8 weight to each new one).
+    return_time: Option<Duration>,
+}
+
+impl UserQueue {
+    /// Counts an arrival towards the return time of the last answered batch.
+    fn time_return(&mut self) {
+        let Some((at, needed)) = self.answered else {
+            return;
+        };
+        self.arrivals_since += 1;
+        if self.arrivals_since >= needed {
+            let sample = at.elapsed();
+            self.return_time = Some(match self.return_time {
+                Some(before) => (before * 7 + sample) / 8,
+                None => sample,
+            });
+            self.answered = None;
+        }
+    }
 }
 
 /// Where a new call goes.
@@ -177,6 +213,7 @@ impl AccountQueues {
             Some(queue) if queue.waiters.len() >= per_user_max => Err(Box::new(waiter)),
             Some(queue) => {
                 queue.waiters.push_back(waiter);
+                queue.time_return();
                 queue.arrived.notify_one();
                 Ok(Enqueued::Queued)
             }
@@ -244,6 +281,34 @@ impl AccountQueues {
             return Taken::Nothing;
         }
         Taken::Batch(batch)
+    }
+
+    /// Notes that the driver of `user` just answered `count` calls: the arrivals from now on time
+    /// how long its callers take to come back.
+    pub fn answered(&self, user: &UserId, count: usize) {
+        let mut queues = self.queues.lock().expect("account queues poisoned");
+        if let Some(queue) = queues.get_mut(user) {
+            let needed = (count * RETURN_SHARE.0).div_ceil(RETURN_SHARE.1).max(1);
+            queue.answered = Some((Instant::now(), needed));
+            queue.arrivals_since = 0;
+        }
+    }
+
+    /// How long the driver of `user` waits for its answered callers after a commit that took
+    /// `commit`: a twentieth of it, or the callers' learned return time when that is longer and
+    /// within a quarter of the commit (they come back together, just after a twentieth).
+    pub fn linger(&self, user: &UserId, commit: Duration) -> Duration {
+        let bound = commit / GATHER_SHARE_OF_COMMIT;
+        let learned = self
+            .queues
+            .lock()
+            .expect("account queues poisoned")
+            .get(user)
+            .and_then(|queue| queue.return_time);
+        match learned {
+            Some(learned) if learned <= commit / GATHER_LEARNED_SHARE_OF_COMMIT => learned.max(bound),
+            _ => bound,
+        }
     }
 
     /// Waits until `user`'s queue holds `more` calls beyond those queued now, or as many as one
@@ -443,12 +508,14 @@ impl TransactionCoordinator {
                 crate::telemetry::metrics::lease_held("BATCH", acquired.elapsed());
             }
             // Full batches: on a hot account (more than one call in the batch just committed),
-            // wait a moment (at most a twentieth of that commit's time) for the callers just
-            // answered to call again, so they share the next commit with the calls that queued
+            // wait a moment (a twentieth of that commit's time, or up to a quarter when this
+            // account's callers are known to come back together just after that) for the
+            // callers just answered to call again, so they share the next commit with the calls that queued
             // during this one instead of taking turns with them. A batch of one is the common
             // case of many quiet accounts, whose callers move on to other accounts: no wait.
             if answered > 1 {
-                let linger = committing.elapsed() / GATHER_SHARE_OF_COMMIT;
+                self.queues.answered(&user, answered);
+                let linger = self.queues.linger(&user, committing.elapsed());
                 self.queues.gather(&user, answered, Instant::now() + linger).await;
             }
         }
@@ -499,5 +566,66 @@ pub(super) fn answer_unleased(batch: Vec<Call>, error: &ServiceError) {
             other => other.clone(),
         };
         waiter.answer(Err(answer));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Usd;
+
+    fn call() -> Queued {
+        let (reply, _) = oneshot::channel();
+        Queued::Call(Box::new(Waiter {
+            principal: Principal::local(),
+            operation: Operation::Deposit(Usd::parse_amount("amount", "1.00").unwrap()),
+            request_id: None,
+            state: WaiterState::default(),
+            reply,
+            wait_until: Instant::now() + Duration::from_secs(60),
+            on_timeout: ServiceError::Busy,
+        }))
+    }
+
+    /// Answers 8 calls, then lets `gaps` pass between the arrivals that follow, and takes them.
+    async fn one_round(queues: &AccountQueues, user: &UserId, gaps: &[Duration]) {
+        queues.answered(user, 8);
+        for gap in gaps {
+            tokio::time::sleep(*gap).await;
+            queues.enqueue(user, call(), 1_000).ok();
+        }
+        // The driver takes them all and goes on (its queue's entry, and what it learned, stay).
+        assert!(matches!(queues.take_batch(user, BATCH_ITEMS_MAX), Taken::Batch(_)));
+    }
+
+    /// Callers who come back together 30 ms after their answer (closed loop behind a forwarder,
+    /// scaled up tenfold so that timer jitter does not matter) teach the driver to wait about
+    /// that long after a 400 ms commit instead of 20 ms; arrivals spread over the whole commit
+    /// (an open loop) keep the wait at a twentieth of the commit.
+    #[tokio::test]
+    async fn the_wait_learns_callers_that_come_back_together_and_only_them() {
+        let commit = Duration::from_millis(400);
+        let closed = AccountQueues::default();
+        let user = UserId::parse("user_id", "hot").unwrap();
+        closed.enqueue(&user, call(), 1_000).ok();
+        assert_eq!(closed.linger(&user, commit), commit / 20, "nothing learned yet");
+        for _ in 0..10 {
+            let mut gaps = vec![Duration::from_millis(30)];
+            gaps.extend([Duration::ZERO; 7]);
+            one_round(&closed, &user, &gaps).await;
+        }
+        let learned = closed.linger(&user, commit);
+        assert!(learned > commit / 20 && learned <= commit / 4, "{learned:?}");
+
+        let open = AccountQueues::default();
+        open.enqueue(&user, call(), 1_000).ok();
+        for _ in 0..5 {
+            one_round(&open, &user, &[Duration::from_millis(50); 8]).await;
+        }
+        assert_eq!(
+            open.linger(&user, commit),
+            commit / 20,
+            "arrivals spread over the commit"
+        );
     }
 }
