@@ -319,15 +319,13 @@ impl TransactionCoordinator {
         }
         let extend_until = (held.is_stored() && self.queues.has_waiters(&held.user))
             .then(|| now + self.config.lease_trade.as_millis() as u64);
-        Ok(Some(build_round(
-            held,
-            calls,
-            &operations,
-            outcome,
+        let writing = Writing {
             extend_until,
             now,
-            self.config.request_retention,
-        )))
+            retention: self.config.request_retention,
+            spread_price_checks: !self.storage.groups_commits(),
+        };
+        Ok(Some(build_round(held, calls, &operations, outcome, writing)))
     }
 
     /// Answers, at once, the calls whose asset left the catalog since they were queued.
@@ -410,18 +408,34 @@ impl TransactionCoordinator {
     }
 }
 
+/// How a round is written, beside its calls and decisions.
+#[derive(Debug, Clone, Copy)]
+struct Writing {
+    /// Keep the lease until then (more calls wait), instead of releasing it.
+    extend_until: Option<Millis>,
+    now: Millis,
+    /// How long the request records are kept.
+    retention: Duration,
+    /// Trades check the user's own copy of each price (`model::BatchCommit`).
+    spread_price_checks: bool,
+}
+
 /// Every call's records and answer, and the one transaction that writes them: a step with
-/// explicit inputs (the lease held, the calls and their decisions, the instant and the request
-/// records' retention), no coordinator state.
+/// explicit inputs (the lease held, the calls and their decisions, how the round is written),
+/// no coordinator state.
 fn build_round(
     held: &HeldLease,
     calls: &[Call],
     operations: &[(&Operation, Option<Quote>)],
     outcome: BatchOutcome,
-    extend_until: Option<Millis>,
-    now: Millis,
-    retention: Duration,
+    writing: Writing,
 ) -> Round {
+    let Writing {
+        extend_until,
+        now,
+        retention,
+        spread_price_checks,
+    } = writing;
     let mut state = held.account.clone();
     let mut writes = Vec::with_capacity(calls.len());
     let mut prices: BTreeMap<_, Price> = BTreeMap::new();
@@ -457,6 +471,7 @@ fn build_round(
         prices: &prices,
         operations: &operation_writes,
         extend_until,
+        spread_price_checks,
         now,
     });
     // Always on: each call's `items_max` bounds what it writes, so `take_batch`'s count bounds

@@ -280,6 +280,11 @@ impl Storage {
     }
 
     /// When storage last answered and last failed to (for health).
+    /// Whether batch commits go through group commit (`with_group_commit`).
+    pub fn groups_commits(&self) -> bool {
+        self.group.is_some()
+    }
+
     pub fn activity(&self) -> &Activity {
         &self.activity
     }

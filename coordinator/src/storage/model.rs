@@ -354,6 +354,11 @@ pub struct BatchCommit<'a> {
     pub operations: &'a [OperationWrites<'a>],
     /// Keep the lease until then (more calls wait), instead of releasing it.
     pub extend_until: Option<Millis>,
+    /// Check the user's own copy of each price (DynamoDB: one asset's trades spread over
+    /// `PRICE_COPIES` partitions), or copy 0 for every user (group commit on a single-node
+    /// server, which has no partitions to spread over and shares one identical check between
+    /// the members of a group).
+    pub spread_price_checks: bool,
     pub now: Millis,
 }
 
@@ -479,8 +484,13 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
     assert_books_balance(commit);
     let mut items = NamedItems::default();
     for (asset, price) in commit.prices {
+        let key = if commit.spread_price_checks {
+            price_copy_key(asset, commit.user)
+        } else {
+            price_copy_key_at(asset, 0)
+        };
         let check = TransactItem::ConditionCheck(ConditionCheck {
-            key: price_copy_key(asset, commit.user),
+            key,
             condition: "price = :price AND active = :active".to_owned(),
             bindings: bindings([], [(":price", n(price)), (":active", Value::Bool(true))]),
         });
@@ -681,6 +691,7 @@ pub fn commit_transfer(commit: &TransferCommit<'_>) -> NamedItems {
             prices: &BTreeMap::new(),
             operations: &operations,
             extend_until: None,
+            spread_price_checks: true,
             now: commit.now,
         })
     };
@@ -739,6 +750,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
         prices: &prices,
         operations: &operations,
         extend_until: None,
+        spread_price_checks: true,
         now: commit.now,
     })
 }
