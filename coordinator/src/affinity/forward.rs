@@ -232,10 +232,13 @@ impl Forwarder {
     }
 
     fn mark_unreachable(&self, owner: &Peer) {
-        self.unreachable_until
+        let now = Instant::now();
+        let mut unreachable = self
+            .unreachable_until
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(Arc::clone(&owner.address), Instant::now() + UNREACHABLE_BACKOFF);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        unreachable.retain(|_, until| *until > now);
+        unreachable.insert(Arc::clone(&owner.address), now + UNREACHABLE_BACKOFF);
     }
 
     /// The kept connection to `owner`, made (lazily: the first call connects) on first use.
@@ -254,6 +257,10 @@ impl Forwarder {
             endpoint = endpoint.tls_config(tls.clone())?;
         }
         let channel = endpoint.connect_lazy();
+        // Connections to coordinators no longer live (restarted elsewhere, scaled down) go when
+        // a new one is made: the map holds at most the live members and this one.
+        let live = self.membership.live();
+        channels.retain(|address, _| live.iter().any(|peer| peer.address == *address));
         channels.insert(Arc::clone(&owner.address), channel.clone());
         Ok(channel)
     }
