@@ -467,6 +467,101 @@ async fn peers_forward_over_tls_with_a_peer_token() {
     assert_eq!(entries[0].principal, "trader-svc");
 }
 
+/// The owner of a hot account shuts down while calls for it stream through all three
+/// coordinators, and a new coordinator joins: every call ends with an answer or a retryable code
+/// (the calls sent to the departed coordinator itself find nobody, as a balancer would until it
+/// drops it), a retry with the same request id settles it, and each deposit applied exactly once
+/// (the balance is their exact sum, the ledger has one entry per deposit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_owner_leaving_mid_stream_re_homes_the_account_and_nothing_applies_twice() {
+    let first = spawn_app_with(EngineKind::DynoxideHttp, AppOptions::default().affinity()).await;
+    let second = spawn_peer(&first, AppOptions::default().affinity()).await;
+    let mut third = spawn_peer(&first, AppOptions::default().affinity()).await;
+    for app in [&first, &second, &third] {
+        wait_for_members(app, 3).await;
+    }
+    let names = [name_of(&first), name_of(&second), name_of(&third)];
+    let user = user_owned_by(&names, &names[2], "rehomed");
+    let mut clients = vec![first.client().await, second.client().await];
+    let third_client = third.client().await;
+    clients.push(third_client);
+    let callers = 12;
+    let per_caller = 40;
+    let mut streams = tokio::task::JoinSet::new();
+    for caller in 0..callers {
+        let clients = clients.clone();
+        let user = user.clone();
+        streams.spawn(async move {
+            let mut unsettled = Vec::new();
+            for call in 0..per_caller {
+                let request_id = format!("{user}-{caller}-{call}");
+                let mut client = clients[(caller + call) % clients.len()].clone();
+                match client.deposit(deposit(&user, "1.00", &request_id)).await {
+                    Ok(_) => {}
+                    Err(status) => {
+                        assert!(
+                            matches!(
+                                status.code(),
+                                Code::Unavailable
+                                    | Code::Aborted
+                                    | Code::DeadlineExceeded
+                                    | Code::Unknown
+                                    | Code::Cancelled
+                            ),
+                            "{request_id}: {status:?}"
+                        );
+                        unsettled.push(request_id);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            unsettled
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!streams.is_empty(), "the calls still stream when the owner leaves");
+    let forwarded_before = counts(&first).forwarded;
+    assert!(forwarded_before > 0, "calls reached the owner through the others");
+    third.shut_down().await;
+    let fourth = spawn_peer(&first, AppOptions::default().affinity()).await;
+    let mut unsettled = Vec::new();
+    while let Some(result) = streams.join_next().await {
+        unsettled.extend(result.expect("caller task"));
+    }
+    // Retries with the same request ids, through coordinators that are up, settle the rest.
+    for request_id in &unsettled {
+        let mut settled = false;
+        for attempt in 0..20 {
+            let through = if attempt % 2 == 0 { &first } else { &fourth };
+            if through
+                .client()
+                .await
+                .deposit(deposit(&user, "1.00", request_id))
+                .await
+                .is_ok()
+            {
+                settled = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(settled, "{request_id} never settled");
+    }
+    let total = callers * per_caller;
+    println!("{} of {total} calls retried after the owner left", unsettled.len());
+    assert_eq!(
+        first.cash(&user).await,
+        format!("{total}.00"),
+        "{} retried",
+        unsettled.len()
+    );
+    assert_eq!(first.full_ledger(&user).await.len(), total);
+    let report = lockstep_coordinator::audit::audit(&first.storage, SystemClock.now(), Duration::from_secs(60))
+        .await
+        .expect("audit");
+    assert!(report.is_clean(), "{report}");
+}
+
 /// A coordinator that shuts down leaves the membership at once, so its peers stop forwarding
 /// to it within one listing rather than when its announcement runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
