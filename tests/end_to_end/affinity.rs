@@ -328,6 +328,21 @@ async fn a_forwarded_call_is_never_forwarded_again() {
     // The same account through the Coordinator service is forwarded: the owner is the second.
     first.deposit(&user, "1.00").await.expect("deposit");
     assert_eq!(counts(&first).forwarded, 1);
+    // What the person on call sees: `inspect` names the owner, from any coordinator.
+    for app in [&first, &second] {
+        let mut admin = pb::admin_client::AdminClient::connect(format!("http://{}", app.address))
+            .await
+            .expect("connect");
+        let inspected = admin
+            .inspect(pb::InspectRequest {
+                user_id: user.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("inspect")
+            .into_inner();
+        assert_eq!(inspected.owner, names[1]);
+    }
 }
 
 /// An owner that cannot be reached (its announcement live, nothing listening) costs no

@@ -263,6 +263,9 @@ pub fn format_inspection(reply: &pb::InspectReply) -> String {
             let _ = writeln!(text, "lease: free");
         }
     }
+    if !reply.owner.is_empty() {
+        let _ = writeln!(text, "served by: {} (account affinity)", reply.owner);
+    }
     let _ = writeln!(text, "last ledger entries: {}", reply.last_entries.len());
     for entry in &reply.last_entries {
         let _ = writeln!(

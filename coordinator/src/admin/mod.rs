@@ -71,6 +71,10 @@ pub async fn inspect(
     } else {
         Vec::new()
     };
+    let members = crate::affinity::live_members(coordinator.storage(), now).await?;
+    let owner = crate::affinity::rendezvous_owner(&members, user.as_str())
+        .map(|owner| owner.name.to_string())
+        .unwrap_or_default();
     Ok(pb::InspectReply {
         user_id: user.to_string(),
         account_exists: account.exists(),
@@ -89,6 +93,7 @@ pub async fn inspect(
         daily_transfer_limit: limits.daily_transfer.to_string(),
         version: account.version,
         lease: lease.as_ref().map(|lease| lease_message(lease, now)),
+        owner,
         last_entries: last_entries
             .into_iter()
             .map(|entry| pb::InspectedEntry {

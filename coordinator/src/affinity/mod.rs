@@ -274,6 +274,7 @@ pub async fn keep_membership(
                         }),
                 );
                 let after = membership.live();
+                crate::telemetry::metrics::live_coordinators(after.len());
                 if before != after {
                     let names: Vec<&str> = after.iter().map(|peer| &*peer.name).collect();
                     tracing::info!(members = ?names, "live coordinators changed");
@@ -282,6 +283,22 @@ pub async fn keep_membership(
             Err(error) => tracing::warn!(%error, "could not read the live coordinators; keeping the last list"),
         }
     }
+}
+
+/// The coordinators whose announcements are live at `now` (affinity: every one that advertises
+/// an address), sorted by name.
+pub async fn live_members(storage: &Storage, now: crate::core::Millis) -> Result<Vec<Peer>, StorageError> {
+    let mut live: Vec<Peer> = read_members(storage)
+        .await?
+        .into_iter()
+        .filter(|member| member.expires_at > now)
+        .map(|member| Peer {
+            name: member.name.into(),
+            address: member.address.into(),
+        })
+        .collect();
+    live.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(live)
 }
 
 /// Every announcement in the table, live or not.

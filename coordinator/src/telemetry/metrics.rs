@@ -45,6 +45,7 @@ pub mod names {
     pub const REPLAYS: &str = "lockstep_replays_total";
     pub const KNOWN_ACCOUNT_COMMITS: &str = "lockstep_known_account_commits_total";
     pub const FORWARDS: &str = "lockstep_forwards_total";
+    pub const LIVE_COORDINATORS: &str = "lockstep_live_coordinators";
     pub const STORAGE_REQUESTS: &str = "lockstep_storage_requests_total";
     pub const STORAGE_DURATION: &str = "lockstep_storage_request_duration_seconds";
     pub const STORAGE_RETRIES: &str = "lockstep_storage_retries_total";
@@ -149,6 +150,7 @@ struct Metrics {
     replays: Family<Labels<1>, Counter>,
     known_account_commits: Family<Labels<1>, Counter>,
     forwards: Family<Labels<1>, Counter>,
+    live_coordinators: Gauge,
     storage_requests: Family<Labels<2>, Counter>,
     storage_duration: HistogramFamily<1>,
     storage_retries: Counter,
@@ -195,6 +197,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         replays: Family::default(),
         known_account_commits: Family::default(),
         forwards: Family::default(),
+        live_coordinators: Gauge::default(),
         storage_requests: Family::default(),
         storage_duration: Family::new_with_constructor(latency_buckets),
         storage_retries: Counter::default(),
@@ -297,6 +300,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     register(
         r,
+        LIVE_COORDINATORS,
+        "Account affinity: the live coordinators of the table this one sees, itself included (0 with affinity off). Every coordinator of a table should show the same number.",
+        &metrics.live_coordinators,
+    );
+    register(
+        r,
         STORAGE_REQUESTS,
         "DynamoDB requests sent, by operation and outcome.",
         &metrics.storage_requests,
@@ -390,6 +399,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
     for outcome in ["clean", "discrepancies", "failed"] {
         let _ = metrics.audits.get_or_create(&[("outcome", outcome)]);
+    }
+    for outcome in FORWARD_OUTCOMES {
+        let _ = metrics.forwards.get_or_create(&[("outcome", outcome)]);
     }
     Metrics { registry, ..metrics }
 });
@@ -520,9 +532,17 @@ pub fn known_account_commit(outcome: KnownCommit) {
     METRICS.known_account_commits.get_or_create(&[("outcome", label)]).inc();
 }
 
+/// The outcomes of `lockstep_forwards_total`, each exported from the start (at 0).
+pub const FORWARD_OUTCOMES: [&str; 3] = ["forwarded", "served_here", "failed"];
+
 /// A mutation for another coordinator's account: `outcome` as [`names::FORWARDS`] says.
 pub fn forwarded(outcome: &'static str) {
     METRICS.forwards.get_or_create(&[("outcome", outcome)]).inc();
+}
+
+/// Account affinity: how many coordinators this one sees live, itself included.
+pub fn live_coordinators(count: usize) {
+    METRICS.live_coordinators.set(count as i64);
 }
 
 pub fn replayed(operation: &str) {
