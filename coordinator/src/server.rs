@@ -225,6 +225,7 @@ pub async fn run_clustered(
     crate::telemetry::health::shutting_down(&health).await;
     if let Some(affinity) = &affinity {
         // Peers stop forwarding here within one listing; what they send meanwhile is served.
+        beside.stop_announcing();
         crate::affinity::leave(coordinator.storage(), &affinity.membership, coordinator.incarnation()).await;
     }
     tracing::info!(
@@ -243,9 +244,9 @@ fn serve_error(error: impl std::fmt::Display) -> StartError {
     StartError::Serve(error.to_string())
 }
 
-/// The tasks that run beside the gRPC server (storage probe, instance heartbeat, sweeper, token
+/// The tasks that run beside the gRPC server (storage probe, instance heartbeat, membership, sweeper, token
 /// reload, the plain health listener), stopped together.
-struct Beside(Vec<tokio::task::AbortHandle>);
+struct Beside(Vec<tokio::task::AbortHandle>, Option<tokio::task::AbortHandle>);
 
 impl Beside {
     fn start(coordinator: &Arc<TransactionCoordinator>, security: &Security, affinity: Option<&Affinity>) -> Self {
@@ -254,6 +255,7 @@ impl Beside {
             async move { coordinator.renew_instance_periodically().await }
         });
         let mut tasks = vec![heartbeat.abort_handle()];
+        let mut membership_task = None;
         if let Some(affinity) = affinity {
             let membership = crate::affinity::keep_membership(
                 coordinator.storage().clone(),
@@ -261,7 +263,7 @@ impl Beside {
                 Arc::clone(&affinity.membership),
                 coordinator.incarnation().to_owned(),
             );
-            tasks.push(tokio::spawn(membership).abort_handle());
+            membership_task = Some(tokio::spawn(membership).abort_handle());
         }
         if let Some(interval) = coordinator.config().sweep_interval {
             let sweeper = crate::sweeper::sweep_periodically(
@@ -273,10 +275,19 @@ impl Beside {
             tasks.push(tokio::spawn(sweeper).abort_handle());
         }
         tasks.push(tokio::spawn(answer_hangups(security.tokens.clone())).abort_handle());
-        Self(tasks)
+        Self(tasks, membership_task)
+    }
+
+    /// Stops announcing this coordinator (before it leaves the membership on shutdown: a renewal
+    /// after the leave would announce it again).
+    fn stop_announcing(&self) {
+        if let Some(membership) = &self.1 {
+            membership.abort();
+        }
     }
 
     fn stop(&self) {
+        self.stop_announcing();
         self.0.iter().for_each(tokio::task::AbortHandle::abort);
     }
 }
@@ -324,6 +335,10 @@ fn grpc_server(
     };
     let reflection_v1 = reflection().build_v1().map_err(serve_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(serve_error)?;
+    // The Peer service only with affinity on: nothing else may name a principal.
+    let peer_service = forwarder
+        .is_some()
+        .then(|| CoordinatorService::new(Arc::clone(coordinator)).peer_server());
     let coordinator_service = CoordinatorService::new(Arc::clone(coordinator)).with_forwarder(forwarder);
     let mut builder = tonic::transport::Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     if let Some(tls) = security.tls.clone() {
@@ -338,7 +353,7 @@ fn grpc_server(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(coordinator_service.clone()))
-        .add_service(coordinator_service.peer_server())
+        .add_optional_service(peer_service)
         .add_service(crate::admin::grpc::AdminService::server(Arc::clone(coordinator)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop_accepting))
 }

@@ -421,6 +421,7 @@ impl Settings {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
+            tls: self.tls_cert.is_some(),
             authenticated: self.auth_file.is_some() || self.tls_client_ca.is_some(),
             embedded: self.storage_kind() == StorageKind::Embedded,
         }

@@ -158,7 +158,8 @@ async fn the_calls_of_one_account_meet_at_its_owner() {
     assert_eq!(first.cash(receiver).await, "95.00");
 }
 
-/// What a fake owner saw of each forward, and how it answers: amount "1.00" is refused.
+/// What a fake owner saw of each forward, and how it answers: amount "1.00" is refused, "2.00"
+/// refuses the forwarding coordinator itself (a peer token it does not know), "3.00" takes 2 s.
 #[derive(Clone, Default)]
 struct FakeOwner {
     seen: Arc<Mutex<Vec<(MetadataMap, pb::ForwardRequest)>>>,
@@ -173,10 +174,15 @@ impl pb::peer_server::Peer for FakeOwner {
         let Some(pb::forward_request::Call::Deposit(deposit)) = message.call else {
             return Err(Status::unimplemented("deposits only"));
         };
-        if deposit.amount == "1.00" {
-            return Err(Status::failed_precondition(
-                "refused by the owner: a rule it alone knows",
-            ));
+        match deposit.amount.as_str() {
+            "1.00" => {
+                return Err(Status::failed_precondition(
+                    "refused by the owner: a rule it alone knows",
+                ));
+            }
+            "2.00" => return Err(Status::unauthenticated("invalid bearer token")),
+            "3.00" => tokio::time::sleep(Duration::from_secs(2)).await,
+            _ => {}
         }
         Ok(Response::new(pb::ForwardReply {
             reply: Some(pb::forward_reply::Reply::Cash(pb::CashReply {
@@ -294,6 +300,38 @@ async fn a_forward_carries_principal_deadline_and_trace_and_relays_the_answer_un
     let user_id = UserId::parse("user_id", &user).expect("a valid user id");
     let account = app.storage.get(model::account_key(&user_id)).await.expect("read");
     assert!(account.is_none(), "the forwarding coordinator wrote {account:?}");
+
+    // The caller's deadline passes while the owner works: the forward ends with it, and the
+    // owner is not taken for lost (the next call goes to it again).
+    let mut slow = with_token(deposit(&user, "3.00", "carried-3"), Some(TRADER_TOKEN));
+    slow.set_timeout(Duration::from_millis(300));
+    let status = app.client().await.deposit(slow).await.expect_err("too slow");
+    // (The caller's own client gives up at the same instant: its code is the one it sees.)
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let mut again = with_token(deposit(&user, "25.00", "carried-4"), Some(TRADER_TOKEN));
+    again.set_timeout(Duration::from_secs(5));
+    app.client().await.deposit(again).await.expect("forwarded again");
+    // (The abandoned forward is counted when its own timeout ends it first, not when it ends
+    // with its caller; either way the owner was not taken for lost.)
+    assert!(counts(&app).forwarded >= 3, "{:?}", counts(&app));
+    assert_eq!(counts(&app).served_here, 0);
+
+    // The owner refuses this coordinator itself (a peer token it does not know): nothing was
+    // served there, so the call is served here, and the account is written here.
+    let mut refused_peer = with_token(deposit(&user, "2.00", "carried-5"), Some(TRADER_TOKEN));
+    refused_peer.set_timeout(Duration::from_secs(5));
+    let reply = app
+        .client()
+        .await
+        .deposit(refused_peer)
+        .await
+        .expect("served here")
+        .into_inner();
+    assert_eq!(reply.cash_balance, "2.00");
+    assert_eq!(counts(&app).served_here, 1);
 }
 
 /// A call that arrives through Peer/Forward is served where it arrives, even when that
@@ -375,8 +413,9 @@ async fn an_unreachable_owner_falls_back_to_serving_here() {
     assert_eq!(app.cash(&user).await, "7.00");
 }
 
-/// Only the peer role may forward (a trader cannot name another principal through it), and the
-/// peer role alone calls nothing else.
+/// Only the peer role may forward (a trader cannot name another principal through it), the
+/// peer role alone calls nothing else, and a coordinator without affinity does not serve
+/// forwards at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_peer_may_forward_and_a_peer_may_do_nothing_else() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -390,9 +429,14 @@ async fn only_a_peer_may_forward_and_a_peer_may_do_nothing_else() {
         ),
     )
     .expect("auth file");
+    let token_file = dir.path().join("peer-token");
+    std::fs::write(&token_file, PEER_TOKEN).expect("token file");
     let app = spawn_app_with(
         EngineKind::Embedded,
-        AppOptions::default().flag("--auth-file", auth_file.display()),
+        AppOptions::default()
+            .affinity()
+            .flag("--auth-file", auth_file.display())
+            .flag("--peer-token-file", token_file.display()),
     )
     .await;
     let forward = || pb::ForwardRequest {
@@ -420,6 +464,15 @@ async fn only_a_peer_may_forward_and_a_peer_may_do_nothing_else() {
     peer.forward(with_token(forward(), Some(PEER_TOKEN)))
         .await
         .expect("a peer forwards");
+    // Without affinity the Peer service is not served at all: nobody can name a principal.
+    let plain = spawn_peer(&app, AppOptions::default().flag("--auth-file", auth_file.display())).await;
+    let status = PeerClient::connect(format!("http://{}", plain.address))
+        .await
+        .expect("connect")
+        .forward(with_token(forward(), Some(PEER_TOKEN)))
+        .await
+        .expect_err("not served");
+    assert_eq!(status.code(), Code::Unimplemented);
 }
 
 /// Peers over TLS with tokens, as the Kubernetes manifests run them: each coordinator serves

@@ -19,9 +19,9 @@ use std::time::Duration;
 use lockstep::coordinator::v1 as pb;
 use pb::peer_client::PeerClient;
 use tokio::time::Instant;
-use tonic::Status;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
 
 use super::{Membership, Owner, Peer};
 use crate::core::{Principal, UserId};
@@ -169,7 +169,14 @@ impl Forwarder {
         if let Some(authorization) = &self.credentials.authorization {
             metadata.insert("authorization", authorization.clone());
         }
-        match PeerClient::new(channel).forward(request).await {
+        let until = Instant::now() + remaining;
+        let Ok(result) = tokio::time::timeout_at(until, PeerClient::new(channel).forward(request)).await else {
+            // The caller's deadline passed while the owner worked on the call; the owner may still
+            // apply it, as any call whose caller gave up during its commit.
+            self.count(&self.forwarded, "forwarded");
+            return Routed::There(Box::new(Err(deadline_exceeded())));
+        };
+        match result {
             Ok(reply) => {
                 self.count(&self.forwarded, "forwarded");
                 Routed::There(Box::new(
@@ -181,6 +188,26 @@ impl Forwarder {
             }
             Err(status) if never_sent(&status) => {
                 tracing::warn!(peer = %owner.name, address = %owner.address, error = %status.message(), "the owner coordinator cannot be reached; serving here");
+                self.mark_unreachable(&owner);
+                self.served_here()
+            }
+            // The caller's deadline ran out while the owner worked on the call (tonic enforces
+            // the forward's timeout here): the caller's answer, not a lost owner.
+            Err(status) if deadline_passed(&status) => {
+                self.count(&self.forwarded, "forwarded");
+                Routed::There(Box::new(Err(deadline_exceeded())))
+            }
+            // The owner refused this coordinator itself (a peer token it does not know, no peer
+            // role, a version without Peer/Forward): nothing was served there. Serve it here,
+            // and say loudly that affinity is misconfigured.
+            Err(status)
+                if status.source().is_none()
+                    && matches!(
+                        status.code(),
+                        Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented
+                    ) =>
+            {
+                tracing::error!(peer = %owner.name, code = ?status.code(), error = %status.message(), "the owner coordinator refused this coordinator's forward; check --peer-token-file and the peer role in its --auth-file; serving here");
                 self.mark_unreachable(&owner);
                 self.served_here()
             }
@@ -264,6 +291,24 @@ impl Forwarder {
         channels.insert(Arc::clone(&owner.address), channel.clone());
         Ok(channel)
     }
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded(
+        "Deadline exceeded while the account's owner coordinator served the call; it may still apply: retry with the same request_id to learn its outcome",
+    )
+}
+
+/// Whether the forward's own timeout (the caller's deadline) ended it here.
+fn deadline_passed(status: &Status) -> bool {
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Whether the call failed before any of it left this process: the connection could not be

@@ -49,6 +49,8 @@ pub struct AffinityFlags {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// Whether this coordinator serves TLS (then its peers dial https).
+    pub tls: bool,
     /// Whether this coordinator authenticates its callers (then its peers do too).
     pub authenticated: bool,
     /// Whether the storage is the embedded engine, which one coordinator alone opens.
@@ -105,6 +107,15 @@ pub fn peer_setup(flags: &AffinityFlags) -> Result<Option<(String, PeerCredentia
             return Err(format!(
                 "--advertise-address {address:?}: must be scheme://host:port, nothing after"
             ));
+        }
+        if https != flags.tls {
+            return Err(if flags.tls {
+                format!("--advertise-address {address:?}: this coordinator serves TLS (--tls-cert); advertise https://")
+            } else {
+                format!(
+                    "--advertise-address {address:?}: this coordinator serves plaintext (no --tls-cert); advertise http://"
+                )
+            });
         }
         let read = |path: &PathBuf| std::fs::read(path).map_err(|error| format!("{}: {error}", path.display()));
         let tls = match (&flags.peer_ca, https) {
@@ -402,8 +413,18 @@ mod tests {
             let error = refused(flags(address));
             assert!(error.starts_with("--advertise-address"), "{address}: {error}");
         }
-        let error = refused(flags("https://host:50051"));
+        let error = refused(AffinityFlags {
+            tls: true,
+            ..flags("https://host:50051")
+        });
         assert!(error.contains("--peer-ca"), "{error}");
+        let error = refused(AffinityFlags {
+            tls: true,
+            ..flags("http://host:50051")
+        });
+        assert!(error.contains("advertise https://"), "{error}");
+        let error = refused(flags("https://host:50051"));
+        assert!(error.contains("advertise http://"), "{error}");
         let error = refused(AffinityFlags {
             embedded: true,
             ..flags("http://host:1")

@@ -295,7 +295,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     register(
         r,
         FORWARDS,
-        "Mutations for an account another coordinator owns, by outcome: forwarded (the owner answered), served_here (the owner could not be reached; served through the lease path here), failed (the owner was lost mid-call and the call had no request id: UNAVAILABLE).",
+        "Mutations for an account another coordinator owns, by outcome: forwarded (the owner answered), served_here (served through the lease path here: the owner could not be reached, refused this coordinator's peer credentials, or was lost mid-call on a call with a request id), failed (the owner was lost mid-call and the call had no request id: UNAVAILABLE).",
         &metrics.forwards,
     );
     register(

@@ -407,6 +407,8 @@ impl pb::peer_server::Peer for PeerService {
         let message = request.into_inner();
         origin.principal = Principal::parse("principal", &message.principal).map_err(invalid)?;
         origin.forwarded = true;
+        // The call's log lines name who made it, not the coordinator that forwarded it.
+        tracing::Span::current().record("principal", tracing::field::display(&origin.principal));
         use pb::forward_reply::Reply;
         use pb::forward_request::Call;
         let service = &self.0;
