@@ -244,7 +244,7 @@ fn serve_error(error: impl std::fmt::Display) -> StartError {
     StartError::Serve(error.to_string())
 }
 
-/// The tasks that run beside the gRPC server (storage probe, instance heartbeat, membership, sweeper, token
+/// The tasks that run beside the gRPC server (storage probe, instance heartbeat, catalog refresh, membership, sweeper, token
 /// reload, the plain health listener), stopped together.
 struct Beside(Vec<tokio::task::AbortHandle>, Option<tokio::task::AbortHandle>);
 
@@ -254,7 +254,11 @@ impl Beside {
             let coordinator = Arc::clone(coordinator);
             async move { coordinator.renew_instance_periodically().await }
         });
-        let mut tasks = vec![heartbeat.abort_handle()];
+        let catalog = tokio::spawn({
+            let coordinator = Arc::clone(coordinator);
+            async move { coordinator.keep_catalog_fresh().await }
+        });
+        let mut tasks = vec![heartbeat.abort_handle(), catalog.abort_handle()];
         let mut membership_task = None;
         if let Some(affinity) = affinity {
             let membership = crate::affinity::keep_membership(

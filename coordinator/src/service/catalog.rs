@@ -184,31 +184,29 @@ impl TransactionCoordinator {
                 Err(error) => return Err(error.into()),
             }
         }
-        self.make_price_copies().await?;
+        self.make_price_copies(&self.storage).await?;
         self.catalog.refresh(&self.storage).await
     }
 
-    /// Creates the price copies of every catalog item that lacks them (seeded just now, or
-    /// written before the copies existed), then marks the item. Copies are created only where
-    /// none exists, and the mark only lands on an item still as read: an UpsertAsset meanwhile
-    /// writes its own copies, so no copy ever holds a price the catalog item does not.
-    async fn make_price_copies(&self) -> Result<(), ServiceError> {
+    /// Writes the price copies of every catalog item that lacks the mark (seeded just now,
+    /// written before the copies existed, or written by a coordinator of an older version during
+    /// a rolling upgrade, whose Put drops the mark and leaves the copies behind): the 16 copies
+    /// and the mark in one transaction, conditioned on the item still holding the price and flag
+    /// read, so no copy ever holds a price the catalog item does not.
+    async fn make_price_copies(&self, storage: &Storage) -> Result<(), ServiceError> {
         let mut start_after = None;
         for _ in 0..CATALOG_PAGES_MAX {
-            let page = retry_safe(|| self.storage.query(model::assets_query(start_after.clone()))).await?;
+            let page = retry_safe(|| storage.query(model::assets_query(start_after.clone()))).await?;
             for item in page.items.iter().filter(|item| !model::has_price_copies(item)) {
                 let asset = model::asset_from_item(item)?;
-                for put in model::put_price_copies(&asset, true) {
-                    match retry_safe(|| self.storage.put(put.clone())).await {
-                        Ok(()) | Err(StorageError::ConditionFailed { .. }) => {}
-                        Err(error) => return Err(error.into()),
+                match storage.transact(&model::repair_price_copies(&asset), None).await {
+                    Ok(()) => {
+                        tracing::info!(symbol = %asset.symbol, price = %asset.price, copies = model::PRICE_COPIES, "price copies written from the catalog item");
                     }
-                }
-                match retry_safe(|| self.storage.update(model::mark_price_copies(&asset))).await {
-                    Ok(_) | Err(StorageError::ConditionFailed { .. }) => {}
+                    // Changed meanwhile: its writer wrote copies (or the next pass repairs them).
+                    Err(StorageError::TransactionCanceled { .. }) => {}
                     Err(error) => return Err(error.into()),
                 }
-                tracing::info!(symbol = %asset.symbol, copies = model::PRICE_COPIES, "price copies created");
             }
             start_after = page.last_key;
             if start_after.is_none() {
@@ -218,6 +216,29 @@ impl TransactionCoordinator {
         Err(ServiceError::Internal(format!(
             "the catalog has more than {CATALOG_PAGES_MAX} pages"
         )))
+    }
+
+    /// Every `CATALOG_REFRESH_INTERVAL`, until aborted: repairs price copies a coordinator of an
+    /// older version left behind (during a rolling upgrade) and reloads the cache, so that a
+    /// price changed elsewhere reaches every check within about a second.
+    pub async fn keep_catalog_fresh(&self) {
+        // Counted apart: `requests()` stays the calls' own count.
+        let storage = self.storage.counted_apart();
+        let mut interval = tokio::time::interval(CATALOG_REFRESH_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(error) = self.make_price_copies(&storage).await {
+                tracing::warn!(%error, "could not check the price copies");
+            }
+            if let Err(error) = self
+                .catalog
+                .refresh_if_older_than(&storage, CATALOG_REFRESH_INTERVAL)
+                .await
+            {
+                tracing::warn!(%error, "could not reload the catalog");
+            }
+        }
     }
 }
 
@@ -331,7 +352,8 @@ mod tests {
     }
 
     /// A catalog written before the copies existed (items without them) gets its copies at
-    /// start, at the stored price, and trades then commit against them.
+    /// start, at the stored price; and a price changed by an older coordinator (which writes the
+    /// catalog item alone) reaches every copy at the next check.
     #[tokio::test]
     async fn a_catalog_from_before_the_copies_gets_them_at_start() {
         let coordinator = coordinator(&ManualClock::starting_at(1_000_000)).await;
@@ -369,6 +391,22 @@ mod tests {
             coordinator.storage().requests() - before <= 3,
             "one catalog read, one refresh"
         );
+
+        // A coordinator of the older version changes the price during a rolling upgrade: its
+        // Put writes the catalog item alone (no mark). The next check rewrites every copy.
+        let changed = Asset {
+            price: Price::parse("price", "4.75").unwrap(),
+            ..legacy.clone()
+        };
+        coordinator
+            .storage()
+            .put(model::put_asset(&changed, false))
+            .await
+            .unwrap();
+        coordinator.make_price_copies(coordinator.storage()).await.unwrap();
+        for user in one_user_per_copy(&legacy.symbol) {
+            assert_eq!(copy_seen_by(&coordinator, &legacy.symbol, &user).await, changed);
+        }
     }
 
     /// A new symbol past `CATALOG_ASSETS_MAX` is refused; existing ones can still be changed.

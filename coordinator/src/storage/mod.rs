@@ -321,6 +321,15 @@ impl Storage {
         &self.table
     }
 
+    /// A clone whose requests are counted apart from this one's `requests()`: for work beside
+    /// the calls (the catalog refresh), so that the count stays the calls' own.
+    pub fn counted_apart(&self) -> Self {
+        Self {
+            requests: Arc::new(AtomicU64::new(0)),
+            ..self.clone()
+        }
+    }
+
     /// Storage requests sent so far, through every clone of this `Storage`.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)

@@ -1118,24 +1118,18 @@ pub fn put_asset(asset: &Asset, only_if_new: bool) -> Put {
     }
 }
 
-/// Puts of every copy of `asset`'s price (`PRICE_COPIES` of them); with `only_if_new`, copies
-/// that exist are left as they are (an upgrade creating the copies of a catalog written before
-/// them never overwrites what an UpsertAsset wrote meanwhile).
-pub fn put_price_copies(asset: &Asset, only_if_new: bool) -> Vec<Put> {
+/// Puts of every copy of `asset`'s price (`PRICE_COPIES` of them).
+pub fn put_price_copies(asset: &Asset) -> Vec<Put> {
     (0..PRICE_COPIES)
         .map(|copy| {
             let mut item = key_attributes(&price_copy_key_at(&asset.symbol, copy));
             item.insert("symbol".to_owned(), s(asset.symbol.as_str()));
             item.insert("price".to_owned(), n(asset.price));
             item.insert("active".to_owned(), Value::Bool(asset.active));
-            if only_if_new {
-                put_new(item)
-            } else {
-                Put {
-                    item,
-                    condition: None,
-                    bindings: Bindings::default(),
-                }
+            Put {
+                item,
+                condition: None,
+                bindings: Bindings::default(),
             }
         })
         .collect()
@@ -1149,13 +1143,14 @@ pub fn put_asset_everywhere(asset: &Asset, old: Option<&Asset>) -> Vec<TransactI
         .item
         .insert(PRICE_COPIES_ATTRIBUTE.to_owned(), n(PRICE_COPIES));
     std::iter::once(catalog_item)
-        .chain(put_price_copies(asset, false))
+        .chain(put_price_copies(asset))
         .map(TransactItem::Put)
         .collect()
 }
 
 /// On a catalog item: how many price copies were written with it. A catalog written before the
-/// copies existed lacks it, and a coordinator creates them at start ([`mark_price_copies`]).
+/// copies existed (or written by an older version) lacks it, and a coordinator writes them
+/// ([`repair_price_copies`]).
 const PRICE_COPIES_ATTRIBUTE: &str = "price_copies";
 
 /// Whether the catalog item's price copies are known to exist.
@@ -1163,10 +1158,11 @@ pub fn has_price_copies(item: &Item) -> bool {
     number(item, PRICE_COPIES_ATTRIBUTE).and_then(|raw| raw.parse::<u32>().ok()) == Some(PRICE_COPIES)
 }
 
-/// Records on the catalog item that its copies exist, only if it still holds the price and flag
-/// the copies were made from (an UpsertAsset in between wrote its own copies and the mark).
-pub fn mark_price_copies(asset: &Asset) -> Update {
-    Update {
+/// Writes every copy of `asset`'s price from its catalog item, and marks the item, in one
+/// transaction conditioned on the item still holding that price and flag (an UpsertAsset in
+/// between wrote its own copies and the mark; this then does nothing).
+pub fn repair_price_copies(asset: &Asset) -> Vec<TransactItem> {
+    let mark = Update {
         key: asset_key(&asset.symbol),
         update: "SET #copies = :copies".to_owned(),
         condition: Some("#price = :price AND #active = :active".to_owned()),
@@ -1184,7 +1180,10 @@ pub fn mark_price_copies(asset: &Asset) -> Update {
         ),
         return_new: false,
         return_old_on_condition_failure: false,
-    }
+    };
+    std::iter::once(TransactItem::Update(mark))
+        .chain(put_price_copies(asset).into_iter().map(TransactItem::Put))
+        .collect()
 }
 
 pub fn asset_from_item(item: &Item) -> Result<Asset, MalformedItem> {
