@@ -394,32 +394,54 @@ struct Outcome {
 /// Many callers transferring between the same four accounts in both directions at once, through
 /// three coordinators sharing one table (two on moto), with the default `--known-accounts true`.
 async fn concurrent_opposite_transfers_never_deadlock(engine: EngineKind) {
-    opposite_transfers_through_several_coordinators(engine, true).await;
+    opposite_transfers_through_several_coordinators(engine, true, false).await;
 }
 
 /// The same with `--known-accounts false`: every account is taken under its lease.
 async fn concurrent_opposite_transfers_under_leases_never_deadlock(engine: EngineKind) {
-    opposite_transfers_through_several_coordinators(engine, false).await;
+    opposite_transfers_through_several_coordinators(engine, false, false).await;
+}
+
+/// The same with account affinity: each transfer runs at its sender's owner, which takes the
+/// receiver's lease through the lease path when another coordinator owns the receiver.
+async fn concurrent_opposite_transfers_with_affinity_never_deadlock(engine: EngineKind) {
+    opposite_transfers_through_several_coordinators(engine, true, true).await;
 }
 
 /// Round after round, every call ends OK or refused for lack of cash (FAILED_PRECONDITION) well
 /// inside its deadline, never ABORTED or at its deadline; the total of all cash is conserved;
 /// each OK is one TRANSFER_OUT and one TRANSFER_IN of its amount, and nothing else is in the
 /// ledgers.
-async fn opposite_transfers_through_several_coordinators(engine: EngineKind, known_accounts: bool) {
+async fn opposite_transfers_through_several_coordinators(engine: EngineKind, known_accounts: bool, affinity: bool) {
     const ACCOUNTS: [&str; 4] = ["ring-a", "ring-b", "ring-c", "ring-d"];
     const FUNDING: &str = "40.00";
     let (coordinators, callers, rounds) = match engine {
         EngineKind::Moto => (2, 4, 3),
         _ => (3, 18, 12),
     };
-    let options = AppOptions::default()
+    let mut options = AppOptions::default()
         .flag("--lock-wait-ms", "20000")
         .flag("--known-accounts", known_accounts);
+    if affinity {
+        options = options.affinity();
+    }
     let app = spawn_app_with(engine, options.clone()).await;
     let mut peers = Vec::new();
     for _ in 1..coordinators {
         peers.push(spawn_peer(&app, options.clone()).await);
+    }
+    if affinity {
+        // Every coordinator sees all the others before the calls start.
+        for each in std::iter::once(&app).chain(&peers) {
+            let membership = &each.affinity.as_ref().expect("affinity on").membership;
+            for _ in 0..200 {
+                if membership.live().len() == coordinators {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(membership.live().len(), coordinators, "membership settled");
+        }
     }
     for account in ACCOUNTS {
         app.deposit(account, FUNDING).await.expect("funding");
@@ -529,6 +551,23 @@ async fn opposite_transfers_through_several_coordinators(engine: EngineKind, kno
         "one TRANSFER_OUT per acknowledged transfer, and no other"
     );
     assert_eq!(ins, applied, "one TRANSFER_IN per acknowledged transfer, and no other");
+    if affinity {
+        let forwarded: u64 = std::iter::once(&app)
+            .chain(&peers)
+            .map(|each| {
+                each.affinity
+                    .as_ref()
+                    .expect("affinity on")
+                    .forwarder
+                    .counts()
+                    .forwarded
+            })
+            .sum();
+        assert!(
+            forwarded > 0,
+            "transfers reached their senders' owners through the others"
+        );
+    }
     assert_audit_clean(&app).await;
 }
 
@@ -577,4 +616,5 @@ crate::on_every_engine!(
     a_retried_transfer_applies_once,
     concurrent_opposite_transfers_never_deadlock,
     concurrent_opposite_transfers_under_leases_never_deadlock,
+    concurrent_opposite_transfers_with_affinity_never_deadlock,
 );
