@@ -630,6 +630,47 @@ async fn the_owner_leaving_mid_stream_re_homes_the_account_and_nothing_applies_t
     assert!(report.is_clean(), "{report}");
 }
 
+/// A coordinator that drains (a call still in flight) leaves the membership at the start of the
+/// drain and stays out of it: it stops renewing its announcement before it deletes it, so its
+/// peers stop forwarding to it for the whole drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draining_coordinator_stays_out_of_the_membership() {
+    let first = spawn_app_with(EngineKind::DynoxideHttp, AppOptions::default().affinity()).await;
+    let (hook, parked, go) = lockstep_coordinator::service::CommitHook::parking();
+    let mut second = spawn_peer(
+        &first,
+        AppOptions::default()
+            .affinity()
+            .flag("--drain-ms", "10000")
+            .before_commit(hook),
+    )
+    .await;
+    wait_for_members(&first, 2).await;
+    wait_for_members(&second, 2).await;
+    let names = [name_of(&first), name_of(&second)];
+    let user = user_owned_by(&names, &names[1], "draining");
+    let mut client = second.client().await;
+    let in_flight = tokio::spawn(async move { client.deposit(deposit(&user, "5.00", "draining-1")).await });
+    parked.notified().await;
+    let draining = tokio::spawn(async move {
+        second.shut_down().await;
+    });
+    wait_for_members(&first, 1).await;
+    // Longer than two renewals: a renewal after the leave would have announced it again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        first.affinity.as_ref().unwrap().membership.live().len(),
+        1,
+        "the draining coordinator announced itself again"
+    );
+    go.notify_one();
+    in_flight
+        .await
+        .expect("call task")
+        .expect("the call in flight completes during the drain");
+    draining.await.expect("drain");
+}
+
 /// A coordinator that shuts down leaves the membership at once, so its peers stop forwarding
 /// to it within one listing rather than when its announcement runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
