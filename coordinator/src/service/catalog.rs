@@ -32,6 +32,9 @@ const _: () = assert!(CATALOG_ASSETS_MAX < CATALOG_PAGES_MAX * model::ASSET_PAGE
 #[derive(Debug, Default)]
 pub struct Catalog {
     assets: RwLock<BTreeMap<AssetSymbol, Asset>>,
+    /// The assets whose catalog items the last load found without the price-copies mark (seeded
+    /// just now, written before the copies existed, or by a coordinator of an older version).
+    unmarked: RwLock<Vec<Asset>>,
     /// When the cache was last loaded from storage; one refresh at a time.
     refreshed_at: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -106,19 +109,29 @@ impl Catalog {
         self.refresh_if_older_than(storage, Duration::ZERO).await
     }
 
+    /// The assets the last load found without their price copies marked.
+    fn unmarked(&self) -> Vec<Asset> {
+        self.unmarked.read().expect("catalog lock poisoned").clone()
+    }
+
     /// Replaces the cache with the stored catalog.
     async fn load(&self, storage: &Storage) -> Result<(), ServiceError> {
         let mut assets = BTreeMap::new();
+        let mut unmarked = Vec::new();
         let mut start_after = None;
         for _ in 0..CATALOG_PAGES_MAX {
             let page = retry_safe(|| storage.query(model::assets_query(start_after.clone()))).await?;
             for item in &page.items {
                 let asset = model::asset_from_item(item)?;
+                if !model::has_price_copies(item) {
+                    unmarked.push(asset.clone());
+                }
                 assets.insert(asset.symbol.clone(), asset);
             }
             start_after = page.last_key;
             if start_after.is_none() {
                 *self.assets.write().expect("catalog lock poisoned") = assets;
+                *self.unmarked.write().expect("catalog lock poisoned") = unmarked;
                 return Ok(());
             }
         }
@@ -184,38 +197,27 @@ impl TransactionCoordinator {
                 Err(error) => return Err(error.into()),
             }
         }
-        self.make_price_copies(&self.storage).await?;
-        self.catalog.refresh(&self.storage).await
+        self.catalog.refresh(&self.storage).await?;
+        self.make_price_copies(&self.storage).await
     }
 
-    /// Writes the price copies of every catalog item that lacks the mark (seeded just now,
-    /// written before the copies existed, or written by a coordinator of an older version during
-    /// a rolling upgrade, whose Put drops the mark and leaves the copies behind): the 16 copies
-    /// and the mark in one transaction, conditioned on the item still holding the price and flag
-    /// read, so no copy ever holds a price the catalog item does not.
+    /// Writes the price copies of every asset the last catalog load found without the mark
+    /// (seeded just now, written before the copies existed, or written by a coordinator of an
+    /// older version during a rolling upgrade, whose Put drops the mark and leaves the copies
+    /// behind): the 16 copies and the mark in one transaction, conditioned on the item still
+    /// holding the price and flag read, so no copy ever holds a price the catalog item does not.
     async fn make_price_copies(&self, storage: &Storage) -> Result<(), ServiceError> {
-        let mut start_after = None;
-        for _ in 0..CATALOG_PAGES_MAX {
-            let page = retry_safe(|| storage.query(model::assets_query(start_after.clone()))).await?;
-            for item in page.items.iter().filter(|item| !model::has_price_copies(item)) {
-                let asset = model::asset_from_item(item)?;
-                match storage.transact(&model::repair_price_copies(&asset), None).await {
-                    Ok(()) => {
-                        tracing::info!(symbol = %asset.symbol, price = %asset.price, copies = model::PRICE_COPIES, "price copies written from the catalog item");
-                    }
-                    // Changed meanwhile: its writer wrote copies (or the next pass repairs them).
-                    Err(StorageError::TransactionCanceled { .. }) => {}
-                    Err(error) => return Err(error.into()),
+        for asset in self.catalog.unmarked() {
+            match storage.transact(&model::repair_price_copies(&asset), None).await {
+                Ok(()) => {
+                    tracing::info!(symbol = %asset.symbol, price = %asset.price, copies = model::PRICE_COPIES, "price copies written from the catalog item");
                 }
-            }
-            start_after = page.last_key;
-            if start_after.is_none() {
-                return Ok(());
+                // Changed meanwhile: its writer wrote copies (or the next pass repairs them).
+                Err(StorageError::TransactionCanceled { .. }) => {}
+                Err(error) => return Err(error.into()),
             }
         }
-        Err(ServiceError::Internal(format!(
-            "the catalog has more than {CATALOG_PAGES_MAX} pages"
-        )))
+        Ok(())
     }
 
     /// Every `CATALOG_REFRESH_INTERVAL`, until aborted: repairs price copies a coordinator of an
@@ -228,15 +230,16 @@ impl TransactionCoordinator {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            if let Err(error) = self.make_price_copies(&storage).await {
-                tracing::warn!(%error, "could not check the price copies");
-            }
+            // One load a second at most (shared with the loads calls make), then the repairs it
+            // calls for.
             if let Err(error) = self
                 .catalog
                 .refresh_if_older_than(&storage, CATALOG_REFRESH_INTERVAL)
                 .await
             {
                 tracing::warn!(%error, "could not reload the catalog");
+            } else if let Err(error) = self.make_price_copies(&storage).await {
+                tracing::warn!(%error, "could not write the price copies");
             }
         }
     }
@@ -403,6 +406,7 @@ mod tests {
             .put(model::put_asset(&changed, false))
             .await
             .unwrap();
+        coordinator.catalog.refresh(coordinator.storage()).await.unwrap();
         coordinator.make_price_copies(coordinator.storage()).await.unwrap();
         for user in one_user_per_copy(&legacy.symbol) {
             assert_eq!(copy_seen_by(&coordinator, &legacy.symbol, &user).await, changed);
