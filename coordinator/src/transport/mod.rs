@@ -256,18 +256,42 @@ fn mismatched_reply() -> Status {
     Status::internal("the owner coordinator answered with another kind of reply")
 }
 
+fn cash_of(reply: pb::forward_reply::Reply) -> Option<pb::CashReply> {
+    match reply {
+        pb::forward_reply::Reply::Cash(reply) => Some(reply),
+        _ => None,
+    }
+}
+
+fn order_of(reply: pb::forward_reply::Reply) -> Option<pb::OrderReply> {
+    match reply {
+        pb::forward_reply::Reply::Order(reply) => Some(reply),
+        _ => None,
+    }
+}
+
+fn transfer_of(reply: pb::forward_reply::Reply) -> Option<pb::TransferReply> {
+    match reply {
+        pb::forward_reply::Reply::Transfer(reply) => Some(reply),
+        _ => None,
+    }
+}
+
 impl CoordinatorService {
-    /// Where the call for `account` is served: here, or the owner's answer.
-    async fn route(
+    /// The owner's answer when another coordinator owns `account` (its reply as `pick` takes
+    /// it), or None: the call is served here.
+    async fn forwarded<T>(
         &self,
         origin: &Origin,
         account: &UserId,
         request_id: &Option<RequestId>,
         call: impl FnOnce() -> pb::forward_request::Call,
-    ) -> Routed {
-        match &self.forwarder {
-            Some(forwarder) => forwarder.route(origin, account, request_id.is_some(), call).await,
-            None => Routed::Here,
+        pick: fn(pb::forward_reply::Reply) -> Option<T>,
+    ) -> Option<Result<T, Status>> {
+        let forwarder = self.forwarder.as_ref()?;
+        match forwarder.route(origin, account, request_id.is_some(), call).await {
+            Routed::Here => None,
+            Routed::There(reply) => Some((*reply).and_then(|reply| pick(reply).ok_or_else(mismatched_reply))),
         }
     }
 
@@ -275,16 +299,9 @@ impl CoordinatorService {
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        if let Routed::There(reply) = self
-            .route(&origin, &user, &request_id, || {
-                pb::forward_request::Call::Deposit(message.clone())
-            })
-            .await
-        {
-            return match (*reply)? {
-                pb::forward_reply::Reply::Cash(reply) => Ok(reply),
-                _ => Err(mismatched_reply()),
-            };
+        let call = || pb::forward_request::Call::Deposit(message.clone());
+        if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, cash_of).await {
+            return reply;
         }
         let receipt = self
             .coordinator
@@ -298,16 +315,9 @@ impl CoordinatorService {
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        if let Routed::There(reply) = self
-            .route(&origin, &user, &request_id, || {
-                pb::forward_request::Call::Withdraw(message.clone())
-            })
-            .await
-        {
-            return match (*reply)? {
-                pb::forward_reply::Reply::Cash(reply) => Ok(reply),
-                _ => Err(mismatched_reply()),
-            };
+        let call = || pb::forward_request::Call::Withdraw(message.clone());
+        if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, cash_of).await {
+            return reply;
         }
         let receipt = self
             .coordinator
@@ -327,16 +337,12 @@ impl CoordinatorService {
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
         // The sender's owner runs it (the request record is the sender's), taking the
         // receiver's lease through the lease path when another coordinator owns the receiver.
-        if let Routed::There(reply) = self
-            .route(&origin, &transfer.from, &request_id, || {
-                pb::forward_request::Call::Transfer(message.clone())
-            })
+        let call = || pb::forward_request::Call::Transfer(message.clone());
+        if let Some(reply) = self
+            .forwarded(&origin, &transfer.from, &request_id, call, transfer_of)
             .await
         {
-            return match (*reply)? {
-                pb::forward_reply::Reply::Transfer(reply) => Ok(reply),
-                _ => Err(mismatched_reply()),
-            };
+            return reply;
         }
         let receipt = self
             .coordinator
@@ -365,17 +371,12 @@ impl CoordinatorService {
                 .map_err(invalid)?,
         };
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        if let Routed::There(reply) = self
-            .route(&origin, &user, &request_id, || match side {
-                TradeSide::Buy => pb::forward_request::Call::PlaceBuy(message.clone()),
-                TradeSide::Sell => pb::forward_request::Call::PlaceSell(message.clone()),
-            })
-            .await
-        {
-            return match (*reply)? {
-                pb::forward_reply::Reply::Order(reply) => Ok(reply),
-                _ => Err(mismatched_reply()),
-            };
+        let call = || match side {
+            TradeSide::Buy => pb::forward_request::Call::PlaceBuy(message.clone()),
+            TradeSide::Sell => pb::forward_request::Call::PlaceSell(message.clone()),
+        };
+        if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, order_of).await {
+            return reply;
         }
         let receipt = self
             .coordinator
