@@ -11,6 +11,9 @@
 
 /// Messages, the `Coordinator` client and the `Coordinator` server trait.
 pub mod coordinator {
+    // Generated: a `oneof` of a whole entry beside a small message (LedgerEvent) is how
+    // prost writes it.
+    #[allow(clippy::large_enum_variant)]
     pub mod v1 {
         tonic::include_proto!("lockstep.coordinator.v1");
     }

@@ -213,6 +213,7 @@ fn check_user(
     let mut ledger = books.ledger.clone();
     ledger.sort_by(|a, b| (a.sequence, &a.entry_id).cmp(&(b.sequence, &b.entry_id)));
     let sums = check_ledger_chain(&ledger, &mut problems);
+    check_sequences(books, &ledger, &mut problems);
     let lease = check_account(books, &ledger, &sums, report, &mut problems);
     report.ledger_entries += ledger.len();
     if let Some(lease) = lease {
@@ -235,6 +236,30 @@ fn check_user(
     }
     let prefixed = problems.into_iter().map(|problem| format!("user {user}: {problem}"));
     report.discrepancies.extend(prefixed);
+}
+
+/// A numbered account's entries are exactly 1, 2, … up to its `entries`: none missing, none
+/// twice (an account not numbered yet holds entries written before sequences).
+fn check_sequences(books: &UserBooks, ledger: &[LedgerEntry], problems: &mut Vec<String>) {
+    let Some((account, _)) = books.account.as_ref().filter(|(account, _)| !account.needs_numbering) else {
+        return;
+    };
+    if !ledger.iter().map(|entry| entry.sequence).eq(1..=account.entries) {
+        let mut expected = 1..=account.entries;
+        let first_wrong = ledger
+            .iter()
+            .map(|entry| entry.sequence)
+            .find(|sequence| expected.next() != Some(*sequence));
+        problems.push(format!(
+            "the account has {} entries numbered but its ledger holds {} (first out of place: {})",
+            account.entries,
+            ledger.len(),
+            first_wrong.map_or_else(
+                || "a missing last one".to_owned(),
+                |sequence| format!("sequence {sequence}")
+            )
+        ));
+    }
 }
 
 /// What the ledger sums to: cash, and each holding by asset.
@@ -661,7 +686,8 @@ mod tests {
 
         let transfer_id = TransferId::new();
         let entry_id = EntryId::new();
-        let key = model::ledger_key(&user("bob"), entry_id.as_str());
+        // A careful forger: the entry at bob's next sequence, counted on his account.
+        let key = model::entry_key(&user("bob"), 3);
         let s = |text: &str| Value::S(text.to_owned());
         let n = |number: &str| Value::N(number.to_owned());
         let forged_entry = BTreeMap::from([
@@ -673,7 +699,7 @@ mod tests {
             ("cash_delta".to_owned(), n("5.00")),
             ("cash_after".to_owned(), n("45.00")),
             ("created_at_ms".to_owned(), n("1")),
-            ("sequence".to_owned(), n("99")),
+            ("sequence".to_owned(), n("3")),
             ("principal".to_owned(), s("local")),
             ("transfer_id".to_owned(), s(transfer_id.as_str())),
             ("counterparty".to_owned(), s("ann")),
@@ -684,6 +710,7 @@ mod tests {
             .unwrap()
             .expect("bob's account");
         forged_account.insert("cash".to_owned(), n("45.00"));
+        forged_account.insert("entries".to_owned(), n("3"));
         for item in [forged_entry, forged_account] {
             let put = Put {
                 item,

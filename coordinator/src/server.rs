@@ -233,6 +233,8 @@ pub async fn run_clustered(
         "shutting down: no new connections, draining in-flight RPCs"
     );
     stop_accepting.send(()).ok();
+    // Watch streams never finish by themselves: they end now, each with its cursor.
+    coordinator.drain_watchers();
     drain(&coordinator, server, tokio::time::Instant::now() + drain_timeout).await;
     beside.stop();
     let released = coordinator.release_held_leases().await;

@@ -239,6 +239,17 @@ pub struct Settings {
     /// batch takes the lease first.
     #[arg(long, env = "LOCKSTEP_KNOWN_ACCOUNTS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub known_accounts: bool,
+    /// Open WatchLedger streams past which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOCKSTEP_MAX_WATCHERS", default_value_t = crate::service::WATCHERS_MAX_DEFAULT, global = true)]
+    pub max_watchers: usize,
+    /// How often a WatchLedger stream reads storage for entries committed by other
+    /// coordinators, in milliseconds (this coordinator's own commits reach it at once).
+    #[arg(long, env = "LOCKSTEP_WATCH_POLL_MS", default_value_t = crate::service::WATCH_POLL_DEFAULT.as_millis() as u64, global = true)]
+    pub watch_poll_ms: u64,
+    /// Longest silence on a WatchLedger stream before a progress message, in milliseconds
+    /// (at most 10000).
+    #[arg(long, env = "LOCKSTEP_WATCH_PROGRESS_MS", default_value_t = crate::service::WATCH_PROGRESS_DEFAULT.as_millis() as u64, global = true)]
+    pub watch_progress_ms: u64,
     /// Group commit: batch commits of several users sent as one transaction.
     #[arg(long, env = "LOCKSTEP_GROUP_COMMIT", value_enum, default_value_t = GroupCommitFlag::Auto, global = true)]
     pub group_commit: GroupCommitFlag,
@@ -340,14 +351,19 @@ impl Settings {
             max_queued_per_user: self.max_queued_per_user,
             price_change_max_percent: self.price_change_max_percent,
             known_accounts: self.known_accounts,
+            max_watchers: self.max_watchers,
+            watch_poll: Duration::from_millis(self.watch_poll_ms),
+            watch_progress: Duration::from_millis(self.watch_progress_ms),
         })
     }
 
     /// Every duration and count within a bound, so none can overflow a deadline, an `Instant`
     /// or a stored expiry, or make a bound that never holds: refused at start, naming the flag.
     fn check_bounds(&self) -> Result<(), FieldError> {
+        // Each stream holds a task, a buffer of `WATCH_BUFFER` events and at most a page.
+        const WATCHERS_LIMIT: u64 = 100_000;
         let lease_max = LEASE_DURATION_MAX.as_millis() as u64;
-        let bounds: [(&'static str, u64, u64, u64); 9] = [
+        let bounds: [(&'static str, u64, u64, u64); 12] = [
             ("--lease-deposit-ms", self.lease_deposit_ms, 1000, lease_max),
             ("--lease-withdraw-ms", self.lease_withdraw_ms, 1000, lease_max),
             ("--lease-trade-ms", self.lease_trade_ms, 1000, lease_max),
@@ -377,6 +393,9 @@ impl Settings {
                 1,
                 INFLIGHT_LIMIT as u64,
             ),
+            ("--max-watchers", self.max_watchers as u64, 0, WATCHERS_LIMIT),
+            ("--watch-poll-ms", self.watch_poll_ms, 10, 60_000),
+            ("--watch-progress-ms", self.watch_progress_ms, 100, 10_000),
         ];
         for (flag, value, minimum, maximum) in bounds {
             if value < minimum || value > maximum {

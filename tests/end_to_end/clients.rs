@@ -76,7 +76,7 @@ pub(crate) async fn hold_lease(app: &TestApp, user: &str) -> impl Future<Output 
     let storage = app.storage.clone();
     async move {
         storage
-            .write(model::release_lease(&user, &lease.lock_id))
+            .write(model::release_lease(&user, &lease.lock_id, None))
             .await
             .expect("release the lease");
     }

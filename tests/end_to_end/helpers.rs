@@ -354,6 +354,7 @@ pub async fn full_ledger(client: &mut CoordinatorClient<Channel>, user: &str) ->
                 user_id: user.to_owned(),
                 page_size: 100,
                 page_token,
+                after_sequence: None,
             })
             .await
             .expect("list ledger")

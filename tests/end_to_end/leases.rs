@@ -145,7 +145,7 @@ async fn busy_lease_is_waited_for(engine: EngineKind) {
     let releaser = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         storage
-            .write(model::release_lease(&user, &lease.lock_id))
+            .write(model::release_lease(&user, &lease.lock_id, None))
             .await
             .expect("release");
     });

@@ -572,6 +572,7 @@ async fn ledger_pages_end_exactly(engine: EngineKind) {
         user_id: "pager".into(),
         page_size: 2,
         page_token,
+        after_sequence: None,
     };
     let first = client
         .list_ledger(page(String::new()))

@@ -130,6 +130,7 @@ async fn send(app: &TestApp, call: &Call) -> Result<(), tonic::Status> {
                 user_id: (*user).to_owned(),
                 page_size: *page_size,
                 page_token: (*page_token).to_owned(),
+                after_sequence: None,
             })
             .await
             .map(drop),

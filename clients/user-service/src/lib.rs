@@ -181,6 +181,7 @@ async fn transactions(
         user_id,
         page_size: page.limit,
         page_token: page.cursor,
+        after_sequence: None,
     };
     let reply = coordinator
         .call(&context, request, |mut client, request| async move {
@@ -215,6 +216,8 @@ fn entry_json(entry: &pb::LedgerEntry) -> Value {
         "counterparty_user_id": Some(&entry.counterparty_user_id).filter(|user| !user.is_empty()),
         "memo": Some(&entry.memo).filter(|memo| !memo.is_empty()),
         "cash_balance": entry.cash_balance,
+        "holding_balance": Some(&entry.holding_balance).filter(|holding| !holding.is_empty()),
+        "sequence": entry.sequence,
         "created_at": entry.created_at,
     })
 }

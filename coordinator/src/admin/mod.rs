@@ -128,7 +128,7 @@ pub async fn release_lease(
     let Some(lease) = lease.filter(|lease| expected.is_none_or(|expected| lease.lock_id.as_str() == expected)) else {
         return Ok(pb::ReleaseLeaseReply { released: None });
     };
-    let release = model::release_lease(user, &LeaseId::from_stored(lease.lock_id.to_string()));
+    let release = model::release_lease(user, &LeaseId::from_stored(lease.lock_id.to_string()), None);
     match coordinator.storage().write(release).await {
         Ok(()) => {
             metrics::admin_released_lease();

@@ -33,6 +33,14 @@ pub struct Account {
     pub transferred_today: Usd,
     /// Bumped by every commit; a commit is conditioned on the version it decided on.
     pub version: u64,
+    /// The sequence of the account's last ledger entry: its entries are numbered 1, 2, 3 …
+    /// with no gaps, each in the transaction that moves its money.
+    pub entries: u64,
+    /// True when the stored item was last written by a coordinator that did not number its
+    /// entries (a version before sequences, or during a rolling upgrade): `entries` may not
+    /// count them all, so they are numbered under the lease before anything else commits
+    /// (`service::numbering`).
+    pub needs_numbering: bool,
 }
 
 impl Account {

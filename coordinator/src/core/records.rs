@@ -99,8 +99,9 @@ pub struct LedgerEntry {
     pub created_at_ms: Millis,
     /// The caller's idempotency key, when it gave one.
     pub request_id: Option<String>,
-    /// The account's version after this entry: orders a user's entries without trusting the
-    /// clocks of the coordinators that wrote them.
+    /// The entry's place in its account's ledger: 1, 2, 3 … with no gaps, assigned in the
+    /// transaction that moves the money, so it orders a user's entries without trusting the
+    /// clocks of the coordinators that wrote them (and is what a watcher resumes from).
     pub sequence: u64,
     /// Who moved the money: the authenticated caller (`local` without authentication).
     pub principal: Principal,
@@ -111,6 +112,8 @@ pub struct LedgerTrade {
     pub asset: AssetSymbol,
     pub quantity_delta: Decimal,
     pub order_id: OrderId,
+    /// The holding of `asset` after this entry; None on entries written before it was kept.
+    pub holding_after: Option<Quantity>,
 }
 
 /// What a transfer's ledger entry adds: both parties' entries carry the same `transfer_id`,
@@ -190,6 +193,9 @@ pub enum RecordedOutcome {
     /// Committed: the ledger entry, and for trades the order and the holding after.
     Committed {
         entry_id: EntryId,
+        /// The entry's sequence, which keys it; None in records written before sequences
+        /// (their entry is keyed by its id).
+        entry_sequence: Option<u64>,
         order_id: Option<OrderId>,
         holding: Option<Quantity>,
     },

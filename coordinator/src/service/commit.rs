@@ -42,7 +42,7 @@ pub(super) enum Answer {
 #[derive(Debug)]
 pub(super) struct SentRound {
     pub answers: Vec<(usize, Answer)>,
-    pub marker: Option<crate::storage::Key>,
+    pub marker: Option<crate::storage::model::Marker>,
 }
 
 /// How the rounds of one batch ended.
@@ -264,6 +264,7 @@ impl TransactionCoordinator {
                 .await
             {
                 Ok(()) => {
+                    self.watchers.committed(&held.user);
                     return Ending::Committed {
                         answers,
                         after: Box::new(after),
@@ -442,13 +443,13 @@ fn build_round(
     for (((_, waiter), (_, quote)), decision) in calls.iter().zip(operations).zip(&outcome.decisions) {
         writes.push(match decision {
             Ok(decision) => {
-                state.version += 1;
-                let version = state.version;
+                state.entries += 1;
+                let sequence = state.entries;
                 state.apply(decision);
                 if let Some(effect) = &decision.trade {
                     prices.insert(effect.asset.clone(), effect.price);
                 }
-                accepted_writes(held, waiter, decision, version, now, retention)
+                accepted_writes(held, waiter, decision, sequence, now, retention)
             }
             Err(rejection) => refused_writes(held, waiter, quote.as_ref(), rejection, now, retention),
         });
@@ -460,6 +461,12 @@ fn build_round(
     let accepted = outcome.accepted();
     let mut after = outcome.after;
     after.version = held.account.version + accepted.max(1) as u64;
+    after.entries = state.entries;
+    assert_eq!(
+        after.entries,
+        held.account.entries + accepted as u64,
+        "each accepted call's entry takes the account's next sequence"
+    );
     let operation_writes: Vec<_> = writes.iter().map(CallWrites::as_model).collect();
     let transaction = model::commit_batch(&model::BatchCommit {
         user: &held.user,
@@ -500,16 +507,17 @@ fn accepted_writes(
     held: &HeldLease,
     waiter: &Waiter,
     decision: &Decision,
-    version: u64,
+    sequence: u64,
     now: Millis,
     retention: Duration,
 ) -> CallWrites {
     let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
-    let (entry, order) = ops::records(operation, decision, waiter.origin(&held.user, now), version);
+    let (entry, order) = ops::records(operation, decision, waiter.origin(&held.user, now), sequence);
     let holding = decision.trade.as_ref().map(|effect| effect.holding);
     let record = request_id.map(|request_id| {
         let outcome = RecordedOutcome::Committed {
             entry_id: entry.entry_id.clone(),
+            entry_sequence: Some(entry.sequence),
             order_id: order.as_ref().map(|order| order.order_id.clone()),
             holding,
         };

@@ -123,11 +123,17 @@ impl TransactionCoordinator {
                 operation: operation.to_owned(),
                 expires_at_ms: now + lease_duration.as_millis() as u64,
             };
-            if let Some(held) = self
+            if let Some(mut held) = self
                 .try_acquire(user, lease, now, require_account, &mut waiting)
                 .await?
             {
                 metrics::lease_taken(waiter.is_some(), started.elapsed(), operation);
+                // An account last written by a coordinator that does not number its entries
+                // gets them numbered before anything commits on it (`numbering`).
+                if let Err(error) = self.number_entries(&mut held).await {
+                    self.release(&held).await;
+                    return Err(error);
+                }
                 return Ok(held);
             }
             let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);
@@ -290,7 +296,11 @@ impl TransactionCoordinator {
         let release = if model::created_by_this_lease(&held.account) {
             model::release_created_item(&held.user, lock_id)
         } else {
-            model::release_lease(&held.user, lock_id)
+            model::release_lease(
+                &held.user,
+                lock_id,
+                (!held.account.needs_numbering).then_some(held.account.version),
+            )
         };
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::debug!(lock_state = "RELEASED", "lease released"),
@@ -305,7 +315,7 @@ impl TransactionCoordinator {
     /// Releases the lease `lock_id` if an attempt whose reply was lost did take it; a no-op
     /// otherwise (the release is conditioned on the lock id).
     async fn release_if_landed(&self, user: &UserId, lock_id: &LeaseId) {
-        let release = model::release_lease(user, lock_id);
+        let release = model::release_lease(user, lock_id, None);
         match retry_safe(|| self.storage.write(release.clone())).await {
             Ok(()) => tracing::info!(lock_state = "RELEASED", "released a lease whose acquire reply was lost"),
             Err(StorageError::ConditionFailed { .. }) => {}
@@ -318,7 +328,7 @@ impl TransactionCoordinator {
         let leases = self.held_leases.drain();
         let count = leases.len();
         for (lock_id, user) in leases {
-            if let Err(error) = self.storage.write(model::release_lease(&user, &lock_id)).await {
+            if let Err(error) = self.storage.write(model::release_lease(&user, &lock_id, None)).await {
                 tracing::warn!(%error, %user, %lock_id, "could not release a lease at shutdown; it will expire");
             }
         }

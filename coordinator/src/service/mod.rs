@@ -24,6 +24,7 @@ mod commit;
 mod instance;
 mod known;
 mod lease;
+mod numbering;
 mod queue;
 mod reads;
 mod roll_back;
@@ -31,6 +32,7 @@ mod settle;
 #[cfg(test)]
 mod testing;
 mod transfer;
+mod watch;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -45,6 +47,7 @@ pub use catalog::{CATALOG_ASSETS_MAX, CATALOG_REFRESH_INTERVAL, Catalog, DEFAULT
 pub use instance::{HEARTBEAT_INTERVAL, HEARTBEAT_TTL, InstanceError};
 pub use lease::HeldLease;
 pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
+pub use watch::{WATCH_POLL_DEFAULT, WATCH_PROGRESS_DEFAULT, WATCHERS_MAX_DEFAULT, WatchEnd, WatchEvent};
 
 pub use crate::core::ops::{Operation, TradeRequest, TransferRequest};
 
@@ -147,6 +150,12 @@ pub struct CoordinatorConfig {
     /// Commit straight away, without a lease, on an account as this coordinator last left it
     /// (`known`); off, every batch takes the lease first.
     pub known_accounts: bool,
+    /// Open WatchLedger streams past which new ones get RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
+    /// How often a watcher reads storage for commits made by other coordinators.
+    pub watch_poll: Duration,
+    /// Longest silence on a watch stream before a progress message.
+    pub watch_progress: Duration,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -200,6 +209,9 @@ impl Default for CoordinatorConfig {
             max_queued_per_user: QUEUED_PER_USER_MAX_DEFAULT,
             price_change_max_percent: crate::core::asset_change::PRICE_CHANGE_MAX_PERCENT_DEFAULT,
             known_accounts: true,
+            max_watchers: WATCHERS_MAX_DEFAULT,
+            watch_poll: WATCH_POLL_DEFAULT,
+            watch_progress: WATCH_PROGRESS_DEFAULT,
         }
     }
 }
@@ -321,12 +333,19 @@ pub struct TransactionCoordinator {
     mutations: TaskTracker,
     /// Accounts as this coordinator last left them, committed on without a lease.
     known: known::KnownAccounts,
+    /// Open WatchLedger streams.
+    watchers: Arc<watch::Watchers>,
 }
 
 impl TransactionCoordinator {
     pub fn new(storage: Storage, clock: Arc<dyn Clock>, config: CoordinatorConfig) -> Self {
         let instance = instance::InstanceHold::new(config.named_instance);
         let known = known::KnownAccounts::new(config.known_accounts);
+        let watchers = Arc::new(watch::Watchers::new(
+            config.max_watchers,
+            config.watch_poll,
+            config.watch_progress,
+        ));
         Self {
             storage,
             clock,
@@ -338,10 +357,16 @@ impl TransactionCoordinator {
             instance,
             mutations: TaskTracker::new(),
             known,
+            watchers,
         }
     }
 
     /// This run of the coordinator: a fresh random id at every start.
+    /// Ends every watch stream with its cursor and refuses new ones (the drain).
+    pub fn drain_watchers(&self) {
+        self.watchers.drain();
+    }
+
     pub fn incarnation(&self) -> &str {
         &self.incarnation
     }

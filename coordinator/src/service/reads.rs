@@ -50,6 +50,11 @@ impl PageRequest {
         (self.size, self.after)
     }
 
+    /// The page size asked for (the default for 0).
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
     pub fn first(size: u32) -> Self {
         Self {
             size: size.clamp(1, PAGE_SIZE_MAX),
@@ -81,6 +86,83 @@ impl TransactionCoordinator {
     pub async fn ledger(&self, user: &UserId, page: PageRequest) -> Result<PageOf<LedgerEntry>, ServiceError> {
         self.user_page(user, UserCollection::Ledger, page, model::ledger_from_item)
             .await
+    }
+
+    /// Up to `limit` of `user`'s entries after sequence `after`, in sequence order, with no
+    /// gap: the read behind ListLedger's `after_sequence` and WatchLedger. An account not yet
+    /// numbered is numbered first (`numbering`). A cursor past the account's last entry is
+    /// refused: no client can have seen it.
+    pub async fn ledger_after(&self, user: &UserId, after: u64, limit: u32) -> Result<Vec<LedgerEntry>, ServiceError> {
+        let account = self.numbered_account(user).await?;
+        if after > account.entries {
+            return Err(FieldError::new(
+                "after_sequence",
+                format!(
+                    "is {after}, past {user}'s last ledger entry ({}): it is not a sequence of this account",
+                    account.entries
+                ),
+            )
+            .into());
+        }
+        self.entries_after(user, after, limit).await
+    }
+
+    /// Up to `limit` entries after `after` in sequence order, stopping before any gap, for an
+    /// account already numbered (a watcher's next read).
+    pub async fn entries_after(&self, user: &UserId, after: u64, limit: u32) -> Result<Vec<LedgerEntry>, ServiceError> {
+        let page = self
+            .storage
+            .query(model::sequenced_entries_after(user, after, limit))
+            .await?;
+        let mut entries = page
+            .items
+            .iter()
+            .map(model::ledger_from_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        let contiguous = entries
+            .iter()
+            .map(|entry| entry.sequence)
+            .eq((after + 1..).take(entries.len()));
+        let full = entries.len() >= limit as usize;
+        if contiguous && (full || !self.may_hold_unsequenced(user).await?) {
+            return Ok(entries);
+        }
+        // Places taken by entries written before sequences (numbered where they lie, keyed
+        // by id): merged in by their sequence.
+        let mut start_after = None;
+        loop {
+            let page = self
+                .storage
+                .query(model::unsequenced_entries(user, start_after.clone()))
+                .await?;
+            for item in &page.items {
+                let numbered = model::unsequenced_entry_from_item(item)?.numbered;
+                let entry = model::ledger_from_item(item)?;
+                if numbered && entry.sequence > after {
+                    entries.push(entry);
+                }
+            }
+            match page.last_key {
+                Some(last) => start_after = Some(last),
+                None => break,
+            }
+        }
+        entries.sort_by_key(|entry| entry.sequence);
+        let run = entries
+            .iter()
+            .zip(after + 1..)
+            .take_while(|(entry, expected)| entry.sequence == *expected)
+            .count()
+            .min(limit as usize);
+        entries.truncate(run);
+        Ok(entries)
+    }
+
+    /// Whether `user` has any entry written before sequences (one item read at most).
+    async fn may_hold_unsequenced(&self, user: &UserId) -> Result<bool, ServiceError> {
+        let mut query = model::unsequenced_entries(user, None);
+        query.limit = 1;
+        Ok(!self.storage.query(query).await?.items.is_empty())
     }
 
     async fn user_page<T>(

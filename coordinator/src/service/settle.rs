@@ -41,7 +41,7 @@ impl TransactionCoordinator {
         if_none: ServiceError,
     ) {
         self.held_leases.remove(lock_id);
-        let release = model::release_lease(user, lock_id);
+        let release = model::release_lease(user, lock_id, None);
         // Whether the lease was still ours at the fence: then nobody else wrote the account since
         // it was read, and a refusal decided on that state stands. Not ours (another holder took
         // it over, or a round of ours landed and released it): the read state may be gone.
@@ -137,7 +137,8 @@ impl TransactionCoordinator {
     pub(super) async fn landed_round<'a>(&self, sent: &'a [SentRound]) -> Result<Option<&'a SentRound>, ServiceError> {
         for round in sent.iter().rev() {
             let Some(marker) = &round.marker else { continue };
-            if retry_safe(|| self.storage.get(marker.clone())).await?.is_some() {
+            let found = retry_safe(|| self.storage.get(marker.key.clone())).await?;
+            if found.is_some_and(|item| marker.proves(&item)) {
                 return Ok(Some(round));
             }
         }
@@ -192,10 +193,15 @@ impl TransactionCoordinator {
             } => Err(ServiceError::RefusedEarlier(message)),
             RecordedOutcome::Committed {
                 entry_id,
+                entry_sequence,
                 order_id,
                 holding,
             } => {
-                let entry_key = model::ledger_key(user, entry_id.as_str());
+                let entry_key = match entry_sequence {
+                    Some(sequence) => model::entry_key(user, sequence),
+                    // Recorded before sequences: the entry is keyed by its id.
+                    None => model::ledger_key(user, entry_id.as_str()),
+                };
                 let entry = retry_safe(|| self.storage.get(entry_key.clone()))
                     .await?
                     .ok_or_else(|| ServiceError::Internal(format!("recorded ledger entry {entry_id} is missing")))?;

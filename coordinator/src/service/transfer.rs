@@ -24,8 +24,8 @@ use crate::core::ops;
 use crate::core::ops::transfer::{self, Side, TransferRefusal};
 use crate::core::records::RecordedOutcome;
 use crate::core::{Account, Decision, TransferId, UserId, UtcDay};
+use crate::storage::StorageError;
 use crate::storage::model::{self, TransactionPart};
-use crate::storage::{Key, StorageError};
 use crate::telemetry::metrics;
 
 use super::queue::{Enqueued, LendRequest, Lent, Queued, Waiter, WaiterState};
@@ -73,7 +73,7 @@ impl Party {
 
 /// What one attempt sent, to tell later whether it applied.
 struct Attempt {
-    marker: Option<Key>,
+    marker: Option<model::Marker>,
     answer: Result<Receipt, ServiceError>,
     afters: [Account; 2],
 }
@@ -289,7 +289,7 @@ impl TransactionCoordinator {
                         &transfer_id,
                         side,
                         decision,
-                        hold.account.version + 1,
+                        hold.account.entries + 1,
                         &waiter.principal,
                         waiter.request_id.as_ref(),
                         now,
@@ -302,6 +302,7 @@ impl TransactionCoordinator {
                 let mut after = hold.account.clone();
                 if let Some(decision) = decision {
                     after.apply(decision);
+                    after.entries += 1;
                 }
                 after.version = hold.account.version + 1;
                 after
@@ -310,6 +311,7 @@ impl TransactionCoordinator {
             let outcome = match (&out_entry, &refusal) {
                 (Some(out_entry), _) => RecordedOutcome::Committed {
                     entry_id: out_entry.entry_id.clone(),
+                    entry_sequence: Some(out_entry.sequence),
                     order_id: None,
                     holding: None,
                 },
@@ -450,6 +452,7 @@ impl TransactionCoordinator {
                 self.held_leases.remove(&lock_id);
             }
             self.known.remember(&party.user, after);
+            self.watchers.committed(&party.user);
         }
         attempt.answer
     }
@@ -486,7 +489,7 @@ impl TransactionCoordinator {
             let lock_id = hold.lock_id.clone().expect("a stored lease");
             self.held_leases.remove(&lock_id);
             self.known.forget(&party.user);
-            let release = model::release_lease(&party.user, &lock_id);
+            let release = model::release_lease(&party.user, &lock_id, None);
             let released = retry_safe(|| self.storage.write(release.clone())).await;
             if let Err(error) = released.or_else(|error| match error {
                 StorageError::ConditionFailed { .. } => Ok(()),
@@ -507,9 +510,10 @@ impl TransactionCoordinator {
     }
 
     /// Whether the fresh item that proves an attempt applied is in storage.
-    async fn marker_stored(&self, marker: &Option<Key>) -> Result<bool, ServiceError> {
+    async fn marker_stored(&self, marker: &Option<model::Marker>) -> Result<bool, ServiceError> {
         let Some(marker) = marker else { return Ok(false) };
-        Ok(retry_safe(|| self.storage.get(marker.clone())).await?.is_some())
+        let found = retry_safe(|| self.storage.get(marker.key.clone())).await?;
+        Ok(found.is_some_and(|item| marker.proves(&item)))
     }
 }
 
@@ -609,8 +613,8 @@ mod tests {
             (user("bob"), user("ann"))
         );
         assert_eq!(out.cash_delta.decimal(), -into.cash_delta.decimal());
-        assert_eq!(out.sequence, coordinator.account(&user("ann")).await.unwrap().version);
-        assert_eq!(into.sequence, coordinator.account(&user("bob")).await.unwrap().version);
+        assert_eq!(out.sequence, coordinator.account(&user("ann")).await.unwrap().entries);
+        assert_eq!(into.sequence, coordinator.account(&user("bob")).await.unwrap().entries);
     }
 
     /// The refusals, each writing nothing that moves money: no receiver account (NOT_FOUND,

@@ -6,7 +6,8 @@
 //! | item          | pk               | sk                 |
 //! |---------------|------------------|--------------------|
 //! | account+lease | `USER#{user}`    | `ACCOUNT`          |
-//! | ledger entry  | `USER#{user}`    | `LEDGER#{uuid v7}` |
+//! | ledger entry  | `USER#{user}`    | `LEDGER@{sequence, 20 digits}` |
+//! | ledger entry written before sequences | `USER#{user}` | `LEDGER#{uuid v7}` |
 //! | order (user)  | `USER#{user}`    | `ORDER#{uuid v7}`  |
 //! | order (by id) | `ORDER#{uuid v7}`| `ORDER`            |
 //! | request record| `USER#{user}`    | `REQUEST#{key}`    |
@@ -35,7 +36,14 @@ use crate::core::{
 
 const USER_PREFIX: &str = "USER#";
 const ACCOUNT_SK: &str = "ACCOUNT";
-const LEDGER_PREFIX: &str = "LEDGER#";
+/// Both kinds of ledger key: one Query of this prefix, newest first, reads the sequenced
+/// entries (`LEDGER@`, highest sequence first) and then those written before sequences
+/// (`LEDGER#`, newest first), because `@` sorts after `#`.
+const LEDGER_PREFIX: &str = "LEDGER";
+/// Entries keyed by their sequence, zero-padded so the key order is the sequence order.
+const SEQUENCED_PREFIX: &str = "LEDGER@";
+/// Entries written before sequences, keyed by their id (UUID v7).
+const UNSEQUENCED_PREFIX: &str = "LEDGER#";
 const ORDER_PREFIX: &str = "ORDER#";
 const ORDER_SK: &str = "ORDER";
 const ASSET_PK: &str = "ASSET";
@@ -75,10 +83,19 @@ pub fn account_key(user: &UserId) -> Key {
     }
 }
 
+/// The key of an entry written before sequences (by its id).
 pub fn ledger_key(user: &UserId, entry_id: &str) -> Key {
     Key {
         pk: user_pk(user),
-        sk: format!("{LEDGER_PREFIX}{entry_id}"),
+        sk: format!("{UNSEQUENCED_PREFIX}{entry_id}"),
+    }
+}
+
+/// The key of `user`'s entry number `sequence`.
+pub fn entry_key(user: &UserId, sequence: u64) -> Key {
+    Key {
+        pk: user_pk(user),
+        sk: format!("{SEQUENCED_PREFIX}{sequence:020}"),
     }
 }
 
@@ -213,12 +230,25 @@ fn take_lease(user: &UserId, lease: &Lease, now: Millis, require_account: bool, 
 /// ending, so it never deletes: an item that holds only a lease stays as a lease-free item then
 /// (deleting it would reset the version). A plain release of an item the acquire created, with
 /// nothing decided under it, is `release_created_item`.
-pub fn release_lease(user: &UserId, lock_id: &LeaseId) -> TransactItem {
+///
+/// `numbered_at`: the version the holder knows the account is at with every entry numbered
+/// (it read it so, or numbered it, and only it wrote since); the release then stamps
+/// `entries_at` with the next one. Should the holder's knowledge be stale, the stamp misses the
+/// version and the next holder merely looks for unnumbered entries again.
+pub fn release_lease(user: &UserId, lock_id: &LeaseId, numbered_at: Option<u64>) -> TransactItem {
+    let mut values = bindings([], [(":lock", s(lock_id.as_str())), (":one", n(1))]);
+    let entries_at = match numbered_at {
+        Some(version) => {
+            values.values.insert(":entries_at".to_owned(), n(version + 1));
+            ", entries_at = :entries_at"
+        }
+        None => "",
+    };
     TransactItem::Update(Update {
         key: account_key(user),
-        update: format!("SET version = version + :one REMOVE {LEASE_ATTRIBUTES}"),
+        update: format!("SET version = version + :one{entries_at} REMOVE {LEASE_ATTRIBUTES}"),
         condition: Some("lock_id = :lock".to_owned()),
-        bindings: bindings([], [(":lock", s(lock_id.as_str())), (":one", n(1))]),
+        bindings: values,
         return_new: false,
         return_old_on_condition_failure: false,
     })
@@ -382,7 +412,25 @@ pub struct NamedItems {
     parts: Vec<(usize, TransactionPart)>,
     /// An item written only by this transaction (a fresh ledger entry or order): found in
     /// storage, it proves the transaction applied.
-    marker: Option<Key>,
+    marker: Option<Marker>,
+}
+
+/// The proof that a transaction applied: an item it alone wrote, named by its key and by its
+/// own id. The id matters: an entry's key is its account's next sequence, which a competing
+/// commit that won the account writes too, so a key found in storage proves nothing alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    pub key: Key,
+    /// The attribute that holds the item's id (`entry_id`, `order_id`) and its value.
+    id_attribute: &'static str,
+    id: String,
+}
+
+impl Marker {
+    /// Whether `item` (read at `key`) is the very item the transaction wrote.
+    pub fn proves(&self, item: &Item) -> bool {
+        string(item, self.id_attribute) == Some(self.id.as_str())
+    }
 }
 
 /// DynamoDB's limit on the items of one TransactWriteItems (and of dynoxide's).
@@ -407,7 +455,15 @@ impl NamedItems {
 
     fn push_fresh(&mut self, item: Item) {
         if self.marker.is_none() {
-            self.marker = item_key(&item);
+            self.marker = item_key(&item).and_then(|key| {
+                ["entry_id", "order_id"].into_iter().find_map(|id_attribute| {
+                    string(&item, id_attribute).map(|id| Marker {
+                        key: key.clone(),
+                        id_attribute,
+                        id: id.to_owned(),
+                    })
+                })
+            });
         }
         self.push(TransactItem::Put(put_new(item)));
     }
@@ -452,7 +508,7 @@ impl NamedItems {
     }
 
     /// The key whose presence proves this transaction applied, if it writes a fresh item.
-    pub fn marker(&self) -> Option<&Key> {
+    pub fn marker(&self) -> Option<&Marker> {
         self.marker.as_ref()
     }
 
@@ -527,6 +583,15 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
 /// with it, and each traded holding the same with its quantity deltas. A mismatch is a
 /// programmer error that would put the books out of balance; it never reaches storage.
 fn assert_books_balance(commit: &BatchCommit<'_>) {
+    let sequences = commit
+        .operations
+        .iter()
+        .filter_map(|operation| operation.entry)
+        .map(|entry| entry.sequence);
+    assert!(
+        sequences.eq(commit.read.entries + 1..=commit.after.entries),
+        "a commit numbers its entries on from the account's last one, in order, with no gap"
+    );
     if !commit.after.exists() {
         return;
     }
@@ -562,8 +627,25 @@ fn assert_books_balance(commit: &BatchCommit<'_>) {
 fn account_update(commit: &BatchCommit<'_>) -> Update {
     let (read, after) = (commit.read, commit.after);
     assert!(after.version > read.version, "every commit moves the version forward");
-    let mut set = vec!["version = :next_version".to_owned()];
-    let mut update_bindings = bindings([], [(":next_version", n(after.version)), (":version", n(read.version))]);
+    assert!(
+        !read.needs_numbering && !after.needs_numbering,
+        "a commit writes only on an account whose entries are numbered"
+    );
+    let mut set = [
+        "version = :next_version",
+        "entries = :entries",
+        "entries_at = :next_version",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut update_bindings = bindings(
+        [],
+        [
+            (":next_version", n(after.version)),
+            (":version", n(read.version)),
+            (":entries", n(after.entries)),
+        ],
+    );
     let values = &mut update_bindings.values;
     let mut condition: Vec<String> = match commit.lock_id {
         Some(lock_id) => {
@@ -727,6 +809,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
     let mut after = commit.read.clone();
     after.apply(commit.decision);
     after.version = commit.read.version + 1;
+    after.entries = commit.read.entries + 1;
     let debit = commit.decision.cash_delta.debited();
     let mut prices = BTreeMap::new();
     let mut holding_floors = BTreeMap::new();
@@ -765,11 +848,15 @@ fn put_request_record(user: &UserId, request_id: &RequestId, record: &RequestRec
     match &record.outcome {
         RecordedOutcome::Committed {
             entry_id,
+            entry_sequence,
             order_id,
             holding,
         } => {
             item.insert("outcome".to_owned(), s("COMMITTED"));
             item.insert("entry_id".to_owned(), s(entry_id.as_str()));
+            if let Some(sequence) = entry_sequence {
+                item.insert("entry_sequence".to_owned(), n(sequence));
+            }
             if let Some(order_id) = order_id {
                 item.insert("order_id".to_owned(), s(order_id.as_str()));
             }
@@ -805,6 +892,7 @@ pub fn request_record_from_item(item: &Item) -> Result<RequestRecord, MalformedI
     let outcome = match string(item, "outcome") {
         Some("COMMITTED") => RecordedOutcome::Committed {
             entry_id: EntryId::from_stored(required(KIND, "entry_id", string(item, "entry_id"))?),
+            entry_sequence: number(item, "entry_sequence").and_then(|raw| raw.parse().ok()),
             order_id: string(item, "order_id").map(OrderId::from_stored),
             holding: number(item, "holding").and_then(Quantity::from_stored),
         },
@@ -894,6 +982,11 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
     let usd = |attribute: &'static str| -> Result<Usd, MalformedItem> {
         required(KIND, attribute, number(item, attribute).and_then(Usd::from_stored))
     };
+    let version = required(
+        KIND,
+        "version",
+        number(item, "version").and_then(|raw| raw.parse().ok()),
+    )?;
     let mut holdings = BTreeMap::new();
     if let Some(Value::M(stored)) = item.get("holdings") {
         for (symbol, quantity) in stored {
@@ -923,16 +1016,18 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
             None => Usd::ZERO,
             Some(_) => usd("transferred_today")?,
         },
-        version: required(
-            KIND,
-            "version",
-            number(item, "version").and_then(|raw| raw.parse().ok()),
-        )?,
+        version,
+        entries: number(item, "entries").and_then(|raw| raw.parse().ok()).unwrap_or(0),
+        // `entries_at` is the version whose write last counted the entries: any other write
+        // since (by a coordinator that predates sequences) may have added an entry it did not
+        // number.
+        needs_numbering: number(item, "entries_at").and_then(|raw| raw.parse::<u64>().ok()) != Some(version),
     })
 }
 
 fn ledger_item(entry: &LedgerEntry) -> Item {
-    let mut item = key_attributes(&ledger_key(&entry.user_id, entry.entry_id.as_str()));
+    assert!(entry.sequence > 0, "every entry written has its sequence");
+    let mut item = key_attributes(&entry_key(&entry.user_id, entry.sequence));
     item.insert("entry_id".to_owned(), s(entry.entry_id.as_str()));
     item.insert("user_id".to_owned(), s(entry.user_id.as_str()));
     item.insert("kind".to_owned(), s(entry.kind.as_str()));
@@ -948,6 +1043,9 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
         item.insert("asset".to_owned(), s(trade.asset.as_str()));
         item.insert("quantity_delta".to_owned(), n(trade.quantity_delta));
         item.insert("order_id".to_owned(), s(trade.order_id.as_str()));
+        if let Some(holding) = trade.holding_after {
+            item.insert("holding_after".to_owned(), n(holding));
+        }
     }
     if let Some(transfer) = &entry.transfer {
         item.insert("transfer_id".to_owned(), s(transfer.transfer_id.as_str()));
@@ -973,6 +1071,7 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
             asset: required(KIND, "asset", AssetSymbol::parse("asset", asset).ok())?,
             quantity_delta: decimal("quantity_delta")?,
             order_id: OrderId::from_stored(string(item, "order_id").unwrap_or_default()),
+            holding_after: number(item, "holding_after").and_then(Quantity::from_stored),
         }),
         None => None,
     };
@@ -1456,6 +1555,140 @@ pub fn classify(item: &Item) -> StoredItem {
         };
     }
     StoredItem::Foreign { key: Some(key) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbering the entries written before sequences
+
+/// Entries one numbering transaction renumbers at most: DynamoDB's 100 items, less the
+/// account's fenced update.
+pub const NUMBERED_PER_TRANSACTION: usize = 99;
+
+/// A page (ascending) of `user`'s entries written before sequences.
+pub fn unsequenced_entries(user: &UserId, start_after: Option<Key>) -> Query {
+    Query {
+        pk: user_pk(user),
+        sk_prefix: UNSEQUENCED_PREFIX.to_owned(),
+        newest_first: false,
+        limit: SCAN_PAGE_SIZE_FOR_NUMBERING,
+        start_after,
+    }
+}
+
+const SCAN_PAGE_SIZE_FOR_NUMBERING: u32 = 500;
+
+/// An entry written before sequences as numbering reads it: its key, the sequence it was
+/// written with (the account's version then, which orders the entries but has gaps), and
+/// whether a numbering already gave it its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsequencedEntry {
+    pub key: Key,
+    pub written_sequence: u64,
+    pub numbered: bool,
+}
+
+pub fn unsequenced_entry_from_item(item: &Item) -> Result<UnsequencedEntry, MalformedItem> {
+    const KIND: &str = "ledger";
+    let key = Key {
+        pk: required(KIND, "pk", string(item, "pk"))?.to_owned(),
+        sk: required(KIND, "sk", string(item, "sk"))?.to_owned(),
+    };
+    let numbered_from = number(item, "written_sequence").and_then(|raw| raw.parse().ok());
+    let written_sequence = match numbered_from {
+        Some(written) => written,
+        None => required(
+            KIND,
+            "sequence",
+            number(item, "sequence").and_then(|raw| raw.parse().ok()),
+        )?,
+    };
+    Ok(UnsequencedEntry {
+        key,
+        written_sequence,
+        numbered: numbered_from.is_some(),
+    })
+}
+
+/// One step of numbering `user`'s unsequenced entries under the lease `lock_id`: each entry
+/// gets its place (`sequence`), keeping the one it was written with as `written_sequence`, and
+/// the account's `entries` becomes `entries` (the last place given), all in one transaction
+/// fenced on the lease and on the version read with it.
+///
+/// With `release`, the same transaction also gives the lease back and marks the account
+/// numbered at its next version (a reader that numbered it; a writer's commit marks it).
+pub fn number_entries(
+    user: &UserId,
+    lock_id: &LeaseId,
+    read_version: u64,
+    places: &[(Key, u64, u64)],
+    entries: u64,
+    release: bool,
+    now: Millis,
+) -> Vec<TransactItem> {
+    assert!(
+        places.len() <= NUMBERED_PER_TRANSACTION,
+        "a numbering step fits one transaction"
+    );
+    let (update, values) = if release {
+        (
+            format!("SET entries = :entries, version = :next, entries_at = :next REMOVE {LEASE_ATTRIBUTES}"),
+            vec![(":next", n(read_version + 1))],
+        )
+    } else {
+        ("SET entries = :entries".to_owned(), Vec::new())
+    };
+    let mut account = Update {
+        key: account_key(user),
+        update,
+        condition: Some("lock_id = :lock AND lock_expires_at_ms > :now AND version = :version".to_owned()),
+        bindings: bindings(
+            [],
+            [
+                (":lock", s(lock_id.as_str())),
+                (":now", n(now)),
+                (":version", n(read_version)),
+                (":entries", n(entries)),
+            ],
+        ),
+        return_new: false,
+        return_old_on_condition_failure: false,
+    };
+    account
+        .bindings
+        .values
+        .extend(values.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    let mut items = vec![TransactItem::Update(account)];
+    for (key, written, place) in places {
+        items.push(TransactItem::Update(Update {
+            key: key.clone(),
+            update: "SET #sequence = :place, written_sequence = :written".to_owned(),
+            condition: Some("attribute_not_exists(written_sequence) AND #sequence = :written".to_owned()),
+            bindings: bindings(
+                [("#sequence", "sequence")],
+                [(":place", n(place)), (":written", n(written))],
+            ),
+            return_new: false,
+            return_old_on_condition_failure: false,
+        }));
+    }
+    items
+}
+
+/// A page (ascending) of `user`'s sequenced entries after `after`.
+pub fn sequenced_entries_after(user: &UserId, after: u64, limit: u32) -> Query {
+    Query {
+        pk: user_pk(user),
+        sk_prefix: SEQUENCED_PREFIX.to_owned(),
+        newest_first: false,
+        limit,
+        start_after: Some(entry_key(user, after)),
+    }
+}
+
+/// Whether a ledger item is keyed by its sequence (the unsequenced ones are keyed by their id
+/// and carry their place, once numbered, as an attribute).
+pub fn is_sequenced(item: &Item) -> bool {
+    string(item, "sk").is_some_and(|sk| sk.starts_with(SEQUENCED_PREFIX))
 }
 
 // ---------------------------------------------------------------------------------------------

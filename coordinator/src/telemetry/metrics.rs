@@ -46,6 +46,11 @@ pub mod names {
     pub const KNOWN_ACCOUNT_COMMITS: &str = "lockstep_known_account_commits_total";
     pub const FORWARDS: &str = "lockstep_forwards_total";
     pub const LIVE_COORDINATORS: &str = "lockstep_live_coordinators";
+    pub const ENTRIES_NUMBERED: &str = "lockstep_entries_numbered_total";
+    pub const WATCHERS: &str = "lockstep_watchers";
+    pub const WATCH_EVENTS: &str = "lockstep_watch_events_total";
+    pub const WATCH_LAG: &str = "lockstep_watch_lag_seconds";
+    pub const WATCHERS_ENDED: &str = "lockstep_watchers_ended_total";
     pub const STORAGE_REQUESTS: &str = "lockstep_storage_requests_total";
     pub const STORAGE_DURATION: &str = "lockstep_storage_request_duration_seconds";
     pub const STORAGE_RETRIES: &str = "lockstep_storage_retries_total";
@@ -146,6 +151,11 @@ struct Metrics {
     fenced_commits: Counter,
     lease_expiries: Counter,
     clock_skew: Counter,
+    entries_numbered: Counter,
+    watchers: Family<Labels<1>, Gauge>,
+    watch_events: Family<Labels<1>, Counter>,
+    watch_lag: HistogramFamily<1>,
+    watchers_ended: Family<Labels<1>, Counter>,
     unclear_commits: Family<Labels<1>, Counter>,
     replays: Family<Labels<1>, Counter>,
     known_account_commits: Family<Labels<1>, Counter>,
@@ -193,6 +203,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         fenced_commits: Counter::default(),
         lease_expiries: Counter::default(),
         clock_skew: Counter::default(),
+        entries_numbered: Counter::default(),
+        watchers: Family::default(),
+        watch_events: Family::default(),
+        watch_lag: Family::new_with_constructor(latency_buckets),
+        watchers_ended: Family::default(),
         unclear_commits: Family::default(),
         replays: Family::default(),
         known_account_commits: Family::default(),
@@ -273,6 +288,36 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         CLOCK_SKEW,
         "Stored instants found further ahead of this coordinator's clock than the tolerated skew: its clock is behind, or a writer's is far ahead.",
         &metrics.clock_skew,
+    );
+    register(
+        r,
+        ENTRIES_NUMBERED,
+        "Ledger entries written before sequences that were given their place (the upgrade).",
+        &metrics.entries_numbered,
+    );
+    register(
+        r,
+        WATCHERS,
+        "Open WatchLedger streams (kind=ledger).",
+        &metrics.watchers,
+    );
+    register(
+        r,
+        WATCH_EVENTS,
+        "Events sent to watchers, by type (entry, progress).",
+        &metrics.watch_events,
+    );
+    register(
+        r,
+        WATCH_LAG,
+        "Time from an entry's commit (its created time) to its send to a live watcher, by kind.",
+        &metrics.watch_lag,
+    );
+    register(
+        r,
+        WATCHERS_ENDED,
+        "Watch streams this coordinator ended, by reason (limit: --max-watchers reached; drain).",
+        &metrics.watchers_ended,
     );
     register(
         r,
@@ -495,6 +540,33 @@ pub fn rolled_back(operation: &str) {
 
 pub fn fenced() {
     METRICS.fenced_commits.inc();
+}
+
+pub fn entries_numbered(count: usize) {
+    METRICS.entries_numbered.inc_by(count as u64);
+}
+
+/// A watch stream of `kind` opened (+1) or closed (-1).
+pub fn watchers(kind: &'static str, delta: i64) {
+    METRICS.watchers.get_or_create(&[("kind", kind)]).inc_by(delta);
+}
+
+/// An event of `kind` (entry, progress) sent to a watcher.
+pub fn watch_event(kind: &'static str) {
+    METRICS.watch_events.get_or_create(&[("type", kind)]).inc();
+}
+
+/// An entry sent to a live watcher `lag` after its commit.
+pub fn watch_lag(kind: &'static str, lag: std::time::Duration) {
+    METRICS
+        .watch_lag
+        .get_or_create(&[("kind", kind)])
+        .observe(lag.as_secs_f64());
+}
+
+/// A watch stream ended by this coordinator for `reason`.
+pub fn watcher_ended(reason: &'static str) {
+    METRICS.watchers_ended.get_or_create(&[("reason", reason)]).inc();
 }
 
 pub fn lease_expired() {

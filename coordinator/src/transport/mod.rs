@@ -17,7 +17,9 @@ use crate::core::time::rfc3339;
 use crate::core::{
     AssetSymbol, FieldError, Memo, OrderId, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
 };
-use crate::service::{PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator, TransferRequest};
+use crate::service::{
+    PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator, TransferRequest, WatchEnd, WatchEvent,
+};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
@@ -56,6 +58,60 @@ pub const REQUEST_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
 /// Retry advice on UNAVAILABLE: storage blips (throttling, a lost connection) pass in about a
 /// second; the SDK already retried for up to 5 s.
 pub const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(1);
+
+/// A WatchLedger stream as tonic sends it.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::LedgerEvent, Status>> + Send + 'static>>;
+
+/// The service's watch events as messages; an ending becomes the stream's last status, naming
+/// the cursor to resume from.
+fn watch_stream(events: tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchStream {
+    Box::pin(futures_util::stream::unfold(Some(events), |events| async move {
+        let mut events = events?;
+        let event = events.recv().await?;
+        let (item, more) = match event {
+            WatchEvent::Entry(entry) => (
+                Ok(pb::LedgerEvent {
+                    event: Some(pb::ledger_event::Event::Entry(ledger_message(*entry))),
+                }),
+                true,
+            ),
+            WatchEvent::Progress { latest_sequence, at } => (
+                Ok(pb::LedgerEvent {
+                    event: Some(pb::ledger_event::Event::Progress(pb::LedgerProgress {
+                        latest_sequence,
+                        at: rfc3339(at),
+                    })),
+                }),
+                true,
+            ),
+            WatchEvent::Ended { reason, cursor } => {
+                let resume = format!("resume with after_sequence={cursor}");
+                let status = match reason {
+                    WatchEnd::Draining => Status::with_error_details(
+                        Code::Unavailable,
+                        format!("The coordinator is shutting down; {resume} (any coordinator of the table)"),
+                        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+                    ),
+                    WatchEnd::Unavailable(detail) => {
+                        tracing::warn!(%detail, "a watch stream ended: storage unavailable");
+                        Status::with_error_details(
+                            Code::Unavailable,
+                            format!("Service temporarily unavailable; {resume}"),
+                            ErrorDetails::with_retry_info(Some(RETRY_AFTER_UNAVAILABLE)),
+                        )
+                    }
+                    WatchEnd::Internal(detail) => {
+                        tracing::error!(%detail, "a watch stream ended: internal error");
+                        Status::internal(format!("Internal error; {resume}"))
+                    }
+                };
+                (Err(status), false)
+            }
+        };
+        Some((item, more.then_some(events)))
+    }))
+}
 
 /// The one place a service error becomes a gRPC status.
 pub fn status_of(error: ServiceError) -> Status {
@@ -179,13 +235,17 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         ),
         None => (String::new(), String::new(), String::new()),
     };
-    let (asset, quantity_delta, order_id) = match entry.trade {
+    let (asset, quantity_delta, order_id, holding_balance) = match entry.trade {
         Some(trade) => (
             trade.asset.to_string(),
             trade.quantity_delta.to_string(),
             trade.order_id.to_string(),
+            trade
+                .holding_after
+                .map(|holding| holding.to_string())
+                .unwrap_or_default(),
         ),
-        None => (String::new(), String::new(), String::new()),
+        None => (String::new(), String::new(), String::new(), String::new()),
     };
     pb::LedgerEntry {
         transaction_id: entry.entry_id.to_string(),
@@ -208,6 +268,8 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         transfer_id,
         counterparty_user_id,
         memo,
+        sequence: entry.sequence,
+        holding_balance,
     }
 }
 
@@ -509,11 +571,44 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let page = PageRequest::parse(message.page_size, &message.page_token).map_err(invalid)?;
+        if let Some(after) = message.after_sequence {
+            if !message.page_token.is_empty() {
+                return Err(invalid(FieldError::new(
+                    "page_token",
+                    "must be empty with after_sequence: continue with the last entry's sequence",
+                )));
+            }
+            let entries = self
+                .coordinator
+                .ledger_after(&user, after, page.size())
+                .await
+                .map_err(status_of)?;
+            return Ok(Response::new(pb::ListLedgerReply {
+                entries: entries.into_iter().map(ledger_message).collect(),
+                next_page_token: String::new(),
+            }));
+        }
         let page = self.coordinator.ledger(&user, page).await.map_err(status_of)?;
         Ok(Response::new(pb::ListLedgerReply {
             entries: page.items.into_iter().map(ledger_message).collect(),
             next_page_token: page.next_cursor.unwrap_or_default(),
         }))
+    }
+
+    type WatchLedgerStream = WatchStream;
+
+    async fn watch_ledger(
+        &self,
+        request: Request<pb::WatchLedgerRequest>,
+    ) -> Result<Response<Self::WatchLedgerStream>, Status> {
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let events = self
+            .coordinator
+            .watch_ledger(user, message.after_sequence)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(watch_stream(events)))
     }
 
     async fn list_assets(

@@ -276,7 +276,7 @@ pub struct Origin<'a> {
 }
 
 /// The ledger entry, and for a trade the CONFIRMED order, that an accepted single-account
-/// `decision` commits; `sequence` is the account's version after it.
+/// `decision` commits; `sequence` is its place in the account's ledger.
 ///
 /// # Panics
 /// On a transfer, whose two entries `transfer::entry` writes.

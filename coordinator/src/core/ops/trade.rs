@@ -200,6 +200,7 @@ pub fn executed(
         asset: effect.asset.clone(),
         quantity_delta: effect.quantity_delta,
         order_id: order.order_id.clone(),
+        holding_after: Some(effect.holding),
     };
     (order, ledger_trade)
 }

@@ -50,8 +50,8 @@ pub enum Side {
     Receiver,
 }
 
-/// The ledger entry of one side of a committed transfer. `sequence` is that account's version
-/// after the commit; only the sender's entry carries the request id (it keys the call).
+/// The ledger entry of one side of a committed transfer. `sequence` is its place in that
+/// account's ledger; only the sender's entry carries the request id (it keys the call).
 #[allow(clippy::too_many_arguments)]
 pub fn entry(
     request: &TransferRequest,

@@ -1,0 +1,419 @@
+//! WatchLedger: one account's ledger as a stream, replayed from a cursor and then live.
+//!
+//! A watcher pulls: it reads the entries after its cursor from storage (`entries_after`, in
+//! sequence order and stopping before any gap), sends them, and waits for the next commit. It
+//! learns of commits made here at once (the commit path wakes the account's watchers) and of
+//! commits made by other coordinators sharing the table by reading again every `poll`. Since
+//! every read starts from the last sequence sent, and sequences have no gaps, nothing can be
+//! skipped or sent twice in one stream, whichever coordinator committed it. A consumer that
+//! reads slowly holds at most one page and the stream's small buffer in memory: the watcher
+//! simply reads from storage later. Streams are bounded by `--max-watchers`, send a progress
+//! message at least every `progress`, and end at a drain with UNAVAILABLE and their cursor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::core::records::LedgerEntry;
+use crate::core::{Millis, UserId};
+use crate::telemetry::metrics;
+
+use super::{ServiceError, TransactionCoordinator};
+
+/// Entries read per storage query of a watcher (and the most a stream holds beside its buffer).
+pub const WATCH_PAGE: u32 = 100;
+/// Events buffered per stream before the watcher waits for the consumer.
+pub const WATCH_BUFFER: usize = 16;
+/// Default of `--max-watchers`.
+pub const WATCHERS_MAX_DEFAULT: usize = 1024;
+/// Default of `--watch-poll-ms`: how often a watcher reads storage for commits made by other
+/// coordinators (its own coordinator's commits wake it at once).
+pub const WATCH_POLL_DEFAULT: Duration = Duration::from_millis(500);
+/// A progress message at least this often on an idle stream (the issue asks for 10 s at most).
+pub const WATCH_PROGRESS_DEFAULT: Duration = Duration::from_secs(5);
+
+/// What a watch stream carries.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    Entry(Box<LedgerEntry>),
+    /// Nothing new: the last sequence sent (the cursor) and when storage was last read.
+    Progress {
+        latest_sequence: u64,
+        at: Millis,
+    },
+    /// The stream ends here; resume from `cursor`.
+    Ended {
+        reason: WatchEnd,
+        cursor: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The coordinator is draining.
+    Draining,
+    /// Storage failed a read (the detail); another try, here or elsewhere, resumes.
+    Unavailable(String),
+    /// A bug or foreign data.
+    Internal(String),
+}
+
+/// The open watchers of one coordinator: their count against the bound, a wake-up per watched
+/// account, and the drain signal.
+#[derive(Debug)]
+pub struct Watchers {
+    limit: usize,
+    open: AtomicUsize,
+    accounts: Mutex<HashMap<UserId, (Arc<Notify>, usize)>>,
+    draining: watch::Sender<bool>,
+    pub(super) poll: Duration,
+    pub(super) progress: Duration,
+}
+
+impl Watchers {
+    pub fn new(limit: usize, poll: Duration, progress: Duration) -> Self {
+        Self {
+            limit,
+            open: AtomicUsize::new(0),
+            accounts: Mutex::new(HashMap::new()),
+            draining: watch::Sender::new(false),
+            poll,
+            progress,
+        }
+    }
+
+    /// A commit on `user`'s account landed here: wake its watchers.
+    pub(super) fn committed(&self, user: &UserId) {
+        if self.open.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let accounts = self.accounts.lock().expect("watchers poisoned");
+        if let Some((notify, _)) = accounts.get(user) {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Ends every stream (with its cursor) and refuses new ones: the drain.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    fn open(self: &Arc<Self>, user: &UserId) -> Result<WatchSlot, ServiceError> {
+        if *self.draining.borrow() {
+            return Err(ServiceError::Unavailable("the coordinator is shutting down".to_owned()));
+        }
+        if self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.limit).then_some(open + 1)
+            })
+            .is_err()
+        {
+            metrics::watcher_ended("limit");
+            return Err(ServiceError::Overloaded("watchers (--max-watchers)"));
+        }
+        let notify = {
+            let mut accounts = self.accounts.lock().expect("watchers poisoned");
+            let (notify, count) = accounts
+                .entry(user.clone())
+                .or_insert_with(|| (Arc::new(Notify::new()), 0));
+            *count += 1;
+            Arc::clone(notify)
+        };
+        metrics::watchers("ledger", 1);
+        Ok(WatchSlot {
+            watchers: Arc::clone(self),
+            user: user.clone(),
+            notify,
+        })
+    }
+}
+
+/// One open stream's place among the watchers, given back when it ends.
+struct WatchSlot {
+    watchers: Arc<Watchers>,
+    user: UserId,
+    notify: Arc<Notify>,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut accounts = self.watchers.accounts.lock().expect("watchers poisoned");
+        if let Some((_, count)) = accounts.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                accounts.remove(&self.user);
+            }
+        }
+        self.watchers.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::watchers("ledger", -1);
+    }
+}
+
+impl TransactionCoordinator {
+    /// Opens a watch of `user`'s ledger after sequence `after`: refused at once (as the RPC's
+    /// status) for a missing account, a cursor past its last entry, or too many watchers; then
+    /// the events, from a task that ends when the receiver is dropped.
+    pub async fn watch_ledger(
+        self: &Arc<Self>,
+        user: UserId,
+        after: u64,
+    ) -> Result<mpsc::Receiver<WatchEvent>, ServiceError> {
+        let slot = self.watchers.open(&user)?;
+        // Numbers an account not numbered yet, and checks the cursor.
+        let first = self.ledger_after(&user, after, WATCH_PAGE).await?;
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
+        let coordinator = Arc::clone(self);
+        tokio::spawn(async move { coordinator.follow(slot, after, first, sender).await });
+        Ok(receiver)
+    }
+
+    async fn follow(
+        &self,
+        slot: WatchSlot,
+        mut cursor: u64,
+        first: Vec<LedgerEntry>,
+        sender: mpsc::Sender<WatchEvent>,
+    ) {
+        let watchers = &slot.watchers;
+        let mut draining = watchers.draining.subscribe();
+        let mut page = Some(first);
+        // Entries are live (their lag measured) once a read came back short of a page.
+        let mut live = false;
+        let mut last_sent = tokio::time::Instant::now();
+        loop {
+            let is_draining = *draining.borrow_and_update();
+            if is_draining {
+                metrics::watcher_ended("drain");
+                let _ = sender
+                    .send(WatchEvent::Ended {
+                        reason: WatchEnd::Draining,
+                        cursor,
+                    })
+                    .await;
+                return;
+            }
+            // Registered before the read, so a commit between the read and the wait wakes it.
+            let woken = slot.notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let entries = match page.take() {
+                Some(entries) => entries,
+                None => match self.entries_after(&slot.user, cursor, WATCH_PAGE).await {
+                    Ok(entries) => entries,
+                    Err(error) => {
+                        let reason = match error {
+                            ServiceError::Unavailable(detail) => WatchEnd::Unavailable(detail),
+                            other => WatchEnd::Internal(other.to_string()),
+                        };
+                        let _ = sender.send(WatchEvent::Ended { reason, cursor }).await;
+                        return;
+                    }
+                },
+            };
+            let full = entries.len() >= WATCH_PAGE as usize;
+            for entry in entries {
+                let sequence = entry.sequence;
+                if live {
+                    let lag = self.clock.now().saturating_sub(entry.created_at_ms);
+                    metrics::watch_lag("ledger", Duration::from_millis(lag));
+                }
+                if sender.send(WatchEvent::Entry(Box::new(entry))).await.is_err() {
+                    return;
+                }
+                metrics::watch_event("entry");
+                cursor = sequence;
+                last_sent = tokio::time::Instant::now();
+            }
+            if full {
+                continue;
+            }
+            live = true;
+            let progress_due = last_sent + watchers.progress;
+            tokio::select! {
+                () = &mut woken => {}
+                () = tokio::time::sleep(watchers.poll) => {}
+                () = tokio::time::sleep_until(progress_due) => {
+                    let progress = WatchEvent::Progress { latest_sequence: cursor, at: self.clock.now() };
+                    if sender.send(progress).await.is_err() {
+                        return;
+                    }
+                    metrics::watch_event("progress");
+                    last_sent = tokio::time::Instant::now();
+                }
+                // Checked at the top of the loop (a closed sender means the coordinator is gone).
+                _ = draining.changed() => {}
+                () = sender.closed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::core::Principal;
+    use crate::core::time::ManualClock;
+    use crate::service::CoordinatorConfig;
+    use crate::service::testing::{coordinator_on, usd, user};
+    use crate::storage::embedded::EmbeddedEngine;
+
+    fn config(poll: Duration, progress: Duration, max_watchers: usize) -> CoordinatorConfig {
+        CoordinatorConfig {
+            watch_poll: poll,
+            watch_progress: progress,
+            max_watchers,
+            ..CoordinatorConfig::default()
+        }
+    }
+
+    async fn deposit(coordinator: &Arc<TransactionCoordinator>, who: &str) {
+        coordinator
+            .deposit(&Principal::local(), &user(who), usd("1"), None, None)
+            .await
+            .unwrap();
+    }
+
+    /// The next event within `wait`.
+    async fn next(events: &mut mpsc::Receiver<WatchEvent>, wait: Duration) -> WatchEvent {
+        tokio::time::timeout(wait, events.recv())
+            .await
+            .expect("an event in time")
+            .expect("the stream is open")
+    }
+
+    fn sequence(event: &WatchEvent) -> u64 {
+        match event {
+            WatchEvent::Entry(entry) => entry.sequence,
+            other => panic!("expected an entry, got {other:?}"),
+        }
+    }
+
+    /// Replay from the cursor, then a commit of this coordinator arrives at once (the poll is
+    /// a minute away), then a progress message on the idle stream.
+    #[tokio::test]
+    async fn replays_then_follows_commits_here_at_once() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let coordinator = coordinator_on(
+            engine,
+            &clock,
+            config(Duration::from_secs(60), Duration::from_millis(300), 8),
+        )
+        .await;
+        for _ in 0..3 {
+            deposit(&coordinator, "w").await;
+        }
+        let mut events = coordinator.watch_ledger(user("w"), 1).await.unwrap();
+        let wait = Duration::from_secs(5);
+        assert_eq!(sequence(&next(&mut events, wait).await), 2);
+        assert_eq!(sequence(&next(&mut events, wait).await), 3);
+        deposit(&coordinator, "w").await;
+        assert_eq!(sequence(&next(&mut events, Duration::from_secs(2)).await), 4);
+        match next(&mut events, wait).await {
+            WatchEvent::Progress { latest_sequence, .. } => assert_eq!(latest_sequence, 4),
+            other => panic!("expected progress, got {other:?}"),
+        }
+    }
+
+    /// Commits by another coordinator on the same table reach the stream by its poll, in
+    /// order, none missing and none twice, while both write concurrently.
+    #[tokio::test]
+    async fn follows_commits_of_other_coordinators_without_a_gap() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine: Arc<EmbeddedEngine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let quick = config(Duration::from_millis(20), Duration::from_secs(5), 8);
+        let here = coordinator_on(engine.clone(), &clock, quick.clone()).await;
+        let there = coordinator_on(engine, &clock, quick).await;
+        deposit(&there, "x").await;
+        let mut events = here.watch_ledger(user("x"), 0).await.unwrap();
+        let writers: Vec<_> = [Arc::clone(&here), Arc::clone(&there)]
+            .into_iter()
+            .map(|coordinator| {
+                tokio::spawn(async move {
+                    for _ in 0..20 {
+                        deposit(&coordinator, "x").await;
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 41 {
+            match next(&mut events, Duration::from_secs(5)).await {
+                WatchEvent::Entry(entry) => seen.push(entry.sequence),
+                WatchEvent::Progress { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seen, (1..=41).collect::<Vec<_>>());
+    }
+
+    /// A drain ends the stream with its cursor; new watches are refused meanwhile.
+    #[tokio::test]
+    async fn a_drain_ends_streams_with_their_cursor() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let coordinator = coordinator_on(
+            engine,
+            &clock,
+            config(Duration::from_secs(60), Duration::from_secs(5), 8),
+        )
+        .await;
+        deposit(&coordinator, "d").await;
+        deposit(&coordinator, "d").await;
+        let mut events = coordinator.watch_ledger(user("d"), 0).await.unwrap();
+        let wait = Duration::from_secs(5);
+        assert_eq!(sequence(&next(&mut events, wait).await), 1);
+        assert_eq!(sequence(&next(&mut events, wait).await), 2);
+        coordinator.drain_watchers();
+        match next(&mut events, wait).await {
+            WatchEvent::Ended { reason, cursor } => assert_eq!((reason, cursor), (WatchEnd::Draining, 2)),
+            other => panic!("expected the end, got {other:?}"),
+        }
+        assert!(matches!(
+            coordinator.watch_ledger(user("d"), 0).await,
+            Err(ServiceError::Unavailable(_))
+        ));
+    }
+
+    /// `--max-watchers` bounds open streams; a closed one gives its place back.
+    #[tokio::test]
+    async fn watchers_are_bounded() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let coordinator = coordinator_on(
+            engine,
+            &clock,
+            config(Duration::from_millis(20), Duration::from_secs(5), 1),
+        )
+        .await;
+        deposit(&coordinator, "m").await;
+        let first = coordinator.watch_ledger(user("m"), 0).await.unwrap();
+        assert!(matches!(
+            coordinator.watch_ledger(user("m"), 0).await,
+            Err(ServiceError::Overloaded(_))
+        ));
+        drop(first);
+        let reopened = async {
+            loop {
+                if coordinator.watch_ledger(user("m"), 0).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), reopened)
+            .await
+            .expect("the closed stream's place is given back");
+    }
+}
