@@ -12,6 +12,7 @@ mod grpcurl;
 mod health;
 mod helpers;
 mod leases;
+mod ledger_feed;
 mod lifecycle;
 mod money;
 mod operations;

@@ -524,7 +524,7 @@ async fn capacity_units_per_operation_counted_from_the_items_sent() {
             let size_of = |key: &Key| sizes[&(key.pk.clone(), key.sk.clone())];
             let ledger_puts = items
                 .iter()
-                .filter(|item| matches!(item, TransactItem::Put(put) if put.item.get("sk").is_some_and(|sk| matches!(sk, lockstep_coordinator::storage::Value::S(sk) if sk.starts_with("LEDGER#")))))
+                .filter(|item| matches!(item, TransactItem::Put(put) if put.item.get("sk").is_some_and(|sk| matches!(sk, lockstep_coordinator::storage::Value::S(sk) if sk.starts_with("LEDGER@")))))
                 .count() as u64;
             let fixed = if kind == "buy" { 4 } else { 2 };
             let spent = capacity::transaction_units(items, size_of);

@@ -94,6 +94,58 @@ async fn readme_grpcurl_session_runs_as_written() {
     assert_eq!(output_of("Health/Check")["status"], "SERVING");
 }
 
+/// What `stdout` printed so far (kept in `seen`), once it contains `until`.
+async fn read_until(stdout: &mut tokio::process::ChildStdout, seen: &mut String, until: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0_u8; 4096];
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while !seen.contains(until) {
+            let read = stdout.read(&mut buffer).await.expect("read the watch");
+            assert!(read > 0, "the watch ended early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buffer[..read]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {until} from the watch: {seen}"));
+    seen.clone()
+}
+
+/// README's watch: the first line (a WatchLedger stream) runs in the background while the
+/// second deposits; the stream shows the entry already there, then the deposit's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_watch_session_runs_as_written() {
+    let app = spawn_app(EngineKind::Embedded).await;
+    app.deposit("alice", "100.00").await.expect("alice's first entry");
+    let lines = session("grpcurl-watch");
+    let [watch, deposit] = &lines[..] else {
+        panic!("README's watch session changed shape: {lines:?}");
+    };
+    let command = |line: &str| {
+        let arguments = line
+            .strip_prefix("grpcurl ")
+            .unwrap_or_else(|| panic!("not a grpcurl line: {line}"));
+        format!(
+            "'{}' {}",
+            grpcurl().display(),
+            arguments.replace("127.0.0.1:50051", &app.address.to_string())
+        )
+    };
+    let mut watching = tokio::process::Command::new("sh")
+        .args(["-c", &format!("exec {}", command(watch))])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the watch");
+    let mut stdout = watching.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    let replayed = read_until(&mut stdout, &mut seen, "\"sequence\": \"1\"").await;
+    assert!(replayed.contains("\"cashBalance\": \"100.00\""), "{replayed}");
+    shell(&command(deposit)).await;
+    let live = read_until(&mut stdout, &mut seen, "\"sequence\": \"2\"").await;
+    assert!(live.contains("\"cashBalance\": \"105.00\""), "{live}");
+    watching.kill().await.ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_curl_session_runs_as_written() {
     let app = spawn_app(EngineKind::Embedded).await;
