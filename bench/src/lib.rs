@@ -17,6 +17,7 @@
 //! [`run`] is what the binary calls and what the smoke test exercises through the binary.
 
 pub mod baseline;
+pub mod feed;
 pub mod latency_proxy;
 pub mod load;
 pub mod lockstep_target;
@@ -223,7 +224,19 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
                     Some(url) => Some(metrics::storage_requests(url).await?),
                     None => None,
                 };
+                let feed = match settings.watchers {
+                    0 => None,
+                    watchers => {
+                        let users: Vec<String> = plan.users.all().collect();
+                        Some(feed::Feed::open(target.first_client(), &users, watchers).await?)
+                    }
+                };
                 let tally = load::run(System::Lockstep(target), &plan, "lockstep").await;
+                let feed = match feed {
+                    // Entries committed at the end of the run still arrive.
+                    Some(feed) => Some(feed.close(Duration::from_secs(1)).await),
+                    None => None,
+                };
                 let storage_requests = match (&settings.metrics_url, before) {
                     (Some(url), Some(before)) => StorageRequests::Counted {
                         total: metrics::storage_requests(url).await? - before,
@@ -238,6 +251,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
                     address: settings.addresses().join(","),
                     tally,
                     storage_requests,
+                    feed,
                 }
             }
             SystemKind::Baseline => {
@@ -276,6 +290,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
                         total: (baseline.requests() - before) as f64,
                         source: "counted by the baseline client",
                     },
+                    feed: None,
                 }
             }
         };

@@ -49,6 +49,11 @@ impl LockstepTarget {
         })
     }
 
+    /// The first coordinator's client (the watchers of `--watchers` use it).
+    pub fn first_client(&self) -> CoordinatorClient<Channel> {
+        self.clients[0].clone()
+    }
+
     /// The client of the coordinator whose turn it is.
     fn client(&self) -> CoordinatorClient<Channel> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);

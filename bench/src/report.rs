@@ -26,6 +26,8 @@ pub struct SystemReport {
     pub address: String,
     pub tally: Tally,
     pub storage_requests: StorageRequests,
+    /// With `--watchers`: what the WatchLedger streams received during the run.
+    pub feed: Option<crate::feed::FeedFigures>,
 }
 
 fn milliseconds(microseconds: u64) -> f64 {
@@ -103,6 +105,18 @@ impl SystemReport {
                 let _ = writeln!(text, "  storage requests per op: n/a ({reason})");
             }
         }
+        if let Some(feed) = &self.feed {
+            let _ = writeln!(
+                text,
+                "  feed: {} watchers, {} entries received, lag ms: p50 {:.1}, p99 {:.1}, max {:.1}; {} streams failed",
+                feed.watchers,
+                feed.entries,
+                milliseconds(feed.lag.value_at_percentile(50.0)),
+                milliseconds(feed.lag.value_at_percentile(99.0)),
+                milliseconds(feed.lag.max()),
+                feed.failed
+            );
+        }
         text
     }
 
@@ -135,6 +149,16 @@ impl SystemReport {
             "operations": tally.operations,
             "latency_ms": latency,
             "storage_requests": storage,
+            "feed": self.feed.as_ref().map(|feed| json!({
+                "watchers": feed.watchers,
+                "entries": feed.entries,
+                "lag_ms": {
+                    "p50": milliseconds(feed.lag.value_at_percentile(50.0)),
+                    "p99": milliseconds(feed.lag.value_at_percentile(99.0)),
+                    "max": milliseconds(feed.lag.max()),
+                },
+                "failed_streams": feed.failed,
+            })),
         })
     }
 }

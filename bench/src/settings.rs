@@ -122,6 +122,10 @@ pub struct Settings {
     /// and after the run for storage requests per operation.
     #[arg(long)]
     pub metrics_url: Option<String>,
+    /// Open this many WatchLedger streams on the run's users (in turn) at the first coordinator
+    /// during the load, and report the feed lag of the entries they receive.
+    #[arg(long, default_value_t = 0)]
+    pub watchers: usize,
     /// Print one JSON object with every figure instead of text.
     #[arg(long)]
     pub json: bool,

@@ -52,6 +52,12 @@ async fn main() -> ExitCode {
         Command::Serve => serve(&settings).await,
         Command::HashToken => return hash_token(),
         Command::Restore { path } => return lockstep_coordinator::admin::cli::restore(&settings, &path).await,
+        Command::Watch {
+            user,
+            from,
+            server,
+            token_file,
+        } => return lockstep_coordinator::admin::cli::watch(&user, from, &server, token_file.as_deref()).await,
         _ => unreachable!("operator commands ran above"),
     };
     match result {

@@ -82,6 +82,23 @@ pub enum Command {
     /// Replace the embedded store under --data-dir with the backup at PATH. Stop the
     /// coordinator first.
     Restore { path: PathBuf },
+    /// Follow one account's ledger on a running coordinator (WatchLedger): one JSON object per
+    /// line, for jq: each entry, then each new one as it commits, and `{"progress": …}` on an
+    /// idle stream. Ends (exit 1) when the stream does, printing the cursor to resume from.
+    Watch {
+        /// The account to follow.
+        #[arg(long)]
+        user: String,
+        /// Start after this sequence (0: from the first entry).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        server: String,
+        /// A file holding a bearer token (reader or trader role) when authentication is on.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// The users whose lease was most often found busy, from the running coordinator.
     ContendedUsers {
         #[arg(long, default_value_t = CONTENDED_USERS_DEFAULT)]

@@ -892,9 +892,9 @@ async fn price_moves_beyond_the_bound_need_force_and_every_change_is_kept() {
     assert!(second.next_page_token.is_empty());
 }
 
-const JWT_SECRET: &str = "a-shared-hs256-secret-of-at-least-32-bytes";
+pub(crate) const JWT_SECRET: &str = "a-shared-hs256-secret-of-at-least-32-bytes";
 
-fn jwt(
+pub(crate) fn jwt(
     subject: &str,
     expires_in_seconds: i64,
     key: &jsonwebtoken::EncodingKey,

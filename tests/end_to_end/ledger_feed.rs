@@ -271,3 +271,149 @@ async fn a_drain_ends_streams_with_their_cursor() {
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     assert!(ended.message().contains("after_sequence=1"), "{}", ended.message());
 }
+
+/// `coordinator watch` prints one JSON object per line: the entries so far, then a deposit's
+/// entry as it commits; an account that does not exist ends it at once, exit 1, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_watch_prints_one_json_line_per_entry() {
+    use tokio::io::AsyncBufReadExt;
+    let app = spawn_app(EngineKind::Embedded).await;
+    let server = format!("http://{}", app.address);
+    app.deposit("cli-watch", "7.00").await.expect("deposit");
+    let mut watching = tokio::process::Command::new(lockstep_bank::cluster::coordinator_binary())
+        .args(["watch", "--user", "cli-watch", "--from", "0", "--server", &server])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start coordinator watch");
+    let mut lines = tokio::io::BufReader::new(watching.stdout.take().expect("stdout")).lines();
+    let mut next_line = async || -> serde_json::Value {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("a line in time")
+            .expect("read")
+            .expect("the watch is running");
+        serde_json::from_str(&line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"))
+    };
+    let first = next_line().await;
+    assert_eq!(
+        (&first["sequence"], &first["kind"], &first["cash_balance"]),
+        (&1.into(), &"DEPOSIT".into(), &"7.00".into()),
+        "{first}"
+    );
+    app.withdraw("cli-watch", "2.00").await.expect("withdraw");
+    let second = next_line().await;
+    assert_eq!(
+        (&second["sequence"], &second["kind"], &second["cash_delta"]),
+        (&2.into(), &"WITHDRAWAL".into(), &"-2.00".into()),
+        "{second}"
+    );
+    watching.kill().await.ok();
+
+    let output = tokio::process::Command::new(lockstep_bank::cluster::coordinator_binary())
+        .args(["watch", "--user", "cli-nobody", "--server", &server])
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("run coordinator watch");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("NotFound") && stderr.contains("cli-nobody"), "{stderr}");
+}
+
+/// One raw HTTP/1.1 GET on `address` with `headers`, read until `until` appears (or the
+/// connection closes): SSE arrives in chunks, each event whole in one.
+async fn http_stream(address: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], until: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nAccept: text/event-stream\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    connection.write_all(request.as_bytes()).await.expect("send");
+    let mut seen = String::new();
+    let mut buffer = [0_u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        while !seen.contains(until) {
+            let read = connection.read(&mut buffer).await.expect("read");
+            if read == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buffer[..read]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {until:?} in time: {seen}"));
+    seen
+}
+
+/// user-service's `GET /users/{id}/events`: Server-Sent Events of the account's ledger behind
+/// the end user's JWT (`sub` must be the path's user), resumed after `Last-Event-ID`, new
+/// entries arriving as they commit; another user's token is 403, a bad Last-Event-ID 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn user_service_streams_an_account_as_server_sent_events() {
+    use lockstep_client_common::CoordinatorSettings;
+    use lockstep_client_common::auth::{EndUserAuth, EndUserSettings};
+
+    use crate::auth::{JWT_SECRET, jwt};
+    let app = spawn_app(EngineKind::Embedded).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret_file = dir.path().join("jwt-secret");
+    std::fs::write(&secret_file, JWT_SECRET).expect("write secret");
+    let end_users = EndUserAuth::from_settings(&EndUserSettings {
+        jwt_hs256_secret_file: Some(secret_file),
+        ..EndUserSettings::default()
+    })
+    .expect("JWT settings");
+    let services =
+        crate::services::spawn_services_with(CoordinatorSettings::new(format!("http://{}", app.address)), end_users)
+            .await;
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let bearer = |user: &str| format!("Bearer {}", jwt(user, 600, &key, jsonwebtoken::Algorithm::HS256));
+    app.deposit("sse", "10.00").await.expect("first");
+    app.deposit("sse", "20.00").await.expect("second");
+
+    let alice = bearer("sse");
+    let path = "/users/sse/events";
+    let streaming = {
+        let alice = alice.clone();
+        let address = services.user;
+        tokio::spawn(async move {
+            http_stream(
+                address,
+                path,
+                &[("authorization", &alice), ("last-event-id", "1")],
+                "id: 3",
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.deposit("sse", "5.00").await.expect("third");
+    let seen = streaming.await.expect("stream");
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    assert!(!seen.contains("id: 1\n"), "resumed after Last-Event-ID: {seen}");
+    assert!(seen.contains("event: entry"), "{seen}");
+    assert!(seen.contains(r#""cash_balance":"30.00""#), "the second entry: {seen}");
+    assert!(seen.contains(r#""cash_balance":"35.00""#), "the live one: {seen}");
+
+    let other = http_stream(
+        services.user,
+        path,
+        &[("authorization", &bearer("someone-else"))],
+        "\r\n\r\n",
+    )
+    .await;
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+    let bad = http_stream(
+        services.user,
+        path,
+        &[("authorization", &alice), ("last-event-id", "yesterday")],
+        "\r\n\r\n",
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+}

@@ -142,6 +142,26 @@ impl CoordinatorConnection {
         Ok(request)
     }
 
+    /// Opens WatchLedger for `context`'s HTTP request: without a deadline (the stream lasts as
+    /// long as the HTTP client stays), with this connection's credentials. Not retried: the
+    /// client reconnects with its last event id.
+    pub async fn watch_ledger(
+        &self,
+        context: &RequestContext,
+        user_id: String,
+        after_sequence: u64,
+    ) -> Result<tonic::Streaming<lockstep::coordinator::v1::LedgerEvent>, ApiError> {
+        let mut request = context.stream_request(lockstep::coordinator::v1::WatchLedgerRequest {
+            user_id,
+            after_sequence,
+        });
+        if let Some(BearerToken(value)) = &self.token {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        let response = self.client.clone().watch_ledger(request).await?;
+        Ok(response.into_inner())
+    }
+
     /// Calls one RPC for `context`'s HTTP request: `rpc` gets a client and the request to send,
     /// e.g. `|mut client, request| async move { client.deposit(request).await }`.
     ///

@@ -124,15 +124,22 @@ impl RequestContext {
         if remaining.is_zero() {
             return Err(ApiError::deadline_exceeded());
         }
-        let mut request = tonic::Request::new(message);
+        let mut request = self.stream_request(message);
         request.set_timeout(remaining);
+        Ok(request)
+    }
+
+    /// The request of a stream that lasts as long as its HTTP client stays (no deadline), with
+    /// the request id and trace context.
+    pub fn stream_request<M>(&self, message: M) -> tonic::Request<M> {
+        let mut request = tonic::Request::new(message);
         if let Ok(value) = self.request_id.parse() {
             request.metadata_mut().insert(REQUEST_ID_METADATA, value);
         }
         if let Some(value) = self.traceparent.as_deref().and_then(|text| text.parse().ok()) {
             request.metadata_mut().insert(TRACEPARENT, value);
         }
-        Ok(request)
+        request
     }
 }
 

@@ -7,6 +7,7 @@
 //! | `POST /users/{id}/transfers` `{"to_user_id": "bob", "amount": "25.00", "memo": "rent"}` (memo optional) | Transfer from `{id}` |
 //! | `GET /users/{id}/balance` | GetAccount (cash, holdings and today's totals) |
 //! | `GET /users/{id}/transactions?cursor=&limit=` | ListLedger (newest first) |
+//! | `GET /users/{id}/events` (Server-Sent Events; `Last-Event-ID` resumes) | WatchLedger |
 //! | `GET /health` | grpc.health.v1 Check |
 //!
 //! No business rule lives here: amounts travel as the strings the caller sent, and the
@@ -24,11 +25,12 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
 use lockstep_client_common::{
-    ApiResult, CoordinatorConnection, CoordinatorSettings, EndUserSettings, JsonBody, PageParams, QueryParams,
-    RequestContext, ok,
+    ApiError, ApiResult, CoordinatorConnection, CoordinatorSettings, EndUserSettings, JsonBody, PageParams,
+    QueryParams, RequestContext, ok,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -58,6 +60,52 @@ pub fn routes() -> Router<CoordinatorConnection> {
         .route("/users/{id}/transfers", post(transfer))
         .route("/users/{id}/balance", get(balance))
         .route("/users/{id}/transactions", get(transactions))
+        .route("/users/{id}/events", get(events))
+}
+
+/// The account's ledger as Server-Sent Events, for a browser's `EventSource`: each entry is an
+/// `entry` event whose id is its sequence (so `Last-Event-ID` resumes after it), an idle stream
+/// gets `progress` events, and an end (a drain, storage) is an `end` event with the code and the
+/// message naming the cursor; `EventSource` then reconnects with the last id.
+async fn events(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+    Path(user_id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .ok_or_else(|| ApiError::bad_request(Some("Last-Event-ID"), "must be an entry's sequence"))?,
+    };
+    let stream = coordinator.watch_ledger(&context, user_id, after).await?;
+    let events = futures_util::stream::unfold(Some(stream), |stream| async move {
+        let mut stream = stream?;
+        let event = match stream.message().await {
+            Ok(Some(pb::LedgerEvent {
+                event: Some(pb::ledger_event::Event::Entry(entry)),
+            })) => Event::default()
+                .id(entry.sequence.to_string())
+                .event("entry")
+                .data(entry_json(&entry).to_string()),
+            Ok(Some(pb::LedgerEvent {
+                event: Some(pb::ledger_event::Event::Progress(progress)),
+            })) => Event::default()
+                .event("progress")
+                .data(json!({"latest_sequence": progress.latest_sequence, "at": progress.at}).to_string()),
+            Ok(Some(pb::LedgerEvent { event: None })) => Event::default().comment(""),
+            Ok(None) => return None,
+            Err(status) => {
+                let end = json!({"code": format!("{:?}", status.code()), "message": status.message()});
+                return Some((Ok(Event::default().event("end").data(end.to_string())), None));
+            }
+        };
+        Some((Ok(event), Some(stream)))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
 #[derive(Deserialize)]

@@ -310,6 +310,115 @@ pub fn format_contended(reply: &pb::ContendedUsersReply) -> String {
         .collect()
 }
 
+/// `coordinator watch`: WatchLedger on `server`, each event printed as one JSON line.
+pub async fn watch(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> ExitCode {
+    match follow(user, from, server, token_file).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(message)) => {
+            eprintln!("coordinator: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::CannotRun(message)) => {
+            eprintln!("coordinator: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn follow(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let token = match token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .map_err(|error| Failure::CannotRun(format!("--token-file {}: {error}", path.display())))?;
+            let header = format!("Bearer {}", token.trim());
+            Some(
+                tonic::metadata::MetadataValue::try_from(header)
+                    .map_err(|_| Failure::CannotRun(format!("--token-file {}: not a token", path.display())))?,
+            )
+        }
+        None => None,
+    };
+    let channel = Channel::from_shared(server.to_owned())
+        .map_err(|error| Failure::CannotRun(format!("--server {server}: {error}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|error| Failure::CannotRun(format!("cannot reach {server}: {error}")))?;
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+    let mut request = tonic::Request::new(pb::WatchLedgerRequest {
+        user_id: user.to_owned(),
+        after_sequence: from,
+    });
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", token);
+    }
+    let mut stream = client
+        .watch_ledger(request)
+        .await
+        .map_err(|status| Failure::Refused(format!("{:?}: {}", status.code(), status.message())))?
+        .into_inner();
+    let mut last = from;
+    let mut stdout = std::io::stdout();
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return Ok(()),
+            Err(status) => {
+                return Err(Failure::Refused(format!(
+                    "the watch ended ({:?}): {} (last sequence printed: {last})",
+                    status.code(),
+                    status.message()
+                )));
+            }
+        };
+        let line = match event.event {
+            Some(pb::ledger_event::Event::Entry(entry)) => {
+                last = entry.sequence;
+                entry_json(&entry)
+            }
+            Some(pb::ledger_event::Event::Progress(progress)) => serde_json::json!({
+                "progress": { "latest_sequence": progress.latest_sequence, "at": progress.at }
+            }),
+            None => continue,
+        };
+        // A closed pipe (`| head`) ends the watch quietly.
+        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// A ledger entry as `watch` prints it: every field, empty ones left out.
+fn entry_json(entry: &pb::LedgerEntry) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    object.insert("sequence".to_owned(), entry.sequence.into());
+    object.insert("user_id".to_owned(), entry.user_id.clone().into());
+    object.insert(
+        "kind".to_owned(),
+        entry.kind().as_str_name().trim_start_matches("ENTRY_KIND_").into(),
+    );
+    for (name, value) in [
+        ("cash_delta", &entry.cash_delta),
+        ("cash_balance", &entry.cash_balance),
+        ("asset", &entry.asset),
+        ("quantity_delta", &entry.quantity_delta),
+        ("holding_balance", &entry.holding_balance),
+        ("order_id", &entry.order_id),
+        ("transfer_id", &entry.transfer_id),
+        ("counterparty_user_id", &entry.counterparty_user_id),
+        ("memo", &entry.memo),
+        ("principal", &entry.principal),
+        ("created_at", &entry.created_at),
+        ("transaction_id", &entry.transaction_id),
+    ] {
+        if !value.is_empty() {
+            object.insert(name.to_owned(), value.clone().into());
+        }
+    }
+    object.into()
+}
+
 /// The subcommands `settings` parses that are operator commands: this layer knows them, so
 /// `settings` stays below `admin`.
 impl crate::settings::Command {
@@ -334,6 +443,7 @@ impl crate::settings::Command {
                 (AdminCommand::ContendedUsers { limit }, server)
             }
             crate::settings::Command::Serve
+            | crate::settings::Command::Watch { .. }
             | crate::settings::Command::CreateTables
             | crate::settings::Command::HashToken
             | crate::settings::Command::Restore { .. } => return None,

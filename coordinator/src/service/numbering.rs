@@ -97,8 +97,14 @@ impl TransactionCoordinator {
     /// `user`'s account with every entry numbered: as stored when it is, else numbered under
     /// its lease first (taken and given back here). For readers that need the places.
     pub(super) async fn numbered_account(&self, user: &UserId) -> Result<crate::core::Account, ServiceError> {
-        let account = self.account(user).await?;
+        let mut account = self.account(user).await?;
         if !account.needs_numbering {
+            return Ok(account);
+        }
+        // Last written by a release that did not stamp `entries_at` (the sweeper's, say), on an
+        // account that never had an entry keyed by id: `entries` counts them all already.
+        if !self.may_hold_unsequenced(user).await? {
+            account.needs_numbering = false;
             return Ok(account);
         }
         let lease = self.config.lease(LeaseKind::Deposit);

@@ -159,7 +159,7 @@ impl TransactionCoordinator {
     }
 
     /// Whether `user` has any entry written before sequences (one item read at most).
-    async fn may_hold_unsequenced(&self, user: &UserId) -> Result<bool, ServiceError> {
+    pub(super) async fn may_hold_unsequenced(&self, user: &UserId) -> Result<bool, ServiceError> {
         let mut query = model::unsequenced_entries(user, None);
         query.limit = 1;
         Ok(!self.storage.query(query).await?.items.is_empty())
