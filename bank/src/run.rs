@@ -24,6 +24,10 @@ use crate::workload::{self, Action, Operation, Outcome};
 /// leases expire within the longest lease (25 s).
 const AUDIT_LEASE_MARGIN: Duration = Duration::from_secs(60);
 const TABLE: &str = "lockstep";
+/// Accounts followed with WatchLedger through the run.
+const WATCHED_ACCOUNTS: usize = 3;
+/// How long a watcher may take, after the load, to reach its account's last entry.
+const WATCH_CATCH_UP: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BankEngine {
@@ -81,6 +85,9 @@ pub struct BankReport {
     pub kills: usize,
     pub audit: AuditReport,
     pub discrepancies: Vec<String>,
+    /// Accounts followed with WatchLedger: the user, the last sequence seen (every one before it
+    /// in order), the streams reopened and the entries received twice.
+    pub watched: Vec<(String, u64, u64, u64)>,
 }
 
 impl fmt::Display for BankReport {
@@ -99,6 +106,12 @@ impl fmt::Display for BankReport {
             "faults injected: {}; coordinator kills: {}",
             self.faults_injected, self.kills
         )?;
+        for (user, seen, reconnects, repeated) in &self.watched {
+            writeln!(
+                f,
+                "watched {user}: sequences 1 to {seen} in order, no gap; {reconnects} reconnects, {repeated} received twice"
+            )?;
+        }
         write!(f, "{}", self.audit)?;
         writeln!(f, "discrepancies: {}", self.discrepancies.len())?;
         for discrepancy in self.discrepancies.iter().take(50) {
@@ -212,7 +225,21 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
         proxy.set_rate(config.fault_rate);
     }
 
-    // The workload, with kills spread over it.
+    // The workload, with kills spread over it, and watchers following a few accounts through
+    // them (WatchLedger, reconnecting with their last sequence).
+    let watchers: Vec<(String, Arc<workload::Watched>, tokio::task::JoinHandle<()>)> = users
+        .iter()
+        .take(WATCHED_ACCOUNTS)
+        .map(|user| {
+            let watched = Arc::new(workload::Watched::default());
+            let task = tokio::spawn(workload::watch_account(
+                user.clone(),
+                endpoints.clone(),
+                Arc::clone(&watched),
+            ));
+            (user.clone(), watched, task)
+        })
+        .collect();
     let mut history = workload::open_accounts(&endpoints, &users, config.seed).await;
     let started = tokio::time::Instant::now();
     let until = started + config.duration;
@@ -241,6 +268,33 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
     for client in clients {
         history.extend(client.await.map_err(std::io::Error::other)?);
     }
+    // Each watcher reaches its account's last entry while the coordinators still run.
+    let mut watch_problems = Vec::new();
+    let mut followed = Vec::new();
+    for (user, watched, task) in &watchers {
+        let Some(last) = workload::last_sequence(&endpoints, user).await else {
+            watch_problems.push(format!("watch of {user}: no coordinator answered ListLedger"));
+            continue;
+        };
+        let deadline = tokio::time::Instant::now() + WATCH_CATCH_UP;
+        while watched.last.load(std::sync::atomic::Ordering::SeqCst) < last && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        task.abort();
+        let seen = watched.last.load(std::sync::atomic::Ordering::SeqCst);
+        if seen != last {
+            watch_problems.push(format!(
+                "watch of {user}: reached sequence {seen}, the ledger ends at {last}"
+            ));
+        }
+        watch_problems.extend(watched.gaps.lock().expect("gaps").iter().cloned());
+        followed.push((
+            user.clone(),
+            seen,
+            watched.reconnects.load(std::sync::atomic::Ordering::SeqCst),
+            watched.repeated.load(std::sync::atomic::Ordering::SeqCst),
+        ));
+    }
 
     // Quiesce: no more faults, coordinators stopped gracefully.
     let faults_injected = match &proxy {
@@ -268,11 +322,23 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
         .map_err(std::io::Error::other)?;
     let books = read_books(&storage).await.map_err(std::io::Error::other)?;
     let (discrepancies, unknown_applied) = check_history(&history, &books);
+    // The watchers saw every entry the table holds for their accounts.
+    for (user, seen, _, _) in &followed {
+        let stored = books
+            .ledger
+            .iter()
+            .filter(|entry| entry.user_id.as_str() == user)
+            .count() as u64;
+        if stored != *seen {
+            watch_problems.push(format!("watch of {user}: saw {seen} entries, the table holds {stored}"));
+        }
+    }
     drop(dynoxide_server);
 
     let count = |matches: fn(&Outcome) -> bool| history.iter().filter(|operation| matches(&operation.outcome)).count();
     let mut all_discrepancies = audit_report.discrepancies.clone();
     all_discrepancies.extend(discrepancies);
+    all_discrepancies.extend(watch_problems);
     Ok(BankReport {
         engine: format!("{:?}", config.engine).to_lowercase(),
         config: format!(
@@ -294,6 +360,7 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
         kills,
         audit: audit_report,
         discrepancies: all_discrepancies,
+        watched: followed,
     })
 }
 

@@ -384,3 +384,79 @@ pub async fn client(
     }
     history
 }
+
+/// What a watcher of one account saw through kills and faults.
+#[derive(Debug, Default)]
+pub struct Watched {
+    /// The last sequence received in order.
+    pub last: std::sync::atomic::AtomicU64,
+    /// Entries out of order (a gap): none may happen.
+    pub gaps: std::sync::Mutex<Vec<String>>,
+    /// Entries received again after a reconnect (none, when resuming from the last sequence).
+    pub repeated: std::sync::atomic::AtomicU64,
+    /// Streams that ended (a kill, a drain, an injected fault) and were opened again.
+    pub reconnects: std::sync::atomic::AtomicU64,
+}
+
+/// Follows `user`'s ledger with WatchLedger until aborted, through kills and faults: whenever
+/// the stream ends it reconnects to the next coordinator with the last sequence it received,
+/// checking that each entry is the one after it.
+pub async fn watch_account(user: String, endpoints: Vec<String>, watched: std::sync::Arc<Watched>) {
+    use std::sync::atomic::Ordering;
+    // No channel timeout: a stream lasts as long as the test.
+    let clients: Vec<CoordinatorClient<Channel>> = endpoints
+        .iter()
+        .map(|endpoint| {
+            let channel = Endpoint::from_shared(endpoint.clone())
+                .expect("coordinator endpoint")
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy();
+            CoordinatorClient::new(channel)
+        })
+        .collect();
+    for turn in 0.. {
+        let mut client = clients[turn % clients.len()].clone();
+        let after_sequence = watched.last.load(Ordering::SeqCst);
+        let request = authorized(pb::WatchLedgerRequest {
+            user_id: user.clone(),
+            after_sequence,
+        });
+        if let Ok(response) = client.watch_ledger(request).await {
+            let mut stream = response.into_inner();
+            while let Ok(Some(event)) = stream.message().await {
+                let Some(pb::ledger_event::Event::Entry(entry)) = event.event else {
+                    continue;
+                };
+                let last = watched.last.load(Ordering::SeqCst);
+                if entry.sequence <= last {
+                    watched.repeated.fetch_add(1, Ordering::SeqCst);
+                } else if entry.sequence == last + 1 {
+                    watched.last.store(entry.sequence, Ordering::SeqCst);
+                } else {
+                    watched.gaps.lock().expect("gaps").push(format!(
+                        "{user}: after sequence {last} the watch sent {}",
+                        entry.sequence
+                    ));
+                    watched.last.store(entry.sequence, Ordering::SeqCst);
+                }
+            }
+        }
+        watched.reconnects.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sequence of `user`'s last ledger entry, asked of any coordinator that answers.
+pub async fn last_sequence(endpoints: &[String], user: &str) -> Option<u64> {
+    for mut client in channels(endpoints) {
+        let request = authorized(pb::ListLedgerRequest {
+            user_id: user.to_owned(),
+            page_size: 1,
+            ..Default::default()
+        });
+        if let Ok(reply) = client.list_ledger(request).await {
+            return Some(reply.into_inner().entries.first().map_or(0, |entry| entry.sequence));
+        }
+    }
+    None
+}

@@ -26,6 +26,10 @@ async fn bank_holds(engine: BankEngine) {
     assert_eq!(report.kills, config.kills, "{report}");
     assert!(report.faults_injected > 0, "faults were injected: {report}");
     assert!(report.ok > config.clients * 5, "the workload made progress: {report}");
+    // The watchers followed their accounts through the kills (gaps and shortfalls are
+    // discrepancies, checked above) and did see entries.
+    assert_eq!(report.watched.len(), 3, "{report}");
+    assert!(report.watched.iter().all(|(_, seen, _, _)| *seen > 0), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

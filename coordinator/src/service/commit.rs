@@ -264,7 +264,16 @@ impl TransactionCoordinator {
                 .await
             {
                 Ok(()) => {
-                    self.watchers.committed(&held.user);
+                    if self.watchers.watching(&held.user) {
+                        let entries: Vec<LedgerEntry> = answers
+                            .iter()
+                            .filter_map(|(_, answer)| match answer {
+                                Answer::Commit(receipt) => Some(receipt.entry.clone()),
+                                Answer::Refuse { .. } => None,
+                            })
+                            .collect();
+                        self.watchers.committed(&held.user, entries);
+                    }
                     return Ending::Committed {
                         answers,
                         after: Box::new(after),

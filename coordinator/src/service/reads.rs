@@ -104,12 +104,20 @@ impl TransactionCoordinator {
             )
             .into());
         }
-        self.entries_after(user, after, limit).await
+        self.entries_after(user, after, limit, true).await
     }
 
     /// Up to `limit` entries after `after` in sequence order, stopping before any gap, for an
-    /// account already numbered (a watcher's next read).
-    pub async fn entries_after(&self, user: &UserId, after: u64, limit: u32) -> Result<Vec<LedgerEntry>, ServiceError> {
+    /// account already numbered (a watcher's next read). `unsequenced`: the account may hold
+    /// entries written before sequences after the last sequenced one, so look (one more
+    /// Query); a gap in the sequenced entries is always looked into.
+    pub async fn entries_after(
+        &self,
+        user: &UserId,
+        after: u64,
+        limit: u32,
+        unsequenced: bool,
+    ) -> Result<Vec<LedgerEntry>, ServiceError> {
         let page = self
             .storage
             .query(model::sequenced_entries_after(user, after, limit))
@@ -124,7 +132,7 @@ impl TransactionCoordinator {
             .map(|entry| entry.sequence)
             .eq((after + 1..).take(entries.len()));
         let full = entries.len() >= limit as usize;
-        if contiguous && (full || !self.may_hold_unsequenced(user).await?) {
+        if contiguous && (full || !unsequenced || !self.may_hold_unsequenced(user).await?) {
             return Ok(entries);
         }
         // Places taken by entries written before sequences (numbered where they lie, keyed

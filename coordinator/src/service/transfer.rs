@@ -452,7 +452,8 @@ impl TransactionCoordinator {
                 self.held_leases.remove(&lock_id);
             }
             self.known.remember(&party.user, after);
-            self.watchers.committed(&party.user);
+            // Woken only: the receiver's entry is not in the answer; the watcher reads it.
+            self.watchers.committed(&party.user, Vec::new());
         }
         attempt.answer
     }

@@ -2,10 +2,11 @@
 //!
 //! A watcher pulls: it reads the entries after its cursor from storage (`entries_after`, in
 //! sequence order and stopping before any gap), sends them, and waits for the next commit. It
-//! learns of commits made here at once (the commit path wakes the account's watchers) and of
-//! commits made by other coordinators sharing the table by reading again every `poll`. Since
-//! every read starts from the last sequence sent, and sequences have no gaps, nothing can be
-//! skipped or sent twice in one stream, whichever coordinator committed it. A consumer that
+//! learns of commits made here at once (the commit path hands the account's watchers the
+//! entries it committed, and they send those without a read when they continue the cursor
+//! exactly) and of commits made by other coordinators sharing the table by reading again every
+//! `poll`. Since every entry sent is the one after the last, and sequences have no gaps,
+//! nothing can be skipped or sent twice in one stream, whichever coordinator committed it. A consumer that
 //! reads slowly holds at most one page and the stream's small buffer in memory: the watcher
 //! simply reads from storage later. Streams are bounded by `--max-watchers`, send a progress
 //! message at least every `progress`, and end at a drain with UNAVAILABLE and their cursor.
@@ -35,6 +36,31 @@ pub const WATCHERS_MAX_DEFAULT: usize = 1024;
 pub const WATCH_POLL_DEFAULT: Duration = Duration::from_millis(500);
 /// A progress message at least this often on an idle stream (the issue asks for 10 s at most).
 pub const WATCH_PROGRESS_DEFAULT: Duration = Duration::from_secs(5);
+/// The newest entries committed here kept per watched account for its watchers (a watcher
+/// further behind reads storage).
+pub const RECENT_PER_ACCOUNT: usize = 64;
+
+/// One watched account: the wake-up of its watchers and its newest entries committed here.
+#[derive(Debug, Default)]
+struct AccountWatch {
+    notify: Notify,
+    recent: Mutex<std::collections::VecDeque<LedgerEntry>>,
+    watchers: AtomicUsize,
+}
+
+impl AccountWatch {
+    /// The entries after `cursor` committed here, if they continue it exactly (else None: read
+    /// storage).
+    fn continuing(&self, cursor: u64) -> Option<Vec<LedgerEntry>> {
+        let recent = self.recent.lock().expect("recent entries poisoned");
+        let newer: Vec<LedgerEntry> = recent.iter().filter(|entry| entry.sequence > cursor).cloned().collect();
+        let continues = newer
+            .iter()
+            .map(|entry| entry.sequence)
+            .eq((cursor + 1..).take(newer.len()));
+        (continues && !newer.is_empty()).then_some(newer)
+    }
+}
 
 /// What a watch stream carries.
 #[derive(Debug, Clone)]
@@ -68,7 +94,7 @@ pub enum WatchEnd {
 pub struct Watchers {
     limit: usize,
     open: AtomicUsize,
-    accounts: Mutex<HashMap<UserId, (Arc<Notify>, usize)>>,
+    accounts: Mutex<HashMap<UserId, Arc<AccountWatch>>>,
     draining: watch::Sender<bool>,
     pub(super) poll: Duration,
     pub(super) progress: Duration,
@@ -86,15 +112,27 @@ impl Watchers {
         }
     }
 
-    /// A commit on `user`'s account landed here: wake its watchers.
-    pub(super) fn committed(&self, user: &UserId) {
+    /// Whether anyone watches `user`'s account here (cheap when nobody watches anything).
+    pub(super) fn watching(&self, user: &UserId) -> bool {
+        self.open.load(Ordering::Relaxed) > 0 && self.accounts.lock().expect("watchers poisoned").contains_key(user)
+    }
+
+    /// A commit on `user`'s account landed here with `entries` (in sequence order; empty when
+    /// the committer does not have them at hand): keep them for its watchers and wake them.
+    pub(super) fn committed(&self, user: &UserId, entries: Vec<LedgerEntry>) {
         if self.open.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let accounts = self.accounts.lock().expect("watchers poisoned");
-        if let Some((notify, _)) = accounts.get(user) {
-            notify.notify_waiters();
+        let Some(account) = self.accounts.lock().expect("watchers poisoned").get(user).cloned() else {
+            return;
+        };
+        if !entries.is_empty() {
+            let mut recent = account.recent.lock().expect("recent entries poisoned");
+            recent.extend(entries);
+            let excess = recent.len().saturating_sub(RECENT_PER_ACCOUNT);
+            recent.drain(..excess);
         }
+        account.notify.notify_waiters();
     }
 
     /// Ends every stream (with its cursor) and refuses new ones: the drain.
@@ -116,19 +154,17 @@ impl Watchers {
             metrics::watcher_ended("limit");
             return Err(ServiceError::Overloaded("watchers (--max-watchers)"));
         }
-        let notify = {
+        let account = {
             let mut accounts = self.accounts.lock().expect("watchers poisoned");
-            let (notify, count) = accounts
-                .entry(user.clone())
-                .or_insert_with(|| (Arc::new(Notify::new()), 0));
-            *count += 1;
-            Arc::clone(notify)
+            let account = accounts.entry(user.clone()).or_default();
+            account.watchers.fetch_add(1, Ordering::AcqRel);
+            Arc::clone(account)
         };
         metrics::watchers("ledger", 1);
         Ok(WatchSlot {
             watchers: Arc::clone(self),
             user: user.clone(),
-            notify,
+            account,
         })
     }
 }
@@ -137,17 +173,14 @@ impl Watchers {
 struct WatchSlot {
     watchers: Arc<Watchers>,
     user: UserId,
-    notify: Arc<Notify>,
+    account: Arc<AccountWatch>,
 }
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
         let mut accounts = self.watchers.accounts.lock().expect("watchers poisoned");
-        if let Some((_, count)) = accounts.get_mut(&self.user) {
-            *count -= 1;
-            if *count == 0 {
-                accounts.remove(&self.user);
-            }
+        if self.account.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            accounts.remove(&self.user);
         }
         self.watchers.open.fetch_sub(1, Ordering::AcqRel);
         metrics::watchers("ledger", -1);
@@ -185,6 +218,10 @@ impl TransactionCoordinator {
         // Entries are live (their lag measured) once a read came back short of a page.
         let mut live = false;
         let mut last_sent = tokio::time::Instant::now();
+        // Whether the account holds entries written before sequences (a rolling upgrade): then
+        // every read also looks at them. Looked at again with every progress message, so an
+        // old coordinator's entry numbered by a reader is sent within `progress` at most.
+        let mut unsequenced = self.may_hold_unsequenced(&slot.user).await.unwrap_or(true);
         loop {
             let is_draining = *draining.borrow_and_update();
             if is_draining {
@@ -198,12 +235,12 @@ impl TransactionCoordinator {
                 return;
             }
             // Registered before the read, so a commit between the read and the wait wakes it.
-            let woken = slot.notify.notified();
+            let woken = slot.account.notify.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let entries = match page.take() {
+            let entries = match page.take().or_else(|| slot.account.continuing(cursor)) {
                 Some(entries) => entries,
-                None => match self.entries_after(&slot.user, cursor, WATCH_PAGE).await {
+                None => match self.entries_after(&slot.user, cursor, WATCH_PAGE, unsequenced).await {
                     Ok(entries) => entries,
                     Err(error) => {
                         let reason = match error {
@@ -244,6 +281,7 @@ impl TransactionCoordinator {
                     }
                     metrics::watch_event("progress");
                     last_sent = tokio::time::Instant::now();
+                    unsequenced = self.may_hold_unsequenced(&slot.user).await.unwrap_or(true);
                 }
                 // Checked at the top of the loop (a closed sender means the coordinator is gone).
                 _ = draining.changed() => {}
@@ -323,6 +361,34 @@ mod tests {
         }
     }
 
+    /// Entries committed here reach the account's watchers without a storage read: each
+    /// deposit below costs its one commit (a known account), and nothing else is sent.
+    #[tokio::test]
+    async fn commits_here_are_handed_to_watchers_without_a_read() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let coordinator = coordinator_on(
+            engine,
+            &clock,
+            config(Duration::from_secs(60), Duration::from_secs(60), 8),
+        )
+        .await;
+        deposit(&coordinator, "h").await;
+        let mut events = coordinator.watch_ledger(user("h"), 1).await.unwrap();
+        // Let the stream reach its wait.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = coordinator.storage().requests();
+        for expected in 2..=6 {
+            deposit(&coordinator, "h").await;
+            assert_eq!(sequence(&next(&mut events, Duration::from_secs(5)).await), expected);
+        }
+        assert_eq!(
+            coordinator.storage().requests() - before,
+            5,
+            "one commit per deposit, no read"
+        );
+    }
+
     /// Commits by another coordinator on the same table reach the stream by its poll, in
     /// order, none missing and none twice, while both write concurrently.
     #[tokio::test]
@@ -356,6 +422,70 @@ mod tests {
             }
         }
         assert_eq!(seen, (1..=41).collect::<Vec<_>>());
+    }
+
+    /// A commit held back after its decision (as a slow or partitioned coordinator's would be)
+    /// while another coordinator commits on the same account: the late one cannot take a place
+    /// below what the watcher already received. It is refused by its version, decided again
+    /// and lands at the next place, and the watcher receives both, in order, with no gap.
+    #[tokio::test]
+    async fn a_commit_that_lands_late_takes_the_next_place() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        use crate::service::CommitHook;
+        use crate::service::Operation;
+
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine: Arc<EmbeddedEngine> = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let quick = config(Duration::from_millis(20), Duration::from_secs(5), 8);
+        let plain = coordinator_on(engine.clone(), &clock, quick.clone()).await;
+        let (hook, parked, go) = CommitHook::parking();
+        let armed = Arc::new(AtomicBool::new(false));
+        let when_armed = {
+            let armed = Arc::clone(&armed);
+            CommitHook(Arc::new(move |user: &UserId| {
+                let pause = armed.swap(false, Ordering::SeqCst).then(|| (hook.0)(user));
+                Box::pin(async move {
+                    if let Some(pause) = pause {
+                        pause.await;
+                    }
+                })
+            }))
+        };
+        let late = coordinator_on(
+            engine,
+            &clock,
+            CoordinatorConfig {
+                before_commit: Some(when_armed),
+                ..quick
+            },
+        )
+        .await;
+        deposit(&late, "late").await;
+        let mut events = plain.watch_ledger(user("late"), 0).await.unwrap();
+        let wait = Duration::from_secs(5);
+        assert_eq!(sequence(&next(&mut events, wait).await), 1);
+        armed.store(true, Ordering::SeqCst);
+        let held = {
+            let late = Arc::clone(&late);
+            tokio::spawn(async move {
+                late.mutate(&user("late"), Operation::Deposit(usd("7")), None, None)
+                    .await
+            })
+        };
+        parked.notified().await;
+        deposit(&plain, "late").await;
+        let second = next(&mut events, wait).await;
+        assert_eq!(sequence(&second), 2);
+        go.notify_one();
+        let landed = held.await.unwrap().unwrap();
+        assert_eq!(landed.entry.sequence, 3, "decided again on the account as it is now");
+        match next(&mut events, wait).await {
+            WatchEvent::Entry(entry) => {
+                assert_eq!((entry.sequence, entry.cash_after), (3, usd("9")));
+            }
+            other => panic!("expected the late entry, got {other:?}"),
+        }
     }
 
     /// A drain ends the stream with its cursor; new watches are refused meanwhile.
