@@ -14,7 +14,9 @@
 //! - [`roll_back`]: a refusal under the lease (FAILED order, refusal record, release);
 //! - [`settle`]: unclear endings (fence, then look for what landed), replays of a request id
 //!   and recorded outcomes;
-//! - [`reads`]: accounts, orders and ledger pages;
+//! - [`reads`]: accounts, orders and ledger pages (newest first, or after a sequence);
+//! - [`numbering`]: numbering the ledger entries written before sequences (the upgrade);
+//! - [`watch`]: WatchLedger streams, fed by storage reads and by the commits made here;
 //! - [`catalog`]: the cached asset catalog and its admin writes;
 //! - [`asset_changes`]: UpsertAsset's price-move bound and the kept history of changes.
 
