@@ -371,6 +371,7 @@ impl Settings {
             max_watchers: self.max_watchers,
             watch_poll: Duration::from_millis(self.watch_poll_ms),
             watch_progress: Duration::from_millis(self.watch_progress_ms),
+            watch_send_stall: crate::service::WATCH_SEND_STALL_MAX,
         })
     }
 

@@ -41,6 +41,9 @@ pub struct Account {
     /// count them all, so they are numbered under the lease before anything else commits
     /// (`service::numbering`).
     pub needs_numbering: bool,
+    /// The highest place given to an entry written before sequences (0: none): those entries
+    /// stay under their id keys, so a read after a cursor below it merges them in.
+    pub legacy_through: u64,
 }
 
 impl Account {

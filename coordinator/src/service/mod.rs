@@ -49,7 +49,9 @@ pub use catalog::{CATALOG_ASSETS_MAX, CATALOG_REFRESH_INTERVAL, Catalog, DEFAULT
 pub use instance::{HEARTBEAT_INTERVAL, HEARTBEAT_TTL, InstanceError};
 pub use lease::HeldLease;
 pub use reads::{PAGE_TOKEN_LENGTH_MAX, PageRequest};
-pub use watch::{WATCH_POLL_DEFAULT, WATCH_PROGRESS_DEFAULT, WATCHERS_MAX_DEFAULT, WatchEnd, WatchEvent};
+pub use watch::{
+    WATCH_POLL_DEFAULT, WATCH_PROGRESS_DEFAULT, WATCH_SEND_STALL_MAX, WATCHERS_MAX_DEFAULT, WatchEnd, WatchEvent,
+};
 
 pub use crate::core::ops::{Operation, TradeRequest, TransferRequest};
 
@@ -158,6 +160,8 @@ pub struct CoordinatorConfig {
     pub watch_poll: Duration,
     /// Longest silence on a watch stream before a progress message.
     pub watch_progress: Duration,
+    /// A consumer that leaves its full buffer untouched this long is ended (`WATCH_SEND_STALL_MAX`).
+    pub watch_send_stall: Duration,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -214,6 +218,7 @@ impl Default for CoordinatorConfig {
             max_watchers: WATCHERS_MAX_DEFAULT,
             watch_poll: WATCH_POLL_DEFAULT,
             watch_progress: WATCH_PROGRESS_DEFAULT,
+            watch_send_stall: watch::WATCH_SEND_STALL_MAX,
         }
     }
 }
@@ -347,6 +352,7 @@ impl TransactionCoordinator {
             config.max_watchers,
             config.watch_poll,
             config.watch_progress,
+            config.watch_send_stall,
         ));
         Self {
             storage,

@@ -15,6 +15,8 @@
 //! holder goes on where it stopped. Readers that need the places (ListLedger after a sequence,
 //! WatchLedger) number an account the same way, taking and releasing its lease.
 
+use std::sync::Arc;
+
 use crate::core::UserId;
 use crate::core::ops::LeaseKind;
 use crate::storage::model::{self, NUMBERED_PER_TRANSACTION, UnsequencedEntry};
@@ -65,17 +67,18 @@ impl TransactionCoordinator {
                 .map(|(index, entry)| (entry.key.clone(), entry.written_sequence, entries + 1 + index as u64))
                 .collect();
             let next = entries + chunk.len() as u64;
-            let items = model::number_entries(
-                &held.user,
-                &lock_id,
-                held.account.version,
-                &places,
-                next,
-                false,
-                self.clock.now(),
-            );
+            let now = self.clock.now();
+            // Each step keeps the lease for a whole lease more: a long history is numbered in
+            // as many steps as it needs, none of them refused by an expiry the scan used up.
+            let until = held
+                .expires_at
+                .max(now + self.config.lease(LeaseKind::Deposit).as_millis() as u64);
+            let items = model::number_entries(&held.user, &lock_id, held.account.version, &places, next, until, now);
             match self.storage.transact(&items, None).await {
-                Ok(()) => entries = next,
+                Ok(()) => {
+                    entries = next;
+                    held.expires_at = until;
+                }
                 Err(StorageError::TransactionCanceled { .. }) => {
                     return Err(ServiceError::Unavailable(format!(
                         "numbering {}'s ledger entries: the lease was lost or another coordinator numbered them; try again",
@@ -90,13 +93,19 @@ impl TransactionCoordinator {
             crate::telemetry::metrics::entries_numbered(unnumbered.len());
         }
         held.account.entries = entries;
+        if !unnumbered.is_empty() {
+            held.account.legacy_through = entries;
+        }
         held.account.needs_numbering = false;
         Ok(())
     }
 
     /// `user`'s account with every entry numbered: as stored when it is, else numbered under
     /// its lease first (taken and given back here). For readers that need the places.
-    pub(super) async fn numbered_account(&self, user: &UserId) -> Result<crate::core::Account, ServiceError> {
+    pub(super) async fn numbered_account(
+        self: &Arc<Self>,
+        user: &UserId,
+    ) -> Result<crate::core::Account, ServiceError> {
         let mut account = self.account(user).await?;
         if !account.needs_numbering {
             return Ok(account);
@@ -108,11 +117,19 @@ impl TransactionCoordinator {
             return Ok(account);
         }
         let lease = self.config.lease(LeaseKind::Deposit);
-        // `acquire` numbers the account before it returns.
-        let held = self.acquire(user, NUMBERING, lease, true, None).await?;
-        let account = held.account.clone();
-        self.release(&held).await;
-        Ok(account)
+        // In a task of its own: a reader that goes away (its deadline, a cancel) must not leave
+        // the lease it took behind, blocking the account's writers until it expires.
+        let (this, user) = (Arc::clone(self), user.clone());
+        let numbered = self.mutations.spawn(async move {
+            // `acquire` numbers the account before it returns.
+            let held = this.acquire(&user, NUMBERING, lease, true, None).await?;
+            let account = held.account.clone();
+            this.release(&held).await;
+            Ok::<_, ServiceError>(account)
+        });
+        numbered
+            .await
+            .map_err(|error| ServiceError::Internal(format!("numbering stopped: {error}")))?
     }
 }
 
@@ -142,7 +159,12 @@ mod tests {
             let mut old = item.clone();
             let key = model::ledger_key(&user(who), entry.entry_id.as_str());
             old.insert("sk".to_owned(), Value::S(key.sk.clone()));
-            old.insert("sequence".to_owned(), Value::N((entry.sequence * 3).to_string()));
+            if entry.sequence == 1 {
+                // The oldest entries were written with no sequence at all.
+                old.remove("sequence");
+            } else {
+                old.insert("sequence".to_owned(), Value::N((entry.sequence * 3).to_string()));
+            }
             let put = Put {
                 item: old,
                 condition: None,

@@ -92,7 +92,12 @@ impl TransactionCoordinator {
     /// gap: the read behind ListLedger's `after_sequence` and WatchLedger. An account not yet
     /// numbered is numbered first (`numbering`). A cursor past the account's last entry is
     /// refused: no client can have seen it.
-    pub async fn ledger_after(&self, user: &UserId, after: u64, limit: u32) -> Result<Vec<LedgerEntry>, ServiceError> {
+    pub async fn ledger_after(
+        self: &std::sync::Arc<Self>,
+        user: &UserId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, ServiceError> {
         let account = self.numbered_account(user).await?;
         if after > account.entries {
             return Err(FieldError::new(
@@ -104,13 +109,14 @@ impl TransactionCoordinator {
             )
             .into());
         }
-        self.entries_after(user, after, limit, true).await
+        self.entries_after(user, after, limit, account.legacy_through > after)
+            .await
     }
 
     /// Up to `limit` entries after `after` in sequence order, stopping before any gap, for an
-    /// account already numbered (a watcher's next read). `unsequenced`: the account may hold
-    /// entries written before sequences after the last sequenced one, so look (one more
-    /// Query); a gap in the sequenced entries is always looked into.
+    /// account already numbered (a watcher's next read). `unsequenced`: entries written before
+    /// sequences hold places after `after` (the account's `legacy_through` is above it), so
+    /// merge them in; a gap in the sequenced entries is always looked into.
     pub async fn entries_after(
         &self,
         user: &UserId,
@@ -132,7 +138,7 @@ impl TransactionCoordinator {
             .map(|entry| entry.sequence)
             .eq((after + 1..).take(entries.len()));
         let full = entries.len() >= limit as usize;
-        if contiguous && (full || !unsequenced || !self.may_hold_unsequenced(user).await?) {
+        if contiguous && (full || !unsequenced) {
             return Ok(entries);
         }
         // Places taken by entries written before sequences (numbered where they lie, keyed

@@ -27,8 +27,14 @@ use super::{ServiceError, TransactionCoordinator};
 
 /// Entries read per storage query of a watcher (and the most a stream holds beside its buffer).
 pub const WATCH_PAGE: u32 = 100;
-/// Events buffered per stream before the watcher waits for the consumer.
+/// Events buffered per stream before the watcher waits for the consumer (one more place is
+/// always kept free for the stream's end).
 pub const WATCH_BUFFER: usize = 16;
+/// A consumer that leaves a full buffer untouched this long is ended with RESOURCE_EXHAUSTED
+/// and its cursor (it resumes from storage), instead of holding a stream forever.
+pub const WATCH_SEND_STALL_MAX: Duration = Duration::from_secs(30);
+/// Open streams on one account, per coordinator: one caller cannot take every place.
+pub const WATCHERS_PER_ACCOUNT_MAX: usize = 64;
 /// Default of `--max-watchers`.
 pub const WATCHERS_MAX_DEFAULT: usize = 1024;
 /// Default of `--watch-poll-ms`: how often a watcher reads storage for commits made by other
@@ -82,6 +88,8 @@ pub enum WatchEvent {
 pub enum WatchEnd {
     /// The coordinator is draining.
     Draining,
+    /// The consumer left a full buffer untouched for `WATCH_SEND_STALL_MAX`.
+    Behind,
     /// Storage failed a read (the detail); another try, here or elsewhere, resumes.
     Unavailable(String),
     /// A bug or foreign data.
@@ -98,11 +106,14 @@ pub struct Watchers {
     draining: watch::Sender<bool>,
     pub(super) poll: Duration,
     pub(super) progress: Duration,
+    /// `WATCH_SEND_STALL_MAX`, shorter in tests.
+    pub(super) stall: Duration,
 }
 
 impl Watchers {
-    pub fn new(limit: usize, poll: Duration, progress: Duration) -> Self {
+    pub fn new(limit: usize, poll: Duration, progress: Duration, stall: Duration) -> Self {
         Self {
+            stall,
             limit,
             open: AtomicUsize::new(0),
             accounts: Mutex::new(HashMap::new()),
@@ -157,6 +168,12 @@ impl Watchers {
         let account = {
             let mut accounts = self.accounts.lock().expect("watchers poisoned");
             let account = accounts.entry(user.clone()).or_default();
+            if account.watchers.load(Ordering::Acquire) >= WATCHERS_PER_ACCOUNT_MAX {
+                drop(accounts);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                metrics::watcher_ended("limit");
+                return Err(ServiceError::Overloaded("watchers of this account"));
+            }
             account.watchers.fetch_add(1, Ordering::AcqRel);
             Arc::clone(account)
         };
@@ -199,7 +216,7 @@ impl TransactionCoordinator {
         let slot = self.watchers.open(&user)?;
         // Numbers an account not numbered yet, and checks the cursor.
         let first = self.ledger_after(&user, after, WATCH_PAGE).await?;
-        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER + 1);
         let coordinator = Arc::clone(self);
         tokio::spawn(async move { coordinator.follow(slot, after, first, sender).await });
         Ok(receiver)
@@ -215,24 +232,21 @@ impl TransactionCoordinator {
         let watchers = &slot.watchers;
         let mut draining = watchers.draining.subscribe();
         let mut page = Some(first);
+        // After the first page, read once more before waiting: a commit between that page's
+        // read and the first wait would otherwise wait for the poll.
+        let mut reread = true;
         // Entries are live (their lag measured) once a read came back short of a page.
         let mut live = false;
         let mut last_sent = tokio::time::Instant::now();
-        // Whether the account holds entries written before sequences (a rolling upgrade): then
-        // every read also looks at them. Looked at again with every progress message, so an
-        // old coordinator's entry numbered by a reader is sent within `progress` at most.
-        let mut unsequenced = self.may_hold_unsequenced(&slot.user).await.unwrap_or(true);
+        // Entries written before sequences hold places up to the account's `legacy_through`:
+        // reads below it merge them in. Read again with every progress message, so an old
+        // coordinator's entry numbered meanwhile (a rolling upgrade) is sent within `progress`.
+        let mut legacy_through = self.legacy_through(&slot.user).await;
         loop {
             let is_draining = *draining.borrow_and_update();
             if is_draining {
                 metrics::watcher_ended("drain");
-                let _ = sender
-                    .send(WatchEvent::Ended {
-                        reason: WatchEnd::Draining,
-                        cursor,
-                    })
-                    .await;
-                return;
+                return end(&sender, WatchEnd::Draining, cursor);
             }
             // Registered before the read, so a commit between the read and the wait wakes it.
             let woken = slot.account.notify.notified();
@@ -240,15 +254,17 @@ impl TransactionCoordinator {
             woken.as_mut().enable();
             let entries = match page.take().or_else(|| slot.account.continuing(cursor)) {
                 Some(entries) => entries,
-                None => match self.entries_after(&slot.user, cursor, WATCH_PAGE, unsequenced).await {
+                None => match self
+                    .entries_after(&slot.user, cursor, WATCH_PAGE, legacy_through > cursor)
+                    .await
+                {
                     Ok(entries) => entries,
                     Err(error) => {
                         let reason = match error {
                             ServiceError::Unavailable(detail) => WatchEnd::Unavailable(detail),
                             other => WatchEnd::Internal(other.to_string()),
                         };
-                        let _ = sender.send(WatchEvent::Ended { reason, cursor }).await;
-                        return;
+                        return end(&sender, reason, cursor);
                     }
                 },
             };
@@ -259,14 +275,15 @@ impl TransactionCoordinator {
                     let lag = self.clock.now().saturating_sub(entry.created_at_ms);
                     metrics::watch_lag("ledger", Duration::from_millis(lag));
                 }
-                if sender.send(WatchEvent::Entry(Box::new(entry))).await.is_err() {
-                    return;
+                let event = WatchEvent::Entry(Box::new(entry));
+                if let Err(stop) = deliver(&sender, event, &mut draining, watchers.stall).await {
+                    return stopped(&sender, stop, cursor);
                 }
                 metrics::watch_event("entry");
                 cursor = sequence;
                 last_sent = tokio::time::Instant::now();
             }
-            if full {
+            if full || std::mem::take(&mut reread) {
                 continue;
             }
             live = true;
@@ -276,12 +293,12 @@ impl TransactionCoordinator {
                 () = tokio::time::sleep(watchers.poll) => {}
                 () = tokio::time::sleep_until(progress_due) => {
                     let progress = WatchEvent::Progress { latest_sequence: cursor, at: self.clock.now() };
-                    if sender.send(progress).await.is_err() {
-                        return;
+                    if let Err(stop) = deliver(&sender, progress, &mut draining, watchers.stall).await {
+                        return stopped(&sender, stop, cursor);
                     }
                     metrics::watch_event("progress");
                     last_sent = tokio::time::Instant::now();
-                    unsequenced = self.may_hold_unsequenced(&slot.user).await.unwrap_or(true);
+                    legacy_through = self.legacy_through(&slot.user).await;
                 }
                 // Checked at the top of the loop (a closed sender means the coordinator is gone).
                 _ = draining.changed() => {}
@@ -289,6 +306,70 @@ impl TransactionCoordinator {
             }
         }
     }
+
+    /// The account's `legacy_through` (when it cannot be read, every read merges).
+    async fn legacy_through(&self, user: &UserId) -> u64 {
+        self.account(user)
+            .await
+            .map_or(u64::MAX, |account| account.legacy_through)
+    }
+}
+
+/// Why a send did not happen.
+enum Stop {
+    /// The consumer is gone (the stream was dropped).
+    Gone,
+    /// The buffer stayed full for `WATCH_SEND_STALL_MAX`.
+    Behind,
+    Draining,
+}
+
+/// Sends `event`, keeping one place of the buffer free for the stream's end: waits for the
+/// consumer at most `WATCH_SEND_STALL_MAX`, and stops at a drain meanwhile.
+async fn deliver(
+    sender: &mpsc::Sender<WatchEvent>,
+    event: WatchEvent,
+    draining: &mut watch::Receiver<bool>,
+    stall: Duration,
+) -> Result<(), Stop> {
+    let stall = tokio::time::sleep(stall);
+    tokio::pin!(stall);
+    loop {
+        tokio::select! {
+            permits = sender.reserve_many(2) => {
+                let mut permits = permits.map_err(|_| Stop::Gone)?;
+                permits.next().expect("two permits").send(event);
+                return Ok(());
+            }
+            () = &mut stall => return Err(Stop::Behind),
+            changed = draining.changed() => {
+                let is_draining = changed.is_err() || *draining.borrow_and_update();
+                if is_draining {
+                    return Err(Stop::Draining);
+                }
+            }
+        }
+    }
+}
+
+/// Ends the stream after `stop`: its end event, with the cursor, in the place kept free.
+fn stopped(sender: &mpsc::Sender<WatchEvent>, stop: Stop, cursor: u64) {
+    match stop {
+        Stop::Gone => {}
+        Stop::Behind => {
+            metrics::watcher_ended("behind");
+            end(sender, WatchEnd::Behind, cursor);
+        }
+        Stop::Draining => {
+            metrics::watcher_ended("drain");
+            end(sender, WatchEnd::Draining, cursor);
+        }
+    }
+}
+
+/// The stream's last event: never waits (`deliver` always leaves a place for it).
+fn end(sender: &mpsc::Sender<WatchEvent>, reason: WatchEnd, cursor: u64) {
+    let _ = sender.try_send(WatchEvent::Ended { reason, cursor });
 }
 
 #[cfg(test)]
@@ -305,6 +386,7 @@ mod tests {
 
     fn config(poll: Duration, progress: Duration, max_watchers: usize) -> CoordinatorConfig {
         CoordinatorConfig {
+            watch_send_stall: Duration::from_millis(300),
             watch_poll: poll,
             watch_progress: progress,
             max_watchers,
@@ -486,6 +568,63 @@ mod tests {
             }
             other => panic!("expected the late entry, got {other:?}"),
         }
+    }
+
+    /// A consumer that stops reading is ended once its buffer has stayed full for the stall
+    /// bound: it gets what was buffered, then the end with the last sequence it received.
+    #[tokio::test]
+    async fn a_consumer_that_falls_behind_is_ended_with_its_cursor() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let coordinator = coordinator_on(
+            engine,
+            &clock,
+            config(Duration::from_millis(20), Duration::from_secs(5), 8),
+        )
+        .await;
+        for _ in 0..40 {
+            deposit(&coordinator, "slow").await;
+        }
+        let mut events = coordinator.watch_ledger(user("slow"), 0).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut received = Vec::new();
+        let ended = loop {
+            match next(&mut events, Duration::from_secs(5)).await {
+                WatchEvent::Entry(entry) => received.push(entry.sequence),
+                WatchEvent::Ended { reason, cursor } => break (reason, cursor),
+                WatchEvent::Progress { .. } => {}
+            }
+        };
+        assert_eq!(received, (1..=WATCH_BUFFER as u64).collect::<Vec<_>>());
+        assert_eq!(ended, (WatchEnd::Behind, WATCH_BUFFER as u64));
+    }
+
+    /// One account takes at most `WATCHERS_PER_ACCOUNT_MAX` streams of a coordinator; others
+    /// are not affected.
+    #[tokio::test]
+    async fn one_account_cannot_take_every_watcher() {
+        let clock = ManualClock::starting_at(1_000_000);
+        let engine = Arc::new(EmbeddedEngine::in_memory().unwrap());
+        let coordinator = coordinator_on(
+            engine,
+            &clock,
+            config(Duration::from_secs(60), Duration::from_secs(5), 1024),
+        )
+        .await;
+        deposit(&coordinator, "greedy").await;
+        deposit(&coordinator, "other").await;
+        let mut open = Vec::new();
+        for _ in 0..WATCHERS_PER_ACCOUNT_MAX {
+            open.push(coordinator.watch_ledger(user("greedy"), 0).await.unwrap());
+        }
+        assert!(matches!(
+            coordinator.watch_ledger(user("greedy"), 0).await,
+            Err(ServiceError::Overloaded(_))
+        ));
+        coordinator
+            .watch_ledger(user("other"), 0)
+            .await
+            .expect("another account");
     }
 
     /// A drain ends the stream with its cursor; new watches are refused meanwhile.

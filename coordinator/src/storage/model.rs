@@ -1018,6 +1018,9 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
         },
         version,
         entries: number(item, "entries").and_then(|raw| raw.parse().ok()).unwrap_or(0),
+        legacy_through: number(item, "legacy_through")
+            .and_then(|raw| raw.parse().ok())
+            .unwrap_or(0),
         // `entries_at` is the version whose write last counted the entries: any other write
         // since (by a coordinator that predates sequences) may have added an entry it did not
         // number.
@@ -1594,14 +1597,11 @@ pub fn unsequenced_entry_from_item(item: &Item) -> Result<UnsequencedEntry, Malf
         sk: required(KIND, "sk", string(item, "sk"))?.to_owned(),
     };
     let numbered_from = number(item, "written_sequence").and_then(|raw| raw.parse().ok());
-    let written_sequence = match numbered_from {
-        Some(written) => written,
-        None => required(
-            KIND,
-            "sequence",
-            number(item, "sequence").and_then(|raw| raw.parse().ok()),
-        )?,
-    };
+    // The oldest entries carry no sequence at all: they come first (0), in the order of their
+    // ids (UUID v7, by creation time), as the sort key orders them.
+    let written_sequence = numbered_from
+        .or_else(|| number(item, "sequence").and_then(|raw| raw.parse().ok()))
+        .unwrap_or(0);
     Ok(UnsequencedEntry {
         key,
         written_sequence,
@@ -1614,32 +1614,25 @@ pub fn unsequenced_entry_from_item(item: &Item) -> Result<UnsequencedEntry, Malf
 /// the account's `entries` becomes `entries` (the last place given), all in one transaction
 /// fenced on the lease and on the version read with it.
 ///
-/// With `release`, the same transaction also gives the lease back and marks the account
-/// numbered at its next version (a reader that numbered it; a writer's commit marks it).
+/// `legacy_through` becomes the last place given too (readers after it need not look at the
+/// entries keyed by id), and the step keeps the lease until `extend_until`.
+#[allow(clippy::too_many_arguments)]
 pub fn number_entries(
     user: &UserId,
     lock_id: &LeaseId,
     read_version: u64,
     places: &[(Key, u64, u64)],
     entries: u64,
-    release: bool,
+    extend_until: Millis,
     now: Millis,
 ) -> Vec<TransactItem> {
     assert!(
         places.len() <= NUMBERED_PER_TRANSACTION,
         "a numbering step fits one transaction"
     );
-    let (update, values) = if release {
-        (
-            format!("SET entries = :entries, version = :next, entries_at = :next REMOVE {LEASE_ATTRIBUTES}"),
-            vec![(":next", n(read_version + 1))],
-        )
-    } else {
-        ("SET entries = :entries".to_owned(), Vec::new())
-    };
-    let mut account = Update {
+    let account = Update {
         key: account_key(user),
-        update,
+        update: "SET entries = :entries, legacy_through = :entries, lock_expires_at_ms = :until".to_owned(),
         condition: Some("lock_id = :lock AND lock_expires_at_ms > :now AND version = :version".to_owned()),
         bindings: bindings(
             [],
@@ -1648,21 +1641,18 @@ pub fn number_entries(
                 (":now", n(now)),
                 (":version", n(read_version)),
                 (":entries", n(entries)),
+                (":until", n(extend_until)),
             ],
         ),
         return_new: false,
         return_old_on_condition_failure: false,
     };
-    account
-        .bindings
-        .values
-        .extend(values.into_iter().map(|(k, v)| (k.to_owned(), v)));
     let mut items = vec![TransactItem::Update(account)];
     for (key, written, place) in places {
         items.push(TransactItem::Update(Update {
             key: key.clone(),
             update: "SET #sequence = :place, written_sequence = :written".to_owned(),
-            condition: Some("attribute_not_exists(written_sequence) AND #sequence = :written".to_owned()),
+            condition: Some("attribute_not_exists(written_sequence)".to_owned()),
             bindings: bindings(
                 [("#sequence", "sequence")],
                 [(":place", n(place)), (":written", n(written))],

@@ -93,6 +93,11 @@ fn watch_stream(events: tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchStream 
                         format!("The coordinator is shutting down; {resume} (any coordinator of the table)"),
                         ErrorDetails::with_retry_info(Some(Duration::ZERO)),
                     ),
+                    WatchEnd::Behind => Status::with_error_details(
+                        Code::ResourceExhausted,
+                        format!("The stream's reader fell behind for too long; {resume}"),
+                        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+                    ),
                     WatchEnd::Unavailable(detail) => {
                         tracing::warn!(%detail, "a watch stream ended: storage unavailable");
                         Status::with_error_details(
