@@ -400,6 +400,11 @@ async fn user_service_streams_an_account_as_server_sent_events() {
     assert!(seen.contains(r#""cash_balance":"30.00""#), "the second entry: {seen}");
     assert!(seen.contains(r#""cash_balance":"35.00""#), "the live one: {seen}");
 
+    // A stream ends when the token that opened it expires, saying so.
+    let short = format!("Bearer {}", jwt("sse", 2, &key, jsonwebtoken::Algorithm::HS256));
+    let expired = http_stream(services.user, path, &[("authorization", &short)], "event: end").await;
+    assert!(expired.contains("the token expired"), "{expired}");
+
     let other = http_stream(
         services.user,
         path,

@@ -177,10 +177,10 @@ impl EndUserAuth {
         matches!(self, EndUserAuth::Jwt { .. })
     }
 
-    /// The `sub` of a valid token in `header` (`Bearer <jwt>`), or 401.
-    fn subject(&self, header: Option<&HeaderValue>) -> Result<EndUser, ApiError> {
+    /// The `sub` of a valid token in `header` (`Bearer <jwt>`) and when it expires, or 401.
+    fn subject(&self, header: Option<&HeaderValue>) -> Result<(EndUser, Option<TokenExpiry>), ApiError> {
         let EndUserAuth::Jwt { key, validation } = self else {
-            return Ok(EndUser(None));
+            return Ok((EndUser(None), None));
         };
         let token = header
             .and_then(|value| value.to_str().ok())
@@ -204,13 +204,19 @@ impl EndUserAuth {
             };
             unauthorized(reason)
         })?;
-        Ok(EndUser(Some(data.claims.sub)))
+        Ok((EndUser(Some(data.claims.sub)), Some(TokenExpiry(data.claims.exp))))
     }
 }
+
+/// When the request's token expires (seconds since the epoch): a stream served for the request
+/// ends there (`GET /users/{id}/events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenExpiry(pub u64);
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
 }
 
 /// 401 in the envelope.
@@ -269,7 +275,12 @@ pub async fn authenticate(State(auth): State<Arc<EndUserAuth>>, mut request: Req
         return next.run(request).await;
     }
     let user = match auth.subject(request.headers().get(header::AUTHORIZATION)) {
-        Ok(user) => user,
+        Ok((user, expiry)) => {
+            if let Some(expiry) = expiry {
+                request.extensions_mut().insert(expiry);
+            }
+            user
+        }
         Err(error) => {
             tracing::info!(reason = %error.message, "request refused: unauthenticated");
             let mut response = error.into_response();
@@ -368,7 +379,7 @@ mod tests {
         .unwrap();
         let header = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
         match auth.subject(Some(&header)) {
-            Ok(user) => Ok(user.0.unwrap()),
+            Ok((user, _)) => Ok(user.0.unwrap()),
             Err(error) => {
                 assert_eq!(error.status, StatusCode::UNAUTHORIZED);
                 Err(error.message)

@@ -34,6 +34,9 @@ pub const COORDINATOR_SERVICE: &str = "lockstep.coordinator.v1.Coordinator";
 #[derive(Debug, Clone)]
 pub struct CoordinatorConnection {
     client: CoordinatorClient<Channel>,
+    /// Long-lived streams (WatchLedger) on a connection of their own, without the request
+    /// timeout: many open streams never take the HTTP/2 stream slots the calls need.
+    streams: CoordinatorClient<Channel>,
     health: HealthClient<Channel>,
     request_timeout: Duration,
     /// `Bearer <token>` for the `authorization` metadata of every call, when configured.
@@ -119,14 +122,15 @@ impl CoordinatorConnection {
     pub fn connect_lazy(settings: &CoordinatorSettings) -> Result<Self, ConnectError> {
         let mut endpoint = Endpoint::from_shared(settings.coordinator_url.clone())?
             .connect_timeout(settings.connect_timeout())
-            .timeout(settings.request_timeout())
             .tcp_nodelay(true);
         if let Some(tls) = tls_of(settings)? {
             endpoint = endpoint.tls_config(tls)?;
         }
-        let channel = endpoint.connect_lazy();
+        let streams = endpoint.connect_lazy();
+        let channel = endpoint.timeout(settings.request_timeout()).connect_lazy();
         Ok(Self {
             client: CoordinatorClient::new(channel.clone()),
+            streams: CoordinatorClient::new(streams),
             health: HealthClient::new(channel),
             request_timeout: settings.request_timeout(),
             token: token_of(settings)?,
@@ -158,7 +162,7 @@ impl CoordinatorConnection {
         if let Some(BearerToken(value)) = &self.token {
             request.metadata_mut().insert("authorization", value.clone());
         }
-        let response = self.client.clone().watch_ledger(request).await?;
+        let response = self.streams.clone().watch_ledger(request).await?;
         Ok(response.into_inner())
     }
 

@@ -28,6 +28,7 @@ use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
+use lockstep_client_common::auth::TokenExpiry;
 use lockstep_client_common::{
     ApiError, ApiResult, CoordinatorConnection, CoordinatorSettings, EndUserSettings, JsonBody, PageParams,
     QueryParams, RequestContext, ok,
@@ -71,6 +72,7 @@ async fn events(
     State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
+    expiry: Option<axum::Extension<TokenExpiry>>,
     headers: axum::http::HeaderMap,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
     let after = match headers.get("last-event-id") {
@@ -82,9 +84,27 @@ async fn events(
             .ok_or_else(|| ApiError::bad_request(Some("Last-Event-ID"), "must be an entry's sequence"))?,
     };
     let stream = coordinator.watch_ledger(&context, user_id, after).await?;
-    let events = futures_util::stream::unfold(Some(stream), |stream| async move {
+    // The stream ends when the token that opened it expires: the browser reconnects with a
+    // fresh one (and `Last-Event-ID`).
+    let expires = expiry.map(|axum::Extension(TokenExpiry(at))| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        tokio::time::Instant::now() + std::time::Duration::from_secs(at.saturating_sub(now))
+    });
+    let events = futures_util::stream::unfold(Some(stream), move |stream| async move {
         let mut stream = stream?;
-        let event = match stream.message().await {
+        let message = match expires {
+            Some(at) => tokio::select! {
+                message = stream.message() => message,
+                () = tokio::time::sleep_until(at) => {
+                    let end = json!({"code": "Unauthenticated", "message": "the token expired: reconnect with a fresh one and Last-Event-ID"});
+                    return Some((Ok(Event::default().event("end").data(end.to_string())), None));
+                }
+            },
+            None => stream.message().await,
+        };
+        let event = match message {
             Ok(Some(pb::LedgerEvent {
                 event: Some(pb::ledger_event::Event::Entry(entry)),
             })) => Event::default()
