@@ -73,6 +73,12 @@ pub async fn run(settings: &Settings, server: Option<&str>, command: AdminComman
         Some(url) => through_server(url, command).await,
         None => on_storage(settings, command).await,
     };
+    exit_code(result)
+}
+
+/// A command's exit code: its own, or 1 for a refusal and 2 for a command that could not run,
+/// with the reason on stderr.
+fn exit_code(result: Result<ExitCode, Failure>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(Failure::Refused(message)) => {
@@ -312,17 +318,7 @@ pub fn format_contended(reply: &pb::ContendedUsersReply) -> String {
 
 /// `coordinator watch`: WatchLedger on `server`, each event printed as one JSON line.
 pub async fn watch(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> ExitCode {
-    match follow(user, from, server, token_file).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Refused(message)) => {
-            eprintln!("coordinator: {message}");
-            ExitCode::from(1)
-        }
-        Err(Failure::CannotRun(message)) => {
-            eprintln!("coordinator: {message}");
-            ExitCode::from(2)
-        }
-    }
+    exit_code(follow(user, from, server, token_file).await.map(|()| ExitCode::SUCCESS))
 }
 
 async fn follow(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> Result<(), Failure> {

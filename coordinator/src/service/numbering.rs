@@ -150,36 +150,41 @@ mod tests {
         coordinator.storage().query(query).await.unwrap().items
     }
 
-    /// Turns `who`'s data into what a coordinator before sequences left: each entry keyed by
-    /// its id and carrying a version-like sequence (with gaps), the account without `entries`.
-    async fn as_written_before_sequences(coordinator: &TransactionCoordinator, who: &str) {
+    /// Moves one sequenced entry back to its id key, written with `written` as its sequence
+    /// (None: no sequence at all), as a coordinator before sequences would have left it.
+    async fn move_to_id_key(coordinator: &TransactionCoordinator, who: &str, item: &Item, written: Option<u64>) {
         let storage = coordinator.storage();
-        for item in ledger_items(coordinator, who).await {
-            let entry = model::ledger_from_item(&item).unwrap();
-            let mut old = item.clone();
-            let key = model::ledger_key(&user(who), entry.entry_id.as_str());
-            old.insert("sk".to_owned(), Value::S(key.sk.clone()));
-            if entry.sequence == 1 {
-                // The oldest entries were written with no sequence at all.
-                old.remove("sequence");
-            } else {
-                old.insert("sequence".to_owned(), Value::N((entry.sequence * 3).to_string()));
-            }
-            let put = Put {
-                item: old,
-                condition: None,
-                bindings: Default::default(),
-            };
-            storage.put(put).await.unwrap();
-            let delete = Delete {
-                key: model::entry_key(&user(who), entry.sequence),
-                condition: None,
-                bindings: Default::default(),
-            };
-            storage.delete(delete).await.unwrap();
-        }
+        let entry = model::ledger_from_item(item).unwrap();
+        let mut old = item.clone();
+        let key = model::ledger_key(&user(who), entry.entry_id.as_str());
+        old.insert("sk".to_owned(), Value::S(key.sk));
+        match written {
+            Some(written) => old.insert("sequence".to_owned(), Value::N(written.to_string())),
+            None => old.remove("sequence"),
+        };
+        let put = Put {
+            item: old,
+            condition: None,
+            bindings: Default::default(),
+        };
+        storage.put(put).await.unwrap();
+        let delete = Delete {
+            key: model::entry_key(&user(who), entry.sequence),
+            condition: None,
+            bindings: Default::default(),
+        };
+        storage.delete(delete).await.unwrap();
+    }
+
+    /// Rewrites `who`'s account as a coordinator before sequences last left it: `entries` set
+    /// to `entries` (None: absent), no `entries_at`, the version moved.
+    async fn account_written_before_sequences(coordinator: &TransactionCoordinator, who: &str, entries: Option<u64>) {
+        let storage = coordinator.storage();
         let mut account = storage.get(model::account_key(&user(who))).await.unwrap().unwrap();
-        account.remove("entries");
+        match entries {
+            Some(entries) => account.insert("entries".to_owned(), Value::N(entries.to_string())),
+            None => account.remove("entries"),
+        };
         account.remove("entries_at");
         bump_version(&mut account);
         let put = Put {
@@ -188,6 +193,18 @@ mod tests {
             bindings: Default::default(),
         };
         storage.put(put).await.unwrap();
+    }
+
+    /// Turns `who`'s data into what a coordinator before sequences left: each entry keyed by
+    /// its id and carrying a version-like sequence (with gaps; the oldest none at all), the
+    /// account without `entries`.
+    async fn as_written_before_sequences(coordinator: &TransactionCoordinator, who: &str) {
+        for item in ledger_items(coordinator, who).await {
+            let sequence = model::ledger_from_item(&item).unwrap().sequence;
+            let written = (sequence > 1).then_some(sequence * 3);
+            move_to_id_key(coordinator, who, &item, written).await;
+        }
+        account_written_before_sequences(coordinator, who, None).await;
     }
 
     /// Every writer moves the version; so did the old coordinator.
@@ -270,36 +287,9 @@ mod tests {
     /// One entry moved back to its id key with a version-like sequence, the account's
     /// `entries_at` stale: what one write by an old coordinator leaves.
     async fn as_written_before_sequences_one(coordinator: &TransactionCoordinator, who: &str, item: Item) {
-        let storage = coordinator.storage();
-        let entry = model::ledger_from_item(&item).unwrap();
-        let mut old = item.clone();
-        old.insert(
-            "sk".to_owned(),
-            Value::S(model::ledger_key(&user(who), entry.entry_id.as_str()).sk),
-        );
-        old.insert("sequence".to_owned(), Value::N("1000".to_owned()));
-        let put = Put {
-            item: old,
-            condition: None,
-            bindings: Default::default(),
-        };
-        storage.put(put).await.unwrap();
-        let delete = Delete {
-            key: model::entry_key(&user(who), entry.sequence),
-            condition: None,
-            bindings: Default::default(),
-        };
-        storage.delete(delete).await.unwrap();
-        let mut account = storage.get(model::account_key(&user(who))).await.unwrap().unwrap();
-        account.insert("entries".to_owned(), Value::N((entry.sequence - 1).to_string()));
-        account.remove("entries_at");
-        bump_version(&mut account);
-        let put = Put {
-            item: account,
-            condition: None,
-            bindings: Default::default(),
-        };
-        storage.put(put).await.unwrap();
+        let sequence = model::ledger_from_item(&item).unwrap().sequence;
+        move_to_id_key(coordinator, who, &item, Some(1000)).await;
+        account_written_before_sequences(coordinator, who, Some(sequence - 1)).await;
     }
 
     /// More entries than one transaction numbers: several steps, the places still in order.
