@@ -48,6 +48,11 @@ async fn inspect_release_and_audit_through_the_running_server() {
     assert!(out.contains("lease: free"), "{out}");
     assert!(out.contains("last ledger entries: 2"), "{out}");
     assert!(out.contains("deposited 125.50 of 10000.00"), "{out}");
+    assert!(out.contains("ledger: 2 entries\n"), "the last sequence: {out}");
+    assert!(
+        out.contains("  #2 ") && out.contains("  #1 "),
+        "each entry's sequence: {out}"
+    );
 
     // A holder that died without releasing: its lease outlives it.
     let user = UserId::parse("user_id", "olivia").unwrap();

@@ -227,7 +227,18 @@ pub fn format_inspection(reply: &pb::InspectReply) -> String {
         reply.user_id,
         if reply.account_exists { "" } else { " (no account)" }
     );
-    let _ = writeln!(text, "cash: {}  version: {}", reply.cash, reply.version);
+    let _ = writeln!(
+        text,
+        "cash: {}  version: {}  ledger: {} entries{}",
+        reply.cash,
+        reply.version,
+        reply.ledger_entries,
+        if reply.numbering_pending {
+            " (entries written before sequences wait to be numbered at the next write)"
+        } else {
+            ""
+        }
+    );
     let holdings: Vec<String> = reply
         .holdings
         .iter()
@@ -276,7 +287,8 @@ pub fn format_inspection(reply: &pb::InspectReply) -> String {
     for entry in &reply.last_entries {
         let _ = writeln!(
             text,
-            "  {} {} {} cash after {} at {}{}",
+            "  #{} {} {} {} cash after {} at {}{}",
+            entry.sequence,
             entry.entry_id,
             entry.kind,
             entry.cash_delta,

@@ -92,6 +92,8 @@ pub async fn inspect(
         transferred_today: account.transferred_on(today).to_string(),
         daily_transfer_limit: limits.daily_transfer.to_string(),
         version: account.version,
+        ledger_entries: account.entries,
+        numbering_pending: account.exists() && account.needs_numbering,
         lease: lease.as_ref().map(|lease| lease_message(lease, now)),
         owner,
         last_entries: last_entries
@@ -103,6 +105,7 @@ pub async fn inspect(
                 cash_after: entry.cash_after.to_string(),
                 created_at: rfc3339(entry.created_at_ms),
                 request_id: entry.request_id.unwrap_or_default(),
+                sequence: entry.sequence,
             })
             .collect(),
     })
