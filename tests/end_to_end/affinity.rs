@@ -173,6 +173,15 @@ struct FakeOwner {
 
 #[tonic::async_trait]
 impl pb::peer_server::Peer for FakeOwner {
+    type ForwardWatchStream = lockstep_coordinator::transport::WatchStream;
+
+    async fn forward_watch(
+        &self,
+        _request: Request<pb::WatchLedgerRequest>,
+    ) -> Result<Response<Self::ForwardWatchStream>, Status> {
+        Err(Status::unimplemented("forwarded mutations only"))
+    }
+
     async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
         let metadata = request.metadata().clone();
         let message = request.into_inner();
@@ -692,4 +701,77 @@ async fn a_coordinator_that_shuts_down_leaves_at_once() {
         "{:?}",
         left.elapsed()
     );
+}
+
+/// A WatchLedger stream opened on a coordinator that does not own the account is served by the
+/// owner and relayed: the owner's commits reach it at once, although every coordinator here
+/// polls storage only once a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_is_served_by_the_accounts_owner() {
+    let slow_poll = || AppOptions::default().affinity().flag("--watch-poll-ms", 60_000);
+    let first = spawn_app_with(EngineKind::DynoxideHttp, slow_poll()).await;
+    let second = spawn_peer(&first, slow_poll()).await;
+    let third = spawn_peer(&first, slow_poll()).await;
+    let apps = [&first, &second, &third];
+    for app in apps {
+        wait_for_members(app, 3).await;
+    }
+    let names: Vec<String> = apps.iter().map(|app| name_of(app)).collect();
+    let user = user_owned_by(&names, &names[1], "watched");
+    first.deposit(&user, "1.00").await.expect("first deposit");
+    let before = counts(&third).forwarded;
+    let mut stream = third
+        .client()
+        .await
+        .watch_ledger(pb::WatchLedgerRequest {
+            user_id: user.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(counts(&third).forwarded, before + 1, "the watch went to the owner");
+    assert_eq!(next_entry_sequence(&mut stream).await, 1);
+    first.deposit(&user, "2.00").await.expect("second deposit");
+    assert_eq!(next_entry_sequence(&mut stream).await, 2);
+    // A bad cursor is the owner's refusal, relayed.
+    let refused = third
+        .client()
+        .await
+        .watch_ledger(pb::WatchLedgerRequest {
+            user_id: user.clone(),
+            after_sequence: 9,
+        })
+        .await
+        .expect_err("past the end");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // The relaying coordinator's drain ends the relayed stream too, with its cursor.
+    drop(third);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the relayed stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the drain ends the relayed stream");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("after_sequence=2"), "{}", ended.message());
+}
+
+/// The next entry's sequence on `stream`, well before a minute's poll.
+async fn next_entry_sequence(stream: &mut tonic::Streaming<pb::LedgerEvent>) -> u64 {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event well before the minute's poll")
+            .expect("healthy")
+            .expect("open");
+        if let Some(pb::ledger_event::Event::Entry(entry)) = event.event {
+            return entry.sequence;
+        }
+    }
 }

@@ -233,6 +233,66 @@ impl Forwarder {
         }
     }
 
+    /// Opens `request`'s WatchLedger stream at the owner of `account` when that is another
+    /// coordinator and it answers: Some(the owner's stream, or its refusal), or None to serve
+    /// the stream here (owned here, already forwarded, or the owner out of reach).
+    pub async fn watch(
+        &self,
+        origin: &Origin,
+        account: &UserId,
+        request: pb::WatchLedgerRequest,
+    ) -> Option<Result<tonic::Streaming<pb::LedgerEvent>, Status>> {
+        if origin.forwarded {
+            return None;
+        }
+        let Owner::Peer(owner) = self.membership.owner_of(account) else {
+            return None;
+        };
+        if self.skipped(&owner) {
+            self.served_here();
+            return None;
+        }
+        let Ok(channel) = self.channel(&owner) else {
+            self.mark_unreachable(&owner);
+            self.served_here();
+            return None;
+        };
+        let mut request = tonic::Request::new(request);
+        // Until the stream opens; then it lasts as long as its caller stays.
+        request.set_timeout(FORWARD_DEADLINE_DEFAULT);
+        let metadata = request.metadata_mut();
+        for (name, value) in &origin.trace {
+            metadata.insert(*name, value.clone());
+        }
+        if let Some(authorization) = &self.credentials.authorization {
+            metadata.insert("authorization", authorization.clone());
+        }
+        match PeerClient::new(channel).forward_watch(request).await {
+            Ok(stream) => {
+                self.count(&self.forwarded, "forwarded");
+                Some(Ok(stream.into_inner()))
+            }
+            // The owner's own refusal (no account, a cursor past the end, too many watchers).
+            Err(status)
+                if status.source().is_none()
+                    && !never_sent(&status)
+                    && !matches!(
+                        status.code(),
+                        Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented | Code::Unavailable
+                    ) =>
+            {
+                self.count(&self.forwarded, "forwarded");
+                Some(Err(status))
+            }
+            Err(status) => {
+                tracing::warn!(peer = %owner.name, code = ?status.code(), error = %status.message(), "cannot open the watch at the owner coordinator; serving it here");
+                self.mark_unreachable(&owner);
+                self.served_here();
+                None
+            }
+        }
+    }
+
     fn served_here(&self) -> Routed {
         self.count(&self.served_here, "served_here");
         Routed::Here

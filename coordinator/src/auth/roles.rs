@@ -79,6 +79,7 @@ pub const RULES: &[(&str, Access)] = &[
     ("/lockstep.coordinator.v1.Coordinator/UpsertAsset", ADMIN),
     ("/lockstep.coordinator.v1.Admin/", ADMIN),
     ("/lockstep.coordinator.v1.Peer/Forward", PEER),
+    ("/lockstep.coordinator.v1.Peer/ForwardWatch", PEER),
 ];
 
 /// What `path` requires; None when the table does not name it (nobody may call it).

@@ -375,6 +375,11 @@ impl TransactionCoordinator {
         self.watchers.drain();
     }
 
+    /// Turns true at the drain: streams relayed from another coordinator end on it too.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.watchers.draining()
+    }
+
     pub fn incarnation(&self) -> &str {
         &self.incarnation
     }

@@ -151,6 +151,10 @@ impl Watchers {
         self.draining.send_replace(true);
     }
 
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
     fn open(self: &Arc<Self>, user: &UserId) -> Result<WatchSlot, ServiceError> {
         if *self.draining.borrow() {
             return Err(ServiceError::Unavailable("the coordinator is shutting down".to_owned()));

@@ -63,6 +63,54 @@ pub const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(1);
 pub type WatchStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::LedgerEvent, Status>> + Send + 'static>>;
 
+/// A stream relayed from the account's owner, unchanged, except that this coordinator's drain
+/// ends it too (UNAVAILABLE naming the last sequence relayed), as it ends its own streams.
+fn relayed(
+    stream: tonic::Streaming<pb::LedgerEvent>,
+    draining: tokio::sync::watch::Receiver<bool>,
+    after_sequence: u64,
+) -> WatchStream {
+    Box::pin(futures_util::stream::unfold(
+        Some((stream, draining, after_sequence)),
+        |state| async move {
+            let (mut stream, mut draining, last) = state?;
+            loop {
+                let is_draining = *draining.borrow_and_update();
+                if is_draining {
+                    let status = Status::with_error_details(
+                        Code::Unavailable,
+                        format!(
+                            "The coordinator is shutting down; resume with after_sequence={last} (any coordinator of the table)"
+                        ),
+                        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+                    );
+                    return Some((Err(status), None));
+                }
+                tokio::select! {
+                    message = stream.message() => {
+                        return match message {
+                            Ok(Some(event)) => {
+                                let last = match &event.event {
+                                    Some(pb::ledger_event::Event::Entry(entry)) => entry.sequence,
+                                    _ => last,
+                                };
+                                Some((Ok(event), Some((stream, draining, last))))
+                            }
+                            Ok(None) => None,
+                            Err(status) => Some((Err(status), None)),
+                        };
+                    }
+                    changed = draining.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                    }
+                }
+            }
+        },
+    ))
+}
+
 /// The service's watch events as messages; an ending becomes the stream's last status, naming
 /// the cursor to resume from.
 fn watch_stream(events: tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchStream {
@@ -347,6 +395,16 @@ fn transfer_of(reply: pb::forward_reply::Reply) -> Option<pb::TransferReply> {
 impl CoordinatorService {
     /// The owner's answer when another coordinator owns `account` (its reply as `pick` takes
     /// it), or None: the call is served here.
+    /// A WatchLedger stream served by this coordinator.
+    async fn watch_here(&self, user: UserId, after_sequence: u64) -> Result<Response<WatchStream>, Status> {
+        let events = self
+            .coordinator
+            .watch_ledger(user, after_sequence)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(watch_stream(events)))
+    }
+
     async fn forwarded<T>(
         &self,
         origin: &Origin,
@@ -470,6 +528,17 @@ pub struct PeerService(CoordinatorService);
 
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
+    type ForwardWatchStream = WatchStream;
+
+    async fn forward_watch(
+        &self,
+        request: Request<pb::WatchLedgerRequest>,
+    ) -> Result<Response<Self::ForwardWatchStream>, Status> {
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        self.0.watch_here(user, message.after_sequence).await
+    }
+
     async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
         let mut origin = origin_of(&request);
         let message = request.into_inner();
@@ -606,14 +675,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::WatchLedgerRequest>,
     ) -> Result<Response<Self::WatchLedgerStream>, Status> {
+        let origin = origin_of(&request);
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let events = self
-            .coordinator
-            .watch_ledger(user, message.after_sequence)
-            .await
-            .map_err(status_of)?;
-        Ok(Response::new(watch_stream(events)))
+        if let Some(forwarder) = &self.forwarder
+            && let Some(opened) = forwarder.watch(&origin, &user, message.clone()).await
+        {
+            // The owner's stream, relayed: its commits reach the stream at once there.
+            return Ok(Response::new(relayed(
+                opened?,
+                self.coordinator.draining(),
+                message.after_sequence,
+            )));
+        }
+        self.watch_here(user, message.after_sequence).await
     }
 
     async fn list_assets(
