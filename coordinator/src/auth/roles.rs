@@ -12,8 +12,9 @@ pub enum Role {
     Reader,
     /// UpsertAsset and the admin service.
     Admin,
-    /// Another coordinator of the same table: `Peer/Forward` only, which serves a mutation in
-    /// the name of the principal the forwarding coordinator authenticated.
+    /// Another coordinator of the same table: `Peer/Forward`, which serves a mutation in the
+    /// name of the principal the forwarding coordinator authenticated, and `Peer/ForwardWatch`
+    /// (a WatchLedger stream at the account's owner), only.
     Peer,
 }
 
