@@ -96,15 +96,22 @@ struct Acknowledged {
 /// Lazily connected channels, one per coordinator; an attempt goes to a random one, as behind
 /// a load balancer. Reconnects by itself after a coordinator restarts.
 pub fn channels(endpoints: &[String]) -> Vec<CoordinatorClient<Channel>> {
+    channels_with(endpoints, Some(RPC_TIMEOUT))
+}
+
+/// As [`channels`], each call bounded by `timeout` (None for streams, which last as long as the
+/// test).
+fn channels_with(endpoints: &[String], timeout: Option<Duration>) -> Vec<CoordinatorClient<Channel>> {
     endpoints
         .iter()
         .map(|endpoint| {
-            let channel = Endpoint::from_shared(endpoint.clone())
+            let mut endpoint = Endpoint::from_shared(endpoint.clone())
                 .expect("coordinator endpoint")
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(RPC_TIMEOUT)
-                .connect_lazy();
-            CoordinatorClient::new(channel)
+                .connect_timeout(Duration::from_secs(1));
+            if let Some(timeout) = timeout {
+                endpoint = endpoint.timeout(timeout);
+            }
+            CoordinatorClient::new(endpoint.connect_lazy())
         })
         .collect()
 }
@@ -403,17 +410,7 @@ pub struct Watched {
 /// checking that each entry is the one after it.
 pub async fn watch_account(user: String, endpoints: Vec<String>, watched: std::sync::Arc<Watched>) {
     use std::sync::atomic::Ordering;
-    // No channel timeout: a stream lasts as long as the test.
-    let clients: Vec<CoordinatorClient<Channel>> = endpoints
-        .iter()
-        .map(|endpoint| {
-            let channel = Endpoint::from_shared(endpoint.clone())
-                .expect("coordinator endpoint")
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy();
-            CoordinatorClient::new(channel)
-        })
-        .collect();
+    let clients = channels_with(&endpoints, None);
     for turn in 0.. {
         let mut client = clients[turn % clients.len()].clone();
         let after_sequence = watched.last.load(Ordering::SeqCst);

@@ -137,38 +137,17 @@ impl Forwarder {
         retry_safe: bool,
         call: impl FnOnce() -> pb::forward_request::Call,
     ) -> Routed {
-        if origin.forwarded {
-            return Routed::Here;
-        }
-        let Owner::Peer(owner) = self.membership.owner_of(account) else {
+        let Some((owner, channel)) = self.owner_channel(origin, account) else {
             return Routed::Here;
         };
-        if self.skipped(&owner) {
-            return self.served_here();
-        }
-        let channel = match self.channel(&owner) {
-            Ok(channel) => channel,
-            Err(error) => {
-                tracing::warn!(peer = %owner.name, address = %owner.address, %error, "cannot dial the owner coordinator; serving here");
-                self.mark_unreachable(&owner);
-                return self.served_here();
-            }
-        };
-        let mut request = tonic::Request::new(pb::ForwardRequest {
-            principal: origin.principal.to_string(),
-            call: Some(call()),
-        });
         let remaining = origin.deadline.map_or(FORWARD_DEADLINE_DEFAULT, |deadline| {
             deadline.saturating_duration_since(Instant::now())
         });
-        request.set_timeout(remaining);
-        let metadata = request.metadata_mut();
-        for (name, value) in &origin.trace {
-            metadata.insert(*name, value.clone());
-        }
-        if let Some(authorization) = &self.credentials.authorization {
-            metadata.insert("authorization", authorization.clone());
-        }
+        let message = pb::ForwardRequest {
+            principal: origin.principal.to_string(),
+            call: Some(call()),
+        };
+        let request = self.to_owner(origin, message, remaining);
         let until = Instant::now() + remaining;
         let Ok(result) = tokio::time::timeout_at(until, PeerClient::new(channel).forward(request)).await else {
             // The caller's deadline passed while the owner worked on the call; the owner may still
@@ -242,31 +221,9 @@ impl Forwarder {
         account: &UserId,
         request: pb::WatchLedgerRequest,
     ) -> Option<Result<tonic::Streaming<pb::LedgerEvent>, Status>> {
-        if origin.forwarded {
-            return None;
-        }
-        let Owner::Peer(owner) = self.membership.owner_of(account) else {
-            return None;
-        };
-        if self.skipped(&owner) {
-            self.served_here();
-            return None;
-        }
-        let Ok(channel) = self.channel(&owner) else {
-            self.mark_unreachable(&owner);
-            self.served_here();
-            return None;
-        };
-        let mut request = tonic::Request::new(request);
+        let (owner, channel) = self.owner_channel(origin, account)?;
         // Until the stream opens; then it lasts as long as its caller stays.
-        request.set_timeout(FORWARD_DEADLINE_DEFAULT);
-        let metadata = request.metadata_mut();
-        for (name, value) in &origin.trace {
-            metadata.insert(*name, value.clone());
-        }
-        if let Some(authorization) = &self.credentials.authorization {
-            metadata.insert("authorization", authorization.clone());
-        }
+        let request = self.to_owner(origin, request, FORWARD_DEADLINE_DEFAULT);
         match PeerClient::new(channel).forward_watch(request).await {
             Ok(stream) => {
                 self.count(&self.forwarded, "forwarded");
@@ -291,6 +248,46 @@ impl Forwarder {
                 None
             }
         }
+    }
+
+    /// The owner of `account` and a channel to it, when the call should go there: not already
+    /// forwarded, owned by another coordinator, and that one not known out of reach (then the
+    /// call is counted as served here).
+    fn owner_channel(&self, origin: &Origin, account: &UserId) -> Option<(Peer, Channel)> {
+        if origin.forwarded {
+            return None;
+        }
+        let Owner::Peer(owner) = self.membership.owner_of(account) else {
+            return None;
+        };
+        if self.skipped(&owner) {
+            self.served_here();
+            return None;
+        }
+        match self.channel(&owner) {
+            Ok(channel) => Some((owner, channel)),
+            Err(error) => {
+                tracing::warn!(peer = %owner.name, address = %owner.address, %error, "cannot dial the owner coordinator; serving here");
+                self.mark_unreachable(&owner);
+                self.served_here();
+                None
+            }
+        }
+    }
+
+    /// `message` as sent to the owner: with `timeout`, the caller's trace context and this
+    /// coordinator's peer credentials.
+    fn to_owner<T>(&self, origin: &Origin, message: T, timeout: Duration) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        let metadata = request.metadata_mut();
+        for (name, value) in &origin.trace {
+            metadata.insert(*name, value.clone());
+        }
+        if let Some(authorization) = &self.credentials.authorization {
+            metadata.insert("authorization", authorization.clone());
+        }
+        request
     }
 
     fn served_here(&self) -> Routed {

@@ -264,16 +264,15 @@ impl TransactionCoordinator {
                 .await
             {
                 Ok(()) => {
-                    if self.watchers.watching(&held.user) {
-                        let entries: Vec<LedgerEntry> = answers
+                    self.watchers.committed(&held.user, || {
+                        answers
                             .iter()
                             .filter_map(|(_, answer)| match answer {
                                 Answer::Commit(receipt) => Some(receipt.entry.clone()),
                                 Answer::Refuse { .. } => None,
                             })
-                            .collect();
-                        self.watchers.committed(&held.user, entries);
-                    }
+                            .collect()
+                    });
                     return Ending::Committed {
                         answers,
                         after: Box::new(after),

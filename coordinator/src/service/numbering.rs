@@ -22,7 +22,7 @@ use crate::core::ops::LeaseKind;
 use crate::storage::model::{self, NUMBERED_PER_TRANSACTION, UnsequencedEntry};
 use crate::storage::{Key, StorageError};
 
-use super::{HeldLease, ServiceError, TransactionCoordinator, retry_safe};
+use super::{HeldLease, ServiceError, TransactionCoordinator};
 
 /// The operation name a reader's numbering takes the lease under (seen by `inspect`).
 pub const NUMBERING: &str = "NUMBER_LEDGER";
@@ -41,22 +41,14 @@ impl TransactionCoordinator {
             ));
         };
         let mut unnumbered = Vec::new();
-        let mut start_after: Option<Key> = None;
-        loop {
-            let query = model::unsequenced_entries(&held.user, start_after.clone());
-            let page = retry_safe(|| self.storage.query(query.clone())).await?;
-            for item in &page.items {
-                let entry = model::unsequenced_entry_from_item(item)?;
-                if !entry.numbered {
-                    unnumbered.push(entry);
-                }
-            }
-            match page.last_key {
-                Some(last) => start_after = Some(last),
-                None => break,
+        for item in self.unsequenced_items(&held.user).await? {
+            let entry = model::unsequenced_entry_from_item(&item)?;
+            if !entry.numbered {
+                unnumbered.push(entry);
             }
         }
-        // The order they were written in: the account's version then, unique per entry.
+        // The order they were written in: the account's version then (0 for the oldest, which
+        // carry none), then the id (UUID v7, by creation time).
         unnumbered
             .sort_by(|a: &UnsequencedEntry, b| (a.written_sequence, &a.key.sk).cmp(&(b.written_sequence, &b.key.sk)));
         let mut entries = held.account.entries;
@@ -91,11 +83,9 @@ impl TransactionCoordinator {
         if !unnumbered.is_empty() {
             tracing::info!(user = %held.user, numbered = unnumbered.len(), entries, "numbered the ledger entries written before sequences");
             crate::telemetry::metrics::entries_numbered(unnumbered.len());
-        }
-        held.account.entries = entries;
-        if !unnumbered.is_empty() {
             held.account.legacy_through = entries;
         }
+        held.account.entries = entries;
         held.account.needs_numbering = false;
         Ok(())
     }

@@ -8,7 +8,7 @@ use crate::core::{Account, FieldError, OrderId, UserId};
 use crate::storage::model::{self, UserCollection};
 use crate::storage::{Item, Value};
 
-use super::{Missing, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, PageOf, ServiceError, TransactionCoordinator};
+use super::{Missing, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, PageOf, ServiceError, TransactionCoordinator, retry_safe};
 
 /// Longest page token accepted: a cursor is a sort key (a prefix and a UUID) in base64, far
 /// shorter; anything longer was not issued by this service.
@@ -143,22 +143,11 @@ impl TransactionCoordinator {
         }
         // Places taken by entries written before sequences (numbered where they lie, keyed
         // by id): merged in by their sequence.
-        let mut start_after = None;
-        loop {
-            let page = self
-                .storage
-                .query(model::unsequenced_entries(user, start_after.clone()))
-                .await?;
-            for item in &page.items {
-                let numbered = model::unsequenced_entry_from_item(item)?.numbered;
-                let entry = model::ledger_from_item(item)?;
-                if numbered && entry.sequence > after {
-                    entries.push(entry);
-                }
-            }
-            match page.last_key {
-                Some(last) => start_after = Some(last),
-                None => break,
+        for item in self.unsequenced_items(user).await? {
+            let numbered = model::unsequenced_entry_from_item(&item)?.numbered;
+            let entry = model::ledger_from_item(&item)?;
+            if numbered && entry.sequence > after {
+                entries.push(entry);
             }
         }
         entries.sort_by_key(|entry| entry.sequence);
@@ -170,6 +159,21 @@ impl TransactionCoordinator {
             .min(limit as usize);
         entries.truncate(run);
         Ok(entries)
+    }
+
+    /// Every entry of `user` written before sequences (keyed by id), page by page.
+    pub(super) async fn unsequenced_items(&self, user: &UserId) -> Result<Vec<Item>, ServiceError> {
+        let mut items = Vec::new();
+        let mut start_after = None;
+        loop {
+            let query = model::unsequenced_entries(user, start_after);
+            let page = retry_safe(|| self.storage.query(query.clone())).await?;
+            items.extend(page.items);
+            match page.last_key {
+                Some(last) => start_after = Some(last),
+                None => return Ok(items),
+            }
+        }
     }
 
     /// Whether `user` has any entry written before sequences (one item read at most).

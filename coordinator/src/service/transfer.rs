@@ -453,7 +453,7 @@ impl TransactionCoordinator {
             }
             self.known.remember(&party.user, after);
             // Woken only: the receiver's entry is not in the answer; the watcher reads it.
-            self.watchers.committed(&party.user, Vec::new());
+            self.watchers.committed(&party.user, Vec::new);
         }
         attempt.answer
     }

@@ -72,7 +72,7 @@ impl AccountWatch {
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
     Entry(Box<LedgerEntry>),
-    /// Nothing new: the last sequence sent (the cursor) and when storage was last read.
+    /// Nothing new: the last sequence sent (the cursor), and when.
     Progress {
         latest_sequence: u64,
         at: Millis,
@@ -123,20 +123,17 @@ impl Watchers {
         }
     }
 
-    /// Whether anyone watches `user`'s account here (cheap when nobody watches anything).
-    pub(super) fn watching(&self, user: &UserId) -> bool {
-        self.open.load(Ordering::Relaxed) > 0 && self.accounts.lock().expect("watchers poisoned").contains_key(user)
-    }
-
     /// A commit on `user`'s account landed here with `entries` (in sequence order; empty when
-    /// the committer does not have them at hand): keep them for its watchers and wake them.
-    pub(super) fn committed(&self, user: &UserId, entries: Vec<LedgerEntry>) {
+    /// the committer does not have them at hand; built only when someone watches the
+    /// account): keep them for its watchers and wake them.
+    pub(super) fn committed(&self, user: &UserId, entries: impl FnOnce() -> Vec<LedgerEntry>) {
         if self.open.load(Ordering::Relaxed) == 0 {
             return;
         }
         let Some(account) = self.accounts.lock().expect("watchers poisoned").get(user).cloned() else {
             return;
         };
+        let entries = entries();
         if !entries.is_empty() {
             let mut recent = account.recent.lock().expect("recent entries poisoned");
             recent.extend(entries);
@@ -249,8 +246,7 @@ impl TransactionCoordinator {
         loop {
             let is_draining = *draining.borrow_and_update();
             if is_draining {
-                metrics::watcher_ended("drain");
-                return end(&sender, WatchEnd::Draining, cursor);
+                return stopped(&sender, Stop::Draining, cursor);
             }
             // Registered before the read, so a commit between the read and the wait wakes it.
             let woken = slot.account.notify.notified();

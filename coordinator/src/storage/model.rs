@@ -1573,12 +1573,10 @@ pub fn unsequenced_entries(user: &UserId, start_after: Option<Key>) -> Query {
         pk: user_pk(user),
         sk_prefix: UNSEQUENCED_PREFIX.to_owned(),
         newest_first: false,
-        limit: SCAN_PAGE_SIZE_FOR_NUMBERING,
+        limit: super::SCAN_PAGE_SIZE,
         start_after,
     }
 }
-
-const SCAN_PAGE_SIZE_FOR_NUMBERING: u32 = 500;
 
 /// An entry written before sequences as numbering reads it: its key, the sequence it was
 /// written with (the account's version then, which orders the entries but has gaps), and

@@ -63,6 +63,15 @@ pub const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(1);
 pub type WatchStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::LedgerEvent, Status>> + Send + 'static>>;
 
+/// How a drain ends a watch stream: UNAVAILABLE, retry at once elsewhere, after `cursor`.
+fn shutting_down(cursor: u64) -> Status {
+    Status::with_error_details(
+        Code::Unavailable,
+        format!("The coordinator is shutting down; resume with after_sequence={cursor} (any coordinator of the table)"),
+        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+    )
+}
+
 /// A stream relayed from the account's owner, unchanged, except that this coordinator's drain
 /// ends it too (UNAVAILABLE naming the last sequence relayed), as it ends its own streams.
 fn relayed(
@@ -77,14 +86,7 @@ fn relayed(
             loop {
                 let is_draining = *draining.borrow_and_update();
                 if is_draining {
-                    let status = Status::with_error_details(
-                        Code::Unavailable,
-                        format!(
-                            "The coordinator is shutting down; resume with after_sequence={last} (any coordinator of the table)"
-                        ),
-                        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
-                    );
-                    return Some((Err(status), None));
+                    return Some((Err(shutting_down(last)), None));
                 }
                 tokio::select! {
                     message = stream.message() => {
@@ -136,11 +138,7 @@ fn watch_stream(events: tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchStream 
             WatchEvent::Ended { reason, cursor } => {
                 let resume = format!("resume with after_sequence={cursor}");
                 let status = match reason {
-                    WatchEnd::Draining => Status::with_error_details(
-                        Code::Unavailable,
-                        format!("The coordinator is shutting down; {resume} (any coordinator of the table)"),
-                        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
-                    ),
+                    WatchEnd::Draining => shutting_down(cursor),
                     WatchEnd::Behind => Status::with_error_details(
                         Code::ResourceExhausted,
                         format!("The stream's reader fell behind for too long; {resume}"),
@@ -393,8 +391,6 @@ fn transfer_of(reply: pb::forward_reply::Reply) -> Option<pb::TransferReply> {
 }
 
 impl CoordinatorService {
-    /// The owner's answer when another coordinator owns `account` (its reply as `pick` takes
-    /// it), or None: the call is served here.
     /// A WatchLedger stream served by this coordinator.
     async fn watch_here(&self, user: UserId, after_sequence: u64) -> Result<Response<WatchStream>, Status> {
         let events = self
@@ -405,6 +401,8 @@ impl CoordinatorService {
         Ok(Response::new(watch_stream(events)))
     }
 
+    /// The owner's answer when another coordinator owns `account` (its reply as `pick` takes
+    /// it), or None: the call is served here.
     async fn forwarded<T>(
         &self,
         origin: &Origin,
