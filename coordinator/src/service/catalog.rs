@@ -109,9 +109,9 @@ impl Catalog {
         self.refresh_if_older_than(storage, Duration::ZERO).await
     }
 
-    /// The assets the last load found without their price copies marked.
-    fn unmarked(&self) -> Vec<Asset> {
-        self.unmarked.read().expect("catalog lock poisoned").clone()
+    /// The assets the last load found without their price copies marked, handed out once.
+    fn take_unmarked(&self) -> Vec<Asset> {
+        std::mem::take(&mut *self.unmarked.write().expect("catalog lock poisoned"))
     }
 
     /// Replaces the cache with the stored catalog.
@@ -207,7 +207,9 @@ impl TransactionCoordinator {
     /// behind): the 16 copies and the mark in one transaction, conditioned on the item still
     /// holding the price and flag read, so no copy ever holds a price the catalog item does not.
     async fn make_price_copies(&self, storage: &Storage) -> Result<(), ServiceError> {
-        for asset in self.catalog.unmarked() {
+        // Taken, not read: until the next load says otherwise, each is repaired once (a pass
+        // that finds the load recent must not write the same copies again).
+        for asset in self.catalog.take_unmarked() {
             match storage.transact(&model::repair_price_copies(&asset), None).await {
                 Ok(()) => {
                     tracing::info!(symbol = %asset.symbol, price = %asset.price, copies = model::PRICE_COPIES, "price copies written from the catalog item");
