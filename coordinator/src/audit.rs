@@ -27,6 +27,8 @@ struct UserBooks {
     ledger: Vec<LedgerEntry>,
     orders: Vec<Order>,
     committed_records: Vec<(String, String)>,
+    /// The entries the feed's journal holds copies of.
+    fed: Vec<LedgerEntry>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -192,12 +194,38 @@ fn sort_into_books(
             Ok(asset) => prices.copies.push((key, asset)),
             Err(error) => malformed(&key, error),
         },
+        StoredItem::FeedRecord { key, record, .. } => match record {
+            Ok(record) => users
+                .entry(record.user.to_string())
+                .or_default()
+                .fed
+                .extend(record.entries),
+            Err(error) => malformed(&key, error),
+        },
         // No money here, and what Lockstep did not write is not its books.
         StoredItem::AssetChange { .. }
         | StoredItem::InstanceHeartbeat { .. }
         | StoredItem::SweeperLease { .. }
         | StoredItem::Member { .. }
         | StoredItem::Foreign { .. } => {}
+    }
+}
+
+/// Every entry the feed's journal holds is the ledger's entry at that place, word for word: the
+/// feed never tells a consumer of money the ledger does not hold.
+fn check_feed_copies(books: &UserBooks, ledger: &[LedgerEntry], problems: &mut Vec<String>) {
+    for fed in &books.fed {
+        match ledger.iter().find(|entry| entry.sequence == fed.sequence) {
+            Some(entry) if entry == fed => {}
+            Some(entry) => problems.push(format!(
+                "the feed's copy of entry #{} ({}) differs from the ledger's ({})",
+                fed.sequence, fed.entry_id, entry.entry_id
+            )),
+            None => problems.push(format!(
+                "the feed holds entry #{} ({}), which the ledger does not",
+                fed.sequence, fed.entry_id
+            )),
+        }
     }
 }
 
@@ -214,6 +242,7 @@ fn check_user(
     ledger.sort_by(|a, b| (a.sequence, &a.entry_id).cmp(&(b.sequence, &b.entry_id)));
     let sums = check_ledger_chain(&ledger, &mut problems);
     check_sequences(books, &ledger, &mut problems);
+    check_feed_copies(books, &ledger, &mut problems);
     let lease = check_account(books, &ledger, &sums, report, &mut problems);
     report.ledger_entries += ledger.len();
     if let Some(lease) = lease {

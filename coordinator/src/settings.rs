@@ -267,6 +267,14 @@ pub struct Settings {
     /// (at most 10000).
     #[arg(long, env = "LOCKSTEP_WATCH_PROGRESS_MS", default_value_t = crate::service::WATCH_PROGRESS_DEFAULT.as_millis() as u64, global = true)]
     pub watch_progress_ms: u64,
+    /// WatchFeed sends a commit once it is this old, in milliseconds, and a commit acknowledged
+    /// later than half of it after its time is written to the feed again: the coordinators'
+    /// clocks must agree within half of it (docs/feed.md).
+    #[arg(long, env = "LOCKSTEP_FEED_HORIZON_MS", default_value_t = crate::service::feed::FEED_HORIZON_DEFAULT.as_millis() as u64, global = true)]
+    pub feed_horizon_ms: u64,
+    /// How often a caught-up WatchFeed stream reads the feed's journal again, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_FEED_POLL_MS", default_value_t = crate::service::feed::FEED_POLL_DEFAULT.as_millis() as u64, global = true)]
+    pub feed_poll_ms: u64,
     /// Group commit: batch commits of several users sent as one transaction.
     #[arg(long, env = "LOCKSTEP_GROUP_COMMIT", value_enum, default_value_t = GroupCommitFlag::Auto, global = true)]
     pub group_commit: GroupCommitFlag,
@@ -372,6 +380,8 @@ impl Settings {
             watch_poll: Duration::from_millis(self.watch_poll_ms),
             watch_progress: Duration::from_millis(self.watch_progress_ms),
             watch_send_stall: crate::service::WATCH_SEND_STALL_MAX,
+            feed_horizon: Duration::from_millis(self.feed_horizon_ms),
+            feed_poll: Duration::from_millis(self.feed_poll_ms),
         })
     }
 
@@ -381,7 +391,7 @@ impl Settings {
         // Each stream holds a task, a buffer of `WATCH_BUFFER` events and at most a page.
         const WATCHERS_LIMIT: u64 = 100_000;
         let lease_max = LEASE_DURATION_MAX.as_millis() as u64;
-        let bounds: [(&'static str, u64, u64, u64); 12] = [
+        let bounds: [(&'static str, u64, u64, u64); 14] = [
             ("--lease-deposit-ms", self.lease_deposit_ms, 1000, lease_max),
             ("--lease-withdraw-ms", self.lease_withdraw_ms, 1000, lease_max),
             ("--lease-trade-ms", self.lease_trade_ms, 1000, lease_max),
@@ -414,6 +424,8 @@ impl Settings {
             ("--max-watchers", self.max_watchers as u64, 0, WATCHERS_LIMIT),
             ("--watch-poll-ms", self.watch_poll_ms, 10, 60_000),
             ("--watch-progress-ms", self.watch_progress_ms, 100, 10_000),
+            ("--feed-horizon-ms", self.feed_horizon_ms, 20, 60_000),
+            ("--feed-poll-ms", self.feed_poll_ms, 10, 60_000),
         ];
         for (flag, value, minimum, maximum) in bounds {
             if value < minimum || value > maximum {

@@ -105,6 +105,14 @@ fn sweep_write(item: StoredItem, now: Millis) -> Option<(Sweeping, Key, Transact
             let write = model::delete_expired_record(&key, now);
             Some((Sweeping::DeleteRecord, key, write))
         }
+        StoredItem::FeedRecord {
+            key,
+            expires_at_seconds: Some(expires),
+            ..
+        } if expires < model::epoch_seconds(now) => {
+            let write = model::delete_expired_record(&key, now);
+            Some((Sweeping::DeleteRecord, key, write))
+        }
         _ => None,
     }
 }

@@ -75,6 +75,7 @@ pub const RULES: &[(&str, Access)] = &[
     ("/lockstep.coordinator.v1.Coordinator/ListOrders", READ),
     ("/lockstep.coordinator.v1.Coordinator/ListLedger", READ),
     ("/lockstep.coordinator.v1.Coordinator/WatchLedger", READ),
+    ("/lockstep.coordinator.v1.Coordinator/WatchFeed", READ),
     ("/lockstep.coordinator.v1.Coordinator/ListAssets", READ),
     ("/lockstep.coordinator.v1.Coordinator/ListAssetChanges", READ),
     ("/lockstep.coordinator.v1.Coordinator/UpsertAsset", ADMIN),

@@ -25,6 +25,9 @@ pub const LEASE_DURATION_MAX: std::time::Duration = std::time::Duration::from_se
 /// The largest clock difference between coordinators that is tolerated: a stored instant
 /// further ahead of the local clock than any legitimate writer could have set was written by a
 /// clock far ahead, and is treated as the local clock's instead of lasting that long.
+/// How long the feed's journal keeps a commit's record (`WatchFeed`): as long as DynamoDB
+/// Streams keeps its records. A cursor older than this is OUT_OF_RANGE.
+pub const FEED_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 pub const CLOCK_SKEW_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Lease {
@@ -46,7 +49,7 @@ pub fn implausible_after(now: Millis) -> Millis {
     now.saturating_add((LEASE_DURATION_MAX + CLOCK_SKEW_MAX).as_millis() as u64)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum EntryKind {
     Deposit,
     Withdrawal,

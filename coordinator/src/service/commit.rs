@@ -43,6 +43,9 @@ pub(super) enum Answer {
 pub(super) struct SentRound {
     pub answers: Vec<(usize, Answer)>,
     pub marker: Option<crate::storage::model::Marker>,
+    /// Its feed records and their time, written again if it is found applied late.
+    pub feed: Vec<crate::storage::Item>,
+    pub at: Millis,
 }
 
 /// How the rounds of one batch ended.
@@ -257,6 +260,8 @@ impl TransactionCoordinator {
             sent.push(SentRound {
                 answers: answers.clone(),
                 marker: transaction.marker().cloned(),
+                feed: transaction.feed.clone(),
+                at: now,
             });
             let reasons = match self
                 .storage
@@ -264,6 +269,7 @@ impl TransactionCoordinator {
                 .await
             {
                 Ok(()) => {
+                    self.journal_again_if_late(now, &transaction.feed).await;
                     self.watchers.committed(&held.user, || {
                         answers
                             .iter()
@@ -490,11 +496,12 @@ fn build_round(
         now,
     });
     // Always on: each call's `items_max` bounds what it writes, so `take_batch`'s count bounds
-    // the transaction (the account item is the one `BATCH_ITEMS_MAX` leaves out).
+    // the transaction (the account item and the feed record are the two `BATCH_ITEMS_MAX`
+    // leaves out).
     let counted: usize = calls.iter().map(|(_, waiter)| waiter.items_max()).sum();
     assert!(
-        transaction.items.len() <= counted + 1,
-        "a batch wrote {} items, more than the {counted} its calls count and the account",
+        transaction.items.len() <= counted + 2,
+        "a batch wrote {} items, more than the {counted} its calls count, the account and its feed record",
         transaction.items.len()
     );
     let answers = calls
@@ -897,8 +904,8 @@ mod tests {
         assert!(matches!(replayed, Err(ServiceError::RefusedEarlier(_))), "{replayed:?}");
     }
 
-    /// A full batch at DynamoDB's limit reaches storage and applies: 99 deposits without request
-    /// ids (an entry each) and the account, 100 items in one transaction.
+    /// A full batch at DynamoDB's limit reaches storage and applies: 98 deposits without request
+    /// ids (an entry each), the account and its feed record, 100 items in one transaction.
     #[tokio::test]
     async fn a_batch_of_exactly_one_hundred_items_commits() {
         let (coordinator, parked, go) = parked_coordinator().await;
@@ -918,20 +925,20 @@ mod tests {
         assert_eq!(
             coordinator.storage().requests() - before,
             3,
-            "the parked commit, the acquire, one commit of 99 deposits (100 items)"
+            "the parked commit, the acquire, one commit of 98 deposits (100 items)"
         );
         sequences.sort_unstable();
-        assert_eq!(sequences, (2..=100).collect::<Vec<u64>>());
+        assert_eq!(sequences, (2..=99).collect::<Vec<u64>>());
         let account = coordinator.account(&user("h")).await.unwrap();
-        assert_eq!(account.cash, usd("100"));
+        assert_eq!(account.cash, usd("99"));
     }
 
     /// Issue 18: a round of refusals that write nothing, while more calls wait, is still sent
     /// (the account's conditioned update alone): storage, not this coordinator's clock, confirms
-    /// the state the refusals were decided on. 100 refusals behind a parked deposit: the parked
+    /// the state the refusals were decided on. 99 refusals behind a parked deposit: the parked
     /// commit (which released the lease: nothing waited when it was decided), one acquire, a
-    /// round of 99 refusals that extends the lease, and a round of the last one. (Answered on the
-    /// clock, the round of 99 sent nothing: 3.)
+    /// round of 98 refusals that extends the lease, and a round of the last one. (Answered on the
+    /// clock, the round of 98 sent nothing: 3.)
     #[tokio::test]
     async fn a_round_of_refusals_while_calls_wait_is_confirmed_by_storage() {
         let (coordinator, parked, go) = parked_coordinator().await;
@@ -954,7 +961,7 @@ mod tests {
         assert_eq!(
             coordinator.storage().requests() - before,
             4,
-            "the parked commit, the acquire, a round of 99 refusals (sent, not answered on the clock), the last refusal's round"
+            "the parked commit, the acquire, a round of 98 refusals (sent, not answered on the clock), the last refusal's round"
         );
     }
 

@@ -23,6 +23,7 @@
 mod asset_changes;
 mod catalog;
 mod commit;
+pub mod feed;
 mod instance;
 mod known;
 mod lease;
@@ -85,9 +86,9 @@ pub const SAFE_RETRY_ATTEMPTS: usize = 4;
 /// First pause between such attempts; it grows fourfold each time (20, 80, 320 ms).
 pub const SAFE_RETRY_DELAY: Duration = Duration::from_millis(20);
 /// Items of one user's calls decided and committed together in one transaction: DynamoDB's 100
-/// items less the account's own. Each call counts the items it may write
-/// (`Operation::items_max`): 49 deposits or withdrawals with request ids, 99 without, 19 trades.
-pub const BATCH_ITEMS_MAX: usize = crate::storage::model::TRANSACTION_ITEMS_MAX - 1;
+/// items less the account's own and its feed record. Each call counts the items it may write
+/// (`Operation::items_max`): 49 deposits or withdrawals with request ids, 98 without, 19 trades.
+pub const BATCH_ITEMS_MAX: usize = crate::storage::model::TRANSACTION_ITEMS_MAX - 2;
 /// Default bound on mutations in flight (queued or being decided) in one coordinator.
 pub const INFLIGHT_MAX_DEFAULT: usize = 4096;
 /// Default bound on calls queued for one user in one coordinator.
@@ -162,6 +163,11 @@ pub struct CoordinatorConfig {
     pub watch_progress: Duration,
     /// A consumer that leaves its full buffer untouched this long is ended (`WATCH_SEND_STALL_MAX`).
     pub watch_send_stall: Duration,
+    /// WatchFeed reads commits at least this old; a commit acknowledged later than half of it
+    /// after its time is recorded in the feed again (`feed::FEED_HORIZON_DEFAULT`).
+    pub feed_horizon: Duration,
+    /// How often a caught-up WatchFeed stream reads the journal again.
+    pub feed_poll: Duration,
 }
 
 /// A pause between decision and commit, injected by fencing tests to hold a decided commit
@@ -219,6 +225,8 @@ impl Default for CoordinatorConfig {
             watch_poll: WATCH_POLL_DEFAULT,
             watch_progress: WATCH_PROGRESS_DEFAULT,
             watch_send_stall: watch::WATCH_SEND_STALL_MAX,
+            feed_horizon: feed::FEED_HORIZON_DEFAULT,
+            feed_poll: feed::FEED_POLL_DEFAULT,
         }
     }
 }
@@ -265,6 +273,9 @@ pub enum ServiceError {
     /// UpsertAsset of a new symbol when the catalog already holds its maximum.
     #[error("The asset catalog is full ({0} assets); deactivate or reuse a symbol")]
     CatalogFull(usize),
+    /// A position older than what storage still keeps (the message names the oldest kept).
+    #[error("{0}")]
+    OutOfRange(String),
     #[error("Service temporarily unavailable")]
     Unavailable(String),
     #[error("internal error: {0}")]

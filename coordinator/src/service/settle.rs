@@ -139,6 +139,9 @@ impl TransactionCoordinator {
             let Some(marker) = &round.marker else { continue };
             let found = retry_safe(|| self.storage.get(marker.key.clone())).await?;
             if found.is_some_and(|item| marker.proves(&item)) {
+                // Found applied after an unclear answer: when it landed is known only to have
+                // been before now.
+                self.journal_again_if_late(round.at, &round.feed).await;
                 return Ok(Some(round));
             }
         }

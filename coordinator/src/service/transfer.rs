@@ -74,6 +74,9 @@ impl Party {
 /// What one attempt sent, to tell later whether it applied.
 struct Attempt {
     marker: Option<model::Marker>,
+    /// Its feed records and their time, written again if it is found applied late.
+    feed: Vec<crate::storage::Item>,
+    at: crate::core::Millis,
     answer: Result<Receipt, ServiceError>,
     afters: [Account; 2],
 }
@@ -374,6 +377,8 @@ impl TransactionCoordinator {
             };
             let attempt = Attempt {
                 marker: transaction.marker().cloned(),
+                feed: transaction.feed.clone(),
+                at: now,
                 answer,
                 afters,
             };
@@ -381,7 +386,10 @@ impl TransactionCoordinator {
                 pause(&request.from).await;
             }
             let reasons = match self.storage.transact_batch(transaction.items.clone()).await {
-                Ok(()) => return self.after_transfer(first, second, attempt),
+                Ok(()) => {
+                    self.journal_again_if_late(attempt.at, &attempt.feed).await;
+                    return self.after_transfer(first, second, attempt);
+                }
                 Err(StorageError::TransactionCanceled { reasons }) => reasons,
                 Err(error) => {
                     tracing::warn!(%error, "transfer commit outcome unknown; settling it");
@@ -402,6 +410,7 @@ impl TransactionCoordinator {
                     // A try of this very attempt may have landed (its reply lost, the retry
                     // refused): its marker says so.
                     if self.marker_stored(&attempt.marker).await? {
+                        self.journal_again_if_late(attempt.at, &attempt.feed).await;
                         return self.after_transfer(first, second, attempt);
                     }
                     let (refused, other) = match part {
@@ -503,6 +512,7 @@ impl TransactionCoordinator {
         }
         if self.marker_stored(&attempt.marker).await? {
             metrics::unclear_commit(metrics::Settled::Applied);
+            self.journal_again_if_late(attempt.at, &attempt.feed).await;
             return attempt.answer;
         }
         metrics::unclear_commit(metrics::Settled::NotApplied);

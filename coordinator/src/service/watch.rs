@@ -152,7 +152,9 @@ impl Watchers {
         self.draining.subscribe()
     }
 
-    fn open(self: &Arc<Self>, user: &UserId) -> Result<WatchSlot, ServiceError> {
+    /// A place among the `--max-watchers` open streams (WatchLedger and WatchFeed alike), or
+    /// the refusal: draining, or every place taken.
+    fn take_place(&self) -> Result<(), ServiceError> {
         if *self.draining.borrow() {
             return Err(ServiceError::Unavailable("the coordinator is shutting down".to_owned()));
         }
@@ -166,6 +168,20 @@ impl Watchers {
             metrics::watcher_ended("limit");
             return Err(ServiceError::Overloaded("watchers (--max-watchers)"));
         }
+        Ok(())
+    }
+
+    /// A WatchFeed stream's place, given back when the slot is dropped.
+    pub(super) fn open_feed(self: &Arc<Self>) -> Result<FeedSlot, ServiceError> {
+        self.take_place()?;
+        metrics::watchers("feed", 1);
+        Ok(FeedSlot {
+            watchers: Arc::clone(self),
+        })
+    }
+
+    fn open(self: &Arc<Self>, user: &UserId) -> Result<WatchSlot, ServiceError> {
+        self.take_place()?;
         let account = {
             let mut accounts = self.accounts.lock().expect("watchers poisoned");
             let account = accounts.entry(user.clone()).or_default();
@@ -184,6 +200,18 @@ impl Watchers {
             user: user.clone(),
             account,
         })
+    }
+}
+
+/// One open WatchFeed stream's place among the watchers, given back when it ends.
+pub(super) struct FeedSlot {
+    pub(super) watchers: Arc<Watchers>,
+}
+
+impl Drop for FeedSlot {
+    fn drop(&mut self) {
+        self.watchers.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::watchers("feed", -1);
     }
 }
 
@@ -316,7 +344,7 @@ impl TransactionCoordinator {
 }
 
 /// Why a send did not happen.
-enum Stop {
+pub(super) enum Stop {
     /// The consumer is gone (the stream was dropped).
     Gone,
     /// The buffer stayed full for `WATCH_SEND_STALL_MAX`.
@@ -326,9 +354,9 @@ enum Stop {
 
 /// Sends `event`, keeping one place of the buffer free for the stream's end: waits for the
 /// consumer at most `WATCH_SEND_STALL_MAX`, and stops at a drain meanwhile.
-async fn deliver(
-    sender: &mpsc::Sender<WatchEvent>,
-    event: WatchEvent,
+pub(super) async fn deliver<E>(
+    sender: &mpsc::Sender<E>,
+    event: E,
     draining: &mut watch::Receiver<bool>,
     stall: Duration,
 ) -> Result<(), Stop> {

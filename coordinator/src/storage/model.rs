@@ -13,6 +13,7 @@
 //! | request record| `USER#{user}`    | `REQUEST#{key}`    |
 //! | asset         | `ASSET`          | `{symbol}`         |
 //! | asset change  | `ASSET_CHANGE#{symbol}` | `{uuid v7}` |
+//! | feed record   | `FEED#{shard, 2 digits}` | `{ms, 15 digits}#{user}#{first sequence, 20 digits}` |
 //!
 //! The lease lives on the account item, so taking it (one conditional UpdateItem with
 //! ReturnValues = ALL_NEW) also reads the account consistently: a successful mutation costs
@@ -48,9 +49,17 @@ const ORDER_PREFIX: &str = "ORDER#";
 const ORDER_SK: &str = "ORDER";
 const ASSET_PK: &str = "ASSET";
 const REQUEST_PREFIX: &str = "REQUEST#";
-/// The TTL attribute of request records. Only request records carry it: a TTL on anything else
-/// would delete money. Every stored time names its unit: this one is in seconds since the epoch,
-/// because DynamoDB's TTL reads nothing else; all the others (`lock_expires_at_ms`,
+/// The feed's journal (`WatchFeed`): one record per account per commit, in one of
+/// `FEED_SHARDS` partitions, ordered by the commit's time (`docs/feed.md`).
+const FEED_PREFIX: &str = "FEED#";
+/// Partitions of the feed's journal: an account's records are all in one (`feed_shard`), so
+/// they keep its order; more than one, so no single partition takes every commit's write
+/// (DynamoDB gives a partition about 1,000 writes a second). Fixed: a change moves accounts.
+pub const FEED_SHARDS: usize = 8;
+/// The TTL attribute of request records and feed records. Only they carry it: a TTL on anything
+/// else would delete money (a feed record is a copy of entries kept in the ledger). Every
+/// stored time names its unit: this one is in seconds since the epoch, because DynamoDB's TTL
+/// reads nothing else; all the others (`lock_expires_at_ms`,
 /// `created_at_ms`) are in milliseconds, like the coordinator's clock.
 pub const TTL_ATTRIBUTE: &str = "record_expires_at_s";
 
@@ -330,7 +339,7 @@ fn implausible_record_expiry(now: Millis) -> u64 {
 pub const REQUEST_RETENTION_MAX: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// `now` in whole seconds since the epoch, the unit of the TTL attribute.
-fn epoch_seconds(now: Millis) -> u64 {
+pub fn epoch_seconds(now: Millis) -> u64 {
     now / 1000
 }
 
@@ -413,6 +422,9 @@ pub struct NamedItems {
     /// An item written only by this transaction (a fresh ledger entry or order): found in
     /// storage, it proves the transaction applied.
     marker: Option<Marker>,
+    /// The feed records it writes (one per account with entries), to be written again at a
+    /// later time if the transaction is acknowledged past the feed's horizon.
+    pub feed: Vec<Item>,
 }
 
 /// The proof that a transaction applied: an item it alone wrote, named by its key and by its
@@ -525,6 +537,16 @@ impl NamedItems {
         if self.marker.is_none() {
             self.marker = other.marker;
         }
+        self.feed.extend(other.feed);
+    }
+
+    fn push_feed(&mut self, item: Item) {
+        self.push(TransactItem::Put(Put {
+            item: item.clone(),
+            condition: None,
+            bindings: Bindings::default(),
+        }));
+        self.feed.push(item);
     }
 }
 
@@ -574,6 +596,15 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
             let put = TransactItem::Put(put_request_record(commit.user, request_id, record, commit.now));
             items.push_part(TransactionPart::RequestRecord { operation: index }, put);
         }
+    }
+    let entries: Vec<LedgerEntry> = commit
+        .operations
+        .iter()
+        .filter_map(|operation| operation.entry.cloned())
+        .collect();
+    if !entries.is_empty() {
+        let expires = epoch_seconds(commit.now) + crate::core::records::FEED_RETENTION.as_secs();
+        items.push_feed(feed_item(&entries, commit.now, expires));
     }
     items
 }
@@ -755,7 +786,7 @@ pub struct TransferCommit<'a> {
     pub now: Millis,
 }
 
-/// Builds a transfer's one transaction (at most 5 items).
+/// Builds a transfer's one transaction (at most 7 items: two accounts, two entries, two feed records, a request record).
 pub fn commit_transfer(commit: &TransferCommit<'_>) -> NamedItems {
     let part = |party: &TransferParty<'_>, record| {
         let operations = [OperationWrites {
@@ -1474,6 +1505,12 @@ pub enum StoredItem {
         key: Key,
         member: Option<Member>,
     },
+    /// A record of the feed's journal (a copy of entries kept in the ledger) and when it expires.
+    FeedRecord {
+        key: Key,
+        record: Parsed<FeedRecord>,
+        expires_at_seconds: Option<u64>,
+    },
     /// The sweeper lease: which coordinator sweeps, until when.
     SweeperLease {
         key: Key,
@@ -1551,6 +1588,12 @@ pub fn classify(item: &Item) -> StoredItem {
         };
     } else if pk == SWEEPER_PK && sk == SWEEPER_SK {
         return StoredItem::SweeperLease { key };
+    } else if pk.starts_with(FEED_PREFIX) {
+        return StoredItem::FeedRecord {
+            key,
+            record: feed_record_from_item(item),
+            expires_at_seconds: number(item, TTL_ATTRIBUTE).and_then(|raw| raw.parse().ok()),
+        };
     } else if pk.starts_with(INSTANCE_PREFIX) && sk == HEARTBEAT_SK {
         return StoredItem::InstanceHeartbeat {
             key,
@@ -1670,6 +1713,141 @@ pub fn sequenced_entries_after(user: &UserId, after: u64, limit: u32) -> Query {
         newest_first: false,
         limit,
         start_after: Some(entry_key(user, after)),
+    }
+}
+
+/// The feed partition of `user`'s records: FNV-1a of the id, so every coordinator (of any
+/// build) puts an account in the same one.
+pub fn feed_shard(user: &UserId) -> usize {
+    let hash = user.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % FEED_SHARDS as u64) as usize
+}
+
+/// A position in a feed partition: the sort key of a record at `at` (records after it follow).
+/// Positions compare as the records' times do (15 digits of milliseconds).
+pub fn feed_position(at: Millis, user: &str, first_sequence: u64) -> String {
+    format!("{at:015}#{user}#{first_sequence:020}")
+}
+
+/// The time of a feed position (None if it is not one).
+pub fn feed_position_time(position: &str) -> Option<Millis> {
+    let (at, _) = position.split_once('#')?;
+    (at.len() == 15).then(|| at.parse().ok()).flatten()
+}
+
+/// One account's entries of one commit, as the feed's journal keeps them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedRecord {
+    /// Its partition and position (the sort key).
+    pub shard: usize,
+    pub position: String,
+    pub at: Millis,
+    pub user: UserId,
+    /// In sequence order, consecutive.
+    pub entries: Vec<LedgerEntry>,
+}
+
+/// The journal's record of `entries` (one account's, consecutive, in order) committed at `at`,
+/// deleted after `expires_at_seconds`. Written in the commit's own transaction (and again, at a
+/// later time, when that transaction was acknowledged late: `service::feed`).
+pub fn feed_item(entries: &[LedgerEntry], at: Millis, expires_at_seconds: u64) -> Item {
+    let first = entries.first().expect("a feed record has entries");
+    assert!(
+        entries
+            .iter()
+            .map(|entry| (entry.user_id.as_str(), entry.sequence))
+            .eq((first.sequence..)
+                .take(entries.len())
+                .map(|sequence| (first.user_id.as_str(), sequence))),
+        "a feed record holds one account's consecutive entries"
+    );
+    let user = &first.user_id;
+    let mut item = key_attributes(&Key {
+        pk: format!("{FEED_PREFIX}{:02}", feed_shard(user)),
+        sk: feed_position(at, user.as_str(), first.sequence),
+    });
+    item.insert("user_id".to_owned(), s(user.as_str()));
+    item.insert("at_ms".to_owned(), n(at));
+    let stored = entries
+        .iter()
+        .map(|entry| {
+            let mut stored = ledger_item(entry);
+            stored.remove("pk");
+            stored.remove("sk");
+            (format!("{:020}", entry.sequence), Value::M(stored))
+        })
+        .collect();
+    item.insert("entries".to_owned(), Value::M(stored));
+    item.insert(TTL_ATTRIBUTE.to_owned(), n(expires_at_seconds));
+    item
+}
+
+/// The same record at a later time `at`: a commit acknowledged after the feed's horizon is
+/// recorded again where readers that passed its first time still find it.
+pub fn feed_item_again(item: &Item, at: Millis) -> Option<Item> {
+    let record = feed_record_from_item(item).ok()?;
+    let expires = number(item, TTL_ATTRIBUTE)?.parse().ok()?;
+    Some(feed_item(&record.entries, at, expires))
+}
+
+pub fn feed_record_from_item(item: &Item) -> Result<FeedRecord, MalformedItem> {
+    const KIND: &str = "feed record";
+    let shard = string(item, "pk")
+        .and_then(|pk| pk.strip_prefix(FEED_PREFIX))
+        .and_then(|shard| shard.parse().ok())
+        .filter(|shard| *shard < FEED_SHARDS);
+    let entries = match item.get("entries") {
+        Some(Value::M(stored)) => stored
+            .values()
+            .map(|stored| match stored {
+                Value::M(entry) => ledger_from_item(entry),
+                _ => Err(MalformedItem {
+                    kind: KIND,
+                    attribute: "entries",
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => {
+            return Err(MalformedItem {
+                kind: KIND,
+                attribute: "entries",
+            });
+        }
+    };
+    let user = required(
+        KIND,
+        "user_id",
+        string(item, "user_id").and_then(|raw| UserId::parse("user_id", raw).ok()),
+    )?;
+    if entries.is_empty() || entries.iter().any(|entry| entry.user_id != user) {
+        return Err(MalformedItem {
+            kind: KIND,
+            attribute: "entries",
+        });
+    }
+    Ok(FeedRecord {
+        shard: required(KIND, "pk", shard)?,
+        position: required(KIND, "sk", string(item, "sk").map(str::to_owned))?,
+        at: required(KIND, "at_ms", number(item, "at_ms").and_then(|raw| raw.parse().ok()))?,
+        user,
+        entries,
+    })
+}
+
+/// A page (ascending) of feed partition `shard`'s records after `position`.
+pub fn feed_records_after(shard: usize, position: &str, limit: u32) -> Query {
+    let pk = format!("{FEED_PREFIX}{shard:02}");
+    Query {
+        start_after: Some(Key {
+            pk: pk.clone(),
+            sk: position.to_owned(),
+        }),
+        pk,
+        sk_prefix: String::new(),
+        newest_first: false,
+        limit,
     }
 }
 
@@ -1967,6 +2145,7 @@ mod tests {
             StoredItem::AssetChange { .. } => "asset change".to_owned(),
             StoredItem::InstanceHeartbeat { .. } => "heartbeat".to_owned(),
             StoredItem::SweeperLease { .. } => "sweeper lease".to_owned(),
+            StoredItem::FeedRecord { .. } => "feed record".to_owned(),
             StoredItem::Member { .. } => "member".to_owned(),
             StoredItem::PriceCopy { .. } => "price copy".to_owned(),
             StoredItem::Foreign { key } => format!("foreign {key:?}"),

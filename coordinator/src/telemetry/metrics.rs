@@ -47,6 +47,8 @@ pub mod names {
     pub const FORWARDS: &str = "lockstep_forwards_total";
     pub const LIVE_COORDINATORS: &str = "lockstep_live_coordinators";
     pub const ENTRIES_NUMBERED: &str = "lockstep_entries_numbered_total";
+    pub const FEED_RECORDED_AGAIN: &str = "lockstep_feed_recorded_again_total";
+    pub const FEED_GAP_FILLED: &str = "lockstep_feed_gap_filled_entries_total";
     pub const WATCHERS: &str = "lockstep_watchers";
     pub const WATCH_EVENTS: &str = "lockstep_watch_events_total";
     pub const WATCH_LAG: &str = "lockstep_watch_lag_seconds";
@@ -152,6 +154,8 @@ struct Metrics {
     lease_expiries: Counter,
     clock_skew: Counter,
     entries_numbered: Counter,
+    feed_recorded_again: Family<Labels<1>, Counter>,
+    feed_gap_filled: Counter,
     watchers: Family<Labels<1>, Gauge>,
     watch_events: Family<Labels<1>, Counter>,
     watch_lag: HistogramFamily<1>,
@@ -204,6 +208,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         lease_expiries: Counter::default(),
         clock_skew: Counter::default(),
         entries_numbered: Counter::default(),
+        feed_recorded_again: Family::default(),
+        feed_gap_filled: Counter::default(),
         watchers: Family::default(),
         watch_events: Family::default(),
         watch_lag: Family::new_with_constructor(latency_buckets),
@@ -294,6 +300,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ENTRIES_NUMBERED,
         "Ledger entries written before sequences that were given their place (the upgrade).",
         &metrics.entries_numbered,
+    );
+    register(
+        r,
+        FEED_RECORDED_AGAIN,
+        "Feed records written again at a later time because their commit was acknowledged late or its outcome was unknown (outcome: written, failed; a failed one is missing from WatchFeed).",
+        &metrics.feed_recorded_again,
+    );
+    register(
+        r,
+        FEED_GAP_FILLED,
+        "Entries a WatchFeed stream read from the ledger to fill a gap before a later record of the account.",
+        &metrics.feed_gap_filled,
     );
     register(
         r,
@@ -544,6 +562,17 @@ pub fn fenced() {
 
 pub fn entries_numbered(count: usize) {
     METRICS.entries_numbered.inc_by(count as u64);
+}
+
+/// A late commit's feed record written again (`written`), or given up on.
+pub fn feed_recorded_again(written: bool) {
+    let outcome = if written { "written" } else { "failed" };
+    METRICS.feed_recorded_again.get_or_create(&[("outcome", outcome)]).inc();
+}
+
+/// Entries a feed stream read from the ledger to fill a gap.
+pub fn feed_gap_filled(count: usize) {
+    METRICS.feed_gap_filled.inc_by(count as u64);
 }
 
 /// A watch stream of `kind` opened (+1) or closed (-1).

@@ -17,6 +17,7 @@ use crate::core::time::rfc3339;
 use crate::core::{
     AssetSymbol, FieldError, Memo, OrderId, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
 };
+use crate::service::feed::{FeedCursor, FeedEvent, FeedFilter, FeedStart};
 use crate::service::{
     PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator, TransferRequest, WatchEnd, WatchEvent,
 };
@@ -63,13 +64,13 @@ pub const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(1);
 pub type WatchStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::LedgerEvent, Status>> + Send + 'static>>;
 
+/// A WatchFeed stream as tonic sends it.
+pub type FeedStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::FeedEvent, Status>> + Send + 'static>>;
+
 /// How a drain ends a watch stream: UNAVAILABLE, retry at once elsewhere, after `cursor`.
 fn shutting_down(cursor: u64) -> Status {
-    Status::with_error_details(
-        Code::Unavailable,
-        format!("The coordinator is shutting down; resume with after_sequence={cursor} (any coordinator of the table)"),
-        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
-    )
+    ended_status(WatchEnd::Draining, &format!("after_sequence={cursor}"))
 }
 
 /// A stream relayed from the account's owner, unchanged, except that this coordinator's drain
@@ -136,32 +137,112 @@ fn watch_stream(events: tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchStream 
                 true,
             ),
             WatchEvent::Ended { reason, cursor } => {
-                let resume = format!("resume with after_sequence={cursor}");
-                let status = match reason {
-                    WatchEnd::Draining => shutting_down(cursor),
-                    WatchEnd::Behind => Status::with_error_details(
-                        Code::ResourceExhausted,
-                        format!("The stream's reader fell behind for too long; {resume}"),
-                        ErrorDetails::with_retry_info(Some(Duration::ZERO)),
-                    ),
-                    WatchEnd::Unavailable(detail) => {
-                        tracing::warn!(%detail, "a watch stream ended: storage unavailable");
-                        Status::with_error_details(
-                            Code::Unavailable,
-                            format!("Service temporarily unavailable; {resume}"),
-                            ErrorDetails::with_retry_info(Some(RETRY_AFTER_UNAVAILABLE)),
-                        )
-                    }
-                    WatchEnd::Internal(detail) => {
-                        tracing::error!(%detail, "a watch stream ended: internal error");
-                        Status::internal(format!("Internal error; {resume}"))
-                    }
-                };
-                (Err(status), false)
+                (Err(ended_status(reason, &format!("after_sequence={cursor}"))), false)
             }
         };
         Some((item, more.then_some(events)))
     }))
+}
+
+/// The status that ends a watch stream for `reason`, naming how to resume (`resume_with`).
+fn ended_status(reason: WatchEnd, resume_with: &str) -> Status {
+    let resume = format!("resume with {resume_with}");
+    match reason {
+        WatchEnd::Draining => Status::with_error_details(
+            Code::Unavailable,
+            format!("The coordinator is shutting down; {resume} (any coordinator of the table)"),
+            ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+        ),
+        WatchEnd::Behind => Status::with_error_details(
+            Code::ResourceExhausted,
+            format!("The stream's reader fell behind for too long; {resume}"),
+            ErrorDetails::with_retry_info(Some(Duration::ZERO)),
+        ),
+        WatchEnd::Unavailable(detail) => {
+            tracing::warn!(%detail, "a watch stream ended: storage unavailable");
+            Status::with_error_details(
+                Code::Unavailable,
+                format!("Service temporarily unavailable; {resume}"),
+                ErrorDetails::with_retry_info(Some(RETRY_AFTER_UNAVAILABLE)),
+            )
+        }
+        WatchEnd::Internal(detail) => {
+            tracing::error!(%detail, "a watch stream ended: internal error");
+            Status::internal(format!("Internal error; {resume}"))
+        }
+    }
+}
+
+/// The service's feed events as messages; an ending becomes the stream's last status, naming
+/// the cursor to resume from.
+fn feed_stream(events: tokio::sync::mpsc::Receiver<FeedEvent>) -> FeedStream {
+    Box::pin(futures_util::stream::unfold(Some(events), |events| async move {
+        let mut events = events?;
+        let event = events.recv().await?;
+        let (item, more) = match event {
+            FeedEvent::Entry { entry, cursor } => (
+                Ok(pb::FeedEvent {
+                    event: Some(pb::feed_event::Event::Entry(pb::FeedEntry {
+                        entry: Some(ledger_message(*entry)),
+                        cursor,
+                    })),
+                }),
+                true,
+            ),
+            FeedEvent::Progress {
+                cursor,
+                complete_through,
+            } => (
+                Ok(pb::FeedEvent {
+                    event: Some(pb::feed_event::Event::Progress(pb::FeedProgress {
+                        cursor,
+                        complete_through: rfc3339(complete_through),
+                    })),
+                }),
+                true,
+            ),
+            FeedEvent::Ended { reason, cursor } => (Err(ended_status(reason, &format!("cursor={cursor}"))), false),
+        };
+        Some((item, more.then_some(events)))
+    }))
+}
+
+/// A WatchFeed request as the service takes it: where to start and what to send.
+fn feed_request(message: pb::WatchFeedRequest) -> Result<(FeedStart, FeedFilter), Status> {
+    let start = match (message.cursor.is_empty(), message.from_now) {
+        (true, false) => FeedStart::Oldest,
+        (true, true) => FeedStart::Now,
+        (false, false) => FeedStart::After(FeedCursor::decode("cursor", &message.cursor).map_err(invalid)?),
+        (false, true) => {
+            return Err(invalid(FieldError::new(
+                "from_now",
+                "cannot be set with a cursor: resume from the cursor, or start from now without one",
+            )));
+        }
+    };
+    let mut kinds = std::collections::BTreeSet::new();
+    for raw in message.kinds {
+        let kind = match pb::EntryKind::try_from(raw) {
+            Ok(pb::EntryKind::Deposit) => EntryKind::Deposit,
+            Ok(pb::EntryKind::Withdrawal) => EntryKind::Withdrawal,
+            Ok(pb::EntryKind::Buy) => EntryKind::Buy,
+            Ok(pb::EntryKind::Sell) => EntryKind::Sell,
+            Ok(pb::EntryKind::TransferOut) => EntryKind::TransferOut,
+            Ok(pb::EntryKind::TransferIn) => EntryKind::TransferIn,
+            Ok(pb::EntryKind::Unspecified) | Err(_) => {
+                return Err(invalid(FieldError::new(
+                    "kinds",
+                    format!("holds {raw}, which is not an entry kind (ENTRY_KIND_DEPOSIT .. ENTRY_KIND_TRANSFER_IN)"),
+                )));
+            }
+        };
+        kinds.insert(kind);
+    }
+    let user_prefix = message.user_id_prefix;
+    if !user_prefix.is_empty() {
+        UserId::parse("user_id_prefix", &user_prefix).map_err(invalid)?;
+    }
+    Ok((start, FeedFilter { kinds, user_prefix }))
 }
 
 /// The one place a service error becomes a gRPC status.
@@ -190,6 +271,7 @@ pub fn status_of(error: ServiceError) -> Status {
         ),
         error @ ServiceError::PriceChangeTooLarge(_) => Status::failed_precondition(error.to_string()),
         error @ ServiceError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
+        ServiceError::OutOfRange(message) => Status::out_of_range(message),
         error @ ServiceError::Unavailable(_) => {
             tracing::warn!(%error, detail = ?error, "storage unavailable");
             Status::with_error_details(
@@ -687,6 +769,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             )));
         }
         self.watch_here(user, message.after_sequence).await
+    }
+
+    type WatchFeedStream = FeedStream;
+
+    async fn watch_feed(
+        &self,
+        request: Request<pb::WatchFeedRequest>,
+    ) -> Result<Response<Self::WatchFeedStream>, Status> {
+        let (start, filter) = feed_request(request.into_inner())?;
+        let events = self.coordinator.watch_feed(start, filter).map_err(status_of)?;
+        Ok(Response::new(feed_stream(events)))
     }
 
     async fn list_assets(

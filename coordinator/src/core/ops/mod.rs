@@ -137,7 +137,7 @@ impl Operation {
     /// (`recorded`) or without a request record: a ledger entry; for a trade its order (two
     /// items: by user and by id) and the catalog check of its asset. The batch's account item is
     /// counted once per batch (`service::BATCH_ITEMS_MAX`). A transfer is never batched; its own
-    /// transaction holds five items at most.
+    /// transaction holds seven items at most (with its two feed records).
     pub fn items_max(&self, recorded: bool) -> usize {
         let own = match self {
             Operation::Deposit(_) | Operation::Withdraw(_) => 1,
