@@ -55,9 +55,23 @@ async fn main() -> ExitCode {
         Command::Watch {
             user,
             from,
+            from_now,
+            kinds,
+            user_prefix,
             server,
             token_file,
-        } => return lockstep_coordinator::admin::cli::watch(&user, from, &server, token_file.as_deref()).await,
+        } => {
+            let what = match user {
+                Some(user) => lockstep_coordinator::admin::cli::Watched::Account { user, from },
+                None => lockstep_coordinator::admin::cli::Watched::Feed {
+                    cursor: from,
+                    from_now,
+                    kinds,
+                    user_prefix,
+                },
+            };
+            return lockstep_coordinator::admin::cli::watch(what, &server, token_file.as_deref()).await;
+        }
         _ => unreachable!("operator commands ran above"),
     };
     match result {

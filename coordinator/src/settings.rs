@@ -82,16 +82,28 @@ pub enum Command {
     /// Replace the embedded store under --data-dir with the backup at PATH. Stop the
     /// coordinator first.
     Restore { path: PathBuf },
-    /// Follow one account's ledger on a running coordinator (WatchLedger): one JSON object per
-    /// line, for jq: each entry, then each new one as it commits, and `{"progress": …}` on an
-    /// idle stream. Ends (exit 1) when the stream does, printing the cursor to resume from.
+    /// Follow the ledger on a running coordinator: one account's with --user (WatchLedger),
+    /// every account's without (WatchFeed). One JSON object per line, for jq: each entry, then
+    /// each new one as it commits, and `{"progress": …}` on an idle stream. Ends (exit 1) when
+    /// the stream does, printing the cursor to resume from.
     Watch {
-        /// The account to follow.
+        /// The account to follow (WatchLedger); without it, every account (WatchFeed).
         #[arg(long)]
-        user: String,
-        /// Start after this sequence (0: from the first entry).
-        #[arg(long, default_value_t = 0)]
-        from: u64,
+        user: Option<String>,
+        /// Resume after this: a sequence with --user (0: from the first entry), else a feed
+        /// cursor as printed (empty: from the oldest entry the feed keeps).
+        #[arg(long, default_value = "")]
+        from: String,
+        /// Feed only: start with the commits from now on.
+        #[arg(long, conflicts_with_all = ["from", "user"])]
+        from_now: bool,
+        /// Feed only: entries of this kind (DEPOSIT, WITHDRAWAL, BUY, SELL, TRANSFER_OUT,
+        /// TRANSFER_IN); repeat for several. Default: every kind.
+        #[arg(long = "kind", conflicts_with = "user")]
+        kinds: Vec<String>,
+        /// Feed only: accounts whose id starts with this.
+        #[arg(long, default_value = "", conflicts_with = "user")]
+        user_prefix: String,
         /// A running coordinator's URL, e.g. http://127.0.0.1:50051.
         #[arg(long)]
         server: String,

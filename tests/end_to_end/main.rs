@@ -8,6 +8,7 @@ mod bounded;
 mod clients;
 mod durability;
 mod exactly_once;
+mod feed;
 mod grpcurl;
 mod health;
 mod helpers;

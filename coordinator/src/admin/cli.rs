@@ -328,14 +328,47 @@ pub fn format_contended(reply: &pb::ContendedUsersReply) -> String {
         .collect()
 }
 
-/// `coordinator watch`: WatchLedger on `server`, each event printed as one JSON line.
-pub async fn watch(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> ExitCode {
-    exit_code(follow(user, from, server, token_file).await.map(|()| ExitCode::SUCCESS))
+/// What `coordinator watch` follows.
+#[derive(Debug, Clone)]
+pub enum Watched {
+    /// One account (WatchLedger) after sequence `from` (text as given).
+    Account { user: String, from: String },
+    /// Every account (WatchFeed).
+    Feed {
+        cursor: String,
+        from_now: bool,
+        kinds: Vec<String>,
+        user_prefix: String,
+    },
 }
 
-async fn follow(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> Result<(), Failure> {
-    use std::io::Write as _;
-    let token = match token_file {
+/// `coordinator watch`: WatchLedger or WatchFeed on `server`, each event printed as one JSON line.
+pub async fn watch(what: Watched, server: &str, token_file: Option<&std::path::Path>) -> ExitCode {
+    let followed = match what {
+        Watched::Account { user, from } => match from.trim() {
+            "" => follow(&user, 0, server, token_file).await,
+            from => match from.parse() {
+                Ok(from) => follow(&user, from, server, token_file).await,
+                Err(_) => Err(Failure::CannotRun(format!(
+                    "--from {from}: with --user, a sequence (a whole number)"
+                ))),
+            },
+        },
+        Watched::Feed {
+            cursor,
+            from_now,
+            kinds,
+            user_prefix,
+        } => follow_feed(cursor, from_now, &kinds, user_prefix, server, token_file).await,
+    };
+    exit_code(followed.map(|()| ExitCode::SUCCESS))
+}
+
+/// The authorization header from `--token-file`, if given.
+fn bearer(
+    token_file: Option<&std::path::Path>,
+) -> Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>, Failure> {
+    Ok(match token_file {
         Some(path) => {
             let token = std::fs::read_to_string(path)
                 .map_err(|error| Failure::CannotRun(format!("--token-file {}: {error}", path.display())))?;
@@ -346,14 +379,100 @@ async fn follow(user: &str, from: u64, server: &str, token_file: Option<&std::pa
             )
         }
         None => None,
-    };
+    })
+}
+
+async fn watch_client(server: &str) -> Result<pb::coordinator_client::CoordinatorClient<Channel>, Failure> {
     let channel = Channel::from_shared(server.to_owned())
         .map_err(|error| Failure::CannotRun(format!("--server {server}: {error}")))?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
         .map_err(|error| Failure::CannotRun(format!("cannot reach {server}: {error}")))?;
-    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+    Ok(pb::coordinator_client::CoordinatorClient::new(channel))
+}
+
+async fn follow_feed(
+    cursor: String,
+    from_now: bool,
+    kinds: &[String],
+    user_id_prefix: String,
+    server: &str,
+    token_file: Option<&std::path::Path>,
+) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let token = bearer(token_file)?;
+    let kinds = kinds
+        .iter()
+        .map(|kind| {
+            pb::EntryKind::from_str_name(&format!("ENTRY_KIND_{}", kind.to_ascii_uppercase()))
+                .filter(|kind| *kind != pb::EntryKind::Unspecified)
+                .map(|kind| kind as i32)
+                .ok_or_else(|| {
+                    Failure::CannotRun(format!(
+                        "--kind {kind}: one of DEPOSIT, WITHDRAWAL, BUY, SELL, TRANSFER_OUT, TRANSFER_IN"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut client = watch_client(server).await?;
+    let mut request = tonic::Request::new(pb::WatchFeedRequest {
+        cursor: cursor.clone(),
+        from_now,
+        kinds,
+        user_id_prefix,
+    });
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", token);
+    }
+    let mut stream = client
+        .watch_feed(request)
+        .await
+        .map_err(|status| Failure::Refused(format!("{:?}: {}", status.code(), status.message())))?
+        .into_inner();
+    let mut last = cursor;
+    let mut stdout = std::io::stdout();
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return Ok(()),
+            Err(status) => {
+                return Err(Failure::Refused(format!(
+                    "the feed ended ({:?}): {} (last cursor printed: {last})",
+                    status.code(),
+                    status.message()
+                )));
+            }
+        };
+        let line = match event.event {
+            Some(pb::feed_event::Event::Entry(pb::FeedEntry {
+                entry: Some(entry),
+                cursor,
+            })) => {
+                let mut line = entry_json(&entry);
+                line["cursor"] = cursor.clone().into();
+                last = cursor;
+                line
+            }
+            Some(pb::feed_event::Event::Progress(progress)) => {
+                last.clone_from(&progress.cursor);
+                serde_json::json!({
+                    "progress": { "cursor": progress.cursor, "complete_through": progress.complete_through }
+                })
+            }
+            _ => continue,
+        };
+        // A closed pipe (`| head`) ends the watch quietly.
+        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn follow(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let token = bearer(token_file)?;
+    let mut client = watch_client(server).await?;
     let mut request = tonic::Request::new(pb::WatchLedgerRequest {
         user_id: user.to_owned(),
         after_sequence: from,

@@ -54,7 +54,7 @@ const JOURNAL_AGAIN_ATTEMPTS: usize = 8;
 const CURSOR_VERSION: &str = "f1.";
 
 /// Where a feed stream stands: per partition, the position of the last record sent (records
-/// after it come next).
+/// after it come next), or empty: from the partition's oldest record still kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeedCursor {
     positions: Vec<String>,
@@ -65,6 +65,23 @@ impl FeedCursor {
     pub fn at(at: Millis) -> Self {
         Self {
             positions: vec![format!("{at:015}#"); FEED_SHARDS],
+        }
+    }
+
+    /// Partition `shard` was read through `through`: its position moves past every record
+    /// stamped up to then (`~` sorts after every character of a user id), so a cursor of a
+    /// quiet partition does not age past what the feed keeps.
+    fn passed(&mut self, shard: usize, through: Millis) {
+        let passed = format!("{through:015}#~");
+        if passed > self.positions[shard] {
+            self.positions[shard] = passed;
+        }
+    }
+
+    /// Every partition from its oldest record still kept (an empty position).
+    pub fn oldest_kept() -> Self {
+        Self {
+            positions: vec![String::new(); FEED_SHARDS],
         }
     }
 
@@ -90,23 +107,20 @@ impl FeedCursor {
             .map_err(|_| bad())?;
         let joined = String::from_utf8(decoded).map_err(|_| bad())?;
         let positions: Vec<String> = joined.split('\n').map(str::to_owned).collect();
-        if positions.len() != FEED_SHARDS
-            || positions
-                .iter()
-                .any(|position| model::feed_position_time(position).is_none())
-        {
+        let known = |position: &String| position.is_empty() || model::feed_position_time(position).is_some();
+        if positions.len() != FEED_SHARDS || !positions.iter().all(known) {
             return Err(bad());
         }
         Ok(Self { positions })
     }
 
-    /// The oldest time it names (every record after it in every partition is still to come).
-    pub fn oldest(&self) -> Millis {
+    /// The oldest time it names (every record after it in every partition is still to come);
+    /// None when every partition starts from its oldest record still kept.
+    pub fn oldest(&self) -> Option<Millis> {
         self.positions
             .iter()
             .filter_map(|position| model::feed_position_time(position))
             .min()
-            .unwrap_or(0)
     }
 
     /// The newest time it names.
@@ -174,12 +188,12 @@ impl TransactionCoordinator {
         let oldest_kept = now.saturating_sub(FEED_RETENTION.as_millis() as u64);
         let cursor = match start {
             FeedStart::After(cursor) => {
-                if cursor.oldest() < oldest_kept {
+                if let Some(oldest) = cursor.oldest().filter(|oldest| *oldest < oldest_kept) {
                     return Err(ServiceError::OutOfRange(format!(
                         "the cursor is from {}, older than the feed keeps ({} h): entries may be missing from there on. \
                          Re-read the accounts with ListLedger (after_sequence), then resume from the oldest position \
                          still kept: cursor={}",
-                        crate::core::time::rfc3339(cursor.oldest()),
+                        crate::core::time::rfc3339(oldest),
                         FEED_RETENTION.as_secs() / 3600,
                         FeedCursor::at(oldest_kept + OLDEST_MARGIN.as_millis() as u64).encode()
                     )));
@@ -193,8 +207,8 @@ impl TransactionCoordinator {
                 }
                 cursor
             }
-            FeedStart::Oldest => FeedCursor::at(oldest_kept),
-            FeedStart::Now => FeedCursor::at(now.saturating_sub(self.config.feed_horizon.as_millis() as u64)),
+            FeedStart::Oldest => FeedCursor::oldest_kept(),
+            FeedStart::Now => FeedCursor::at(now),
         };
         let slot = self.watchers.open_feed()?;
         let (sender, receiver) = mpsc::channel(super::watch::WATCH_BUFFER + 1);
@@ -277,11 +291,13 @@ impl TransactionCoordinator {
                     PartitionStop::Failed(WatchEnd::Internal(format!("a malformed feed record: {error}")))
                 })?;
                 if record.at > through {
+                    reading.cursor.passed(shard, through);
                     return Ok(());
                 }
                 self.send_record(record, reading, sender, draining).await?;
             }
             if !full {
+                reading.cursor.passed(shard, through);
                 return Ok(());
             }
         }

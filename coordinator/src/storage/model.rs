@@ -1836,11 +1836,12 @@ pub fn feed_record_from_item(item: &Item) -> Result<FeedRecord, MalformedItem> {
     })
 }
 
-/// A page (ascending) of feed partition `shard`'s records after `position`.
+/// A page (ascending) of feed partition `shard`'s records after `position` (empty: from the
+/// first).
 pub fn feed_records_after(shard: usize, position: &str, limit: u32) -> Query {
     let pk = format!("{FEED_PREFIX}{shard:02}");
     Query {
-        start_after: Some(Key {
+        start_after: (!position.is_empty()).then(|| Key {
             pk: pk.clone(),
             sk: position.to_owned(),
         }),
