@@ -88,6 +88,9 @@ pub struct BankReport {
     /// Accounts followed with WatchLedger: the user, the last sequence seen (every one before it
     /// in order), the streams reopened and the entries received twice.
     pub watched: Vec<(String, u64, u64, u64)>,
+    /// The feed consumer (WatchFeed, every account): accounts, entries received in order,
+    /// streams reopened, entries received again.
+    pub fed: (usize, u64, u64, u64),
 }
 
 impl fmt::Display for BankReport {
@@ -112,6 +115,11 @@ impl fmt::Display for BankReport {
                 "watched {user}: sequences 1 to {seen} in order, no gap; {reconnects} reconnects, {repeated} received twice"
             )?;
         }
+        let (accounts, entries, reconnects, repeated) = self.fed;
+        writeln!(
+            f,
+            "feed: {entries} entries of {accounts} accounts, each account's in order; {reconnects} reconnects, {repeated} received again"
+        )?;
         write!(f, "{}", self.audit)?;
         writeln!(f, "discrepancies: {}", self.discrepancies.len())?;
         for discrepancy in self.discrepancies.iter().take(50) {
@@ -240,6 +248,9 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
             (user.clone(), watched, task)
         })
         .collect();
+    // And a feed consumer following every account (WatchFeed, reconnecting with its cursor).
+    let fed = Arc::new(workload::Fed::default());
+    let feed_task = tokio::spawn(workload::follow_feed(endpoints.clone(), Arc::clone(&fed)));
     let mut history = workload::open_accounts(&endpoints, &users, config.seed).await;
     let started = tokio::time::Instant::now();
     let until = started + config.duration;
@@ -296,6 +307,24 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
         ));
     }
 
+    // The feed consumer reaches every account's last entry while the coordinators still run.
+    let mut last_by_user = BTreeMap::new();
+    for user in &users {
+        match workload::last_sequence(&endpoints, user).await {
+            Some(last) => {
+                last_by_user.insert(user.clone(), last);
+            }
+            None => watch_problems.push(format!("feed: no coordinator answered ListLedger for {user}")),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WATCH_CATCH_UP;
+    while !fed.reached(&last_by_user) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    feed_task.abort();
+    let fed_newest = fed.newest.lock().expect("newest").clone();
+    watch_problems.extend(fed.out_of_order.lock().expect("out of order").iter().cloned());
+
     // Quiesce: no more faults, coordinators stopped gracefully.
     let faults_injected = match &proxy {
         Some(proxy) => {
@@ -333,6 +362,30 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
             watch_problems.push(format!("watch of {user}: saw {seen} entries, the table holds {stored}"));
         }
     }
+    // The feed consumer saw every entry the table holds, of every account, and nothing else.
+    let mut stored_by_user: BTreeMap<&str, u64> = BTreeMap::new();
+    for entry in &books.ledger {
+        *stored_by_user.entry(entry.user_id.as_str()).or_insert(0) += 1;
+    }
+    for (user, stored) in &stored_by_user {
+        let seen = fed_newest.get(*user).copied().unwrap_or(0);
+        if seen != *stored {
+            watch_problems.push(format!(
+                "feed: {user} received through #{seen}, the table holds {stored} entries"
+            ));
+        }
+    }
+    for (user, seen) in &fed_newest {
+        if !stored_by_user.contains_key(user.as_str()) {
+            watch_problems.push(format!("feed: {user} received through #{seen}, the table holds none"));
+        }
+    }
+    let feed_summary = (
+        stored_by_user.len(),
+        fed_newest.values().sum::<u64>(),
+        fed.reconnects.load(std::sync::atomic::Ordering::SeqCst),
+        fed.repeated.load(std::sync::atomic::Ordering::SeqCst),
+    );
     drop(dynoxide_server);
 
     let count = |matches: fn(&Outcome) -> bool| history.iter().filter(|operation| matches(&operation.outcome)).count();
@@ -361,6 +414,7 @@ pub async fn run(config: BankConfig) -> std::io::Result<BankReport> {
         audit: audit_report,
         discrepancies: all_discrepancies,
         watched: followed,
+        fed: feed_summary,
     })
 }
 

@@ -3,6 +3,7 @@
 //! errors. Every operation ends in the history as ok, failed (definitely not applied) or unknown
 //! (may have applied), with what it asked for, so the verdict can add up what it should have done.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
@@ -456,4 +457,75 @@ pub async fn last_sequence(endpoints: &[String], user: &str) -> Option<u64> {
         }
     }
     None
+}
+
+/// What the feed consumer saw through kills and faults.
+#[derive(Debug, Default)]
+pub struct Fed {
+    /// Per account, the newest sequence received in order.
+    pub newest: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Entries that arrived before the one ahead of them: none may happen.
+    pub out_of_order: std::sync::Mutex<Vec<String>>,
+    /// Entries received again (re-deliveries after a reconnect, or of a late commit's record).
+    pub repeated: std::sync::atomic::AtomicU64,
+    /// Streams that ended and were opened again with the last cursor.
+    pub reconnects: std::sync::atomic::AtomicU64,
+    cursor: std::sync::Mutex<String>,
+}
+
+impl Fed {
+    /// Whether every account of `last` (its last sequence) was received up to it.
+    pub fn reached(&self, last: &BTreeMap<String, u64>) -> bool {
+        let newest = self.newest.lock().expect("newest");
+        last.iter()
+            .all(|(user, last)| newest.get(user).copied().unwrap_or(0) >= *last)
+    }
+}
+
+/// Follows every account's ledger with WatchFeed until aborted, through kills and faults:
+/// whenever the stream ends it reconnects to the next coordinator with the last cursor it
+/// received, checking that each new entry of an account is the one after the last.
+pub async fn follow_feed(endpoints: Vec<String>, fed: std::sync::Arc<Fed>) {
+    use std::sync::atomic::Ordering;
+    let clients = channels_with(&endpoints, None);
+    for turn in 0.. {
+        let mut client = clients[turn % clients.len()].clone();
+        let cursor = fed.cursor.lock().expect("cursor").clone();
+        let request = authorized(pb::WatchFeedRequest {
+            cursor,
+            ..Default::default()
+        });
+        if let Ok(response) = client.watch_feed(request).await {
+            let mut stream = response.into_inner();
+            while let Ok(Some(event)) = stream.message().await {
+                match event.event {
+                    Some(pb::feed_event::Event::Entry(pb::FeedEntry {
+                        entry: Some(entry),
+                        cursor,
+                    })) => {
+                        let mut newest = fed.newest.lock().expect("newest");
+                        let last = newest.entry(entry.user_id.clone()).or_insert(0);
+                        if entry.sequence <= *last {
+                            fed.repeated.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            if entry.sequence != *last + 1 {
+                                fed.out_of_order.lock().expect("out of order").push(format!(
+                                    "feed: {} #{} arrived after #{last}",
+                                    entry.user_id, entry.sequence
+                                ));
+                            }
+                            *last = entry.sequence;
+                        }
+                        *fed.cursor.lock().expect("cursor") = cursor;
+                    }
+                    Some(pb::feed_event::Event::Progress(progress)) => {
+                        *fed.cursor.lock().expect("cursor") = progress.cursor;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        fed.reconnects.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

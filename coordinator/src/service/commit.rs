@@ -340,7 +340,14 @@ impl TransactionCoordinator {
             retention: self.config.request_retention,
             spread_price_checks: !self.storage.groups_commits(),
         };
-        Ok(Some(build_round(held, calls, &operations, outcome, writing)))
+        Ok(Some(build_round(
+            held,
+            calls,
+            &operations,
+            outcome,
+            writing,
+            self.incarnation(),
+        )))
     }
 
     /// Answers, at once, the calls whose asset left the catalog since they were queued.
@@ -444,6 +451,7 @@ fn build_round(
     operations: &[(&Operation, Option<Quote>)],
     outcome: BatchOutcome,
     writing: Writing,
+    writer: &str,
 ) -> Round {
     let Writing {
         extend_until,
@@ -494,6 +502,7 @@ fn build_round(
         extend_until,
         spread_price_checks,
         now,
+        writer,
     });
     // Always on: each call's `items_max` bounds what it writes, so `take_batch`'s count bounds
     // the transaction (the account item and the feed record are the two `BATCH_ITEMS_MAX`

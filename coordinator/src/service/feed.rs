@@ -393,6 +393,51 @@ impl TransactionCoordinator {
         }
     }
 
+    /// Just after taking `held`'s lease: if the account's last commit was made by another
+    /// process more than half the horizon ago, its feed record is written again now, so that a
+    /// commit that landed past the horizon (its writer gone, or its own second record not yet
+    /// written) still reaches every reader, and before this lease's commits (per-account order).
+    pub(super) async fn journal_taken_over(&self, held: &super::HeldLease) {
+        let Some(mark) = &held.feed_mark else { return };
+        let late_after = self.config.feed_horizon.as_millis() as u64 / 2;
+        if mark.writer == self.incarnation()
+            || self.clock.now().saturating_sub(mark.at) <= late_after
+            || mark.first == 0
+            || mark.first > held.account.entries
+        {
+            return;
+        }
+        let count = held.account.entries - mark.first + 1;
+        let entries = match retry_safe(|| {
+            self.storage
+                .query(model::sequenced_entries_after(&held.user, mark.first - 1, count as u32))
+        })
+        .await
+        {
+            Ok(page) => page
+                .items
+                .iter()
+                .filter_map(|item| model::ledger_from_item(item).ok())
+                .collect::<Vec<_>>(),
+            Err(error) => {
+                tracing::warn!(%error, "reading the previous writer's last entries for the feed failed");
+                metrics::feed_recorded_again(false);
+                return;
+            }
+        };
+        let consecutive = entries
+            .iter()
+            .map(|entry| entry.sequence)
+            .eq(mark.first..=held.account.entries);
+        if !consecutive {
+            tracing::warn!("the previous writer's last entries are not all keyed by sequence; not recorded again");
+            return;
+        }
+        let expires = model::epoch_seconds(self.clock.now()) + FEED_RETENTION.as_secs();
+        let item = model::feed_item(&entries, self.clock.now(), expires);
+        self.journal_again(std::slice::from_ref(&item)).await;
+    }
+
     /// Writes `feed` again at a fresh time: its transaction applied, but when is not known to
     /// within the horizon. Tried until it lands or `JOURNAL_AGAIN_ATTEMPTS` fail.
     pub(super) async fn journal_again(&self, feed: &[Item]) {
@@ -729,6 +774,46 @@ mod tests {
             }
             self.inner().transact(table, items, token).await
         }
+    }
+
+    /// A commit that lands past the horizon while its writer does not notice (here: a writer
+    /// whose own horizon is a minute; in life, one that died before the answer came): the next
+    /// coordinator to take the account records it again before its own commit, so a reader
+    /// that passed its time still gets it, before the entry after it.
+    #[tokio::test]
+    async fn the_next_writer_records_a_late_commit_that_its_writer_did_not() {
+        let clock = ManualClock::starting_at(START);
+        let engine = Arc::new(HeldEngine {
+            inner: Some(EmbeddedEngine::in_memory().unwrap()),
+            ..HeldEngine::default()
+        });
+        let unaware = CoordinatorConfig {
+            feed_horizon: Duration::from_secs(60),
+            ..config()
+        };
+        let writer = coordinator_on(engine.clone(), &clock, unaware).await;
+        let next = coordinator_on(engine.clone(), &clock, config()).await;
+        deposit(&writer, "taken").await;
+        clock.advance(Duration::from_secs(1));
+        let mut events = next.watch_feed(FeedStart::Now, FeedFilter::default()).unwrap();
+        let held = engine.holding.notified();
+        engine.hold.store(true, Ordering::SeqCst);
+        let committing = {
+            let writer = Arc::clone(&writer);
+            tokio::spawn(async move { deposit(&writer, "taken").await })
+        };
+        held.await;
+        clock.advance(Duration::from_secs(1));
+        // The reader passes the held commit's time in every partition.
+        no_entry_within(&mut events, Duration::from_millis(100)).await;
+        engine.release.notify_one();
+        committing.await.unwrap();
+        deposit(&next, "taken").await;
+        clock.advance(Duration::from_secs(1));
+        let (second, _) = next_entry(&mut events).await;
+        let (third, _) = next_entry(&mut events).await;
+        assert_eq!((second.sequence, third.sequence), (2, 3));
+        no_entry_within(&mut events, Duration::from_millis(200)).await;
     }
 
     /// A commit stamped before a reader passed its time, landing only after: the reader's

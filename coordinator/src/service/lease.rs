@@ -69,6 +69,8 @@ pub struct HeldLease {
     pub account: Account,
     /// When this process took it (for `lockstep_lease_hold_seconds`).
     pub acquired: Instant,
+    /// The account's last commit's feed record, as the lease found it (None on a known hold).
+    pub feed_mark: Option<model::FeedMark>,
 }
 
 impl HeldLease {
@@ -89,6 +91,7 @@ impl TransactionCoordinator {
             expires_at: Millis::MAX,
             account,
             acquired: Instant::now(),
+            feed_mark: None,
         })
     }
 
@@ -134,6 +137,10 @@ impl TransactionCoordinator {
                     self.release(&held).await;
                     return Err(error);
                 }
+                // Another process's last commit may have landed past the feed's horizon
+                // unnoticed (that process gone, or not yet done): recorded again before this
+                // lease writes anything after it.
+                self.journal_taken_over(&held).await;
                 return Ok(held);
             }
             let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);
@@ -282,6 +289,7 @@ impl TransactionCoordinator {
             expires_at: lease.expires_at_ms,
             account,
             acquired: Instant::now(),
+            feed_mark: model::feed_mark_from_item(item),
         })
     }
 

@@ -358,6 +358,7 @@ impl TransactionCoordinator {
                 record: record.as_ref().map(|(id, record)| (id, record)),
                 sender_is_first,
                 now,
+                writer: self.incarnation(),
             });
             let answer = match (out_entry, refusal) {
                 (Some(entry), _) => Ok(Receipt {

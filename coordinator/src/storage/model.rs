@@ -399,6 +399,27 @@ pub struct BatchCommit<'a> {
     /// the members of a group).
     pub spread_price_checks: bool,
     pub now: Millis,
+    /// The committing process (its incarnation), kept on the account with the commit's feed
+    /// record's time and first sequence (`FeedMark`).
+    pub writer: &'a str,
+}
+
+/// What the account keeps of its last commit's feed record: its time, its first sequence and
+/// the process that wrote it. A coordinator that takes the account from another writer records
+/// that commit in the feed again if it may have landed past the horizon (`service::feed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedMark {
+    pub at: Millis,
+    pub first: u64,
+    pub writer: String,
+}
+
+pub fn feed_mark_from_item(item: &Item) -> Option<FeedMark> {
+    Some(FeedMark {
+        at: number(item, "feed_at_ms")?.parse().ok()?,
+        first: number(item, "feed_first")?.parse().ok()?,
+        writer: string(item, "feed_writer")?.to_owned(),
+    })
 }
 
 /// The parts of a transaction whose cancellation reasons the service reads.
@@ -678,6 +699,19 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
         ],
     );
     let values = &mut update_bindings.values;
+    if let Some(first) = commit.operations.iter().find_map(|operation| operation.entry) {
+        set.extend(
+            [
+                "feed_at_ms = :feed_at",
+                "feed_first = :feed_first",
+                "feed_writer = :feed_writer",
+            ]
+            .map(str::to_owned),
+        );
+        values.insert(":feed_at".to_owned(), n(commit.now));
+        values.insert(":feed_first".to_owned(), n(first.sequence));
+        values.insert(":feed_writer".to_owned(), s(commit.writer));
+    }
     let mut condition: Vec<String> = match commit.lock_id {
         Some(lock_id) => {
             values.insert(":lock".to_owned(), s(lock_id.as_str()));
@@ -784,6 +818,7 @@ pub struct TransferCommit<'a> {
     pub record: Option<(&'a RequestId, &'a RequestRecord)>,
     pub sender_is_first: bool,
     pub now: Millis,
+    pub writer: &'a str,
 }
 
 /// Builds a transfer's one transaction (at most 7 items: two accounts, two entries, two feed records, a request record).
@@ -806,6 +841,7 @@ pub fn commit_transfer(commit: &TransferCommit<'_>) -> NamedItems {
             extend_until: None,
             spread_price_checks: true,
             now: commit.now,
+            writer: commit.writer,
         })
     };
     let (first_record, second_record) = if commit.sender_is_first {
@@ -866,6 +902,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
         extend_until: None,
         spread_price_checks: true,
         now: commit.now,
+        writer: "",
     })
 }
 
