@@ -444,17 +444,21 @@ pub async fn watch_account(user: String, endpoints: Vec<String>, watched: std::s
     }
 }
 
-/// The sequence of `user`'s last ledger entry, asked of any coordinator that answers.
+/// The sequence of `user`'s last ledger entry, asked of any coordinator that answers (ten
+/// rounds: faults are injected into reads too).
 pub async fn last_sequence(endpoints: &[String], user: &str) -> Option<u64> {
-    for mut client in channels(endpoints) {
-        let request = authorized(pb::ListLedgerRequest {
-            user_id: user.to_owned(),
-            page_size: 1,
-            ..Default::default()
-        });
-        if let Ok(reply) = client.list_ledger(request).await {
-            return Some(reply.into_inner().entries.first().map_or(0, |entry| entry.sequence));
+    for _ in 0..10 {
+        for mut client in channels(endpoints) {
+            let request = authorized(pb::ListLedgerRequest {
+                user_id: user.to_owned(),
+                page_size: 1,
+                ..Default::default()
+            });
+            if let Ok(reply) = client.list_ledger(request).await {
+                return Some(reply.into_inner().entries.first().map_or(0, |entry| entry.sequence));
+            }
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     None
 }

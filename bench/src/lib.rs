@@ -24,6 +24,7 @@ pub mod lockstep_target;
 pub mod metrics;
 pub mod report;
 pub mod settings;
+pub mod streams_cost;
 pub mod workload;
 
 use std::sync::Arc;

@@ -8,6 +8,15 @@ use lockstep_bench::settings::{Cli, Command};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::StreamsCost { sizes, samples }) = &cli.command {
+        return match lockstep_bench::streams_cost::run(sizes, (*samples).max(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("lockstep-bench: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::ServeDynoxide {
         listen,
         file,

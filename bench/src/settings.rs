@@ -30,6 +30,16 @@ pub enum Command {
         #[arg(long, default_value_t = 0.0)]
         latency_ms: f64,
     },
+    /// Why WatchFeed reads a journal and not DynamoDB Streams on the embedded engine: a commit's
+    /// time on a dynoxide file as its stream grows, beside no stream and the journal's one more Put.
+    StreamsCost {
+        /// Commits written before each timed set, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,5000,20000")]
+        sizes: Vec<u64>,
+        /// Commits timed at each size.
+        #[arg(long, default_value_t = 200)]
+        samples: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -47,7 +47,7 @@ pub const FEED_POLL_DEFAULT: Duration = Duration::from_millis(100);
 pub const FEED_PAGE: u32 = 100;
 /// Accounts whose last sequence a stream remembers (to drop re-deliveries and fill gaps); past
 /// it the stream forgets them all and may re-deliver, which at least once allows.
-pub const FEED_ACCOUNTS_REMEMBERED: usize = 100_000;
+pub const FEED_ACCOUNTS_REMEMBERED: usize = 10_000;
 /// Attempts at writing a late commit's feed records again before giving up (logged, counted).
 const JOURNAL_AGAIN_ATTEMPTS: usize = 8;
 /// The cursor's version prefix.
@@ -312,9 +312,13 @@ impl TransactionCoordinator {
         sender: &mpsc::Sender<FeedEvent>,
         draining: &mut watch::Receiver<bool>,
     ) -> Result<(), PartitionStop> {
+        // The stream's cursor moves past the record only once every entry of it was delivered:
+        // a stream that ends on the way (a failed read, a drain, a slow consumer) names the
+        // cursor before it, and the resumed stream sends the record again.
         let before = reading.cursor.encode();
-        reading.cursor.positions[record.shard].clone_from(&record.position);
-        let after = reading.cursor.encode();
+        let mut past = reading.cursor.clone();
+        past.positions[record.shard].clone_from(&record.position);
+        let after = past.encode();
         let last = record.entries.last().map_or(0, |entry| entry.sequence);
         let first = record.entries.first().map_or(0, |entry| entry.sequence);
         let sent_through = reading.sent.get(&record.user).copied();
@@ -361,6 +365,7 @@ impl TransactionCoordinator {
             metrics::watch_event("entry");
             reading.last_sent = tokio::time::Instant::now();
         }
+        reading.cursor = past;
         Ok(())
     }
 
@@ -439,12 +444,16 @@ impl TransactionCoordinator {
     }
 
     /// Writes `feed` again at a fresh time: its transaction applied, but when is not known to
-    /// within the horizon. Tried until it lands or `JOURNAL_AGAIN_ATTEMPTS` fail.
+    /// within the horizon. Tried until a write is acknowledged within half the horizon of its
+    /// own time (one acknowledged later may itself have landed behind a reader), at most
+    /// `JOURNAL_AGAIN_ATTEMPTS` times.
     pub(super) async fn journal_again(&self, feed: &[Item]) {
         for item in feed {
             let mut written = false;
+            let late_after = self.config.feed_horizon.as_millis() as u64 / 2;
             for attempt in 0..JOURNAL_AGAIN_ATTEMPTS {
-                let Some(again) = model::feed_item_again(item, self.clock.now()) else {
+                let at = self.clock.now();
+                let Some(again) = model::feed_item_again(item, at) else {
                     break;
                 };
                 let put = crate::storage::Put {
@@ -453,9 +462,16 @@ impl TransactionCoordinator {
                     bindings: crate::storage::Bindings::default(),
                 };
                 match self.storage.put(put).await {
-                    Ok(()) => {
+                    // This write, too, must land within half the horizon of its own time.
+                    Ok(()) if self.clock.now().saturating_sub(at) <= late_after => {
                         written = true;
                         break;
+                    }
+                    Ok(()) => {
+                        tracing::warn!(
+                            attempt,
+                            "a feed record written again was acknowledged late too; writing it again"
+                        );
                     }
                     Err(error) => {
                         tracing::warn!(%error, attempt, "writing a late commit's feed record again failed; retrying");
