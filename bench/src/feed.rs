@@ -12,6 +12,7 @@ use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use crate::BenchError;
+use crate::settings::WatchKind;
 
 /// Lags above this (a minute) are clamped: the histogram's range.
 const LAG_MICROSECONDS_MAX: u64 = 60_000_000;
@@ -60,6 +61,14 @@ fn now_ms() -> i64 {
         .map_or(0, |since| since.as_millis() as i64)
 }
 
+/// One entry received: its lag from its created time to now.
+fn record(figures: &Mutex<FeedFigures>, entry: &pb::LedgerEntry) {
+    let lag_ms = epoch_ms(&entry.created_at).map_or(0, |created| (now_ms() - created).max(0));
+    let mut figures = figures.lock().expect("feed figures");
+    figures.entries += 1;
+    figures.lag.saturating_record((lag_ms as u64 * 1000).max(1));
+}
+
 impl Feed {
     /// Opens `watchers` streams on `users` in turn (several per user when there are more
     /// watchers than users), each from the user's last entry, on `client`.
@@ -67,6 +76,7 @@ impl Feed {
         client: CoordinatorClient<Channel>,
         users: &[String],
         watchers: usize,
+        kind: WatchKind,
     ) -> Result<Feed, BenchError> {
         let figures = Arc::new(Mutex::new(FeedFigures {
             watchers,
@@ -75,6 +85,35 @@ impl Feed {
             failed: 0,
         }));
         let mut tasks = Vec::with_capacity(watchers);
+        if kind == WatchKind::Feed {
+            for _ in 0..watchers {
+                let mut stream = client
+                    .clone()
+                    .watch_feed(pb::WatchFeedRequest {
+                        from_now: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|status| BenchError::Setup(format!("watch the feed: {}", status.message())))?
+                    .into_inner();
+                let figures = Arc::clone(&figures);
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(pb::FeedEvent {
+                                event: Some(pb::feed_event::Event::Entry(pb::FeedEntry { entry: Some(entry), .. })),
+                            })) => record(&figures, &entry),
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => {
+                                figures.lock().expect("feed figures").failed += 1;
+                                return;
+                            }
+                        }
+                    }
+                }));
+            }
+            return Ok(Feed { figures, tasks });
+        }
         for index in 0..watchers {
             let user = users[index % users.len()].clone();
             let mut client = client.clone();
@@ -104,12 +143,7 @@ impl Feed {
                     match stream.message().await {
                         Ok(Some(pb::LedgerEvent {
                             event: Some(pb::ledger_event::Event::Entry(entry)),
-                        })) => {
-                            let lag_ms = epoch_ms(&entry.created_at).map_or(0, |created| (now_ms() - created).max(0));
-                            let mut figures = figures.lock().expect("feed figures");
-                            figures.entries += 1;
-                            figures.lag.saturating_record((lag_ms as u64 * 1000).max(1));
-                        }
+                        })) => record(&figures, &entry),
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => {
                             figures.lock().expect("feed figures").failed += 1;

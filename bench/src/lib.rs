@@ -229,7 +229,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
                     0 => None,
                     watchers => {
                         let users: Vec<String> = plan.users.all().collect();
-                        Some(feed::Feed::open(target.first_client(), &users, watchers).await?)
+                        let kind = settings.watch;
+                        Some(feed::Feed::open(target.first_client(), &users, watchers, kind).await?)
                     }
                 };
                 let tally = load::run(System::Lockstep(target), &plan, "lockstep").await;

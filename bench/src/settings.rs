@@ -43,6 +43,12 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WatchKind {
+    Ledger,
+    Feed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WorkloadKind {
     /// Uniform over --users users.
     Uniform,
@@ -136,6 +142,10 @@ pub struct Settings {
     /// during the load, and report the feed lag of the entries they receive.
     #[arg(long, default_value_t = 0)]
     pub watchers: usize,
+    /// What the --watchers streams are: WatchLedger on the run's users, or WatchFeed (every
+    /// account, from the moment each opens).
+    #[arg(long, value_enum, default_value_t = WatchKind::Ledger)]
+    pub watch: WatchKind,
     /// Print one JSON object with every figure instead of text.
     #[arg(long)]
     pub json: bool,

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::core::records::{EntryKind, FEED_RETENTION, LedgerEntry};
 use crate::core::{FieldError, Millis, UserId};
@@ -42,7 +42,7 @@ use super::{ServiceError, TransactionCoordinator, retry_safe};
 /// commit acknowledged later than half of it after its time is recorded again.
 pub const FEED_HORIZON_DEFAULT: Duration = Duration::from_millis(100);
 /// Default of `--feed-poll-ms`: how often a caught-up feed stream reads the journal again.
-pub const FEED_POLL_DEFAULT: Duration = Duration::from_millis(100);
+pub const FEED_POLL_DEFAULT: Duration = Duration::from_millis(50);
 /// Records read per query of one partition.
 pub const FEED_PAGE: u32 = 100;
 /// Accounts whose last sequence a stream remembers (to drop re-deliveries and fill gaps); past
@@ -75,6 +75,15 @@ impl FeedCursor {
         let passed = format!("{through:015}#~");
         if passed > self.positions[shard] {
             self.positions[shard] = passed;
+        }
+    }
+
+    /// Each partition's position moved up to `other`'s where that is further.
+    fn raise_to(&mut self, other: &FeedCursor) {
+        for (mine, theirs) in self.positions.iter_mut().zip(&other.positions) {
+            if *theirs > *mine {
+                mine.clone_from(theirs);
+            }
         }
     }
 
@@ -213,12 +222,16 @@ impl TransactionCoordinator {
         let slot = self.watchers.open_feed()?;
         let (sender, receiver) = mpsc::channel(super::watch::WATCH_BUFFER + 1);
         let coordinator = Arc::clone(self);
-        tokio::spawn(async move { coordinator.follow_feed(slot, cursor, filter, sender).await });
+        tokio::spawn(coordinator.follow_feed(slot, cursor, filter, sender));
         Ok(receiver)
     }
 
+    /// A stream: reads the journal itself until it has caught up, then follows the
+    /// coordinator's one reader of the journal's tail (`FeedTail`), which reads each partition
+    /// once per `--feed-poll-ms` for every caught-up stream; a stream that falls behind the
+    /// tail's buffer reads storage again from its cursor.
     async fn follow_feed(
-        &self,
+        self: Arc<Self>,
         slot: FeedSlot,
         cursor: FeedCursor,
         filter: FeedFilter,
@@ -233,49 +246,109 @@ impl TransactionCoordinator {
             live: false,
             last_sent: tokio::time::Instant::now(),
         };
+        let mut tail: Option<broadcast::Receiver<Arc<TailBatch>>> = None;
+        let mut complete_through = 0;
         loop {
             if *draining.borrow_and_update() {
                 return feed_stopped(&sender, Stop::Draining, &reading.cursor);
             }
-            // Records this old have landed (or will be written again later): read up to it.
-            let through = self
-                .clock
-                .now()
-                .saturating_sub(self.config.feed_horizon.as_millis() as u64);
-            for shard in 0..FEED_SHARDS {
-                if let Err(stop) = self
-                    .read_partition(shard, through, &mut reading, &sender, &mut draining)
-                    .await
-                {
-                    return match stop {
-                        PartitionStop::Send(stop) => feed_stopped(&sender, stop, &reading.cursor),
-                        PartitionStop::Failed(reason) => feed_end(&sender, reason, &reading.cursor),
-                    };
-                }
-            }
-            reading.live = true;
-            let progress_due = reading.last_sent + watchers.progress;
-            tokio::select! {
-                () = tokio::time::sleep(self.config.feed_poll) => {}
-                () = tokio::time::sleep_until(progress_due) => {
-                    let progress = FeedEvent::Progress { cursor: reading.cursor.encode(), complete_through: through };
-                    if let Err(stop) = deliver(&sender, progress, &mut draining, watchers.stall).await {
-                        return feed_stopped(&sender, stop, &reading.cursor);
+            let outcome = match tail.as_mut() {
+                None => {
+                    // Records this old have landed (or will be written again later).
+                    let through = self
+                        .clock
+                        .now()
+                        .saturating_sub(self.config.feed_horizon.as_millis() as u64);
+                    let mut outcome = self
+                        .read_partitions(Bound::Through(through), &mut reading, &sender, &mut draining)
+                        .await;
+                    if outcome.is_ok() {
+                        complete_through = through;
+                        // Caught up: join the tail, first reading what it read past this stream.
+                        let (receiver, current) = self.feed_tail.join(&self);
+                        outcome = self
+                            .read_partitions(Bound::Positions(&current), &mut reading, &sender, &mut draining)
+                            .await;
+                        tail = Some(receiver);
+                        reading.live = true;
                     }
-                    metrics::watch_event("progress");
-                    reading.last_sent = tokio::time::Instant::now();
+                    outcome
                 }
-                _ = draining.changed() => {}
-                () = sender.closed() => return,
+                Some(receiver) => {
+                    let progress_due = reading.last_sent + watchers.progress;
+                    tokio::select! {
+                        batch = receiver.recv() => match batch {
+                            Ok(batch) => {
+                                complete_through = batch.through;
+                                self.send_batch(&batch, &mut reading, &sender, &mut draining).await
+                            }
+                            // Behind the tail's buffer (or the tail stopped): storage again.
+                            Err(_) => {
+                                tail = None;
+                                Ok(())
+                            }
+                        },
+                        () = tokio::time::sleep_until(progress_due) => {
+                            let progress = FeedEvent::Progress { cursor: reading.cursor.encode(), complete_through };
+                            match deliver(&sender, progress, &mut draining, watchers.stall).await {
+                                Ok(()) => {
+                                    metrics::watch_event("progress");
+                                    reading.last_sent = tokio::time::Instant::now();
+                                    Ok(())
+                                }
+                                Err(stop) => Err(PartitionStop::Send(stop)),
+                            }
+                        }
+                        _ = draining.changed() => Ok(()),
+                        () = sender.closed() => return,
+                    }
+                }
+            };
+            if let Err(stop) = outcome {
+                return match stop {
+                    PartitionStop::Send(stop) => feed_stopped(&sender, stop, &reading.cursor),
+                    PartitionStop::Failed(reason) => feed_end(&sender, reason, &reading.cursor),
+                };
             }
         }
     }
 
-    /// Sends partition `shard`'s records up to `through`, page by page, moving the cursor.
+    /// Every partition's records after the stream's position up to `bound`.
+    async fn read_partitions(
+        &self,
+        bound: Bound<'_>,
+        reading: &mut FeedReading,
+        sender: &mpsc::Sender<FeedEvent>,
+        draining: &mut watch::Receiver<bool>,
+    ) -> Result<(), PartitionStop> {
+        for shard in 0..FEED_SHARDS {
+            self.read_partition(shard, &bound, reading, sender, draining).await?;
+        }
+        Ok(())
+    }
+
+    /// The tail's batch: its records past the stream's positions, then its positions.
+    async fn send_batch(
+        &self,
+        batch: &TailBatch,
+        reading: &mut FeedReading,
+        sender: &mpsc::Sender<FeedEvent>,
+        draining: &mut watch::Receiver<bool>,
+    ) -> Result<(), PartitionStop> {
+        for record in &batch.records {
+            if record.position > reading.cursor.positions[record.shard] {
+                self.send_record(record.clone(), reading, sender, draining).await?;
+            }
+        }
+        reading.cursor.raise_to(&batch.after);
+        Ok(())
+    }
+
+    /// Sends partition `shard`'s records up to `bound`, page by page, moving the cursor.
     async fn read_partition(
         &self,
         shard: usize,
-        through: Millis,
+        bound: &Bound<'_>,
         reading: &mut FeedReading,
         sender: &mpsc::Sender<FeedEvent>,
         draining: &mut watch::Receiver<bool>,
@@ -290,14 +363,14 @@ impl TransactionCoordinator {
                 let record = model::feed_record_from_item(item).map_err(|error| {
                     PartitionStop::Failed(WatchEnd::Internal(format!("a malformed feed record: {error}")))
                 })?;
-                if record.at > through {
-                    reading.cursor.passed(shard, through);
+                if bound.excludes(&record) {
+                    bound.reached(shard, &mut reading.cursor);
                     return Ok(());
                 }
                 self.send_record(record, reading, sender, draining).await?;
             }
             if !full {
-                reading.cursor.passed(shard, through);
+                bound.reached(shard, &mut reading.cursor);
                 return Ok(());
             }
         }
@@ -489,6 +562,142 @@ impl TransactionCoordinator {
     }
 }
 
+/// How far a read of the journal goes.
+enum Bound<'a> {
+    /// Records stamped up to this time (the horizon's edge).
+    Through(Millis),
+    /// Records up to these positions (the tail's, when a stream joins it).
+    Positions(&'a FeedCursor),
+}
+
+impl Bound<'_> {
+    fn excludes(&self, record: &model::FeedRecord) -> bool {
+        match self {
+            Bound::Through(through) => record.at > *through,
+            Bound::Positions(positions) => record.position > positions.positions[record.shard],
+        }
+    }
+
+    /// Partition `shard` was read to the bound: the cursor's position moves up to it.
+    fn reached(&self, shard: usize, cursor: &mut FeedCursor) {
+        match self {
+            Bound::Through(through) => cursor.passed(shard, *through),
+            Bound::Positions(positions) => {
+                if positions.positions[shard] > cursor.positions[shard] {
+                    cursor.positions[shard].clone_from(&positions.positions[shard]);
+                }
+            }
+        }
+    }
+}
+
+/// Batches of the tail kept for streams that have not taken them yet; a stream further behind
+/// reads storage again from its cursor.
+pub const TAIL_BATCHES: usize = 32;
+
+/// One read of the journal's tail: its records in partition order, the positions after it,
+/// and the time through which every partition was read.
+#[derive(Debug)]
+pub struct TailBatch {
+    records: Vec<model::FeedRecord>,
+    after: FeedCursor,
+    through: Millis,
+}
+
+/// The coordinator's one reader of the journal's tail, shared by every caught-up WatchFeed
+/// stream: one Query per partition per `--feed-poll-ms` however many streams follow, started
+/// by the first stream that joins and stopped when none is left.
+#[derive(Debug, Default)]
+pub struct FeedTail {
+    state: std::sync::Mutex<TailState>,
+}
+
+#[derive(Debug, Default)]
+struct TailState {
+    sender: Option<broadcast::Sender<Arc<TailBatch>>>,
+    /// The positions after the last batch sent (the next batch starts there).
+    current: Option<FeedCursor>,
+}
+
+impl FeedTail {
+    /// A receiver of the batches after the positions returned with it (taken together, so no
+    /// batch falls between), starting the reader if it is not running.
+    fn join(&self, coordinator: &Arc<TransactionCoordinator>) -> (broadcast::Receiver<Arc<TailBatch>>, FeedCursor) {
+        let mut state = self.state.lock().expect("feed tail poisoned");
+        if let (Some(sender), Some(current)) = (&state.sender, &state.current) {
+            return (sender.subscribe(), current.clone());
+        }
+        let (sender, receiver) = broadcast::channel(TAIL_BATCHES);
+        let now = coordinator.clock.now();
+        let start = FeedCursor::at(now.saturating_sub(coordinator.config.feed_horizon.as_millis() as u64));
+        state.sender = Some(sender.clone());
+        state.current = Some(start.clone());
+        tokio::spawn(Arc::clone(coordinator).read_tail(sender, start.clone()));
+        (receiver, start)
+    }
+}
+
+impl TransactionCoordinator {
+    /// The tail reader: every `--feed-poll-ms`, each partition's records after its positions
+    /// up to the horizon, sent to the streams as one batch. A partition whose read fails is read
+    /// again from the same position next time. Ends when no stream follows it, or at a drain.
+    async fn read_tail(self: Arc<Self>, sender: broadcast::Sender<Arc<TailBatch>>, mut cursor: FeedCursor) {
+        let mut draining = self.watchers.draining();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.config.feed_poll) => {}
+                _ = draining.changed() => {}
+            }
+            {
+                let mut state = self.feed_tail.state.lock().expect("feed tail poisoned");
+                if sender.receiver_count() == 0 || *draining.borrow() {
+                    state.sender = None;
+                    state.current = None;
+                    return;
+                }
+            }
+            let through = self
+                .clock
+                .now()
+                .saturating_sub(self.config.feed_horizon.as_millis() as u64);
+            let mut records = Vec::new();
+            for shard in 0..FEED_SHARDS {
+                'pages: loop {
+                    let query = model::feed_records_after(shard, &cursor.positions[shard], FEED_PAGE);
+                    let Ok(page) = self.storage.query(query).await else {
+                        break 'pages;
+                    };
+                    let full = page.items.len() >= FEED_PAGE as usize;
+                    for item in &page.items {
+                        let Ok(record) = model::feed_record_from_item(item) else {
+                            tracing::error!("a malformed feed record; the tail stops before it");
+                            break 'pages;
+                        };
+                        if record.at > through {
+                            cursor.passed(shard, through);
+                            break 'pages;
+                        }
+                        cursor.positions[shard].clone_from(&record.position);
+                        records.push(record);
+                    }
+                    if !full {
+                        cursor.passed(shard, through);
+                        break 'pages;
+                    }
+                }
+            }
+            let batch = Arc::new(TailBatch {
+                records,
+                after: cursor.clone(),
+                through,
+            });
+            let mut state = self.feed_tail.state.lock().expect("feed tail poisoned");
+            state.current = Some(cursor.clone());
+            let _ = sender.send(batch);
+        }
+    }
+}
+
 /// A margin added to the oldest position named in OUT_OF_RANGE, so that it is still kept when
 /// the consumer comes back with it.
 const OLDEST_MARGIN: Duration = Duration::from_secs(60);
@@ -673,6 +882,40 @@ mod tests {
             all.push(key);
         }
         no_entry_within(&mut second, Duration::from_millis(200)).await;
+    }
+
+    /// Caught-up streams share the coordinator's one reader of the journal's tail: ten of them
+    /// cost the reads of one (eight Queries a poll), and each gets every new entry.
+    #[tokio::test]
+    async fn caught_up_streams_share_one_reader_of_the_tail() {
+        let clock = ManualClock::starting_at(START);
+        let poll = Duration::from_millis(20);
+        let config = CoordinatorConfig {
+            feed_poll: poll,
+            ..config()
+        };
+        let coordinator = coordinator_on(Arc::new(EmbeddedEngine::in_memory().unwrap()), &clock, config).await;
+        let mut streams: Vec<_> = (0..10)
+            .map(|_| coordinator.watch_feed(FeedStart::Now, FeedFilter::default()).unwrap())
+            .collect();
+        // Every stream has caught up and joined the tail.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = coordinator.storage().requests();
+        let window = Duration::from_millis(600);
+        tokio::time::sleep(window).await;
+        let reads = coordinator.storage().requests() - before;
+        let polls = (window.as_millis() / poll.as_millis()) as u64;
+        assert!(
+            reads <= (polls + 2) * FEED_SHARDS as u64,
+            "{reads} reads in {polls} polls: one reader's worth is at most {}",
+            (polls + 2) * FEED_SHARDS as u64
+        );
+        deposit(&coordinator, "shared").await;
+        clock.advance(Duration::from_secs(1));
+        for stream in &mut streams {
+            let (entry, _) = next_entry(stream).await;
+            assert_eq!((entry.user_id.as_str(), entry.sequence), ("shared", 1));
+        }
     }
 
     #[tokio::test]

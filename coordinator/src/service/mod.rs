@@ -353,6 +353,8 @@ pub struct TransactionCoordinator {
     known: known::KnownAccounts,
     /// Open WatchLedger streams.
     watchers: Arc<watch::Watchers>,
+    /// The one reader of the feed's tail, shared by caught-up WatchFeed streams.
+    feed_tail: feed::FeedTail,
 }
 
 impl TransactionCoordinator {
@@ -377,6 +379,7 @@ impl TransactionCoordinator {
             mutations: TaskTracker::new(),
             known,
             watchers,
+            feed_tail: feed::FeedTail::default(),
         }
     }
 
