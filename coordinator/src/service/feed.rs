@@ -388,7 +388,6 @@ impl TransactionCoordinator {
         // The stream's cursor moves past the record only once every entry of it was delivered:
         // a stream that ends on the way (a failed read, a drain, a slow consumer) names the
         // cursor before it, and the resumed stream sends the record again.
-        let before = reading.cursor.encode();
         let mut past = reading.cursor.clone();
         past.positions[record.shard].clone_from(&record.position);
         let after = past.encode();
@@ -414,6 +413,8 @@ impl TransactionCoordinator {
         let newest = sent_through.map_or(last, |sent| sent.max(last));
         reading.sent.insert(record.user.clone(), newest);
         let count = entries.len();
+        // Encoded once per record, and the cursor before it only when it sends several entries.
+        let before = (count > 1).then(|| reading.cursor.encode());
         for (index, entry) in entries.into_iter().enumerate() {
             if !reading.filter.passes(&entry) {
                 continue;
@@ -423,10 +424,9 @@ impl TransactionCoordinator {
                 metrics::watch_lag("feed", Duration::from_millis(lag));
             }
             // Resuming after an entry that is not its record's last reads the record again.
-            let cursor = if index + 1 == count {
-                after.clone()
-            } else {
-                before.clone()
+            let cursor = match &before {
+                Some(before) if index + 1 < count => before.clone(),
+                _ => after.clone(),
             };
             let event = FeedEvent::Entry {
                 entry: Box::new(entry),
