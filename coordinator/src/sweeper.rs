@@ -30,6 +30,8 @@ pub const SWEEP_FAILURES_KEPT_MAX: usize = 20;
 pub struct SweepReport {
     pub released_leases: usize,
     pub deleted_records: usize,
+    /// Feed records (WatchFeed's journal) past the feed's retention.
+    pub deleted_feed_records: usize,
     /// Releases and deletions that failed other than by the item having changed meanwhile;
     /// their items stay as they were until a later sweep.
     pub failed_writes: usize,
@@ -53,6 +55,7 @@ impl SweepReport {
 enum Sweeping {
     ReleaseLease,
     DeleteRecord,
+    DeleteFeedRecord,
 }
 
 impl Sweeping {
@@ -60,6 +63,7 @@ impl Sweeping {
         match self {
             Sweeping::ReleaseLease => "releasing the expired lease",
             Sweeping::DeleteRecord => "deleting the expired request record",
+            Sweeping::DeleteFeedRecord => "deleting the expired feed record",
         }
     }
 }
@@ -111,7 +115,7 @@ fn sweep_write(item: StoredItem, now: Millis) -> Option<(Sweeping, Key, Transact
             ..
         } if expires < model::epoch_seconds(now) => {
             let write = model::delete_expired_record(&key, now);
-            Some((Sweeping::DeleteRecord, key, write))
+            Some((Sweeping::DeleteFeedRecord, key, write))
         }
         _ => None,
     }
@@ -149,8 +153,11 @@ async fn sweep_pausing(storage: &Storage, now: Millis, retry_pause: Duration) ->
                 continue;
             };
             match storage.write(write).await {
-                Ok(()) if sweeping == Sweeping::ReleaseLease => report.released_leases += 1,
-                Ok(()) => report.deleted_records += 1,
+                Ok(()) => match sweeping {
+                    Sweeping::ReleaseLease => report.released_leases += 1,
+                    Sweeping::DeleteRecord => report.deleted_records += 1,
+                    Sweeping::DeleteFeedRecord => report.deleted_feed_records += 1,
+                },
                 // Someone took the lease or rewrote the record meanwhile: nothing to sweep.
                 Err(StorageError::ConditionFailed { .. }) => {}
                 Err(error) => {
@@ -190,6 +197,7 @@ pub async fn sweep_periodically(storage: Storage, owner: String, clock: std::syn
                 tracing::info!(
                     released_leases = report.released_leases,
                     deleted_records = report.deleted_records,
+                    deleted_feed_records = report.deleted_feed_records,
                     "sweep done"
                 )
             }

@@ -84,7 +84,7 @@ async fn audit_finds_forgery_and_stale_leases(engine: EngineKind) {
     assert!(!report.is_clean(), "the forgery is still there");
 }
 
-/// Expired request records are deleted by the sweeper; live ones stay.
+/// Expired request records and feed records are deleted by the sweeper; live ones stay.
 async fn sweeper_deletes_expired_request_records(engine: EngineKind) {
     let app = spawn_app(engine).await;
     let mut client = app.client().await;
@@ -95,15 +95,12 @@ async fn sweeper_deletes_expired_request_records(engine: EngineKind) {
     };
     client.deposit(request("kept")).await.expect("deposit");
     let now = SystemClock.now();
-    assert_eq!(sweep(&app.storage, now).await.expect("sweep").deleted_records, 0);
+    let kept = sweep(&app.storage, now).await.expect("sweep");
+    assert_eq!((kept.deleted_records, kept.deleted_feed_records), (0, 0));
+    // A day later the request record and the feed record (WatchFeed's copy of the entry) go.
     let a_day_and_a_bit_later = now + 25 * 3600 * 1000;
-    assert_eq!(
-        sweep(&app.storage, a_day_and_a_bit_later)
-            .await
-            .expect("sweep")
-            .deleted_records,
-        1
-    );
+    let swept = sweep(&app.storage, a_day_and_a_bit_later).await.expect("sweep");
+    assert_eq!((swept.deleted_records, swept.deleted_feed_records), (1, 1));
     let report = audit(&app.storage, now, MARGIN).await.expect("audit");
     assert_eq!(report.request_records, 0, "{report}");
     assert!(report.is_clean(), "{report}");
