@@ -214,8 +214,9 @@ fn sort_into_books(
 /// Every entry the feed's journal holds is the ledger's entry at that place, word for word: the
 /// feed never tells a consumer of money the ledger does not hold.
 fn check_feed_copies(books: &UserBooks, ledger: &[LedgerEntry], problems: &mut Vec<String>) {
+    let by_sequence: BTreeMap<u64, &LedgerEntry> = ledger.iter().map(|entry| (entry.sequence, entry)).collect();
     for fed in &books.fed {
-        match ledger.iter().find(|entry| entry.sequence == fed.sequence) {
+        match by_sequence.get(&fed.sequence).copied() {
             Some(entry) if entry == fed => {}
             Some(entry) => problems.push(format!(
                 "the feed's copy of entry #{} ({}) differs from the ledger's ({})",

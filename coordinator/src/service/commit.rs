@@ -263,13 +263,16 @@ impl TransactionCoordinator {
                 feed: transaction.feed.clone(),
                 at: now,
             });
+            self.feed_sent(&held.user, &transaction.feed);
             let reasons = match self
                 .storage
                 .transact_batch(std::mem::take(&mut transaction.items))
                 .await
             {
                 Ok(()) => {
-                    self.journal_again_if_late(now, &transaction.feed).await;
+                    if self.journal_again_if_late(now, &transaction.feed).await {
+                        self.feed_confirmed(&held.user);
+                    }
                     self.watchers.committed(&held.user, || {
                         answers
                             .iter()

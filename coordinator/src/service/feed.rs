@@ -50,8 +50,31 @@ pub const FEED_PAGE: u32 = 100;
 pub const FEED_ACCOUNTS_REMEMBERED: usize = 10_000;
 /// Attempts at writing a late commit's feed records again before giving up (logged, counted).
 const JOURNAL_AGAIN_ATTEMPTS: usize = 8;
+/// Of those, writes that land but are acknowledged late again, before the last one stands.
+const JOURNAL_AGAIN_LATE_ATTEMPTS: usize = 3;
+
+/// How writing a feed record again ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    InTime,
+    /// Landed, acknowledged later than half the horizon each time.
+    Late,
+    Failed,
+}
+
+impl Written {
+    fn label(self) -> &'static str {
+        match self {
+            Written::InTime => "written",
+            Written::Late => "late",
+            Written::Failed => "failed",
+        }
+    }
+}
 /// The cursor's version prefix.
 const CURSOR_VERSION: &str = "f1.";
+/// The longest cursor text: eight positions of at most 101 characters, base64.
+const CURSOR_TEXT_MAX: usize = 1200;
 
 /// Where a feed stream stands: per partition, the position of the last record sent (records
 /// after it come next), or empty: from the partition's oldest record still kept.
@@ -110,6 +133,9 @@ impl FeedCursor {
                 "is not a cursor this feed gave out (resume with the last cursor received)",
             )
         };
+        if text.len() > CURSOR_TEXT_MAX {
+            return Err(bad());
+        }
         let encoded = text.strip_prefix(CURSOR_VERSION).ok_or_else(bad)?;
         let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(encoded)
@@ -321,8 +347,17 @@ impl TransactionCoordinator {
         sender: &mpsc::Sender<FeedEvent>,
         draining: &mut watch::Receiver<bool>,
     ) -> Result<(), PartitionStop> {
-        for shard in 0..FEED_SHARDS {
-            self.read_partition(shard, &bound, reading, sender, draining).await?;
+        // One page of each partition in turn, so that every position moves on together during a
+        // long catch-up (a cursor never holds one partition's position far behind the others').
+        let mut left: Vec<usize> = (0..FEED_SHARDS).collect();
+        while !left.is_empty() {
+            let mut still = Vec::with_capacity(left.len());
+            for shard in left {
+                if !self.read_partition(shard, &bound, reading, sender, draining).await? {
+                    still.push(shard);
+                }
+            }
+            left = still;
         }
         Ok(())
     }
@@ -344,7 +379,8 @@ impl TransactionCoordinator {
         Ok(())
     }
 
-    /// Sends partition `shard`'s records up to `bound`, page by page, moving the cursor.
+    /// Sends one page of partition `shard`'s records up to `bound`, moving the cursor: true when
+    /// the partition is read to the bound.
     async fn read_partition(
         &self,
         shard: usize,
@@ -352,8 +388,15 @@ impl TransactionCoordinator {
         reading: &mut FeedReading,
         sender: &mpsc::Sender<FeedEvent>,
         draining: &mut watch::Receiver<bool>,
-    ) -> Result<(), PartitionStop> {
-        loop {
+    ) -> Result<bool, PartitionStop> {
+        {
+            // Between pages: a drain or a gone consumer ends a long catch-up too.
+            if *draining.borrow() {
+                return Err(PartitionStop::Send(Stop::Draining));
+            }
+            if sender.is_closed() {
+                return Err(PartitionStop::Send(Stop::Gone));
+            }
             let query = model::feed_records_after(shard, &reading.cursor.positions[shard], FEED_PAGE);
             let page = retry_safe(|| self.storage.query(query.clone()))
                 .await
@@ -365,14 +408,15 @@ impl TransactionCoordinator {
                 })?;
                 if bound.excludes(&record) {
                     bound.reached(shard, &mut reading.cursor);
-                    return Ok(());
+                    return Ok(true);
                 }
                 self.send_record(record, reading, sender, draining).await?;
             }
             if !full {
                 bound.reached(shard, &mut reading.cursor);
-                return Ok(());
+                return Ok(true);
             }
+            Ok(false)
         }
     }
 
@@ -407,11 +451,14 @@ impl TransactionCoordinator {
                 .into_iter()
                 .filter(|entry| sent_through.is_none_or(|sent| entry.sequence > sent)),
         );
-        if reading.sent.len() >= FEED_ACCOUNTS_REMEMBERED && !reading.sent.contains_key(&record.user) {
-            reading.sent.clear();
+        // Only accounts the filter lets through are remembered: others send nothing.
+        if reading.filter.passes_account(&record.user) {
+            if reading.sent.len() >= FEED_ACCOUNTS_REMEMBERED && !reading.sent.contains_key(&record.user) {
+                reading.sent.clear();
+            }
+            let newest = sent_through.map_or(last, |sent| sent.max(last));
+            reading.sent.insert(record.user.clone(), newest);
         }
-        let newest = sent_through.map_or(last, |sent| sent.max(last));
-        reading.sent.insert(record.user.clone(), newest);
         let count = entries.len();
         // Encoded once per record, and the cursor before it only when it sends several entries.
         let before = (count > 1).then(|| reading.cursor.encode());
@@ -461,29 +508,58 @@ impl TransactionCoordinator {
         Ok(missing)
     }
 
+    /// A transaction with `feed` records goes out for `user`: until it is confirmed, the account's
+    /// next lease here records its last commit in the feed again.
+    pub(super) fn feed_sent(&self, user: &UserId, feed: &[Item]) {
+        if !feed.is_empty() {
+            self.feed_unconfirmed
+                .lock()
+                .expect("feed unconfirmed poisoned")
+                .insert(user.clone());
+        }
+    }
+
+    /// `user`'s last transaction was acknowledged and its feed records are where readers find them.
+    pub(super) fn feed_confirmed(&self, user: &UserId) {
+        self.feed_unconfirmed
+            .lock()
+            .expect("feed unconfirmed poisoned")
+            .remove(user);
+    }
+
     /// Writes `feed` (the feed records of a transaction that applied) again at a fresh time if
     /// the transaction, stamped `at`, was acknowledged later than half the horizon after it: a
-    /// reader may have passed `at` before it landed.
-    pub(super) async fn journal_again_if_late(&self, at: Millis, feed: &[Item]) {
+    /// reader may have passed `at` before it landed. False if it had to and could not.
+    pub(super) async fn journal_again_if_late(&self, at: Millis, feed: &[Item]) -> bool {
         let late_after = self.config.feed_horizon.as_millis() as u64 / 2;
         if !feed.is_empty() && self.clock.now().saturating_sub(at) > late_after {
-            self.journal_again(feed).await;
+            return self.journal_again(feed).await;
         }
+        true
     }
 
     /// Just after taking `held`'s lease: if the account's last commit was made by another
     /// process more than half the horizon ago, its feed record is written again now, so that a
     /// commit that landed past the horizon (its writer gone, or its own second record not yet
     /// written) still reaches every reader, and before this lease's commits (per-account order).
-    pub(super) async fn journal_taken_over(&self, held: &super::HeldLease) {
-        let Some(mark) = &held.feed_mark else { return };
+    ///
+    /// Also for this process's own last commit when its answer never came clear
+    /// (`feed_unconfirmed`). Returns false if the record could not be written: the caller gives
+    /// the lease back rather than commit after an entry the feed may have missed.
+    pub(super) async fn journal_taken_over(&self, held: &super::HeldLease) -> bool {
+        let unconfirmed = self
+            .feed_unconfirmed
+            .lock()
+            .expect("feed unconfirmed poisoned")
+            .remove(&held.user);
+        let Some(mark) = &held.feed_mark else { return true };
         let late_after = self.config.feed_horizon.as_millis() as u64 / 2;
-        if mark.writer == self.incarnation()
+        if (mark.writer == self.incarnation() && !unconfirmed)
             || self.clock.now().saturating_sub(mark.at) <= late_after
             || mark.first == 0
             || mark.first > held.account.entries
         {
-            return;
+            return true;
         }
         let count = held.account.entries - mark.first + 1;
         let entries = match retry_safe(|| {
@@ -499,8 +575,12 @@ impl TransactionCoordinator {
                 .collect::<Vec<_>>(),
             Err(error) => {
                 tracing::warn!(%error, "reading the previous writer's last entries for the feed failed");
-                metrics::feed_recorded_again(false);
-                return;
+                metrics::feed_recorded_again("failed");
+                self.feed_unconfirmed
+                    .lock()
+                    .expect("feed unconfirmed poisoned")
+                    .insert(held.user.clone());
+                return false;
             }
         };
         let consecutive = entries
@@ -509,21 +589,29 @@ impl TransactionCoordinator {
             .eq(mark.first..=held.account.entries);
         if !consecutive {
             tracing::warn!("the previous writer's last entries are not all keyed by sequence; not recorded again");
-            return;
+            return true;
         }
         let expires = model::epoch_seconds(self.clock.now()) + FEED_RETENTION.as_secs();
         let item = model::feed_item(&entries, self.clock.now(), expires);
-        self.journal_again(std::slice::from_ref(&item)).await;
+        let written = self.journal_again(std::slice::from_ref(&item)).await;
+        if !written {
+            self.feed_unconfirmed
+                .lock()
+                .expect("feed unconfirmed poisoned")
+                .insert(held.user.clone());
+        }
+        written
     }
 
     /// Writes `feed` again at a fresh time: its transaction applied, but when is not known to
     /// within the horizon. Tried until a write is acknowledged within half the horizon of its
     /// own time (one acknowledged later may itself have landed behind a reader), at most
     /// `JOURNAL_AGAIN_ATTEMPTS` times.
-    pub(super) async fn journal_again(&self, feed: &[Item]) {
+    pub(super) async fn journal_again(&self, feed: &[Item]) -> bool {
+        let mut all_written = true;
+        let late_after = self.config.feed_horizon.as_millis() as u64 / 2;
         for item in feed {
-            let mut written = false;
-            let late_after = self.config.feed_horizon.as_millis() as u64 / 2;
+            let mut outcome = Written::Failed;
             for attempt in 0..JOURNAL_AGAIN_ATTEMPTS {
                 let at = self.clock.now();
                 let Some(again) = model::feed_item_again(item, at) else {
@@ -535,16 +623,23 @@ impl TransactionCoordinator {
                     bindings: crate::storage::Bindings::default(),
                 };
                 match self.storage.put(put).await {
-                    // This write, too, must land within half the horizon of its own time.
+                    // This write, too, should land within half the horizon of its own time.
                     Ok(()) if self.clock.now().saturating_sub(at) <= late_after => {
-                        written = true;
+                        outcome = Written::InTime;
                         break;
                     }
+                    // Landed, late: once more, a few times; past that storage is slower than the
+                    // horizon allows for (`--feed-horizon-ms` is too short for it), and the copy
+                    // that landed stands.
                     Ok(()) => {
-                        tracing::warn!(
-                            attempt,
-                            "a feed record written again was acknowledged late too; writing it again"
-                        );
+                        outcome = Written::Late;
+                        if attempt + 1 >= JOURNAL_AGAIN_LATE_ATTEMPTS {
+                            tracing::warn!(
+                                "feed records are acknowledged later than half of --feed-horizon-ms: raise it for this storage"
+                            );
+                            break;
+                        }
+                        tokio::time::sleep(super::SAFE_RETRY_DELAY * (attempt as u32 + 1)).await;
                     }
                     Err(error) => {
                         tracing::warn!(%error, attempt, "writing a late commit's feed record again failed; retrying");
@@ -552,13 +647,15 @@ impl TransactionCoordinator {
                     }
                 }
             }
-            metrics::feed_recorded_again(written);
-            if !written {
+            metrics::feed_recorded_again(outcome.label());
+            if outcome == Written::Failed {
+                all_written = false;
                 tracing::error!(
                     "a late commit's feed record could not be written again: WatchFeed readers that passed its time miss it (the ledger and WatchLedger have it)"
                 );
             }
         }
+        all_written
     }
 }
 
@@ -591,6 +688,9 @@ impl Bound<'_> {
     }
 }
 
+/// Pages of one partition the tail reads per poll: a backlog (after storage failed for a while)
+/// is read over several polls, so a batch holds at most 8 x 10 pages of records.
+pub const TAIL_PAGES_PER_POLL: usize = 10;
 /// Batches of the tail kept for streams that have not taken them yet; a stream further behind
 /// reads storage again from its cursor.
 pub const TAIL_BATCHES: usize = 32;
@@ -643,6 +743,7 @@ impl TransactionCoordinator {
     /// again from the same position next time. Ends when no stream follows it, or at a drain.
     async fn read_tail(self: Arc<Self>, sender: broadcast::Sender<Arc<TailBatch>>, mut cursor: FeedCursor) {
         let mut draining = self.watchers.draining();
+        let mut complete_through = cursor.oldest().unwrap_or(0);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(self.config.feed_poll) => {}
@@ -661,16 +762,26 @@ impl TransactionCoordinator {
                 .now()
                 .saturating_sub(self.config.feed_horizon.as_millis() as u64);
             let mut records = Vec::new();
+            // Every partition read to the horizon (none failed, none left for the next poll).
+            let mut complete = true;
             for shard in 0..FEED_SHARDS {
+                let mut pages = 0;
                 'pages: loop {
+                    if pages == TAIL_PAGES_PER_POLL {
+                        complete = false;
+                        break 'pages;
+                    }
+                    pages += 1;
                     let query = model::feed_records_after(shard, &cursor.positions[shard], FEED_PAGE);
                     let Ok(page) = self.storage.query(query).await else {
+                        complete = false;
                         break 'pages;
                     };
                     let full = page.items.len() >= FEED_PAGE as usize;
                     for item in &page.items {
                         let Ok(record) = model::feed_record_from_item(item) else {
                             tracing::error!("a malformed feed record; the tail stops before it");
+                            complete = false;
                             break 'pages;
                         };
                         if record.at > through {
@@ -686,10 +797,13 @@ impl TransactionCoordinator {
                     }
                 }
             }
+            if complete {
+                complete_through = through;
+            }
             let batch = Arc::new(TailBatch {
                 records,
                 after: cursor.clone(),
-                through,
+                through: complete_through,
             });
             let mut state = self.feed_tail.state.lock().expect("feed tail poisoned");
             state.current = Some(cursor.clone());

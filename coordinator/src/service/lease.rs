@@ -140,7 +140,12 @@ impl TransactionCoordinator {
                 // Another process's last commit may have landed past the feed's horizon
                 // unnoticed (that process gone, or not yet done): recorded again before this
                 // lease writes anything after it.
-                self.journal_taken_over(&held).await;
+                if !self.journal_taken_over(&held).await {
+                    self.release(&held).await;
+                    return Err(ServiceError::Unavailable(
+                        "the account's last commit could not be recorded in the feed again".to_owned(),
+                    ));
+                }
                 return Ok(held);
             }
             let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);

@@ -355,6 +355,10 @@ pub struct TransactionCoordinator {
     watchers: Arc<watch::Watchers>,
     /// The one reader of the feed's tail, shared by caught-up WatchFeed streams.
     feed_tail: feed::FeedTail,
+    /// Accounts whose last commit by this process was sent and not confirmed (acknowledged, or
+    /// found applied and recorded in the feed again): their next lease here records that commit
+    /// in the feed again, as for a commit taken over from another writer.
+    feed_unconfirmed: std::sync::Mutex<std::collections::HashSet<UserId>>,
 }
 
 impl TransactionCoordinator {
@@ -380,6 +384,7 @@ impl TransactionCoordinator {
             known,
             watchers,
             feed_tail: feed::FeedTail::default(),
+            feed_unconfirmed: std::sync::Mutex::default(),
         }
     }
 

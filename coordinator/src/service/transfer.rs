@@ -386,9 +386,16 @@ impl TransactionCoordinator {
             if let Some(crate::service::CommitHook(pause)) = &self.config.before_commit {
                 pause(&request.from).await;
             }
+            for party in [&request.from, &request.to] {
+                self.feed_sent(party, &attempt.feed);
+            }
             let reasons = match self.storage.transact_batch(transaction.items.clone()).await {
                 Ok(()) => {
-                    self.journal_again_if_late(attempt.at, &attempt.feed).await;
+                    if self.journal_again_if_late(attempt.at, &attempt.feed).await {
+                        for party in [&request.from, &request.to] {
+                            self.feed_confirmed(party);
+                        }
+                    }
                     return self.after_transfer(first, second, attempt);
                 }
                 Err(StorageError::TransactionCanceled { reasons }) => reasons,

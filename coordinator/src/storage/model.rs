@@ -1768,10 +1768,20 @@ pub fn feed_position(at: Millis, user: &str, first_sequence: u64) -> String {
     format!("{at:015}#{user}#{first_sequence:020}")
 }
 
-/// The time of a feed position (None if it is not one).
+/// The time of a feed position (None if it is not one): `{15 digits}#`, then nothing, `~`
+/// (past every record of that millisecond), or `{user id}#{20 digits}` (a record's key).
 pub fn feed_position_time(position: &str) -> Option<Millis> {
-    let (at, _) = position.split_once('#')?;
-    (at.len() == 15).then(|| at.parse().ok()).flatten()
+    let (at, rest) = position.split_once('#')?;
+    let digits = |text: &str, count: usize| text.len() == count && text.bytes().all(|byte| byte.is_ascii_digit());
+    if !digits(at, 15) {
+        return None;
+    }
+    let well_formed = rest.is_empty()
+        || rest == "~"
+        || rest
+            .split_once('#')
+            .is_some_and(|(user, first)| UserId::parse("user_id", user).is_ok() && digits(first, 20));
+    well_formed.then(|| at.parse().ok()).flatten()
 }
 
 /// One account's entries of one commit, as the feed's journal keeps them.
@@ -1825,8 +1835,12 @@ pub fn feed_item(entries: &[LedgerEntry], at: Millis, expires_at_seconds: u64) -
 /// recorded again where readers that passed its first time still find it.
 pub fn feed_item_again(item: &Item, at: Millis) -> Option<Item> {
     let record = feed_record_from_item(item).ok()?;
-    let expires = number(item, TTL_ATTRIBUTE)?.parse().ok()?;
-    Some(feed_item(&record.entries, at, expires))
+    let kept_for = number(item, TTL_ATTRIBUTE)?
+        .parse::<u64>()
+        .ok()?
+        .saturating_sub(epoch_seconds(record.at));
+    // Kept as long after its new time as the first was after its own.
+    Some(feed_item(&record.entries, at, epoch_seconds(at) + kept_for))
 }
 
 pub fn feed_record_from_item(item: &Item) -> Result<FeedRecord, MalformedItem> {

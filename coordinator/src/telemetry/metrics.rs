@@ -304,7 +304,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     register(
         r,
         FEED_RECORDED_AGAIN,
-        "Feed records written again at a later time because their commit was acknowledged late or its outcome was unknown (outcome: written, failed; a failed one is missing from WatchFeed).",
+        "Feed records written again at a later time: their commit was acknowledged late, its outcome was unknown, or another writer took the account (outcome: written; late, acknowledged late again: raise --feed-horizon-ms; failed: missing from WatchFeed).",
         &metrics.feed_recorded_again,
     );
     register(
@@ -564,9 +564,9 @@ pub fn entries_numbered(count: usize) {
     METRICS.entries_numbered.inc_by(count as u64);
 }
 
-/// A late commit's feed record written again (`written`), or given up on.
-pub fn feed_recorded_again(written: bool) {
-    let outcome = if written { "written" } else { "failed" };
+/// A late commit's feed record written again: `written`, `late` (landed, acknowledged late
+/// again), or `failed` (given up on).
+pub fn feed_recorded_again(outcome: &'static str) {
     METRICS.feed_recorded_again.get_or_create(&[("outcome", outcome)]).inc();
 }
 
