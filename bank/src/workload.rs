@@ -472,6 +472,9 @@ pub struct Fed {
     pub out_of_order: std::sync::Mutex<Vec<String>>,
     /// Entries received again (re-deliveries after a reconnect, or of a late commit's record).
     pub repeated: std::sync::atomic::AtomicU64,
+    /// Each entry received, by account and sequence: its id, so that a re-delivery is checked
+    /// to be the same entry.
+    ids: std::sync::Mutex<BTreeMap<(String, u64), String>>,
     /// Streams that ended and were opened again with the last cursor.
     pub reconnects: std::sync::atomic::AtomicU64,
     cursor: std::sync::Mutex<String>,
@@ -507,6 +510,20 @@ pub async fn follow_feed(endpoints: Vec<String>, fed: std::sync::Arc<Fed>) {
                         entry: Some(entry),
                         cursor,
                     })) => {
+                        let key = (entry.user_id.clone(), entry.sequence);
+                        let first_id = fed
+                            .ids
+                            .lock()
+                            .expect("ids")
+                            .entry(key)
+                            .or_insert_with(|| entry.transaction_id.clone())
+                            .clone();
+                        if first_id != entry.transaction_id {
+                            fed.out_of_order.lock().expect("out of order").push(format!(
+                                "feed: {} #{} arrived as {} and again as {}",
+                                entry.user_id, entry.sequence, first_id, entry.transaction_id
+                            ));
+                        }
                         let mut newest = fed.newest.lock().expect("newest");
                         let last = newest.entry(entry.user_id.clone()).or_insert(0);
                         if entry.sequence <= *last {
