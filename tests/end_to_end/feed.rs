@@ -2,8 +2,8 @@
 //! coordinators of one table at once, reach one stream at least once and in per-account order;
 //! a consumer resumes with its last cursor on the other coordinator and misses nothing; filters
 //! send only what was asked; bad requests name their field; a cursor older than the feed keeps
-//! is OUT_OF_RANGE naming the oldest position kept. On the embedded engine: a drain ends the
-//! stream with its cursor, and `coordinator watch` without --user follows the feed.
+//! is OUT_OF_RANGE naming the oldest position kept; a drain ends the stream with its cursor. On
+//! the embedded engine: `coordinator watch` without --user follows the feed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -304,13 +304,13 @@ async fn filters_and_bad_requests(engine: EngineKind) {
 
 crate::on_every_engine!(
     the_feed_carries_every_account_from_every_coordinator,
-    filters_and_bad_requests
+    filters_and_bad_requests,
+    a_drain_ends_the_feed_with_its_cursor
 );
 
 /// A drain ends a feed stream with UNAVAILABLE naming the cursor to resume from.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_drain_ends_the_feed_with_its_cursor() {
-    let app = spawn_app_with(EngineKind::Embedded, quick()).await;
+async fn a_drain_ends_the_feed_with_its_cursor(engine: EngineKind) {
+    let app = spawn_app_with(engine, quick()).await;
     let draining = spawn_peer(&app, quick()).await;
     app.deposit("drained-feed", "1.00").await.expect("deposit");
     let mut stream = feed(&draining, from("")).await.expect("feed");

@@ -221,7 +221,12 @@ async fn a_watch_follows_every_coordinator(engine: EngineKind) {
     assert!(progress.at.ends_with('Z'), "{}", progress.at);
 }
 
-crate::on_every_engine!(sequences_have_no_gaps, a_watch_follows_every_coordinator);
+crate::on_every_engine!(
+    sequences_have_no_gaps,
+    a_watch_follows_every_coordinator,
+    a_drain_ends_streams_with_their_cursor,
+    user_service_streams_an_account_as_server_sent_events
+);
 
 /// Bad watches are refused before any stream: no account (NOT_FOUND), a cursor past the last
 /// entry (INVALID_ARGUMENT naming after_sequence), a bad user id; past --max-watchers,
@@ -249,9 +254,8 @@ async fn bad_watches_are_refused_and_watchers_are_bounded() {
 
 /// A coordinator that drains ends its streams with UNAVAILABLE naming the cursor to resume
 /// from, instead of holding the drain until its timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_drain_ends_streams_with_their_cursor() {
-    let app = spawn_app(EngineKind::Embedded).await;
+async fn a_drain_ends_streams_with_their_cursor(engine: EngineKind) {
+    let app = spawn_app(engine).await;
     let draining = spawn_peer(&app, AppOptions::default()).await;
     app.deposit("drained", "1.00").await.expect("deposit");
     let mut stream = watch(&draining, "drained", 0).await.expect("watch");
@@ -352,13 +356,12 @@ async fn http_stream(address: std::net::SocketAddr, path: &str, headers: &[(&str
 /// user-service's `GET /users/{id}/events`: Server-Sent Events of the account's ledger behind
 /// the end user's JWT (`sub` must be the path's user), resumed after `Last-Event-ID`, new
 /// entries arriving as they commit; another user's token is 403, a bad Last-Event-ID 400.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn user_service_streams_an_account_as_server_sent_events() {
+async fn user_service_streams_an_account_as_server_sent_events(engine: EngineKind) {
     use lockstep_client_common::CoordinatorSettings;
     use lockstep_client_common::auth::{EndUserAuth, EndUserSettings};
 
     use crate::auth::{JWT_SECRET, jwt};
-    let app = spawn_app(EngineKind::Embedded).await;
+    let app = spawn_app(engine).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let secret_file = dir.path().join("jwt-secret");
     std::fs::write(&secret_file, JWT_SECRET).expect("write secret");
