@@ -544,8 +544,8 @@ impl TransactionCoordinator {
     /// written) still reaches every reader, and before this lease's commits (per-account order).
     ///
     /// Also for this process's own last commit when its answer never came clear
-    /// (`feed_unconfirmed`). Returns false if the record could not be written: the caller gives
-    /// the lease back rather than commit after an entry the feed may have missed.
+    /// (`feed_unconfirmed`). Returns false if the record could not be written; the account then
+    /// stays marked, and its next lease here tries again.
     pub(super) async fn journal_taken_over(&self, held: &super::HeldLease) -> bool {
         let unconfirmed = self
             .feed_unconfirmed

@@ -140,12 +140,9 @@ impl TransactionCoordinator {
                 // Another process's last commit may have landed past the feed's horizon
                 // unnoticed (that process gone, or not yet done): recorded again before this
                 // lease writes anything after it.
-                if !self.journal_taken_over(&held).await {
-                    self.release(&held).await;
-                    return Err(ServiceError::Unavailable(
-                        "the account's last commit could not be recorded in the feed again".to_owned(),
-                    ));
-                }
+                // If it cannot be written now (storage failing), the account stays marked and the
+                // next lease here tries again; the money path does not wait on the feed.
+                self.journal_taken_over(&held).await;
                 return Ok(held);
             }
             let delay = delays.next().filter(|delay| Instant::now() + *delay <= wait_until);
