@@ -400,7 +400,6 @@ async fn follow_feed(
     server: &str,
     token_file: Option<&std::path::Path>,
 ) -> Result<(), Failure> {
-    use std::io::Write as _;
     let token = bearer(token_file)?;
     let kinds = kinds
         .iter()
@@ -425,12 +424,49 @@ async fn follow_feed(
     if let Some(token) = token {
         request.metadata_mut().insert("authorization", token);
     }
-    let mut stream = client
+    let stream = client
         .watch_feed(request)
         .await
         .map_err(|status| Failure::Refused(format!("{:?}: {}", status.code(), status.message())))?
         .into_inner();
-    let mut last = cursor;
+    print_events(
+        stream,
+        "the feed ended",
+        "last cursor printed",
+        cursor,
+        |event, last| match event.event {
+            Some(pb::feed_event::Event::Entry(pb::FeedEntry {
+                entry: Some(entry),
+                cursor,
+            })) => {
+                let mut line = entry_json(&entry);
+                line["cursor"] = cursor.clone().into();
+                *last = cursor;
+                Some(line)
+            }
+            Some(pb::feed_event::Event::Progress(progress)) => {
+                last.clone_from(&progress.cursor);
+                Some(serde_json::json!({
+                    "progress": { "cursor": progress.cursor, "complete_through": progress.complete_through }
+                }))
+            }
+            _ => None,
+        },
+    )
+    .await
+}
+
+/// Prints each event of `stream` that `line` turns into a JSON object, one per line, until the
+/// stream ends; a stream ended by an error is `ended` naming the `last` cursor printed (which
+/// `line` keeps). A closed pipe (`| head`) ends it quietly.
+async fn print_events<E>(
+    mut stream: tonic::Streaming<E>,
+    ended: &str,
+    last_printed: &str,
+    mut last: String,
+    mut line: impl FnMut(E, &mut String) -> Option<serde_json::Value>,
+) -> Result<(), Failure> {
+    use std::io::Write as _;
     let mut stdout = std::io::stdout();
     loop {
         let event = match stream.message().await {
@@ -438,31 +474,15 @@ async fn follow_feed(
             Ok(None) => return Ok(()),
             Err(status) => {
                 return Err(Failure::Refused(format!(
-                    "the feed ended ({:?}): {} (last cursor printed: {last})",
+                    "{ended} ({:?}): {} ({last_printed}: {last})",
                     status.code(),
                     status.message()
                 )));
             }
         };
-        let line = match event.event {
-            Some(pb::feed_event::Event::Entry(pb::FeedEntry {
-                entry: Some(entry),
-                cursor,
-            })) => {
-                let mut line = entry_json(&entry);
-                line["cursor"] = cursor.clone().into();
-                last = cursor;
-                line
-            }
-            Some(pb::feed_event::Event::Progress(progress)) => {
-                last.clone_from(&progress.cursor);
-                serde_json::json!({
-                    "progress": { "cursor": progress.cursor, "complete_through": progress.complete_through }
-                })
-            }
-            _ => continue,
+        let Some(line) = line(event, &mut last) else {
+            continue;
         };
-        // A closed pipe (`| head`) ends the watch quietly.
         if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
             return Ok(());
         }
@@ -470,7 +490,6 @@ async fn follow_feed(
 }
 
 async fn follow(user: &str, from: u64, server: &str, token_file: Option<&std::path::Path>) -> Result<(), Failure> {
-    use std::io::Write as _;
     let token = bearer(token_file)?;
     let mut client = watch_client(server).await?;
     let mut request = tonic::Request::new(pb::WatchLedgerRequest {
@@ -480,40 +499,28 @@ async fn follow(user: &str, from: u64, server: &str, token_file: Option<&std::pa
     if let Some(token) = token {
         request.metadata_mut().insert("authorization", token);
     }
-    let mut stream = client
+    let stream = client
         .watch_ledger(request)
         .await
         .map_err(|status| Failure::Refused(format!("{:?}: {}", status.code(), status.message())))?
         .into_inner();
-    let mut last = from;
-    let mut stdout = std::io::stdout();
-    loop {
-        let event = match stream.message().await {
-            Ok(Some(event)) => event,
-            Ok(None) => return Ok(()),
-            Err(status) => {
-                return Err(Failure::Refused(format!(
-                    "the watch ended ({:?}): {} (last sequence printed: {last})",
-                    status.code(),
-                    status.message()
-                )));
-            }
-        };
-        let line = match event.event {
+    print_events(
+        stream,
+        "the watch ended",
+        "last sequence printed",
+        from.to_string(),
+        |event, last| match event.event {
             Some(pb::ledger_event::Event::Entry(entry)) => {
-                last = entry.sequence;
-                entry_json(&entry)
+                *last = entry.sequence.to_string();
+                Some(entry_json(&entry))
             }
-            Some(pb::ledger_event::Event::Progress(progress)) => serde_json::json!({
+            Some(pb::ledger_event::Event::Progress(progress)) => Some(serde_json::json!({
                 "progress": { "latest_sequence": progress.latest_sequence, "at": progress.at }
-            }),
-            None => continue,
-        };
-        // A closed pipe (`| head`) ends the watch quietly.
-        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
-            return Ok(());
-        }
-    }
+            })),
+            None => None,
+        },
+    )
+    .await
 }
 
 /// A ledger entry as `watch` prints it: every field, empty ones left out.
