@@ -757,6 +757,7 @@ mod tests {
 
     fn entry(owner: &str, kind: EntryKind, delta: &str, request_id: Option<&str>) -> LedgerEntry {
         LedgerEntry {
+            hold: None,
             entry_id: EntryId::new(),
             user_id: UserId::parse("user_id", owner).unwrap(),
             kind,

@@ -258,7 +258,8 @@ fn check_user(
             ));
         }
     }
-    check_orders(books, &ledger, orders_by_id, report, &mut problems);
+    check_orders(books, &ledger, orders_by_id, now, report, &mut problems);
+    check_holds(books, now, &mut problems);
     for (record, entry_id) in &books.committed_records {
         if !ledger.iter().any(|entry| entry.entry_id.as_str() == entry_id) {
             problems.push(format!("{record} records entry {entry_id}, which does not exist"));
@@ -380,14 +381,18 @@ fn check_orders(
     books: &UserBooks,
     ledger: &[LedgerEntry],
     orders_by_id: &BTreeMap<String, Order>,
+    now: Millis,
     report: &mut AuditReport,
     problems: &mut Vec<String>,
 ) {
     let mut entries_by_order: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
     for entry in ledger {
-        if let Some(trade) = &entry.trade {
-            entries_by_order.entry(trade.order_id.as_str()).or_default().push(entry);
-        }
+        let order_id = match (&entry.hold, &entry.trade) {
+            (Some(hold), _) => hold.order_id.as_str(),
+            (None, Some(trade)) => trade.order_id.as_str(),
+            (None, None) => continue,
+        };
+        entries_by_order.entry(order_id).or_default().push(entry);
     }
     for order in &books.orders {
         report.orders += 1;
@@ -414,6 +419,7 @@ fn check_orders(
             )),
             (OrderStatus::Failed, []) => {}
             (OrderStatus::Failed, _) => problems.push(format!("FAILED order {} has ledger entries", order.order_id)),
+            (_, entries) => check_reserved_order(books, order, entries, now, problems),
         }
         if orders_by_id.get(order.order_id.as_str()) != Some(order) {
             problems.push(format!("order {} has no identical by-id copy", order.order_id));
@@ -421,6 +427,102 @@ fn check_orders(
     }
     for order_id in entries_by_order.keys() {
         problems.push(format!("ledger entries for order {order_id}, which does not exist"));
+    }
+}
+
+/// A reserved order against its entries and its account's hold: one HOLD, FILL entries that
+/// sum to its filled quantity and cash moved, a RELEASE only if cancelled; while it holds, the
+/// account keeps its hold with the same fills, and what the hold sets aside equals the sum of
+/// the entries' `held_delta`.
+fn check_reserved_order(
+    books: &UserBooks,
+    order: &Order,
+    entries: &[&LedgerEntry],
+    now: Millis,
+    problems: &mut Vec<String>,
+) {
+    let id = &order.order_id;
+    let count = |kind: EntryKind| entries.iter().filter(|entry| entry.kind == kind).count();
+    if count(EntryKind::Hold) != 1 {
+        problems.push(format!(
+            "reserved order {id} has {} HOLD entries",
+            count(EntryKind::Hold)
+        ));
+    }
+    let releases = count(EntryKind::Release);
+    if releases > usize::from(order.status == OrderStatus::Cancelled) {
+        problems.push(format!(
+            "order {id} ({}) has {releases} RELEASE entries",
+            order.status.as_str()
+        ));
+    }
+    let fills = entries.iter().filter(|entry| entry.kind == EntryKind::Fill);
+    let (quantity, cash): (Decimal, Decimal) = fills.fold((Decimal::ZERO, Decimal::ZERO), |(quantity, cash), entry| {
+        let moved = entry.trade.as_ref().map_or(Decimal::ZERO, |trade| trade.quantity_delta);
+        (quantity + moved.abs(), cash + entry.cash_delta.decimal().abs())
+    });
+    if quantity != order.filled_quantity.decimal() || cash != order.total.decimal() {
+        problems.push(format!(
+            "order {id} says {} filled for ${} but its FILL entries sum to {quantity} for ${cash}",
+            order.filled_quantity, order.total
+        ));
+    }
+    let hold = books.account.as_ref().and_then(|(account, _)| account.holds.get(id));
+    let live = order.status_at(now).is_open();
+    match (live, hold) {
+        (true, None) => problems.push(format!("open order {id} has no hold on its account")),
+        (false, Some(hold)) if hold.is_live(now) => problems.push(format!(
+            "order {id} is {} but its account still holds for it",
+            order.status.as_str()
+        )),
+        (true, Some(hold)) => {
+            if hold.filled != order.filled_quantity {
+                problems.push(format!(
+                    "order {id} says {} filled but its hold {}",
+                    order.filled_quantity, hold.filled
+                ));
+            }
+            let held: Decimal = entries
+                .iter()
+                .filter_map(|entry| entry.hold.as_ref())
+                .map(|hold| hold.held_delta)
+                .sum();
+            let holds = hold.cash_held().decimal() + hold.quantity_held().decimal();
+            if held != holds {
+                problems.push(format!(
+                    "order {id} holds {holds} but its entries' held_delta sum to {held}"
+                ));
+            }
+        }
+        (false, _) => {}
+    }
+}
+
+/// Every hold on an account is an open order of the account, and nothing is on hold beyond
+/// its total.
+fn check_holds(books: &UserBooks, now: Millis, problems: &mut Vec<String>) {
+    let Some((account, _)) = books.account.as_ref() else {
+        return;
+    };
+    for (order_id, _) in account.live_holds(now) {
+        let order = books.orders.iter().find(|order| order.order_id == *order_id);
+        if !order.is_some_and(|order| order.status.is_open()) {
+            problems.push(format!(
+                "the account holds for order {order_id}, which is not an open order of it"
+            ));
+        }
+    }
+    if account.cash_on_hold(now) > account.cash {
+        problems.push(format!(
+            "cash on hold {} exceeds cash {}",
+            account.cash_on_hold(now),
+            account.cash
+        ));
+    }
+    for asset in account.holds.values().map(|hold| &hold.asset) {
+        if account.holding_on_hold(asset, now) > account.holding(asset) {
+            problems.push(format!("{asset} on hold exceeds the holding"));
+        }
     }
 }
 
@@ -527,7 +629,8 @@ fn check_conservation<'a>(total_cash: Decimal, entries: impl Iterator<Item = &'a
     // Money out as a positive amount (subtracted, so that none is "-0").
     let out = |kind: EntryKind| Decimal::ZERO - sum(kind);
     let (deposits, withdrawals) = (sum(EntryKind::Deposit), out(EntryKind::Withdrawal));
-    let (buys, sells) = (out(EntryKind::Buy), sum(EntryKind::Sell));
+    // Fills of reserved orders move cash like trades: a buy's out, a sell's in.
+    let (buys, sells) = (out(EntryKind::Buy), sum(EntryKind::Sell) + sum(EntryKind::Fill));
     let transfers = sum(EntryKind::TransferOut) + sum(EntryKind::TransferIn);
     let explained = deposits - withdrawals - buys + sells;
     (total_cash != explained).then(|| {
@@ -560,6 +663,7 @@ mod tests {
     /// A ledger entry of `kind` moving `delta` on `owner`, for a transfer when `transfer` is set.
     fn entry(owner: &str, kind: EntryKind, delta: &str, transfer: Option<(&TransferId, &str, &str)>) -> LedgerEntry {
         LedgerEntry {
+            hold: None,
             entry_id: EntryId::new(),
             user_id: user(owner),
             kind,

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use lockstep_coordinator::core::UtcDay;
 use lockstep_coordinator::core::ops::decide;
 use lockstep_coordinator::core::records::{EntryKind, Lease, LedgerEntry};
 use lockstep_coordinator::core::time::ManualClock;
@@ -82,8 +81,9 @@ async fn stale_holders_commit_is_refused(engine: EngineKind) {
     let decided_at = clock.now();
     let (stale, read) = take_lease_as_another_coordinator(&app, &user, decided_at, 15_000).await;
     let withdrawal = Operation::Withdraw(Usd::parse_amount("amount", "100.00").unwrap());
-    let decision = decide(&read, &withdrawal, None, UtcDay::of(decided_at), &Limits::default()).expect("decided");
+    let decision = decide(&read, &withdrawal, Default::default(), decided_at, &Limits::default()).expect("decided");
     let entry = LedgerEntry {
+        hold: None,
         entry_id: lockstep_coordinator::core::EntryId::new(),
         user_id: user.clone(),
         kind: EntryKind::Withdrawal,

@@ -12,6 +12,7 @@ mod feed;
 mod grpcurl;
 mod health;
 mod helpers;
+mod holds;
 mod leases;
 mod ledger_feed;
 mod lifecycle;

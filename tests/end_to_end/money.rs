@@ -101,7 +101,9 @@ async fn scenario_2_buy_and_withdraw(engine: EngineKind) {
                     account.holdings,
                     vec![pb::Holding {
                         asset: "TEST".into(),
-                        quantity: "2".into()
+                        quantity: "2".into(),
+                        on_hold: "0".into(),
+                        available: "2".into(),
                     }]
                 );
             }
@@ -279,7 +281,9 @@ async fn sell_beyond_holdings_is_refused(engine: EngineKind) {
         account.holdings,
         vec![pb::Holding {
             asset: "AAA".into(),
-            quantity: "1".into()
+            quantity: "1".into(),
+            on_hold: "0".into(),
+            available: "1".into(),
         }]
     );
     assert_eq!(app.full_ledger("seller").await.len(), 2);
@@ -290,6 +294,7 @@ async fn sell_beyond_holdings_is_refused(engine: EngineKind) {
             user_id: "seller".into(),
             page_size: 10,
             page_token: String::new(),
+            status: 0,
         })
         .await
         .expect("orders")
@@ -661,7 +666,9 @@ async fn selling_in_lots_that_round_up_gains_nothing(engine: EngineKind) {
         account.holdings,
         vec![pb::Holding {
             asset: "ADA".into(),
-            quantity: "0.996".into()
+            quantity: "0.996".into(),
+            on_hold: "0".into(),
+            available: "0.996".into(),
         }]
     );
     let sold = tiny

@@ -157,6 +157,7 @@ async fn snapshot(app: &TestApp) -> (pb::Account, usize, usize, Vec<pb::Asset>) 
             user_id: "victim".into(),
             page_size: 100,
             page_token: String::new(),
+            status: 0,
         })
         .await
         .expect("orders")

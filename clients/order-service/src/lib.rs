@@ -3,8 +3,11 @@
 //! | route | RPC |
 //! |---|---|
 //! | `POST /orders` `{"user_id", "side": "buy"\|"sell", "asset", "quantity", "limit_price"?}` | PlaceBuy / PlaceSell |
+//! | `POST /orders/reserve` `{"user_id", "side", "asset", "quantity", "limit_price", "expires_in_seconds"?}` | ReserveOrder |
+//! | `POST /orders/{id}/fills` `{"user_id", "fill_id", "quantity", "price"}` | FillOrder |
+//! | `POST /orders/{id}/cancel` `{"user_id"}` | CancelOrder |
 //! | `GET /orders/{id}` | GetOrder |
-//! | `GET /users/{id}/orders?cursor=&limit=` | ListOrders (newest first) |
+//! | `GET /users/{id}/orders?cursor=&limit=&status=` | ListOrders (newest first; `status` e.g. `open`) |
 //! | `GET /assets` | ListAssets |
 //! | `GET /health` | grpc.health.v1 Check |
 //!
@@ -53,6 +56,9 @@ pub struct Settings {
 pub fn routes() -> Router<CoordinatorConnection> {
     Router::new()
         .route("/orders", post(place_order))
+        .route("/orders/reserve", post(reserve_order))
+        .route("/orders/{id}/fills", post(fill_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
         .route("/orders/{id}", get(order))
         .route("/users/{id}/orders", get(orders))
         .route("/assets", get(assets))
@@ -105,12 +111,112 @@ async fn place_order(
                 .await?
         }
     };
-    ok(json!({
+    ok(order_reply_json(&reply))
+}
+
+#[derive(Deserialize)]
+struct ReserveOrderBody {
+    user_id: String,
+    side: Side,
+    asset: String,
+    quantity: String,
+    limit_price: String,
+    #[serde(default)]
+    expires_in_seconds: u64,
+}
+
+async fn reserve_order(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+    end_user: EndUser,
+    JsonBody(body): JsonBody<ReserveOrderBody>,
+) -> ApiResult<Value> {
+    end_user.require(&body.user_id)?;
+    let side = match body.side {
+        Side::Buy => pb::OrderSide::Buy,
+        Side::Sell => pb::OrderSide::Sell,
+    };
+    let request = pb::ReserveOrderRequest {
+        user_id: body.user_id,
+        side: side as i32,
+        asset: body.asset,
+        quantity: body.quantity,
+        limit_price: body.limit_price,
+        expires_in_seconds: body.expires_in_seconds,
+        request_id: context.request_id.clone(),
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.reserve_order(request).await
+        })
+        .await?;
+    ok(order_reply_json(&reply))
+}
+
+#[derive(Deserialize)]
+struct FillOrderBody {
+    user_id: String,
+    fill_id: String,
+    quantity: String,
+    price: String,
+}
+
+async fn fill_order(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+    end_user: EndUser,
+    Path(order_id): Path<String>,
+    JsonBody(body): JsonBody<FillOrderBody>,
+) -> ApiResult<Value> {
+    end_user.require(&body.user_id)?;
+    let request = pb::FillOrderRequest {
+        user_id: body.user_id,
+        order_id,
+        fill_id: body.fill_id,
+        quantity: body.quantity,
+        price: body.price,
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.fill_order(request).await
+        })
+        .await?;
+    ok(order_reply_json(&reply))
+}
+
+#[derive(Deserialize)]
+struct CancelOrderBody {
+    user_id: String,
+}
+
+async fn cancel_order(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+    end_user: EndUser,
+    Path(order_id): Path<String>,
+    JsonBody(body): JsonBody<CancelOrderBody>,
+) -> ApiResult<Value> {
+    end_user.require(&body.user_id)?;
+    let request = pb::CancelOrderRequest {
+        user_id: body.user_id,
+        order_id,
+        request_id: context.request_id.clone(),
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.cancel_order(request).await
+        })
+        .await?;
+    ok(order_reply_json(&reply))
+}
+
+fn order_reply_json(reply: &pb::OrderReply) -> Value {
+    json!({
         "order": reply.order.as_ref().map(order_json),
         "cash_balance": reply.cash_balance,
         "holding": reply.holding,
         "transaction_id": reply.transaction_id,
-    }))
+    })
 }
 
 async fn order(
@@ -135,12 +241,24 @@ async fn orders(
     State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
-    QueryParams(page): QueryParams<PageParams>,
+    QueryParams(params): QueryParams<OrdersParams>,
 ) -> ApiResult<Value> {
+    let status = match params.status.as_deref() {
+        None | Some("") => pb::OrderStatus::Unspecified,
+        Some(raw) => pb::OrderStatus::from_str_name(&format!("ORDER_STATUS_{}", raw.to_uppercase()))
+            .filter(|status| *status != pb::OrderStatus::Unspecified)
+            .ok_or_else(|| {
+                lockstep_client_common::ApiError::bad_request(
+                    Some("status"),
+                    "must be one of confirmed, failed, open, partially_filled, filled, cancelled, expired",
+                )
+            })?,
+    };
     let request = pb::ListOrdersRequest {
         user_id,
-        page_size: page.limit,
-        page_token: page.cursor,
+        page_size: params.page.limit,
+        page_token: params.page.cursor,
+        status: status as i32,
     };
     let reply = coordinator
         .call(&context, request, |mut client, request| async move {
@@ -168,6 +286,15 @@ async fn assets(State(coordinator): State<CoordinatorConnection>, context: Reque
     ok(json!({ "assets": assets }))
 }
 
+/// ListOrders' query: the page, and an optional status (`open`, `filled`, ...).
+#[derive(Deserialize)]
+struct OrdersParams {
+    #[serde(flatten)]
+    page: PageParams,
+    #[serde(default)]
+    status: Option<String>,
+}
+
 fn order_json(order: &pb::Order) -> Value {
     json!({
         "order_id": order.order_id,
@@ -181,5 +308,7 @@ fn order_json(order: &pb::Order) -> Value {
         "total": order.total,
         "failure_reason": Some(&order.failure_reason).filter(|reason| !reason.is_empty()),
         "created_at": order.created_at,
+        "filled_quantity": order.filled_quantity,
+        "expires_at": Some(&order.expires_at).filter(|at| !at.is_empty()),
     })
 }

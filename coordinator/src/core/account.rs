@@ -2,13 +2,81 @@
 
 use std::collections::BTreeMap;
 
+use rust_decimal::Decimal;
+
 use super::decision::Decision;
-use super::ids::AssetSymbol;
-use super::money::{Quantity, Usd};
-use super::time::UtcDay;
+use super::ids::{AssetSymbol, OrderId};
+use super::money::{Price, Quantity, Usd};
+use super::principal::Principal;
+use super::records::TradeSide;
+use super::time::{Millis, UtcDay};
 
 /// Asset holdings, ordered by symbol. A missing symbol holds zero.
 pub type Holdings = BTreeMap<AssetSymbol, Quantity>;
+
+/// The open holds of an account, by the id of the reserved order each covers.
+pub type Holds = BTreeMap<OrderId, Hold>;
+
+/// Most open holds one account keeps: they live on the account item (so every decision sees
+/// them under the same version condition as the balance), whose size DynamoDB bounds.
+pub const HOLDS_PER_ACCOUNT_MAX: usize = 100;
+
+/// A reserved order's hold, kept on the account until the order is filled, cancelled or
+/// expired: everything a fill or a cancel decides on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub side: TradeSide,
+    pub asset: AssetSymbol,
+    pub quantity: Quantity,
+    pub limit: Price,
+    /// Filled so far, and the exact value of those fills (sum of quantity x price, unrounded).
+    pub filled: Quantity,
+    pub filled_value: Decimal,
+    /// Cash moved by the fills so far: the filled value rounded once against the customer (a
+    /// buy's cost up, a sell's proceeds down), so splitting an order into fills never gains or
+    /// loses a cent against one fill of the whole.
+    pub moved: Usd,
+    pub expires_at_ms: Millis,
+    pub created_at_ms: Millis,
+    /// Who reserved it: its order carries it.
+    pub principal: Principal,
+}
+
+impl Hold {
+    /// Still held at `now`: from `expires_at` on it no longer counts, swept or not.
+    pub fn is_live(&self, now: Millis) -> bool {
+        now < self.expires_at_ms
+    }
+
+    pub fn remaining(&self) -> Quantity {
+        self.quantity
+            .checked_sub(self.filled)
+            .expect("a hold never fills more than its quantity")
+    }
+
+    /// The cash a buy holds: what the rest would cost at the limit, on top of the fills so far,
+    /// rounded up once: `ceil(filled_value + remaining x limit) - moved`. Zero for a sell.
+    pub fn cash_held(&self) -> Usd {
+        match self.side {
+            TradeSide::Sell => Usd::ZERO,
+            TradeSide::Buy => {
+                let rest = self.limit.decimal() * self.remaining().decimal();
+                let whole = Usd::ceil(self.filled_value + rest);
+                whole
+                    .checked_sub(self.moved)
+                    .expect("a buy's hold covers at least what its fills moved")
+            }
+        }
+    }
+
+    /// The quantity of `asset` a sell holds: what remains to sell. Zero for a buy.
+    pub fn quantity_held(&self) -> Quantity {
+        match self.side {
+            TradeSide::Buy => Quantity::ZERO,
+            TradeSide::Sell => self.remaining(),
+        }
+    }
+}
 
 /// Whether a user has an account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,6 +112,9 @@ pub struct Account {
     /// The highest place given to an entry written before sequences (0: none): those entries
     /// stay under their id keys, so a read after a cursor below it merges them in.
     pub legacy_through: u64,
+    /// Open holds of reserved orders (expired ones stay until a hold decision or the sweeper
+    /// drops them, and count for nothing meanwhile).
+    pub holds: Holds,
 }
 
 impl Account {
@@ -56,6 +127,60 @@ impl Account {
         self.holdings.get(asset).copied().unwrap_or(Quantity::ZERO)
     }
 
+    /// The holds that count at `now`.
+    pub fn live_holds(&self, now: Millis) -> impl Iterator<Item = (&OrderId, &Hold)> {
+        self.holds.iter().filter(move |(_, hold)| hold.is_live(now))
+    }
+
+    /// Cash on hold at `now`: the sum of the live holds of buys.
+    pub fn cash_on_hold(&self, now: Millis) -> Usd {
+        Usd::from_decimal(self.live_holds(now).map(|(_, hold)| hold.cash_held().decimal()).sum())
+    }
+
+    /// `asset` on hold at `now`: the sum of the live holds of sells of it.
+    pub fn holding_on_hold(&self, asset: &AssetSymbol, now: Millis) -> Quantity {
+        Quantity::from_decimal(
+            self.live_holds(now)
+                .filter(|(_, hold)| hold.asset == *asset)
+                .map(|(_, hold)| hold.quantity_held().decimal())
+                .sum(),
+        )
+    }
+
+    /// Cash that may be spent at `now`: total less what is on hold (never negative: every
+    /// decision keeps the holds within the totals).
+    pub fn available_cash(&self, now: Millis) -> Usd {
+        self.cash
+            .checked_sub(self.cash_on_hold(now))
+            .expect("cash on hold never exceeds cash")
+    }
+
+    /// `asset` that may be sold or held at `now`: the holding less what is on hold.
+    pub fn available_holding(&self, asset: &AssetSymbol, now: Millis) -> Quantity {
+        self.holding(asset)
+            .checked_sub(self.holding_on_hold(asset, now))
+            .expect("a holding on hold never exceeds the holding")
+    }
+
+    /// Always on (TigerBeetle's paired assertions): nothing is on hold beyond its total, at
+    /// `now`. Checked after every decision and where an account is encoded and decoded.
+    pub fn assert_holds_within_totals(&self, now: Millis) {
+        assert!(
+            self.cash_on_hold(now) <= self.cash,
+            "cash on hold {} exceeds cash {}",
+            self.cash_on_hold(now),
+            self.cash
+        );
+        let assets: std::collections::BTreeSet<&AssetSymbol> =
+            self.live_holds(now).map(|(_, hold)| &hold.asset).collect();
+        for asset in assets {
+            assert!(
+                self.holding_on_hold(asset, now) <= self.holding(asset),
+                "{asset} on hold exceeds the holding"
+            );
+        }
+    }
+
     /// The account after a committed `decision`: every field the commit writes.
     pub fn apply(&mut self, decision: &Decision) {
         self.state = AccountState::Open;
@@ -66,6 +191,9 @@ impl Account {
         self.transferred_today = decision.transferred_today;
         if let Some(effect) = &decision.trade {
             self.holdings.insert(effect.asset.clone(), effect.holding);
+        }
+        if let Some(effect) = &decision.hold {
+            self.holds = effect.holds.clone();
         }
     }
 

@@ -8,11 +8,11 @@ use rust_decimal::Decimal;
 
 use super::account::Account;
 use super::decision::{Decision, Rejection};
-use super::ids::AssetSymbol;
+use super::ids::{AssetSymbol, OrderId};
 use super::limits::Limits;
 use super::money::{Quantity, Usd};
-use super::ops::{Operation, Quote, decide};
-use super::time::UtcDay;
+use super::ops::{ClosedOrder, Inputs, Operation, Quote, decide};
+use super::time::Millis;
 
 /// What a batch decides: one answer per operation, in order, and the account after all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +33,17 @@ impl BatchOutcome {
     }
 }
 
-/// Decides `operations` in order on `account` as of the UTC day `today`.
+/// Decides `operations` in order on `account` at `now`. `closed` holds the orders named by a
+/// fill or cancel that the account did not hold when read, as stored; an order closed by an
+/// earlier operation of the batch joins them.
 pub fn decide_batch(
     account: &Account,
     operations: &[(&Operation, Option<Quote>)],
-    today: UtcDay,
+    closed: &BTreeMap<OrderId, ClosedOrder>,
+    now: Millis,
     limits: &Limits,
 ) -> BatchOutcome {
+    let mut closed = closed.clone();
     let mut after = account.clone();
     let mut cash_change = Decimal::ZERO;
     let mut cash_floor = Decimal::ZERO;
@@ -48,7 +52,20 @@ pub fn decide_batch(
     let decisions = operations
         .iter()
         .map(|(operation, quote)| {
-            let decision = decide(&after, operation, quote.as_ref(), today, limits)?;
+            let inputs = Inputs {
+                quote: quote.as_ref(),
+                closed: operation.named_order().and_then(|order| closed.get(order).copied()),
+            };
+            let decision = decide(&after, operation, inputs, now, limits)?;
+            if let Some(effect) = decision.hold.as_ref().filter(|effect| !effect.status.is_open()) {
+                closed.insert(
+                    effect.order_id.clone(),
+                    ClosedOrder {
+                        status: effect.status,
+                        expires_at_ms: Some(effect.hold.expires_at_ms),
+                    },
+                );
+            }
             after.apply(&decision);
             cash_change += decision.cash_delta.decimal();
             cash_floor = cash_floor.max(-cash_change);
@@ -75,7 +92,7 @@ pub fn decide_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{Price, TradeRequest, TradeSide};
+    use crate::core::{Price, TradeRequest, TradeSide, UtcDay};
 
     fn today() -> UtcDay {
         UtcDay::from_stored("2026-11-27").unwrap()
@@ -116,7 +133,13 @@ mod tests {
             Operation::Withdraw(usd("50")),
             trade(TradeSide::Sell, "2"),
         ];
-        let outcome = decide_batch(&Account::default(), &quoted(&operations), today(), &Limits::default());
+        let outcome = decide_batch(
+            &Account::default(),
+            &quoted(&operations),
+            &BTreeMap::new(),
+            today().noon(),
+            &Limits::default(),
+        );
         let accepted: Vec<bool> = outcome.decisions.iter().map(Result::is_ok).collect();
         assert_eq!(accepted, [true, false, true, true, true]);
         assert_eq!(outcome.after.cash, usd("20"));
@@ -145,7 +168,13 @@ mod tests {
             Operation::Deposit(usd("500")),
             trade(TradeSide::Buy, "1"),
         ];
-        let outcome = decide_batch(&account, &quoted(&operations), today(), &Limits::default());
+        let outcome = decide_batch(
+            &account,
+            &quoted(&operations),
+            &BTreeMap::new(),
+            today().noon(),
+            &Limits::default(),
+        );
         assert!(outcome.decisions.iter().all(Result::is_ok));
         // -30, then +30 from the sale, then -50: the deepest prefix is -50.
         assert_eq!(outcome.cash_floor, usd("50"));

@@ -4,8 +4,10 @@
 
 use rust_decimal::Decimal;
 
-use super::ids::AssetSymbol;
+use super::account::{Hold, Holds};
+use super::ids::{AssetSymbol, OrderId};
 use super::money::{Price, Quantity, Usd, UsdDelta};
+use super::records::OrderStatus;
 use super::time::UtcDay;
 
 /// What a committed operation changes. Every field is the new absolute value, so the commit
@@ -19,8 +21,31 @@ pub struct Decision {
     pub deposited_today: Usd,
     pub withdrawn_today: Usd,
     pub transferred_today: Usd,
-    /// For trades: the traded asset, its new holding, the signed change and the cash total.
+    /// For trades and fills: the traded asset, its new holding, the signed change and the cash
+    /// total.
     pub trade: Option<TradeEffect>,
+    /// For reserves, fills and cancels: the account's holds after, and what changed.
+    pub hold: Option<HoldEffect>,
+}
+
+/// What a hold decision changes besides cash and holdings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldEffect {
+    pub order_id: OrderId,
+    /// Every open hold of the account after the decision (expired ones dropped).
+    pub holds: Holds,
+    /// The order's hold after the decision; for one that closed, its last state.
+    pub hold: Hold,
+    /// The order's status after the decision.
+    pub status: OrderStatus,
+    pub fill_id: Option<String>,
+    /// Which amount on hold moved (None: cash) and by how much (signed).
+    pub held_asset: Option<AssetSymbol>,
+    pub held_delta: Decimal,
+    /// A new order (a reserve): its items are written fresh.
+    pub fresh: bool,
+    /// The account's holding of the order's asset after the decision.
+    pub holding: Quantity,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +97,15 @@ pub enum Rejection {
     OrderValueTooSmall { total: Usd, minimum: Usd },
     #[error("Resulting balance is out of range")]
     OutOfRange,
+    /// A fill or cancel of a reserved order that no longer holds.
+    #[error("Order {order_id} is {}", status.as_str())]
+    OrderNotOpen { order_id: OrderId, status: OrderStatus },
+    #[error("Order {order_id} expired at {at}")]
+    OrderExpired { order_id: OrderId, at: String },
+    #[error("Fill quantity {requested} exceeds the {remaining} that remains of the order")]
+    FillTooLarge { remaining: Quantity, requested: Quantity },
+    #[error("Too many open orders on the account (at most {maximum}); fill, cancel or let some expire")]
+    TooManyHolds { maximum: usize },
 }
 
 impl Rejection {
@@ -103,6 +137,10 @@ impl Rejection {
             Rejection::OrderValueTooSmall { .. } => "order_value_too_small",
             Rejection::AboveDailyLimit { .. } => "above_daily_limit",
             Rejection::OutOfRange => "out_of_range",
+            Rejection::OrderNotOpen { .. } => "order_not_open",
+            Rejection::OrderExpired { .. } => "order_expired",
+            Rejection::FillTooLarge { .. } => "fill_too_large",
+            Rejection::TooManyHolds { .. } => "too_many_holds",
         }
     }
 }

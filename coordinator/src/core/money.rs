@@ -109,6 +109,16 @@ impl Usd {
         self.0
     }
 
+    /// `value` rounded UP to the cent (against a buyer); a negative value is zero.
+    pub fn ceil(value: Decimal) -> Self {
+        Self::rounded(value.max(Decimal::ZERO), RoundingStrategy::AwayFromZero)
+    }
+
+    /// `value` rounded DOWN to the cent (against a seller); a negative value is zero.
+    pub fn floor(value: Decimal) -> Self {
+        Self::rounded(value.max(Decimal::ZERO), RoundingStrategy::ToZero)
+    }
+
     pub fn checked_add(self, other: Usd) -> Option<Usd> {
         self.0.checked_add(other.0).map(Usd)
     }

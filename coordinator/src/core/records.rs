@@ -59,6 +59,14 @@ pub enum EntryKind {
     TransferOut,
     /// Cash received from another account by Transfer.
     TransferIn,
+    /// Cash or an asset set aside for a reserved order (`ReserveOrder`): nothing moves, the
+    /// amount on hold grows (`LedgerHold::held_delta`).
+    Hold,
+    /// A fill of a reserved order: cash and the asset move at the fill's price, and the hold
+    /// that covered it shrinks.
+    Fill,
+    /// A hold given back (`CancelOrder`): nothing moves, the amount on hold shrinks.
+    Release,
 }
 
 impl EntryKind {
@@ -70,6 +78,9 @@ impl EntryKind {
             EntryKind::Sell => "SELL",
             EntryKind::TransferOut => "TRANSFER_OUT",
             EntryKind::TransferIn => "TRANSFER_IN",
+            EntryKind::Hold => "HOLD",
+            EntryKind::Fill => "FILL",
+            EntryKind::Release => "RELEASE",
         }
     }
 
@@ -81,6 +92,9 @@ impl EntryKind {
             "SELL" => EntryKind::Sell,
             "TRANSFER_OUT" => EntryKind::TransferOut,
             "TRANSFER_IN" => EntryKind::TransferIn,
+            "HOLD" => EntryKind::Hold,
+            "FILL" => EntryKind::Fill,
+            "RELEASE" => EntryKind::Release,
             _ => return None,
         })
     }
@@ -99,6 +113,8 @@ pub struct LedgerEntry {
     pub trade: Option<LedgerTrade>,
     /// For transfers: the transfer's id, the other party and the memo.
     pub transfer: Option<LedgerTransfer>,
+    /// For holds (HOLD, FILL, RELEASE): which hold, which fill, and how the amount on hold moved.
+    pub hold: Option<LedgerHold>,
     pub created_at_ms: Millis,
     /// The caller's idempotency key, when it gave one.
     pub request_id: Option<String>,
@@ -128,6 +144,16 @@ pub struct LedgerTransfer {
     pub memo: Memo,
 }
 
+/// What a HOLD, FILL or RELEASE entry adds: the hold (a reserved order's id), the fill, and
+/// the signed change of the amount on hold, of cash (`asset` None) or of `asset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerHold {
+    pub order_id: OrderId,
+    pub fill_id: Option<String>,
+    pub asset: Option<AssetSymbol>,
+    pub held_delta: Decimal,
+}
+
 /// Which way a trade goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TradeSide {
@@ -148,6 +174,15 @@ impl TradeSide {
 pub enum OrderStatus {
     Confirmed,
     Failed,
+    /// Reserved (`ReserveOrder`): its hold is set aside, nothing filled yet.
+    Open,
+    /// Filled in part; the rest is still held.
+    PartiallyFilled,
+    Filled,
+    /// Cancelled (`CancelOrder`): the rest was released; `filled_quantity` stays.
+    Cancelled,
+    /// Past `expires_at` before it was filled or cancelled: its hold no longer counts.
+    Expired,
 }
 
 impl OrderStatus {
@@ -155,7 +190,30 @@ impl OrderStatus {
         match self {
             OrderStatus::Confirmed => "CONFIRMED",
             OrderStatus::Failed => "FAILED",
+            OrderStatus::Open => "OPEN",
+            OrderStatus::PartiallyFilled => "PARTIALLY_FILLED",
+            OrderStatus::Filled => "FILLED",
+            OrderStatus::Cancelled => "CANCELLED",
+            OrderStatus::Expired => "EXPIRED",
         }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "CONFIRMED" => OrderStatus::Confirmed,
+            "FAILED" => OrderStatus::Failed,
+            "OPEN" => OrderStatus::Open,
+            "PARTIALLY_FILLED" => OrderStatus::PartiallyFilled,
+            "FILLED" => OrderStatus::Filled,
+            "CANCELLED" => OrderStatus::Cancelled,
+            "EXPIRED" => OrderStatus::Expired,
+            _ => return None,
+        })
+    }
+
+    /// Whether a reserved order in this status still holds (and may be filled or cancelled).
+    pub fn is_open(self) -> bool {
+        matches!(self, OrderStatus::Open | OrderStatus::PartiallyFilled)
     }
 }
 
@@ -178,6 +236,20 @@ pub struct Order {
     pub created_at_ms: Millis,
     /// Who placed it: the authenticated caller (`local` without authentication).
     pub principal: Principal,
+    /// For reserved orders: how much was filled, and when the hold expires.
+    pub filled_quantity: Quantity,
+    pub expires_at_ms: Option<Millis>,
+}
+
+impl Order {
+    /// The status as it stands at `now`: an open reserved order past its expiry is EXPIRED,
+    /// whether or not the sweeper has written that yet.
+    pub fn status_at(&self, now: Millis) -> OrderStatus {
+        match self.expires_at_ms {
+            Some(expires_at) if self.status.is_open() && now >= expires_at => OrderStatus::Expired,
+            _ => self.status,
+        }
+    }
 }
 
 /// What an idempotency key's first execution ended in, written in the same transaction as its

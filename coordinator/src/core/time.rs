@@ -53,6 +53,12 @@ impl UtcDay {
         Self(utc(at).date())
     }
 
+    /// Noon UTC of this day: an instant on it (tests decide at it).
+    pub fn noon(self) -> Millis {
+        let noon = self.0.with_hms(12, 0, 0).expect("noon exists").assume_utc();
+        (noon.unix_timestamp() * 1000) as Millis
+    }
+
     /// The day after this one.
     pub fn next(self) -> Self {
         Self(self.0.next_day().unwrap_or(self.0))

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::core::batch::{BatchOutcome, decide_batch};
-use crate::core::ops::{self, Quote};
+use crate::core::ops::{self, ClosedOrder, Quote};
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome};
-use crate::core::{Decision, Millis, Operation, Price, Rejection, RequestId, UtcDay};
+use crate::core::{Decision, Millis, Operation, OrderId, Price, Rejection, RequestId};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
 use crate::telemetry::metrics;
@@ -320,7 +320,8 @@ impl TransactionCoordinator {
             .iter()
             .map(|(_, waiter)| Ok((&waiter.operation, self.quote(&waiter.operation)?)))
             .collect::<Result<Vec<_>, ServiceError>>()?;
-        let outcome = decide_batch(&held.account, &operations, UtcDay::of(now), &self.config.limits);
+        let closed = self.closed_orders(held, calls).await?;
+        let outcome = decide_batch(&held.account, &operations, &closed, now, &self.config.limits);
         let stale_refusal = operations.iter().zip(&outcome.decisions).any(|((_, quote), decision)| {
             quote.is_some() && decision.as_ref().is_err_and(Rejection::depends_on_catalog)
         });
@@ -351,6 +352,32 @@ impl TransactionCoordinator {
             writing,
             self.incarnation(),
         )))
+    }
+
+    /// The orders named by the batch's fills and cancels that the account does not hold, as
+    /// stored: closed (filled, cancelled) or expired, which their refusals name. An order's
+    /// item is written in the same transaction as its account, and a closed order never
+    /// changes again, so reading it under the account's lease (or version) is exact.
+    async fn closed_orders(
+        &self,
+        held: &HeldLease,
+        calls: &[Call],
+    ) -> Result<BTreeMap<OrderId, ClosedOrder>, ServiceError> {
+        let mut closed = BTreeMap::new();
+        for (_, waiter) in calls {
+            let Some(order_id) = waiter.operation.named_order() else {
+                continue;
+            };
+            if held.account.holds.contains_key(order_id) || closed.contains_key(order_id) {
+                continue;
+            }
+            let key = model::order_key(order_id.as_str());
+            let item = super::retry_safe(|| self.storage.get(key.clone()))
+                .await?
+                .ok_or_else(|| ServiceError::Internal(format!("order {order_id} was checked and is missing")))?;
+            closed.insert(order_id.clone(), ClosedOrder::of(&model::order_from_item(&item)?));
+        }
+        Ok(closed)
     }
 
     /// Answers, at once, the calls whose asset left the catalog since they were queued.
@@ -414,22 +441,25 @@ impl TransactionCoordinator {
     /// The quote a trade is decided at: the catalog entry as cached now. None for the other
     /// operations.
     pub(super) fn quote(&self, operation: &Operation) -> Result<Option<Quote>, ServiceError> {
-        match operation {
-            Operation::Trade(request) => {
-                let asset = self
-                    .catalog
-                    .cached(&request.asset)
-                    .ok_or_else(|| ServiceError::NotFound(Missing::Asset(request.asset.clone())))?;
-                Ok(Some(Quote {
-                    price: asset.price,
-                    active: asset.active,
-                }))
+        let symbol = match operation {
+            Operation::Trade(request) => &request.asset,
+            Operation::Reserve(request) => &request.asset,
+            Operation::Fill(_) | Operation::Cancel(_) => return Ok(None),
+            Operation::Transfer(_) => {
+                return Err(ServiceError::Internal(
+                    "a transfer is committed on its own, never in a batch".to_owned(),
+                ));
             }
-            Operation::Transfer(_) => Err(ServiceError::Internal(
-                "a transfer is committed on its own, never in a batch".to_owned(),
-            )),
-            Operation::Deposit(_) | Operation::Withdraw(_) => Ok(None),
-        }
+            Operation::Deposit(_) | Operation::Withdraw(_) => return Ok(None),
+        };
+        let asset = self
+            .catalog
+            .cached(symbol)
+            .ok_or_else(|| ServiceError::NotFound(Missing::Asset(symbol.clone())))?;
+        Ok(Some(Quote {
+            price: asset.price,
+            active: asset.active,
+        }))
     }
 }
 
@@ -471,7 +501,8 @@ fn build_round(
                 state.entries += 1;
                 let sequence = state.entries;
                 state.apply(decision);
-                if let Some(effect) = &decision.trade {
+                // Only a trade executes at the catalog's price; a fill is at the exchange's.
+                if let (Some(effect), Operation::Trade(_)) = (&decision.trade, &waiter.operation) {
                     prices.insert(effect.asset.clone(), effect.price);
                 }
                 accepted_writes(held, waiter, decision, sequence, now, retention)
@@ -540,7 +571,11 @@ fn accepted_writes(
 ) -> CallWrites {
     let (operation, request_id) = (&waiter.operation, waiter.request_id.as_ref());
     let (entry, order) = ops::records(operation, decision, waiter.origin(&held.user, now), sequence);
-    let holding = decision.trade.as_ref().map(|effect| effect.holding);
+    let holding = decision
+        .trade
+        .as_ref()
+        .map(|effect| effect.holding)
+        .or(decision.hold.as_ref().map(|effect| effect.holding));
     let record = request_id.map(|request_id| {
         let outcome = RecordedOutcome::Committed {
             entry_id: entry.entry_id.clone(),
@@ -561,6 +596,7 @@ fn accepted_writes(
     CallWrites {
         entry: Some(entry),
         order,
+        order_rewritten: operation.rewrites_order(),
         record,
         answer: Answer::Commit(Box::new(receipt)),
     }
@@ -580,6 +616,7 @@ enum AfterCancellation {
 pub(super) struct CallWrites {
     pub entry: Option<LedgerEntry>,
     pub order: Option<Order>,
+    pub order_rewritten: bool,
     pub record: Option<(RequestId, crate::core::records::RequestRecord)>,
     pub answer: Answer,
 }
@@ -589,6 +626,7 @@ impl CallWrites {
         model::OperationWrites {
             entry: self.entry.as_ref(),
             order: self.order.as_ref(),
+            order_rewritten: self.order_rewritten,
             record: self.record.as_ref().map(|(request_id, record)| (request_id, record)),
         }
     }

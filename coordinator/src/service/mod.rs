@@ -28,6 +28,7 @@ mod instance;
 mod known;
 mod lease;
 mod numbering;
+mod orders;
 mod queue;
 mod reads;
 mod roll_back;
@@ -54,7 +55,7 @@ pub use watch::{
     WATCH_POLL_DEFAULT, WATCH_PROGRESS_DEFAULT, WATCH_SEND_STALL_MAX, WATCHERS_MAX_DEFAULT, WatchEnd, WatchEvent,
 };
 
-pub use crate::core::ops::{Operation, TradeRequest, TransferRequest};
+pub use crate::core::ops::{CancelRequest, FillRequest, Operation, ReserveRequest, TradeRequest, TransferRequest};
 
 use crate::core::ops::LeaseKind;
 use crate::core::records::{LedgerEntry, Order};
@@ -543,8 +544,13 @@ impl TransactionCoordinator {
     /// Refusals that need no lease: an unknown or inactive asset, an amount above the whole
     /// daily limit. Nothing to write, no wait.
     async fn check_before_queueing(&self, operation: &Operation) -> Result<(), ServiceError> {
-        if let Operation::Trade(request) = operation {
-            let asset = self.catalog.asset(&self.storage, &request.asset).await?;
+        let traded = match operation {
+            Operation::Trade(request) => Some(&request.asset),
+            Operation::Reserve(request) => Some(&request.asset),
+            _ => None,
+        };
+        if let Some(symbol) = traded {
+            let asset = self.catalog.asset(&self.storage, symbol).await?;
             if !asset.active {
                 let rejection = Rejection::AssetInactive(asset.symbol);
                 crate::telemetry::metrics::refused(operation.name(), &rejection);

@@ -75,12 +75,22 @@ impl TransactionCoordinator {
     pub async fn order(&self, order_id: &OrderId) -> Result<Order, ServiceError> {
         let item = self.storage.get(model::order_key(order_id.as_str())).await?;
         let item = item.ok_or_else(|| ServiceError::NotFound(Missing::Order(order_id.to_string())))?;
-        Ok(model::order_from_item(&item)?)
+        let mut order = model::order_from_item(&item)?;
+        order.status = order.status_at(self.clock.now());
+        Ok(order)
     }
 
+    /// A page of `user`'s orders, newest first, each in its status as it stands now (an open
+    /// reserved order past its expiry reads EXPIRED, swept or not).
     pub async fn orders(&self, user: &UserId, page: PageRequest) -> Result<PageOf<Order>, ServiceError> {
-        self.user_page(user, UserCollection::Orders, page, model::order_from_item)
-            .await
+        let mut page = self
+            .user_page(user, UserCollection::Orders, page, model::order_from_item)
+            .await?;
+        let now = self.clock.now();
+        for order in &mut page.items {
+            order.status = order.status_at(now);
+        }
+        Ok(page)
     }
 
     pub async fn ledger(&self, user: &UserId, page: PageRequest) -> Result<PageOf<LedgerEntry>, ServiceError> {

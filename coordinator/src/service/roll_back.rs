@@ -45,6 +45,7 @@ pub(super) fn refused_writes(
             unrecorded_order: order.clone().filter(|_| record.is_none()).map(Box::new),
         },
         order,
+        order_rewritten: false,
         record,
     }
 }

@@ -181,7 +181,7 @@ impl TransactionCoordinator {
                 record.fingerprint,
                 operation.fingerprint()
             );
-            return Err(FieldError::new("request_id", reason).into());
+            return Err(FieldError::new(operation.idempotency_field(), reason).into());
         }
         tracing::info!(%request_id, "replaying the recorded outcome");
         match record.outcome {

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::core::ops;
 use crate::core::ops::transfer::{self, Side, TransferRefusal};
 use crate::core::records::RecordedOutcome;
-use crate::core::{Account, Decision, TransferId, UserId, UtcDay};
+use crate::core::{Account, Decision, TransferId, UserId};
 use crate::storage::StorageError;
 use crate::storage::model::{self, TransactionPart};
 use crate::telemetry::metrics;
@@ -268,7 +268,7 @@ impl TransactionCoordinator {
                 &sender.account,
                 &receiver.account,
                 request.amount,
-                UtcDay::of(now),
+                now,
                 &self.config.limits,
             );
             let (sender_decision, receiver_decision, refusal) = match decided {

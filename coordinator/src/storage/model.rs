@@ -25,9 +25,10 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactItem, Update, Value};
+use crate::core::account::{Hold, Holds};
 use crate::core::asset_change::AssetChange;
 use crate::core::records::{
-    Asset, EntryKind, Lease, LedgerEntry, LedgerTrade, LedgerTransfer, Order, OrderStatus, RecordedOutcome,
+    Asset, EntryKind, Lease, LedgerEntry, LedgerHold, LedgerTrade, LedgerTransfer, Order, OrderStatus, RecordedOutcome,
     RefusalCode, RequestRecord,
 };
 use crate::core::{
@@ -362,6 +363,8 @@ pub fn lease_from_item(item: &Item) -> Option<Lease> {
 pub struct OperationWrites<'a> {
     pub entry: Option<&'a LedgerEntry>,
     pub order: Option<&'a Order>,
+    /// The order exists already (a fill or cancel rewrites it); otherwise it is written fresh.
+    pub order_rewritten: bool,
     pub record: Option<(&'a RequestId, &'a RequestRecord)>,
 }
 
@@ -604,13 +607,35 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
         _ => TransactItem::Update(account_update(commit)),
     };
     items.push_part(TransactionPart::Account, account);
+    // Several fills or a fill and a cancel of one order in one batch: only the order as the
+    // last of them leaves it is written (a transaction names each item once), fresh if any of
+    // them made it.
+    let last_write = |order: &Order| {
+        commit
+            .operations
+            .iter()
+            .rposition(|operation| operation.order.is_some_and(|other| other.order_id == order.order_id))
+    };
     for (index, operation) in commit.operations.iter().enumerate() {
         if let Some(entry) = operation.entry {
             items.push_fresh(ledger_item(entry));
         }
-        if let Some(order) = operation.order {
+        if let Some(order) = operation.order.filter(|order| last_write(order) == Some(index)) {
+            let made_here = commit.operations.iter().any(|other| {
+                other.order.is_some_and(|other| other.order_id == order.order_id) && !other.order_rewritten
+            });
             for item in order_items(order) {
-                items.push_fresh(item);
+                if !made_here {
+                    // A fill or cancel of an order the account holds: the account's version
+                    // condition already orders every write of it.
+                    items.push(TransactItem::Put(Put {
+                        item,
+                        condition: None,
+                        bindings: Bindings::default(),
+                    }));
+                } else {
+                    items.push_fresh(item);
+                }
             }
         }
         if let Some((request_id, record)) = operation.record {
@@ -751,18 +776,35 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
         values.insert(":cash_floor".to_owned(), n(commit.cash_floor));
     }
     set_holdings(commit, &mut set, &mut condition, &mut update_bindings);
-    let lease = match (commit.lock_id, commit.extend_until) {
-        (None, _) => String::new(),
+    let mut remove: Vec<&str> = Vec::new();
+    if after.exists() && after.holds != read.holds {
+        // Paired with the decisions' own check: nothing written is on hold beyond its total.
+        after.assert_holds_within_totals(commit.now);
+        if after.holds.is_empty() {
+            remove.push("holds");
+        } else {
+            set.push("holds = :holds".to_owned());
+            update_bindings
+                .values
+                .insert(":holds".to_owned(), holds_value(&after.holds));
+        }
+    }
+    match (commit.lock_id, commit.extend_until) {
+        (None, _) => {}
         (Some(_), Some(until)) => {
             set.push("lock_expires_at_ms = :extend_until".to_owned());
             update_bindings.values.insert(":extend_until".to_owned(), n(until));
-            String::new()
         }
-        (Some(_), None) => format!(" REMOVE {LEASE_ATTRIBUTES}"),
+        (Some(_), None) => remove.push(LEASE_ATTRIBUTES),
+    }
+    let remove = if remove.is_empty() {
+        String::new()
+    } else {
+        format!(" REMOVE {}", remove.join(", "))
     };
     Update {
         key: account_key(commit.user),
-        update: format!("SET {}{lease}", set.join(", ")),
+        update: format!("SET {}{remove}", set.join(", ")),
         condition: Some(condition.join(" AND ")),
         bindings: update_bindings,
         return_new: false,
@@ -827,6 +869,7 @@ pub fn commit_transfer(commit: &TransferCommit<'_>) -> NamedItems {
         let operations = [OperationWrites {
             entry: party.entry,
             order: None,
+            order_rewritten: false,
             record,
         }];
         commit_batch(&BatchCommit {
@@ -888,6 +931,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
     let operations = [OperationWrites {
         entry: Some(commit.entry),
         order: commit.order,
+        order_rewritten: false,
         record: commit.record,
     }];
     commit_batch(&BatchCommit {
@@ -1069,7 +1113,12 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
             holdings.insert(symbol, quantity);
         }
     }
+    let holds = match item.get("holds") {
+        None => Holds::new(),
+        Some(value) => required(KIND, "holds", holds_from_value(value))?,
+    };
     Ok(Account {
+        holds,
         state: AccountState::Open,
         cash: required(KIND, "cash", Usd::from_stored(cash))?,
         holdings,
@@ -1096,6 +1145,60 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
     })
 }
 
+/// The account's holds as stored: a map by order id of each hold's figures.
+fn holds_value(holds: &Holds) -> Value {
+    Value::M(
+        holds
+            .iter()
+            .map(|(order_id, hold)| {
+                let stored: Item = [
+                    ("side", s(hold.side.as_str())),
+                    ("asset", s(hold.asset.as_str())),
+                    ("quantity", n(hold.quantity)),
+                    ("limit", n(hold.limit)),
+                    ("filled", n(hold.filled)),
+                    ("filled_value", n(hold.filled_value)),
+                    ("moved", n(hold.moved)),
+                    ("expires_at_ms", n(hold.expires_at_ms)),
+                    ("created_at_ms", n(hold.created_at_ms)),
+                    ("principal", s(hold.principal.as_str())),
+                ]
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect();
+                (order_id.as_str().to_owned(), Value::M(stored))
+            })
+            .collect(),
+    )
+}
+
+fn holds_from_value(value: &Value) -> Option<Holds> {
+    let Value::M(stored) = value else { return None };
+    stored
+        .iter()
+        .map(|(order_id, hold)| {
+            let Value::M(hold) = hold else { return None };
+            let hold = Hold {
+                side: match string(hold, "side")? {
+                    "BUY" => TradeSide::Buy,
+                    "SELL" => TradeSide::Sell,
+                    _ => return None,
+                },
+                asset: AssetSymbol::parse("asset", string(hold, "asset")?).ok()?,
+                quantity: Quantity::from_stored(number(hold, "quantity")?)?,
+                limit: Price::from_stored(number(hold, "limit")?)?,
+                filled: Quantity::from_stored(number(hold, "filled")?)?,
+                filled_value: number(hold, "filled_value")?.parse().ok()?,
+                moved: Usd::from_stored(number(hold, "moved")?)?,
+                expires_at_ms: number(hold, "expires_at_ms")?.parse().ok()?,
+                created_at_ms: number(hold, "created_at_ms")?.parse().ok()?,
+                principal: Principal::parse("principal", string(hold, "principal")?).ok()?,
+            };
+            (hold.filled <= hold.quantity).then(|| (OrderId::from_stored(order_id.as_str()), hold))
+        })
+        .collect()
+}
+
 fn ledger_item(entry: &LedgerEntry) -> Item {
     assert!(entry.sequence > 0, "every entry written has its sequence");
     let mut item = key_attributes(&entry_key(&entry.user_id, entry.sequence));
@@ -1116,6 +1219,16 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
         item.insert("order_id".to_owned(), s(trade.order_id.as_str()));
         if let Some(holding) = trade.holding_after {
             item.insert("holding_after".to_owned(), n(holding));
+        }
+    }
+    if let Some(hold) = &entry.hold {
+        item.insert("hold_order_id".to_owned(), s(hold.order_id.as_str()));
+        item.insert("held_delta".to_owned(), n(hold.held_delta));
+        if let Some(asset) = &hold.asset {
+            item.insert("held_asset".to_owned(), s(asset.as_str()));
+        }
+        if let Some(fill_id) = &hold.fill_id {
+            item.insert("fill_id".to_owned(), s(fill_id));
         }
     }
     if let Some(transfer) = &entry.transfer {
@@ -1158,7 +1271,28 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         }),
         None => None,
     };
+    let hold = match string(item, "hold_order_id") {
+        Some(order_id) => Some(LedgerHold {
+            order_id: OrderId::from_stored(order_id),
+            fill_id: string(item, "fill_id").map(str::to_owned),
+            asset: match string(item, "held_asset") {
+                Some(asset) => Some(required(KIND, "held_asset", AssetSymbol::parse("asset", asset).ok())?),
+                None => None,
+            },
+            // Cash amounts read with their cents, as they were written.
+            held_delta: match string(item, "held_asset") {
+                Some(_) => decimal("held_delta")?,
+                None => {
+                    let mut cents = decimal("held_delta")?;
+                    cents.rescale(crate::core::money::USD_SCALE);
+                    cents
+                }
+            },
+        }),
+        None => None,
+    };
     Ok(LedgerEntry {
+        hold,
         entry_id: EntryId::from_stored(required(KIND, "entry_id", string(item, "entry_id"))?),
         user_id: required(
             KIND,
@@ -1203,12 +1337,29 @@ fn order_item(order: &Order, key: Key) -> Item {
     if let Some(reason) = &order.failure_reason {
         item.insert("failure_reason".to_owned(), s(reason));
     }
+    if let Some(expires_at) = order.expires_at_ms {
+        item.insert("filled_quantity".to_owned(), n(order.filled_quantity));
+        item.insert("expires_at_ms".to_owned(), n(expires_at));
+    }
     item
 }
 
 pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
     const KIND: &str = "order";
+    let status = required(KIND, "status", string(item, "status").and_then(OrderStatus::parse))?;
+    let quantity = required(
+        KIND,
+        "quantity",
+        number(item, "quantity").and_then(Quantity::from_stored),
+    )?;
     Ok(Order {
+        // Orders executed at once (PlaceBuy, PlaceSell) keep no fill count: all or nothing.
+        filled_quantity: match number(item, "filled_quantity") {
+            Some(raw) => required(KIND, "filled_quantity", Quantity::from_stored(raw))?,
+            None if status == OrderStatus::Confirmed => quantity,
+            None => Quantity::ZERO,
+        },
+        expires_at_ms: number(item, "expires_at_ms").and_then(|raw| raw.parse().ok()),
         order_id: OrderId::from_stored(required(KIND, "order_id", string(item, "order_id"))?),
         user_id: required(
             KIND,
@@ -1230,22 +1381,9 @@ pub fn order_from_item(item: &Item) -> Result<Order, MalformedItem> {
             "asset",
             string(item, "asset").and_then(|raw| AssetSymbol::parse("asset", raw).ok()),
         )?,
-        quantity: required(
-            KIND,
-            "quantity",
-            number(item, "quantity").and_then(Quantity::from_stored),
-        )?,
+        quantity,
         limit_price: number(item, "limit_price").and_then(Price::from_stored),
-        status: match string(item, "status") {
-            Some("CONFIRMED") => OrderStatus::Confirmed,
-            Some("FAILED") => OrderStatus::Failed,
-            _ => {
-                return Err(MalformedItem {
-                    kind: KIND,
-                    attribute: "status",
-                });
-            }
-        },
+        status,
         price: required(KIND, "price", number(item, "price").and_then(Price::from_stored))?,
         total: required(KIND, "total", number(item, "total").and_then(Usd::from_stored))?,
         failure_reason: string(item, "failure_reason").map(str::to_owned),

@@ -12,12 +12,14 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::affinity::forward::{Forwarder, Origin, Routed, TRACE_HEADERS};
 use crate::core::asset_change::AssetChange;
+use crate::core::ops::orders;
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
 use crate::core::{
     AssetSymbol, FieldError, Memo, OrderId, Price, Principal, Quantity, RequestId, TradeSide, Usd, UserId,
 };
 use crate::service::feed::{FeedCursor, FeedEvent, FeedFilter, FeedStart};
+use crate::service::{CancelRequest, FillRequest, Operation, ReserveRequest};
 use crate::service::{
     PageRequest, Receipt, ServiceError, TradeRequest, TransactionCoordinator, TransferRequest, WatchEnd, WatchEvent,
 };
@@ -229,10 +231,13 @@ fn feed_request(message: pb::WatchFeedRequest) -> Result<(FeedStart, FeedFilter)
             Ok(pb::EntryKind::Sell) => EntryKind::Sell,
             Ok(pb::EntryKind::TransferOut) => EntryKind::TransferOut,
             Ok(pb::EntryKind::TransferIn) => EntryKind::TransferIn,
+            Ok(pb::EntryKind::Hold) => EntryKind::Hold,
+            Ok(pb::EntryKind::Fill) => EntryKind::Fill,
+            Ok(pb::EntryKind::Release) => EntryKind::Release,
             Ok(pb::EntryKind::Unspecified) | Err(_) => {
                 return Err(invalid(FieldError::new(
                     "kinds",
-                    format!("holds {raw}, which is not an entry kind (ENTRY_KIND_DEPOSIT .. ENTRY_KIND_TRANSFER_IN)"),
+                    format!("holds {raw}, which is not an entry kind (ENTRY_KIND_DEPOSIT .. ENTRY_KIND_RELEASE)"),
                 )));
             }
         };
@@ -347,16 +352,47 @@ fn order_message(order: Order) -> pb::Order {
         asset: order.asset.to_string(),
         quantity: order.quantity.to_string(),
         limit_price: order.limit_price.map(|price| price.to_string()),
-        status: match order.status {
-            OrderStatus::Confirmed => pb::OrderStatus::Confirmed,
-            OrderStatus::Failed => pb::OrderStatus::Failed,
-        } as i32,
+        status: order_status(order.status) as i32,
         price: order.price.to_string(),
         total: order.total.to_string(),
         failure_reason: order.failure_reason.unwrap_or_default(),
         created_at: rfc3339(order.created_at_ms),
         principal: order.principal.to_string(),
+        filled_quantity: order.filled_quantity.to_string(),
+        expires_at: order.expires_at_ms.map(rfc3339).unwrap_or_default(),
     }
+}
+
+fn order_status(status: OrderStatus) -> pb::OrderStatus {
+    match status {
+        OrderStatus::Confirmed => pb::OrderStatus::Confirmed,
+        OrderStatus::Failed => pb::OrderStatus::Failed,
+        OrderStatus::Open => pb::OrderStatus::Open,
+        OrderStatus::PartiallyFilled => pb::OrderStatus::PartiallyFilled,
+        OrderStatus::Filled => pb::OrderStatus::Filled,
+        OrderStatus::Cancelled => pb::OrderStatus::Cancelled,
+        OrderStatus::Expired => pb::OrderStatus::Expired,
+    }
+}
+
+/// A ListOrders status filter: unspecified is every status.
+fn status_filter(raw: i32) -> Result<Option<OrderStatus>, Status> {
+    Ok(Some(match pb::OrderStatus::try_from(raw) {
+        Ok(pb::OrderStatus::Unspecified) => return Ok(None),
+        Ok(pb::OrderStatus::Confirmed) => OrderStatus::Confirmed,
+        Ok(pb::OrderStatus::Failed) => OrderStatus::Failed,
+        Ok(pb::OrderStatus::Open) => OrderStatus::Open,
+        Ok(pb::OrderStatus::PartiallyFilled) => OrderStatus::PartiallyFilled,
+        Ok(pb::OrderStatus::Filled) => OrderStatus::Filled,
+        Ok(pb::OrderStatus::Cancelled) => OrderStatus::Cancelled,
+        Ok(pb::OrderStatus::Expired) => OrderStatus::Expired,
+        Err(_) => {
+            return Err(invalid(FieldError::new(
+                "status",
+                format!("holds {raw}, which is not an order status (ORDER_STATUS_CONFIRMED .. ORDER_STATUS_EXPIRED)"),
+            )));
+        }
+    }))
 }
 
 fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
@@ -368,6 +404,15 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         ),
         None => (String::new(), String::new(), String::new()),
     };
+    let (fill_id, held_asset, held_delta, hold_order) = match &entry.hold {
+        Some(hold) => (
+            hold.fill_id.clone().unwrap_or_default(),
+            hold.asset.as_ref().map(ToString::to_string).unwrap_or_default(),
+            hold.held_delta.to_string(),
+            hold.order_id.to_string(),
+        ),
+        None => Default::default(),
+    };
     let (asset, quantity_delta, order_id, holding_balance) = match entry.trade {
         Some(trade) => (
             trade.asset.to_string(),
@@ -378,9 +423,12 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
                 .map(|holding| holding.to_string())
                 .unwrap_or_default(),
         ),
-        None => (String::new(), String::new(), String::new(), String::new()),
+        None => (String::new(), String::new(), hold_order, String::new()),
     };
     pb::LedgerEntry {
+        fill_id,
+        held_asset,
+        held_delta,
         transaction_id: entry.entry_id.to_string(),
         user_id: entry.user_id.to_string(),
         kind: match entry.kind {
@@ -390,6 +438,9 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
             EntryKind::Sell => pb::EntryKind::Sell,
             EntryKind::TransferOut => pb::EntryKind::TransferOut,
             EntryKind::TransferIn => pb::EntryKind::TransferIn,
+            EntryKind::Hold => pb::EntryKind::Hold,
+            EntryKind::Fill => pb::EntryKind::Fill,
+            EntryKind::Release => pb::EntryKind::Release,
         } as i32,
         cash_delta: entry.cash_delta.to_string(),
         asset,
@@ -404,6 +455,21 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         sequence: entry.sequence,
         holding_balance,
     }
+}
+
+/// The reply to an order call, from its entry and its order (also when replayed).
+fn order_reply(receipt: Receipt) -> Result<pb::OrderReply, Status> {
+    let (order, holding) = receipt.trade.ok_or_else(|| {
+        status_of(ServiceError::Internal(
+            "a committed order call without its order".to_owned(),
+        ))
+    })?;
+    Ok(pb::OrderReply {
+        cash_balance: receipt.entry.cash_after.to_string(),
+        holding: holding.to_string(),
+        transaction_id: receipt.entry.entry_id.to_string(),
+        order: Some(order_message(order)),
+    })
 }
 
 /// The reply to a transfer, from the sender's ledger entry (also when replayed).
@@ -669,6 +735,87 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .map(Response::new)
     }
 
+    async fn reserve_order(
+        &self,
+        request: Request<pb::ReserveOrderRequest>,
+    ) -> Result<Response<pb::OrderReply>, Status> {
+        let origin = origin_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let side = match pb::OrderSide::try_from(message.side) {
+            Ok(pb::OrderSide::Buy) => TradeSide::Buy,
+            Ok(pb::OrderSide::Sell) => TradeSide::Sell,
+            _ => {
+                return Err(invalid(FieldError::new(
+                    "side",
+                    "is required: ORDER_SIDE_BUY or ORDER_SIDE_SELL",
+                )));
+            }
+        };
+        if message.limit_price.is_empty() {
+            return Err(invalid(FieldError::new(
+                "limit_price",
+                "is required: the hold is quantity x limit_price",
+            )));
+        }
+        let reserve = ReserveRequest {
+            side,
+            asset: AssetSymbol::parse("asset", &message.asset).map_err(invalid)?,
+            quantity: Quantity::parse_trade("quantity", &message.quantity).map_err(invalid)?,
+            limit: Price::parse("limit_price", &message.limit_price).map_err(invalid)?,
+            expires_in: orders::parse_expires_in("expires_in_seconds", message.expires_in_seconds).map_err(invalid)?,
+            order_id: OrderId::new(),
+            placed_by: origin.principal.clone(),
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let receipt = self
+            .coordinator
+            .mutate_as(
+                &origin.principal,
+                &user,
+                Operation::Reserve(reserve),
+                request_id,
+                origin.deadline,
+            )
+            .await
+            .map_err(status_of)?;
+        order_reply(receipt).map(Response::new)
+    }
+
+    async fn fill_order(&self, request: Request<pb::FillOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
+        let origin = origin_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let fill = FillRequest {
+            order_id: OrderId::parse("order_id", &message.order_id).map_err(invalid)?,
+            fill_id: orders::parse_fill_id("fill_id", &message.fill_id).map_err(invalid)?,
+            quantity: Quantity::parse_trade("quantity", &message.quantity).map_err(invalid)?,
+            price: Price::parse("price", &message.price).map_err(invalid)?,
+        };
+        let receipt = self
+            .coordinator
+            .fill(&origin.principal, &user, fill, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        order_reply(receipt).map(Response::new)
+    }
+
+    async fn cancel_order(&self, request: Request<pb::CancelOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
+        let origin = origin_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let cancel = CancelRequest {
+            order_id: OrderId::parse("order_id", &message.order_id).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let receipt = self
+            .coordinator
+            .cancel(&origin.principal, &user, cancel, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        order_reply(receipt).map(Response::new)
+    }
+
     async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransferReply>, Status> {
         let origin = origin_of(&request);
         self.transfer_from(origin, request.into_inner())
@@ -680,9 +827,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let user = UserId::parse("user_id", &request.get_ref().user_id).map_err(invalid)?;
         let account = self.coordinator.account(&user).await.map_err(status_of)?;
         let (deposited_today, withdrawn_today) = account.daily_totals(self.coordinator.today());
+        let now = self.coordinator.now();
         Ok(Response::new(pb::Account {
             user_id: user.to_string(),
             cash_balance: account.cash.to_string(),
+            cash_on_hold: account.cash_on_hold(now).to_string(),
+            cash_available: account.available_cash(now).to_string(),
             holdings: account
                 .holdings
                 .iter()
@@ -690,6 +840,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .map(|(asset, quantity)| pb::Holding {
                     asset: asset.to_string(),
                     quantity: quantity.to_string(),
+                    on_hold: account.holding_on_hold(asset, now).to_string(),
+                    available: account.available_holding(asset, now).to_string(),
                 })
                 .collect(),
             deposited_today: deposited_today.to_string(),
@@ -711,9 +863,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let message = request.into_inner();
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let page = PageRequest::parse(message.page_size, &message.page_token).map_err(invalid)?;
+        let status = status_filter(message.status)?;
         let page = self.coordinator.orders(&user, page).await.map_err(status_of)?;
         Ok(Response::new(pb::ListOrdersReply {
-            orders: page.items.into_iter().map(order_message).collect(),
+            orders: page
+                .items
+                .into_iter()
+                .filter(|order| status.is_none_or(|status| order.status == status))
+                .map(order_message)
+                .collect(),
             next_page_token: page.next_cursor.unwrap_or_default(),
         }))
     }

@@ -7,12 +7,14 @@
 //! | Withdraw | `withdraw.rs` | the user's | in a batch of the user's queue |
 //! | PlaceBuy, PlaceSell | `trade.rs` | the user's | in a batch, conditioned on the quote's price |
 //! | Transfer | `transfer.rs` | sender's and receiver's | alone, both leases, one transaction |
+//! | ReserveOrder, FillOrder, CancelOrder | `orders.rs` | the user's | in a batch; a fill or cancel of an order the account no longer holds reads it first |
 //!
 //! Adding an operation is one new file here, one arm of `Operation` (the compiler then names
 //! every `match` to extend), the proto message and its tests (docs/flow.md, "Adding an
 //! operation"). Nothing here does I/O: `service` feeds the decision what storage returned.
 
 pub mod deposit;
+pub mod orders;
 pub mod trade;
 pub mod transfer;
 pub mod withdraw;
@@ -28,11 +30,21 @@ use super::principal::Principal;
 use super::records::{LedgerEntry, Order, RecordedOutcome, RequestRecord};
 use super::time::{Millis, UtcDay};
 
+pub use orders::{CancelRequest, ClosedOrder, FillRequest, ReserveRequest};
 pub use trade::{Quote, TradeRequest, TradeSide};
 pub use transfer::TransferRequest;
 
 /// Every operation's name: the bounded values of the `operation` label of the metrics.
-pub const NAMES: [&str; 5] = [deposit::NAME, withdraw::NAME, trade::BUY, trade::SELL, transfer::NAME];
+pub const NAMES: [&str; 8] = [
+    deposit::NAME,
+    withdraw::NAME,
+    trade::BUY,
+    trade::SELL,
+    transfer::NAME,
+    orders::RESERVE,
+    orders::FILL,
+    orders::CANCEL,
+];
 
 /// A mutation as the caller asked for it, validated before any lease: the one type the queue,
 /// the batch, request records, metrics and roll back all work with.
@@ -42,6 +54,9 @@ pub enum Operation {
     Withdraw(Usd),
     Trade(TradeRequest),
     Transfer(TransferRequest),
+    Reserve(ReserveRequest),
+    Fill(FillRequest),
+    Cancel(CancelRequest),
 }
 
 /// The most items one call counts (`Operation::items_max`): a trade with its request record.
@@ -96,7 +111,32 @@ impl Operation {
             Operation::Withdraw(_) => withdraw::NAME,
             Operation::Trade(trade) => trade.name(),
             Operation::Transfer(_) => transfer::NAME,
+            Operation::Reserve(_) => orders::RESERVE,
+            Operation::Fill(_) => orders::FILL,
+            Operation::Cancel(_) => orders::CANCEL,
         }
+    }
+
+    /// The field a reused idempotency key is named by: a fill is keyed on its fill id.
+    pub fn idempotency_field(&self) -> &'static str {
+        match self {
+            Operation::Fill(_) => "fill_id",
+            _ => "request_id",
+        }
+    }
+
+    /// The reserved order a fill or cancel names.
+    pub fn named_order(&self) -> Option<&super::ids::OrderId> {
+        match self {
+            Operation::Fill(fill) => Some(&fill.order_id),
+            Operation::Cancel(cancel) => Some(&cancel.order_id),
+            _ => None,
+        }
+    }
+
+    /// Whether the order it writes already exists (a fill or cancel rewrites its order).
+    pub fn rewrites_order(&self) -> bool {
+        matches!(self, Operation::Fill(_) | Operation::Cancel(_))
     }
 
     /// The operation and every parameter, e.g. `BUY 0.5 SOL limit 140`: a retry with the same
@@ -107,6 +147,9 @@ impl Operation {
             Operation::Withdraw(amount) => withdraw::fingerprint(*amount),
             Operation::Trade(trade) => trade.fingerprint(),
             Operation::Transfer(transfer) => transfer.fingerprint(),
+            Operation::Reserve(reserve) => reserve.fingerprint(),
+            Operation::Fill(fill) => fill.fingerprint(),
+            Operation::Cancel(cancel) => cancel.fingerprint(),
         }
     }
 
@@ -115,7 +158,7 @@ impl Operation {
         match self {
             Operation::Deposit(_) => LeaseKind::Deposit,
             Operation::Withdraw(_) | Operation::Transfer(_) => LeaseKind::Withdraw,
-            Operation::Trade(_) => LeaseKind::Trade,
+            Operation::Trade(_) | Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => LeaseKind::Trade,
         }
     }
 
@@ -143,6 +186,8 @@ impl Operation {
             Operation::Deposit(_) | Operation::Withdraw(_) => 1,
             Operation::Trade(_) => 4,
             Operation::Transfer(_) => 4,
+            // The entry and the order's two items.
+            Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => 3,
         };
         own + usize::from(recorded)
     }
@@ -158,7 +203,7 @@ impl Operation {
         match self {
             Operation::Deposit(amount) => deposit::above_daily_limit(*amount, limits),
             Operation::Withdraw(amount) => withdraw::above_daily_limit(*amount, limits),
-            Operation::Trade(_) => None,
+            Operation::Trade(_) | Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => None,
             Operation::Transfer(transfer) => transfer::above_daily_limit(transfer.amount, limits),
         }
     }
@@ -188,33 +233,47 @@ fn above_whole_daily_limit(kind: &'static str, limit: Usd, amount: Usd) -> Optio
     })
 }
 
-/// Decides `operation` on `account` as of the UTC day `today`; a trade at `quote`, the catalog
-/// entry its commit will be conditioned on.
+/// What a decision reads besides the account and the operation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inputs<'a> {
+    /// For a trade or a reserve: the catalog entry (a trade's commit is conditioned on it).
+    pub quote: Option<&'a Quote>,
+    /// For a fill or cancel of an order the account no longer holds: the order as stored.
+    pub closed: Option<ClosedOrder>,
+}
+
+/// Decides `operation` on `account` at `now` (the daily limits count the UTC day of `now`).
 ///
 /// # Panics
-/// On a transfer (decided on its two accounts by `transfer::decide`) or a trade without its
-/// quote: both are programmer errors of the caller.
+/// On a transfer (decided on its two accounts by `transfer::decide`) or a trade or reserve
+/// without its quote: both are programmer errors of the caller.
 pub fn decide(
     account: &Account,
     operation: &Operation,
-    quote: Option<&Quote>,
-    today: UtcDay,
+    inputs: Inputs<'_>,
+    now: Millis,
     limits: &Limits,
 ) -> Result<Decision, Rejection> {
     if !account.exists() && operation.requires_account() {
         return Err(Rejection::AccountNotFound);
     }
-    let unchanged = unchanged(account, today);
+    let unchanged = unchanged(account, UtcDay::of(now));
     let decision = match operation {
         Operation::Deposit(amount) => deposit::decide(*amount, limits, unchanged),
-        Operation::Withdraw(amount) => withdraw::decide(*amount, limits, unchanged),
+        Operation::Withdraw(amount) => withdraw::decide(*amount, account.available_cash(now), limits, unchanged),
         Operation::Trade(request) => {
-            let quote = quote.expect("a trade is decided at its quote");
-            trade::decide(account, request, quote, limits, unchanged)
+            let quote = inputs.quote.expect("a trade is decided at its quote");
+            trade::decide(account, request, quote, now, limits, unchanged)
         }
+        Operation::Reserve(request) => {
+            let quote = inputs.quote.expect("a reserve is decided at its quote");
+            orders::decide_reserve(account, request, quote.active, now, limits)
+        }
+        Operation::Fill(request) => orders::decide_fill(account, request, inputs.closed, now),
+        Operation::Cancel(request) => orders::decide_cancel(account, request, inputs.closed, now),
         Operation::Transfer(_) => unreachable!("a transfer is decided on both its accounts by transfer::decide"),
     }?;
-    assert_postconditions(account, &decision);
+    assert_postconditions(account, &decision, now);
     Ok(decision)
 }
 
@@ -238,6 +297,7 @@ pub fn unchanged(account: &Account, today: UtcDay) -> Decision {
         withdrawn_today,
         transferred_today: account.transferred_on(today),
         trade: None,
+        hold: None,
     }
 }
 
@@ -246,7 +306,7 @@ pub fn unchanged(account: &Account, today: UtcDay) -> Decision {
 /// Always on (TigerBeetle's paired assertions): a decision that breaks one is a programmer error
 /// that must never reach storage. `storage::model` checks the same where an account is encoded
 /// and decoded.
-pub fn assert_postconditions(before: &Account, decision: &Decision) {
+pub fn assert_postconditions(before: &Account, decision: &Decision, now: Millis) {
     assert_eq!(
         decision.cash.decimal(),
         before.cash.decimal() + decision.cash_delta.decimal(),
@@ -264,6 +324,9 @@ pub fn assert_postconditions(before: &Account, decision: &Decision) {
             "holdings never go negative"
         );
     }
+    let mut after = before.clone();
+    after.apply(decision);
+    after.assert_holds_within_totals(now);
 }
 
 /// Who, why and when: what every record of a committed call carries besides the decision.
@@ -286,6 +349,24 @@ pub fn records(
     origin: Origin<'_>,
     sequence: u64,
 ) -> (LedgerEntry, Option<Order>) {
+    if let Some(effect) = &decision.hold {
+        let (hold, trade) = orders::ledger_parts(decision, effect);
+        let entry = LedgerEntry {
+            entry_id: EntryId::new(),
+            user_id: origin.user.clone(),
+            kind: orders::entry_kind(effect),
+            cash_delta: decision.cash_delta,
+            cash_after: decision.cash,
+            trade,
+            transfer: None,
+            hold: Some(hold),
+            created_at_ms: origin.now,
+            request_id: origin.request_id.map(|request_id| request_id.as_str().to_owned()),
+            sequence,
+            principal: origin.principal.clone(),
+        };
+        return (entry, Some(orders::order(origin.user, effect)));
+    }
     let (kind, trade_records) = match operation {
         Operation::Deposit(_) => (deposit::ENTRY_KIND, None),
         Operation::Withdraw(_) => (withdraw::ENTRY_KIND, None),
@@ -295,6 +376,9 @@ pub fn records(
             (request.entry_kind(), Some(executed))
         }
         Operation::Transfer(_) => unreachable!("a transfer's entries are written by transfer::entry"),
+        Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => {
+            unreachable!("an accepted hold operation decides a hold effect")
+        }
     };
     let (order, ledger_trade) = trade_records.unzip();
     let entry = LedgerEntry {
@@ -307,6 +391,7 @@ pub fn records(
         created_at_ms: origin.now,
         request_id: origin.request_id.map(|request_id| request_id.as_str().to_owned()),
         transfer: None,
+        hold: None,
         sequence,
         principal: origin.principal.clone(),
     };

@@ -81,7 +81,8 @@ impl Quoted for (Operation, Option<Quote>) {
 
 fn decide(account: &Account, operation: &impl Quoted, today: UtcDay, limits: &Limits) -> Result<Decision, Rejection> {
     let (operation, quote) = operation.parts();
-    super::decide(account, operation, quote, today, limits)
+    let inputs = super::Inputs { quote, closed: None };
+    super::decide(account, operation, inputs, today.noon(), limits)
 }
 
 fn above_daily_limit(operation: &Operation, limits: &Limits) -> Option<Rejection> {

@@ -76,10 +76,11 @@ pub fn decide(
     account: &Account,
     trade: &TradeRequest,
     quote: &Quote,
+    now: Millis,
     limits: &Limits,
     unchanged: Decision,
 ) -> Result<Decision, Rejection> {
-    let effect = effect(account, trade, quote, limits)?;
+    let effect = effect(account, trade, quote, now, limits)?;
     let (cash, cash_delta) = match trade.side {
         TradeSide::Buy => (account.cash.checked_sub(effect.total), UsdDelta::debit(effect.total)),
         TradeSide::Sell => (account.cash.checked_add(effect.total), UsdDelta::credit(effect.total)),
@@ -88,11 +89,18 @@ pub fn decide(
         cash: cash.ok_or(Rejection::OutOfRange)?,
         cash_delta,
         trade: Some(effect),
+        hold: None,
         ..unchanged
     })
 }
 
-fn effect(account: &Account, trade: &TradeRequest, quote: &Quote, limits: &Limits) -> Result<TradeEffect, Rejection> {
+fn effect(
+    account: &Account,
+    trade: &TradeRequest,
+    quote: &Quote,
+    now: Millis,
+    limits: &Limits,
+) -> Result<TradeEffect, Rejection> {
     if !quote.active {
         return Err(Rejection::AssetInactive(trade.asset.clone()));
     }
@@ -125,19 +133,21 @@ fn effect(account: &Account, trade: &TradeRequest, quote: &Quote, limits: &Limit
     let current = account.holding(&trade.asset);
     let (holding, quantity_delta): (Option<Quantity>, Decimal) = match trade.side {
         TradeSide::Buy => {
-            if account.cash < total {
+            let available = account.available_cash(now);
+            if available < total {
                 return Err(Rejection::InsufficientBalance {
-                    current: account.cash,
+                    current: available,
                     required: total,
                 });
             }
             (current.checked_add(trade.quantity), trade.quantity.decimal())
         }
         TradeSide::Sell => {
-            if current < trade.quantity {
+            let available = account.available_holding(&trade.asset, now);
+            if available < trade.quantity {
                 return Err(Rejection::InsufficientHoldings {
                     asset: trade.asset.clone(),
-                    current,
+                    current: available,
                     required: trade.quantity,
                 });
             }
@@ -176,6 +186,11 @@ pub fn order(
         failure_reason: None,
         created_at_ms: now,
         principal: principal.clone(),
+        filled_quantity: match status {
+            OrderStatus::Confirmed => trade.quantity,
+            _ => Quantity::ZERO,
+        },
+        expires_at_ms: None,
     }
 }
 

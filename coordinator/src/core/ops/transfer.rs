@@ -74,6 +74,7 @@ pub fn entry(
         cash_delta: decision.cash_delta,
         cash_after: decision.cash,
         trade: None,
+        hold: None,
         transfer: Some(LedgerTransfer {
             transfer_id: transfer_id.clone(),
             counterparty: counterparty.clone(),
@@ -117,9 +118,10 @@ pub fn decide(
     sender: &Account,
     receiver: &Account,
     amount: Usd,
-    today: UtcDay,
+    now: Millis,
     limits: &Limits,
 ) -> Result<TransferDecision, TransferRefusal> {
+    let today = UtcDay::of(now);
     if !sender.exists() {
         return Err(TransferRefusal::SenderMissing);
     }
@@ -135,9 +137,10 @@ pub fn decide(
         amount,
     )
     .map_err(reject)?;
-    if sender.cash < amount {
+    let available = sender.available_cash(now);
+    if available < amount {
         return Err(reject(Rejection::InsufficientBalance {
-            current: sender.cash,
+            current: available,
             required: amount,
         }));
     }
@@ -215,7 +218,14 @@ mod tests {
     /// transfer total counts it; nothing else moves.
     #[test]
     fn a_transfer_moves_the_amount_and_counts_it_on_the_sender() {
-        let decision = decide(&open("100"), &open("5"), usd("30.25"), today(), &Limits::default()).unwrap();
+        let decision = decide(
+            &open("100"),
+            &open("5"),
+            usd("30.25"),
+            today().noon(),
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(decision.sender.cash, usd("69.75"));
         assert_eq!(decision.receiver.cash, usd("35.25"));
         assert_eq!(decision.sender.transferred_today, usd("30.25"));
@@ -231,14 +241,14 @@ mod tests {
         let limits = Limits::default();
         let missing = Account::default();
         assert_eq!(
-            decide(&missing, &open("1"), usd("1"), today(), &limits),
+            decide(&missing, &open("1"), usd("1"), today().noon(), &limits),
             Err(TransferRefusal::SenderMissing)
         );
         assert_eq!(
-            decide(&open("10"), &missing, usd("1"), today(), &limits),
+            decide(&open("10"), &missing, usd("1"), today().noon(), &limits),
             Err(TransferRefusal::ReceiverMissing)
         );
-        let short = decide(&open("10"), &open("0"), usd("10.01"), today(), &limits);
+        let short = decide(&open("10"), &open("0"), usd("10.01"), today().noon(), &limits);
         match short {
             Err(TransferRefusal::Rejected(rejection)) => assert_eq!(
                 rejection.to_string(),
@@ -255,7 +265,7 @@ mod tests {
         let limits = Limits::default();
         let mut sender = open("20000");
         sender.transferred_today = usd("4990");
-        let refused = decide(&sender, &open("0"), usd("20"), today(), &limits);
+        let refused = decide(&sender, &open("0"), usd("20"), today().noon(), &limits);
         match refused {
             Err(TransferRefusal::Rejected(rejection)) => assert_eq!(
                 rejection.to_string(),
@@ -264,7 +274,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let tomorrow = today().next();
-        let decision = decide(&sender, &open("0"), usd("20"), tomorrow, &limits).unwrap();
+        let decision = decide(&sender, &open("0"), usd("20"), tomorrow.noon(), &limits).unwrap();
         assert_eq!(decision.sender.transferred_today, usd("20"));
         assert!(above_daily_limit(usd("5000"), &limits).is_none());
         assert_eq!(
@@ -292,7 +302,7 @@ mod tests {
                         continue;
                     }
                     let amount = Usd::from_decimal(Decimal::new(cents, 2));
-                    let Ok(decision) = decide(&accounts[from], &accounts[to], amount, today(), &Limits::default()) else { continue };
+                    let Ok(decision) = decide(&accounts[from], &accounts[to], amount, today().noon(), &Limits::default()) else { continue };
                     sums[from] += decision.sender.cash_delta.decimal();
                     sums[to] += decision.receiver.cash_delta.decimal();
                     accounts[from].apply(&decision.sender);

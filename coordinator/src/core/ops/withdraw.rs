@@ -22,13 +22,13 @@ pub fn above_daily_limit(amount: Usd, limits: &Limits) -> Option<Rejection> {
 }
 
 /// A withdrawal on the account as `unchanged` describes it: within the day's withdrawal limit
-/// and the balance.
-pub fn decide(amount: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
+/// and the cash `available` (not on hold).
+pub fn decide(amount: Usd, available: Usd, limits: &Limits, unchanged: Decision) -> Result<Decision, Rejection> {
     let used =
         super::count_against_daily_limit("withdrawal", limits.daily_withdrawal, unchanged.withdrawn_today, amount)?;
-    if unchanged.cash < amount {
+    if available < amount {
         return Err(Rejection::InsufficientBalance {
-            current: unchanged.cash,
+            current: available,
             required: amount,
         });
     }
