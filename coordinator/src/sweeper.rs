@@ -1,5 +1,6 @@
-//! The sweeper: releases leases that expired without being released (their holder died) and
-//! deletes request records past their retention. Every write is conditioned on what it found,
+//! The sweeper: releases leases that expired without being released (their holder died),
+//! releases in storage the holds of reserved orders that expired (their orders become EXPIRED,
+//! with a RELEASE entry each) and deletes request records past their retention. Every write is conditioned on what it found,
 //! so several coordinators can sweep at once and a sweep never races a live lease.
 //!
 //! DynamoDB deletes expired request records by itself (TTL, up to ~48 h late); dynoxide never
@@ -32,6 +33,10 @@ pub struct SweepReport {
     pub deleted_records: usize,
     /// Feed records (WatchFeed's journal) past the feed's retention.
     pub deleted_feed_records: usize,
+    /// Holds of reserved orders past their expiry, released in storage (their orders EXPIRED).
+    pub expired_holds: usize,
+    /// Cash on hold in all accounts as of the sweep (what live holds set aside).
+    pub cash_on_hold: crate::core::Usd,
     /// Releases and deletions that failed other than by the item having changed meanwhile;
     /// their items stay as they were until a later sweep.
     pub failed_writes: usize,
@@ -149,7 +154,25 @@ async fn sweep_pausing(storage: &Storage, now: Millis, retry_pause: Duration) ->
         };
         attempt = 1;
         for item in &page {
-            let Some((sweeping, key, write)) = sweep_write(model::classify(item), now) else {
+            let classified = model::classify(item);
+            if let StoredItem::Account {
+                user,
+                account: Ok(account),
+                lease,
+                ..
+            } = &classified
+            {
+                report.cash_on_hold = report
+                    .cash_on_hold
+                    .checked_add(account.cash_on_hold(now))
+                    .unwrap_or(report.cash_on_hold);
+                // An account under a lease (live, or expired and released just below) is left
+                // to the next sweep: its holder may be writing it.
+                if lease.is_none() {
+                    expire_holds(storage, user, account, now, &mut report).await;
+                }
+            }
+            let Some((sweeping, key, write)) = sweep_write(classified, now) else {
                 continue;
             };
             match storage.write(write).await {
@@ -169,6 +192,84 @@ async fn sweep_pausing(storage: &Storage, now: Millis, retry_pause: Duration) ->
     }
     Ok(report)
 }
+
+/// Most holds one sweep transaction releases: each writes its order twice and an entry, within
+/// DynamoDB's 100 items with the account and the feed record. More wait for the next sweep.
+pub const EXPIRED_HOLDS_PER_SWEEP_MAX: usize = 30;
+const _: () = assert!(EXPIRED_HOLDS_PER_SWEEP_MAX * 3 + 2 <= model::TRANSACTION_ITEMS_MAX);
+
+/// Releases the expired holds of `account` (of `user`, as the scan read it) in one transaction
+/// conditioned on the version read and no lease: orders EXPIRED, a RELEASE entry each. A writer
+/// that came first wins, and the next sweep looks again.
+async fn expire_holds(
+    storage: &Storage,
+    user: &str,
+    account: &crate::core::Account,
+    now: Millis,
+    report: &mut SweepReport,
+) {
+    if account.needs_numbering || account.holds.values().all(|hold| hold.is_live(now)) {
+        return;
+    }
+    let Ok(user) = crate::core::UserId::parse("user_id", user) else {
+        return;
+    };
+    let decisions = crate::core::ops::orders::decide_expiries(account, now, EXPIRED_HOLDS_PER_SWEEP_MAX);
+    let principal = crate::core::Principal::parse("principal", SWEEPER_PRINCIPAL).expect("a valid principal");
+    let origin = crate::core::ops::Origin {
+        user: &user,
+        principal: &principal,
+        request_id: None,
+        now,
+    };
+    let mut after = account.clone();
+    let mut writes = Vec::with_capacity(decisions.len());
+    for decision in &decisions {
+        after.entries += 1;
+        after.apply(decision);
+        let records =
+            crate::core::ops::hold_records(decision, origin, after.entries).expect("an expiry is a hold decision");
+        writes.push(records);
+    }
+    after.version = account.version + 1;
+    let operations: Vec<model::OperationWrites<'_>> = writes
+        .iter()
+        .map(|(entry, order)| model::OperationWrites {
+            entry: Some(entry),
+            order: order.as_ref(),
+            order_rewritten: true,
+            record: None,
+        })
+        .collect();
+    let transaction = model::commit_batch(&model::BatchCommit {
+        user: &user,
+        lock_id: None,
+        read: account,
+        after: &after,
+        cash_floor: crate::core::Usd::ZERO,
+        holding_floors: &std::collections::BTreeMap::new(),
+        prices: &std::collections::BTreeMap::new(),
+        operations: &operations,
+        extend_until: None,
+        spread_price_checks: false,
+        now,
+        writer: SWEEPER_PRINCIPAL,
+    });
+    match storage.transact_batch(transaction.items).await {
+        Ok(()) => {
+            report.expired_holds += decisions.len();
+            crate::telemetry::metrics::hold_event("expired", decisions.len() as u64);
+        }
+        Err(StorageError::TransactionCanceled { .. } | StorageError::ConditionFailed { .. }) => {}
+        Err(error) => {
+            report.failed_writes += 1;
+            report.failed(format!("releasing the expired holds of {user}: {error}"));
+        }
+    }
+}
+
+/// Who the sweeper's RELEASE entries name as having moved the money.
+pub const SWEEPER_PRINCIPAL: &str = "lockstep-sweeper";
 
 /// Runs the sweeper every `interval`, first after one interval, while this coordinator holds
 /// the sweeper lease (held for two intervals, renewed at each). Also logs the most contended
@@ -194,10 +295,13 @@ pub async fn sweep_periodically(storage: Storage, owner: String, clock: std::syn
         match sweep(&storage, clock.now()).await {
             Ok(report) => {
                 metrics::swept("done", report.released_leases as u64, report.deleted_records as u64);
+                metrics::cash_on_hold(report.cash_on_hold);
                 tracing::info!(
                     released_leases = report.released_leases,
                     deleted_records = report.deleted_records,
                     deleted_feed_records = report.deleted_feed_records,
+                    expired_holds = report.expired_holds,
+                    cash_on_hold = %report.cash_on_hold,
                     "sweep done"
                 )
             }

@@ -155,7 +155,14 @@ async fn a_client_deposits_trades_withdraws_and_pages_through_both_services() {
     assert_eq!(balance.data()["cash_balance"], "682.12");
     assert_eq!(
         balance.data()["holdings"],
-        serde_json::json!([{"asset": "SOL", "quantity": "1.5"}])
+        serde_json::json!([{"asset": "SOL", "quantity": "1.5", "on_hold": "0", "available": "1.5"}])
+    );
+    assert_eq!(
+        (
+            balance.data()["cash_on_hold"].as_str(),
+            balance.data()["cash_available"].as_str()
+        ),
+        (Some("0.00"), Some("682.12"))
     );
     assert_eq!(balance.data()["withdrawn_today"], "100.00");
 

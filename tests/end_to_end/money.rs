@@ -404,10 +404,24 @@ async fn storage_requests_per_mutation_within_budget(engine: EngineKind) {
         assert_eq!(spent(before), per_call, "withdraw, known accounts {known_accounts}");
         let before = app.storage.requests();
         app.buy("budget", "AAA", "2").await.expect("buy");
-        assert_eq!(spent(before), per_call, "buy, known accounts {known_accounts}");
+        // A trade checks its asset against the cached catalog, which it reads again when the
+        // cache is over a second old (CATALOG_REFRESH_INTERVAL): on a loaded machine moto can
+        // take that long between calls, so that one read may fall in; nothing else may.
+        let trade_spent = spent(before);
+        assert!(
+            trade_spent == per_call || trade_spent == per_call + 1,
+            "buy, known accounts {known_accounts}: {trade_spent} requests"
+        );
         let before = app.storage.requests();
         app.sell("budget", "AAA", "1").await.expect("sell");
-        assert_eq!(spent(before), per_call, "sell, known accounts {known_accounts}");
+        // A trade checks its asset against the cached catalog, which it reads again when the
+        // cache is over a second old (CATALOG_REFRESH_INTERVAL): on a loaded machine moto can
+        // take that long between calls, so that one read may fall in; nothing else may.
+        let trade_spent = spent(before);
+        assert!(
+            trade_spent == per_call || trade_spent == per_call + 1,
+            "sell, known accounts {known_accounts}: {trade_spent} requests"
+        );
         let before = app.storage.requests();
         app.withdraw("budget", "100000.00")
             .await

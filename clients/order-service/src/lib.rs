@@ -29,7 +29,7 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use lockstep::coordinator::v1 as pb;
 use lockstep_client_common::{
-    ApiResult, CoordinatorConnection, CoordinatorSettings, EndUser, EndUserSettings, JsonBody, PageParams, QueryParams,
+    ApiResult, CoordinatorConnection, CoordinatorSettings, EndUser, EndUserSettings, JsonBody, QueryParams,
     RequestContext, ok,
 };
 use serde::Deserialize;
@@ -256,8 +256,8 @@ async fn orders(
     };
     let request = pb::ListOrdersRequest {
         user_id,
-        page_size: params.page.limit,
-        page_token: params.page.cursor,
+        page_size: params.limit,
+        page_token: params.cursor,
         status: status as i32,
     };
     let reply = coordinator
@@ -287,10 +287,14 @@ async fn assets(State(coordinator): State<CoordinatorConnection>, context: Reque
 }
 
 /// ListOrders' query: the page, and an optional status (`open`, `filled`, ...).
+/// (`PageParams`' fields spelled out: a flattened struct in a query string would take every
+/// value as text, and `limit` would not parse.)
 #[derive(Deserialize)]
 struct OrdersParams {
-    #[serde(flatten)]
-    page: PageParams,
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    limit: u32,
     #[serde(default)]
     status: Option<String>,
 }

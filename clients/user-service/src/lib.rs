@@ -227,11 +227,20 @@ async fn balance(
     let holdings: Vec<Value> = account
         .holdings
         .iter()
-        .map(|holding| json!({ "asset": holding.asset, "quantity": holding.quantity }))
+        .map(|holding| {
+            json!({
+                "asset": holding.asset,
+                "quantity": holding.quantity,
+                "on_hold": holding.on_hold,
+                "available": holding.available,
+            })
+        })
         .collect();
     ok(json!({
         "user_id": account.user_id,
         "cash_balance": account.cash_balance,
+        "cash_on_hold": account.cash_on_hold,
+        "cash_available": account.cash_available,
         "holdings": holdings,
         "deposited_today": account.deposited_today,
         "withdrawn_today": account.withdrawn_today,

@@ -239,6 +239,34 @@ pub fn format_inspection(reply: &pb::InspectReply) -> String {
             ""
         }
     );
+    if !reply.holds.is_empty() {
+        let _ = writeln!(
+            text,
+            "on hold: cash {} (available {}){}",
+            reply.cash_on_hold,
+            reply.cash_available,
+            reply
+                .holdings_on_hold
+                .iter()
+                .map(|(asset, held)| format!(", {asset} {held}"))
+                .collect::<String>()
+        );
+        for hold in &reply.holds {
+            let _ = writeln!(
+                text,
+                "  hold {} {} {} {} limit {} filled {} holds {} until {}{}",
+                hold.order_id,
+                hold.side,
+                hold.quantity,
+                hold.asset,
+                hold.limit_price,
+                hold.filled_quantity,
+                hold.held,
+                hold.expires_at,
+                if hold.live { "" } else { " (expired)" }
+            );
+        }
+    }
     let holdings: Vec<String> = reply
         .holdings
         .iter()

@@ -94,6 +94,33 @@ pub async fn inspect(
         version: account.version,
         ledger_entries: account.entries,
         numbering_pending: account.exists() && account.needs_numbering,
+        cash_on_hold: account.cash_on_hold(now).to_string(),
+        cash_available: account.available_cash(now).to_string(),
+        holdings_on_hold: account
+            .holdings
+            .keys()
+            .map(|asset| (asset, account.holding_on_hold(asset, now)))
+            .filter(|(_, held)| !held.is_zero())
+            .map(|(asset, held)| (asset.to_string(), held.to_string()))
+            .collect(),
+        holds: account
+            .holds
+            .iter()
+            .map(|(order_id, hold)| pb::InspectedHold {
+                order_id: order_id.to_string(),
+                side: hold.side.as_str().to_owned(),
+                asset: hold.asset.to_string(),
+                quantity: hold.quantity.to_string(),
+                limit_price: hold.limit.to_string(),
+                filled_quantity: hold.filled.to_string(),
+                held: match hold.side {
+                    crate::core::TradeSide::Buy => hold.cash_held().to_string(),
+                    crate::core::TradeSide::Sell => hold.quantity_held().to_string(),
+                },
+                expires_at: rfc3339(hold.expires_at_ms),
+                live: hold.is_live(now),
+            })
+            .collect(),
         lease: lease.as_ref().map(|lease| lease_message(lease, now)),
         owner,
         last_entries: last_entries

@@ -646,7 +646,10 @@ fn count_answers(calls: &[Call], answers: &[(usize, Answer)]) {
     for (id, waiter) in calls {
         let name = waiter.operation.name();
         match answer_to(answers, *id) {
-            Some(Answer::Commit(_)) => metrics::committed(name),
+            Some(Answer::Commit(receipt)) => {
+                metrics::committed(name);
+                count_hold(&waiter.operation, receipt);
+            }
             Some(Answer::Refuse {
                 error: ServiceError::Rejected(rejection),
                 ..
@@ -657,6 +660,22 @@ fn count_answers(calls: &[Call], answers: &[(usize, Answer)]) {
             Some(Answer::Refuse { .. }) => metrics::rolled_back(name),
             None => {}
         }
+    }
+}
+
+/// A committed reserve, fill or cancel, in `lockstep_holds_total`.
+fn count_hold(operation: &Operation, receipt: &Receipt) {
+    let status = receipt.trade.as_ref().map(|(order, _)| order.status);
+    match (operation, status) {
+        (Operation::Reserve(_), _) => metrics::hold_event("opened", 1),
+        (Operation::Fill(_), Some(status)) => {
+            metrics::hold_event("fill", 1);
+            if status == crate::core::records::OrderStatus::Filled {
+                metrics::hold_event("filled", 1);
+            }
+        }
+        (Operation::Cancel(_), _) => metrics::hold_event("cancelled", 1),
+        _ => {}
     }
 }
 

@@ -241,6 +241,61 @@ mod tests {
         assert!(cancelled.to_string().ends_with("is EXPIRED"), "{cancelled}");
     }
 
+    /// The sweeper releases expired holds in storage: the order is stored EXPIRED, the account
+    /// keeps no hold for it, a RELEASE entry balances its HOLD, and a fill is still refused
+    /// naming the instant. A live hold is left alone and counted as on hold.
+    #[tokio::test]
+    async fn the_sweeper_releases_expired_holds() {
+        let clock = ManualClock::starting_at(1_795_000_000_000);
+        let coordinator = coordinator(&clock).await;
+        coordinator
+            .deposit(&local(), &user("ann"), usd("100"), None, None)
+            .await
+            .unwrap();
+        let short = reserve(&coordinator, "ann", TradeSide::Buy, "1", "30", Duration::from_secs(5))
+            .await
+            .unwrap();
+        reserve(&coordinator, "ann", TradeSide::Buy, "1", "20", Duration::from_secs(500))
+            .await
+            .unwrap();
+        clock.advance(Duration::from_secs(6));
+        let report = crate::sweeper::sweep(coordinator.storage(), clock.now()).await.unwrap();
+        assert_eq!(report.expired_holds, 1);
+        assert_eq!(report.cash_on_hold, usd("20"));
+        let order = order_id(&short);
+        let item = coordinator
+            .storage()
+            .get(model::order_key(order.as_str()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(model::order_from_item(&item).unwrap().status, OrderStatus::Expired);
+        let account = coordinator.account(&user("ann")).await.unwrap();
+        assert_eq!(account.holds.len(), 1);
+        let newest = coordinator
+            .ledger(&user("ann"), PageRequest::parse(1, "").unwrap())
+            .await
+            .unwrap()
+            .items
+            .remove(0);
+        assert_eq!(newest.kind, EntryKind::Release);
+        assert_eq!(newest.principal.as_str(), crate::sweeper::SWEEPER_PRINCIPAL);
+        assert_eq!(newest.hold.unwrap().held_delta, rust_decimal::Decimal::new(-30, 0));
+        let late = fill(&coordinator, "ann", &order, "late", "1", "29").await.unwrap_err();
+        assert!(late.to_string().contains("expired at"), "{late}");
+        let again = crate::sweeper::sweep(coordinator.storage(), clock.now()).await.unwrap();
+        assert_eq!(again.expired_holds, 0, "nothing twice");
+        let report = crate::audit::audit(coordinator.storage(), clock.now(), Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert!(report.is_clean(), "{report}");
+        // The next writer of the account (a known account: its version moved) still commits.
+        coordinator
+            .withdraw(&local(), &user("ann"), usd("80"), None, None)
+            .await
+            .unwrap();
+    }
+
     /// Races, repeated: a cancel and fills racing for the same order, and fills racing for the
     /// last units, on two coordinators sharing one table. Each call ends with exactly one
     /// outcome, the order's figures add up, and no money is made or lost.

@@ -62,6 +62,8 @@ pub mod names {
     pub const SWEEPS: &str = "lockstep_sweeps_total";
     pub const SWEPT_LEASES: &str = "lockstep_sweep_released_leases_total";
     pub const SWEPT_RECORDS: &str = "lockstep_sweep_deleted_records_total";
+    pub const HOLDS: &str = "lockstep_holds_total";
+    pub const CASH_ON_HOLD: &str = "lockstep_cash_on_hold_cents";
     pub const AUDITS: &str = "lockstep_audits_total";
     pub const AUDIT_DISCREPANCIES: &str = "lockstep_audit_discrepancies";
     pub const ADMIN_LEASE_RELEASES: &str = "lockstep_admin_lease_releases_total";
@@ -174,6 +176,8 @@ struct Metrics {
     sweeps: Family<Labels<1>, Counter>,
     swept_leases: Counter,
     swept_records: Counter,
+    holds: Family<Labels<1>, Counter>,
+    cash_on_hold: Gauge,
     audits: Family<Labels<1>, Counter>,
     audit_discrepancies: Gauge,
     admin_lease_releases: Counter,
@@ -228,6 +232,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         sweeps: Family::default(),
         swept_leases: Counter::default(),
         swept_records: Counter::default(),
+        holds: Family::default(),
+        cash_on_hold: Gauge::default(),
         audits: Family::default(),
         audit_discrepancies: Gauge::default(),
         admin_lease_releases: Counter::default(),
@@ -420,6 +426,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         SWEPT_RECORDS,
         "Expired request records deleted by the sweeper.",
         &metrics.swept_records,
+    );
+    register(
+        r,
+        HOLDS,
+        "Holds of reserved orders, by event: opened (ReserveOrder), fill (a fill applied), filled (the last fill), cancelled, expired (released by the sweeper).",
+        &metrics.holds,
+    );
+    register(
+        r,
+        CASH_ON_HOLD,
+        "Cash set aside by live holds in all accounts of the table, in cents, as of this process's last sweep.",
+        &metrics.cash_on_hold,
     );
     register(
         r,
@@ -642,6 +660,18 @@ pub fn forwarded(outcome: &'static str) {
 }
 
 /// Account affinity: how many coordinators this one sees live, itself included.
+/// `count` holds had `event` (opened, fill, filled, cancelled, expired).
+pub fn hold_event(event: &'static str, count: u64) {
+    METRICS.holds.get_or_create(&[("event", event)]).inc_by(count);
+}
+
+/// The cash on hold in all accounts, as the last sweep summed it.
+pub fn cash_on_hold(total: crate::core::Usd) {
+    use rust_decimal::prelude::ToPrimitive;
+    let cents = (total.decimal() * rust_decimal::Decimal::ONE_HUNDRED).trunc();
+    METRICS.cash_on_hold.set(cents.to_i64().unwrap_or(i64::MAX));
+}
+
 pub fn live_coordinators(count: usize) {
     METRICS.live_coordinators.set(count as i64);
 }

@@ -349,23 +349,8 @@ pub fn records(
     origin: Origin<'_>,
     sequence: u64,
 ) -> (LedgerEntry, Option<Order>) {
-    if let Some(effect) = &decision.hold {
-        let (hold, trade) = orders::ledger_parts(decision, effect);
-        let entry = LedgerEntry {
-            entry_id: EntryId::new(),
-            user_id: origin.user.clone(),
-            kind: orders::entry_kind(effect),
-            cash_delta: decision.cash_delta,
-            cash_after: decision.cash,
-            trade,
-            transfer: None,
-            hold: Some(hold),
-            created_at_ms: origin.now,
-            request_id: origin.request_id.map(|request_id| request_id.as_str().to_owned()),
-            sequence,
-            principal: origin.principal.clone(),
-        };
-        return (entry, Some(orders::order(origin.user, effect)));
+    if let Some(records) = hold_records(decision, origin, sequence) {
+        return records;
     }
     let (kind, trade_records) = match operation {
         Operation::Deposit(_) => (deposit::ENTRY_KIND, None),
@@ -396,6 +381,28 @@ pub fn records(
         principal: origin.principal.clone(),
     };
     (entry, order)
+}
+
+/// The ledger entry and the order that an accepted hold decision (a reserve, fill, cancel or
+/// expiry) commits; None for any other decision.
+pub fn hold_records(decision: &Decision, origin: Origin<'_>, sequence: u64) -> Option<(LedgerEntry, Option<Order>)> {
+    let effect = decision.hold.as_ref()?;
+    let (hold, trade) = orders::ledger_parts(decision, effect);
+    let entry = LedgerEntry {
+        entry_id: EntryId::new(),
+        user_id: origin.user.clone(),
+        kind: orders::entry_kind(effect),
+        cash_delta: decision.cash_delta,
+        cash_after: decision.cash,
+        trade,
+        transfer: None,
+        hold: Some(hold),
+        created_at_ms: origin.now,
+        request_id: origin.request_id.map(|request_id| request_id.as_str().to_owned()),
+        sequence,
+        principal: origin.principal.clone(),
+    };
+    Some((entry, Some(orders::order(origin.user, effect))))
 }
 
 /// The request record of `operation` with `outcome`, kept for `retention` from `now`: what a

@@ -448,11 +448,53 @@ pub fn decide_cancel(
     })
 }
 
+/// Releases, in storage, at most `max` holds of `account` that expired by `now`: one decision
+/// each, in order of order id, each on the state the previous one left (the sweeper commits
+/// them together). Nothing changes what is available: an expired hold already counted for
+/// nothing.
+pub fn decide_expiries(account: &Account, now: Millis, max: usize) -> Vec<Decision> {
+    let mut running = account.clone();
+    let expired: Vec<(OrderId, Hold)> = account
+        .holds
+        .iter()
+        .filter(|(_, hold)| !hold.is_live(now))
+        .take(max)
+        .map(|(id, hold)| (id.clone(), hold.clone()))
+        .collect();
+    expired
+        .into_iter()
+        .map(|(order_id, hold)| {
+            let mut holds = running.holds.clone();
+            holds.remove(&order_id);
+            let (held_asset, held_delta) = match hold.side {
+                TradeSide::Buy => (None, -hold.cash_held().decimal()),
+                TradeSide::Sell => (Some(hold.asset.clone()), -hold.quantity_held().decimal()),
+            };
+            let decision = Decision {
+                hold: Some(HoldEffect {
+                    order_id,
+                    holds,
+                    holding: running.holding(&hold.asset),
+                    hold,
+                    status: OrderStatus::Expired,
+                    fill_id: None,
+                    held_asset,
+                    held_delta,
+                    fresh: false,
+                }),
+                ..unchanged(&running, crate::core::UtcDay::of(now))
+            };
+            running.apply(&decision);
+            decision
+        })
+        .collect()
+}
+
 /// The ledger entry kind of a hold decision.
 pub fn entry_kind(effect: &HoldEffect) -> EntryKind {
     match (effect.fresh, effect.status) {
         (true, _) => EntryKind::Hold,
-        (false, OrderStatus::Cancelled) => EntryKind::Release,
+        (false, OrderStatus::Cancelled | OrderStatus::Expired) => EntryKind::Release,
         _ => EntryKind::Fill,
     }
 }
