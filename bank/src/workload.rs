@@ -167,6 +167,7 @@ fn random_request(
                 amount: decimal(&amount),
             };
             let request = pb::WithdrawRequest {
+                settlement: 0,
                 user_id: user.to_owned(),
                 amount,
                 request_id: request_id.to_owned(),

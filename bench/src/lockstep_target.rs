@@ -103,6 +103,7 @@ impl LockstepTarget {
                 .map(drop),
             Operation::Withdraw => client
                 .withdraw(self.request(pb::WithdrawRequest {
+                    settlement: 0,
                     user_id: user.to_owned(),
                     amount: WITHDRAW_AMOUNT_USD.to_owned(),
                     request_id: unique_request_id(),

@@ -29,6 +29,8 @@ struct UserBooks {
     committed_records: Vec<(String, String)>,
     /// The entries the feed's journal holds copies of.
     fed: Vec<LedgerEntry>,
+    /// Withdrawals made with settlement PENDING.
+    withdrawals: Vec<crate::core::records::Withdrawal>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -178,6 +180,13 @@ fn sort_into_books(
                 Err(error) => malformed(&key, error),
             }
         }
+        StoredItem::Withdrawal { key, user, withdrawal } => {
+            let books = users.entry(user).or_default();
+            match withdrawal {
+                Ok(withdrawal) => books.withdrawals.push(withdrawal),
+                Err(error) => malformed(&key, error),
+            }
+        }
         StoredItem::OrderById { key, order } => match order {
             Ok(order) => {
                 orders_by_id.insert(order.order_id.to_string(), order);
@@ -259,7 +268,7 @@ fn check_user(
         }
     }
     check_orders(books, &ledger, orders_by_id, now, report, &mut problems);
-    check_holds(books, now, &mut problems);
+    check_holds(books, &ledger, now, &mut problems);
     for (record, entry_id) in &books.committed_records {
         if !ledger.iter().any(|entry| entry.entry_id.as_str() == entry_id) {
             problems.push(format!("{record} records entry {entry_id}, which does not exist"));
@@ -388,7 +397,10 @@ fn check_orders(
     let mut entries_by_order: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
     for entry in ledger {
         let order_id = match (&entry.hold, &entry.trade) {
-            (Some(hold), _) => hold.order_id.as_str(),
+            (Some(hold), _) => match &hold.order_id {
+                Some(order_id) => order_id.as_str(),
+                None => continue,
+            },
             (None, Some(trade)) => trade.order_id.as_str(),
             (None, None) => continue,
         };
@@ -500,12 +512,53 @@ fn check_reserved_order(
     }
 }
 
-/// Every hold on an account is an open order of the account, and nothing is on hold beyond
-/// its total.
-fn check_holds(books: &UserBooks, now: Millis, problems: &mut Vec<String>) {
+/// Every hold on an account is an open order of the account, every pending withdrawal it holds
+/// has its PENDING record and the entries that hold its amount (and an ended one holds nothing
+/// and has the entries of its ending), and nothing is on hold beyond its total.
+fn check_holds(books: &UserBooks, ledger: &[LedgerEntry], now: Millis, problems: &mut Vec<String>) {
+    use crate::core::records::WithdrawalStatus;
     let Some((account, _)) = books.account.as_ref() else {
         return;
     };
+    for withdrawal in &books.withdrawals {
+        let id = &withdrawal.withdrawal_id;
+        let entries: Vec<&LedgerEntry> = ledger
+            .iter()
+            .filter(|entry| entry.hold.as_ref().and_then(|hold| hold.withdrawal_id.as_ref()) == Some(id))
+            .collect();
+        let held: Decimal = entries
+            .iter()
+            .filter_map(|entry| entry.hold.as_ref())
+            .map(|hold| hold.held_delta)
+            .sum();
+        let pending = account.withdrawals.get(id);
+        let kinds: Vec<EntryKind> = entries.iter().map(|entry| entry.kind).collect();
+        let (expected_kinds, expected_held): (&[EntryKind], Decimal) = match withdrawal.status {
+            WithdrawalStatus::Pending => (&[EntryKind::Hold], withdrawal.amount.decimal()),
+            WithdrawalStatus::Settled => (&[EntryKind::Hold, EntryKind::Withdrawal], Decimal::ZERO),
+            WithdrawalStatus::Returned => (&[EntryKind::Hold, EntryKind::Release], Decimal::ZERO),
+        };
+        let holds_it = pending.is_some_and(|pending| pending.amount == withdrawal.amount);
+        if kinds != expected_kinds
+            || held != expected_held
+            || holds_it != (withdrawal.status == WithdrawalStatus::Pending)
+        {
+            problems.push(format!(
+                "withdrawal {id} is {} but its entries are {kinds:?} holding {held}, and the account {} it",
+                withdrawal.status.as_str(),
+                if pending.is_some() { "holds" } else { "does not hold" }
+            ));
+        }
+    }
+    for id in account.withdrawals.keys() {
+        if !books
+            .withdrawals
+            .iter()
+            .any(|withdrawal| withdrawal.withdrawal_id == *id)
+        {
+            problems.push(format!("the account holds for withdrawal {id}, which has no record"));
+        }
+    }
     for (order_id, _) in account.live_holds(now) {
         let order = books.orders.iter().find(|order| order.order_id == *order_id);
         if !order.is_some_and(|order| order.status.is_open()) {

@@ -238,6 +238,7 @@ async fn expire_holds(
             entry: Some(entry),
             order: order.as_ref(),
             order_rewritten: true,
+            withdrawal: None,
             record: None,
         })
         .collect();

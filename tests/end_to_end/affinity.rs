@@ -201,6 +201,7 @@ impl pb::peer_server::Peer for FakeOwner {
         }
         Ok(Response::new(pb::ForwardReply {
             reply: Some(pb::forward_reply::Reply::Cash(pb::CashReply {
+                withdrawal_id: String::new(),
                 transaction_id: "from-the-owner".to_owned(),
                 user_id: deposit.user_id,
                 amount: deposit.amount,
@@ -262,6 +263,7 @@ async fn a_forward_carries_principal_deadline_and_trace_and_relays_the_answer_un
     assert_eq!(
         reply,
         pb::CashReply {
+            withdrawal_id: String::new(),
             transaction_id: "from-the-owner".to_owned(),
             user_id: user.clone(),
             amount: "25.00".to_owned(),

@@ -194,6 +194,7 @@ async fn call(client: &mut CoordinatorClient<Channel>, rpc: &str, token: Option<
         "Withdraw" => client
             .withdraw(with_token(
                 pb::WithdrawRequest {
+                    settlement: 0,
                     user_id: user,
                     amount: "1.00".to_owned(),
                     ..Default::default()

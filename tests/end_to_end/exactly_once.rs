@@ -17,6 +17,7 @@ fn deposit(user: &str, amount: &str, request_id: &str) -> pb::DepositRequest {
 
 fn withdraw(user: &str, amount: &str, request_id: &str) -> pb::WithdrawRequest {
     pb::WithdrawRequest {
+        settlement: 0,
         user_id: user.to_owned(),
         amount: amount.to_owned(),
         request_id: request_id.to_owned(),

@@ -269,6 +269,7 @@ impl TestApp {
 
     pub async fn withdraw(&self, user: &str, amount: &str) -> Result<pb::CashReply, tonic::Status> {
         let request = pb::WithdrawRequest {
+            settlement: 0,
             user_id: user.to_owned(),
             amount: amount.to_owned(),
             ..Default::default()

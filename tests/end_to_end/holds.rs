@@ -408,7 +408,169 @@ async fn racing_fills_and_cancels_end_once(engine: EngineKind) {
     assert_audit_clean(&app).await;
 }
 
+fn pending_withdraw(user: &str, amount: &str, request_id: &str) -> pb::WithdrawRequest {
+    pb::WithdrawRequest {
+        user_id: user.to_owned(),
+        amount: amount.to_owned(),
+        request_id: request_id.to_owned(),
+        settlement: pb::Settlement::Pending as i32,
+    }
+}
+
+fn settle_request(user: &str, withdrawal_id: &str, request_id: &str) -> pb::SettleWithdrawalRequest {
+    pb::SettleWithdrawalRequest {
+        user_id: user.to_owned(),
+        withdrawal_id: withdrawal_id.to_owned(),
+        request_id: request_id.to_owned(),
+    }
+}
+
+fn return_request(user: &str, withdrawal_id: &str, reason: &str) -> pb::ReturnWithdrawalRequest {
+    pb::ReturnWithdrawalRequest {
+        user_id: user.to_owned(),
+        withdrawal_id: withdrawal_id.to_owned(),
+        reason: reason.to_owned(),
+        request_id: String::new(),
+    }
+}
+
+/// A withdrawal with settlement PENDING holds its amount (counted against today's limit at
+/// once, the cash balance unchanged, available down); SettleWithdrawal lets it leave once (a
+/// retry with its request id replays); ReturnWithdrawal gives it back and today's total with
+/// it; each ends once, naming the status; another user's id is NOT_FOUND; bad fields are named.
+async fn a_pending_withdrawal_settles_or_returns_once(engine: EngineKind) {
+    let app = spawn_app(engine).await;
+    app.deposit("payee", "500.00").await.expect("deposit");
+    app.deposit("other", "1.00").await.expect("deposit");
+    let mut client = app.client().await;
+    let pending = client
+        .withdraw(pending_withdraw("payee", "200.00", "w-1"))
+        .await
+        .expect("pending")
+        .into_inner();
+    assert_eq!(
+        (pending.amount.as_str(), pending.cash_balance.as_str()),
+        ("200.00", "500.00")
+    );
+    assert!(!pending.withdrawal_id.is_empty());
+    let account = app.account("payee").await.expect("account");
+    assert_eq!(
+        (
+            account.cash_on_hold.as_str(),
+            account.cash_available.as_str(),
+            account.withdrawn_today.as_str()
+        ),
+        ("200.00", "300.00", "200.00")
+    );
+    let short = app.withdraw("payee", "300.01").await.expect_err("held cash");
+    assert_eq!(short.code(), Code::FailedPrecondition);
+
+    let stolen = client
+        .settle_withdrawal(settle_request("other", &pending.withdrawal_id, ""))
+        .await
+        .expect_err("another user's");
+    assert_eq!(stolen.code(), Code::NotFound);
+    let settled = client
+        .settle_withdrawal(settle_request("payee", &pending.withdrawal_id, "s-1"))
+        .await
+        .expect("settle")
+        .into_inner();
+    assert_eq!(
+        (
+            settled.amount.as_str(),
+            settled.cash_balance.as_str(),
+            settled.withdrawal_id.as_str()
+        ),
+        ("200.00", "300.00", pending.withdrawal_id.as_str())
+    );
+    let replayed = client
+        .settle_withdrawal(settle_request("payee", &pending.withdrawal_id, "s-1"))
+        .await
+        .expect("replayed")
+        .into_inner();
+    assert_eq!(replayed, settled, "the original reply");
+    let twice = client
+        .settle_withdrawal(settle_request("payee", &pending.withdrawal_id, ""))
+        .await
+        .expect_err("twice");
+    assert_eq!(twice.code(), Code::FailedPrecondition);
+    assert!(twice.message().ends_with("is SETTLED"), "{}", twice.message());
+    let late = client
+        .return_withdrawal(return_request("payee", &pending.withdrawal_id, "late"))
+        .await
+        .expect_err("returned after settling");
+    assert!(late.message().ends_with("is SETTLED"), "{}", late.message());
+
+    let second = client
+        .withdraw(pending_withdraw("payee", "100.00", ""))
+        .await
+        .expect("second pending")
+        .into_inner();
+    let returned = client
+        .return_withdrawal(return_request("payee", &second.withdrawal_id, "account closed"))
+        .await
+        .expect("return")
+        .into_inner();
+    assert_eq!(
+        (returned.amount.as_str(), returned.cash_balance.as_str()),
+        ("100.00", "300.00")
+    );
+    let account = app.account("payee").await.expect("account");
+    assert_eq!(
+        (
+            account.cash_balance.as_str(),
+            account.cash_on_hold.as_str(),
+            account.withdrawn_today.as_str()
+        ),
+        ("300.00", "0.00", "200.00")
+    );
+    let kinds: Vec<i32> = app
+        .full_ledger("payee")
+        .await
+        .iter()
+        .take(4)
+        .map(|entry| entry.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            pb::EntryKind::Release,
+            pb::EntryKind::Hold,
+            pb::EntryKind::Withdrawal,
+            pb::EntryKind::Hold
+        ]
+        .map(|kind| kind as i32)
+    );
+
+    let entries = app.full_ledger("payee").await.len();
+    let mut bad = pending_withdraw("payee", "1.00", "");
+    bad.settlement = 7;
+    let refused = client.withdraw(bad).await.expect_err("settlement");
+    assert_eq!(
+        (refused.code(), field_of(&refused).as_str()),
+        (Code::InvalidArgument, "settlement")
+    );
+    let refused = client
+        .settle_withdrawal(settle_request("payee", "not-an-id", ""))
+        .await
+        .expect_err("id");
+    assert_eq!(field_of(&refused), "withdrawal_id");
+    let refused = client
+        .return_withdrawal(return_request("payee", &second.withdrawal_id, &"x".repeat(141)))
+        .await
+        .expect_err("reason");
+    assert_eq!(field_of(&refused), "reason");
+    let refused = client
+        .withdraw(pending_withdraw("payee", "5000.01", ""))
+        .await
+        .expect_err("above the daily limit");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(app.full_ledger("payee").await.len(), entries, "refusals write nothing");
+    assert_audit_clean(&app).await;
+}
+
 crate::on_every_engine!(
+    a_pending_withdrawal_settles_or_returns_once,
     a_reserved_order_fills_in_parts,
     bad_input_writes_nothing,
     expiry_is_exact,

@@ -45,6 +45,7 @@ async fn scenario_1_concurrent_withdrawals(engine: EngineKind) {
         let user = format!("scenario1-{round}");
         app.deposit(&user, "100.00").await.expect("deposit");
         let withdraw = |amount: &str| pb::WithdrawRequest {
+            settlement: 0,
             user_id: user.clone(),
             amount: amount.to_owned(),
             ..Default::default()
@@ -83,6 +84,7 @@ async fn scenario_2_buy_and_withdraw(engine: EngineKind) {
         let user = format!("scenario2-{round}");
         app.deposit(&user, "100.00").await.expect("deposit");
         let withdraw = pb::WithdrawRequest {
+            settlement: 0,
             user_id: user.clone(),
             amount: "20.00".to_owned(),
             ..Default::default()
@@ -177,6 +179,7 @@ async fn random_workload_keeps_the_books(engine: EngineKind) {
                     }
                     1 => {
                         let request = pb::WithdrawRequest {
+                            settlement: 0,
                             user_id: user.clone(),
                             amount: cents(&mut random, 400),
                             ..Default::default()
@@ -368,6 +371,7 @@ async fn daily_limits_hold_under_contention(engine: EngineKind) {
         "Daily withdrawal limit exceeded",
         |mut client| async move {
             let request = pb::WithdrawRequest {
+                settlement: 0,
                 user_id: "limited".into(),
                 amount: "1000.00".into(),
                 ..Default::default()

@@ -24,6 +24,7 @@ async fn holder_paused_past_its_lease_is_fenced(engine: EngineKind) {
     let mut client = paused.client().await;
     let stale = tokio::spawn(async move {
         let request = lockstep::coordinator::v1::WithdrawRequest {
+            settlement: 0,
             user_id: "paused".into(),
             amount: "100.00".into(),
             request_id: "stale-withdrawal".into(),

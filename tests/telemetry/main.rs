@@ -137,6 +137,7 @@ async fn metrics_count_a_scripted_workload() {
     let mut client = paused.client().await;
     let stale = tokio::spawn(async move {
         let request = pb::WithdrawRequest {
+            settlement: 0,
             user_id: "fenced".into(),
             amount: "100.00".into(),
             request_id: "stale".into(),

@@ -3,7 +3,9 @@
 //! | route | RPC |
 //! |---|---|
 //! | `POST /users/{id}/deposit` `{"amount": "100.00"}` | Deposit |
-//! | `POST /users/{id}/withdraw` `{"amount": "25.50"}` | Withdraw |
+//! | `POST /users/{id}/withdraw` `{"amount": "25.50", "settlement": "pending"}` (settlement optional) | Withdraw |
+//! | `POST /users/{id}/withdrawals/{withdrawal_id}/settle` | SettleWithdrawal |
+//! | `POST /users/{id}/withdrawals/{withdrawal_id}/return` `{"reason": "bounced"}` | ReturnWithdrawal |
 //! | `POST /users/{id}/transfers` `{"to_user_id": "bob", "amount": "25.00", "memo": "rent"}` (memo optional) | Transfer from `{id}` |
 //! | `GET /users/{id}/balance` | GetAccount (cash, holdings and today's totals) |
 //! | `GET /users/{id}/transactions?cursor=&limit=` | ListLedger (newest first) |
@@ -58,6 +60,14 @@ pub fn routes() -> Router<CoordinatorConnection> {
     Router::new()
         .route("/users/{id}/deposit", post(deposit))
         .route("/users/{id}/withdraw", post(withdraw))
+        .route(
+            "/users/{id}/withdrawals/{withdrawal_id}/settle",
+            post(settle_withdrawal),
+        )
+        .route(
+            "/users/{id}/withdrawals/{withdrawal_id}/return",
+            post(return_withdrawal),
+        )
         .route("/users/{id}/transfers", post(transfer))
         .route("/users/{id}/balance", get(balance))
         .route("/users/{id}/transactions", get(transactions))
@@ -134,6 +144,66 @@ struct AmountBody {
     amount: String,
 }
 
+/// A withdrawal: an amount, and `"settlement": "pending"` for one that settles later.
+#[derive(Deserialize)]
+struct WithdrawBody {
+    amount: String,
+    #[serde(default)]
+    settlement: Settlement,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Settlement {
+    #[default]
+    Immediate,
+    Pending,
+}
+
+#[derive(Deserialize)]
+struct ReturnBody {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn settle_withdrawal(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+    Path((user_id, withdrawal_id)): Path<(String, String)>,
+) -> ApiResult<Value> {
+    let request = pb::SettleWithdrawalRequest {
+        user_id,
+        withdrawal_id,
+        request_id: context.request_id.clone(),
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.settle_withdrawal(request).await
+        })
+        .await?;
+    ok(cash_json(reply))
+}
+
+async fn return_withdrawal(
+    State(coordinator): State<CoordinatorConnection>,
+    context: RequestContext,
+    Path((user_id, withdrawal_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<ReturnBody>,
+) -> ApiResult<Value> {
+    let request = pb::ReturnWithdrawalRequest {
+        user_id,
+        withdrawal_id,
+        reason: body.reason,
+        request_id: context.request_id.clone(),
+    };
+    let reply = coordinator
+        .call(&context, request, |mut client, request| async move {
+            client.return_withdrawal(request).await
+        })
+        .await?;
+    ok(cash_json(reply))
+}
+
 async fn deposit(
     State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
@@ -157,12 +227,17 @@ async fn withdraw(
     State(coordinator): State<CoordinatorConnection>,
     context: RequestContext,
     Path(user_id): Path<String>,
-    JsonBody(body): JsonBody<AmountBody>,
+    JsonBody(body): JsonBody<WithdrawBody>,
 ) -> ApiResult<Value> {
+    let settlement = match body.settlement {
+        Settlement::Immediate => pb::Settlement::Immediate,
+        Settlement::Pending => pb::Settlement::Pending,
+    };
     let request = pb::WithdrawRequest {
         user_id,
         amount: body.amount,
         request_id: context.request_id.clone(),
+        settlement: settlement as i32,
     };
     let reply = coordinator
         .call(&context, request, |mut client, request| async move {
@@ -278,6 +353,7 @@ fn cash_json(reply: pb::CashReply) -> Value {
         "user_id": reply.user_id,
         "amount": reply.amount,
         "cash_balance": reply.cash_balance,
+        "withdrawal_id": Some(&reply.withdrawal_id).filter(|id| !id.is_empty()),
     })
 }
 

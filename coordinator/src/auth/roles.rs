@@ -70,6 +70,8 @@ pub const RULES: &[(&str, Access)] = &[
     ("/lockstep.coordinator.v1.Coordinator/PlaceBuy", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/PlaceSell", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/Transfer", MUTATE),
+    ("/lockstep.coordinator.v1.Coordinator/SettleWithdrawal", MUTATE),
+    ("/lockstep.coordinator.v1.Coordinator/ReturnWithdrawal", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/ReserveOrder", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/FillOrder", MUTATE),
     ("/lockstep.coordinator.v1.Coordinator/CancelOrder", MUTATE),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::decision::Decision;
-use super::ids::{AssetSymbol, OrderId};
+use super::ids::{AssetSymbol, OrderId, WithdrawalId};
 use super::money::{Price, Quantity, Usd};
 use super::principal::Principal;
 use super::records::TradeSide;
@@ -17,7 +17,22 @@ pub type Holdings = BTreeMap<AssetSymbol, Quantity>;
 /// The open holds of an account, by the id of the reserved order each covers.
 pub type Holds = BTreeMap<OrderId, Hold>;
 
-/// Most open holds one account keeps: they live on the account item (so every decision sees
+/// Pending withdrawals of an account, by id: each holds its amount of cash until it is settled
+/// or returned (they do not expire: a bank answers days later).
+pub type PendingWithdrawals = BTreeMap<WithdrawalId, PendingWithdrawal>;
+
+/// A withdrawal made with settlement PENDING, as the account keeps it until it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWithdrawal {
+    pub amount: Usd,
+    /// The UTC day its amount counted against the daily withdrawal limit (given back on that
+    /// day if it is returned).
+    pub day: UtcDay,
+    pub created_at_ms: Millis,
+    pub principal: Principal,
+}
+
+/// Most open holds one account keeps (reserved orders and pending withdrawals together): they live on the account item (so every decision sees
 /// them under the same version condition as the balance), whose size DynamoDB bounds.
 pub const HOLDS_PER_ACCOUNT_MAX: usize = 100;
 
@@ -115,6 +130,8 @@ pub struct Account {
     /// Open holds of reserved orders (expired ones stay until a hold decision or the sweeper
     /// drops them, and count for nothing meanwhile).
     pub holds: Holds,
+    /// Withdrawals waiting to settle: their amounts are on hold.
+    pub withdrawals: PendingWithdrawals,
 }
 
 impl Account {
@@ -132,9 +149,16 @@ impl Account {
         self.holds.iter().filter(move |(_, hold)| hold.is_live(now))
     }
 
-    /// Cash on hold at `now`: the sum of the live holds of buys.
+    /// Cash on hold at `now`: the live holds of buys and the pending withdrawals.
     pub fn cash_on_hold(&self, now: Millis) -> Usd {
-        Usd::from_decimal(self.live_holds(now).map(|(_, hold)| hold.cash_held().decimal()).sum())
+        let orders: Decimal = self.live_holds(now).map(|(_, hold)| hold.cash_held().decimal()).sum();
+        let withdrawals: Decimal = self.withdrawals.values().map(|pending| pending.amount.decimal()).sum();
+        Usd::from_decimal(orders + withdrawals)
+    }
+
+    /// Open holds at `now`, orders and withdrawals: bounded by `HOLDS_PER_ACCOUNT_MAX`.
+    pub fn open_holds(&self, now: Millis) -> usize {
+        self.live_holds(now).count() + self.withdrawals.len()
     }
 
     /// `asset` on hold at `now`: the sum of the live holds of sells of it.
@@ -194,6 +218,9 @@ impl Account {
         }
         if let Some(effect) = &decision.hold {
             self.holds = effect.holds.clone();
+        }
+        if let Some(effect) = &decision.withdrawal {
+            self.withdrawals = effect.withdrawals.clone();
         }
     }
 

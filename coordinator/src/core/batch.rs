@@ -8,10 +8,11 @@ use rust_decimal::Decimal;
 
 use super::account::Account;
 use super::decision::{Decision, Rejection};
-use super::ids::{AssetSymbol, OrderId};
+use super::ids::{AssetSymbol, OrderId, WithdrawalId};
 use super::limits::Limits;
 use super::money::{Quantity, Usd};
 use super::ops::{ClosedOrder, Inputs, Operation, Quote, decide};
+use super::records::WithdrawalStatus;
 use super::time::Millis;
 
 /// What a batch decides: one answer per operation, in order, and the account after all of them.
@@ -33,13 +34,20 @@ impl BatchOutcome {
     }
 }
 
-/// Decides `operations` in order on `account` at `now`. `closed` holds the orders named by a
-/// fill or cancel that the account did not hold when read, as stored; an order closed by an
-/// earlier operation of the batch joins them.
+/// The orders and withdrawals named by the batch's calls that the account did not hold when
+/// read, as stored (closed, or expired).
+#[derive(Debug, Clone, Default)]
+pub struct Closed {
+    pub orders: BTreeMap<OrderId, ClosedOrder>,
+    pub withdrawals: BTreeMap<WithdrawalId, WithdrawalStatus>,
+}
+
+/// Decides `operations` in order on `account` at `now`. `closed` holds what the account did not
+/// hold when read; an order or withdrawal closed by an earlier operation of the batch joins it.
 pub fn decide_batch(
     account: &Account,
     operations: &[(&Operation, Option<Quote>)],
-    closed: &BTreeMap<OrderId, ClosedOrder>,
+    closed: &Closed,
     now: Millis,
     limits: &Limits,
 ) -> BatchOutcome {
@@ -54,11 +62,19 @@ pub fn decide_batch(
         .map(|(operation, quote)| {
             let inputs = Inputs {
                 quote: quote.as_ref(),
-                closed: operation.named_order().and_then(|order| closed.get(order).copied()),
+                closed: operation
+                    .named_order()
+                    .and_then(|order| closed.orders.get(order).copied()),
+                closed_withdrawal: operation
+                    .named_withdrawal()
+                    .and_then(|withdrawal| closed.withdrawals.get(withdrawal).copied()),
             };
             let decision = decide(&after, operation, inputs, now, limits)?;
+            if let Some(effect) = &decision.withdrawal {
+                closed.withdrawals.insert(effect.withdrawal_id.clone(), effect.status);
+            }
             if let Some(effect) = decision.hold.as_ref().filter(|effect| !effect.status.is_open()) {
-                closed.insert(
+                closed.orders.insert(
                     effect.order_id.clone(),
                     ClosedOrder {
                         status: effect.status,
@@ -136,7 +152,7 @@ mod tests {
         let outcome = decide_batch(
             &Account::default(),
             &quoted(&operations),
-            &BTreeMap::new(),
+            &Closed::default(),
             today().noon(),
             &Limits::default(),
         );
@@ -171,7 +187,7 @@ mod tests {
         let outcome = decide_batch(
             &account,
             &quoted(&operations),
-            &BTreeMap::new(),
+            &Closed::default(),
             today().noon(),
             &Limits::default(),
         );

@@ -4,10 +4,11 @@
 
 use rust_decimal::Decimal;
 
-use super::account::{Hold, Holds};
-use super::ids::{AssetSymbol, OrderId};
+use super::account::{Hold, Holds, PendingWithdrawal, PendingWithdrawals};
+use super::ids::{AssetSymbol, OrderId, WithdrawalId};
 use super::money::{Price, Quantity, Usd, UsdDelta};
 use super::records::OrderStatus;
+use super::records::WithdrawalStatus;
 use super::time::UtcDay;
 
 /// What a committed operation changes. Every field is the new absolute value, so the commit
@@ -26,6 +27,25 @@ pub struct Decision {
     pub trade: Option<TradeEffect>,
     /// For reserves, fills and cancels: the account's holds after, and what changed.
     pub hold: Option<HoldEffect>,
+    /// For pending withdrawals, settlements and returns: the pending withdrawals after, and the
+    /// withdrawal as it now stands.
+    pub withdrawal: Option<WithdrawalEffect>,
+}
+
+/// What a withdrawal decision changes besides cash and the daily totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WithdrawalEffect {
+    pub withdrawals: PendingWithdrawals,
+    /// The withdrawal, its figures, and its status after the decision.
+    pub withdrawal_id: WithdrawalId,
+    pub pending: PendingWithdrawal,
+    pub status: WithdrawalStatus,
+    /// Why it was returned.
+    pub reason: Option<String>,
+    /// The signed change of cash on hold.
+    pub held_delta: Decimal,
+    /// A new withdrawal (its record is written fresh).
+    pub fresh: bool,
 }
 
 /// What a hold decision changes besides cash and holdings.
@@ -106,6 +126,12 @@ pub enum Rejection {
     FillTooLarge { remaining: Quantity, requested: Quantity },
     #[error("Too many open orders on the account (at most {maximum}); fill, cancel or let some expire")]
     TooManyHolds { maximum: usize },
+    /// A settlement or return of a withdrawal that already ended.
+    #[error("Withdrawal {withdrawal_id} is {}", status.as_str())]
+    WithdrawalNotPending {
+        withdrawal_id: super::ids::WithdrawalId,
+        status: super::records::WithdrawalStatus,
+    },
 }
 
 impl Rejection {
@@ -141,6 +167,7 @@ impl Rejection {
             Rejection::OrderExpired { .. } => "order_expired",
             Rejection::FillTooLarge { .. } => "fill_too_large",
             Rejection::TooManyHolds { .. } => "too_many_holds",
+            Rejection::WithdrawalNotPending { .. } => "withdrawal_not_pending",
         }
     }
 }

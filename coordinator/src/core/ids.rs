@@ -208,6 +208,10 @@ uuid_id!(
     EntryId
 );
 uuid_id!(
+    /// A pending withdrawal's id (Withdraw with settlement PENDING).
+    WithdrawalId
+);
+uuid_id!(
     /// A transfer's id: the same on the sender's TRANSFER_OUT and the receiver's TRANSFER_IN.
     TransferId
 );

@@ -16,9 +16,9 @@ pub mod principal;
 pub mod records;
 pub mod time;
 
-pub use account::{Account, AccountState, Holdings};
+pub use account::{Account, AccountState, Holdings, PendingWithdrawal};
 pub use decision::{Decision, Rejection};
-pub use ids::{AssetSymbol, EntryId, FieldError, LeaseId, Memo, OrderId, RequestId, TransferId, UserId};
+pub use ids::{AssetSymbol, EntryId, FieldError, LeaseId, Memo, OrderId, RequestId, TransferId, UserId, WithdrawalId};
 pub use limits::Limits;
 pub use money::{Price, Quantity, Usd, UsdDelta};
 pub use ops::{Operation, Quote, TradeRequest, TradeSide, TransferRequest};

@@ -2,10 +2,11 @@
 
 use rust_decimal::Decimal;
 
-use super::ids::{AssetSymbol, EntryId, LeaseId, Memo, OrderId, TransferId, UserId};
+use super::ids::{AssetSymbol, EntryId, LeaseId, Memo, OrderId, TransferId, UserId, WithdrawalId};
 use super::money::{Price, Quantity, Usd, UsdDelta};
 use super::principal::Principal;
 use super::time::Millis;
+use super::time::UtcDay;
 
 /// A user's lease as stored on the account item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,11 +145,15 @@ pub struct LedgerTransfer {
     pub memo: Memo,
 }
 
-/// What a HOLD, FILL or RELEASE entry adds: the hold (a reserved order's id), the fill, and
-/// the signed change of the amount on hold, of cash (`asset` None) or of `asset`.
+/// What a HOLD, FILL or RELEASE entry (and a settled WITHDRAWAL) adds: the hold (a reserved
+/// order's id, or a pending withdrawal's), the fill, and the signed change of the amount on
+/// hold, of cash (`asset` None) or of `asset`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerHold {
-    pub order_id: OrderId,
+    /// The reserved order held for; None for a pending withdrawal's hold.
+    pub order_id: Option<OrderId>,
+    /// The pending withdrawal held for; None for an order's hold.
+    pub withdrawal_id: Option<WithdrawalId>,
     pub fill_id: Option<String>,
     pub asset: Option<AssetSymbol>,
     pub held_delta: Decimal,
@@ -250,6 +255,52 @@ impl Order {
             _ => self.status,
         }
     }
+}
+
+/// How a withdrawal made with settlement PENDING stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithdrawalStatus {
+    /// Its amount is on hold: counted against the day's limit, not yet gone.
+    Pending,
+    /// SettleWithdrawal: the cash left.
+    Settled,
+    /// ReturnWithdrawal: nothing left; the day's total was given back.
+    Returned,
+}
+
+impl WithdrawalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WithdrawalStatus::Pending => "PENDING",
+            WithdrawalStatus::Settled => "SETTLED",
+            WithdrawalStatus::Returned => "RETURNED",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "PENDING" => WithdrawalStatus::Pending,
+            "SETTLED" => WithdrawalStatus::Settled,
+            "RETURNED" => WithdrawalStatus::Returned,
+            _ => return None,
+        })
+    }
+}
+
+/// A withdrawal made with settlement PENDING, as its record keeps it (under its user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withdrawal {
+    pub withdrawal_id: WithdrawalId,
+    pub user_id: UserId,
+    pub amount: Usd,
+    pub status: WithdrawalStatus,
+    /// Why it was returned (ReturnWithdrawal's reason); None otherwise.
+    pub reason: Option<String>,
+    /// The UTC day its amount counted against the daily withdrawal limit.
+    pub day: UtcDay,
+    pub created_at_ms: Millis,
+    /// Who asked for it.
+    pub principal: Principal,
 }
 
 /// What an idempotency key's first execution ended in, written in the same transaction as its

@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::core::batch::{BatchOutcome, decide_batch};
+use crate::core::batch::{BatchOutcome, Closed, decide_batch};
 use crate::core::ops::{self, ClosedOrder, Quote};
 use crate::core::records::{LedgerEntry, Order, RecordedOutcome};
-use crate::core::{Decision, Millis, Operation, OrderId, Price, Rejection, RequestId};
+use crate::core::{Decision, Millis, Operation, Price, Rejection, RequestId};
 use crate::storage::model::{self, TransactionPart};
 use crate::storage::{CancellationReason, StorageError};
 use crate::telemetry::metrics;
@@ -358,24 +358,39 @@ impl TransactionCoordinator {
     /// stored: closed (filled, cancelled) or expired, which their refusals name. An order's
     /// item is written in the same transaction as its account, and a closed order never
     /// changes again, so reading it under the account's lease (or version) is exact.
-    async fn closed_orders(
-        &self,
-        held: &HeldLease,
-        calls: &[Call],
-    ) -> Result<BTreeMap<OrderId, ClosedOrder>, ServiceError> {
-        let mut closed = BTreeMap::new();
+    async fn closed_orders(&self, held: &HeldLease, calls: &[Call]) -> Result<Closed, ServiceError> {
+        let mut closed = Closed::default();
         for (_, waiter) in calls {
+            if let Some(withdrawal_id) = waiter.operation.named_withdrawal() {
+                if held.account.withdrawals.contains_key(withdrawal_id)
+                    || closed.withdrawals.contains_key(withdrawal_id)
+                {
+                    continue;
+                }
+                let key = model::withdrawal_key(&held.user, withdrawal_id);
+                let item = super::retry_safe(|| self.storage.get(key.clone()))
+                    .await?
+                    .ok_or_else(|| {
+                        ServiceError::Internal(format!("withdrawal {withdrawal_id} was checked and is missing"))
+                    })?;
+                closed
+                    .withdrawals
+                    .insert(withdrawal_id.clone(), model::withdrawal_from_item(&item)?.status);
+                continue;
+            }
             let Some(order_id) = waiter.operation.named_order() else {
                 continue;
             };
-            if held.account.holds.contains_key(order_id) || closed.contains_key(order_id) {
+            if held.account.holds.contains_key(order_id) || closed.orders.contains_key(order_id) {
                 continue;
             }
             let key = model::order_key(order_id.as_str());
             let item = super::retry_safe(|| self.storage.get(key.clone()))
                 .await?
                 .ok_or_else(|| ServiceError::Internal(format!("order {order_id} was checked and is missing")))?;
-            closed.insert(order_id.clone(), ClosedOrder::of(&model::order_from_item(&item)?));
+            closed
+                .orders
+                .insert(order_id.clone(), ClosedOrder::of(&model::order_from_item(&item)?));
         }
         Ok(closed)
     }
@@ -450,7 +465,11 @@ impl TransactionCoordinator {
                     "a transfer is committed on its own, never in a batch".to_owned(),
                 ));
             }
-            Operation::Deposit(_) | Operation::Withdraw(_) => return Ok(None),
+            Operation::Deposit(_)
+            | Operation::Withdraw(_)
+            | Operation::WithdrawPending(_)
+            | Operation::Settle(_)
+            | Operation::Return(_) => return Ok(None),
         };
         let asset = self
             .catalog
@@ -597,6 +616,10 @@ fn accepted_writes(
         entry: Some(entry),
         order,
         order_rewritten: operation.rewrites_order(),
+        withdrawal: decision
+            .withdrawal
+            .as_ref()
+            .map(|effect| ops::withdraw::record(&held.user, effect)),
         record,
         answer: Answer::Commit(Box::new(receipt)),
     }
@@ -617,6 +640,7 @@ pub(super) struct CallWrites {
     pub entry: Option<LedgerEntry>,
     pub order: Option<Order>,
     pub order_rewritten: bool,
+    pub withdrawal: Option<crate::core::records::Withdrawal>,
     pub record: Option<(RequestId, crate::core::records::RequestRecord)>,
     pub answer: Answer,
 }
@@ -627,6 +651,7 @@ impl CallWrites {
             entry: self.entry.as_ref(),
             order: self.order.as_ref(),
             order_rewritten: self.order_rewritten,
+            withdrawal: self.withdrawal.as_ref(),
             record: self.record.as_ref().map(|(request_id, record)| (request_id, record)),
         }
     }

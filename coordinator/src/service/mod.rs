@@ -37,6 +37,7 @@ mod settle;
 mod testing;
 mod transfer;
 mod watch;
+mod withdrawals;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -241,6 +242,8 @@ pub enum Missing {
     Order(String),
     #[error("Asset {0} not found")]
     Asset(AssetSymbol),
+    #[error("Withdrawal {0} not found")]
+    Withdrawal(String),
 }
 
 /// Every way an RPC can fail; `transport` maps each to one gRPC status.

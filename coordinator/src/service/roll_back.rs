@@ -46,6 +46,7 @@ pub(super) fn refused_writes(
         },
         order,
         order_rewritten: false,
+        withdrawal: None,
         record,
     }
 }

@@ -25,15 +25,15 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::{Bindings, ConditionCheck, Delete, Item, Key, Put, Query, TransactItem, Update, Value};
-use crate::core::account::{Hold, Holds};
+use crate::core::account::{Hold, Holds, PendingWithdrawal, PendingWithdrawals};
 use crate::core::asset_change::AssetChange;
 use crate::core::records::{
     Asset, EntryKind, Lease, LedgerEntry, LedgerHold, LedgerTrade, LedgerTransfer, Order, OrderStatus, RecordedOutcome,
-    RefusalCode, RequestRecord,
+    RefusalCode, RequestRecord, Withdrawal, WithdrawalStatus,
 };
 use crate::core::{
     Account, AccountState, AssetSymbol, Decision, EntryId, LeaseId, Memo, Millis, OrderId, Price, Principal, Quantity,
-    RequestId, TradeSide, TransferId, Usd, UsdDelta, UserId, UtcDay,
+    RequestId, TradeSide, TransferId, Usd, UsdDelta, UserId, UtcDay, WithdrawalId,
 };
 
 const USER_PREFIX: &str = "USER#";
@@ -50,6 +50,8 @@ const ORDER_PREFIX: &str = "ORDER#";
 const ORDER_SK: &str = "ORDER";
 const ASSET_PK: &str = "ASSET";
 const REQUEST_PREFIX: &str = "REQUEST#";
+/// A pending withdrawal's record, under its user (so only its user's calls find it).
+const WITHDRAWAL_PREFIX: &str = "WITHDRAWAL#";
 /// The feed's journal (`WatchFeed`): one record per account per commit, in one of
 /// `FEED_SHARDS` partitions, ordered by the commit's time (`docs/feed.md`).
 const FEED_PREFIX: &str = "FEED#";
@@ -114,6 +116,50 @@ pub fn order_key(order_id: &str) -> Key {
         pk: format!("{ORDER_PREFIX}{order_id}"),
         sk: ORDER_SK.to_owned(),
     }
+}
+
+pub fn withdrawal_key(user: &UserId, withdrawal_id: &WithdrawalId) -> Key {
+    Key {
+        pk: user_pk(user),
+        sk: format!("{WITHDRAWAL_PREFIX}{withdrawal_id}"),
+    }
+}
+
+fn withdrawal_item(withdrawal: &Withdrawal) -> Item {
+    let mut item = key_attributes(&withdrawal_key(&withdrawal.user_id, &withdrawal.withdrawal_id));
+    item.insert("withdrawal_id".to_owned(), s(withdrawal.withdrawal_id.as_str()));
+    item.insert("user_id".to_owned(), s(withdrawal.user_id.as_str()));
+    item.insert("amount".to_owned(), n(withdrawal.amount));
+    item.insert("status".to_owned(), s(withdrawal.status.as_str()));
+    item.insert("day".to_owned(), s(withdrawal.day.to_string()));
+    item.insert("created_at_ms".to_owned(), n(withdrawal.created_at_ms));
+    item.insert("principal".to_owned(), s(withdrawal.principal.as_str()));
+    if let Some(reason) = &withdrawal.reason {
+        item.insert("reason".to_owned(), s(reason));
+    }
+    item
+}
+
+pub fn withdrawal_from_item(item: &Item) -> Result<Withdrawal, MalformedItem> {
+    const KIND: &str = "withdrawal";
+    Ok(Withdrawal {
+        withdrawal_id: WithdrawalId::from_stored(required(KIND, "withdrawal_id", string(item, "withdrawal_id"))?),
+        user_id: required(
+            KIND,
+            "user_id",
+            string(item, "user_id").and_then(|raw| UserId::parse("user_id", raw).ok()),
+        )?,
+        amount: required(KIND, "amount", number(item, "amount").and_then(Usd::from_stored))?,
+        status: required(KIND, "status", string(item, "status").and_then(WithdrawalStatus::parse))?,
+        reason: string(item, "reason").map(str::to_owned),
+        day: required(KIND, "day", string(item, "day").and_then(UtcDay::from_stored))?,
+        created_at_ms: required(
+            KIND,
+            "created_at_ms",
+            number(item, "created_at_ms").and_then(|raw| raw.parse().ok()),
+        )?,
+        principal: principal_of(item, KIND)?,
+    })
 }
 
 pub fn request_key(user: &UserId, request_id: &RequestId) -> Key {
@@ -365,6 +411,8 @@ pub struct OperationWrites<'a> {
     pub order: Option<&'a Order>,
     /// The order exists already (a fill or cancel rewrites it); otherwise it is written fresh.
     pub order_rewritten: bool,
+    /// A pending withdrawal's record: fresh when it starts, rewritten when it ends.
+    pub withdrawal: Option<&'a Withdrawal>,
     pub record: Option<(&'a RequestId, &'a RequestRecord)>,
 }
 
@@ -638,6 +686,19 @@ pub fn commit_batch(commit: &BatchCommit<'_>) -> NamedItems {
                 }
             }
         }
+        if let Some(withdrawal) = operation.withdrawal {
+            let item = withdrawal_item(withdrawal);
+            if withdrawal.status == WithdrawalStatus::Pending {
+                items.push_fresh(item);
+            } else {
+                // Its account's version condition orders every write of it.
+                items.push(TransactItem::Put(Put {
+                    item,
+                    condition: None,
+                    bindings: Bindings::default(),
+                }));
+            }
+        }
         if let Some((request_id, record)) = operation.record {
             let put = TransactItem::Put(put_request_record(commit.user, request_id, record, commit.now));
             items.push_part(TransactionPart::RequestRecord { operation: index }, put);
@@ -777,6 +838,16 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
     }
     set_holdings(commit, &mut set, &mut condition, &mut update_bindings);
     let mut remove: Vec<&str> = Vec::new();
+    if after.exists() && after.withdrawals != read.withdrawals {
+        if after.withdrawals.is_empty() {
+            remove.push("withdrawals");
+        } else {
+            set.push("withdrawals = :withdrawals".to_owned());
+            update_bindings
+                .values
+                .insert(":withdrawals".to_owned(), withdrawals_value(&after.withdrawals));
+        }
+    }
     if after.exists() && after.holds != read.holds {
         // Paired with the decisions' own check: nothing written is on hold beyond its total.
         after.assert_holds_within_totals(commit.now);
@@ -870,6 +941,7 @@ pub fn commit_transfer(commit: &TransferCommit<'_>) -> NamedItems {
             entry: party.entry,
             order: None,
             order_rewritten: false,
+            withdrawal: None,
             record,
         }];
         commit_batch(&BatchCommit {
@@ -932,6 +1004,7 @@ pub fn commit(commit: &Commit<'_>) -> NamedItems {
         entry: Some(commit.entry),
         order: commit.order,
         order_rewritten: false,
+        withdrawal: None,
         record: commit.record,
     }];
     commit_batch(&BatchCommit {
@@ -1117,8 +1190,13 @@ pub fn account_from_item(item: &Item) -> Result<Account, MalformedItem> {
         None => Holds::new(),
         Some(value) => required(KIND, "holds", holds_from_value(value))?,
     };
+    let withdrawals = match item.get("withdrawals") {
+        None => PendingWithdrawals::new(),
+        Some(value) => required(KIND, "withdrawals", withdrawals_from_value(value))?,
+    };
     Ok(Account {
         holds,
+        withdrawals,
         state: AccountState::Open,
         cash: required(KIND, "cash", Usd::from_stored(cash))?,
         holdings,
@@ -1172,6 +1250,46 @@ fn holds_value(holds: &Holds) -> Value {
     )
 }
 
+/// The account's pending withdrawals as stored: a map by withdrawal id.
+fn withdrawals_value(withdrawals: &PendingWithdrawals) -> Value {
+    Value::M(
+        withdrawals
+            .iter()
+            .map(|(id, pending)| {
+                let stored: Item = [
+                    ("amount", n(pending.amount)),
+                    ("day", s(pending.day.to_string())),
+                    ("created_at_ms", n(pending.created_at_ms)),
+                    ("principal", s(pending.principal.as_str())),
+                ]
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect();
+                (id.as_str().to_owned(), Value::M(stored))
+            })
+            .collect(),
+    )
+}
+
+fn withdrawals_from_value(value: &Value) -> Option<PendingWithdrawals> {
+    let Value::M(stored) = value else { return None };
+    stored
+        .iter()
+        .map(|(id, pending)| {
+            let Value::M(pending) = pending else { return None };
+            Some((
+                WithdrawalId::from_stored(id.as_str()),
+                PendingWithdrawal {
+                    amount: Usd::from_stored(number(pending, "amount")?)?,
+                    day: UtcDay::from_stored(string(pending, "day")?)?,
+                    created_at_ms: number(pending, "created_at_ms")?.parse().ok()?,
+                    principal: Principal::parse("principal", string(pending, "principal")?).ok()?,
+                },
+            ))
+        })
+        .collect()
+}
+
 fn holds_from_value(value: &Value) -> Option<Holds> {
     let Value::M(stored) = value else { return None };
     stored
@@ -1222,7 +1340,12 @@ fn ledger_item(entry: &LedgerEntry) -> Item {
         }
     }
     if let Some(hold) = &entry.hold {
-        item.insert("hold_order_id".to_owned(), s(hold.order_id.as_str()));
+        if let Some(order_id) = &hold.order_id {
+            item.insert("hold_order_id".to_owned(), s(order_id.as_str()));
+        }
+        if let Some(withdrawal_id) = &hold.withdrawal_id {
+            item.insert("hold_withdrawal_id".to_owned(), s(withdrawal_id.as_str()));
+        }
         item.insert("held_delta".to_owned(), n(hold.held_delta));
         if let Some(asset) = &hold.asset {
             item.insert("held_asset".to_owned(), s(asset.as_str()));
@@ -1271,9 +1394,12 @@ pub fn ledger_from_item(item: &Item) -> Result<LedgerEntry, MalformedItem> {
         }),
         None => None,
     };
-    let hold = match string(item, "hold_order_id") {
-        Some(order_id) => Some(LedgerHold {
-            order_id: OrderId::from_stored(order_id),
+    let hold_order = string(item, "hold_order_id");
+    let hold_withdrawal = string(item, "hold_withdrawal_id");
+    let hold = match hold_order.or(hold_withdrawal) {
+        Some(_) => Some(LedgerHold {
+            order_id: hold_order.map(OrderId::from_stored),
+            withdrawal_id: hold_withdrawal.map(WithdrawalId::from_stored),
             fill_id: string(item, "fill_id").map(str::to_owned),
             asset: match string(item, "held_asset") {
                 Some(asset) => Some(required(KIND, "held_asset", AssetSymbol::parse("asset", asset).ok())?),
@@ -1656,6 +1782,12 @@ pub enum StoredItem {
         user: String,
         record: Parsed<RequestRecord>,
     },
+    /// A withdrawal made with settlement PENDING, under its user.
+    Withdrawal {
+        key: Key,
+        user: String,
+        withdrawal: Parsed<Withdrawal>,
+    },
     Asset {
         key: Key,
         asset: Parsed<Asset>,
@@ -1727,6 +1859,13 @@ pub fn classify(item: &Item) -> StoredItem {
                 key,
                 user,
                 order: order_from_item(item),
+            };
+        }
+        if sk.starts_with(WITHDRAWAL_PREFIX) {
+            return StoredItem::Withdrawal {
+                key,
+                user,
+                withdrawal: withdrawal_from_item(item),
             };
         }
         if sk.starts_with(REQUEST_PREFIX) {
@@ -2331,6 +2470,7 @@ mod tests {
             StoredItem::OrderByUser { user, .. } => format!("order of {user}"),
             StoredItem::OrderById { .. } => "order by id".to_owned(),
             StoredItem::RequestRecord { user, .. } => format!("request record of {user}"),
+            StoredItem::Withdrawal { user, .. } => format!("withdrawal of {user}"),
             StoredItem::Asset { .. } => "asset".to_owned(),
             StoredItem::AssetChange { .. } => "asset change".to_owned(),
             StoredItem::InstanceHeartbeat { .. } => "heartbeat".to_owned(),

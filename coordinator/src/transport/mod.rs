@@ -11,8 +11,10 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::affinity::forward::{Forwarder, Origin, Routed, TRACE_HEADERS};
+use crate::core::WithdrawalId;
 use crate::core::asset_change::AssetChange;
 use crate::core::ops::orders;
+use crate::core::ops::{ReturnRequest, SettleRequest};
 use crate::core::records::{Asset, EntryKind, LedgerEntry, Order, OrderStatus};
 use crate::core::time::rfc3339;
 use crate::core::{
@@ -333,12 +335,31 @@ fn origin_of<T>(request: &Request<T>) -> Origin {
 }
 
 fn cash_reply(user: &UserId, amount: Usd, receipt: Receipt) -> pb::CashReply {
+    let withdrawal_id = receipt
+        .entry
+        .hold
+        .as_ref()
+        .and_then(|hold| hold.withdrawal_id.as_ref())
+        .map(ToString::to_string)
+        .unwrap_or_default();
     pb::CashReply {
         transaction_id: receipt.entry.entry_id.to_string(),
         user_id: user.to_string(),
         amount: amount.to_string(),
         cash_balance: receipt.entry.cash_after.to_string(),
+        withdrawal_id,
     }
+}
+
+/// The reply to a settlement or return: the amount is the withdrawal's (what its hold moved).
+fn withdrawal_reply(user: &UserId, receipt: Receipt) -> pb::CashReply {
+    let amount = receipt
+        .entry
+        .hold
+        .as_ref()
+        .map(|hold| Usd::from_decimal(hold.held_delta.abs()))
+        .unwrap_or_default();
+    cash_reply(user, amount, receipt)
 }
 
 fn order_message(order: Order) -> pb::Order {
@@ -409,7 +430,7 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
             hold.fill_id.clone().unwrap_or_default(),
             hold.asset.as_ref().map(ToString::to_string).unwrap_or_default(),
             hold.held_delta.to_string(),
-            hold.order_id.to_string(),
+            hold.order_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         ),
         None => Default::default(),
     };
@@ -426,6 +447,12 @@ fn ledger_message(entry: LedgerEntry) -> pb::LedgerEntry {
         None => (String::new(), String::new(), hold_order, String::new()),
     };
     pb::LedgerEntry {
+        withdrawal_id: entry
+            .hold
+            .as_ref()
+            .and_then(|hold| hold.withdrawal_id.as_ref())
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         fill_id,
         held_asset,
         held_delta,
@@ -586,15 +613,33 @@ impl CoordinatorService {
         let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
         let amount = Usd::parse_amount("amount", &message.amount).map_err(invalid)?;
         let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let pending = match pb::Settlement::try_from(message.settlement) {
+            Ok(pb::Settlement::Immediate) => false,
+            Ok(pb::Settlement::Pending) => true,
+            Err(_) => {
+                return Err(invalid(FieldError::new(
+                    "settlement",
+                    format!(
+                        "holds {}, which is not SETTLEMENT_IMMEDIATE or SETTLEMENT_PENDING",
+                        message.settlement
+                    ),
+                )));
+            }
+        };
         let call = || pb::forward_request::Call::Withdraw(message.clone());
         if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, cash_of).await {
             return reply;
         }
-        let receipt = self
-            .coordinator
-            .withdraw(&origin.principal, &user, amount, request_id, origin.deadline)
-            .await
-            .map_err(status_of)?;
+        let receipt = if pending {
+            self.coordinator
+                .withdraw_pending(&origin.principal, &user, amount, request_id, origin.deadline)
+                .await
+        } else {
+            self.coordinator
+                .withdraw(&origin.principal, &user, amount, request_id, origin.deadline)
+                .await
+        }
+        .map_err(status_of)?;
         Ok(cash_reply(&user, amount, receipt))
     }
 
@@ -733,6 +778,45 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.place_from(origin, request.into_inner(), TradeSide::Sell)
             .await
             .map(Response::new)
+    }
+
+    async fn settle_withdrawal(
+        &self,
+        request: Request<pb::SettleWithdrawalRequest>,
+    ) -> Result<Response<pb::CashReply>, Status> {
+        let origin = origin_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let settle = SettleRequest {
+            withdrawal_id: WithdrawalId::parse("withdrawal_id", &message.withdrawal_id).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let receipt = self
+            .coordinator
+            .settle_withdrawal(&origin.principal, &user, settle, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(withdrawal_reply(&user, receipt)))
+    }
+
+    async fn return_withdrawal(
+        &self,
+        request: Request<pb::ReturnWithdrawalRequest>,
+    ) -> Result<Response<pb::CashReply>, Status> {
+        let origin = origin_of(&request);
+        let message = request.into_inner();
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let back = ReturnRequest {
+            withdrawal_id: WithdrawalId::parse("withdrawal_id", &message.withdrawal_id).map_err(invalid)?,
+            reason: Memo::parse("reason", &message.reason).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let receipt = self
+            .coordinator
+            .return_withdrawal(&origin.principal, &user, back, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(withdrawal_reply(&user, receipt)))
     }
 
     async fn reserve_order(

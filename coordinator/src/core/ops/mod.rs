@@ -4,7 +4,7 @@
 //! | operation | file | accounts | committed |
 //! |---|---|---|---|
 //! | Deposit | `deposit.rs` | the user's | in a batch of the user's queue |
-//! | Withdraw | `withdraw.rs` | the user's | in a batch of the user's queue |
+//! | Withdraw (at once, or PENDING), SettleWithdrawal, ReturnWithdrawal | `withdraw.rs` | the user's | in a batch of the user's queue |
 //! | PlaceBuy, PlaceSell | `trade.rs` | the user's | in a batch, conditioned on the quote's price |
 //! | Transfer | `transfer.rs` | sender's and receiver's | alone, both leases, one transaction |
 //! | ReserveOrder, FillOrder, CancelOrder | `orders.rs` | the user's | in a batch; a fill or cancel of an order the account no longer holds reads it first |
@@ -33,9 +33,13 @@ use super::time::{Millis, UtcDay};
 pub use orders::{CancelRequest, ClosedOrder, FillRequest, ReserveRequest};
 pub use trade::{Quote, TradeRequest, TradeSide};
 pub use transfer::TransferRequest;
+pub use withdraw::{PendingRequest, ReturnRequest, SettleRequest};
 
 /// Every operation's name: the bounded values of the `operation` label of the metrics.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 11] = [
+    withdraw::PENDING_NAME,
+    withdraw::SETTLE_NAME,
+    withdraw::RETURN_NAME,
     deposit::NAME,
     withdraw::NAME,
     trade::BUY,
@@ -57,6 +61,10 @@ pub enum Operation {
     Reserve(ReserveRequest),
     Fill(FillRequest),
     Cancel(CancelRequest),
+    /// Withdraw with settlement PENDING.
+    WithdrawPending(PendingRequest),
+    Settle(SettleRequest),
+    Return(ReturnRequest),
 }
 
 /// The most items one call counts (`Operation::items_max`): a trade with its request record.
@@ -114,6 +122,18 @@ impl Operation {
             Operation::Reserve(_) => orders::RESERVE,
             Operation::Fill(_) => orders::FILL,
             Operation::Cancel(_) => orders::CANCEL,
+            Operation::WithdrawPending(_) => withdraw::PENDING_NAME,
+            Operation::Settle(_) => withdraw::SETTLE_NAME,
+            Operation::Return(_) => withdraw::RETURN_NAME,
+        }
+    }
+
+    /// The pending withdrawal a settlement or return names.
+    pub fn named_withdrawal(&self) -> Option<&super::ids::WithdrawalId> {
+        match self {
+            Operation::Settle(settle) => Some(&settle.withdrawal_id),
+            Operation::Return(back) => Some(&back.withdrawal_id),
+            _ => None,
         }
     }
 
@@ -150,6 +170,9 @@ impl Operation {
             Operation::Reserve(reserve) => reserve.fingerprint(),
             Operation::Fill(fill) => fill.fingerprint(),
             Operation::Cancel(cancel) => cancel.fingerprint(),
+            Operation::WithdrawPending(pending) => pending.fingerprint(),
+            Operation::Settle(settle) => settle.fingerprint(),
+            Operation::Return(back) => back.fingerprint(),
         }
     }
 
@@ -157,7 +180,11 @@ impl Operation {
     pub fn lease_kind(&self) -> LeaseKind {
         match self {
             Operation::Deposit(_) => LeaseKind::Deposit,
-            Operation::Withdraw(_) | Operation::Transfer(_) => LeaseKind::Withdraw,
+            Operation::Withdraw(_)
+            | Operation::Transfer(_)
+            | Operation::WithdrawPending(_)
+            | Operation::Settle(_)
+            | Operation::Return(_) => LeaseKind::Withdraw,
             Operation::Trade(_) | Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => LeaseKind::Trade,
         }
     }
@@ -188,6 +215,8 @@ impl Operation {
             Operation::Transfer(_) => 4,
             // The entry and the order's two items.
             Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => 3,
+            // The entry and the withdrawal's record.
+            Operation::WithdrawPending(_) | Operation::Settle(_) | Operation::Return(_) => 2,
         };
         own + usize::from(recorded)
     }
@@ -203,7 +232,13 @@ impl Operation {
         match self {
             Operation::Deposit(amount) => deposit::above_daily_limit(*amount, limits),
             Operation::Withdraw(amount) => withdraw::above_daily_limit(*amount, limits),
-            Operation::Trade(_) | Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => None,
+            Operation::WithdrawPending(pending) => withdraw::above_daily_limit(pending.amount, limits),
+            Operation::Trade(_)
+            | Operation::Reserve(_)
+            | Operation::Fill(_)
+            | Operation::Cancel(_)
+            | Operation::Settle(_)
+            | Operation::Return(_) => None,
             Operation::Transfer(transfer) => transfer::above_daily_limit(transfer.amount, limits),
         }
     }
@@ -240,6 +275,8 @@ pub struct Inputs<'a> {
     pub quote: Option<&'a Quote>,
     /// For a fill or cancel of an order the account no longer holds: the order as stored.
     pub closed: Option<ClosedOrder>,
+    /// For a settlement or return of a withdrawal the account no longer holds: its status.
+    pub closed_withdrawal: Option<crate::core::records::WithdrawalStatus>,
 }
 
 /// Decides `operation` on `account` at `now` (the daily limits count the UTC day of `now`).
@@ -271,6 +308,11 @@ pub fn decide(
         }
         Operation::Fill(request) => orders::decide_fill(account, request, inputs.closed, now),
         Operation::Cancel(request) => orders::decide_cancel(account, request, inputs.closed, now),
+        Operation::WithdrawPending(request) => {
+            withdraw::decide_pending(account, request, account.available_cash(now), now, limits, unchanged)
+        }
+        Operation::Settle(request) => withdraw::decide_settle(account, request, inputs.closed_withdrawal, unchanged),
+        Operation::Return(request) => withdraw::decide_return(account, request, inputs.closed_withdrawal, unchanged),
         Operation::Transfer(_) => unreachable!("a transfer is decided on both its accounts by transfer::decide"),
     }?;
     assert_postconditions(account, &decision, now);
@@ -298,6 +340,7 @@ pub fn unchanged(account: &Account, today: UtcDay) -> Decision {
         transferred_today: account.transferred_on(today),
         trade: None,
         hold: None,
+        withdrawal: None,
     }
 }
 
@@ -361,8 +404,13 @@ pub fn records(
             (request.entry_kind(), Some(executed))
         }
         Operation::Transfer(_) => unreachable!("a transfer's entries are written by transfer::entry"),
-        Operation::Reserve(_) | Operation::Fill(_) | Operation::Cancel(_) => {
-            unreachable!("an accepted hold operation decides a hold effect")
+        Operation::Reserve(_)
+        | Operation::Fill(_)
+        | Operation::Cancel(_)
+        | Operation::WithdrawPending(_)
+        | Operation::Settle(_)
+        | Operation::Return(_) => {
+            unreachable!("an accepted hold operation decides a hold or withdrawal effect")
         }
     };
     let (order, ledger_trade) = trade_records.unzip();
@@ -386,6 +434,29 @@ pub fn records(
 /// The ledger entry and the order that an accepted hold decision (a reserve, fill, cancel or
 /// expiry) commits; None for any other decision.
 pub fn hold_records(decision: &Decision, origin: Origin<'_>, sequence: u64) -> Option<(LedgerEntry, Option<Order>)> {
+    if let Some(effect) = &decision.withdrawal {
+        let entry = LedgerEntry {
+            entry_id: EntryId::new(),
+            user_id: origin.user.clone(),
+            kind: withdraw::entry_kind(effect.status),
+            cash_delta: decision.cash_delta,
+            cash_after: decision.cash,
+            trade: None,
+            transfer: None,
+            hold: Some(crate::core::records::LedgerHold {
+                order_id: None,
+                withdrawal_id: Some(effect.withdrawal_id.clone()),
+                fill_id: None,
+                asset: None,
+                held_delta: effect.held_delta,
+            }),
+            created_at_ms: origin.now,
+            request_id: origin.request_id.map(|request_id| request_id.as_str().to_owned()),
+            sequence,
+            principal: origin.principal.clone(),
+        };
+        return Some((entry, None));
+    }
     let effect = decision.hold.as_ref()?;
     let (hold, trade) = orders::ledger_parts(decision, effect);
     let entry = LedgerEntry {

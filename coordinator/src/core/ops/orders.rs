@@ -189,7 +189,7 @@ pub fn decide_reserve(
         return Err(Rejection::AssetInactive(request.asset.clone()));
     }
     let mut holds = live_holds(account, now);
-    if holds.len() >= HOLDS_PER_ACCOUNT_MAX {
+    if holds.len() + account.withdrawals.len() >= HOLDS_PER_ACCOUNT_MAX {
         return Err(Rejection::TooManyHolds {
             maximum: HOLDS_PER_ACCOUNT_MAX,
         });
@@ -523,7 +523,8 @@ pub fn order(user: &UserId, effect: &HoldEffect) -> Order {
 /// The hold part of the entry, and for a fill its trade part.
 pub fn ledger_parts(decision: &Decision, effect: &HoldEffect) -> (LedgerHold, Option<LedgerTrade>) {
     let hold = LedgerHold {
-        order_id: effect.order_id.clone(),
+        order_id: Some(effect.order_id.clone()),
+        withdrawal_id: None,
         fill_id: effect.fill_id.clone(),
         asset: effect.held_asset.clone(),
         held_delta: effect.held_delta,
@@ -615,7 +616,7 @@ mod tests {
         let quote = quote();
         let inputs = Inputs {
             quote: Some(&quote),
-            closed: None,
+            ..Inputs::default()
         };
         let decision = decide(account, operation, inputs, now, &Limits::default())?;
         account.apply(&decision);
@@ -864,6 +865,7 @@ mod tests {
                 let inputs = Inputs {
                     quote: Some(&quote),
                     closed: operation.named_order().and_then(|order| closed.get(order).copied()),
+                    closed_withdrawal: None,
                 };
                 let Ok(decision) = decide(&account, &operation, inputs, now, &Limits::default()) else { continue };
                 cash_sum += decision.cash_delta.decimal();

@@ -81,7 +81,10 @@ impl Quoted for (Operation, Option<Quote>) {
 
 fn decide(account: &Account, operation: &impl Quoted, today: UtcDay, limits: &Limits) -> Result<Decision, Rejection> {
     let (operation, quote) = operation.parts();
-    let inputs = super::Inputs { quote, closed: None };
+    let inputs = super::Inputs {
+        quote,
+        ..super::Inputs::default()
+    };
     super::decide(account, operation, inputs, today.noon(), limits)
 }
 
