@@ -94,6 +94,54 @@ async fn readme_grpcurl_session_runs_as_written() {
     assert_eq!(output_of("Health/Check")["status"], "SERVING");
 }
 
+/// README's holds session: a reserved order filled in two parts, with ORDER_ID replaced by the
+/// id ReserveOrder printed, as the README tells its reader to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_holds_session_runs_as_written() {
+    let app = spawn_app(EngineKind::Embedded).await;
+    let lines = session("grpcurl-holds");
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let mut order_id = String::new();
+    let mut outputs = Vec::new();
+    for line in &lines {
+        let arguments = line
+            .strip_prefix("grpcurl ")
+            .unwrap_or_else(|| panic!("not a grpcurl line: {line}"))
+            .replace("127.0.0.1:50051", &app.address.to_string())
+            .replace("ORDER_ID", &order_id);
+        let output = shell(&format!("'{}' {arguments}", grpcurl().display())).await;
+        let reply = json(line, &output);
+        if line.ends_with("Coordinator/ReserveOrder") {
+            order_id = reply["order"]["orderId"].as_str().expect("an order id").to_owned();
+        }
+        outputs.push(reply);
+    }
+    let reserved = &outputs[1]["order"];
+    assert_eq!(reserved["status"], "ORDER_STATUS_OPEN");
+    let account = &outputs[2];
+    assert_eq!(
+        (
+            &account["cashBalance"],
+            &account["cashOnHold"],
+            &account["cashAvailable"]
+        ),
+        (&Value::from("1000.00"), &Value::from("560.00"), &Value::from("440.00"))
+    );
+    assert_eq!(outputs[3]["order"]["status"], "ORDER_STATUS_PARTIALLY_FILLED");
+    assert_eq!(outputs[3]["cashBalance"], "791.50");
+    assert_eq!(outputs[4]["order"]["status"], "ORDER_STATUS_FILLED");
+    assert_eq!(outputs[4]["order"]["filledQuantity"], "4");
+    assert_eq!(outputs[4]["cashBalance"], "441.50");
+    let filled = outputs[5]["orders"].as_array().expect("orders");
+    assert_eq!(filled.len(), 1);
+    assert_eq!(filled[0]["orderId"], Value::from(order_id));
+    let account = app.account("carol").await.expect("account");
+    assert_eq!(
+        (account.cash_on_hold.as_str(), account.cash_available.as_str()),
+        ("0.00", "441.50")
+    );
+}
+
 /// What `stdout` printed so far (kept in `seen`), once it contains `until`.
 async fn read_until(stdout: &mut tokio::process::ChildStdout, seen: &mut String, until: &str) -> String {
     use tokio::io::AsyncReadExt;
