@@ -789,6 +789,9 @@ mod tests {
             order: usize,
         },
         Wait(u64),
+        PendingWithdraw(u32),
+        Settle(usize),
+        Return(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -813,6 +816,9 @@ mod tests {
             }),
             (0usize..8).prop_map(|order| Step::Cancel { order }),
             (1u64..60).prop_map(Step::Wait),
+            (1u32..300).prop_map(Step::PendingWithdraw),
+            (0usize..4).prop_map(Step::Settle),
+            (0usize..4).prop_map(Step::Return),
         ]
     }
 
@@ -830,6 +836,9 @@ mod tests {
             let mut orders: Vec<OrderId> = Vec::new();
             let mut held_sums: BTreeMap<OrderId, Decimal> = BTreeMap::new();
             let mut closed: BTreeMap<OrderId, ClosedOrder> = BTreeMap::new();
+            let mut withdrawals: Vec<crate::core::WithdrawalId> = Vec::new();
+            let mut withdrawal_held: Decimal = Decimal::ZERO;
+            let mut ended: BTreeMap<crate::core::WithdrawalId, crate::core::records::WithdrawalStatus> = BTreeMap::new();
             for step in steps {
                 let operation = match step {
                     Step::Deposit(dollars) => Operation::Deposit(Usd::from_decimal(dollars.into())),
@@ -860,14 +869,39 @@ mod tests {
                         now += seconds * 1000;
                         continue;
                     }
+                    Step::PendingWithdraw(dollars) => Operation::WithdrawPending(crate::core::ops::PendingRequest {
+                        amount: Usd::from_decimal(dollars.into()),
+                        withdrawal_id: crate::core::WithdrawalId::new(),
+                        placed_by: Principal::local(),
+                    }),
+                    Step::Settle(index) => {
+                        let Some(id) = withdrawals.get(index) else { continue };
+                        Operation::Settle(crate::core::ops::SettleRequest { withdrawal_id: id.clone() })
+                    }
+                    Step::Return(index) => {
+                        let Some(id) = withdrawals.get(index) else { continue };
+                        Operation::Return(crate::core::ops::ReturnRequest {
+                            withdrawal_id: id.clone(),
+                            reason: crate::core::Memo::parse("reason", "bounced").unwrap(),
+                        })
+                    }
                 };
                 let quote = quote();
                 let inputs = Inputs {
                     quote: Some(&quote),
                     closed: operation.named_order().and_then(|order| closed.get(order).copied()),
-                    closed_withdrawal: None,
+                    closed_withdrawal: operation.named_withdrawal().and_then(|id| ended.get(id).copied()),
                 };
                 let Ok(decision) = decide(&account, &operation, inputs, now, &Limits::default()) else { continue };
+                if let Some(effect) = &decision.withdrawal {
+                    withdrawal_held += effect.held_delta;
+                    if effect.fresh {
+                        withdrawals.push(effect.withdrawal_id.clone());
+                    } else {
+                        prop_assert!(!ended.contains_key(&effect.withdrawal_id), "a withdrawal ends once");
+                        ended.insert(effect.withdrawal_id.clone(), effect.status);
+                    }
+                }
                 cash_sum += decision.cash_delta.decimal();
                 if let Some(trade) = &decision.trade {
                     holding_sum += trade.quantity_delta;
@@ -888,7 +922,7 @@ mod tests {
                 account.apply(&decision);
                 prop_assert_eq!(account.cash.decimal(), cash_sum);
                 prop_assert_eq!(account.holding(&sol()).decimal(), holding_sum);
-                let live: Decimal = account.live_holds(now).map(|(id, _)| held_sums[id]).sum();
+                let live: Decimal = account.live_holds(now).map(|(id, _)| held_sums[id]).sum::<Decimal>() + withdrawal_held;
                 let on_hold = account.cash_on_hold(now).decimal() + account.holding_on_hold(&sol(), now).decimal();
                 prop_assert_eq!(on_hold, live, "on hold equals the open holds' entries");
                 prop_assert!(account.available_cash(now) >= Usd::ZERO);
