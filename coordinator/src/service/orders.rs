@@ -296,6 +296,81 @@ mod tests {
             .unwrap();
     }
 
+    /// An expiry racing fills and the sweeper, repeated: fills sent while the clock crosses
+    /// `expires_at` and the sweeper releases the hold each end once (applied before the instant,
+    /// refused from it on), nothing fills after it, and the books stay in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expiry_racing_fills_and_the_sweeper_ends_once() {
+        let clock = ManualClock::starting_at(1_795_000_000_000);
+        let coordinator = coordinator_on(
+            Arc::new(EmbeddedEngine::in_memory().unwrap()),
+            &clock,
+            CoordinatorConfig {
+                lease_wait_max: Duration::from_secs(5),
+                ..CoordinatorConfig::default()
+            },
+        )
+        .await;
+        coordinator
+            .deposit(&local(), &user("ann"), usd("10000"), None, None)
+            .await
+            .unwrap();
+        for round in 0..10 {
+            let held = reserve(&coordinator, "ann", TradeSide::Buy, "8", "100", Duration::from_secs(1))
+                .await
+                .unwrap();
+            let order = order_id(&held);
+            let expires_at = held.trade.as_ref().unwrap().0.expires_at_ms.unwrap();
+            let mut calls = Vec::new();
+            for caller in 0..8usize {
+                let filler = Arc::clone(&coordinator);
+                let order = order.clone();
+                calls.push(tokio::spawn(async move {
+                    let result = fill(&filler, "ann", &order, &format!("r{round}-{caller}"), "1", "99").await;
+                    (result, filler.now())
+                }));
+                if caller == 3 {
+                    clock.advance(Duration::from_secs(1));
+                    let storage = coordinator.storage().clone();
+                    let now = clock.now();
+                    calls.push(tokio::spawn(async move {
+                        crate::sweeper::sweep(&storage, now).await.unwrap();
+                        (Err(ServiceError::Busy), now)
+                    }));
+                }
+            }
+            let mut fills = 0;
+            for call in calls {
+                match call.await.unwrap() {
+                    (Ok(receipt), _) => {
+                        fills += 1;
+                        assert!(
+                            receipt.entry.created_at_ms < expires_at,
+                            "round {round}: filled at or after expiry"
+                        );
+                    }
+                    (Err(ServiceError::Rejected(Rejection::OrderExpired { .. })), _) | (Err(ServiceError::Busy), _) => {
+                    }
+                    (Err(error), _) => panic!("round {round}: {error:?}"),
+                }
+            }
+            let stored = coordinator.order(&order).await.unwrap();
+            assert_eq!(stored.status, OrderStatus::Expired, "round {round}");
+            assert_eq!(
+                stored.filled_quantity.decimal(),
+                rust_decimal::Decimal::from(fills),
+                "round {round}"
+            );
+        }
+        crate::sweeper::sweep(coordinator.storage(), clock.now()).await.unwrap();
+        let account = coordinator.account(&user("ann")).await.unwrap();
+        assert!(account.holds.is_empty(), "every expired hold released in storage");
+        let report = crate::audit::audit(coordinator.storage(), clock.now(), Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert!(report.is_clean(), "{report}");
+    }
+
     /// Races, repeated: a cancel and fills racing for the same order, and fills racing for the
     /// last units, on two coordinators sharing one table. Each call ends with exactly one
     /// outcome, the order's figures add up, and no money is made or lost.
