@@ -342,12 +342,24 @@ async fn expiry_is_exact(engine: EngineKind) {
 }
 
 /// Fills racing for the last units and a cancel racing them, through two coordinators on one
-/// table, repeated: each call ends once (OK, or FAILED_PRECONDITION), the order never fills
-/// beyond its quantity, and the audit finds holds, orders and ledger in agreement.
+/// table with account affinity (so the non-owner forwards ReserveOrder, FillOrder and
+/// CancelOrder to the owner), repeated: each call ends once (OK, or FAILED_PRECONDITION), the
+/// order never fills beyond its quantity, and the audit finds holds, orders and ledger in
+/// agreement.
 async fn racing_fills_and_cancels_end_once(engine: EngineKind) {
-    let options = AppOptions::default().flag("--lock-wait-ms", "20000");
+    let options = AppOptions::default().flag("--lock-wait-ms", "20000").affinity();
     let app = spawn_app_with(engine, options.clone()).await;
     let peer = spawn_peer(&app, options).await;
+    for each in [&app, &peer] {
+        let membership = &each.affinity.as_ref().expect("affinity on").membership;
+        for _ in 0..200 {
+            if membership.live().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(membership.live().len(), 2, "membership settled");
+    }
     app.deposit("racer", "5000.00").await.expect("deposit");
     let rounds = engine.scale(12, 4);
     for round in 0..rounds {

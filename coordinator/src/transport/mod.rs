@@ -668,6 +668,127 @@ impl CoordinatorService {
         transfer_reply(receipt)
     }
 
+    async fn settle_from(&self, origin: Origin, message: pb::SettleWithdrawalRequest) -> Result<pb::CashReply, Status> {
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let settle = SettleRequest {
+            withdrawal_id: WithdrawalId::parse("withdrawal_id", &message.withdrawal_id).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let call = || pb::forward_request::Call::SettleWithdrawal(message.clone());
+        if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, cash_of).await {
+            return reply;
+        }
+        let receipt = self
+            .coordinator
+            .settle_withdrawal(&origin.principal, &user, settle, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(withdrawal_reply(&user, receipt))
+    }
+
+    async fn return_from(&self, origin: Origin, message: pb::ReturnWithdrawalRequest) -> Result<pb::CashReply, Status> {
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let back = ReturnRequest {
+            withdrawal_id: WithdrawalId::parse("withdrawal_id", &message.withdrawal_id).map_err(invalid)?,
+            reason: Memo::parse("reason", &message.reason).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let call = || pb::forward_request::Call::ReturnWithdrawal(message.clone());
+        if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, cash_of).await {
+            return reply;
+        }
+        let receipt = self
+            .coordinator
+            .return_withdrawal(&origin.principal, &user, back, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(withdrawal_reply(&user, receipt))
+    }
+
+    async fn reserve_from(&self, origin: Origin, message: pb::ReserveOrderRequest) -> Result<pb::OrderReply, Status> {
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let side = match pb::OrderSide::try_from(message.side) {
+            Ok(pb::OrderSide::Buy) => TradeSide::Buy,
+            Ok(pb::OrderSide::Sell) => TradeSide::Sell,
+            _ => {
+                return Err(invalid(FieldError::new(
+                    "side",
+                    "is required: ORDER_SIDE_BUY or ORDER_SIDE_SELL",
+                )));
+            }
+        };
+        if message.limit_price.is_empty() {
+            return Err(invalid(FieldError::new(
+                "limit_price",
+                "is required: the hold is quantity x limit_price",
+            )));
+        }
+        let reserve = ReserveRequest {
+            side,
+            asset: AssetSymbol::parse("asset", &message.asset).map_err(invalid)?,
+            quantity: Quantity::parse_trade("quantity", &message.quantity).map_err(invalid)?,
+            limit: Price::parse("limit_price", &message.limit_price).map_err(invalid)?,
+            expires_in: orders::parse_expires_in("expires_in_seconds", message.expires_in_seconds).map_err(invalid)?,
+            order_id: OrderId::new(),
+            placed_by: origin.principal.clone(),
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let call = || pb::forward_request::Call::ReserveOrder(message.clone());
+        if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, order_of).await {
+            return reply;
+        }
+        let receipt = self
+            .coordinator
+            .mutate_as(
+                &origin.principal,
+                &user,
+                Operation::Reserve(reserve),
+                request_id,
+                origin.deadline,
+            )
+            .await
+            .map_err(status_of)?;
+        order_reply(receipt)
+    }
+
+    async fn fill_from(&self, origin: Origin, message: pb::FillOrderRequest) -> Result<pb::OrderReply, Status> {
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let fill = FillRequest {
+            order_id: OrderId::parse("order_id", &message.order_id).map_err(invalid)?,
+            fill_id: orders::parse_fill_id("fill_id", &message.fill_id).map_err(invalid)?,
+            quantity: Quantity::parse_trade("quantity", &message.quantity).map_err(invalid)?,
+            price: Price::parse("price", &message.price).map_err(invalid)?,
+        };
+        let call = || pb::forward_request::Call::FillOrder(message.clone());
+        if let Some(reply) = self.forwarded(&origin, &user, &Some(fill.key()), call, order_of).await {
+            return reply;
+        }
+        let receipt = self
+            .coordinator
+            .fill(&origin.principal, &user, fill, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        order_reply(receipt)
+    }
+
+    async fn cancel_from(&self, origin: Origin, message: pb::CancelOrderRequest) -> Result<pb::OrderReply, Status> {
+        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
+        let cancel = CancelRequest {
+            order_id: OrderId::parse("order_id", &message.order_id).map_err(invalid)?,
+        };
+        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
+        let call = || pb::forward_request::Call::CancelOrder(message.clone());
+        if let Some(reply) = self.forwarded(&origin, &user, &request_id, call, order_of).await {
+            return reply;
+        }
+        let receipt = self
+            .coordinator
+            .cancel(&origin.principal, &user, cancel, request_id, origin.deadline)
+            .await
+            .map_err(status_of)?;
+        order_reply(receipt)
+    }
+
     async fn place_from(
         &self,
         origin: Origin,
@@ -746,6 +867,11 @@ impl pb::peer_server::Peer for PeerService {
             Some(Call::PlaceBuy(call)) => Reply::Order(service.place_from(origin, call, TradeSide::Buy).await?),
             Some(Call::PlaceSell(call)) => Reply::Order(service.place_from(origin, call, TradeSide::Sell).await?),
             Some(Call::Transfer(call)) => Reply::Transfer(service.transfer_from(origin, call).await?),
+            Some(Call::ReserveOrder(call)) => Reply::Order(service.reserve_from(origin, call).await?),
+            Some(Call::FillOrder(call)) => Reply::Order(service.fill_from(origin, call).await?),
+            Some(Call::CancelOrder(call)) => Reply::Order(service.cancel_from(origin, call).await?),
+            Some(Call::SettleWithdrawal(call)) => Reply::Cash(service.settle_from(origin, call).await?),
+            Some(Call::ReturnWithdrawal(call)) => Reply::Cash(service.return_from(origin, call).await?),
             None => return Err(invalid(FieldError::new("call", "is required"))),
         };
         Ok(Response::new(pb::ForwardReply { reply: Some(reply) }))
@@ -785,18 +911,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::SettleWithdrawalRequest>,
     ) -> Result<Response<pb::CashReply>, Status> {
         let origin = origin_of(&request);
-        let message = request.into_inner();
-        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let settle = SettleRequest {
-            withdrawal_id: WithdrawalId::parse("withdrawal_id", &message.withdrawal_id).map_err(invalid)?,
-        };
-        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let receipt = self
-            .coordinator
-            .settle_withdrawal(&origin.principal, &user, settle, request_id, origin.deadline)
-            .await
-            .map_err(status_of)?;
-        Ok(Response::new(withdrawal_reply(&user, receipt)))
+        self.settle_from(origin, request.into_inner()).await.map(Response::new)
     }
 
     async fn return_withdrawal(
@@ -804,19 +919,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ReturnWithdrawalRequest>,
     ) -> Result<Response<pb::CashReply>, Status> {
         let origin = origin_of(&request);
-        let message = request.into_inner();
-        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let back = ReturnRequest {
-            withdrawal_id: WithdrawalId::parse("withdrawal_id", &message.withdrawal_id).map_err(invalid)?,
-            reason: Memo::parse("reason", &message.reason).map_err(invalid)?,
-        };
-        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let receipt = self
-            .coordinator
-            .return_withdrawal(&origin.principal, &user, back, request_id, origin.deadline)
-            .await
-            .map_err(status_of)?;
-        Ok(Response::new(withdrawal_reply(&user, receipt)))
+        self.return_from(origin, request.into_inner()).await.map(Response::new)
     }
 
     async fn reserve_order(
@@ -824,80 +927,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ReserveOrderRequest>,
     ) -> Result<Response<pb::OrderReply>, Status> {
         let origin = origin_of(&request);
-        let message = request.into_inner();
-        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let side = match pb::OrderSide::try_from(message.side) {
-            Ok(pb::OrderSide::Buy) => TradeSide::Buy,
-            Ok(pb::OrderSide::Sell) => TradeSide::Sell,
-            _ => {
-                return Err(invalid(FieldError::new(
-                    "side",
-                    "is required: ORDER_SIDE_BUY or ORDER_SIDE_SELL",
-                )));
-            }
-        };
-        if message.limit_price.is_empty() {
-            return Err(invalid(FieldError::new(
-                "limit_price",
-                "is required: the hold is quantity x limit_price",
-            )));
-        }
-        let reserve = ReserveRequest {
-            side,
-            asset: AssetSymbol::parse("asset", &message.asset).map_err(invalid)?,
-            quantity: Quantity::parse_trade("quantity", &message.quantity).map_err(invalid)?,
-            limit: Price::parse("limit_price", &message.limit_price).map_err(invalid)?,
-            expires_in: orders::parse_expires_in("expires_in_seconds", message.expires_in_seconds).map_err(invalid)?,
-            order_id: OrderId::new(),
-            placed_by: origin.principal.clone(),
-        };
-        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let receipt = self
-            .coordinator
-            .mutate_as(
-                &origin.principal,
-                &user,
-                Operation::Reserve(reserve),
-                request_id,
-                origin.deadline,
-            )
-            .await
-            .map_err(status_of)?;
-        order_reply(receipt).map(Response::new)
+        self.reserve_from(origin, request.into_inner()).await.map(Response::new)
     }
 
     async fn fill_order(&self, request: Request<pb::FillOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let origin = origin_of(&request);
-        let message = request.into_inner();
-        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let fill = FillRequest {
-            order_id: OrderId::parse("order_id", &message.order_id).map_err(invalid)?,
-            fill_id: orders::parse_fill_id("fill_id", &message.fill_id).map_err(invalid)?,
-            quantity: Quantity::parse_trade("quantity", &message.quantity).map_err(invalid)?,
-            price: Price::parse("price", &message.price).map_err(invalid)?,
-        };
-        let receipt = self
-            .coordinator
-            .fill(&origin.principal, &user, fill, origin.deadline)
-            .await
-            .map_err(status_of)?;
-        order_reply(receipt).map(Response::new)
+        self.fill_from(origin, request.into_inner()).await.map(Response::new)
     }
 
     async fn cancel_order(&self, request: Request<pb::CancelOrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let origin = origin_of(&request);
-        let message = request.into_inner();
-        let user = UserId::parse("user_id", &message.user_id).map_err(invalid)?;
-        let cancel = CancelRequest {
-            order_id: OrderId::parse("order_id", &message.order_id).map_err(invalid)?,
-        };
-        let request_id = RequestId::parse_optional("request_id", &message.request_id).map_err(invalid)?;
-        let receipt = self
-            .coordinator
-            .cancel(&origin.principal, &user, cancel, request_id, origin.deadline)
-            .await
-            .map_err(status_of)?;
-        order_reply(receipt).map(Response::new)
+        self.cancel_from(origin, request.into_inner()).await.map(Response::new)
     }
 
     async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransferReply>, Status> {
