@@ -215,6 +215,9 @@ async fn expire_holds(
         return;
     };
     let decisions = crate::core::ops::orders::decide_expiries(account, now, EXPIRED_HOLDS_PER_SWEEP_MAX);
+    // The pass's `now` says which holds expired; the commit is stamped when it is sent (a pass
+    // may run for seconds), so that its feed record is where WatchFeed readers look for it.
+    let now = now.max(crate::core::SystemClock.now());
     let principal = crate::core::Principal::parse("principal", SWEEPER_PRINCIPAL).expect("a valid principal");
     let origin = crate::core::ops::Origin {
         user: &user,
@@ -260,11 +263,34 @@ async fn expire_holds(
         Ok(()) => {
             report.expired_holds += decisions.len();
             crate::telemetry::metrics::hold_event("expired", decisions.len() as u64);
+            record_in_feed_again(storage, &transaction.feed, now).await;
         }
         Err(StorageError::TransactionCanceled { .. } | StorageError::ConditionFailed { .. }) => {}
         Err(error) => {
             report.failed_writes += 1;
             report.failed(format!("releasing the expired holds of {user}: {error}"));
+        }
+    }
+}
+
+/// The sweeper's commit may have landed past the feed's horizon (a slow transaction) and it
+/// keeps no process that would notice: its feed record is always written once more, stamped
+/// after the acknowledgement, where every reader still looks (a feed is at least once: readers
+/// drop the copy by account and sequence). A failure is logged; the next commit on the account
+/// by a coordinator records it again (`journal_taken_over`).
+async fn record_in_feed_again(storage: &Storage, feed: &[crate::storage::Item], at: Millis) {
+    for item in feed {
+        let later = at.max(crate::core::SystemClock.now());
+        let Some(again) = model::feed_item_again(item, later) else {
+            continue;
+        };
+        let put = crate::storage::Put {
+            item: again,
+            condition: None,
+            bindings: crate::storage::Bindings::default(),
+        };
+        if let Err(error) = storage.put(put).await {
+            tracing::warn!(%error, "sweep: the feed record of released holds could not be written again");
         }
     }
 }

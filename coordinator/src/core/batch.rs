@@ -70,6 +70,21 @@ pub fn decide_batch(
                     .and_then(|withdrawal| closed.withdrawals.get(withdrawal).copied()),
             };
             let decision = decide(&after, operation, inputs, now, limits)?;
+            if let Some(effect) = &decision.hold {
+                // A hold decision drops the account's expired holds: a later call of the batch
+                // naming one of them must still be told it expired.
+                for (order_id, hold) in after.holds.iter().filter(|(id, _)| !effect.holds.contains_key(*id)) {
+                    if *order_id != effect.order_id {
+                        closed.orders.insert(
+                            order_id.clone(),
+                            ClosedOrder {
+                                status: crate::core::records::OrderStatus::Expired,
+                                expires_at_ms: Some(hold.expires_at_ms),
+                            },
+                        );
+                    }
+                }
+            }
             if let Some(effect) = &decision.withdrawal {
                 closed.withdrawals.insert(effect.withdrawal_id.clone(), effect.status);
             }

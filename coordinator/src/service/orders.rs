@@ -285,6 +285,21 @@ mod tests {
         assert!(late.to_string().contains("expired at"), "{late}");
         let again = crate::sweeper::sweep(coordinator.storage(), clock.now()).await.unwrap();
         assert_eq!(again.expired_holds, 0, "nothing twice");
+        // The release is in the feed twice: as committed, and again after the acknowledgement
+        // (a sweep has no later commit of its own that would record it if it landed late).
+        let shard = model::feed_shard(&user("ann"));
+        let page = coordinator
+            .storage()
+            .query(model::feed_records_after(shard, "", 100))
+            .await
+            .unwrap();
+        let releases = page
+            .items
+            .iter()
+            .filter_map(|item| model::feed_record_from_item(item).ok())
+            .filter(|record| record.entries.iter().any(|entry| entry.kind == EntryKind::Release))
+            .count();
+        assert_eq!(releases, 2, "the sweeper's release recorded in the feed twice");
         let report = crate::audit::audit(coordinator.storage(), clock.now(), Duration::from_secs(600))
             .await
             .unwrap();

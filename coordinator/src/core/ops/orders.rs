@@ -736,6 +736,35 @@ mod tests {
         assert_eq!(twice.unwrap_err().to_string().rsplit(' ').next(), Some("CANCELLED"));
     }
 
+    /// A hold decision drops the account's expired holds; a later call of the same batch that
+    /// names one of them is still told it expired (not that it is some other status).
+    #[test]
+    fn an_expired_hold_dropped_earlier_in_a_batch_is_still_expired() {
+        let mut account = open("1000", "0");
+        let expired = reserve(TradeSide::Buy, "1", "10", 1);
+        let live = reserve(TradeSide::Buy, "1", "10", 600);
+        let (expired_id, live_id) = (order_of(&expired), order_of(&live));
+        run(&mut account, &expired, T0).unwrap();
+        run(&mut account, &live, T0).unwrap();
+        let later = T0 + 5_000;
+        let cancel_live = cancel(&live_id);
+        let fill_expired = fill(&expired_id, "x", "1", "9");
+        let quote = quote();
+        let outcome = crate::core::batch::decide_batch(
+            &account,
+            &[(&cancel_live, Some(quote)), (&fill_expired, Some(quote))],
+            &crate::core::batch::Closed::default(),
+            later,
+            &Limits::default(),
+        );
+        assert!(outcome.decisions[0].is_ok());
+        assert!(
+            matches!(&outcome.decisions[1], Err(Rejection::OrderExpired { order_id, .. }) if *order_id == expired_id),
+            "{:?}",
+            outcome.decisions[1]
+        );
+    }
+
     /// Bad figures are refused before anything is held: an inactive asset, a value above the
     /// maximum, more open orders than an account keeps.
     #[test]
