@@ -10,11 +10,14 @@
 //! - [`load`]: the closed and open loops, the latency histogram, outcome counts, the progress bar.
 //! - [`lockstep_target`]: one call per operation through the generated gRPC client, each with a
 //!   unique `request_id`.
+//! - [`orders`]: the orders workload: PlaceBuy, then cycles of a reserved order and its two
+//!   fills, each step timed on its own.
 //! - [`baseline`]: the design's flow on a DynamoDB endpoint, counting its own storage requests.
 //! - [`metrics`]: the coordinator's `lockstep_storage_requests_total` from its Prometheus text.
 //! - [`report`]: text, JSON and the SVG percentile plot.
 //!
-//! [`run`] is what the binary calls and what the smoke test exercises through the binary.
+//! [`run`] (and [`orders::run`] for the orders workload) is what the binary calls and what the
+//! smoke test exercises through the binary.
 
 pub mod baseline;
 pub mod feed;
@@ -22,6 +25,7 @@ pub mod latency_proxy;
 pub mod load;
 pub mod lockstep_target;
 pub mod metrics;
+pub mod orders;
 pub mod report;
 pub mod settings;
 pub mod streams_cost;
@@ -87,6 +91,11 @@ pub fn plan(settings: &Settings) -> Result<Plan, BenchError> {
         WorkloadKind::Transfer => (Mix::only(Operation::Transfer), Payees::Uniform),
         WorkloadKind::HotReceiver => (Mix::only(Operation::Transfer), Payees::Hot),
         WorkloadKind::Uniform | WorkloadKind::Hot | WorkloadKind::Design => (weighted()?, Payees::Uniform),
+        // The mix is PlaceBuy's phase; the cycles' phase is orders::run's own loop.
+        WorkloadKind::Orders => {
+            orders::check(settings)?;
+            (Mix::only(Operation::Buy), Payees::Uniform)
+        }
     };
     if mix.weight(Operation::Transfer) > 0 {
         if settings.systems.contains(&SystemKind::Baseline) {
@@ -99,7 +108,9 @@ pub fn plan(settings: &Settings) -> Result<Plan, BenchError> {
         }
     }
     let (user_count, arrivals) = match settings.workload {
-        WorkloadKind::Uniform | WorkloadKind::Transfer | WorkloadKind::HotReceiver => (settings.users, None),
+        WorkloadKind::Uniform | WorkloadKind::Transfer | WorkloadKind::HotReceiver | WorkloadKind::Orders => {
+            (settings.users, None)
+        }
         WorkloadKind::Hot => (1, None),
         WorkloadKind::Design => (
             1,
@@ -159,7 +170,7 @@ pub fn plan(settings: &Settings) -> Result<Plan, BenchError> {
 }
 
 /// Funds every user through `fund`, at most [`SETUP_CONCURRENCY`] at once.
-async fn fund_all<F, Fut>(users: &Users, fund: F) -> Result<(), BenchError>
+pub(crate) async fn fund_all<F, Fut>(users: &Users, fund: F) -> Result<(), BenchError>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<(), BenchError>> + Send + 'static,
@@ -201,6 +212,11 @@ fn fixed_point(amount: &str, scale: usize) -> Option<i64> {
 
 /// Runs the load on each system the settings name, one after the other, and returns the reports.
 pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
+    if settings.workload == WorkloadKind::Orders {
+        return Err(BenchError::Settings(
+            "the orders workload reports each call of its cycle: run it through orders::run".to_owned(),
+        ));
+    }
     let plan = plan(settings)?;
     let timeout = Duration::from_millis(settings.timeout_ms);
     let sells = plan.mix.weight(Operation::Sell) > 0;
@@ -216,7 +232,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
                 let fund_quantity = sells.then(|| settings.fund_quantity.clone());
                 fund_all(&plan.users, |user| {
                     let target = target.clone();
-                    let cash = settings.fund_usd.clone();
+                    let cash = settings.fund_usd();
                     let quantity = fund_quantity.clone();
                     async move { target.fund(&user, &cash, quantity.as_deref()).await }
                 })
@@ -262,10 +278,10 @@ pub async fn run(settings: &Settings) -> Result<Vec<SystemReport>, BenchError> {
                 })?;
                 let baseline = Arc::new(Baseline::local(&endpoint, &settings.baseline_table));
                 baseline.ensure_table().await?;
-                let cash = fixed_point(&settings.fund_usd, 2).ok_or_else(|| {
+                let cash = fixed_point(&settings.fund_usd(), 2).ok_or_else(|| {
                     BenchError::Settings(format!(
                         "--fund-usd {}: a plain amount such as 5000.00",
-                        settings.fund_usd
+                        settings.fund_usd()
                     ))
                 })?;
                 let quantity = match sells {
@@ -315,8 +331,12 @@ pub fn describe(plan: &Plan, settings: &Settings) -> String {
         Arrivals::Open { start, end } if start == end => format!("open loop, {start}/s"),
         Arrivals::Open { start, end } => format!("open loop, {start} → {end}/s"),
     };
+    let phases = match settings.workload {
+        WorkloadKind::Orders => " per phase (PlaceBuy, then order cycles)",
+        _ => "",
+    };
     format!(
-        "{} workload, {} user(s), {arrivals}, {} s",
+        "{} workload, {} user(s), {arrivals}, {} s{phases}",
         workload_name(settings.workload),
         plan.users.count,
         settings.duration
@@ -324,7 +344,7 @@ pub fn describe(plan: &Plan, settings: &Settings) -> String {
 }
 
 /// The workload as its flag spells it (`hot-receiver`).
-fn workload_name(workload: WorkloadKind) -> String {
+pub(crate) fn workload_name(workload: WorkloadKind) -> String {
     clap::ValueEnum::to_possible_value(&workload).map_or_else(
         || format!("{workload:?}").to_lowercase(),
         |value| value.get_name().to_owned(),

@@ -54,7 +54,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn new() -> Tally {
+    pub(crate) fn new() -> Tally {
         Tally {
             latency: Histogram::new_with_bounds(1, LATENCY_MICROSECONDS_MAX, LATENCY_SIGNIFICANT_DIGITS)
                 .expect("valid histogram bounds"),
@@ -64,13 +64,14 @@ impl Tally {
         }
     }
 
-    fn record(&mut self, operation: Operation, latency: Duration, outcome: &'static str) {
+    /// Counts one reply of `operation` (an [`Operation`]'s or an order step's name).
+    pub(crate) fn record(&mut self, operation: &'static str, latency: Duration, outcome: &'static str) {
         let microseconds = (latency.as_micros() as u64).clamp(1, LATENCY_MICROSECONDS_MAX);
         self.latency
             .record(microseconds)
             .expect("clamped into the histogram's range");
         *self.outcomes.entry(outcome).or_default() += 1;
-        *self.operations.entry(operation.name()).or_default() += 1;
+        *self.operations.entry(operation).or_default() += 1;
     }
 
     pub fn calls(&self) -> u64 {
@@ -80,12 +81,23 @@ impl Tally {
     pub fn ok(&self) -> u64 {
         self.outcomes.get("OK").copied().unwrap_or(0)
     }
+
+    /// Replies with status OK per second of the run.
+    pub fn ok_per_second(&self) -> f64 {
+        let seconds = self.elapsed.as_secs_f64();
+        if seconds > 0.0 { self.ok() as f64 / seconds } else { 0.0 }
+    }
+
+    /// The latency at `percentile` (0 to 100), milliseconds.
+    pub fn percentile_ms(&self, percentile: f64) -> f64 {
+        self.latency.value_at_percentile(percentile) as f64 / 1000.0
+    }
 }
 
 /// The shared record of a run and the count the progress bar reads.
 struct Recorder {
     tally: Mutex<Tally>,
-    completed: AtomicU64,
+    completed: Arc<AtomicU64>,
 }
 
 impl Recorder {
@@ -93,7 +105,7 @@ impl Recorder {
         self.tally
             .lock()
             .expect("a recorder is never poisoned: recording does not panic")
-            .record(operation, latency, outcome);
+            .record(operation.name(), latency, outcome);
         self.completed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -111,34 +123,51 @@ fn progress_bar(plan: &Plan, label: &str) -> ProgressBar {
     bar
 }
 
+/// The progress bar of a run and the task redrawing it from a count of replies (shared with the
+/// order cycles' loop, which records its steps elsewhere).
+pub(crate) struct Progress {
+    bar: ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    pub(crate) fn start(plan: &Plan, label: &str, start: Instant, completed: Arc<AtomicU64>) -> Progress {
+        let bar = progress_bar(plan, label);
+        let ticker = {
+            let bar = bar.clone();
+            let duration = plan.duration;
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
+                loop {
+                    interval.tick().await;
+                    bar.set_position(start.elapsed().min(duration).as_millis() as u64);
+                    bar.set_message(format!("{} replies", completed.load(Ordering::Relaxed)));
+                }
+            })
+        };
+        Progress { bar, ticker }
+    }
+
+    pub(crate) fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
 /// Runs `plan` against `system` and returns every reply.
 pub async fn run(system: System, plan: &Plan, label: &str) -> Tally {
     let recorder = Arc::new(Recorder {
         tally: Mutex::new(Tally::new()),
-        completed: AtomicU64::new(0),
+        completed: Arc::new(AtomicU64::new(0)),
     });
-    let bar = progress_bar(plan, label);
     let start = Instant::now();
-    let ticker = {
-        let bar = bar.clone();
-        let recorder = recorder.clone();
-        let duration = plan.duration;
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
-            loop {
-                interval.tick().await;
-                bar.set_position(start.elapsed().min(duration).as_millis() as u64);
-                bar.set_message(format!("{} replies", recorder.completed.load(Ordering::Relaxed)));
-            }
-        })
-    };
+    let progress = Progress::start(plan, label, start, recorder.completed.clone());
     match plan.arrivals {
         Arrivals::Closed { callers } => closed_loop(system, plan, callers, start, &recorder).await,
         Arrivals::Open { start: rate_start, end } => open_loop(system, plan, rate_start, end, start, &recorder).await,
     }
     let elapsed = start.elapsed();
-    ticker.abort();
-    bar.finish_and_clear();
+    progress.finish();
     let mut tally = recorder
         .tally
         .lock()

@@ -11,8 +11,13 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::BenchError;
 use crate::workload::{
-    Call, DEPOSIT_AMOUNT_USD, Operation, TRADE_ASSET, TRADE_QUANTITY, TRANSFER_AMOUNT_USD, WITHDRAW_AMOUNT_USD,
+    Call, DEPOSIT_AMOUNT_USD, Fill, ORDER_LIMIT_USD, ORDER_QUANTITY, Operation, TRADE_ASSET, TRADE_QUANTITY,
+    TRANSFER_AMOUNT_USD, WITHDRAW_AMOUNT_USD,
 };
+
+/// The outcome counted when a reply is OK but carries no order: the coordinator broke its contract,
+/// and the cycle cannot go on without the order's id.
+pub const NO_ORDER: &str = "OK_WITHOUT_ORDER";
 
 /// A connection must be up within this, or the coordinator is not running.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -133,6 +138,55 @@ impl LockstepTarget {
             Ok(()) => "OK",
             Err(status) => code_name(status.code()),
         }
+    }
+
+    // The order cycle's calls (the orders workload): each its own call with its own deadline,
+    // returning the order of the reply or the code name of the failure.
+
+    /// Reserves the cycle's buy for `user`: [`ORDER_QUANTITY`] SOL at a limit of
+    /// [`ORDER_LIMIT_USD`], holding their product in cash.
+    pub async fn reserve_order(&self, user: &str) -> Result<pb::Order, &'static str> {
+        let request = pb::ReserveOrderRequest {
+            user_id: user.to_owned(),
+            side: pb::OrderSide::Buy as i32,
+            asset: TRADE_ASSET.to_owned(),
+            quantity: ORDER_QUANTITY.to_owned(),
+            limit_price: ORDER_LIMIT_USD.to_owned(),
+            // The default, a day: a cycle fills or cancels its order within its own few calls.
+            expires_in_seconds: 0,
+            request_id: unique_request_id(),
+        };
+        order_of(self.client().reserve_order(self.request(request)).await)
+    }
+
+    /// Applies `fill` to `user`'s order `order_id`. No request id: the fill's id is the key.
+    pub async fn fill_order(&self, user: &str, order_id: &str, fill: Fill) -> Result<pb::Order, &'static str> {
+        let request = pb::FillOrderRequest {
+            user_id: user.to_owned(),
+            order_id: order_id.to_owned(),
+            fill_id: fill.id.to_owned(),
+            quantity: fill.quantity.to_owned(),
+            price: fill.price.to_owned(),
+        };
+        order_of(self.client().fill_order(self.request(request)).await)
+    }
+
+    /// Cancels `user`'s order `order_id`, releasing what it still holds.
+    pub async fn cancel_order(&self, user: &str, order_id: &str) -> Result<pb::Order, &'static str> {
+        let request = pb::CancelOrderRequest {
+            user_id: user.to_owned(),
+            order_id: order_id.to_owned(),
+            request_id: unique_request_id(),
+        };
+        order_of(self.client().cancel_order(self.request(request)).await)
+    }
+}
+
+/// The order of an OK reply, or the code name of the failure.
+fn order_of(result: Result<tonic::Response<pb::OrderReply>, tonic::Status>) -> Result<pb::Order, &'static str> {
+    match result {
+        Ok(reply) => reply.into_inner().order.ok_or(NO_ORDER),
+        Err(status) => Err(code_name(status.code())),
     }
 }
 

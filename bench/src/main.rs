@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use lockstep_bench::settings::{Cli, Command};
+use lockstep_bench::settings::{Cli, Command, Settings, WorkloadKind};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -26,6 +26,9 @@ async fn main() -> ExitCode {
         return serve_dynoxide(&listen, file.as_deref(), latency_ms).await;
     }
     let settings = cli.settings;
+    if settings.workload == WorkloadKind::Orders {
+        return orders(&settings).await;
+    }
     match lockstep_bench::run(&settings).await {
         Ok(reports) => {
             if settings.json {
@@ -37,6 +40,27 @@ async fn main() -> ExitCode {
                 for report in &reports {
                     print!("{}", report.text());
                 }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("lockstep-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The orders workload: its own report, a row per call of the cycle beside PlaceBuy's.
+async fn orders(settings: &Settings) -> ExitCode {
+    match lockstep_bench::orders::run(settings).await {
+        Ok(report) => {
+            if settings.json {
+                println!("{}", lockstep_bench::orders::json(settings, &report));
+            } else {
+                if let Ok(plan) = lockstep_bench::plan(settings) {
+                    println!("{}", lockstep_bench::describe(&plan, settings));
+                }
+                print!("{}", report.text());
             }
             ExitCode::SUCCESS
         }

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use crate::load::Tally;
+use crate::orders::StepTallies;
 
 /// The percentiles printed for every run.
 pub const PERCENTILES: [(&str, f64); 4] = [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9)];
@@ -36,16 +37,11 @@ fn milliseconds(microseconds: u64) -> f64 {
 
 impl SystemReport {
     pub fn ok_per_second(&self) -> f64 {
-        let seconds = self.tally.elapsed.as_secs_f64();
-        if seconds > 0.0 {
-            self.tally.ok() as f64 / seconds
-        } else {
-            0.0
-        }
+        self.tally.ok_per_second()
     }
 
     pub fn percentile_ms(&self, percentile: f64) -> f64 {
-        milliseconds(self.tally.latency.value_at_percentile(percentile))
+        self.tally.percentile_ms(percentile)
     }
 
     /// Storage requests per call and per successful call.
@@ -122,12 +118,7 @@ impl SystemReport {
 
     pub fn json(&self) -> Value {
         let tally = &self.tally;
-        let mut latency = serde_json::Map::new();
-        for (name, percentile) in PERCENTILES {
-            latency.insert(name.to_owned(), json!(self.percentile_ms(percentile)));
-        }
-        latency.insert("mean".to_owned(), json!(tally.latency.mean() / 1000.0));
-        latency.insert("max".to_owned(), json!(milliseconds(tally.latency.max())));
+        let latency = latency_json(tally);
         let storage = match (&self.storage_requests, self.storage_per_operation()) {
             (StorageRequests::Counted { total, source }, Some((per_call, per_ok))) => json!({
                 "total": total,
@@ -158,6 +149,156 @@ impl SystemReport {
                     "max": milliseconds(feed.lag.max()),
                 },
                 "failed_streams": feed.failed,
+            })),
+        })
+    }
+}
+
+/// A tally's latency figures in milliseconds: [`PERCENTILES`], mean and max.
+fn latency_json(tally: &Tally) -> Value {
+    let mut latency = serde_json::Map::new();
+    for (name, percentile) in PERCENTILES {
+        latency.insert(name.to_owned(), json!(tally.percentile_ms(percentile)));
+    }
+    latency.insert("mean".to_owned(), json!(tally.latency.mean() / 1000.0));
+    latency.insert("max".to_owned(), json!(milliseconds(tally.latency.max())));
+    Value::Object(latency)
+}
+
+/// One call's figures within a phase, for the JSON of the orders workload.
+fn call_json(tally: &Tally) -> Value {
+    json!({
+        "calls": tally.calls(),
+        "ok": tally.ok(),
+        "elapsed_seconds": tally.elapsed.as_secs_f64(),
+        "ok_per_second": tally.ok_per_second(),
+        "outcomes": tally.outcomes,
+        "latency_ms": latency_json(tally),
+    })
+}
+
+/// The orders workload's run on one coordinator: PlaceBuy's phase, then the cycles' phase.
+#[derive(Debug, Clone)]
+pub struct OrdersReport {
+    /// The coordinator's URL (or URLs, comma-separated).
+    pub address: String,
+    /// Every call of the first phase: a PlaceBuy of 0.035 SOL.
+    pub place_buy: Tally,
+    /// The second phase, by call of the cycle.
+    pub cycles: StepTallies,
+}
+
+/// Issue 16's bound, from one run: a fill's p99 against PlaceBuy's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FillBound {
+    pub fill_p99_ms: f64,
+    pub place_buy_p99_ms: f64,
+}
+
+impl FillBound {
+    /// Fill p99 over PlaceBuy p99: at most 1 meets the bound.
+    pub fn ratio(&self) -> f64 {
+        self.fill_p99_ms / self.place_buy_p99_ms
+    }
+
+    pub fn met(&self) -> bool {
+        self.fill_p99_ms <= self.place_buy_p99_ms
+    }
+}
+
+impl OrdersReport {
+    /// The table's rows: phase, the call as the API names it, its JSON key, its tally.
+    fn rows(&self) -> [(&'static str, &'static str, &'static str, &Tally); 4] {
+        [
+            ("place-buy", "PlaceBuy", "place_buy", &self.place_buy),
+            ("orders", "ReserveOrder", "reserve", &self.cycles.reserve),
+            ("orders", "FillOrder", "fill", &self.cycles.fill),
+            ("orders", "CancelOrder", "cancel", &self.cycles.cancel),
+        ]
+    }
+
+    /// The bound's figures, when both phases had replies.
+    pub fn fill_bound(&self) -> Option<FillBound> {
+        (self.cycles.fill.calls() > 0 && self.place_buy.calls() > 0).then(|| FillBound {
+            fill_p99_ms: self.cycles.fill.percentile_ms(99.0),
+            place_buy_p99_ms: self.place_buy.percentile_ms(99.0),
+        })
+    }
+
+    pub fn text(&self) -> String {
+        let mut text = String::new();
+        let _ = writeln!(text, "lockstep ({})", self.address);
+        let _ = writeln!(
+            text,
+            "  {:<10} {:<13} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  outcomes",
+            "phase", "call", "calls", "ok", "ok/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+        );
+        for (phase, call, _, tally) in self.rows() {
+            // A cancel follows only a failed fill: its row would be empty in a clean run.
+            if call == "CancelOrder" && tally.calls() == 0 {
+                continue;
+            }
+            let outcomes: Vec<String> = tally
+                .outcomes
+                .iter()
+                .map(|(code, count)| format!("{code} {count}"))
+                .collect();
+            let _ = writeln!(
+                text,
+                "  {phase:<10} {call:<13} {:>8} {:>8} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}",
+                tally.calls(),
+                tally.ok(),
+                tally.ok_per_second(),
+                tally.percentile_ms(50.0),
+                tally.percentile_ms(90.0),
+                tally.percentile_ms(99.0),
+                tally.percentile_ms(99.9),
+                milliseconds(tally.latency.max()),
+                outcomes.join(", ")
+            );
+        }
+        let _ = writeln!(
+            text,
+            "  cycles completed (reserve and both fills OK): {} in {:.2} s, {:.1}/s; PlaceBuy phase {:.2} s",
+            self.cycles.completed,
+            self.cycles.reserve.elapsed.as_secs_f64(),
+            self.cycles.completed_per_second(),
+            self.place_buy.elapsed.as_secs_f64()
+        );
+        match self.fill_bound() {
+            Some(bound) => {
+                let _ = writeln!(
+                    text,
+                    "  FillOrder p99 {:.2} ms vs PlaceBuy p99 {:.2} ms: {:.2} x; issue 16's bound (no worse than PlaceBuy's): {}",
+                    bound.fill_p99_ms,
+                    bound.place_buy_p99_ms,
+                    bound.ratio(),
+                    if bound.met() { "met" } else { "not met" }
+                );
+            }
+            None => {
+                let _ = writeln!(text, "  FillOrder p99 vs PlaceBuy p99: n/a (a phase had no replies)");
+            }
+        }
+        text
+    }
+
+    pub fn json(&self) -> Value {
+        let mut by_call = serde_json::Map::new();
+        for (_, _, key, tally) in self.rows() {
+            by_call.insert(key.to_owned(), call_json(tally));
+        }
+        json!({
+            "system": "lockstep",
+            "address": self.address,
+            "by_call": by_call,
+            "cycles_completed": self.cycles.completed,
+            "cycles_completed_per_second": self.cycles.completed_per_second(),
+            "fill_p99_vs_place_buy_p99": self.fill_bound().map(|bound| json!({
+                "fill_p99_ms": bound.fill_p99_ms,
+                "place_buy_p99_ms": bound.place_buy_p99_ms,
+                "ratio": bound.ratio(),
+                "bound_met": bound.met(),
             })),
         })
     }

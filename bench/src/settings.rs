@@ -60,6 +60,11 @@ pub enum WorkloadKind {
     Transfer,
     /// Transfers of $1.00 from --users - 1 users, uniform, all to the remaining one: a hot receiver.
     HotReceiver,
+    /// Issue 16's figure, two phases of --duration on one coordinator and the same --users and
+    /// --callers: PlaceBuy of 0.035 SOL, then cycles of ReserveOrder (buy 2 SOL, limit 150.00),
+    /// FillOrder 1 at 149.50 and FillOrder 1 at 150.00; each call reported on its own (the weights
+    /// are ignored; closed loop only; Lockstep only).
+    Orders,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,9 +127,11 @@ pub struct Settings {
     pub buy_weight: u32,
     #[arg(long, default_value_t = 0)]
     pub sell_weight: u32,
-    /// Cash deposited into each user before the run.
-    #[arg(long, default_value = "5000.00")]
-    pub fund_usd: String,
+    /// Cash deposited into each user before the run: 5000.00, or 100000.00 for the orders
+    /// workload, whose cycles cost $299.50 each (the coordinator's --daily-deposit-limit must
+    /// allow the deposit).
+    #[arg(long)]
+    pub fund_usd: Option<String>,
     /// SOL bought for each user before the run when sells are in the mix.
     #[arg(long, default_value = "10")]
     pub fund_quantity: String,
@@ -160,7 +167,22 @@ pub struct Settings {
     pub seed: Option<u64>,
 }
 
+/// Cash deposited into each user by default: thousands of the default mix's calls.
+pub const FUND_USD_DEFAULT: &str = "5000.00";
+/// The orders workload's: some 330 cycles per user, so that reserves do not run out of cash in a
+/// run of tens of seconds at hundreds of cycles per second over 100 users.
+pub const ORDERS_FUND_USD_DEFAULT: &str = "100000.00";
+
 impl Settings {
+    /// --fund-usd, or the workload's default.
+    pub fn fund_usd(&self) -> String {
+        let default = match self.workload {
+            WorkloadKind::Orders => ORDERS_FUND_USD_DEFAULT,
+            _ => FUND_USD_DEFAULT,
+        };
+        self.fund_usd.clone().unwrap_or_else(|| default.to_owned())
+    }
+
     /// The coordinators to call: --targets, or else --target.
     pub fn addresses(&self) -> Vec<String> {
         if self.targets.is_empty() {

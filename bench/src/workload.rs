@@ -20,6 +20,56 @@ const _: () = assert!(TRADE_PRICE_CENTS * TRADE_QUANTITY_THOUSANDTHS / 1000 >= 1
 /// ($5,000.00 per sender) both last thousands of transfers.
 pub const TRANSFER_AMOUNT_USD: &str = "1.00";
 
+/// The orders workload's cycle (issue 16): a reserved buy of [`ORDER_QUANTITY`] SOL holding
+/// quantity x [`ORDER_LIMIT_USD`], then [`ORDER_FILLS`] in turn. A cycle nets $299.50 of cash out
+/// of the account, so the workload funds more than the others do (see `Settings::fund_usd`).
+pub const ORDER_QUANTITY: &str = "2";
+/// The reserved buy's limit: the hold is $300.00.
+pub const ORDER_LIMIT_USD: &str = "150.00";
+/// The two fills of a cycle: one below the limit, one at it (a buy may fill at its limit), so the
+/// second leaves the order FILLED and nothing on hold.
+pub const ORDER_FILLS: [Fill; 2] = [
+    Fill {
+        id: "a",
+        quantity: "1",
+        price: "149.50",
+    },
+    Fill {
+        id: "b",
+        quantity: "1",
+        price: "150.00",
+    },
+];
+
+/// One fill of a reserved order, as an exchange would report it. The id is the fill's
+/// idempotency key within its order, so every cycle reuses the same two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fill {
+    pub id: &'static str,
+    pub quantity: &'static str,
+    pub price: &'static str,
+}
+
+/// A step of an order cycle, timed and counted on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Reserve,
+    Fill,
+    /// Only after a failed fill: releases what the order still holds, so that failed cycles do not
+    /// pile up holds (an account keeps at most 100) or tie up cash until they expire.
+    Cancel,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Reserve => "reserve",
+            Step::Fill => "fill",
+            Step::Cancel => "cancel",
+        }
+    }
+}
+
 /// The design document's load test: one user, arrivals ramping from 30 to 50 per second.
 pub const DESIGN_RATE_START_PER_SECOND: f64 = 30.0;
 pub const DESIGN_RATE_END_PER_SECOND: f64 = 50.0;

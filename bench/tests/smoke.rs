@@ -102,8 +102,9 @@ fn assert_coherent(report: &Value, system: &str) {
     }
 }
 
-/// Closed loop, open loop and the baseline each run and report; --metrics-url is scraped, and
-/// without it storage requests are "not counted"; --svg writes a plot.
+/// Closed loop, open loop, the orders workload and the baseline each run and report;
+/// --metrics-url is scraped, and without it storage requests are "not counted"; --svg writes a
+/// plot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mode_runs_and_reports() {
     let data_dir = tempfile::tempdir().expect("temp dir");
@@ -180,6 +181,40 @@ async fn every_mode_runs_and_reports() {
         assert_eq!(report["operations"]["transfer"].as_u64(), Some(40), "{report}");
         assert_eq!(report["ok"].as_u64(), Some(40), "{report}");
     }
+
+    // Orders: PlaceBuy's phase, then cycles of a reserve and two fills, 3 of each: the funding
+    // covers them even if all land on one user (3 x $299.50 + 3 x about $5.09).
+    let orders = bench(&[
+        "--target",
+        &target,
+        "--workload",
+        "orders",
+        "--users",
+        "4",
+        "--callers",
+        "2",
+        "--duration",
+        "60",
+        "--calls",
+        "3",
+    ])
+    .await;
+    assert_eq!(orders["workload"], "orders");
+    let by_call = &orders["by_call"];
+    for (call, count) in [("place_buy", 3), ("reserve", 3), ("fill", 6), ("cancel", 0)] {
+        assert_eq!(by_call[call]["calls"].as_u64(), Some(count), "{call}: {orders}");
+        assert_eq!(by_call[call]["ok"].as_u64(), Some(count), "{call}: {orders}");
+        assert!(
+            by_call[call]["latency_ms"]["p99"].as_f64().is_some(),
+            "{call}: {orders}"
+        );
+    }
+    assert_eq!(orders["cycles_completed"].as_u64(), Some(3), "{orders}");
+    let bound = &orders["fill_p99_vs_place_buy_p99"];
+    assert!(
+        bound["ratio"].as_f64().is_some() && bound["bound_met"].is_boolean(),
+        "{orders}"
+    );
 
     let compared = bench(&[
         "--target",
