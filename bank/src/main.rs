@@ -15,8 +15,8 @@ enum Engine {
 /// The defaults of every flag: the CI run on the endpoint engine.
 const CI: BankConfig = BankConfig::ci(BankEngine::Endpoint);
 
-/// Jepsen-style bank test: random deposits, withdrawals, buys, sells and transfers with request
-/// ids, under storage faults and coordinator kills; then the audit and the history check. Without
+/// Jepsen-style bank test: random deposits, withdrawals, buys, sells, transfers and order flows
+/// (reserve, fills, cancel) with request ids, under storage faults and coordinator kills; then the audit and the history check. Without
 /// flags it is the CI run on the endpoint.
 #[derive(Debug, Parser)]
 struct Arguments {
@@ -38,6 +38,9 @@ struct Arguments {
     coordinators: usize,
     #[arg(long, default_value_t = CI.seed)]
     seed: u64,
+    /// Seconds between the coordinators' sweeps; 0 turns the sweeper off.
+    #[arg(long, default_value_t = CI.sweep_interval.as_secs())]
+    sweep_interval_secs: u64,
 }
 
 #[tokio::main]
@@ -59,6 +62,7 @@ async fn main() -> ExitCode {
             BankEngine::Endpoint => arguments.coordinators.max(1),
         },
         seed: arguments.seed,
+        sweep_interval: Duration::from_secs(arguments.sweep_interval_secs),
         ..ci
     };
     match lockstep_bank::run(config).await {

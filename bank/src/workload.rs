@@ -1,7 +1,9 @@
-//! The clients: random deposits, withdrawals, buys, sells and transfers between the bank's users,
-//! each with its own request id, retried with that same id on UNAVAILABLE, ABORTED and deadline
-//! errors. Every operation ends in the history as ok, failed (definitely not applied) or unknown
-//! (may have applied), with what it asked for, so the verdict can add up what it should have done.
+//! The clients: random deposits, withdrawals, buys, sells, transfers between the bank's users and
+//! order flows (a reserved order, then fills of it by fill id, a cancel, or neither until it
+//! expires), each call with its own request id (a fill: its fill id), retried with that same id on
+//! UNAVAILABLE, ABORTED and deadline errors. Every call ends in the history as ok, failed
+//! (definitely not applied) or unknown (may have applied), with what it asked for, so the verdict
+//! can add up what it should have done.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use rust_decimal::Decimal;
 
 use lockstep::coordinator::v1 as pb;
 use lockstep::coordinator::v1::coordinator_client::CoordinatorClient;
+use lockstep_coordinator::core::records::TradeSide;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -27,6 +30,53 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Quantities are drawn so that every order is worth at least the default minimum order value
 /// (1.00) at the built-in catalog's prices (ADA 0.45, DOGE 0.12345678, SOL 145.25).
 pub const ASSETS: [&str; 3] = ["ADA", "DOGE", "SOL"];
+
+/// Prices of the reserved orders, by asset: the built-in catalog's, which fills are given as the
+/// exchange's price, and the limits a buy and a sell reserve with, a little beyond it so that a
+/// fill at the catalog price respects them (a buy's above, a sell's below). Fills go at the
+/// catalog price or at the limit itself.
+pub const ORDER_PRICES: [(&str, OrderPrices); 3] = [
+    (
+        "ADA",
+        OrderPrices {
+            catalog: "0.45",
+            buy_limit: "0.46",
+            sell_limit: "0.44",
+        },
+    ),
+    (
+        "DOGE",
+        OrderPrices {
+            catalog: "0.12345678",
+            buy_limit: "0.126",
+            sell_limit: "0.12",
+        },
+    ),
+    (
+        "SOL",
+        OrderPrices {
+            catalog: "145.25",
+            buy_limit: "148",
+            sell_limit: "142.5",
+        },
+    ),
+];
+
+#[derive(Debug, Clone, Copy)]
+pub struct OrderPrices {
+    pub catalog: &'static str,
+    pub buy_limit: &'static str,
+    pub sell_limit: &'static str,
+}
+
+/// A client's next step is an order flow one time in this many; otherwise one of the five
+/// single calls. A flow makes two to five calls.
+pub const ORDER_FLOW_ONE_IN: u32 = 6;
+/// Short expiries of reserved orders, in seconds (a third of them); the rest take the default
+/// (a day), and stay on hold to the end unless filled or cancelled.
+pub const SHORT_EXPIRY_SECONDS: std::ops::RangeInclusive<u64> = 1..=3;
+/// How far past its expiry a flow that waits for it sleeps before its next step.
+pub const PAST_EXPIRY: Duration = Duration::from_millis(300);
 
 /// The memo of the workload's transfers.
 pub const TRANSFER_MEMO: &str = "bank transfer";
@@ -48,17 +98,60 @@ pub enum Action {
         to: String,
         amount: Decimal,
     },
+    /// ReserveOrder: a buy holds `quantity` x `limit` of cash (rounded up to the cent), a sell
+    /// `quantity` of `asset`; nothing moves.
+    Reserve {
+        side: TradeSide,
+        asset: String,
+        quantity: Decimal,
+        limit: Decimal,
+    },
+    /// FillOrder of the reserved order `order_id` (of the operation's user, acknowledged): the
+    /// operation's request id is the fill's key, `fill:{order_id}:{fill_id}`, which its FILL
+    /// entry carries. Its cash is decided by the order's fills before it (rounded once per
+    /// order), which the verdict replays.
+    Fill {
+        order_id: String,
+        fill_id: String,
+        side: TradeSide,
+        asset: String,
+        quantity: Decimal,
+        price: Decimal,
+    },
+    /// CancelOrder of the reserved order `order_id`: releases what it still holds.
+    Cancel {
+        order_id: String,
+    },
+}
+
+impl Action {
+    /// The call, for the report's counts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Deposit { .. } => "DEPOSIT",
+            Action::Withdraw { .. } => "WITHDRAW",
+            Action::Buy => "BUY",
+            Action::Sell => "SELL",
+            Action::Transfer { .. } => "TRANSFER",
+            Action::Reserve { .. } => "RESERVE",
+            Action::Fill { .. } => "FILL",
+            Action::Cancel { .. } => "CANCEL",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The coordinator acknowledged it: applied exactly once, with this ledger entry (the sender's
     /// TRANSFER_OUT for a transfer). `transfer_id` is a transfer's; `trade_cash` the cash a trade
-    /// moved by its reply's order total (negative for a buy).
+    /// moved by its reply's order total (negative for a buy); `order_id` and `order_total` an
+    /// order call's order as replied (for a fill, the total is the cash its order moved so far).
     Ok {
         transaction_id: String,
         transfer_id: Option<String>,
         trade_cash: Option<Decimal>,
+        order_id: Option<String>,
+        order_total: Option<Decimal>,
     },
     /// Definitely not applied (a business refusal, or every attempt refused before any effect).
     Failed { code: Code, message: String },
@@ -84,14 +177,19 @@ enum Request {
     Buy(pb::PlaceOrderRequest),
     Sell(pb::PlaceOrderRequest),
     Transfer(pb::TransferRequest),
+    Reserve(pb::ReserveOrderRequest),
+    Fill(pb::FillOrderRequest),
+    Cancel(pb::CancelOrderRequest),
 }
 
 /// What an acknowledged call answered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Acknowledged {
     transaction_id: String,
     transfer_id: Option<String>,
     trade_cash: Option<Decimal>,
+    order_id: Option<String>,
+    order_total: Option<Decimal>,
 }
 
 /// Lazily connected channels, one per coordinator; an attempt goes to a random one, as behind
@@ -117,6 +215,21 @@ fn channels_with(endpoints: &[String], timeout: Option<Duration>) -> Vec<Coordin
         .collect()
 }
 
+/// A random asset, and a quantity of it worth at least the minimum order value at the catalog
+/// price, and at a reserved sell's limit.
+fn random_quantity(random: &mut fastrand::Rng) -> (&'static str, String) {
+    let asset = ASSETS[random.usize(..ASSETS.len())];
+    let quantity = match asset {
+        // Worth 1.45 to 85.70 (1.42 and up at the sell limit).
+        "SOL" => format!("0.{:02}", random.u32(1..60)),
+        // Worth about 1.35 to 89.96 (1.32 and up at the sell limit).
+        "ADA" => format!("{}.{}", random.u32(3..200), random.u32(0..10)),
+        // Worth about 1.11 to 98.76 (1.08 and up at the sell limit).
+        _ => format!("{}.{}", random.u32(9..800), random.u32(0..10)),
+    };
+    (asset, quantity)
+}
+
 /// A random operation for `user`, with `request_id`; a transfer goes to another of `users`.
 fn random_request(
     random: &mut fastrand::Rng,
@@ -128,15 +241,7 @@ fn random_request(
         format!("{}.{:02}", random.u32(whole), random.u32(0..100))
     };
     let decimal = |amount: &str| amount.parse::<Decimal>().expect("a plain amount");
-    let asset = ASSETS[random.usize(..ASSETS.len())];
-    let quantity = match asset {
-        // Worth 1.45 to 85.70.
-        "SOL" => format!("0.{:02}", random.u32(1..60)),
-        // Worth about 1.35 to 89.96.
-        "ADA" => format!("{}.{}", random.u32(3..200), random.u32(0..10)),
-        // Worth about 1.11 to 98.76.
-        _ => format!("{}.{}", random.u32(9..800), random.u32(0..10)),
-    };
+    let (asset, quantity) = random_quantity(random);
     let order = |quantity: &str| pb::PlaceOrderRequest {
         user_id: user.to_owned(),
         asset: asset.to_owned(),
@@ -233,18 +338,28 @@ fn authorized<T>(message: T) -> tonic::Request<T> {
 async fn send(client: &mut CoordinatorClient<Channel>, request: &Request) -> Result<Acknowledged, tonic::Status> {
     let cash = |reply: pb::CashReply| Acknowledged {
         transaction_id: reply.transaction_id,
-        transfer_id: None,
-        trade_cash: None,
+        ..Acknowledged::default()
     };
     // A trade's cash is its order's total, out for a buy and in for a sell; a total that does not
     // parse is left to the verdict, which then finds the trade unexplained.
-    let trade = |reply: pb::OrderReply, sign: Decimal| Acknowledged {
-        transaction_id: reply.transaction_id,
-        transfer_id: None,
-        trade_cash: reply
+    let order = |reply: pb::OrderReply| {
+        let total = reply
             .order
-            .and_then(|order| order.total.parse::<Decimal>().ok())
-            .map(|total| total * sign),
+            .as_ref()
+            .and_then(|order| order.total.parse::<Decimal>().ok());
+        Acknowledged {
+            transaction_id: reply.transaction_id,
+            order_id: reply.order.map(|order| order.order_id),
+            order_total: total,
+            ..Acknowledged::default()
+        }
+    };
+    let trade = |reply: pb::OrderReply, sign: Decimal| {
+        let acknowledged = order(reply);
+        Acknowledged {
+            trade_cash: acknowledged.order_total.map(|total| total * sign),
+            ..acknowledged
+        }
     };
     Ok(match request.clone() {
         Request::Deposit(request) => cash(client.deposit(authorized(request)).await?.into_inner()),
@@ -259,9 +374,12 @@ async fn send(client: &mut CoordinatorClient<Channel>, request: &Request) -> Res
             Acknowledged {
                 transaction_id: reply.transaction_id,
                 transfer_id: Some(reply.transfer_id),
-                trade_cash: None,
+                ..Acknowledged::default()
             }
         }
+        Request::Reserve(request) => order(client.reserve_order(authorized(request)).await?.into_inner()),
+        Request::Fill(request) => order(client.fill_order(authorized(request)).await?.into_inner()),
+        Request::Cancel(request) => order(client.cancel_order(authorized(request)).await?.into_inner()),
     })
 }
 
@@ -296,6 +414,8 @@ async fn run_operation(
                     transaction_id: acknowledged.transaction_id,
                     transfer_id: acknowledged.transfer_id,
                     trade_cash: acknowledged.trade_cash,
+                    order_id: acknowledged.order_id,
+                    order_total: acknowledged.order_total,
                 };
             }
             Err(status) => match status.code() {
@@ -363,6 +483,153 @@ pub async fn open_accounts(endpoints: &[String], users: &[String], seed: u64) ->
     history
 }
 
+/// Smallest quantity a fill may have (the coordinator's trade minimum): fills are split in
+/// thousandths.
+const FILL_QUANTITY_MIN: Decimal = Decimal::from_parts(1, 0, 0, false, 3);
+
+/// One order flow of `user`: a reserved buy or sell (with `request_id`), then, if it was
+/// acknowledged, one to three fills (each with its own fill id) of all of the order or a part,
+/// and a cancel after a part or instead of any fill, or nothing more (the order holds until it
+/// expires, or to the end). A third of the orders expire in 1-3 s; half of those wait past their
+/// expiry before one of their steps, which must then be refused. Each call is an operation of
+/// its own; a fill or cancel whose reserve did not end ok is not sent (its order is unknown).
+async fn order_flow(
+    clients: &mut [CoordinatorClient<Channel>],
+    random: &mut fastrand::Rng,
+    user: &str,
+    request_id: &str,
+) -> Vec<Operation> {
+    let decimal = |raw: &str| raw.parse::<Decimal>().expect("a plain amount");
+    let side = if random.bool() { TradeSide::Buy } else { TradeSide::Sell };
+    let (asset, quantity) = random_quantity(random);
+    let prices = ORDER_PRICES
+        .iter()
+        .find(|(symbol, _)| *symbol == asset)
+        .map(|(_, prices)| *prices)
+        .expect("every asset the workload trades has order prices");
+    let limit = match side {
+        TradeSide::Buy => prices.buy_limit,
+        TradeSide::Sell => prices.sell_limit,
+    };
+    let short = random.u32(..3) == 0;
+    let expires_in_seconds = if short { random.u64(SHORT_EXPIRY_SECONDS) } else { 0 };
+    let request = pb::ReserveOrderRequest {
+        user_id: user.to_owned(),
+        side: match side {
+            TradeSide::Buy => pb::OrderSide::Buy,
+            TradeSide::Sell => pb::OrderSide::Sell,
+        } as i32,
+        asset: asset.to_owned(),
+        quantity: quantity.clone(),
+        limit_price: limit.to_owned(),
+        expires_in_seconds,
+        request_id: request_id.to_owned(),
+    };
+    let expiry = if short {
+        format!(" for {expires_in_seconds}s")
+    } else {
+        String::new()
+    };
+    let description = format!("RESERVE {} {quantity} {asset} limit {limit}{expiry}", side.as_str());
+    let action = Action::Reserve {
+        side,
+        asset: asset.to_owned(),
+        quantity: decimal(&quantity),
+        limit: decimal(limit),
+    };
+    let reserve = run_operation(
+        clients,
+        random,
+        user,
+        Request::Reserve(request),
+        action,
+        request_id.to_owned(),
+        description,
+    )
+    .await;
+    // The order expires at most this long after now: it was decided before its reply.
+    let expired_by = tokio::time::Instant::now() + Duration::from_secs(expires_in_seconds) + PAST_EXPIRY;
+    let order_id = match &reserve.outcome {
+        Outcome::Ok {
+            order_id: Some(order_id),
+            ..
+        } => order_id.clone(),
+        _ => return vec![reserve],
+    };
+    let mut history = vec![reserve];
+
+    // The plan: fills of all or a part, then a cancel, or neither.
+    let fills = if random.u32(..6) == 0 { 0 } else { random.usize(1..=3) };
+    let whole = fills > 0 && random.u32(..3) != 0;
+    let cancel = !whole && (fills == 0 || random.bool());
+    let steps = fills + usize::from(cancel);
+    let late_at = (short && random.bool()).then(|| random.usize(..steps));
+    let mut remaining = decimal(&quantity);
+    for step in 0..steps {
+        if late_at == Some(step) {
+            tokio::time::sleep_until(expired_by).await;
+        }
+        let operation = if step < fills {
+            if remaining.is_zero() {
+                continue;
+            }
+            // A share of what remains, in thousandths, leaving at least the smallest fill.
+            let share = (remaining * Decimal::new(random.i64(20..=60), 2))
+                .round_dp_with_strategy(3, rust_decimal::RoundingStrategy::ToZero)
+                .max(FILL_QUANTITY_MIN);
+            let part = if (whole && step + 1 == fills) || remaining - share < FILL_QUANTITY_MIN {
+                remaining
+            } else {
+                share
+            };
+            remaining -= part;
+            let price = if random.bool() { prices.catalog } else { limit };
+            let fill_id = format!("exec-{step}");
+            let description = format!("FILL {part} {asset} at {price} of {order_id} ({fill_id})");
+            let request = pb::FillOrderRequest {
+                user_id: user.to_owned(),
+                order_id: order_id.clone(),
+                fill_id: fill_id.clone(),
+                quantity: part.to_string(),
+                price: price.to_owned(),
+            };
+            let action = Action::Fill {
+                order_id: order_id.clone(),
+                fill_id: fill_id.clone(),
+                side,
+                asset: asset.to_owned(),
+                quantity: part,
+                price: decimal(price),
+            };
+            let key = format!("fill:{order_id}:{fill_id}");
+            run_operation(clients, random, user, Request::Fill(request), action, key, description).await
+        } else {
+            let cancel_id = format!("{request_id}-cancel");
+            let request = pb::CancelOrderRequest {
+                user_id: user.to_owned(),
+                order_id: order_id.clone(),
+                request_id: cancel_id.clone(),
+            };
+            let action = Action::Cancel {
+                order_id: order_id.clone(),
+            };
+            let description = format!("CANCEL {order_id}");
+            run_operation(
+                clients,
+                random,
+                user,
+                Request::Cancel(request),
+                action,
+                cancel_id,
+                description,
+            )
+            .await
+        };
+        history.push(operation);
+    }
+    history
+}
+
 /// One client: random operations on random users until `until`.
 pub async fn client(
     index: usize,
@@ -379,6 +646,10 @@ pub async fn client(
         let user = users[random.usize(..users.len())].clone();
         let request_id = format!("c{index}-{sequence}-{seed}");
         sequence += 1;
+        if random.u32(..ORDER_FLOW_ONE_IN) == 0 {
+            history.extend(order_flow(&mut clients, &mut random, &user, &request_id).await);
+            continue;
+        }
         let (request, action, description) = random_request(&mut random, &user, &users, &request_id);
         let operation = run_operation(
             &mut clients,

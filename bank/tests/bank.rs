@@ -1,6 +1,7 @@
 //! The bank test in its CI configuration ([`BankConfig::ci`], the one place its figures are set),
 //! on the embedded engine and on dynoxide over HTTP with three coordinators.
-//! `LOCKSTEP_BANK_SECONDS` shortens or lengthens it.
+//! `LOCKSTEP_BANK_SECONDS` shortens or lengthens it; `LOCKSTEP_BANK_SWEEP_SECS` turns the
+//! sweeper on (off in CI, see [`BankConfig::ci`]).
 
 use std::time::Duration;
 
@@ -14,6 +15,12 @@ fn config(engine: BankEngine) -> BankConfig {
     {
         config.duration = Duration::from_secs(seconds);
     }
+    if let Some(seconds) = std::env::var("LOCKSTEP_BANK_SWEEP_SECS")
+        .ok()
+        .and_then(|raw| raw.parse().ok())
+    {
+        config.sweep_interval = Duration::from_secs(seconds);
+    }
     config
 }
 
@@ -26,6 +33,13 @@ async fn bank_holds(engine: BankEngine) {
     assert_eq!(report.kills, config.kills, "{report}");
     assert!(report.faults_injected > 0, "faults were injected: {report}");
     assert!(report.ok > config.clients * 5, "the workload made progress: {report}");
+    // The order flows did too: orders reserved, filled and cancelled.
+    for kind in ["RESERVE", "FILL", "CANCEL"] {
+        assert!(
+            report.by_kind.get(kind).is_some_and(|(ok, _, _)| *ok > 0),
+            "some {kind} applied: {report}"
+        );
+    }
     // The watchers followed their accounts through the kills (gaps and shortfalls are
     // discrepancies, checked above) and did see entries.
     assert_eq!(report.watched.len(), 3, "{report}");
