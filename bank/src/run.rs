@@ -59,11 +59,12 @@ impl BankConfig {
     /// The configuration CI runs (`bank/tests/bank.rs`), and the defaults of the `bank` binary's
     /// flags: 32 clients, 16 users, 60 s, 10 % faults, 5 kills; three coordinators on the
     /// endpoint, one on the embedded engine (its data directory is one process's). The sweeper
-    /// is off: the RELEASE entries it writes for expired holds are stamped with the start of its
-    /// pass over the table and not recorded again when they land late, so WatchFeed consumers
-    /// already past that time miss them until the account's next commit, and the bank's feed
-    /// check fails now and then (`--sweep-interval-secs 5`, or `LOCKSTEP_BANK_SWEEP_SECS=5` for
-    /// the test, turns it on).
+    /// runs every 5 s, so expired holds are released in storage while clients fill and cancel
+    /// (`LOCKSTEP_BANK_SWEEP_SECS=0` turns it off). It was off while its RELEASE entries were
+    /// stamped with the start of its pass and not recorded again when they landed late: WatchFeed
+    /// consumers missed them and the bank's feed check failed now and then (fixed: the sweeper
+    /// stamps each release when it sends it and records it in the feed again after the
+    /// acknowledgement).
     pub const fn ci(engine: BankEngine) -> BankConfig {
         BankConfig {
             engine,
@@ -77,7 +78,7 @@ impl BankConfig {
                 BankEngine::Embedded => 1,
             },
             seed: 1,
-            sweep_interval: Duration::ZERO,
+            sweep_interval: Duration::from_secs(5),
         }
     }
 }
@@ -724,7 +725,8 @@ fn hold_matches(operation: &Operation, entry: &LedgerEntry, orders: &Orders<'_>)
                     hold.fill_id.is_none()
                         && held_asset(hold) == asset
                         && hold.held_delta == held
-                        && replied.is_none_or(|order_id| hold.order_id.as_str() == order_id)
+                        && replied
+                            .is_none_or(|order_id| hold.order_id.as_ref().map_or("", |id| id.as_str()) == order_id)
                 })
         }
         Action::Fill {
@@ -745,7 +747,7 @@ fn hold_matches(operation: &Operation, entry: &LedgerEntry, orders: &Orders<'_>)
                     && trade.quantity_delta == quantity_delta
                     && trade.order_id.as_str() == order_id
             }) && hold.is_some_and(|hold| {
-                hold.order_id.as_str() == order_id
+                hold.order_id.as_ref().map_or("", |id| id.as_str()) == order_id
                     && hold.fill_id.as_deref() == Some(fill_id.as_str())
                     && replayed.is_some_and(|replayed| hold.held_delta == replayed.held_delta)
             })
@@ -754,7 +756,7 @@ fn hold_matches(operation: &Operation, entry: &LedgerEntry, orders: &Orders<'_>)
             let replayed = orders.expected.get(operation.request_id.as_str());
             entry.trade.is_none()
                 && hold.is_some_and(|hold| {
-                    hold.order_id.as_str() == order_id
+                    hold.order_id.as_ref().map_or("", |id| id.as_str()) == order_id
                         && hold.fill_id.is_none()
                         && replayed.is_some_and(|replayed| hold.held_delta == replayed.held_delta)
                 })
@@ -898,7 +900,7 @@ fn replay_orders<'a>(
     for entry in swept_entries {
         match &entry.hold {
             Some(hold) => steps
-                .entry(hold.order_id.as_str())
+                .entry(hold.order_id.as_ref().map_or("", |id| id.as_str()))
                 .or_default()
                 .push((entry.sequence, Step::Swept(entry))),
             None => discrepancies.push(format!(
@@ -924,7 +926,7 @@ fn replay_orders<'a>(
             continue;
         };
         let Some(hold) = &reserved.hold else { continue };
-        let order_id = hold.order_id.as_str();
+        let order_id = hold.order_id.as_ref().map_or("", |id| id.as_str());
         let described = format!("order {order_id} ({} by {})", operation.description, operation.user);
         let Some(order) = books.orders.get(order_id) else {
             discrepancies.push(format!("{described} has a HOLD entry but no order"));
@@ -1554,7 +1556,8 @@ mod tests {
     fn order_flow(history: &mut Vec<Operation>, books: &mut Books) -> OrderId {
         let order_id = OrderId::new();
         let hold = |fill_id: Option<&str>, held: &str| LedgerHold {
-            order_id: order_id.clone(),
+            order_id: Some(order_id.clone()),
+            withdrawal_id: None,
             fill_id: fill_id.map(str::to_owned),
             asset: None,
             held_delta: decimal(held),

@@ -1,7 +1,7 @@
 //! The bank test in its CI configuration ([`BankConfig::ci`], the one place its figures are set),
 //! on the embedded engine and on dynoxide over HTTP with three coordinators.
-//! `LOCKSTEP_BANK_SECONDS` shortens or lengthens it; `LOCKSTEP_BANK_SWEEP_SECS` turns the
-//! sweeper on (off in CI, see [`BankConfig::ci`]).
+//! `LOCKSTEP_BANK_SECONDS` shortens or lengthens it; `LOCKSTEP_BANK_SWEEP_SECS` sets the
+//! sweeper's interval (5 s in CI, 0 turns it off; see [`BankConfig::ci`]).
 
 use std::time::Duration;
 

@@ -280,7 +280,8 @@ async fn expire_holds(
 /// by a coordinator records it again (`journal_taken_over`).
 async fn record_in_feed_again(storage: &Storage, feed: &[crate::storage::Item], at: Millis) {
     for item in feed {
-        let later = at.max(crate::core::SystemClock.now());
+        // Never at the first record's own instant: the same key would overwrite it.
+        let later = (at + 1).max(crate::core::SystemClock.now());
         let Some(again) = model::feed_item_again(item, later) else {
             continue;
         };

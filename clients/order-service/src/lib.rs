@@ -4,12 +4,15 @@
 //! |---|---|
 //! | `POST /orders` `{"user_id", "side": "buy"\|"sell", "asset", "quantity", "limit_price"?}` | PlaceBuy / PlaceSell |
 //! | `POST /orders/reserve` `{"user_id", "side", "asset", "quantity", "limit_price", "expires_in_seconds"?}` | ReserveOrder |
-//! | `POST /orders/{id}/fills` `{"user_id", "fill_id", "quantity", "price"}` | FillOrder |
 //! | `POST /orders/{id}/cancel` `{"user_id"}` | CancelOrder |
 //! | `GET /orders/{id}` | GetOrder |
 //! | `GET /users/{id}/orders?cursor=&limit=&status=` | ListOrders (newest first; `status` e.g. `open`) |
 //! | `GET /assets` | ListAssets |
 //! | `GET /health` | grpc.health.v1 Check |
+//!
+//! FillOrder is not here on purpose: a fill is the exchange's word on an order, sent by the
+//! exchange connector over gRPC with its own trader credential, never by the end user whose
+//! order it is (who could otherwise fill their own sell at any price).
 //!
 //! No business rule lives here: quantities and prices travel as the strings the caller sent, and
 //! the coordinator validates and decides. `side` only chooses the RPC. Idempotency, deadlines,
@@ -57,7 +60,6 @@ pub fn routes() -> Router<CoordinatorConnection> {
     Router::new()
         .route("/orders", post(place_order))
         .route("/orders/reserve", post(reserve_order))
-        .route("/orders/{id}/fills", post(fill_order))
         .route("/orders/{id}/cancel", post(cancel_order))
         .route("/orders/{id}", get(order))
         .route("/users/{id}/orders", get(orders))
@@ -148,37 +150,6 @@ async fn reserve_order(
     let reply = coordinator
         .call(&context, request, |mut client, request| async move {
             client.reserve_order(request).await
-        })
-        .await?;
-    ok(order_reply_json(&reply))
-}
-
-#[derive(Deserialize)]
-struct FillOrderBody {
-    user_id: String,
-    fill_id: String,
-    quantity: String,
-    price: String,
-}
-
-async fn fill_order(
-    State(coordinator): State<CoordinatorConnection>,
-    context: RequestContext,
-    end_user: EndUser,
-    Path(order_id): Path<String>,
-    JsonBody(body): JsonBody<FillOrderBody>,
-) -> ApiResult<Value> {
-    end_user.require(&body.user_id)?;
-    let request = pb::FillOrderRequest {
-        user_id: body.user_id,
-        order_id,
-        fill_id: body.fill_id,
-        quantity: body.quantity,
-        price: body.price,
-    };
-    let reply = coordinator
-        .call(&context, request, |mut client, request| async move {
-            client.fill_order(request).await
         })
         .await?;
     ok(order_reply_json(&reply))

@@ -4,13 +4,15 @@
 //! |---|---|
 //! | `POST /users/{id}/deposit` `{"amount": "100.00"}` | Deposit |
 //! | `POST /users/{id}/withdraw` `{"amount": "25.50", "settlement": "pending"}` (settlement optional) | Withdraw |
-//! | `POST /users/{id}/withdrawals/{withdrawal_id}/settle` | SettleWithdrawal |
-//! | `POST /users/{id}/withdrawals/{withdrawal_id}/return` `{"reason": "bounced"}` | ReturnWithdrawal |
 //! | `POST /users/{id}/transfers` `{"to_user_id": "bob", "amount": "25.00", "memo": "rent"}` (memo optional) | Transfer from `{id}` |
 //! | `GET /users/{id}/balance` | GetAccount (cash, holdings and today's totals) |
 //! | `GET /users/{id}/transactions?cursor=&limit=` | ListLedger (newest first) |
 //! | `GET /users/{id}/events` (Server-Sent Events; `Last-Event-ID` resumes) | WatchLedger |
 //! | `GET /health` | grpc.health.v1 Check |
+//!
+//! SettleWithdrawal and ReturnWithdrawal are not here on purpose: they are the bank's word on a
+//! pending withdrawal, sent by the payments back office over gRPC with its own trader credential,
+//! never by the end user (who could otherwise return a withdrawal the bank already paid).
 //!
 //! No business rule lives here: amounts travel as the strings the caller sent, and the
 //! coordinator validates and decides. Idempotency, deadlines, retries and error mapping are in
@@ -60,14 +62,6 @@ pub fn routes() -> Router<CoordinatorConnection> {
     Router::new()
         .route("/users/{id}/deposit", post(deposit))
         .route("/users/{id}/withdraw", post(withdraw))
-        .route(
-            "/users/{id}/withdrawals/{withdrawal_id}/settle",
-            post(settle_withdrawal),
-        )
-        .route(
-            "/users/{id}/withdrawals/{withdrawal_id}/return",
-            post(return_withdrawal),
-        )
         .route("/users/{id}/transfers", post(transfer))
         .route("/users/{id}/balance", get(balance))
         .route("/users/{id}/transactions", get(transactions))
@@ -158,50 +152,6 @@ enum Settlement {
     #[default]
     Immediate,
     Pending,
-}
-
-#[derive(Deserialize)]
-struct ReturnBody {
-    #[serde(default)]
-    reason: String,
-}
-
-async fn settle_withdrawal(
-    State(coordinator): State<CoordinatorConnection>,
-    context: RequestContext,
-    Path((user_id, withdrawal_id)): Path<(String, String)>,
-) -> ApiResult<Value> {
-    let request = pb::SettleWithdrawalRequest {
-        user_id,
-        withdrawal_id,
-        request_id: context.request_id.clone(),
-    };
-    let reply = coordinator
-        .call(&context, request, |mut client, request| async move {
-            client.settle_withdrawal(request).await
-        })
-        .await?;
-    ok(cash_json(reply))
-}
-
-async fn return_withdrawal(
-    State(coordinator): State<CoordinatorConnection>,
-    context: RequestContext,
-    Path((user_id, withdrawal_id)): Path<(String, String)>,
-    JsonBody(body): JsonBody<ReturnBody>,
-) -> ApiResult<Value> {
-    let request = pb::ReturnWithdrawalRequest {
-        user_id,
-        withdrawal_id,
-        reason: body.reason,
-        request_id: context.request_id.clone(),
-    };
-    let reply = coordinator
-        .call(&context, request, |mut client, request| async move {
-            client.return_withdrawal(request).await
-        })
-        .await?;
-    ok(cash_json(reply))
 }
 
 async fn deposit(

@@ -124,7 +124,9 @@ pub enum Rejection {
     OrderExpired { order_id: OrderId, at: String },
     #[error("Fill quantity {requested} exceeds the {remaining} that remains of the order")]
     FillTooLarge { remaining: Quantity, requested: Quantity },
-    #[error("Too many open orders on the account (at most {maximum}); fill, cancel or let some expire")]
+    #[error(
+        "Too many open holds on the account (at most {maximum}): orders to fill, cancel or let expire (the sweeper releases expired ones), withdrawals to settle or return"
+    )]
     TooManyHolds { maximum: usize },
     /// A settlement or return of a withdrawal that already ended.
     #[error("Withdrawal {withdrawal_id} is {}", status.as_str())]

@@ -114,13 +114,29 @@ impl RequestId {
                 format!("must be at most {REQUEST_ID_LENGTH_MAX} characters from A-Z a-z 0-9 . _ : -"),
             ));
         }
+        if raw.starts_with(FILL_KEY_PREFIX) {
+            return Err(FieldError::new(
+                field,
+                format!("must not start with {FILL_KEY_PREFIX} (the keys of fills, FillOrder's fill_id)"),
+            ));
+        }
         Ok(Some(Self(raw.to_owned())))
+    }
+
+    /// The key a fill's outcome is recorded under: `fill:{order_id}:{fill_id}`. No caller's
+    /// request id can take this form (`parse_optional` refuses the prefix), so a request id
+    /// can never occupy, and so block, the key of a fill that has yet to arrive.
+    pub fn for_fill(order_id: &OrderId, fill_id: &str) -> Self {
+        Self(format!("{FILL_KEY_PREFIX}{order_id}:{fill_id}"))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
+
+/// The prefix of the request records of fills.
+pub const FILL_KEY_PREFIX: &str = "fill:";
 
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

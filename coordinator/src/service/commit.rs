@@ -595,6 +595,14 @@ fn accepted_writes(
         .as_ref()
         .map(|effect| effect.holding)
         .or(decision.hold.as_ref().map(|effect| effect.holding));
+    // A fill's key must outlive its order: an exchange may send a fill again on any day the
+    // order can still be filled, and it must replay, not apply twice.
+    let retention = match (&decision.hold, operation) {
+        (Some(effect), Operation::Fill(_)) => {
+            retention + Duration::from_millis(effect.hold.expires_at_ms.saturating_sub(now))
+        }
+        _ => retention,
+    };
     let record = request_id.map(|request_id| {
         let outcome = RecordedOutcome::Committed {
             entry_id: entry.entry_id.clone(),

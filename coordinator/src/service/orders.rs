@@ -192,6 +192,23 @@ mod tests {
             .unwrap();
         let order = order_id(&held);
         let first = fill(&coordinator, "ann", &order, "e-1", "1", "99").await.unwrap();
+        // The fill's key lasts as long as its order can be filled, and the retention after.
+        let key = crate::core::RequestId::for_fill(&order, "e-1");
+        let record = coordinator
+            .storage()
+            .get(model::request_key(&user("ann"), &key))
+            .await
+            .unwrap()
+            .expect("the fill's record");
+        let expires = model::request_record_from_item(&record).unwrap().expires_at_seconds;
+        let order_expires = held.trade.as_ref().unwrap().0.expires_at_ms.unwrap() / 1000;
+        assert!(
+            expires >= order_expires + crate::service::REQUEST_RETENTION.as_secs(),
+            "{expires} < {order_expires} + retention"
+        );
+        // No caller's request id can take a fill's key.
+        let taken = crate::core::RequestId::parse_optional("request_id", key.as_str()).unwrap_err();
+        assert_eq!(taken.field, "request_id");
         let again = fill(&coordinator, "ann", &order, "e-1", "1", "99").await.unwrap();
         assert!(again.replayed);
         assert_eq!(again.entry.entry_id, first.entry.entry_id);

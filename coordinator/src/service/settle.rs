@@ -214,7 +214,10 @@ impl TransactionCoordinator {
                         let order = retry_safe(|| self.storage.get(order_key.clone()))
                             .await?
                             .ok_or_else(|| ServiceError::Internal(format!("recorded order {order_id} is missing")))?;
-                        Some((model::order_from_item(&order)?, holding))
+                        // The order as it stands now (an open order past its expiry is EXPIRED).
+                        let mut order = model::order_from_item(&order)?;
+                        order.status = order.status_at(self.clock.now());
+                        Some((order, holding))
                     }
                     _ => None,
                 };

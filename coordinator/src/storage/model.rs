@@ -376,10 +376,13 @@ pub fn request_record_expired(record: &RequestRecord, now: Millis) -> bool {
 }
 
 /// Request records expiring after this (epoch seconds) were stamped by a clock far ahead: no
-/// retention (at most `REQUEST_RETENTION_MAX`) from a clock within `CLOCK_SKEW_MAX` reaches it.
-/// Such a record is treated as expired rather than pinning its key (and its item) for that long.
+/// retention (at most `REQUEST_RETENTION_MAX`, plus for a fill its order's life, at most
+/// `EXPIRES_IN_MAX`) from a clock within `CLOCK_SKEW_MAX` reaches it. Such a record is treated
+/// as expired rather than pinning its key (and its item) for that long.
 fn implausible_record_expiry(now: Millis) -> u64 {
-    epoch_seconds(now) + (REQUEST_RETENTION_MAX + crate::core::records::CLOCK_SKEW_MAX).as_secs()
+    epoch_seconds(now)
+        + (REQUEST_RETENTION_MAX + crate::core::ops::orders::EXPIRES_IN_MAX + crate::core::records::CLOCK_SKEW_MAX)
+            .as_secs()
 }
 
 /// The longest retention a request record can be given (`--request-retention-hours` bound).
@@ -850,7 +853,7 @@ fn account_update(commit: &BatchCommit<'_>) -> Update {
     }
     if after.exists() && after.holds != read.holds {
         // Paired with the decisions' own check: nothing written is on hold beyond its total.
-        after.assert_holds_within_totals(commit.now);
+        Account::assert_holds_kept_within_totals(read, after, commit.now);
         if after.holds.is_empty() {
             remove.push("holds");
         } else {

@@ -436,7 +436,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     register(
         r,
         CASH_ON_HOLD,
-        "Cash set aside by live holds in all accounts of the table, in cents, as of this process's last sweep.",
+        "Cash set aside by live holds and pending withdrawals in all accounts of the table, in cents, as of this process's last sweep (only the coordinator holding the sweeper lease sweeps: read the freshest, not the sum).",
         &metrics.cash_on_hold,
     );
     register(
@@ -659,7 +659,6 @@ pub fn forwarded(outcome: &'static str) {
     METRICS.forwards.get_or_create(&[("outcome", outcome)]).inc();
 }
 
-/// Account affinity: how many coordinators this one sees live, itself included.
 /// `count` holds had `event` (opened, fill, filled, cancelled, expired).
 pub fn hold_event(event: &'static str, count: u64) {
     METRICS.holds.get_or_create(&[("event", event)]).inc_by(count);
@@ -672,6 +671,7 @@ pub fn cash_on_hold(total: crate::core::Usd) {
     METRICS.cash_on_hold.set(cents.to_i64().unwrap_or(i64::MAX));
 }
 
+/// Account affinity: how many coordinators this one sees live, itself included.
 pub fn live_coordinators(count: usize) {
     METRICS.live_coordinators.set(count as i64);
 }

@@ -369,7 +369,7 @@ pub fn assert_postconditions(before: &Account, decision: &Decision, now: Millis)
     }
     let mut after = before.clone();
     after.apply(decision);
-    after.assert_holds_within_totals(now);
+    Account::assert_holds_kept_within_totals(before, &after, now);
 }
 
 /// Who, why and when: what every record of a committed call carries besides the decision.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 
 use super::unchanged;
-use crate::core::account::{Account, HOLDS_PER_ACCOUNT_MAX, Hold, Holds};
+use crate::core::account::{Account, HOLDS_PER_ACCOUNT_MAX, Hold};
 use crate::core::decision::{Decision, HoldEffect, Rejection, TradeEffect};
 use crate::core::ids::{AssetSymbol, FieldError, OrderId, UserId};
 use crate::core::limits::Limits;
@@ -136,9 +136,7 @@ impl FillRequest {
     /// and whatever request id comes with it. At most 5 + 36 + 1 + 64 = 106 characters, within
     /// a request id's 128.
     pub fn key(&self) -> crate::core::RequestId {
-        crate::core::RequestId::parse_optional("fill_id", &format!("fill:{}:{}", self.order_id, self.fill_id))
-            .expect("a fill key is a valid request id")
-            .expect("a fill key is not empty")
+        crate::core::RequestId::for_fill(&self.order_id, &self.fill_id)
     }
 }
 
@@ -165,16 +163,11 @@ impl ClosedOrder {
     }
 }
 
-/// Holds of `account` that still count at `now`: the expired ones are dropped by every hold
-/// decision (their orders read as EXPIRED from then on).
-fn live_holds(account: &Account, now: Millis) -> Holds {
-    account
-        .holds
-        .iter()
-        .filter(|(_, hold)| hold.is_live(now))
-        .map(|(id, hold)| (id.clone(), hold.clone()))
-        .collect()
-}
+/// Most holds an account keeps, live or expired: an expired hold stays (counting for nothing)
+/// until the sweeper releases it in storage with its RELEASE entry and its order EXPIRED, so
+/// that every hold ends in the ledger exactly once. Twice the live bound leaves room for one
+/// sweep interval of expiries.
+pub const HOLDS_KEPT_MAX: usize = 2 * HOLDS_PER_ACCOUNT_MAX;
 
 /// Decides a reserve on `account` at `now`: the asset must be active (`active`), the account
 /// must have room for another hold, and what the order may need must be available.
@@ -188,8 +181,8 @@ pub fn decide_reserve(
     if !active {
         return Err(Rejection::AssetInactive(request.asset.clone()));
     }
-    let mut holds = live_holds(account, now);
-    if holds.len() + account.withdrawals.len() >= HOLDS_PER_ACCOUNT_MAX {
+    let mut holds = account.holds.clone();
+    if account.open_holds(now) >= HOLDS_PER_ACCOUNT_MAX || holds.len() >= HOLDS_KEPT_MAX {
         return Err(Rejection::TooManyHolds {
             maximum: HOLDS_PER_ACCOUNT_MAX,
         });
@@ -338,11 +331,20 @@ pub fn decide_fill(
         .filled
         .checked_add(request.quantity)
         .ok_or(Rejection::OutOfRange)?;
-    after.filled_value = before.filled_value + value;
+    after.filled_value = before.filled_value.checked_add(value).ok_or(Rejection::OutOfRange)?;
     after.moved = match before.side {
         TradeSide::Buy => Usd::ceil(after.filled_value),
         TradeSide::Sell => Usd::floor(after.filled_value),
     };
+    // An order's fills are bounded as any order is: a sell's limit is only a floor, so a fill at
+    // a wild price would otherwise credit any amount.
+    let maximum = Usd::from_decimal(ORDER_VALUE_USD_MAX);
+    if after.moved > maximum {
+        return Err(Rejection::OrderValueTooLarge {
+            total: after.moved,
+            maximum,
+        });
+    }
     let moved = after
         .moved
         .checked_sub(before.moved)
@@ -375,7 +377,7 @@ pub fn decide_fill(
         ),
     };
     let filled = after.remaining().is_zero();
-    let mut holds = live_holds(account, now);
+    let mut holds = account.holds.clone();
     if filled {
         holds.remove(&request.order_id);
     } else {
@@ -430,7 +432,7 @@ pub fn decide_cancel(
         TradeSide::Buy => (None, -hold.cash_held().decimal()),
         TradeSide::Sell => (Some(hold.asset.clone()), -hold.quantity_held().decimal()),
     };
-    let mut holds = live_holds(account, now);
+    let mut holds = account.holds.clone();
     holds.remove(&request.order_id);
     Ok(Decision {
         hold: Some(HoldEffect {
@@ -765,6 +767,29 @@ mod tests {
         );
     }
 
+    /// Clocks differ within CLOCK_SKEW_MAX: a coordinator just past a hold's expiry lets its
+    /// cash be spent, and one just before it still counts the hold. There nothing is available,
+    /// every spend is refused, a fill finds no cash to move, and nothing panics or goes negative.
+    #[test]
+    fn a_clock_behind_another_sees_nothing_available_and_fails_nothing() {
+        let mut account = open("100", "0");
+        let held = reserve(TradeSide::Buy, "1", "100", 10);
+        let id = order_of(&held);
+        run(&mut account, &held, T0).unwrap();
+        let expiry = T0 + 10_000;
+        // Ahead: the hold expired, its cash is spent.
+        run(&mut account, &Operation::Withdraw(usd("100")), expiry + 1_000).unwrap();
+        // Behind: the hold still counts.
+        let behind = expiry - 1_000;
+        assert_eq!(account.available_cash(behind), Usd::from_decimal(Decimal::ZERO));
+        let spend = run(&mut account.clone(), &Operation::Withdraw(usd("0.01")), behind);
+        assert!(matches!(spend, Err(Rejection::InsufficientBalance { .. })), "{spend:?}");
+        let filled = run(&mut account.clone(), &fill(&id, "late", "1", "99"), behind);
+        assert_eq!(filled.unwrap_err(), Rejection::OutOfRange);
+        run(&mut account, &Operation::Deposit(usd("5")), behind).unwrap();
+        assert_eq!(account.cash, usd("5"));
+    }
+
     /// Bad figures are refused before anything is held: an inactive asset, a value above the
     /// maximum, more open orders than an account keeps.
     #[test]
@@ -793,9 +818,21 @@ mod tests {
                 maximum: HOLDS_PER_ACCOUNT_MAX
             }
         );
-        // Expired holds make room again.
+        // Expired holds make room again; they stay on the account (counting for nothing) until
+        // the sweeper releases them, up to HOLDS_KEPT_MAX.
         run(&mut account, &reserve(TradeSide::Buy, "1", "1", 60), T0 + 60_000).unwrap();
-        assert_eq!(account.holds.len(), 1);
+        assert_eq!(account.live_holds(T0 + 60_000).count(), 1);
+        assert_eq!(account.holds.len(), HOLDS_PER_ACCOUNT_MAX + 1);
+        for _ in 1..HOLDS_PER_ACCOUNT_MAX - 1 {
+            run(&mut account, &reserve(TradeSide::Buy, "1", "1", 1), T0 + 60_000).unwrap();
+        }
+        assert_eq!(account.holds.len(), HOLDS_KEPT_MAX - 1);
+        run(&mut account, &reserve(TradeSide::Buy, "1", "1", 1), T0 + 60_000).unwrap();
+        let kept_full = run(&mut account, &reserve(TradeSide::Buy, "1", "1", 1), T0 + 120_000);
+        assert!(
+            matches!(kept_full, Err(Rejection::TooManyHolds { .. })),
+            "{kept_full:?}"
+        );
     }
 
     #[derive(Debug, Clone)]
