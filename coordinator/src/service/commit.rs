@@ -239,7 +239,11 @@ impl TransactionCoordinator {
                 return Ending::Stopped(ServiceError::LeaseLost);
             }
             self.answer_unknown_assets(calls);
-            let round = match self.decide_round(held, calls, now, &mut catalog_checked).await {
+            let closed = match self.closed_orders(held, calls).await {
+                Ok(closed) => closed,
+                Err(error) => return Ending::Stopped(error),
+            };
+            let round = match self.decide_round(held, calls, now, &closed, &mut catalog_checked).await {
                 Ok(Some(round)) => round,
                 Ok(None) => continue,
                 Err(error) => return Ending::Stopped(error),
@@ -314,14 +318,14 @@ impl TransactionCoordinator {
         held: &HeldLease,
         calls: &[Call],
         now: Millis,
+        closed: &Closed,
         catalog_checked: &mut bool,
     ) -> Result<Option<Round>, ServiceError> {
         let operations = calls
             .iter()
             .map(|(_, waiter)| Ok((&waiter.operation, self.quote(&waiter.operation)?)))
             .collect::<Result<Vec<_>, ServiceError>>()?;
-        let closed = self.closed_orders(held, calls).await?;
-        let outcome = decide_batch(&held.account, &operations, &closed, now, &self.config.limits);
+        let outcome = decide_batch(&held.account, &operations, closed, now, &self.config.limits);
         let stale_refusal = operations.iter().zip(&outcome.decisions).any(|((_, quote), decision)| {
             quote.is_some() && decision.as_ref().is_err_and(Rejection::depends_on_catalog)
         });
@@ -354,13 +358,19 @@ impl TransactionCoordinator {
         )))
     }
 
-    /// The orders named by the batch's fills and cancels that the account does not hold, as
-    /// stored: closed (filled, cancelled) or expired, which their refusals name. An order's
-    /// item is written in the same transaction as its account, and a closed order never
-    /// changes again, so reading it under the account's lease (or version) is exact.
-    async fn closed_orders(&self, held: &HeldLease, calls: &[Call]) -> Result<Closed, ServiceError> {
+    /// The orders named by the batch's fills and cancels, and the withdrawals named by its
+    /// settlements and returns, that the account does not hold, as stored: closed (filled,
+    /// cancelled, settled, returned) or expired, which their refusals name. An order or
+    /// withdrawal the account holds is its own (nothing else is read: a fill of an open order
+    /// costs no read); one it does not hold is read, and if it is not a reserved order of this
+    /// user (another user's, guessed or replayed, or none) the call leaves the batch at once
+    /// with NOT_FOUND, recording nothing. An item is written in the same transaction as its
+    /// account, and a closed one never changes, so reading it under the account's lease (or
+    /// version) is exact.
+    async fn closed_orders(&self, held: &HeldLease, calls: &mut Vec<Call>) -> Result<Closed, ServiceError> {
         let mut closed = Closed::default();
-        for (_, waiter) in calls {
+        let mut not_found = Vec::new();
+        for (position, (_, waiter)) in calls.iter().enumerate() {
             if let Some(withdrawal_id) = waiter.operation.named_withdrawal() {
                 if held.account.withdrawals.contains_key(withdrawal_id)
                     || closed.withdrawals.contains_key(withdrawal_id)
@@ -368,14 +378,14 @@ impl TransactionCoordinator {
                     continue;
                 }
                 let key = model::withdrawal_key(&held.user, withdrawal_id);
-                let item = super::retry_safe(|| self.storage.get(key.clone()))
-                    .await?
-                    .ok_or_else(|| {
-                        ServiceError::Internal(format!("withdrawal {withdrawal_id} was checked and is missing"))
-                    })?;
-                closed
-                    .withdrawals
-                    .insert(withdrawal_id.clone(), model::withdrawal_from_item(&item)?.status);
+                match super::retry_safe(|| self.storage.get(key.clone())).await? {
+                    Some(item) => {
+                        closed
+                            .withdrawals
+                            .insert(withdrawal_id.clone(), model::withdrawal_from_item(&item)?.status);
+                    }
+                    None => not_found.push((position, Missing::Withdrawal(withdrawal_id.to_string()))),
+                }
                 continue;
             }
             let Some(order_id) = waiter.operation.named_order() else {
@@ -385,12 +395,20 @@ impl TransactionCoordinator {
                 continue;
             }
             let key = model::order_key(order_id.as_str());
-            let item = super::retry_safe(|| self.storage.get(key.clone()))
+            let order = super::retry_safe(|| self.storage.get(key.clone()))
                 .await?
-                .ok_or_else(|| ServiceError::Internal(format!("order {order_id} was checked and is missing")))?;
-            closed
-                .orders
-                .insert(order_id.clone(), ClosedOrder::of(&model::order_from_item(&item)?));
+                .map(|item| model::order_from_item(&item))
+                .transpose()?;
+            match order {
+                Some(order) if order.user_id == held.user && order.expires_at_ms.is_some() => {
+                    closed.orders.insert(order_id.clone(), ClosedOrder::of(&order));
+                }
+                _ => not_found.push((position, Missing::Order(order_id.to_string()))),
+            }
+        }
+        for (position, missing) in not_found.into_iter().rev() {
+            let (_, waiter) = calls.remove(position);
+            waiter.answer(Err(ServiceError::NotFound(missing)));
         }
         Ok(closed)
     }

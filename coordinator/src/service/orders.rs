@@ -1,18 +1,16 @@
 //! ReserveOrder, FillOrder and CancelOrder on the service side: they run through the queue,
 //! the lease and the batch commit like every single-account operation (`core::ops::orders`
-//! decides them). What this file adds: a fill or cancel names an order by id, so its owner is
-//! checked before anything queues (NOT_FOUND for another user's order, guessed or replayed),
-//! and a fill is keyed on its fill id instead of a request id.
+//! decides them). What this file adds: a fill is keyed on its fill id instead of a request id.
+//! A fill or cancel names an order by id: one its account holds is its own; any other is read
+//! under the lease (`commit::closed_orders`), and NOT_FOUND unless it is a reserved order of
+//! the user (another user's, guessed or replayed, learns nothing and writes nothing).
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{
-    CancelRequest, FillRequest, Missing, Operation, Receipt, ServiceError, TransactionCoordinator, retry_safe,
-};
-use crate::core::{OrderId, Principal, RequestId, UserId};
-use crate::storage::model;
+use super::{CancelRequest, FillRequest, Operation, Receipt, ServiceError, TransactionCoordinator};
+use crate::core::{Principal, RequestId, UserId};
 
 impl TransactionCoordinator {
     /// Applies one fill of `user`'s reserved order. Keyed on the fill id: a repeat with the same
@@ -24,7 +22,6 @@ impl TransactionCoordinator {
         fill: FillRequest,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.check_order_of(user, &fill.order_id).await?;
         let key = fill.key();
         self.mutate_as(principal, user, Operation::Fill(fill), Some(key), deadline)
             .await
@@ -39,22 +36,8 @@ impl TransactionCoordinator {
         request_id: Option<RequestId>,
         deadline: Option<Instant>,
     ) -> Result<Receipt, ServiceError> {
-        self.check_order_of(user, &cancel.order_id).await?;
         self.mutate_as(principal, user, Operation::Cancel(cancel), request_id, deadline)
             .await
-    }
-
-    /// NOT_FOUND unless `order_id` is a reserved order of `user`: an id of another user's order,
-    /// guessed or replayed, learns nothing and writes nothing. (An order's user and kind never
-    /// change, so this read needs no lease.)
-    async fn check_order_of(&self, user: &UserId, order_id: &OrderId) -> Result<(), ServiceError> {
-        let key = model::order_key(order_id.as_str());
-        let item = retry_safe(|| self.storage.get(key.clone())).await?;
-        let order = item.map(|item| model::order_from_item(&item)).transpose()?;
-        match order {
-            Some(order) if order.user_id == *user && order.expires_at_ms.is_some() => Ok(()),
-            _ => Err(ServiceError::NotFound(Missing::Order(order_id.to_string()))),
-        }
     }
 }
 
@@ -67,11 +50,13 @@ mod tests {
     use crate::core::ops::orders::EXPIRES_IN_DEFAULT;
     use crate::core::records::{EntryKind, OrderStatus};
     use crate::core::time::ManualClock;
-    use crate::core::{AssetSymbol, Clock, Price, Rejection, TradeSide, Usd};
+    use crate::core::{AssetSymbol, Clock, OrderId, Price, Rejection, TradeSide, Usd};
+    use crate::service::Missing;
     use crate::service::ReserveRequest;
     use crate::service::testing::{coordinator, coordinator_on, quantity, usd, user};
     use crate::service::{CoordinatorConfig, PageRequest};
     use crate::storage::embedded::EmbeddedEngine;
+    use crate::storage::model;
 
     fn local() -> Principal {
         Principal::local()
