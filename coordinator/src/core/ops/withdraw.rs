@@ -160,6 +160,29 @@ fn pending<'a>(
         })
 }
 
+/// How withdrawal `id` of `account` ends in `status`: no longer pending, its hold released.
+/// Refused if it is not pending (`closed`: its record's status).
+fn ended(
+    account: &Account,
+    id: &WithdrawalId,
+    closed: Option<WithdrawalStatus>,
+    status: WithdrawalStatus,
+    reason: Option<String>,
+) -> Result<WithdrawalEffect, Rejection> {
+    let pending = pending(account, id, closed)?.clone();
+    let mut withdrawals = account.withdrawals.clone();
+    withdrawals.remove(id);
+    Ok(WithdrawalEffect {
+        withdrawals,
+        withdrawal_id: id.clone(),
+        held_delta: -pending.amount.decimal(),
+        pending,
+        status,
+        reason,
+        fresh: false,
+    })
+}
+
 /// SettleWithdrawal: the held cash leaves (a WITHDRAWAL entry). The day's total already counts it.
 pub fn decide_settle(
     account: &Account,
@@ -167,21 +190,12 @@ pub fn decide_settle(
     closed: Option<WithdrawalStatus>,
     unchanged: Decision,
 ) -> Result<Decision, Rejection> {
-    let pending = pending(account, &request.withdrawal_id, closed)?;
-    let mut withdrawals = account.withdrawals.clone();
-    withdrawals.remove(&request.withdrawal_id);
+    let effect = ended(account, &request.withdrawal_id, closed, WithdrawalStatus::Settled, None)?;
+    let amount = effect.pending.amount;
     Ok(Decision {
-        cash: account.cash.checked_sub(pending.amount).ok_or(Rejection::OutOfRange)?,
-        cash_delta: UsdDelta::debit(pending.amount),
-        withdrawal: Some(WithdrawalEffect {
-            withdrawals,
-            withdrawal_id: request.withdrawal_id.clone(),
-            pending: pending.clone(),
-            status: WithdrawalStatus::Settled,
-            reason: None,
-            held_delta: -pending.amount.decimal(),
-            fresh: false,
-        }),
+        cash: account.cash.checked_sub(amount).ok_or(Rejection::OutOfRange)?,
+        cash_delta: UsdDelta::debit(amount),
+        withdrawal: Some(effect),
         ..unchanged
     })
 }
@@ -194,28 +208,25 @@ pub fn decide_return(
     closed: Option<WithdrawalStatus>,
     unchanged: Decision,
 ) -> Result<Decision, Rejection> {
-    let pending = pending(account, &request.withdrawal_id, closed)?;
-    let mut withdrawals = account.withdrawals.clone();
-    withdrawals.remove(&request.withdrawal_id);
-    let withdrawn_today = if pending.day == unchanged.limit_day {
+    let reason = Some(request.reason.as_str().to_owned());
+    let effect = ended(
+        account,
+        &request.withdrawal_id,
+        closed,
+        WithdrawalStatus::Returned,
+        reason,
+    )?;
+    let withdrawn_today = if effect.pending.day == unchanged.limit_day {
         unchanged
             .withdrawn_today
-            .checked_sub(pending.amount)
+            .checked_sub(effect.pending.amount)
             .unwrap_or(Usd::from_decimal(rust_decimal::Decimal::ZERO))
     } else {
         unchanged.withdrawn_today
     };
     Ok(Decision {
         withdrawn_today,
-        withdrawal: Some(WithdrawalEffect {
-            withdrawals,
-            withdrawal_id: request.withdrawal_id.clone(),
-            pending: pending.clone(),
-            status: WithdrawalStatus::Returned,
-            reason: Some(request.reason.as_str().to_owned()),
-            held_delta: -pending.amount.decimal(),
-            fresh: false,
-        }),
+        withdrawal: Some(effect),
         ..unchanged
     })
 }
